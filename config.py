@@ -1,0 +1,224 @@
+"""Configuration: one GPT2Config class whose class attributes are the defaults.
+
+    from config import GPT2Config, GPT2_CONFIGS
+    config = GPT2Config()                       # GPT-2 124M on ./data/shakespeare
+    for k, v in GPT2_CONFIGS['gpt2-medium'].items():
+        setattr(config, k, v)
+    config = GPT2Config(n_layer=4)              # or overrides as keywords
+    config.validate()                           # every problem at once, as one ConfigError
+
+train.py applies a preset (--preset=NAME), then an optional config file, then --key=value flags
+onto an instance, and stores `config.to_dict()` in every checkpoint.
+"""
+import math
+from typing import Any
+
+import torch
+
+from utils import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work; the message lists every problem found."""
+
+
+# fields that fix the shape of the weights: a checkpoint rebuilds the model from these, and
+# resuming with an override that contradicts one of them is an error
+MODEL_SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GPT2Config:
+    # model (GPT-2 124M by default)
+    vocab_size = 50257  # GPT-2 BPE; training replaces it with the data set's vocab_size from meta.json
+    block_size = 1024  # context length in tokens
+    n_layer = 12  # transformer blocks
+    n_head = 12  # attention heads per block
+    n_embd = 768  # width of the residual stream
+    dropout = 0.0  # 0 for pretraining; 0.1+ helps fine-tuning and small data sets
+    bias = True  # biases in Linear and LayerNorm, as GPT-2 has them
+    gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+
+    # data and batches
+    data_dir = "./data/shakespeare"  # folder with train.bin, val.bin, meta.json (prepare_data.py)
+    batch_size = 12  # micro-batch size per device, in sequences
+    gradient_accumulation_steps = 1  # global: micro-batches per optimizer step summed over all ranks
+
+    # optimizer: AdamW
+    learning_rate = 6e-4  # peak learning rate, reached at the end of warmup
+    weight_decay = 0.1  # applied to 2-D tensors only (matmul weights, embeddings)
+    beta1 = 0.9  # AdamW beta1
+    beta2 = 0.95  # AdamW beta2
+    grad_clip = 1.0  # clip gradients at this global norm; 0 disables
+
+    # schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr
+    max_iters = 100000  # optimizer steps in total
+    decay_lr = True  # False keeps learning_rate constant after warmup
+    warmup_iters = 2000  # steps of linear warmup
+    lr_decay_iters = 100000  # step at which the cosine reaches min_lr (usually max_iters)
+    min_lr = 6e-5  # floor of the schedule, ~learning_rate / 10
+
+    # evaluation, logging, checkpoints
+    eval_interval = 1000  # evaluate train/val loss and write checkpoint.pt every N steps
+    eval_iters = 200  # batches per split in each evaluation
+    log_interval = 10  # print and log a training line every N steps
+    save_interval = 0  # write checkpoint_iter_N.pt every N steps; 0 disables
+    keep_last_n = 0  # keep only the newest K checkpoint_iter_N.pt files; 0 keeps all
+    sample_tokens = 200  # length of the text sample logged to TensorBoard at each evaluation; 0 disables
+    checkpoint_dir = "./checkpoints"  # where checkpoint.pt, best_checkpoint.pt, ... are written
+    log_dir = "./runs"  # TensorBoard logs: tensorboard --logdir runs
+    init_from = "auto"  # 'auto' resumes checkpoint.pt if present; 'scratch', 'resume', 'gpt2*' or a HF dir
+
+    # system
+    device = "auto"  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype = "auto"  # 'float32', 'bfloat16', 'float16' or a torch.dtype; 'auto': bf16 (else fp16) on CUDA, fp32 elsewhere
+    compile = "auto"  # torch.compile the model; 'auto' is on for CUDA and off elsewhere
+    seed = 1337  # seeds weights, batches and dropout; a resumed run continues the same streams
+    backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' for CPU
+
+    def __init__(self, **overrides: Any):
+        for k, v in overrides.items():
+            if not hasattr(GPT2Config, k) or k.startswith("_") or callable(getattr(GPT2Config, k)):
+                raise ConfigError(f"unknown config key {k!r}{suggest(k, field_names())}")
+            setattr(self, k, v)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # dtype is stored as a string so checkpoints stay plain data; torch dtypes are accepted
+        if key == "dtype" and isinstance(value, torch.dtype):
+            names = {v: k for k, v in DTYPES.items()}
+            if value not in names:
+                raise ConfigError(f"dtype {value} is not supported; use one of {sorted(DTYPES)}")
+            value = names[value]
+        object.__setattr__(self, key, value)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """vocab_size rounded up to a multiple of 64: the embedding matrix's rows, for faster matmuls."""
+        return math.ceil(self.vocab_size / 64) * 64
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The dtype as a torch.dtype, or None for 'auto'."""
+        return None if self.dtype == "auto" else DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain Python data (dtype as a string), for checkpoints and TensorBoard."""
+        return {k: getattr(self, k) for k in field_names()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPT2Config":
+        # keys this version does not know are ignored, so older or newer checkpoints still load
+        return cls(**{k: v for k, v in d.items() if k in field_names()})
+
+    def model_shape(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in MODEL_SHAPE_KEYS}
+
+    def validate(self) -> "GPT2Config":
+        """Check every field; raise one ConfigError listing all problems, or return self."""
+        problems = []
+
+        def positive_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+                problems.append(f"{name} must be an integer {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+                return False
+            return True
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size",
+                     "gradient_accumulation_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            positive_int(name)
+        for name in ("warmup_iters", "lr_decay_iters", "save_interval", "keep_last_n", "sample_tokens"):
+            positive_int(name, allow_zero=True)
+        if isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
+            if self.n_embd % self.n_head:
+                problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or not math.isfinite(v):
+                problems.append(f"{name} must be a number >= 0, got {v!r}")
+        if isinstance(self.learning_rate, (int, float)) and self.learning_rate <= 0:
+            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if isinstance(self.min_lr, (int, float)) and isinstance(self.learning_rate, (int, float)):
+            if self.min_lr > self.learning_rate:
+                problems.append(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v < 1:
+                problems.append(f"{name} must be in [0, 1), got {v!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("bias", "decay_lr", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
+        if self.compile not in (True, False, "auto"):
+            problems.append(f"compile must be True, False or 'auto', got {self.compile!r}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "mps")
+                                                    or self.device.startswith("cuda")):
+            problems.append(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        if self.backend not in ("nccl", "gloo"):
+            problems.append(f"backend must be 'nccl' or 'gloo', got {self.backend!r}")
+        for name in ("data_dir", "checkpoint_dir", "log_dir", "init_from"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                problems.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            problems.append(f"seed must be an integer, got {self.seed!r}")
+        # setattr() accepts any name; catch typos such as config.n_layers = 4 here
+        for k in vars(self):
+            if k not in field_names():
+                problems.append(f"unknown config key {k!r}{suggest(k, field_names())}")
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.to_dict().items() if v != getattr(GPT2Config, k)}
+        return f"GPT2Config({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+
+def field_names() -> list[str]:
+    """The configuration fields, in declaration order."""
+    return [k for k, v in vars(GPT2Config).items()
+            if not k.startswith("_") and not callable(v) and not isinstance(v, (property, classmethod))]
+
+
+def preset_config(name: str, **overrides: Any) -> "GPT2Config":
+    """A GPT2Config with the GPT2_CONFIGS preset `name` applied, then the keyword overrides."""
+    if name not in GPT2_CONFIGS:
+        raise ConfigError(f"unknown preset {name!r}{suggest(name, list(GPT2_CONFIGS))}; "
+                          f"presets: {', '.join(GPT2_CONFIGS)}")
+    config = GPT2Config()
+    for k, v in {**GPT2_CONFIGS[name], **overrides}.items():
+        setattr(config, k, v)
+    return config
+
+
+def suggest(name: str, candidates: list[str]) -> str:
+    """'; did you mean 'n_layer'?' for a near miss, else ''."""
+    import difflib
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+GPT2_CONFIGS: dict[str, dict[str, Any]] = {
+    # OpenAI's four GPT-2 sizes (vocab 50257, context 1024); parameter counts without padding rows
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # Shakespeare at character level on one GPU: ~10.7M parameters, val loss ~1.47 after 5000 steps
+    "shakespeare-char": dict(
+        n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
+        learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
+        eval_interval=250, eval_iters=200, log_interval=10, data_dir="./data/shakespeare_char",
+    ),
+    # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.88 in about 2 minutes
+    "shakespeare-char-cpu": dict(
+        n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+        learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=2000, lr_decay_iters=2000,
+        eval_interval=250, eval_iters=20, log_interval=50, data_dir="./data/shakespeare_char",
+        device="cpu", compile=False,
+    ),
+}

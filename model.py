@@ -1,0 +1,456 @@
+"""GPT-2 in plain PyTorch: the model, its KV cache, and OpenAI's weights in and out.
+
+    from config import GPT2Config
+    from model import GPT
+    model = GPT(GPT2Config(n_layer=4, n_head=4, n_embd=128))
+    logits, loss = model(idx, targets)             # idx, targets: (B, T) int64
+    model = GPT.from_pretrained("gpt2")            # or a Hugging Face-format GPT-2 directory
+    model.save_pretrained("out/")                  # transformers.GPT2LMHeadModel.from_pretrained("out/")
+
+References: OpenAI's GPT-2 (tf code and paper) for the architecture and the parameter names, and the
+Hugging Face GPT2LMHeadModel for the checkpoint format. Module names follow GPT-2 one to one
+(transformer.wte/wpe/h/ln_f, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, lm_head),
+so importing OpenAI weights is a transpose of the four Conv1D matrices and nothing else.
+"""
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from config import GPT2Config
+from utils import UserError
+
+
+class CheckpointFormatError(UserError, ValueError):
+    """A file or directory that is not the GPT-2 checkpoint it was supposed to be."""
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values of one attention layer: (B, nh, max_seq_len, hs) each.
+
+    The buffers never change shape or address, and writes go through index_copy_ at positions held
+    in a tensor, so one decoding step can be captured in a CUDA graph and replayed.
+    """
+
+    def __init__(self, batch_size: int, n_head: int, max_seq_len: int, head_size: int,
+                 device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_head, max_seq_len, head_size)
+        # zeros, not empty: slots that are masked out still enter the attention matmul, and
+        # 0 * NaN from uninitialised memory would poison the output
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, nh, T, hs) at slots cache_pos (T,); return the whole cache."""
+        self.k.index_copy_(2, cache_pos, k)
+        self.v.index_copy_(2, cache_pos, v)
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # query, key and value projections for all heads in one matmul, as GPT-2 stores them
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cache_pos=None, attn_mask=None, kv_len=None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache_pos is None:
+            # training and plain evaluation: flash attention kernels on GPU, causal mask built in
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            # incremental decoding: attend over the cache; the mask hides future slots and left padding
+            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, nh, max_seq_len, hs)
+            if kv_len is not None:  # eager decoding may skip the unused tail of the cache
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation ('gelu_new')
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache_pos=None, attn_mask=None, kv_len=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache_pos, attn_mask, kv_len)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        V = config.padded_vocab_size  # rows beyond vocab_size exist only to make matmuls faster
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        # weight tying, as in GPT-2: the output projection is the token embedding
+        self.transformer.wte.weight = self.lm_head.weight
+
+        self.apply(self._init_weights)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them
+        # to the residual stream, and this keeps its variance from growing with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting the tied embedding once and leaving the padding rows out.
+
+        non_embedding=True also leaves out the position embeddings (the convention for FLOP counts:
+        the token embedding stays in because it is also the output matmul).
+        """
+        n = sum(p.numel() for p in self.parameters())
+        n -= (self.config.padded_vocab_size - self.config.vocab_size) * self.config.n_embd
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _check_input(self, idx: torch.Tensor) -> None:
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than the model's block_size "
+                             f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens")
+        # An out-of-range id would otherwise surface as an opaque device-side assert on CUDA. The
+        # check reads a value back to the host, so it is skipped while compiling (the data pipeline
+        # has already checked the data's vocabulary) and while a CUDA graph is being captured.
+        if torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][:5].tolist()
+            raise ValueError(f"token ids {bad} are outside the vocabulary [0, {self.config.vocab_size}); "
+                             "was the data prepared with a different tokenizer than this model's?")
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets given.
+
+        Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut
+        off before anything sees them, so they are never sampled and never enter the softmax.
+        """
+        self._check_input(idx)
+        B, T = idx.size()
+        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the block's input; recompute its activations during backward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, vocab_size), a view
+        loss = None
+        if targets is not None:
+            # reshape, not view: the sliced logits are not contiguous, but merging B and T needs no copy
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------ KV cache
+
+    def setup_kv_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
+        """Preallocate a static cache for batch_size sequences of up to max_seq_len tokens."""
+        if max_seq_len > self.config.block_size:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds block_size {self.config.block_size}")
+        p = self.lm_head.weight
+        hs = self.config.n_embd // self.config.n_head
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, self.config.n_head, max_seq_len, hs,
+                                          device=device or p.device, dtype=dtype or p.dtype)
+        self.kv_cache_shape = (batch_size, max_seq_len)
+
+    def remove_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+        self.kv_cache_shape = None
+
+    def forward_cached(self, idx: torch.Tensor, cache_pos: torch.Tensor, pad: Optional[torch.Tensor] = None,
+                       kv_len: Optional[int] = None, last_only: bool = False) -> torch.Tensor:
+        """Run idx (B, T) at cache slots cache_pos (T,), reading and extending the KV cache.
+
+        pad (B,) is the number of left-padding slots of each row: a batch of prompts of different
+        lengths is right-aligned, row b's real tokens start at slot pad[b], and its position ids
+        start at 0 there, so every row computes exactly what it would compute alone.
+        kv_len limits attention to the first kv_len slots (eager use only: it must cover cache_pos).
+        Returns logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position if last_only.
+        """
+        if getattr(self, "kv_cache_shape", None) is None:
+            raise RuntimeError("call setup_kv_cache(batch_size, max_seq_len) before forward_cached()")
+        B, T = idx.shape
+        n_slots = self.kv_cache_shape[1] if kv_len is None else kv_len
+        if not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._check_input(idx)
+        if pad is None:
+            pad = torch.zeros(B, dtype=torch.long, device=idx.device)
+        pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) position ids
+        slots = torch.arange(n_slots, device=idx.device)
+        # a query at slot t sees slots s with pad <= s <= t; a padding query sees only itself, which
+        # keeps its (unused) output finite
+        allowed = (slots[None, None, :] <= cache_pos[None, :, None]) & (
+            (slots[None, None, :] >= pad[:, None, None]) | (slots[None, None, :] == cache_pos[None, :, None]))
+        attn_mask = allowed[:, None]  # (B, 1, T, n_slots), broadcast over heads
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, cache_pos, attn_mask, kv_len)
+        if last_only:
+            x = x[:, [-1], :]  # using list [-1] to keep the time dimension
+        x = self.transformer.ln_f(x)
+        return self.lm_head(x)[..., :self.config.vocab_size]
+
+    # ------------------------------------------------------------------ optimizer and throughput
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float],
+                             device_type: str) -> torch.optim.AdamW:
+        """AdamW with weight decay on tensors of 2 or more dimensions only (matmul weights, embeddings);
+        biases and LayerNorm gains are not decayed. Fused kernels on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]  # the tied weight appears once
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        # device_type, not the device string: 'cuda:1' must still get the fused kernels
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the matmuls forward and backward, plus attention scores.
+
+        The attention term 12 * n_layer * n_embd * T counts the full T x T score matrix, the usual
+        convention (PaLM, appendix B), although causal kernels skip the masked half.
+        """
+        cfg = self.config
+        return 6 * self.get_num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_iter: int, dt: float, device=None, dtype=None) -> Optional[float]:
+        """Model FLOPs utilisation: achieved FLOP/s over the GPU's dense bf16/fp16 peak.
+
+        Returns None where no peak is known (CPU, float32, an unlisted GPU); report
+        achieved_flops() then instead of inventing a percentage.
+        """
+        peak = peak_flops(device if device is not None else self.lm_head.weight.device, dtype)
+        return None if peak is None else self.achieved_flops(tokens_per_iter, dt) / peak
+
+    def achieved_flops(self, tokens_per_iter: int, dt: float) -> float:
+        return self.flops_per_token() * tokens_per_iter / dt
+
+    # ------------------------------------------------------------------ OpenAI weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
+        """Load GPT-2 weights from a Hugging Face-format directory (config.json plus model.safetensors
+        or pytorch_model.bin), or by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), which
+        downloads through huggingface_hub (installed with transformers) when the network is there.
+        """
+        path = Path(name_or_dir)
+        if not path.is_dir():
+            path = _download_gpt2(name_or_dir)
+        hf = _read_hf_config(path)
+        config = GPT2Config(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                            n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=dropout)
+        model = cls(config)
+        sd = _read_hf_weights(path)
+        # Hub files name keys 'h.0.ln_1.weight'; transformers' own save adds 'transformer.'
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        ours = model.state_dict()
+        expected = [k.removeprefix("transformer.") for k in ours if k != "lm_head.weight"]
+        missing = [k for k in expected if k not in sd]
+        if missing:
+            raise CheckpointFormatError(f"{path} is missing GPT-2 weights {missing[:4]}"
+                                        f"{' ...' if len(missing) > 4 else ''}")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for key in expected:
+                src = sd[key]
+                if key.endswith(conv1d):
+                    src = src.t()  # OpenAI stores these as Conv1D: (in, out) instead of Linear's (out, in)
+                dst = ours[("transformer." + key)]
+                if key == "wte.weight":
+                    dst[: src.size(0)].copy_(src)  # padding rows keep their (unused) init values
+                elif src.shape != dst.shape:
+                    raise CheckpointFormatError(f"{path}: weight {key} has shape {tuple(src.shape)}, "
+                                                f"expected {tuple(dst.shape)} from its config.json")
+                else:
+                    dst.copy_(src)
+        return model
+
+    def save_pretrained(self, directory: str, tokenizer=None) -> None:
+        """Write config.json and model.safetensors (pytorch_model.bin without safetensors) in the
+        Hugging Face GPT-2 format: transformers.GPT2LMHeadModel.from_pretrained(directory) loads it.
+        The padding rows are dropped, so a custom vocabulary exports with its own vocab_size.
+        If a tokenizer is given, its tokenizer.json (this project's format) is written beside it."""
+        from utils import atomic_open
+        cfg = self.config
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd = {}
+        for k, v in self.state_dict().items():
+            if k == "lm_head.weight":
+                continue  # tied to wte; transformers re-ties it on load
+            v = v.detach().to("cpu", torch.float32)
+            if k == "transformer.wte.weight":
+                v = v[: cfg.vocab_size]
+            if k.endswith(conv1d):
+                v = v.t()
+            sd[k] = v.contiguous()
+        if not cfg.bias:  # GPT-2's format always has biases: zeros leave the function unchanged
+            for k in list(sd):
+                if k.endswith(".weight") and ("ln_" in k or "c_" in k):
+                    name = k[: -len("weight")] + "bias"
+                    sd[name] = torch.zeros(sd[k].shape[-1] if k.endswith(conv1d) else sd[k].shape[0])
+        eot = getattr(tokenizer, "eot_token", None) if tokenizer is not None else (
+            50256 if cfg.vocab_size == 50257 else None)
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+            "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+            "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+            "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True, "torch_dtype": "float32",
+        }
+        with atomic_open(out / "config.json", "w") as f:
+            json.dump(hf_config, f, indent=2)
+        try:
+            from safetensors.torch import save as safetensors_bytes
+        except ImportError:
+            with atomic_open(out / "pytorch_model.bin") as f:
+                torch.save(sd, f)
+        else:
+            with atomic_open(out / "model.safetensors") as f:
+                f.write(safetensors_bytes(sd, metadata={"format": "pt"}))
+        if tokenizer is not None:
+            tokenizer.save(out / "tokenizer.json")
+
+
+def _download_gpt2(name: str) -> Path:
+    if name not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        raise CheckpointFormatError(f"{name!r} is neither a directory nor one of the GPT-2 names "
+                                    "gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UserError(f"downloading {name} needs huggingface_hub: pip install transformers "
+                        "(or pass a local Hugging Face GPT-2 directory)") from None
+    try:
+        return Path(snapshot_download(f"openai-community/{name}",
+                                      allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise UserError(f"could not download {name} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "without network, pass a local directory holding config.json and "
+                        "model.safetensors") from None
+
+
+def _read_hf_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointFormatError(f"{path} is not a GPT-2 checkpoint directory: expected config.json "
+                                    "and model.safetensors (or pytorch_model.bin) in it")
+    hf = json.loads(cfg_file.read_text())
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointFormatError(f"{cfg_file} describes model_type {hf.get('model_type')!r}; "
+                                    "expected a GPT-2 checkpoint (model_type 'gpt2')")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointFormatError(f"{cfg_file}: activation_function {act!r} is not GPT-2's tanh GELU")
+    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+        raise CheckpointFormatError(f"{cfg_file}: n_inner {hf['n_inner']} differs from 4 * n_embd")
+    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise CheckpointFormatError(f"{cfg_file}: layer_norm_epsilon {hf['layer_norm_epsilon']} differs from 1e-5")
+    return hf
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError("loading model.safetensors needs safetensors: pip install safetensors") from None
+        if (path / "model.safetensors").is_file():
+            return load_file(str(path / "model.safetensors"))
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        sd = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            sd.update(load_file(str(path / shard)))
+        return sd
+    if (path / "pytorch_model.bin").is_file():
+        # weights_only: a pickle from an untrusted download must not be able to run code
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointFormatError(f"{path} has config.json but no weights: expected model.safetensors "
+                                "or pytorch_model.bin")
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' datasheets. Checked in
+# order against torch.cuda.get_device_name(), so the more specific names come first.
+GPU_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12),
+    ("H200 NVL", 835e12), ("H200", 989e12),
+    ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
+]
+
+
+def peak_flops(device, dtype=None) -> Optional[float]:
+    """The GPU's dense half-precision peak, or None where unknown (CPU, MPS, float32, unlisted GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (None, torch.bfloat16, torch.float16, "bfloat16", "float16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
+

@@ -1,0 +1,90 @@
+"""config.py: defaults, presets, overrides, validation and round trips."""
+import pytest
+import torch
+
+from config import GPT2_CONFIGS, GPT2Config, ConfigError, MODEL_SHAPE_KEYS, field_names, preset_config
+
+
+def test_defaults_match_the_project_description():
+    c = GPT2Config()
+    expected = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, batch_size=12,
+                    learning_rate=6e-4, max_iters=100000, data_dir="./data/shakespeare", warmup_iters=2000,
+                    lr_decay_iters=100000, min_lr=6e-5, grad_clip=1.0, checkpoint_dir="./checkpoints",
+                    log_dir="./runs", device="auto")
+    assert {k: getattr(c, k) for k in expected} == expected
+    c.validate()
+
+
+def test_description_snippet_applies_a_preset():
+    config = GPT2Config()
+    for k, v in GPT2_CONFIGS["gpt2-medium"].items():
+        setattr(config, k, v)
+    assert (config.n_layer, config.n_head, config.n_embd) == (24, 16, 1024)
+    assert GPT2Config.n_layer == 12  # the class defaults are untouched
+
+
+@pytest.mark.parametrize("name,shape", [("gpt2", (12, 12, 768)), ("gpt2-medium", (24, 16, 1024)),
+                                        ("gpt2-large", (36, 20, 1280)), ("gpt2-xl", (48, 25, 1600))])
+def test_gpt2_presets(name, shape):
+    c = preset_config(name)
+    assert (c.n_layer, c.n_head, c.n_embd) == shape
+    c.validate()
+
+
+def test_every_preset_validates():
+    for name in GPT2_CONFIGS:
+        preset_config(name).validate()
+
+
+def test_dtype_accepts_torch_dtypes_and_strings():
+    c = GPT2Config()
+    c.dtype = torch.float16
+    assert c.dtype == "float16" and c.torch_dtype is torch.float16
+    c.dtype = "bfloat16"
+    assert c.torch_dtype is torch.bfloat16
+    c.dtype = "float64"
+    with pytest.raises(ConfigError, match="dtype"):
+        c.validate()
+    with pytest.raises(ConfigError):
+        c.dtype = torch.int32
+
+
+def test_validate_reports_every_problem_at_once():
+    c = GPT2Config(n_embd=100, n_head=3, min_lr=1.0, block_size=0, dropout=1.5)
+    with pytest.raises(ConfigError) as e:
+        c.validate()
+    msg = str(e.value)
+    for needle in ("n_embd (100) must be divisible by n_head (3)", "min_lr (1.0) must not exceed",
+                   "block_size must be an integer > 0", "dropout must be in [0, 1)"):
+        assert needle in msg
+    assert "\n" not in msg  # one line for the command-line scripts
+
+
+def test_unknown_keys_suggest_the_closest_name():
+    with pytest.raises(ConfigError, match="did you mean 'n_layer'"):
+        GPT2Config(n_layers=4)
+    c = GPT2Config()
+    c.learning_rat = 1e-3  # setattr accepts anything; validate catches it
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        c.validate()
+
+
+def test_to_dict_round_trip_is_plain_data():
+    c = GPT2Config(n_layer=3, dtype=torch.bfloat16, compile=False)
+    d = c.to_dict()
+    assert set(d) == set(field_names())
+    assert all(isinstance(v, (int, float, str, bool)) for v in d.values())
+    assert GPT2Config.from_dict(d).to_dict() == d
+    assert GPT2Config.from_dict({**d, "from_the_future": 1}).n_layer == 3
+
+
+def test_padded_vocab_and_shape_keys():
+    assert GPT2Config().padded_vocab_size == 50304
+    assert GPT2Config(vocab_size=65).padded_vocab_size == 128
+    assert set(MODEL_SHAPE_KEYS) <= set(field_names())
+    assert GPT2Config(n_layer=2).model_shape()["n_layer"] == 2
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="did you mean 'gpt2-xl'"):
+        preset_config("gpt2-x")

@@ -1,0 +1,197 @@
+"""model.py against transformers' GPT2LMHeadModel: logits, loss, weights in and out, KV cache."""
+import json
+
+import pytest
+import torch
+
+from config import GPT2Config, preset_config
+from model import GPT, CheckpointFormatError, peak_flops
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_config(**kw) -> GPT2Config:
+    return GPT2Config(**{**dict(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0), **kw})
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random tiny GPT-2 saved by transformers itself."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=100,
+                                  eos_token_id=100)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    # random LayerNorm gains and biases, so a swapped or untransposed tensor cannot go unnoticed
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.normal_(0.0, 0.5 if "bias" in name else 1.0)
+    d = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(d)
+    return d
+
+
+def test_logits_and_loss_match_transformers(hf_dir):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = GPT.from_pretrained(str(hf_dir)).eval()
+    idx = torch.randint(0, 101, (3, 32))
+    with torch.no_grad():
+        ref = hf(idx, labels=idx)
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+    assert logits.shape == (3, 31, 101)
+    torch.testing.assert_close(logits, ref.logits[:, :-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, ref.loss, atol=1e-5, rtol=0)
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    torch.manual_seed(1)
+    model = GPT(tiny_config(vocab_size=65)).eval()  # a custom vocabulary: padded to 128 inside
+    model.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert hf.config.vocab_size == 65  # exported without padding rows
+    idx = torch.randint(0, 65, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+    # and back again
+    again = GPT.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx)[0], model(idx)[0], atol=0, rtol=0)
+
+
+def test_save_pretrained_without_bias(tmp_path):
+    torch.manual_seed(2)
+    model = GPT(tiny_config(bias=False)).eval()
+    model.save_pretrained(tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_loss_ignores_minus_one_and_padding_columns():
+    torch.manual_seed(3)
+    model = GPT(tiny_config(vocab_size=70)).eval()
+    idx = torch.randint(0, 70, (2, 8))
+    targets = idx.clone()
+    targets[:, :3] = -1
+    logits, loss = model(idx, targets)
+    assert logits.shape[-1] == 70  # the 58 padding columns never leave the model
+    manual = torch.nn.functional.cross_entropy(logits[:, 3:].reshape(-1, 70), idx[:, 3:].reshape(-1))
+    torch.testing.assert_close(loss, manual)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kv_cache_matches_uncached(batch):
+    torch.manual_seed(4)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 101, (batch, 32))
+    with torch.no_grad():
+        full, _ = model(idx)
+        model.setup_kv_cache(batch, 32)
+        steps = [model.forward_cached(idx[:, :9], torch.arange(9))]  # the prompt in one pass
+        for t in range(9, 32):  # then one token per step
+            steps.append(model.forward_cached(idx[:, t:t + 1], torch.tensor([t]), kv_len=t + 1))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_left_padded_rows_compute_what_they_compute_alone():
+    torch.manual_seed(5)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 101, (3, 20))
+    pad = torch.tensor([0, 4, 11])
+    idx[1, :4] = 0
+    idx[2, :11] = 0
+    with torch.no_grad():
+        model.setup_kv_cache(3, 24)
+        out = model.forward_cached(idx, torch.arange(20), pad=pad)
+        nxt = torch.randint(0, 101, (3, 1))
+        step = model.forward_cached(nxt, torch.tensor([20]), pad=pad)
+        for b in range(3):
+            alone, _ = model(torch.cat([idx[b:b + 1, pad[b]:], nxt[b:b + 1]], dim=1))
+            torch.testing.assert_close(out[b, pad[b]:], alone[0, :-1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(step[b, 0], alone[0, -1], atol=1e-5, rtol=0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,count", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
+                                        ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)])
+def test_parameter_counts_equal_gpt2(name, count):
+    with torch.device("meta"):  # nothing is allocated
+        model = GPT(preset_config(name))
+    assert model.get_num_params() == count
+
+
+def test_training_forward_has_no_graph_breaks():
+    model = GPT(tiny_config(dropout=0.1)).train()
+    idx = torch.randint(0, 101, (2, 16))
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(6)
+        model = GPT(tiny_config(dropout=dropout, gradient_checkpointing=checkpointing)).train()
+        idx = torch.randint(0, 101, (2, 16))
+        torch.manual_seed(7)  # the same dropout masks; checkpoint replays the RNG state in backward
+        _, loss = model(idx, idx)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_sequence_longer_than_block_size():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="length 33 .* block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_token_ids_outside_the_vocabulary():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match=r"\[101\] are outside the vocabulary \[0, 101\)"):
+        model(torch.tensor([[1, 2, 101]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[-3, 2]]))
+
+
+def test_directory_that_is_not_gpt2(tmp_path):
+    with pytest.raises(CheckpointFormatError, match="expected config.json"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointFormatError, match="expected a GPT-2 checkpoint"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "vocab_size": 10, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2}))
+    with pytest.raises(CheckpointFormatError, match="no weights"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointFormatError, match="neither a directory nor"):
+        GPT.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_optimizer_decays_only_matrices():
+    model = GPT(tiny_config())
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in model.parameters())  # the tied matrix once, nothing missing
+    assert not opt.defaults["fused"]
+
+
+def test_flops_and_mfu(monkeypatch):
+    model = GPT(tiny_config())
+    n = model.get_num_params(non_embedding=True)
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 32
+    assert model.estimate_mfu(1000, 0.5) is None  # CPU: no made-up percentage
+    assert model.achieved_flops(1000, 0.5) == pytest.approx(model.flops_per_token() * 2000)
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("Some New GPU", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops("cuda", torch.bfloat16) == peak
+    assert peak_flops("cuda", torch.float32) is None

@@ -1,0 +1,131 @@
+"""Small helpers shared by the scripts: user-facing errors, atomic file writes.
+
+Every script ends with `run_cli(main)`, so a mistake the user can fix (a wrong
+flag, a missing file) prints one line on stderr and exits with code 2 instead
+of a traceback.
+"""
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, IO
+
+
+class UserError(Exception):
+    """A mistake the user can fix. The message says what was wrong and what would work."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(); turn UserError into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:
+        # `python generate.py ... | head` closes stdout early; that is not an error
+        sys.stderr.close()
+        sys.exit(0)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success flush, fsync and rename it over `path`.
+
+    A crash or an exception inside the block leaves `path` as it was (or absent) and
+    removes the temporary file, so a half-written file never looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # make the rename itself durable: fsync the directory entry where the OS allows it
+    with contextlib.suppress(OSError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+# A checkpoint is a plain dict, loadable with torch.load(..., weights_only=True):
+#   model       state_dict of the raw module (never compiled or DDP-wrapped: no '_orig_mod.' prefixes)
+#   optimizer   optimizer.state_dict()            scaler     GradScaler state_dict() or None
+#   iter_num    optimizer steps completed         best_val_loss  float
+#   config      GPT2Config.to_dict()              meta       the data set's meta.json
+#   tokenizer   tokenizer.to_dict()               rng        python/numpy/torch/cuda RNG states
+#   run_dir     the TensorBoard run directory     version    CHECKPOINT_VERSION
+# Everything in it is tensors, numbers, strings, lists, tuples and dicts, so no code runs on load.
+
+CHECKPOINT_VERSION = 1
+# the order generate.py tries them in when no file is named
+CHECKPOINT_FALLBACK = ("best_checkpoint.pt", "checkpoint.pt", "final_checkpoint.pt")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, or unsafe to load."""
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
+    """torch.save through a temporary file, fsync and rename: a crash mid-save keeps the old file."""
+    import torch
+    with atomic_open(path, "wb") as f:
+        torch.save(checkpoint, f)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """torch.load with weights_only=True. A file that needs arbitrary pickled objects is refused:
+    unpickling an untrusted file can run code."""
+    import pickle
+    import torch
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refusing to load {path}: it holds pickled objects other than tensors and "
+                              f"plain data ({first}); loading them could run arbitrary code. Only load "
+                              "such a file if you trust its source, and convert it to a plain state_dict "
+                              "first") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]} "
+                              "(truncated or not a PyTorch file?)") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project: expected a dict with "
+                              "'model' and 'config' (a Hugging Face GPT-2 directory loads with --init_from)")
+    return ckpt
+
+
+def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
+    """The first of best_checkpoint.pt, checkpoint.pt, final_checkpoint.pt that exists in checkpoint_dir."""
+    d = Path(checkpoint_dir)
+    for name in CHECKPOINT_FALLBACK:
+        if (d / name).is_file():
+            return d / name
+    searched = ", ".join(str(d / n) for n in CHECKPOINT_FALLBACK)
+    raise CheckpointError(f"no checkpoint found (searched {searched}); train one first, e.g. "
+                          "`python prepare_data.py --dataset shakespeare --tokenizer char && "
+                          "python train.py --preset=shakespeare-char-cpu`, or pass --checkpoint PATH "
+                          "or --init_from gpt2")
+
+
+def model_from_checkpoint(ckpt: dict):
+    """Rebuild the GPT a checkpoint describes and load its weights (on the CPU, in float32)."""
+    from config import GPT2Config
+    from model import GPT
+    model = GPT(GPT2Config.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model
