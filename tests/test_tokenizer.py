@@ -1,0 +1,478 @@
+"""
+Tests for tokenizer.py: round trips, the BPE trainer against a naive reference, GPT-2 against tiktoken.
+
+    pytest tests/test_tokenizer.py
+
+tiktoken's 'gpt2' files and OpenAI's encoder.json / vocab.bpe come from ../shared/data (conftest.py).
+"""
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import regex
+import tiktoken
+import torch
+from hypothesis import given, settings, strategies as st
+
+import tokenizer
+from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, TokenizerError,
+                       load_tokenizer, tokenizer_from_dict)
+
+# texts where GPT-2's split pattern and byte-level BPE are easy to get wrong
+EDGE_CASES = [
+    "",
+    "Hello world",
+    " ",
+    "   leading spaces and trailing   ",
+    "\n\n\nnew lines\n",
+    "tabs\t\tand\t mixed \r\n whitespace \u00a0\u3000 x  \n  y",
+    "digits 1234567890 3.14159 1,000,000 -42 ١٢٣ ½",
+    "I'm sure you'll see they'd said it's WE'RE 've 'll 'S",
+    "naïve café, Привет мир, 北京欢迎你, ελληνικά, עברית",
+    "emoji 👋🏽 👨‍👩‍👧‍👦 🇺🇸 🙂🙂🙂",
+    "combining e\u0301 and zero\u200bwidth",
+    "special <|endoftext|> in the middle<|endoftext|>and at the end <|endoftext|>",
+    "<|endoftext|><|endoftext|>",
+    "<|endoftext",
+    " " * 1000 + "x",
+    "a" * 3000,
+    "🙂" * 300,
+    "!!!???..." * 100,
+]
+
+
+# arbitrary Unicode, sometimes around the special token
+texts = st.text() | st.builds(lambda a, b: a + EOT + b, st.text(), st.text())
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2():
+    return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def gpt2_bpe(gpt2_files):
+    return BPETokenizer.from_gpt2(*gpt2_files)
+
+
+@pytest.fixture(scope="module")
+def trained(shakespeare_text):
+    """A small BPE with a special token, trained on a slice of tinyshakespeare."""
+    return BPETokenizer().train(shakespeare_text[:50_000], 512, special_tokens=[EOT])
+
+
+# -----------------------------------------------------------------------------
+# a naive reference trainer and encoder: recount every pair of every chunk at each step
+
+
+def naive_merge(ids, pair, idx):
+    out, i = [], 0
+    while i < len(ids):
+        if tuple(ids[i:i + 2]) == pair:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def naive_train(text, vocab_size, pattern=GPT2_SPLIT_PATTERN, specials=()):
+    parts = re.split("|".join(map(re.escape, specials)), text) if specials else [text]
+    chunks = [list(c.encode("utf-8")) for part in parts for c in regex.findall(pattern, part)]
+    merges = {}
+    for idx in range(256, vocab_size - len(specials)):
+        stats = Counter(p for ch in chunks for p in zip(ch, ch[1:]))
+        if not stats:
+            break
+        pair = min(stats, key=lambda p: (-stats[p], p))  # most frequent; ties: smallest pair
+        merges[pair] = idx
+        chunks = [naive_merge(ch, pair, idx) for ch in chunks]
+    return merges
+
+
+def naive_encode(text, merges, pattern=GPT2_SPLIT_PATTERN):
+    ids = []
+    for chunk in regex.findall(pattern, text):
+        ch = list(chunk.encode("utf-8"))
+        while len(ch) > 1:
+            pair = min(zip(ch, ch[1:]), key=lambda p: merges.get(p, float("inf")))
+            if pair not in merges:
+                break
+            ch = naive_merge(ch, pair, merges[pair])
+        ids.extend(ch)
+    return ids
+
+
+small_texts = st.text(alphabet="ab c\n'é1", min_size=1, max_size=120)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=small_texts, extra=st.integers(0, 40), pattern=st.sampled_from([None, r"\S+|\s+", r"[a-c]+|."]))
+def test_trainer_equals_naive_reference(text, extra, pattern):
+    tok = BPETokenizer(pattern).train(text, 256 + extra)
+    ref_pattern = pattern or GPT2_SPLIT_PATTERN
+    ref = naive_train(text, 256 + extra, ref_pattern)
+    assert list(tok.merges.items()) == list(ref.items())
+    assert tok.encode(text) == naive_encode(text, ref, ref_pattern)
+    assert tok.encode("abc ab cab") == naive_encode("abc ab cab", ref, ref_pattern)
+
+
+def test_trainer_equals_naive_reference_on_real_text(shakespeare_text):
+    text = shakespeare_text[:4000]
+    tok = BPETokenizer().train(text, 400)
+    ref = naive_train(text, 400)
+    assert tok.merges == ref and list(tok.merges) == list(ref)
+    assert tok.encode(shakespeare_text[4000:6000]) == naive_encode(shakespeare_text[4000:6000], ref)
+
+
+def test_textbook_example():
+    tok = BPETokenizer().train("aaabdaaabac", 256 + 3)
+    assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
+    assert tok.decode([258, 100, 258, 97, 99]) == "aaabdaaabac"
+    assert tok.vocab[258] == b"aaab"
+
+
+def test_special_tokens_are_not_learned_from_the_training_text():
+    text = "hello<|endoftext|>hello world<|endoftext|>" * 5
+    tok = BPETokenizer().train(text, 265, special_tokens=[EOT])  # 8 merges; 9 would merge everything
+    assert tok.merges == naive_train(text, 265, specials=[EOT])
+    assert not any(b"<" in tok.vocab[i] or b">" in tok.vocab[i] for i in tok.merges.values())
+    assert tok.special_tokens == {EOT: 264} and tok.eot_token == 264 and tok.vocab_size == 265
+    assert tok.encode(text, allowed_special="all").count(264) == 10
+    assert 264 not in tok.encode(text)  # ordinary by default
+
+
+def test_training_stops_when_nothing_is_left_to_merge(capsys):
+    tok = BPETokenizer().train("ab ab", 1000, special_tokens=[EOT])
+    assert "stopped after 2 of 743 merges" in capsys.readouterr().err
+    assert tok.vocab_size == 259 and tok.special_tokens == {EOT: 258}
+    assert tok.encode("ab ab") == [256, 257]
+
+
+def test_training_is_verbose_on_request(capsys):
+    BPETokenizer().train("hello hello world", 266, verbose=True)
+    err = capsys.readouterr().err
+    assert "merge 1/10: (101, 108) -> 256 b'el' (2 occurrences)" in err and "merge 10/10" in err
+
+
+def test_heap_merge_equals_scan_merge():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n_tokens = int(rng.integers(3, 12))
+        # random merge table over a small alphabet: lower id = earlier merge
+        ranks = {}
+        for idx in range(n_tokens, n_tokens + int(rng.integers(1, 30))):
+            ranks.setdefault((int(rng.integers(0, idx)), int(rng.integers(0, idx))), idx)
+        ids = [int(x) for x in rng.integers(0, n_tokens, size=int(rng.integers(1, 200)))]
+        assert tokenizer._bpe_heap(ids, ranks) == tokenizer._bpe(ids, ranks) == _scan(ids, ranks)
+
+
+def _scan(ids, ranks):
+    """tiktoken's rule written out: merge the leftmost lowest-ranked pair, one at a time."""
+    ids = list(ids)
+    while True:
+        cands = [(ranks[p], i) for i, p in enumerate(zip(ids, ids[1:])) if p in ranks]
+        if not cands:
+            return ids
+        r, i = min(cands)
+        ids[i:i + 2] = [r]
+
+
+# -----------------------------------------------------------------------------
+# GPT-2: OpenAI's files and tiktoken
+
+
+def test_gpt2_byte_mapping_matches_transformers():
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    assert tokenizer._gpt2_byte_to_unicode() == bytes_to_unicode()
+    assert tokenizer._gpt2_byte_to_unicode()[ord(" ")] == "Ġ"
+
+
+def test_from_gpt2_equals_tiktoken_on_shakespeare(gpt2_bpe, tiktoken_gpt2, shakespeare_text):
+    ids = gpt2_bpe.encode(shakespeare_text)
+    assert len(ids) == 338_025
+    assert ids == tiktoken_gpt2.encode_ordinary(shakespeare_text)
+    assert gpt2_bpe.decode(ids) == shakespeare_text
+
+
+@pytest.mark.parametrize("text", EDGE_CASES)
+def test_from_gpt2_equals_tiktoken_on_edge_cases(gpt2_bpe, tiktoken_gpt2, text):
+    assert gpt2_bpe.vocab_size == 50257 and gpt2_bpe.eot_token == 50256
+    assert gpt2_bpe.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+    assert gpt2_bpe.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert gpt2_bpe.encode(text, allowed_special={EOT}) == tiktoken_gpt2.encode(text, allowed_special={EOT})
+    if EOT in text:
+        with pytest.raises(ValueError):
+            tiktoken_gpt2.encode(text)
+        with pytest.raises(TokenizerError, match="none_raise"):
+            gpt2_bpe.encode(text, allowed_special="none_raise")
+    else:
+        assert gpt2_bpe.encode(text, allowed_special="none_raise") == tiktoken_gpt2.encode(text)
+    assert gpt2_bpe.decode(gpt2_bpe.encode(text, allowed_special="all")) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=texts)
+def test_from_gpt2_equals_tiktoken_on_arbitrary_text(gpt2_bpe, tiktoken_gpt2, text):
+    assert gpt2_bpe.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+    assert gpt2_bpe.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all")
+
+
+def test_lone_surrogates_are_encoded_as_tiktoken_does(gpt2_bpe, tiktoken_gpt2):
+    text = "a\ud800b \udfff"
+    assert gpt2_bpe.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+    assert gpt2_bpe.decode(gpt2_bpe.encode(text)) == "a\ufffdb \ufffd"
+
+
+def test_merge_rules_against_tiktoken_with_the_same_vocabulary(trained, shakespeare_text):
+    # a trained vocabulary as tiktoken ranks: both rules give tiktoken's ids
+    n = 256 + len(trained.merges)
+    enc = tiktoken.Encoding("trained", pat_str=GPT2_SPLIT_PATTERN, special_tokens={EOT: n},
+                            mergeable_ranks={trained.vocab[i]: i for i in range(n)})
+    by_ranks = tokenizer_from_dict({**trained.to_dict(), "merge_rule": "ranks"})
+    text = shakespeare_text[100_000:140_000] + " ".join(EDGE_CASES)
+    assert by_ranks.encode(text) == trained.encode(text) == enc.encode_ordinary(text)
+    # a vocabulary no training run makes: 'bc' before 'ab', and 'abc' from ('ab', 'c'). tiktoken
+    # merges 'a' + 'bc' because their bytes form 'abc'; the learned pairs alone cannot
+    merges = [[98, 99], [97, 98], [257, 99]]
+    enc = tiktoken.Encoding("abc", pat_str=GPT2_SPLIT_PATTERN, special_tokens={},
+                            mergeable_ranks={**{bytes([i]): i for i in range(256)}, b"bc": 256, b"ab": 257, b"abc": 258})
+    d = {"kind": "bpe", "pattern": GPT2_SPLIT_PATTERN, "special_tokens": {}, "merges": merges}
+    assert tokenizer_from_dict({**d, "merge_rule": "ranks"}).encode("abc") == enc.encode("abc") == [258]
+    assert tokenizer_from_dict({**d, "merge_rule": "pairs"}).encode("abc") == naive_encode("abc", {(98, 99): 256}) == [97, 256]
+
+
+def test_gpt2_tokenizer_matches_tiktoken(tiktoken_gpt2):
+    tok = GPT2Tokenizer()
+    assert tok.vocab_size == 50257 and tok.eot_token == 50256 and tok.kind == "gpt2"
+    text = "Data set text with <|endoftext|> inside, which must stay ordinary text."
+    ids = tok.encode(text)
+    assert ids == tiktoken_gpt2.encode_ordinary(text) == tok.encode_ordinary(text)
+    assert 50256 not in ids
+    assert len(ids) > len(tok.encode(text, allowed_special="all"))
+    assert tok.encode(text, allowed_special="all") == tiktoken_gpt2.encode(text, allowed_special="all")
+    assert 50256 in tok.encode(text, allowed_special={EOT})
+    with pytest.raises(TokenizerError, match="none_raise"):
+        tok.encode(text, allowed_special="none_raise")
+    texts = ["one", "two <|endoftext|>", "three " * 50]
+    assert tok.encode_ordinary_batch(texts, num_threads=2) == [tiktoken_gpt2.encode_ordinary(t) for t in texts]
+
+
+def test_gpt2_tokenizer_explains_how_to_work_offline(monkeypatch):
+    def offline(name):
+        raise ConnectionError("could not reach openaipublic.blob.core.windows.net")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(TokenizerError) as e:
+        GPT2Tokenizer()
+    assert "TIKTOKEN_CACHE_DIR" in str(e.value) and "BPETokenizer.from_gpt2" in str(e.value)
+    assert "ConnectionError" in str(e.value)
+
+
+def test_from_gpt2_rejects_mismatched_files(tmp_path, gpt2_files):
+    encoder = json.loads(gpt2_files[0].read_text(encoding="utf-8"))
+    encoder["Ġt"], encoder["Ġa"] = encoder["Ġa"], encoder["Ġt"]  # swap the first two merges' ids
+    (tmp_path / "encoder.json").write_text(json.dumps(encoder), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="do not belong together"):
+        BPETokenizer.from_gpt2(tmp_path / "encoder.json", gpt2_files[1])
+    with pytest.raises(TokenizerError, match="cannot read"):
+        BPETokenizer.from_gpt2(tmp_path / "missing.json", gpt2_files[1])
+
+
+# -----------------------------------------------------------------------------
+# round trips
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=texts)
+def test_roundtrip_arbitrary_unicode(text, trained, gpt2_bpe):
+    for tok in (trained, gpt2_bpe, GPT2Tokenizer()):
+        assert tok.decode(tok.encode(text)) == text
+        assert tok.decode(tok.encode(text, allowed_special="all")) == text
+        assert tok.decode_bytes(tok.encode(text)) == text.encode("utf-8")
+    if text:
+        char = CharTokenizer.from_text(text)
+        assert char.decode(char.encode(text)) == text
+
+
+def test_char_tokenizer():
+    tok = CharTokenizer.from_text("hello world")
+    assert tok.chars == [" ", "d", "e", "h", "l", "o", "r", "w"] and tok.vocab_size == 8
+    assert tok.encode("hold") == [3, 5, 4, 1]
+    assert tok.decode(np.array([3, 5, 4, 1])) == "hold"
+    assert tok.decode_bytes([3, 2]) == b"he"
+    assert tok.eot_token is None and tok.kind == "char"
+
+
+def test_char_tokenizer_names_unseen_characters():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(TokenizerError) as e:
+        tok.encode("abcxé\n")
+    msg = str(e.value)
+    assert "3 character(s)" in msg and "'\\n', 'x', 'é'" in msg and "CharTokenizer.from_text" in msg
+    with pytest.raises(TokenizerError) as e:
+        tok.encode("".join(chr(0x4e00 + i) for i in range(25)))
+    assert "25 character(s)" in str(e.value) and "and 15 more" in str(e.value)
+
+
+def test_save_load_roundtrip_all_kinds(tmp_path, trained, gpt2_bpe, shakespeare_text):
+    text = shakespeare_text[60_000:70_000] + " émoji 🙂 <|endoftext|> 123"
+    toks = {
+        "char": CharTokenizer.from_text(shakespeare_text),
+        "bpe": trained,
+        "gpt2_files": gpt2_bpe,
+        "gpt2": GPT2Tokenizer(),
+    }
+    for name, tok in toks.items():
+        path = tmp_path / f"{name}.json"
+        tok.save(path)
+        d = json.loads(path.read_text(encoding="utf-8"))
+        assert d == json.loads(json.dumps(tok.to_dict())) and d["kind"] == tok.kind
+        loaded = load_tokenizer(path)
+        assert type(loaded) is type(tok)
+        assert loaded.to_dict() == tok.to_dict()
+        assert loaded.vocab_size == tok.vocab_size and loaded.eot_token == tok.eot_token
+        sample = text if name != "char" else shakespeare_text[60_000:70_000]
+        assert loaded.encode(sample) == tok.encode(sample)
+        assert loaded.encode(sample, allowed_special="all") == tok.encode(sample, allowed_special="all")
+        assert tokenizer_from_dict(tok.to_dict()).encode(sample) == tok.encode(sample)
+
+
+def test_save_load_custom_pattern_and_special_tokens(tmp_path):
+    # digits one at a time, everything else in one piece: merges may cross spaces, unlike GPT-2's
+    pattern = r"\p{N}|[^\p{N}]+"
+    text = "the 1234 cats, the 5678 hats; then 9012 bats. " * 30
+    tok = BPETokenizer(pattern).train(text, 280, special_tokens=[EOT, "<|pad|>"])
+    assert tok.special_tokens == {EOT: 278, "<|pad|>": 279}
+    assert any(b"e " in tok.vocab[i] for i in tok.merges.values())
+    path = tmp_path / "sub" / "tok.json"
+    tok.save(path)
+    loaded = load_tokenizer(path)
+    assert loaded.pattern == pattern and loaded.special_tokens == tok.special_tokens
+    assert loaded.merges == tok.merges
+    sample = "the 42 cats<|pad|>then<|endoftext|>"
+    ids = loaded.encode(sample, allowed_special="all")
+    assert ids == tok.encode(sample, allowed_special="all") == naive_special_encode(sample, tok, pattern)
+    assert ids[-1] == 278 and 279 in ids
+    assert loaded.encode(sample, allowed_special={"<|pad|>"})[-1] != 278
+    # with GPT-2's pattern the same merges give other ids: the file must keep the custom pattern
+    assert naive_encode("the 42 cats", tok.merges) != loaded.encode("the 42 cats")
+
+
+def naive_special_encode(text, tok, pattern):
+    ids = []
+    for i, part in enumerate(re.split("(<\\|pad\\|>|<\\|endoftext\\|>)", text)):
+        ids.extend([tok.special_tokens[part]] if i % 2 else naive_encode(part, tok.merges, pattern))
+    return ids
+
+
+def test_saved_file_is_readable(tmp_path, trained):
+    path = tmp_path / "tok.json"
+    trained.save(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "{" and lines[1] == ' "kind": "bpe",'
+    first_merge = list(trained.merges)[0]
+    assert f"  [{first_merge[0]}, {first_merge[1]}]," in lines  # one merge per line, in rank order
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_training_input():
+    with pytest.raises(TokenizerError, match="empty text"):
+        BPETokenizer().train("", 300)
+    with pytest.raises(TokenizerError, match="at least 257"):
+        BPETokenizer().train("hello", 256, special_tokens=[EOT])
+    with pytest.raises(TokenizerError, match="too small"):
+        BPETokenizer().train("hello", 100)
+    with pytest.raises(TokenizerError, match="must be an integer"):
+        BPETokenizer().train("hello", "4096")
+    with pytest.raises(TokenizerError, match="empty text"):
+        CharTokenizer.from_text("")
+    with pytest.raises(TokenizerError, match="not a valid regular expression"):
+        BPETokenizer(pattern="(unclosed")
+    assert BPETokenizer().train("hello", 257, special_tokens=[EOT]).encode("hello") == list(b"hello")
+
+
+@pytest.mark.parametrize("make", [lambda: CharTokenizer.from_text("abc"), lambda: BPETokenizer().train("abab", 258),
+                                  GPT2Tokenizer])
+def test_decode_rejects_ids_out_of_range(make):
+    tok = make()
+    n = tok.vocab_size
+    for bad in (n, -1, n + 1000):
+        with pytest.raises(TokenizerError) as e:
+            tok.decode([0, bad, 1])
+        assert f"token id {bad}" in str(e.value) and f"0 to {n - 1}" in str(e.value)
+    for bad in ([0, "1"], [0, 1.0], "ab", [[0, 1]]):
+        with pytest.raises(TokenizerError, match="integers"):
+            tok.decode(bad)
+    assert tok.decode([np.int64(0), True]) == tok.decode([0, 1])
+    assert tok.decode(torch.tensor([0, 1])) == tok.decode(np.array([0, 1])) == tok.decode([0, 1])
+    assert tok.decode([]) == ""
+
+
+def test_invalid_utf8_decodes_to_replacement_characters(gpt2_bpe, tiktoken_gpt2):
+    ids = tiktoken_gpt2.encode("🙂")  # 4 bytes, split over several tokens
+    assert len(ids) > 1
+    for tok in (gpt2_bpe, GPT2Tokenizer()):
+        assert tok.decode(ids[:-1]) == tiktoken_gpt2.decode(ids[:-1])
+        assert "\ufffd" in tok.decode(ids[:-1])
+        assert tok.decode_bytes(ids[:-1]) == "🙂".encode("utf-8")[:len(tok.decode_bytes(ids[:-1]))]
+    tok = BPETokenizer()
+    assert tok.decode([0xE2, 0x82, 0x41, 0xFF]) == b"\xe2\x82A\xff".decode("utf-8", "replace")
+
+
+def test_bad_allowed_special():
+    tok = BPETokenizer(special_tokens={EOT: 256})
+    with pytest.raises(TokenizerError, match="does not have"):
+        tok.encode("x", allowed_special={"<|pad|>"})
+    with pytest.raises(TokenizerError, match="not understood"):
+        tok.encode("x", allowed_special="some")
+    with pytest.raises(TokenizerError, match="takes a str"):
+        tok.encode(b"bytes")
+    assert tok.encode("x<|endoftext|>", allowed_special="all") == [120, 256]
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(TokenizerError, match="cannot read the tokenizer file"):
+        load_tokenizer(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="invalid JSON"):
+        load_tokenizer(tmp_path / "bad.json")
+    with pytest.raises(TokenizerError, match="kind"):
+        tokenizer_from_dict({"kind": "sentencepiece"})
+    d = BPETokenizer().train("abab abab", 260).to_dict()
+    with pytest.raises(TokenizerError, match="damaged"):
+        tokenizer_from_dict({k: v for k, v in d.items() if k != "merges"})
+    d["merges"][0] = [300, 1]
+    with pytest.raises(TokenizerError, match="later token"):
+        tokenizer_from_dict(d)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_cli_help_and_train(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, tokenizer.__file__, *args], cwd=tmp_path, capture_output=True, text=True)
+
+    out = cli("--help")
+    assert out.returncode == 0 and "--vocab_size" in out.stdout and "--bench" in out.stdout
+    (tmp_path / "in.txt").write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
+    out = cli("--train", "in.txt", "--vocab_size", "280", "--special", EOT, "--out", "tok.json")
+    assert out.returncode == 0, out.stderr
+    tok = load_tokenizer(tmp_path / "tok.json")
+    assert tok.vocab_size == 280 and tok.eot_token == 279
+    out = cli("--train", "in.txt", "--vocab_size", "10")
+    assert out.returncode == 2 and out.stderr.startswith("error: vocab_size 10 is too small")
+    out = cli("--train", "missing.txt")
+    assert out.returncode == 2 and "cannot read the text file 'missing.txt'" in out.stderr

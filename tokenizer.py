@@ -1,0 +1,733 @@
+"""
+Tokenizers behind one interface: character-level, trainable byte-level BPE, and OpenAI's GPT-2.
+
+    CharTokenizer.from_text(text)           # ids = index in the sorted set of characters
+    BPETokenizer().train(text, 4096)        # byte-level BPE with GPT-2's regex pre-split
+    BPETokenizer.from_gpt2(encoder_json, vocab_bpe)   # OpenAI's files, same ids as tiktoken
+    GPT2Tokenizer()                         # tiktoken's 'gpt2' encoding (vocab 50257)
+
+All of them have encode(text) -> list[int], encode_ordinary, decode(ids) -> str, decode_bytes,
+vocab_size, eot_token, save(path); load_tokenizer(path) restores whatever save() wrote, so a
+data set, a checkpoint and generation always agree on the tokenizer.
+
+Benchmark and training from the command line:
+
+    python tokenizer.py --bench data/tinyshakespeare/input.txt --vocab_size 4096
+    python tokenizer.py --train input.txt --vocab_size 4096 --special '<|endoftext|>' --out tok.json
+
+Naming follows minbpe (merges {(int, int): int}, vocab {int: bytes}, special_tokens {str: int},
+encode_ordinary next to encode(allowed_special=...)); GPT-2's split pattern and file formats
+follow OpenAI's gpt-2 release, and BPETokenizer.from_gpt2 reproduces tiktoken's 'gpt2' encoding.
+"""
+import argparse
+import heapq
+import json
+import operator
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
+
+from utils import UserError, atomic_open, run_cli
+
+# GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
+# space), and runs of whitespace. A space is kept at the start of the word that follows it, and
+# BPE never merges across two of these chunks.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+# merged chunks are cached by encode_ordinary; the cache is emptied when it reaches this size
+CHUNK_CACHE_SIZE = 1 << 18
+# chunks of more bytes than this are merged with a heap (n log n) instead of repeated scans (n^2)
+LONG_CHUNK = 64
+ALLOWED_SPECIAL_MODES = ("none", "all", "none_raise")
+
+
+class TokenizerError(UserError, ValueError):
+    """Bad tokenizer input: an unseen character, an id out of range, a bad training setup or file."""
+
+
+def _utf8(text: str) -> bytes:
+    """UTF-8 bytes of text; a lone surrogate (which UTF-8 cannot hold) becomes U+FFFD, as in tiktoken."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
+def _listing(items: list, at_most: int = 10) -> str:
+    """['a', 'b', ..., 'z'] -> "'a', 'b', ... and 16 more" (repr of each item)."""
+    shown = ", ".join(repr(x) for x in items[:at_most])
+    return shown + (f" and {len(items) - at_most} more" if len(items) > at_most else "")
+
+
+# -----------------------------------------------------------------------------
+# the interface
+
+
+class Tokenizer:
+    """Common base: encode/decode with special tokens, id checks, save. Subclasses fill in the rest."""
+
+    kind: str = ""
+    eot_token: int | None = None  # id of '<|endoftext|>', or None when the tokenizer has none
+    special_tokens: dict[str, int] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included: every id is in range(vocab_size)."""
+        raise NotImplementedError
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode text as plain text: special-token strings in it are ordinary characters."""
+        raise NotImplementedError
+
+    def decode_bytes(self, ids) -> bytes:
+        """The bytes the ids stand for. A prefix of a multi-byte character may be cut off at the end,
+        so streaming output should decode the bytes incrementally (codecs.getincrementaldecoder)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """Everything needed to rebuild this tokenizer, as plain JSON types; includes "kind"."""
+        raise NotImplementedError
+
+    def encode(self, text: str, allowed_special="none") -> list[int]:
+        """Encode text into ids.
+
+        allowed_special says which special-token strings in the text become their special id:
+        "none" (default): none, they are encoded as ordinary text; "all": all of them; a set of
+        special-token strings: those, the others stay ordinary text; "none_raise": none, and a
+        text that contains one raises TokenizerError (tiktoken's default behaviour).
+        """
+        allowed = self._allowed_special(text, allowed_special)
+        if not allowed:
+            return self.encode_ordinary(text)
+        # split around the allowed special tokens; the capturing group keeps them at odd indices,
+        # and the longest alternative goes first so that a special token containing another wins
+        split = "(" + "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
+        ids = []
+        for i, part in enumerate(re.split(split, text)):
+            if i % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        """encode_ordinary of each text. Pure-Python tokenizers hold the GIL, so this runs serially;
+        GPT2Tokenizer overrides it with tiktoken's threaded version."""
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        """ids (a list, numpy array or 1-D tensor) -> text; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to_dict() as human-readable JSON; load_tokenizer(path) restores it."""
+        with atomic_open(path, "w") as f:
+            f.write(_dumps(self.to_dict()))
+
+    def _allowed_special(self, text: str, allowed_special) -> set[str]:
+        """Validate encode()'s arguments; return the set of special tokens to recognise in text."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode() takes a str, got {type(text).__name__}; decode bytes first, "
+                                 f"e.g. data.decode('utf-8')")
+        if isinstance(allowed_special, str):
+            if allowed_special not in ALLOWED_SPECIAL_MODES:
+                raise TokenizerError(f"allowed_special={allowed_special!r} is not understood; use one of "
+                                     f"{ALLOWED_SPECIAL_MODES} or a set of special-token strings")
+            if allowed_special == "all":
+                return set(self.special_tokens)
+            if allowed_special == "none_raise":
+                found = [s for s in self.special_tokens if s in text]
+                if found:
+                    raise TokenizerError(
+                        f"the text contains the special token(s) {_listing(found)}, and "
+                        f"allowed_special='none_raise' forbids them; pass allowed_special='all' to encode "
+                        f"them as special tokens, or 'none' to encode them as ordinary text")
+            return set()
+        allowed = set(allowed_special)
+        unknown = sorted(allowed - set(self.special_tokens))
+        if unknown:
+            raise TokenizerError(f"allowed_special names {_listing(unknown)}, which this {self.kind} tokenizer "
+                                 f"does not have; its special tokens are {_listing(list(self.special_tokens))}")
+        return allowed
+
+    def _check_ids(self, ids) -> list[int]:
+        """ids as a list of ints, each in range(vocab_size); TokenizerError naming the first bad one."""
+        if hasattr(ids, "tolist"):  # numpy array or torch tensor
+            ids = ids.tolist()
+        ids = [ids] if isinstance(ids, int) else list(ids)
+        if not all(type(i) is int for i in ids):
+            try:  # numpy integers and the like become ints; floats and strings are refused
+                ids = [operator.index(i) for i in ids]
+            except TypeError:
+                raise TokenizerError(f"token ids must be integers, got {_listing(ids[:3], 3)}...") from None
+        n = self.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= n):
+            bad = next(i for i in ids if not 0 <= i < n)
+            raise TokenizerError(
+                f"cannot decode token id {bad}: this {self.kind} tokenizer has ids 0 to {n - 1} "
+                f"(vocab_size {n}). The ids were probably made with a different tokenizer; decode them "
+                f"with the one saved beside that data set or checkpoint (load_tokenizer(path))")
+        return ids
+
+
+def _dumps(d: dict) -> str:
+    """JSON with one key per line, and lists of lists (the merges) one item per line."""
+    lines = []
+    for key, value in d.items():
+        if isinstance(value, list) and value and all(isinstance(x, list) for x in value):
+            text = "[\n" + ",\n".join("  " + json.dumps(x) for x in value) + "\n ]"
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: only the \u escape can store it
+                text = json.dumps(value)
+        lines.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def tokenizer_from_dict(d: dict) -> "Tokenizer":
+    """Rebuild a tokenizer from its to_dict()."""
+    if not isinstance(d, dict) or d.get("kind") not in ("char", "bpe", "gpt2"):
+        kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
+        raise TokenizerError(f"not a saved tokenizer: expected a JSON object with \"kind\" 'char', 'bpe' or "
+                             f"'gpt2', got {kind!r}; make the file with Tokenizer.save(path)")
+    try:
+        if d["kind"] == "char":
+            return CharTokenizer(d["chars"])
+        if d["kind"] == "gpt2":
+            return GPT2Tokenizer()
+        tok = BPETokenizer(d["pattern"])
+        tok._set(d["merges"], d["special_tokens"], d.get("byte_ids"), d.get("merge_rule", "pairs"))
+        return tok
+    except TokenizerError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TokenizerError(f"the saved {d['kind']} tokenizer is damaged or incomplete ({type(e).__name__}: "
+                             f"{e}); save it again with Tokenizer.save(path)") from e
+
+
+def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
+    """Restore a tokenizer from the file Tokenizer.save(path) wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except OSError as e:
+        raise TokenizerError(f"cannot read the tokenizer file {str(path)!r} ({e.strerror or e}); "
+                             f"pass the tokenizer.json written beside the data set or checkpoint") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{str(path)!r} is not a tokenizer file (invalid JSON: {e}); "
+                             f"write one with Tokenizer.save(path)") from e
+    return tokenizer_from_dict(d)
+
+
+# -----------------------------------------------------------------------------
+# character-level
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: the index of the character in the sorted set it was built from.
+
+    >>> CharTokenizer.from_text("hello").encode("hole")
+    [1, 3, 2, 0]
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: str | list[str]):
+        chars = sorted(set(chars))
+        bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
+        if not chars or bad:
+            raise TokenizerError(f"CharTokenizer needs a non-empty collection of single characters, got "
+                                 f"{len(chars)} items{', e.g. ' + _listing(bad, 3) if bad else ''}; "
+                                 f"build it with CharTokenizer.from_text(text)")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        if not isinstance(text, str) or not text:
+            raise TokenizerError("cannot build a character-level tokenizer from an empty text; "
+                                 "check that the training file is not empty")
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        stoi = self.stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            unseen = sorted(set(text) - stoi.keys())
+            raise TokenizerError(
+                f"the text contains {len(unseen)} character(s) this character-level tokenizer has never "
+                f"seen: {_listing(unseen)}. It knows only the {len(stoi)} characters of the text it was "
+                f"built from; rebuild it from a text that contains these (CharTokenizer.from_text), or "
+                f"use a byte-level tokenizer ('bpe' or 'gpt2'), which encodes any text") from None
+
+    def decode(self, ids) -> str:
+        chars = self.chars
+        return "".join([chars[i] for i in self._check_ids(ids)])
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": "".join(self.chars)}
+
+
+# -----------------------------------------------------------------------------
+# byte-level BPE
+
+
+def _merge_pair_everywhere(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
+    """Replace every occurrence of pair, left to right, by idx: [1, 2, 3, 1, 2], (1, 2), 4 -> [4, 3, 4]."""
+    out = []
+    i, n = 0, len(ids)
+    a, b = pair
+    while i < n:
+        if i < n - 1 and ids[i] == a and ids[i + 1] == b:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _bpe(ids: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
+    """Merge adjacent pairs, lowest-ranked first and leftmost among equals, until none is in ranks.
+
+    ranks maps a pair to the id of its merge, and a lower id is an earlier (higher-priority) merge.
+    One occurrence is merged at a time, as tiktoken does; with ranks == merges this gives the same
+    result as applying each merge to all its occurrences in training order (minbpe).
+    """
+    if len(ids) > LONG_CHUNK:
+        return _bpe_heap(ids, ranks)
+    ids = list(ids)
+    get = ranks.get
+    while len(ids) > 1:
+        best, pos = None, 0
+        for i in range(len(ids) - 1):
+            r = get((ids[i], ids[i + 1]))
+            if r is not None and (best is None or r < best):
+                best, pos = r, i
+        if best is None:
+            break
+        ids[pos:pos + 2] = (best,)
+    return ids
+
+
+def _bpe_heap(ids: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
+    """Same result as _bpe, in O(n log n) for long chunks: a heap of (rank, position) over a linked list."""
+    ids = list(ids)
+    n = len(ids)
+    nxt = list(range(1, n + 1))  # n means "no next token"
+    prv = list(range(-1, n - 1))
+    heap = [(r, i) for i in range(n - 1) if (r := ranks.get((ids[i], ids[i + 1]))) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = nxt[i]
+        # entries go stale when a neighbour merges; skip those whose pair is no longer (this rank) here
+        if ids[i] is None or j >= n or ranks.get((ids[i], ids[j])) != r:
+            continue
+        ids[i], ids[j] = r, None
+        k = nxt[i] = nxt[j]
+        if k < n:
+            prv[k] = i
+            if (r2 := ranks.get((r, ids[k]))) is not None:
+                heapq.heappush(heap, (r2, i))
+        if prv[i] >= 0 and (r2 := ranks.get((ids[prv[i]], r))) is not None:
+            heapq.heappush(heap, (r2, prv[i]))
+    return [t for t in ids if t is not None]
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: text -> regex chunks -> UTF-8 bytes -> merges applied by rank.
+
+    Ids: 0..255 are the single bytes (GPT-2 numbers them in its own order, see byte_ids),
+    256 + i is the token made by merges[i], and the special tokens come last.
+
+    merge_rule decides which adjacent pairs may merge while encoding, lowest id first:
+    "pairs" (trained tokenizers, as minbpe and Hugging Face do): only the learned pairs;
+    "ranks" (from_gpt2, tiktoken's definition): any two tokens whose bytes together form a token.
+    On vocabularies that BPE training produced, GPT-2's included, the two agreed on every text
+    tried; they differ on hand-made ones (merges 'b'+'c', 'a'+'b', 'ab'+'c': "abc" is 'a', 'bc'
+    by pairs but 'abc' by ranks). from_gpt2 uses "ranks", so it equals tiktoken by construction.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, pattern: str | None = None, special_tokens: dict[str, int] | None = None):
+        self.pattern = GPT2_SPLIT_PATTERN if pattern is None else pattern
+        try:
+            self.compiled_pattern = regex.compile(self.pattern)
+        except (regex.error, TypeError) as e:
+            raise TokenizerError(f"the split pattern {self.pattern!r} is not a valid regular expression ({e}); "
+                                 f"leave pattern=None for GPT-2's") from e
+        self._set([], special_tokens or {})
+
+    def _set(self, merges, special_tokens: dict[str, int], byte_ids=None, merge_rule: str = "pairs") -> None:
+        """Install merges (pairs in rank order), special tokens and byte ids; build the lookup tables.
+
+        Checks what a damaged file could get wrong, so that encode and decode can trust the tables.
+        """
+        byte_ids = list(range(256)) if byte_ids is None else [int(i) for i in byte_ids]
+        if sorted(byte_ids) != list(range(256)):
+            raise TokenizerError("byte_ids must number the 256 bytes with the ids 0..255, each once")
+        if merge_rule not in ("pairs", "ranks"):
+            raise TokenizerError(f"merge_rule must be 'pairs' or 'ranks', got {merge_rule!r}")
+        self.byte_ids, self.merge_rule = byte_ids, merge_rule
+        self.merges = {}  # (int, int) -> int, in rank order
+        for idx, (a, b) in enumerate(merges, start=256):
+            if not (0 <= a < idx and 0 <= b < idx) or (a, b) in self.merges:
+                raise TokenizerError(f"merge {idx - 256} ({a}, {b}) -> {idx} refers to a later token or repeats "
+                                     f"an earlier merge; the merges must be pairs of earlier ids in rank order")
+            self.merges[(a, b)] = idx
+        first_special = 256 + len(self.merges)
+        ids = sorted(special_tokens.values())
+        if ids != list(range(first_special, first_special + len(ids))) or len(set(special_tokens)) != len(ids):
+            raise TokenizerError(f"special token ids {ids} must be {first_special}, {first_special + 1}, ... "
+                                 f"(right after the 256 bytes and {len(self.merges)} merges), one id each")
+        self.special_tokens = dict(sorted(special_tokens.items(), key=lambda kv: kv[1]))
+        self.eot_token = self.special_tokens.get(EOT)
+        # vocab {int: bytes}: each merged token is the concatenation of its pair
+        self.vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+        for (a, b), idx in self.merges.items():
+            self.vocab[idx] = self.vocab[a] + self.vocab[b]
+        for s, idx in self.special_tokens.items():
+            self.vocab[idx] = s.encode("utf-8")
+        self._id_bytes = [self.vocab[i] for i in range(len(self.vocab))]  # list lookup is faster than dict
+        self._ranks = self.merges if merge_rule == "pairs" else self._concatenation_ranks()
+        self._byte_identity = byte_ids == list(range(256))
+        self._cache = {}  # chunk -> ids
+
+    def _concatenation_ranks(self) -> dict[tuple[int, int], int]:
+        """Every pair of tokens whose bytes together are a token -> that token (the "ranks" rule)."""
+        by_bytes = {}
+        for idx in range(256 + len(self.merges)):
+            by_bytes.setdefault(self._id_bytes[idx], idx)  # if two merges give the same bytes, the first wins
+        ranks = {}
+        for idx in range(256, 256 + len(self.merges)):
+            token = self._id_bytes[idx]
+            if by_bytes[token] != idx:
+                continue
+            for k in range(1, len(token)):
+                a, b = by_bytes.get(token[:k]), by_bytes.get(token[k:])
+                if a is not None and b is not None:
+                    ranks[(a, b)] = idx
+        return ranks
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.merges) + len(self.special_tokens)
+
+    # ---- training
+
+    def train(self, text: str, vocab_size: int, verbose: bool = False, special_tokens=None) -> "BPETokenizer":
+        """Learn vocab_size - 256 - len(special_tokens) merges from text; returns self.
+
+        special_tokens: strings such as ['<|endoftext|>'], given the ids after the merges (None keeps
+        this tokenizer's current ones). The text is split around them before training, so they are
+        never learned as ordinary text.
+        Each step merges the most frequent pair; among equally frequent pairs the smallest (a, b)
+        wins (compare a, then b), so the result does not depend on the order of the text.
+        Pair counts are kept over the unique chunks, weighted by how often each chunk occurs, and
+        after a merge only the chunks that contain the merged pair are updated.
+        """
+        names = list(self.special_tokens) if special_tokens is None else list(special_tokens)
+        if any(not isinstance(s, str) or not s for s in names) or len(set(names)) != len(names):
+            raise TokenizerError(f"special_tokens must be distinct non-empty strings, got {names!r}")
+        if not isinstance(text, str) or not text:
+            raise TokenizerError("cannot train a BPE tokenizer on an empty text; check that the training file "
+                                 "is not empty and was read as text")
+        if not isinstance(vocab_size, int):
+            raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}, e.g. vocab_size=4096")
+        if vocab_size < 256 + len(names):
+            raise TokenizerError(
+                f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 byte tokens plus "
+                f"{len(names)} special token(s), so at least {256 + len(names)}; typical values are 512 to "
+                f"50257, e.g. vocab_size=4096")
+        num_merges = vocab_size - 256 - len(names)
+        t0 = time.time()
+
+        # unique chunks and their counts; a chunk never spans a special token
+        chunk_counts = Counter()
+        parts = re.split("|".join(map(re.escape, names)), text) if names else [text]
+        for part in parts:
+            chunk_counts.update(self.compiled_pattern.findall(part))
+        words, freqs = [], []  # the chunks as lists of token ids, and how often each occurs
+        for chunk, n in chunk_counts.items():
+            w = list(_utf8(chunk))
+            if len(w) > 1:  # a single byte has no pair to count
+                words.append(w)
+                freqs.append(n)
+
+        # pair counts, and for each pair the set of words that may contain it (entries can go stale)
+        stats = defaultdict(int)
+        where = defaultdict(set)
+        for wi, w in enumerate(words):
+            f = freqs[wi]
+            for pair in zip(w, w[1:]):
+                stats[pair] += f
+                where[pair].add(wi)
+        # max-heap via (-count, pair): the smallest pair wins a tie. A pair's count only grows in the
+        # step that creates it and only shrinks later, so an entry is never below the true count;
+        # a popped entry that is too high is pushed back with the true count (lazy invalidation).
+        heap = [(-c, p) for p, c in stats.items()]
+        heapq.heapify(heap)
+
+        merges = []
+        vocab = {i: bytes([i]) for i in range(256)}
+        report_every = max(1, num_merges // 20)
+        for step in range(num_merges):
+            while heap:
+                neg, pair = heapq.heappop(heap)
+                count = stats.get(pair, 0)
+                if count == -neg:
+                    break
+                if count > 0:
+                    heapq.heappush(heap, (-count, pair))
+            else:
+                print(f"BPE training stopped after {step} of {num_merges} merges: every chunk of the text is a "
+                      f"single token; vocab_size is {256 + step + len(names)} instead of {vocab_size}",
+                      file=sys.stderr)
+                break
+            idx = 256 + step
+            merges.append(pair)
+            vocab[idx] = vocab[pair[0]] + vocab[pair[1]]
+            new_pairs = set()
+            for wi in where.pop(pair):
+                w = words[wi]
+                new = _merge_pair_everywhere(w, pair, idx)
+                if len(new) == len(w):  # stale index entry: the pair left this word earlier
+                    continue
+                f = freqs[wi]
+                for p in zip(w, w[1:]):
+                    stats[p] -= f
+                for p in zip(new, new[1:]):
+                    stats[p] += f
+                    if idx in p:
+                        where[p].add(wi)
+                        new_pairs.add(p)
+                words[wi] = new
+            del stats[pair]  # now 0
+            for p in new_pairs:
+                heapq.heappush(heap, (-stats[p], p))
+            if verbose and ((step + 1) % report_every == 0 or step + 1 == num_merges):
+                print(f"merge {step + 1}/{num_merges}: {pair} -> {idx} {vocab[idx]!r} ({count} occurrences), "
+                      f"{time.time() - t0:.1f}s", file=sys.stderr)
+
+        specials = {s: 256 + len(merges) + i for i, s in enumerate(names)}
+        self._set(merges, specials)
+        return self
+
+    # ---- encoding and decoding
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            self._allowed_special(text, "none")  # raises the type error
+        cache, ranks, byte_ids = self._cache, self._ranks, self.byte_ids
+        ids = []
+        for chunk in self.compiled_pattern.findall(text):
+            tokens = cache.get(chunk)
+            if tokens is None:
+                data = _utf8(chunk)
+                tokens = _bpe(list(data) if self._byte_identity else [byte_ids[b] for b in data], ranks)
+                if len(cache) >= CHUNK_CACHE_SIZE:
+                    cache.clear()
+                cache[chunk] = tokens
+            ids.extend(tokens)
+        return ids
+
+    def decode_bytes(self, ids) -> bytes:
+        table = self._id_bytes
+        return b"".join([table[i] for i in self._check_ids(ids)])
+
+    def to_dict(self) -> dict:
+        d = {"kind": "bpe", "pattern": self.pattern, "merge_rule": self.merge_rule,
+             "special_tokens": self.special_tokens}
+        if not self._byte_identity:
+            d["byte_ids"] = self.byte_ids  # byte_ids[b] is the id of the single byte b (GPT-2 reorders them)
+        d["merges"] = [list(pair) for pair in self.merges]  # merges[i] makes token 256 + i
+        return d
+
+    # ---- OpenAI's GPT-2 files
+
+    @classmethod
+    def from_gpt2(cls, encoder_json_path: str | os.PathLike, vocab_bpe_path: str | os.PathLike) -> "BPETokenizer":
+        """Load OpenAI's GPT-2 encoder.json (token -> id) and vocab.bpe (the merges in rank order).
+
+        Both files spell bytes as printable characters (see _gpt2_byte_to_unicode). The ids and the
+        encoding equal tiktoken's 'gpt2'; '<|endoftext|>' (50256) is the only special token.
+        """
+        try:
+            with open(encoder_json_path, encoding="utf-8") as f:
+                encoder = json.load(f)
+            with open(vocab_bpe_path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TokenizerError(f"cannot read GPT-2's encoder.json / vocab.bpe ({e}); pass the two files of "
+                                 f"OpenAI's GPT-2 release, e.g. ../shared/data/gpt2/encoder.json and "
+                                 f"../shared/data/gpt2/vocab.bpe") from e
+        byte_to_char = _gpt2_byte_to_unicode()
+        try:
+            byte_ids = [encoder[byte_to_char[b]] for b in range(256)]
+            merges = []
+            for rank, line in enumerate(ln for ln in lines[1:] if ln):  # line 0 is '#version: 0.2'
+                a, b = line.split(" ")
+                if encoder[a + b] != 256 + rank:
+                    raise TokenizerError(f"vocab.bpe merge {rank} ({line!r}) has id {encoder[a + b]} in "
+                                         f"encoder.json, expected {256 + rank}: the files do not belong together")
+                merges.append((encoder[a], encoder[b]))
+        except TokenizerError:
+            raise
+        except (KeyError, ValueError) as e:
+            raise TokenizerError(f"encoder.json and vocab.bpe do not match ({type(e).__name__}: {e}); pass "
+                                 f"the two files of the same GPT-2 release") from e
+        specials = {s: i for s, i in encoder.items() if i >= 256 + len(merges)}
+        tok = cls(GPT2_SPLIT_PATTERN)
+        tok._set(merges, specials, byte_ids, merge_rule="ranks")
+        return tok
+
+
+def _gpt2_byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of bytes in encoder.json and vocab.bpe.
+
+    Bytes that are printable characters stand for themselves ('!'..'~', '¡'..'¬', '®'..'ÿ'); the
+    other 68 bytes, in increasing order, are spelled chr(256), chr(257), ...: b' ' -> 'Ġ' (chr(288)).
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    mapping = {b: chr(b) for b in printable}
+    mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return mapping
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 through tiktoken
+
+
+class GPT2Tokenizer(Tokenizer):
+    """tiktoken's 'gpt2' encoding: vocab 50257, '<|endoftext|>' = 50256. encode() is ordinary by default."""
+
+    kind = "gpt2"
+
+    def __init__(self):
+        try:
+            import tiktoken
+
+            self.enc = tiktoken.get_encoding("gpt2")
+        except ImportError as e:
+            raise TokenizerError("the 'gpt2' tokenizer needs tiktoken: pip install tiktoken") from e
+        except Exception as e:  # tiktoken fetches its files over the network, errors vary by version
+            raise TokenizerError(
+                f"tiktoken could not load its 'gpt2' files ({type(e).__name__}: {e}). It downloads them on first "
+                f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them (for the tests: "
+                f"export TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache), or use "
+                f"BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe') with local copies of OpenAI's files, "
+                f"which gives the same ids") from e
+        self.eot_token = self.enc.eot_token
+        self.special_tokens = {EOT: self.enc.eot_token}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            self._allowed_special(text, "none")
+        return self.enc.encode_ordinary(text)
+
+    def encode(self, text: str, allowed_special="none") -> list[int]:
+        allowed = self._allowed_special(text, allowed_special)
+        return self.enc.encode(text, allowed_special=allowed, disallowed_special=())
+
+    def encode_ordinary_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
+        """encode_ordinary of each text, on num_threads threads (tiktoken releases the GIL)."""
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode_bytes(self, ids) -> bytes:
+        return self.enc.decode_bytes(self._check_ids(ids))
+
+    def to_dict(self) -> dict:
+        return {"kind": "gpt2"}
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"cannot read the text file {path!r} ({e}); pass a UTF-8 text file") from e
+
+
+def bench(path: str, vocab_size: int, pattern: str | None = None) -> None:
+    """Time training and encoding on one file and compare with tiktoken's gpt2 (single thread)."""
+    text = _read_text(path)
+    mb = len(text.encode("utf-8")) / 1e6
+    print(f"{path}: {mb:.2f} MB, {len(text):,} characters")
+    t0 = time.perf_counter()
+    tok = BPETokenizer(pattern).train(text, vocab_size)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ids = tok.encode_ordinary(text)
+    t_enc = time.perf_counter() - t0
+    assert tok.decode(ids) == text
+    print(f"bpe  vocab {tok.vocab_size}: train {t_train:.2f}s, encode {t_enc:.2f}s, {len(ids):,} tokens, "
+          f"{len(ids) / t_enc:,.0f} tokens/s, {mb / t_enc:.2f} MB/s")
+    try:
+        gpt2 = GPT2Tokenizer()
+    except TokenizerError as e:
+        print(f"tiktoken gpt2 skipped: {e}")
+        return
+    gpt2.encode_ordinary("warm up")
+    t0 = time.perf_counter()
+    ids = gpt2.encode_ordinary(text)
+    t_enc = time.perf_counter() - t0
+    print(f"tiktoken gpt2 (Rust, for scale): encode {t_enc:.2f}s, {len(ids):,} tokens, "
+          f"{len(ids) / t_enc:,.0f} tokens/s, {mb / t_enc:.2f} MB/s")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default and keeps the examples' line breaks."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description="Train or benchmark the byte-level BPE tokenizer.",
+        formatter_class=_HelpFormatter,
+        epilog="examples:\n  python tokenizer.py --bench input.txt --vocab_size 4096\n"
+               "  python tokenizer.py --train input.txt --vocab_size 4096 --special '<|endoftext|>' --out tok.json")
+    parser.add_argument("--bench", metavar="FILE", help="time BPE training and encoding on FILE")
+    parser.add_argument("--train", metavar="FILE", help="train a BPE tokenizer on FILE and save it to --out")
+    parser.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size, special tokens included")
+    parser.add_argument("--special", action="append", default=[], metavar="TOKEN",
+                        help="special token to register after the merges (repeatable), e.g. '<|endoftext|>'")
+    parser.add_argument("--pattern", default=None, help="regex pre-split pattern; None means GPT-2's")
+    parser.add_argument("--out", default="tokenizer.json", help="where --train writes the tokenizer")
+    args = parser.parse_args()
+    if bool(args.bench) == bool(args.train):
+        parser.error("give exactly one of --bench FILE or --train FILE")
+    if args.bench:
+        bench(args.bench, args.vocab_size, args.pattern)
+        return
+    text = _read_text(args.train)
+    tok = BPETokenizer(args.pattern).train(text, args.vocab_size, verbose=True, special_tokens=args.special)
+    tok.save(args.out)
+    print(f"saved a {tok.vocab_size}-token BPE tokenizer to {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
