@@ -1,0 +1,246 @@
+"""Loading a prepared data set: meta.json, the tokenizer and random (x, y) batches from train.bin / val.bin.
+
+prepare_data.py writes a data directory; train.py reads it through this module:
+
+    from data import BatchLoader, load_meta, load_data_tokenizer, check_vocab
+    meta = load_meta("data/shakespeare_char")           # vocab_size, dtype, token counts, ...
+    check_vocab(meta["vocab_size"], config.vocab_size)  # before building the model
+    with BatchLoader("data/shakespeare_char", block_size=256, batch_size=64, device="cuda") as loader:
+        x, y = loader.get_batch("train", index=it)       # (B, T) int64 each, y is x shifted by one
+
+A data directory holds train.bin and val.bin (token ids, uint16 or uint32 as meta.json says),
+tokenizer.json (the tokenizer that made them) and meta.json, which prepare_data.py writes last:
+its presence means the data set is complete.
+
+Batches are a pure function of (seed, split, rank, index), so a resumed run draws exactly the
+batches it would have drawn without the interruption, and each DDP rank draws its own windows.
+The bins are memory-mapped afresh for every batch: one long-lived np.memmap makes the process's
+memory grow over a long run, as nanoGPT notes in its get_batch.
+"""
+import json
+import shlex
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import UserError
+
+SPLITS = ("train", "val")
+SPLIT_IDS = {"train": 0, "val": 1}  # mixed into the batch RNG's seed, so the splits draw independently
+DTYPES = ("uint16", "uint32")  # token storage; uint32 only when the vocabulary exceeds 65,535 ids
+META_KEYS = ("tokenizer", "tokenizer_file", "vocab_size", "eot_token", "dtype", "train_tokens", "val_tokens")
+
+# where `python prepare_data.py --dataset D --tokenizer T` writes by default, relative to the working
+# directory; config.py's data_dir defaults point here, and errors about a missing data set use it
+DEFAULT_DATA_DIRS = {
+    ("shakespeare", "gpt2"): "data/shakespeare",
+    ("shakespeare", "char"): "data/shakespeare_char",
+    ("shakespeare", "bpe"): "data/shakespeare_bpe",
+    ("openwebtext", "gpt2"): "data/openwebtext",
+}
+
+
+class DataError(UserError):
+    """A data set that is missing, incomplete or does not fit the run; the message says how to fix it."""
+
+
+def prepare_command(data_dir: str | Path) -> str:
+    """The prepare_data.py command that creates `data_dir`.
+
+    data/shakespeare_char -> python prepare_data.py --dataset shakespeare --tokenizer char
+    /tmp/shakespeare      -> python prepare_data.py --dataset shakespeare --output_dir /tmp/shakespeare
+    /tmp/mine             -> python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer gpt2 \
+                             --output_dir /tmp/mine
+    """
+    data_dir = Path(data_dir)
+    for (dataset, tokenizer), default in DEFAULT_DATA_DIRS.items():
+        if data_dir.name == Path(default).name:
+            cmd = f"python prepare_data.py --dataset {dataset}"
+            if tokenizer != "gpt2":
+                cmd += f" --tokenizer {tokenizer}"
+            if data_dir.resolve() != Path(default).resolve():
+                cmd += f" --output_dir {shlex.quote(str(data_dir))}"
+            return cmd
+    return (f"python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer gpt2 "
+            f"--output_dir {shlex.quote(str(data_dir))}")
+
+
+def load_meta(data_dir: str | Path) -> dict:
+    """Read and check `data_dir`/meta.json; a missing or broken one is a DataError naming the fix."""
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        what = ("does not exist" if not data_dir.exists()
+                else "has no meta.json (not prepared, or preparation did not finish)")
+        raise DataError(f"data directory {str(data_dir)!r} {what}. Prepare it with: {prepare_command(data_dir)}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}. Prepare the data set again with: {prepare_command(data_dir)}") from e
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}; it was not written by this version of "
+                        f"prepare_data.py. Prepare the data set again with: {_remake_command(data_dir, meta)}")
+    if meta["dtype"] not in DTYPES:
+        raise DataError(f"{path} says dtype {meta['dtype']!r}; expected one of {', '.join(DTYPES)}. "
+                        f"Prepare the data set again with: {_remake_command(data_dir, meta)}")
+    return meta
+
+
+def _remake_command(data_dir: Path, meta: dict) -> str:
+    # meta.json records the command that made it; fall back to the default for the directory
+    cmd = meta.get("command") if isinstance(meta, dict) else None
+    return cmd if isinstance(cmd, str) and cmd else prepare_command(data_dir)
+
+
+def load_data_tokenizer(data_dir: str | Path, meta: dict | None = None):
+    """The tokenizer that produced the data set, from the tokenizer.json beside its bins."""
+    from tokenizer import load_tokenizer  # kept local: loading batches needs no tokenizer
+
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir) if meta is None else meta
+    path = data_dir / meta["tokenizer_file"]
+    if not path.is_file():
+        raise DataError(f"{path} is missing although meta.json names it. "
+                        f"Prepare the data set again with: {_remake_command(data_dir, meta)}")
+    tok = load_tokenizer(path)
+    if tok.vocab_size != meta["vocab_size"]:
+        raise DataError(f"{path} has vocab_size {tok.vocab_size} but meta.json says {meta['vocab_size']}; the "
+                        f"directory mixes two preparations. Prepare it again with: {_remake_command(data_dir, meta)}")
+    return tok
+
+
+def check_vocab(meta_vocab_size: int, model_vocab_size: int) -> None:
+    """Refuse a model whose embedding has fewer rows than the data set has token ids."""
+    if meta_vocab_size > model_vocab_size:
+        raise DataError(
+            f"the data set's vocabulary has {meta_vocab_size} tokens but the model's vocab_size is "
+            f"{model_vocab_size}: ids from {model_vocab_size} up would index past the embedding. Use "
+            f"--vocab_size={meta_vocab_size} (or larger) for a new model, or a data set prepared with the "
+            f"model's tokenizer.")
+
+
+class BatchLoader:
+    """Random windows of block_size + 1 tokens from a prepared data set, as (x, y) batches.
+
+    get_batch(split, index) is a pure function of (seed, split, rank, index). The caller numbers
+    the batches: train.py passes the global micro-batch number while training and k for the k-th
+    batch of an evaluation, so a resumed run draws the same batches and every evaluation sees the
+    same fixed set. DDP ranks draw different windows through `rank`, or through disjoint indices
+    (train.py's way, which makes W ranks draw what one process would).
+
+    On CUDA the batch goes through pinned memory with a non-blocking copy, and a background
+    thread prepares the next batch while the GPU works: the one for index + stride, where stride
+    is the step between the last two indices of that split (a rank that takes every W-th index
+    has stride W).
+    """
+
+    def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, device: str | torch.device = "cpu",
+                 seed: int = 1337, rank: int = 0, world_size: int = 1, prefetch: bool | None = None):
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size and batch_size must be positive, got {block_size} and {batch_size}")
+        if seed < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need seed >= 0 and 0 <= rank < world_size, got seed={seed}, rank={rank}, "
+                             f"world_size={world_size}")
+        self.data_dir = Path(data_dir)
+        self.meta = load_meta(self.data_dir)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.block_size, self.batch_size = block_size, batch_size
+        self.device = torch.device(device)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_tokens = {split: self._check_bin(split) for split in SPLITS}
+        for split, n in self.num_tokens.items():
+            if n < block_size + 1:
+                raise DataError(
+                    f"the {split} split of {self.data_dir} has {n} tokens, but block_size={block_size} needs "
+                    f"at least block_size + 1 = {block_size + 1} per split. Use --block_size={max(1, n - 1)} "
+                    f"or less, or prepare more text (a larger --val_fraction grows the val split).")
+        self._next_index = {split: 0 for split in SPLITS}
+        self._stride = {split: 1 for split in SPLITS}
+        self.prefetched = 0  # batches served from the background thread (a statistic)
+        self._pin = self.device.type == "cuda"
+        # prefetching only pays when a GPU works while the CPU assembles the next batch
+        self._prefetch = self._pin if prefetch is None else prefetch
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") if self._prefetch else None
+        self._pending: tuple[str, int, Future] | None = None
+
+    def _check_bin(self, split: str) -> int:
+        path = self.data_dir / f"{split}.bin"
+        expected = self.meta[f"{split}_tokens"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected * self.dtype.itemsize:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise DataError(f"{path} {found}, but meta.json promises {expected} {self.dtype.name} tokens "
+                            f"({expected * self.dtype.itemsize} bytes). Prepare the data set again with: "
+                            f"{_remake_command(self.data_dir, self.meta)}")
+        return expected
+
+    def get_batch(self, split: str, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: (B, T) int64 on the loader's device, with y[:, t] == x[:, t + 1] for t < T - 1.
+
+        index None continues an internal per-split counter (after the last index used for that split).
+        """
+        if split not in SPLIT_IDS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if index is None:
+            index = self._next_index[split]
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0, got {index}")
+        step = index - self._next_index[split] + 1  # the step from the previous index of this split
+        self._stride[split] = step if step > 0 else 1
+        self._next_index[split] = index + 1
+        prepared = self._take_prepared(split, index)
+        x, y = prepared if prepared is not None else self._cpu_batch(split, index)
+        if self._executor is not None:
+            guess = index + self._stride[split]
+            self._pending = (split, guess, self._executor.submit(self._cpu_batch, split, guess))
+        if self._pin:
+            # non_blocking returns at once; the pinned source stays valid because torch's pinned-memory
+            # allocator does not hand the block out again until the copy that reads it has finished
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def _take_prepared(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        p_split, p_index, future = pending
+        if (p_split, p_index) == (split, index):
+            self.prefetched += 1
+            return future.result()
+        future.cancel()  # a different batch was asked for (an evaluation began, or a resume jumped)
+        return None
+
+    def _cpu_batch(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x, y) batch for (split, index) in CPU memory, pinned when the device is CUDA."""
+        rng = np.random.Generator(np.random.PCG64([self.seed, SPLIT_IDS[split], self.rank, index]))
+        T = self.block_size
+        # a window starting at s needs tokens s .. s + T, so s ranges over 0 .. n - T - 1
+        starts = rng.integers(0, self.num_tokens[split] - T, size=self.batch_size)
+        data = np.memmap(self.data_dir / f"{split}.bin", dtype=self.dtype, mode="r")
+        windows = np.stack([data[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
+        del data  # drop the mapping now: its pages must not pile up over a long run
+        x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
+        y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
+        if self._pin:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    def close(self) -> None:
+        """Stop the background thread; get_batch keeps working, without prefetching."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor, self._pending = None, None
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_executor", None) is not None:
+            self.close()

@@ -1,0 +1,823 @@
+"""Prepare a data set for training: text -> token ids in train.bin / val.bin, plus meta.json.
+
+    python prepare_data.py --dataset shakespeare                   # GPT-2 tokens -> ./data/shakespeare
+    python prepare_data.py --dataset shakespeare --tokenizer char  # -> ./data/shakespeare_char
+    python prepare_data.py --dataset shakespeare --tokenizer bpe --vocab_size 4096  # -> ./data/shakespeare_bpe
+    python prepare_data.py --dataset custom --input my.txt --tokenizer char     # -> ./data/my
+    python prepare_data.py --dataset openwebtext                   # Hugging Face (pip install datasets)
+    python prepare_data.py --dataset openwebtext --input docs/     # local .jsonl / .txt / .parquet files
+    python prepare_data.py --bench [--bench_mb 100]                # GPT-2 tokenisation speed, MB/s
+
+Shakespeare is tinyshakespeare (input.txt of Karpathy's char-rnn repository), downloaded into the
+data directory and checked against its sha256; --input FILE or the SHAKESPEARE environment variable
+give a local copy instead. --dataset custom reads one text file, or every .txt file under a folder
+(in sorted path order, with end-of-text between files when the tokenizer has one).
+
+The output directory holds train.bin and val.bin (token ids, uint16, or uint32 when the vocabulary
+exceeds 65,535 ids), tokenizer.json (load_tokenizer restores it) and meta.json: tokenizer kind and
+file, vocab_size, eot_token, dtype, token counts, source and its sha256. Each file is written under
+a temporary name and renamed when complete; meta.json comes last and any old one is deleted first,
+so a directory with meta.json is a complete data set and an interrupted run leaves none.
+
+How the splits are made:
+- shakespeare and custom: the first (1 - val_fraction) of the characters are train, the rest val, as
+  nanoGPT does (tinyshakespeare at char level: 1,003,854 / 111,540 tokens; GPT-2: 301,966 / 36,059).
+- openwebtext: each document goes to val when the BLAKE2b hash of its UTF-8 text, read as a number
+  in [0, 1), is below val_fraction (default 0.0005). The choice depends on nothing but the document,
+  so it is the same for any order, chunking or --num_proc, and duplicated documents share a split.
+  Every document is followed by end-of-text (50256), as GPT-2's training data was.
+
+Tokenisation runs in --num_proc worker processes (default: every core) on chunks of about 1 MB,
+with a bounded number of chunks in flight, and the results are streamed to disk in order: memory
+stays flat however large the corpus. Long texts are cut only just before a space or newline that
+follows a non-space character; GPT-2's pre-split pattern never joins characters across such a point,
+so the ids are exactly those of encoding the whole text at once (tests/test_data.py checks this).
+"""
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import random
+import re
+import shlex
+import signal
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
+from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
+                       tokenizer_from_dict)
+from utils import atomic_open, run_cli
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_VAL_FRACTION = {"shakespeare": 0.1, "custom": 0.1, "openwebtext": 0.0005}
+DEFAULT_BPE_VOCAB = 4096
+UNIT_BYTES = 1 << 20  # text per work unit handed to a worker process
+DOC_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")  # local files --dataset openwebtext reads
+# A safe cut is a point in UTF-8 text just before a space or newline that follows a character that is
+# not whitespace: no pre-token of GPT-2's pattern crosses it (words, numbers and symbols stop at
+# whitespace, and a whitespace run starting there is matched the same way with or without the text
+# before it). Every Unicode whitespace character (and U+001C..U+001F, U+180E) ends in an ASCII
+# whitespace byte or in one of the bytes 80-8A 8E 9F A0 A8 A9 AF, so a character ending in any other
+# byte is not whitespace; excluding a few others too only costs cut points.
+SAFE_CUT = re.compile(rb"(?<=[^\s\x1c-\x1f\x80-\x8a\x8e\x9f\xa0\xa8\xa9\xaf])(?=[ \n])")
+PROGRESS_UNITS = {"bytes": "B", "docs": "doc"}
+BLOCK = 1 << 24  # numpy scans of UTF-8 bytes go in blocks of this size, to bound the temporaries
+
+# (split, UTF-8 text, end_of_text_after, progress it stands for, file name and byte offset for errors)
+Item = tuple[str, bytes, bool, int, str, int]
+
+
+class Progress(tqdm):
+    # no monitor thread: the worker pool is forked after the bar exists, and forking a process
+    # that runs threads is unsafe (Python 3.12 warns about it)
+    monitor_interval = 0
+
+
+# -----------------------------------------------------------------------------
+# reading text
+
+
+def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
+    """data as str; invalid UTF-8 is a DataError naming `where` and the byte offset."""
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{where} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {offset + e.start} "
+            f"({e.reason}). Convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 IN > OUT` "
+            f"for Latin-1 text.") from None
+
+
+def input_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """path itself, or every file under the folder path with one of the suffixes, in sorted order."""
+    if not path.exists():
+        raise DataError(f"--input {str(path)!r} does not exist; pass a file or a folder of {'/'.join(suffixes)} files")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+    if not files:
+        raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files; pass a file or another folder")
+    return files
+
+
+def read_files(files: list[Path]) -> list[bytes]:
+    """The files' bytes. Decoding them is left to the workers."""
+    datas = [f.read_bytes() for f in files]
+    if not any(datas):
+        what = str(files[0]) if len(files) == 1 else f"all {len(files)} files under the input folder"
+        raise DataError(f"{what} is empty (0 bytes): there is nothing to tokenise. Pass a file with text.")
+    return datas
+
+
+def utf8_length(data: bytes) -> int:
+    """Characters in UTF-8 data: the bytes that do not continue a character (10xxxxxx, below -64 as int8)."""
+    if data.isascii():
+        return len(data)
+    a = np.frombuffer(data, dtype=np.int8)
+    return sum(int(np.count_nonzero(a[i : i + BLOCK] >= -64)) for i in range(0, len(a), BLOCK))
+
+
+def utf8_offset(data: bytes, k: int) -> int:
+    """Byte offset of character k in UTF-8 data (len(data) for k at or past the end)."""
+    if data.isascii():
+        return min(k, len(data))
+    a = np.frombuffer(data, dtype=np.int8)
+    for i in range(0, len(a), BLOCK):
+        starts = a[i : i + BLOCK] >= -64
+        n = int(np.count_nonzero(starts))
+        if k < n:
+            return i + int(np.flatnonzero(starts)[k])
+        k -= n
+    return len(data)
+
+
+def shakespeare_file(input_arg: str | None, out_dir: Path) -> Path:
+    """tinyshakespeare: --input, else $SHAKESPEARE, else a verified copy in out_dir, else a download."""
+    local = input_arg or os.environ.get("SHAKESPEARE")
+    if local:
+        path = Path(local)
+        if not path.is_file():
+            origin = "--input" if input_arg else "SHAKESPEARE"
+            raise DataError(f"{origin} points to {str(path)!r}, which is not a file; give the path of "
+                            f"tinyshakespeare's input.txt")
+        got = hashlib.sha256(path.read_bytes()).hexdigest()
+        if got != SHAKESPEARE_SHA256:
+            raise DataError(f"{path} is not tinyshakespeare: its sha256 is {got}, expected {SHAKESPEARE_SHA256} "
+                            f"(a copy with changed line endings differs too). For other text use "
+                            f"--dataset custom --input {shlex.quote(str(path))}")
+        return path
+    path = out_dir / "input.txt"
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == SHAKESPEARE_SHA256:
+        return path
+    print(f"downloading {SHAKESPEARE_URL}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
+            data = r.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"could not download tinyshakespeare from {SHAKESPEARE_URL} ({e}). Without network, "
+                        f"give a local copy of input.txt: --input /path/to/input.txt, or set "
+                        f"SHAKESPEARE=/path/to/input.txt") from e
+    got = hashlib.sha256(data).hexdigest()
+    if got != SHAKESPEARE_SHA256:
+        raise DataError(f"the download from {SHAKESPEARE_URL} has sha256 {got}, expected {SHAKESPEARE_SHA256}; "
+                        f"try again, or give a local copy with --input or SHAKESPEARE")
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# work units: what the main process hands a worker process
+#
+#   ("pieces", [(split_id, data, eot_after, name, offset), ...])   UTF-8 text whose split is known
+#   ("docs", [text, ...])                  documents: split by hash, end-of-text after each
+#   ("jsonl", name, lineno, offset, data)  whole lines of a JSON Lines file, parsed by the worker
+#
+# The main process only reads and slices bytes; decoding, parsing, hashing and tokenising happen in
+# the workers, so one main process keeps many of them busy. name and offset locate bad UTF-8.
+
+
+def split_text_pieces(datas: list[bytes], val_fraction: float, names: list[str]) -> list[tuple]:
+    """Cut the concatenated UTF-8 texts after the first (1 - val_fraction) of their characters.
+
+    Returns (split, data, end_of_text_after, name, byte offset) in order; end-of-text goes between
+    texts, not after the last. The cut counts characters, as nanoGPT's data[:int(n * 0.9)] does:
+    [b"abcd", b"efgh"], 0.25 -> [("train", b"abcd", True, ..), ("train", b"ef", False, ..), ("val", b"gh", False, ..)]
+    """
+    files = [(d, name) for d, name in zip(datas, names) if d]
+    lengths = [utf8_length(d) for d, _ in files]
+    total = sum(lengths)
+    cut = int(total * (1 - val_fraction))
+    if cut == 0 or cut == total:
+        empty = "train" if cut == 0 else "val"
+        raise DataError(f"the input has {total} characters, so --val_fraction {val_fraction} leaves the {empty} "
+                        f"split empty; give more text or a val_fraction that leaves both splits non-empty")
+    pieces, start = [], 0
+    for i, ((data, name), n) in enumerate(zip(files, lengths)):
+        eot = i < len(files) - 1
+        k = min(max(cut - start, 0), n)
+        b = utf8_offset(data, k) if 0 < k < n else 0 if k == 0 else len(data)
+        view = memoryview(data)  # slices of a view share the file's bytes instead of copying them
+        if k > 0:
+            pieces.append(("train", view[:b], eot and k == n, name, 0))
+        if k < n:
+            pieces.append(("val", view[b:], eot, name, b))
+        start += n
+    return pieces
+
+
+def can_cut(tokenizer: Tokenizer) -> bool:
+    """Whether cutting text at SAFE_CUT points leaves this tokenizer's ids unchanged."""
+    return tokenizer.kind in ("char", "gpt2") or getattr(tokenizer, "pattern", None) == GPT2_SPLIT_PATTERN
+
+
+def cut_text(data: bytes | memoryview, max_bytes: int) -> Iterator[bytes]:
+    """UTF-8 text in pieces of about max_bytes (longer where no safe point is near), cut at SAFE_CUT points."""
+    start = 0
+    while len(data) - start > max_bytes:
+        m = SAFE_CUT.search(data, start + max_bytes)
+        if m is None:
+            break
+        yield bytes(data[start : m.start()])
+        start = m.start()
+    yield bytes(data[start:])
+
+
+def piece_units(items: Iterable[Item], unit_bytes: int, cuttable: bool, sha=None) -> Iterator[tuple[tuple, int]]:
+    """Group items into ("pieces", [(split_id, data, eot_after, name, offset), ...]) units of about unit_bytes.
+
+    Pieces are cut lazily, so the first unit goes out before a long text has been sliced; sha, if
+    given, is updated with the pieces in order (for one file, or files in order: their bytes).
+    """
+    unit, size, progress = [], 0, 0
+    for split, data, eot, prog, name, offset in items:
+        pieces = cut_text(data, unit_bytes) if cuttable else iter([bytes(data)])
+        n, cum = max(len(data), 1), 0
+        piece = next(pieces)
+        while piece is not None:
+            following = next(pieces, None)
+            last = following is None
+            if sha is not None:
+                sha.update(piece)
+            unit.append((SPLIT_IDS[split], piece, eot and last, name, offset + cum))
+            # each piece stands for its share of the item's progress
+            before = prog * cum // n
+            cum += len(piece)
+            progress += (prog if last else prog * cum // n) - before
+            size += len(piece)
+            if size >= unit_bytes:
+                yield ("pieces", unit), progress
+                unit, size, progress = [], 0, 0
+            piece = following
+    if unit:
+        yield ("pieces", unit), progress
+
+
+def doc_units(docs: Iterable[tuple[str, int]], unit_size: int) -> Iterator[tuple[tuple, int]]:
+    """Group (text, progress) documents into ("docs", texts) units of about unit_size characters."""
+    texts, size, progress = [], 0, 0
+    for text, prog in docs:
+        texts.append(text)
+        size += len(text)
+        progress += prog
+        if size >= unit_size:
+            yield ("docs", texts), progress
+            texts, size, progress = [], 0, 0
+    if texts:
+        yield ("docs", texts), progress
+
+
+def jsonl_units(path: Path, unit_bytes: int, sha) -> Iterator[tuple[tuple, int]]:
+    """("jsonl", ...) units of about unit_bytes of whole lines; sha is updated with the file's bytes."""
+    lineno, offset = 1, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(unit_bytes):
+            chunk += f.readline()  # finish the line the block ends in
+            sha.update(chunk)
+            yield ("jsonl", str(path), lineno, offset, chunk), len(chunk)
+            lineno += chunk.count(b"\n")
+            offset += len(chunk)
+
+
+def txt_documents(files: list[Path], val_fraction: float, counts: dict) -> Iterator[Item]:
+    """Each .txt file is one document; its split is chosen here so that a long one can be cut."""
+    for f in files:
+        data = f.read_bytes()
+        if not data:
+            counts["empty"] += 1
+            continue
+        split = SPLITS[doc_split(data, val_fraction)[0]]  # the hash of UTF-8 text is the hash of its bytes
+        counts[split] += 1
+        yield split, data, True, len(data), str(f), 0
+
+
+def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
+    """(text, file bytes it stands for) for each row of a Parquet file's "text" column (needs pyarrow)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to .jsonl)") from None
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise DataError(f"{path} has no \"text\" column (columns: {', '.join(pf.schema_arrow.names)}); "
+                        f"expected one document per row in a \"text\" column")
+    size, rows, done = path.stat().st_size, max(pf.metadata.num_rows, 1), 0
+    for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            done += 1  # progress in file bytes, spread evenly over the rows
+            yield text or "", size * done // rows - size * (done - 1) // rows
+
+
+def local_units(files: list[Path], unit_bytes: int, val_fraction: float, sha, counts: dict,
+                cuttable: bool) -> Iterator[tuple[tuple, int]]:
+    """Work units for local .jsonl/.json (JSON Lines), .txt (one document each) and .parquet files, in order."""
+    for suffix, group in itertools.groupby(files, key=lambda f: f.suffix):
+        group = list(group)
+        if suffix == ".txt":  # consecutive small files share units
+            yield from piece_units(txt_documents(group, val_fraction, counts), unit_bytes, cuttable, sha)
+        for f in group if suffix != ".txt" else []:
+            yield from (doc_units(parquet_documents(f, sha), unit_bytes) if suffix == ".parquet"
+                        else jsonl_units(f, unit_bytes, sha))
+
+
+def hf_units(name: str, num_proc: int, unit_bytes: int) -> tuple[Iterator[tuple[tuple, int]], int]:
+    """Work units over the train split of a Hugging Face data set with a "text" column, and its size."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"--dataset openwebtext downloads {name!r} with Hugging Face datasets, which is not "
+                        f"installed: pip install datasets. Or give local files: --input DOCS.jsonl (one "
+                        f"{{\"text\": ...}} per line), or a folder of .jsonl/.txt/.parquet files") from None
+    try:
+        ds = datasets.load_dataset(name, split="train", num_proc=num_proc)
+    except (OSError, ValueError) as e:  # ConnectionError and DatasetNotFoundError are OSErrors
+        raise DataError(f"could not load the Hugging Face data set {name!r} ({type(e).__name__}: {e}). "
+                        f"Offline, give local files instead: --input DOCS.jsonl or a folder") from e
+    if "text" not in ds.column_names:
+        raise DataError(f"the Hugging Face data set {name!r} has no \"text\" column ({', '.join(ds.column_names)})")
+    docs = ((text or "", 1) for batch in ds.iter(batch_size=1024) for text in batch["text"])
+    return doc_units(docs, unit_bytes), len(ds)
+
+
+# -----------------------------------------------------------------------------
+# tokenising units, in worker processes
+
+
+def doc_split(text: str | bytes, val_fraction: float) -> tuple[int, bytes]:
+    """(split id, 8-byte BLAKE2b digest) of a document: val (1) when the digest, read as a little-endian
+    number over 2**64, is below val_fraction, else train (0)."""
+    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(data, digest_size=8).digest()
+    return int(int.from_bytes(digest, "little") < val_fraction * 2**64), digest
+
+
+def parse_jsonl(where: str, lineno: int, offset: int, chunk: bytes) -> list[str]:
+    """The "text" of each non-blank line of a JSON Lines chunk that starts at line lineno, byte offset."""
+    texts = []
+    for i, line in enumerate(chunk.split(b"\n")):
+        here = f"{where} line {lineno + i}"
+        text = decode_utf8(line, here, offset)
+        offset += len(line) + 1
+        if not text.strip():
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{here} is not JSON ({e}); expected JSON Lines: one object with a "
+                            f"\"text\" string per line") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise DataError(f"{here} has no \"text\" string; expected JSON Lines: one object with a "
+                            f"\"text\" string per line, e.g. {{\"text\": \"Hello world\"}}")
+        texts.append(obj["text"])
+    return texts
+
+
+def encode_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """tokenizer.encode_ordinary(text) as an array."""
+    enc = getattr(tokenizer, "enc", None)
+    if tokenizer.kind == "gpt2" and hasattr(enc, "encode_to_numpy"):
+        # tiktoken hands over its Rust buffer: no Python int per token, about a third faster.
+        # With nothing disallowed and nothing allowed, special-token text is ordinary text.
+        try:
+            return enc.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:  # a lone surrogate (a JSON escape can make one): encode_ordinary copes
+            pass
+    return np.array(tokenizer.encode_ordinary(text), dtype=np.int64)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 for vocabularies up to 65,535 ids, uint32 beyond."""
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction: float) -> tuple:
+    """One work unit -> (train ids, val ids, [train, val, empty] document counts, document digests)."""
+    kind, *payload = unit
+    counts, digests = [0, 0, 0], []
+    if kind == "pieces":
+        items = [(split_id, decode_utf8(data, name, offset), eot) for split_id, data, eot, name, offset in payload[0]]
+    else:
+        items = []
+        for text in parse_jsonl(*payload) if kind == "jsonl" else payload[0]:
+            if not text:
+                counts[2] += 1
+                continue
+            split_id, digest = doc_split(text, val_fraction)
+            counts[split_id] += 1
+            digests.append(digest)
+            items.append((split_id, text, True))
+    parts = ([], [])
+    eot = None if tokenizer.eot_token is None else np.array([tokenizer.eot_token])
+    for split_id, text, eot_after in items:
+        if text:
+            parts[split_id].append(encode_ids(tokenizer, text))
+        if eot_after and eot is not None:
+            parts[split_id].append(eot)
+    out = []
+    for p in parts:
+        ids = np.concatenate(p) if p else np.zeros(0, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+            raise RuntimeError(f"the {tokenizer.kind} tokenizer produced an id outside 0..{tokenizer.vocab_size - 1}")
+        out.append(ids.astype(dtype))
+    return out[0], out[1], counts, b"".join(digests)
+
+
+_worker: tuple | None = None  # (tokenizer, dtype, val_fraction) in a worker process
+
+
+def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -> None:
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
+    tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
+    _worker = (tokenizer, np.dtype(dtype), val_fraction)
+
+
+def _encode_in_worker(unit: tuple) -> tuple:
+    tokenizer, dtype, val_fraction = _worker
+    return encode_unit(tokenizer, unit, dtype, val_fraction)
+
+
+def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_proc: int, dtype: np.dtype,
+                 val_fraction: float) -> Iterator[tuple[int, tuple]]:
+    """(progress, encode_unit's result) for each unit, in order, computed by num_proc worker processes.
+
+    At most 2 * num_proc units are in flight, so memory stays bounded whatever the input size.
+    A single unit, or num_proc 1, is encoded in this process.
+    """
+    units = iter(units)
+    head = list(itertools.islice(units, 2))
+    if len(head) < 2 or num_proc <= 1:
+        for unit, progress in itertools.chain(head, units):
+            yield progress, encode_unit(tokenizer, unit, dtype, val_fraction)
+        return
+    # a forked worker inherits the tokenizer as it is (loading tiktoken's files takes ~0.5 s); other
+    # start methods pickle the arguments, so they get the plain-data description instead
+    fork = multiprocessing.get_start_method() == "fork"
+    initargs = (tokenizer if fork else tokenizer.to_dict(), dtype.str, val_fraction)
+    with multiprocessing.Pool(num_proc, _init_worker, initargs) as pool:
+        pending = deque()
+        for unit, progress in itertools.chain(head, units):
+            pending.append((progress, pool.apply_async(_encode_in_worker, (unit,))))
+            if len(pending) >= 2 * num_proc:
+                progress, result = pending.popleft()
+                yield progress, result.get()
+        while pending:
+            progress, result = pending.popleft()
+            yield progress, result.get()
+
+
+# -----------------------------------------------------------------------------
+# writing a data set
+
+
+def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], *, num_proc: int,
+                  val_fraction: float, progress: tuple[str, int | None], meta: dict, late_meta=None) -> dict:
+    """Encode units into out_dir/{train,val}.bin, then save tokenizer.json and, last, meta.json.
+
+    progress is (unit, total) for the progress bar: unit 'bytes' or 'docs', total None if unknown.
+    meta holds the description fields (dataset, source, ...); the token counts are added here, and
+    late_meta(documents, digests_sha256) is called once the units are exhausted for fields
+    gathered while streaming: documents is [train, val, empty], digests_sha256 the sha256 of the
+    documents' BLAKE2b digests in order.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # from here on the directory holds no complete data set until the new meta.json lands
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    tokens, documents, digests = [0, 0], [0, 0, 0], hashlib.sha256()
+    bar = Progress(total=progress[1], unit=PROGRESS_UNITS[progress[0]], unit_scale=True, file=sys.stderr,
+                   desc=f"tokenising ({tokenizer.kind})", mininterval=1.0, disable=None)
+    with bar, contextlib.ExitStack() as stack:
+        files = [stack.enter_context(atomic_open(out_dir / f"{split}.bin", "wb")) for split in SPLITS]
+        for done, (train, val, counts, unit_digests) in encode_units(tokenizer, units, num_proc, dtype, val_fraction):
+            for i, ids in enumerate((train, val)):
+                files[i].write(ids.tobytes())
+                tokens[i] += ids.size
+            documents = [a + b for a, b in zip(documents, counts)]
+            digests.update(unit_digests)
+            bar.update(done)
+        for split, n in zip(SPLITS, tokens):
+            if n == 0:  # raised inside the ExitStack, so no empty bin is left behind
+                raise DataError(f"the {split} split came out empty ({tokens[0]} train / {tokens[1]} val tokens); "
+                                f"give more text or a larger --val_fraction (now {val_fraction})")
+    tokenizer.save(out_dir / "tokenizer.json")
+    meta = {
+        **meta,
+        "tokenizer": tokenizer.kind,
+        "tokenizer_file": "tokenizer.json",
+        "vocab_size": tokenizer.vocab_size,
+        "eot_token": tokenizer.eot_token,
+        "dtype": dtype.name,
+        "train_tokens": tokens[0],
+        "val_tokens": tokens[1],
+        **(late_meta(documents, digests.hexdigest()) if late_meta else {}),
+    }
+    with atomic_open(out_dir / "meta.json", "w") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return meta
+
+
+def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: list[str],
+                    vocab_size: int | None) -> Tokenizer:
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    # char and bpe need the text here; GPT-2's path leaves decoding to the workers
+    if kind == "char":  # every character of both splits must be known
+        return CharTokenizer.from_text("".join(decode_utf8(d, name) for d, name in zip(datas, names)))
+    # BPE learns from the training split only, so val stays unseen text; all of it is decoded here
+    # so that bad UTF-8 is reported before a long training, not after it
+    texts = [(split, decode_utf8(d, name, offset)) for split, d, _, name, offset in pieces]
+    train_text = "".join(text for split, text in texts if split == "train")
+    print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text):,} characters", file=sys.stderr)
+    return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])
+
+
+def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: str, vocab_size: int | None,
+                 val_fraction: float, num_proc: int, command: str, unit_bytes: int = UNIT_BYTES) -> dict:
+    """shakespeare and custom: read the files whole, cut at the character fraction, tokenise, write."""
+    datas = read_files(files)
+    names = [str(f) for f in files]
+    pieces = split_text_pieces(datas, val_fraction, names)
+    tok = build_tokenizer(tokenizer, datas, pieces, names, vocab_size)
+    meta = {
+        "dataset": dataset,
+        "source": names[0] if len(files) == 1 else f"{len(files)} .txt files under {files[0].parent}",
+        "val_fraction": val_fraction,
+        "split": f"first {1 - val_fraction:.6g} of the characters train, the rest val",
+        "command": command,
+    }
+    items = ((split, data, eot, len(data), name, offset) for split, data, eot, name, offset in pieces)
+    sha = hashlib.sha256()  # of the files' bytes in order, which the pieces are, hashed as they go out
+    return write_dataset(out_dir, tok, piece_units(items, unit_bytes, can_cut(tok), sha), num_proc=num_proc,
+                         val_fraction=val_fraction, progress=("bytes", sum(map(len, datas))), meta=meta,
+                         late_meta=lambda *_: {"source_sha256": sha.hexdigest()})
+
+
+def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, val_fraction: float, num_proc: int,
+                      command: str, unit_bytes: int = UNIT_BYTES) -> dict:
+    """openwebtext: stream documents (local files or Hugging Face), GPT-2 tokens, end-of-text after each."""
+    tok = GPT2Tokenizer()
+    txt_counts = {"train": 0, "val": 0, "empty": 0}  # .txt documents are split in this process
+    sha = hashlib.sha256()
+    if input_path:
+        files = input_files(Path(input_path), DOC_SUFFIXES)
+        units = local_units(files, unit_bytes, val_fraction, sha, txt_counts, can_cut(tok))
+        progress = ("bytes", sum(f.stat().st_size for f in files))
+        source = str(files[0]) if len(files) == 1 else f"{len(files)} files under {input_path}"
+    else:
+        units, n_docs = hf_units(hf_name, num_proc, unit_bytes)
+        progress, source = ("docs", n_docs), f"huggingface:{hf_name}"
+    meta = {
+        "dataset": "openwebtext",
+        "source": source,
+        "val_fraction": val_fraction,
+        "split": "per document: val when blake2b(utf8(text), digest_size=8) as a little-endian integer "
+                 "/ 2**64 < val_fraction",
+        "command": command,
+    }
+
+    def late_meta(documents: list[int], digests_sha256: str) -> dict:
+        if input_path:
+            sha_fields = {"source_sha256": sha.hexdigest(), "source_sha256_of": "the input files' bytes, in order"}
+        else:  # no file to hash: fingerprint the documents instead
+            sha_fields = {"source_sha256": digests_sha256,
+                          "source_sha256_of": "the 8-byte BLAKE2b digests of the non-empty documents, in order"}
+        return {**sha_fields, "train_documents": documents[0] + txt_counts["train"],
+                "val_documents": documents[1] + txt_counts["val"],
+                "empty_documents": documents[2] + txt_counts["empty"]}
+
+    return write_dataset(out_dir, tok, units, num_proc=num_proc, val_fraction=val_fraction, progress=progress,
+                         meta=meta, late_meta=late_meta)
+
+
+# -----------------------------------------------------------------------------
+# benchmark
+
+
+def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) -> str:
+    """About n_bytes of deterministic, varied text: words drawn with Zipf-like frequencies.
+
+    The words come from words_file (e.g. tinyshakespeare) when given, else they are generated from
+    syllables, with capitals, numbers, punctuation and some non-ASCII words; lines end at random.
+    """
+    rng = np.random.default_rng(seed)
+    if words_file:
+        words = sorted(set(decode_utf8(Path(words_file).read_bytes(), words_file).split()))
+    else:
+        syllables = ["ka", "lo", "mi", "ster", "an", "the", "ing", "pre", "vo", "tu", "ré", "qua", "ex", "on",
+                     "ly", "ber", "sh", "ou", "ght", "ion", "al", "fe", "dri", "ck", "zo", "ph", "ea", "un"]
+        words = set()
+        while len(words) < 20000:
+            w = "".join(rng.choice(syllables, size=rng.integers(1, 5)))
+            r = rng.random()
+            w = w.capitalize() if r < 0.15 else w + rng.choice(list(",.;:!?")) if r < 0.25 else w
+            words.add(w)
+        words = sorted(words) + [str(i) for i in range(0, 3000, 7)]
+        words += ["café", "naïve", "über", "東京", "Москва", "εὐχαριστῶ", "😀", "—", "(1999)", "don't", "it's"]
+    words = np.array(words, dtype=object)
+    rng.shuffle(words)
+    p = 1.0 / np.arange(1, len(words) + 1) ** 1.05
+    p /= p.sum()
+    parts, size = [], 0
+    while size < n_bytes:
+        k = 1 << 18
+        tokens = np.empty(2 * k, dtype=object)
+        tokens[0::2] = words[rng.choice(len(words), size=k, p=p)]
+        tokens[1::2] = np.where(rng.random(k) < 0.08, "\n", " ")
+        block = "".join(tokens)
+        parts.append(block)
+        size += len(block.encode("utf-8"))
+    return "".join(parts)
+
+
+def bench_documents(text: str, seed: int = 1337) -> Iterator[str]:
+    """text cut at newlines into documents of 1 to 20 KB, as JSON Lines."""
+    rng = random.Random(seed)
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + rng.randint(1000, 20000))
+        end = len(text) if end < 0 else end + 1
+        yield json.dumps({"text": text[start:end]}, ensure_ascii=False) + "\n"
+        start = end
+
+
+_barrier = None
+
+
+def _init_raw_worker(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _raw_encode(text: str) -> tuple[float, float]:
+    """Encode text with tiktoken alone, after every worker has its text: (start, end) times."""
+    tok = GPT2Tokenizer()
+    tok.encode_ordinary("warm up")
+    _barrier.wait()
+    t0 = time.time()
+    tok.encode_ordinary(text)
+    return t0, time.time()
+
+
+def raw_parallel_speed(text: str, num_proc: int) -> float:
+    """MB/s of num_proc processes each running tiktoken on its own share, nothing else: what the
+    machine's cores give at best. Shares are handed out before the clock starts."""
+    data = text.encode("utf-8")
+    shares = [share.decode("utf-8") for share in cut_text(data, len(data) // num_proc + 1)]
+    with multiprocessing.Pool(len(shares), _init_raw_worker, (multiprocessing.Barrier(len(shares)),)) as pool:
+        times = pool.map(_raw_encode, shares, chunksize=1)
+    return len(data) / 1e6 / (max(t for _, t in times) - min(t for t, _ in times))
+
+
+def bench(mb: float, num_proc: int, words_file: str | None) -> dict:
+    """Time single-thread tiktoken and our parallel pipeline on the same generated text; print MB/s."""
+    print(f"generating {mb:g} MB of text from {'the words of ' + words_file if words_file else 'made-up words'}",
+          file=sys.stderr)
+    text = bench_text(int(mb * 1e6), words_file)
+    size = len(text.encode("utf-8")) / 1e6
+    tok = GPT2Tokenizer()
+    tok.encode_ordinary("warm up")
+    cut = int(len(text) * 0.9)
+    t0 = time.perf_counter()
+    ref = [tok.encode_ordinary(text[:cut]), tok.encode_ordinary(text[cut:])]
+    single = size / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    tok.enc.encode_to_numpy(text, disallowed_special=())
+    single_np = size / (time.perf_counter() - t0)
+    print(f"single-thread tiktoken: {single:.2f} MB/s", file=sys.stderr)
+    ceiling = raw_parallel_speed(text, num_proc) if num_proc > 1 else single
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "bench.txt").write_text(text, encoding="utf-8")
+        t0 = time.perf_counter()
+        prepare_text(tmp / "text", [tmp / "bench.txt"], dataset="custom", tokenizer="gpt2", vocab_size=None,
+                     val_fraction=0.1, num_proc=num_proc, command="bench")
+        text_speed = size / (time.perf_counter() - t0)
+        same = all(np.array_equal(np.fromfile(tmp / "text" / f"{split}.bin", dtype=np.uint16), ids)
+                   for split, ids in zip(SPLITS, ref))
+        del ref
+        with open(tmp / "bench.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(bench_documents(text))
+        t0 = time.perf_counter()
+        meta = prepare_documents(tmp / "docs", str(tmp / "bench.jsonl"), hf_name="", val_fraction=0.0005,
+                                 num_proc=num_proc, command="bench")
+        docs_speed = size / (time.perf_counter() - t0)
+    target = 0.7 * single * num_proc
+    print(f"text: {size:.1f} MB; documents: {meta['train_documents'] + meta['val_documents']:,}; processes: {num_proc}")
+    print(f"single-thread tiktoken encode_ordinary:         {single:8.2f} MB/s")
+    print(f"single-thread tiktoken encode_to_numpy:         {single_np:8.2f} MB/s (what the workers call)")
+    print(f"tiktoken alone in {num_proc:2d} processes (machine's best): {ceiling:8.2f} MB/s = "
+          f"{ceiling / single:.2f} x single")
+    print(f"pipeline, one text file (file to .bin):        {text_speed:8.2f} MB/s = "
+          f"{text_speed / single:.2f} x single; ids identical to single-thread tiktoken: {'yes' if same else 'NO'}")
+    print(f"pipeline, JSON Lines documents (file to .bin): {docs_speed:8.2f} MB/s = {docs_speed / single:.2f} x single")
+    print(f"target 0.7 x single x {num_proc} = {target:.2f} MB/s: text file {text_speed / target:.2f}, documents "
+          f"{docs_speed / target:.2f} of target ({'met' if min(text_speed, docs_speed) >= target else 'NOT met'}); "
+          f"against encode_to_numpy's single-thread speed: {text_speed / target * single / single_np:.2f} and "
+          f"{docs_speed / target * single / single_np:.2f}")
+    if not same:
+        raise RuntimeError("the parallel pipeline's ids differ from single-thread tiktoken's")
+    return dict(mb=round(size, 1), num_proc=num_proc, single_thread_mb_s=round(single, 2),
+                single_thread_numpy_mb_s=round(single_np, 2),
+                tiktoken_parallel_mb_s=round(ceiling, 2), text_file_mb_s=round(text_speed, 2),
+                documents_mb_s=round(docs_speed, 2), target_mb_s=round(target, 2))
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def default_num_proc() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=["shakespeare", "custom", "openwebtext"], help="what to prepare")
+    p.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2",
+                   help="gpt2: tiktoken's GPT-2 BPE; char: one id per character; bpe: train a byte-level BPE "
+                        "(default %(default)s)")
+    p.add_argument("--input", default=None,
+                   help="shakespeare: a local input.txt (else $SHAKESPEARE, else download); custom: a text file "
+                        "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files or a folder of them")
+    p.add_argument("--output_dir", default=None,
+                   help="where the data set goes (default: ./data/shakespeare[_char|_bpe], ./data/openwebtext, "
+                        "./data/<input name> for custom)")
+    p.add_argument("--vocab_size", type=int, default=None,
+                   help=f"bpe only: vocabulary size, <|endoftext|> included (default {DEFAULT_BPE_VOCAB})")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="share of the text held out for validation (default 0.1; openwebtext 0.0005 of the documents)")
+    p.add_argument("--num_proc", type=int, default=default_num_proc(),
+                   help="tokenising processes (default: every core, %(default)s)")
+    p.add_argument("--hf_dataset", default="openwebtext",
+                   help="openwebtext without --input: the Hugging Face data set to load, with a \"text\" column "
+                        "(default %(default)s)")
+    p.add_argument("--bench", action="store_true",
+                   help="benchmark GPT-2 tokenisation on generated text (words of --input or $SHAKESPEARE if given)")
+    p.add_argument("--bench_mb", type=float, default=100, help="--bench: megabytes of text (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.num_proc < 1:
+        raise DataError(f"--num_proc must be at least 1, got {args.num_proc}")
+    if args.bench:
+        return bench(args.bench_mb, args.num_proc, args.input or os.environ.get("SHAKESPEARE"))
+    if args.dataset is None:
+        raise DataError("say what to prepare: --dataset shakespeare, --dataset custom --input FILE, or "
+                        "--dataset openwebtext (python prepare_data.py --help lists the options)")
+    dataset, kind = args.dataset, args.tokenizer
+    val_fraction = DEFAULT_VAL_FRACTION[dataset] if args.val_fraction is None else args.val_fraction
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; e.g. 0.1")
+    if args.vocab_size is not None and kind != "bpe":
+        raise DataError(f"--vocab_size applies to --tokenizer bpe only; the {kind} tokenizer's vocabulary is fixed")
+    if dataset == "openwebtext" and kind != "gpt2":
+        raise DataError(f"--dataset openwebtext is tokenised with GPT-2 only, got --tokenizer {kind}; for "
+                        f"another tokenizer use --dataset custom --input TEXT --tokenizer {kind}")
+    if dataset == "custom" and not args.input:
+        raise DataError("--dataset custom needs --input: a UTF-8 text file, or a folder of .txt files")
+    if args.output_dir:
+        out_dir = Path(args.output_dir)
+    elif dataset == "custom":
+        out_dir = Path("data") / (Path(args.input).resolve().stem or "custom")
+    else:
+        out_dir = Path(DEFAULT_DATA_DIRS[dataset, kind])
+    command = shlex.join(["python", "prepare_data.py", *argv])
+
+    if dataset == "openwebtext":
+        meta = prepare_documents(out_dir, args.input, hf_name=args.hf_dataset, val_fraction=val_fraction,
+                                 num_proc=args.num_proc, command=command)
+    else:
+        files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
+                 else input_files(Path(args.input), (".txt",)))
+        meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=kind, val_fraction=val_fraction,
+                            vocab_size=(args.vocab_size or DEFAULT_BPE_VOCAB) if kind == "bpe" else None,
+                            num_proc=args.num_proc, command=command)
+    print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({meta['tokenizer']}, vocab_size {meta['vocab_size']}, {meta['dtype']})")
+    return meta
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,601 @@
+"""Tests for prepare_data.py and data.py: known token counts, exact round trips, the parallel
+pipeline against single-thread tiktoken, atomic writes, bad input, and deterministic batches.
+
+    python -m pytest -q tests/test_data.py
+"""
+import hashlib
+import json
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prepare_data
+from data import BatchLoader, DataError, check_vocab, load_data_tokenizer, load_meta, prepare_command
+from prepare_data import (cut_text, piece_units, prepare_documents, prepare_text, split_text_pieces, token_dtype,
+                          write_dataset)
+from tokenizer import EOT, BPETokenizer, Tokenizer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT2 = tiktoken.get_encoding("gpt2")
+
+
+def prepare(*args: str) -> dict:
+    """prepare_data.py's main() in this process (no interpreter start-up)."""
+    return prepare_data.main([str(a) for a in args])
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def bins(d: Path, dtype=np.uint16) -> tuple[np.ndarray, np.ndarray]:
+    return np.fromfile(d / "train.bin", dtype=dtype), np.fromfile(d / "val.bin", dtype=dtype)
+
+
+def write_data_dir(d: Path, train, val, vocab_size: int, dtype: str = "uint16") -> Path:
+    """A data directory written by hand, for the loader tests."""
+    d.mkdir(parents=True, exist_ok=True)
+    np.asarray(train, dtype=dtype).tofile(d / "train.bin")
+    np.asarray(val, dtype=dtype).tofile(d / "val.bin")
+    meta = dict(tokenizer="char", tokenizer_file="tokenizer.json", vocab_size=vocab_size, eot_token=None,
+                dtype=dtype, train_tokens=len(train), val_tokens=len(val))
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def doc_is_val(text: str, val_fraction: float) -> bool:
+    """The documented per-document split rule, written out independently of prepare_data."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h / 2**64 < val_fraction
+
+
+def expected_doc_ids(docs: list[str], val_fraction: float) -> tuple[list[int], list[int]]:
+    train, val = [], []
+    for doc in docs:
+        if doc:
+            (val if doc_is_val(doc, val_fraction) else train).extend(GPT2.encode_ordinary(doc) + [GPT2.eot_token])
+    return train, val
+
+
+# -----------------------------------------------------------------------------
+# tinyshakespeare: known counts, exact round trips
+
+
+def test_shakespeare_char(shakespeare_path, shakespeare_text, tmp_path):
+    out = tmp_path / "shakespeare_char"
+    meta = prepare("--dataset", "shakespeare", "--tokenizer", "char", "--input", shakespeare_path, "--output_dir", out)
+    assert (meta["train_tokens"], meta["val_tokens"], meta["vocab_size"]) == (1_003_854, 111_540, 65)
+    assert meta == load_meta(out)
+    assert meta["tokenizer"] == "char" and meta["eot_token"] is None and meta["dtype"] == "uint16"
+    assert meta["source_sha256"] == prepare_data.SHAKESPEARE_SHA256
+    tok = load_data_tokenizer(out)
+    train, val = bins(out)
+    assert tok.decode(train) + tok.decode(val) == shakespeare_text
+    assert tok.decode(train) == shakespeare_text[:1_003_854]
+
+
+def test_shakespeare_gpt2_from_env(shakespeare_path, shakespeare_text, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHAKESPEARE", str(shakespeare_path))  # no --input: the variable gives the copy
+    out = tmp_path / "shakespeare"
+    meta = prepare("--dataset", "shakespeare", "--output_dir", out, "--num_proc", 2)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (301_966, 36_059)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("gpt2", 50257, 50256)
+    train, val = bins(out)
+    cut = int(len(shakespeare_text) * 0.9)
+    np.testing.assert_array_equal(train, GPT2.encode_ordinary(shakespeare_text[:cut]))
+    np.testing.assert_array_equal(val, GPT2.encode_ordinary(shakespeare_text[cut:]))
+    tok = load_data_tokenizer(out)
+    assert tok.decode(train) + tok.decode(val) == shakespeare_text
+    # cut into 64 KB work units for 2 worker processes: the same ids, in the same order
+    small = prepare_text(tmp_path / "small_units", [shakespeare_path], dataset="shakespeare", tokenizer="gpt2",
+                         vocab_size=None, val_fraction=0.1, num_proc=2, command="test", unit_bytes=1 << 16)
+    assert small["source_sha256"] == meta["source_sha256"] == prepare_data.SHAKESPEARE_SHA256
+    for a, b in zip(bins(tmp_path / "small_units"), (train, val)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_shakespeare_offline_without_copy_names_both_ways(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHAKESPEARE", raising=False)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(prepare_data.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="--input") as e:
+        prepare("--dataset", "shakespeare", "--output_dir", tmp_path / "s")
+    assert "SHAKESPEARE" in str(e.value)
+    assert not (tmp_path / "s" / "meta.json").exists()
+
+
+def test_shakespeare_wrong_copy_is_refused(tmp_path):
+    fake = tmp_path / "input.txt"
+    fake.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    with pytest.raises(DataError, match="not tinyshakespeare.*--dataset custom"):
+        prepare("--dataset", "shakespeare", "--input", fake, "--output_dir", tmp_path / "s")
+
+
+# -----------------------------------------------------------------------------
+# custom text: bpe, folders of files
+
+
+def test_custom_bpe_round_trip(shakespeare_text, tmp_path):
+    text = shakespeare_text[:20_000]
+    src = tmp_path / "small.txt"
+    src.write_text(text)
+    out = tmp_path / "small_bpe"
+    meta = prepare("--dataset", "custom", "--input", src, "--tokenizer", "bpe", "--vocab_size", 300,
+                   "--output_dir", out)
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("bpe", 300, 299)
+    tok = load_tokenizer(out / "tokenizer.json")
+    assert isinstance(tok, BPETokenizer) and tok.special_tokens == {EOT: 299}
+    train, val = bins(out)
+    assert len(train) == meta["train_tokens"] and len(val) == meta["val_tokens"]
+    assert tok.decode(train) == text[:18_000] and tok.decode(val) == text[18_000:]
+    # the merges were learned from the train split alone
+    assert tok.merges == BPETokenizer().train(text[:18_000], 300, special_tokens=[EOT]).merges
+
+
+def test_custom_folder_puts_eot_between_files(tmp_path):
+    folder = tmp_path / "books"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("Second book, second line.\n" * 20)
+    (folder / "a.txt").write_text("First book.\n" * 20)
+    (folder / "sub" / "c.txt").write_text("Third, in a subfolder.\n" * 20)
+    (folder / "notes.md").write_text("not a .txt file, left out")
+    meta = prepare("--dataset", "custom", "--input", folder, "--output_dir", tmp_path / "out")
+    texts = [(folder / n).read_text() for n in ("a.txt", "b.txt", "sub/c.txt")]  # sorted path order
+    train, val = bins(tmp_path / "out")
+    assert GPT2.decode(train.tolist() + val.tolist()) == EOT.join(texts)
+    assert list(train).count(50256) + list(val).count(50256) == 2
+    assert meta["source_sha256"] == hashlib.sha256(b"".join(t.encode() for t in texts)).hexdigest()
+
+
+def test_split_text_pieces():
+    # the cut is int(characters * (1 - val_fraction)), as nanoGPT's data[:int(n * 0.9)]
+    names = ["a.txt", "b.txt"]
+    assert split_text_pieces([b"abcd", b"efgh"], 0.25, names) == [
+        ("train", b"abcd", True, "a.txt", 0), ("train", b"ef", False, "b.txt", 0), ("val", b"gh", False, "b.txt", 2)]
+    assert split_text_pieces([b"abcd", b"efgh"], 0.5, names) == [
+        ("train", b"abcd", True, "a.txt", 0), ("val", b"efgh", False, "b.txt", 0)]
+    assert split_text_pieces([b"", b"abc"], 0.1, names) == [("train", b"ab", False, "b.txt", 0),
+                                                            ("val", b"c", False, "b.txt", 2)]
+    # characters, not bytes: 'é' is 2 bytes, '€' 3, '😀' 4
+    text = "aé€😀bcdefghij"  # 13 characters, 20 bytes
+    (_, train, *_), (_, val, _, _, offset) = split_text_pieces([text.encode()], 0.2, ["u.txt"])
+    assert (bytes(train).decode(), bytes(val).decode(), offset) == (text[:10], text[10:], len(text[:10].encode()))
+    with pytest.raises(DataError, match="has 1 characters.*leaves the train split empty"):
+        split_text_pieces([b"a"], 0.1, names)
+
+
+# -----------------------------------------------------------------------------
+# cutting long text for the workers leaves the ids unchanged
+
+# characters that stress GPT-2's pre-split: several kinds of whitespace, contractions, digits,
+# symbols, letters of other scripts, emoji, and the separators Python calls whitespace but GPT-2 does not
+PIECES = ["a", "b", "Z", "é", "東", "😀", "1", "42", ".", ",", "!", "'", "'s", "'ll", " ", "  ", "\n", "\n\n",
+          "\t", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u1680", "\u180e", "\u2000", "\u200a",
+          "\u2028", "\u2029", "\u202f", "\u205f", "\u3000", "\ufeff", "-", "<|endoftext|>", " the", "word"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=60).map("".join), st.integers(1, 16))
+def test_cut_text_keeps_gpt2_ids(text, max_bytes):
+    pieces = [p.decode("utf-8") for p in cut_text(text.encode(), max_bytes)]  # cuts fall between characters
+    assert "".join(pieces) == text and (all(pieces) or text == "")
+    # every cut follows a character that is not whitespace and precedes a space or newline
+    assert all(not left[-1].isspace() and left[-1] != "\u180e" for left in pieces[:-1])
+    assert all(right[0] in " \n" for right in pieces[1:])
+    ids = [i for p in pieces for i in GPT2.encode_ordinary(p)]
+    assert ids == GPT2.encode_ordinary(text)
+
+
+def test_cut_text_keeps_ids_on_shakespeare(shakespeare_text):
+    text = shakespeare_text[:200_000]
+    pieces = [p.decode() for p in cut_text(text.encode(), 1000)]
+    assert len(pieces) > 150 and max(map(len, pieces)) < 1100
+    ids = [i for p in pieces for i in GPT2.encode_ordinary(p)]
+    assert ids == GPT2.encode_ordinary(text)
+    # and for a byte-level BPE with GPT-2's pattern, as trained by --tokenizer bpe
+    bpe = BPETokenizer().train(text[:50_000], 400)
+    assert prepare_data.can_cut(bpe)
+    assert [i for p in pieces for i in bpe.encode_ordinary(p)] == bpe.encode_ordinary(text)
+
+
+def test_piece_units_size_order_and_progress():
+    items = [("train", b"one two three four five six seven", True, 33, "x.txt", 0),
+             ("val", b"eight nine ten", False, 100, "x.txt", 33)]
+    units = list(piece_units(items, 10, cuttable=True))
+    assert all(kind == "pieces" for (kind, _), _ in units)
+    flat = [p for (_, pieces), _ in units for p in pieces]
+    assert b"".join(data for _, data, *_ in flat) == items[0][1] + items[1][1]
+    # end-of-text only after the last piece of the first item, which is train (split id 0)
+    assert [(split_id, data) for split_id, data, eot, *_ in flat if eot] == [(0, b" six seven")]
+    # each piece knows where it came from, for error messages
+    assert [(name, offset) for *_, name, offset in flat] == [("x.txt", 0), ("x.txt", 13), ("x.txt", 23),
+                                                             ("x.txt", 33), ("x.txt", 43)]
+    assert sum(progress for _, progress in units) == 133
+    assert all(sum(len(p[1]) for p in pieces) < 20 for (_, pieces), _ in units)
+
+
+# -----------------------------------------------------------------------------
+# openwebtext's code path on local files
+
+
+WORDS = ["alpha", "beta", "gamma", "δέλτα", "😀"]
+DOCS = [f"Document {i}: " + " ".join(WORDS[j % 5] for j in range(i * 7)) + "\n" for i in range(40)]
+
+
+def test_openwebtext_local_jsonl(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": d, "id": i}) for i, d in enumerate(DOCS)]
+    lines.insert(5, "")  # blank lines are skipped
+    lines.insert(9, json.dumps({"text": ""}))  # an empty document is counted and skipped
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "owt"
+    meta = prepare("--dataset", "openwebtext", "--input", src, "--output_dir", out, "--val_fraction", 0.25)
+    train, val = expected_doc_ids(DOCS, 0.25)
+    assert 0 < len(val) < len(train)  # both splits non-empty with these documents
+    got = bins(out)
+    np.testing.assert_array_equal(got[0], train)
+    np.testing.assert_array_equal(got[1], val)
+    n_val = sum(doc_is_val(d, 0.25) for d in DOCS)
+    assert (meta["train_documents"], meta["val_documents"], meta["empty_documents"]) == (40 - n_val, n_val, 1)
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert (meta["tokenizer"], meta["dtype"], meta["eot_token"]) == ("gpt2", "uint16", 50256)
+
+
+def test_openwebtext_folder_in_parallel_units(tmp_path):
+    """.jsonl, .txt and .parquet files in one folder, cut into many small units for 2 processes:
+    the same ids as encoding each document alone, in sorted file order."""
+    folder = tmp_path / "web"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:15]))
+    for i, d in enumerate(DOCS[15:25]):
+        (folder / f"b{i:02d}.txt").write_text(d)
+    order = DOCS[:25]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": DOCS[25:]}), folder / "c.parquet", row_group_size=4)
+        order = DOCS
+    except ImportError:
+        pass  # pyarrow is optional; the .jsonl and .txt files still run
+    meta = prepare_documents(tmp_path / "out", str(folder), hf_name="", val_fraction=0.25, num_proc=2,
+                             command="test", unit_bytes=300)
+    train, val = expected_doc_ids(order, 0.25)
+    got = bins(tmp_path / "out")
+    np.testing.assert_array_equal(got[0], train)
+    np.testing.assert_array_equal(got[1], val)
+    assert meta["train_documents"] + meta["val_documents"] == len(order)
+
+
+def test_openwebtext_hugging_face_path(tmp_path, monkeypatch):
+    """The `datasets` code path, with a stand-in module (the real one would download)."""
+    calls = {}
+
+    class FakeDataset:
+        column_names = ["text"]
+
+        def __len__(self):
+            return len(DOCS)
+
+        def iter(self, batch_size):
+            for i in range(0, len(DOCS), batch_size):
+                yield {"text": DOCS[i : i + batch_size]}
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(name, split, num_proc):
+            calls.update(name=name, split=split, num_proc=num_proc)
+            return FakeDataset()
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    meta = prepare("--dataset", "openwebtext", "--output_dir", tmp_path / "hf", "--val_fraction", 0.25,
+                   "--num_proc", 1)
+    assert calls == {"name": "openwebtext", "split": "train", "num_proc": 1}
+    train, val = expected_doc_ids(DOCS, 0.25)
+    got = bins(tmp_path / "hf")
+    np.testing.assert_array_equal(got[0], train)
+    np.testing.assert_array_equal(got[1], val)
+    digests = b"".join(hashlib.blake2b(d.encode(), digest_size=8).digest() for d in DOCS)
+    assert meta["source"] == "huggingface:openwebtext"
+    assert meta["source_sha256"] == hashlib.sha256(digests).hexdigest()
+
+
+def test_openwebtext_without_datasets_says_how(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(DataError, match="pip install datasets.*--input"):
+        prepare("--dataset", "openwebtext", "--output_dir", tmp_path / "x")
+
+
+# -----------------------------------------------------------------------------
+# uint32 ids
+
+
+class WideTokenizer(Tokenizer):
+    """A stand-in with ids above 65,535: character c -> 65536 + ord(c) (ASCII text only)."""
+
+    kind = "wide"
+    eot_token = 65536 + 128
+
+    @property
+    def vocab_size(self) -> int:
+        return 65536 + 129
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [65536 + ord(c) for c in text]
+
+    def to_dict(self) -> dict:
+        return {"kind": "wide"}
+
+
+def test_token_dtype_boundary():
+    assert token_dtype(65_535) == np.uint16  # ids 0..65534
+    assert token_dtype(65_536) == np.uint32  # the issue: uint32 once the vocabulary exceeds 65,535
+    assert token_dtype(100_277) == np.uint32
+
+
+def test_uint32_written_and_loaded(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog " * 4
+    items = [("train", text.encode(), True, len(text), "t", 0), ("val", text[:30].encode(), False, 30, "v", 0)]
+    meta = write_dataset(tmp_path, WideTokenizer(), piece_units(items, 16, cuttable=True), num_proc=1,
+                         val_fraction=0.1, progress=("bytes", None), meta={"dataset": "test"})
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 65665
+    train, val = bins(tmp_path, np.uint32)
+    assert train.tolist() == [65536 + ord(c) for c in text] + [65536 + 128]
+    assert val.tolist() == [65536 + ord(c) for c in text[:30]]
+    assert (tmp_path / "train.bin").stat().st_size == 4 * meta["train_tokens"]
+    with BatchLoader(tmp_path, block_size=8, batch_size=4) as loader:
+        assert loader.dtype == np.uint32
+        x, y = loader.get_batch("train", 0)
+    assert x.min() > 65535
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        s = next(i for i in range(len(train) - 8) if train[i : i + 8].tolist() == row_x)
+        assert row_y == train[s + 1 : s + 9].tolist()
+
+
+# -----------------------------------------------------------------------------
+# atomic writes
+
+
+def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path, monkeypatch):
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text[:50_000])
+    out = tmp_path / "out"
+    prepare_text(out, [src], dataset="custom", tokenizer="char", vocab_size=None, val_fraction=0.1,
+                 num_proc=1, command="first run")
+    assert load_meta(out)["train_tokens"] == 45_000
+    # a second run is interrupted after two units have been written
+    real, calls = prepare_data.encode_unit, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(prepare_data, "encode_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_text(out, [src], dataset="custom", tokenizer="char", vocab_size=None, val_fraction=0.1,
+                     num_proc=1, command="second run", unit_bytes=5000)
+    names = sorted(p.name for p in out.iterdir())
+    assert "meta.json" not in names  # the old data set is no longer announced as complete
+    assert not [n for n in names if n.endswith(".tmp")]  # the partial bins were removed
+    with pytest.raises(DataError, match="no meta.json"):
+        BatchLoader(out, block_size=8, batch_size=2)
+    # in a fresh directory nothing at all is left
+    fresh = tmp_path / "fresh"
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        prepare_text(fresh, [src], dataset="custom", tokenizer="char", vocab_size=None, val_fraction=0.1,
+                     num_proc=1, command="x", unit_bytes=5000)
+    assert list(fresh.iterdir()) == []
+
+
+def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
+    d = write_data_dir(tmp_path / "d", np.arange(100), np.arange(50), vocab_size=100)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["train_tokens"] = 120
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"has 200 bytes, but meta.json promises 120 uint16 tokens"):
+        BatchLoader(d, block_size=8, batch_size=2)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_cli_empty_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = run_cli("--dataset", "custom", "--input", empty, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "empty (0 bytes)" in lines[0]
+    assert str(empty) in lines[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "meta.json").exists()
+
+
+def test_cli_non_utf8_names_file_and_offset(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("Hello\nsummer: ".encode() + "été\n".encode("latin-1"))
+    r = run_cli("--dataset", "custom", "--input", bad, "--output_dir", tmp_path / "o")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert f"{bad} is not valid UTF-8: byte 0xe9 at byte offset 14" in r.stderr
+
+
+def test_non_utf8_line_in_jsonl(tmp_path):
+    src = tmp_path / "d.jsonl"
+    good = json.dumps({"text": "fine"}).encode() + b"\n"
+    src.write_bytes(good * 3 + b'{"text": "caf\xe9"}\n')
+    offset = 3 * len(good) + len(b'{"text": "caf')
+    with pytest.raises(DataError, match=rf"d.jsonl line 4 is not valid UTF-8: byte 0xe9 at byte offset {offset}"):
+        prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
+
+
+def test_jsonl_escapes_and_lone_surrogates(tmp_path):
+    docs = [f"{i}: quote \" and newline \n inside; <|endoftext|> is ordinary text" for i in range(6)]
+    docs += [f"{i}: a lone surrogate \ud800 (only a JSON escape can hold one)" for i in range(6)]
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))  # ASCII, with \u escapes
+    prepare_documents(tmp_path / "o", str(src), hf_name="", val_fraction=0.5, num_proc=1, command="t")
+    train, val = expected_doc_ids(docs, 0.5)  # tiktoken's encode_ordinary replaces the surrogate
+    got = bins(tmp_path / "o")
+    assert got[0].tolist() == train and got[1].tolist() == val
+
+
+def test_jsonl_without_text_field(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl line 2 has no \"text\" string"):
+        prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "custom", "--tokenizer", "char"], "--dataset custom needs --input"),
+    (["--dataset", "shakespeare", "--tokenizer", "char", "--vocab_size", "100"], "--vocab_size applies to"),
+    (["--dataset", "openwebtext", "--tokenizer", "char"], "openwebtext is tokenised with GPT-2 only"),
+    (["--dataset", "shakespeare", "--val_fraction", "0"], "--val_fraction must be between 0 and 1"),
+    (["--dataset", "custom", "--input", "no/such/file.txt"], "does not exist"),
+])
+def test_bad_arguments(args, message):
+    with pytest.raises(DataError, match=message):
+        prepare(*args)
+
+
+def test_split_shorter_than_block_size(tmp_path):
+    d = write_data_dir(tmp_path / "d", np.arange(1000) % 50, np.arange(40) % 50, vocab_size=50)
+    with pytest.raises(DataError, match=r"the val split of .* has 40 tokens, but block_size=64 needs at least "
+                                        r"block_size \+ 1 = 65"):
+        BatchLoader(d, block_size=64, batch_size=2)
+    BatchLoader(d, block_size=39, batch_size=2).get_batch("val")  # 40 tokens hold one window of 39 + 1
+
+
+def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_meta("data/shakespeare_char")
+    assert str(e.value).endswith("Prepare it with: python prepare_data.py --dataset shakespeare --tokenizer char")
+    with pytest.raises(DataError) as e:
+        BatchLoader("./data/shakespeare", block_size=8, batch_size=2)
+    assert str(e.value).endswith("Prepare it with: python prepare_data.py --dataset shakespeare")
+    (tmp_path / "elsewhere" / "openwebtext").mkdir(parents=True)  # exists, but was never completed
+    with pytest.raises(DataError, match="has no meta.json") as e:
+        load_meta(tmp_path / "elsewhere" / "openwebtext")
+    assert str(e.value).endswith(f"--dataset openwebtext --output_dir {tmp_path / 'elsewhere' / 'openwebtext'}")
+    assert prepare_command("runs/mine") == ("python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
+                                            "--tokenizer gpt2 --output_dir runs/mine")
+
+
+def test_check_vocab():
+    check_vocab(65, 65)
+    check_vocab(50257, 50304)
+    with pytest.raises(DataError, match="vocabulary has 50257 tokens but the model's vocab_size is 65"):
+        check_vocab(50257, 65)
+
+
+def test_load_data_tokenizer_checks_vocab(shakespeare_text, tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text[:5000])
+    out = tmp_path / "o"
+    meta = prepare("--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out)
+    assert load_data_tokenizer(out).vocab_size == meta["vocab_size"]
+    meta["vocab_size"] += 1
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="mixes two preparations"):
+        load_data_tokenizer(out)
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+
+@pytest.fixture
+def counting_dir(tmp_path) -> Path:
+    """train.bin holds 0, 1, 2, ...: every window is a run of consecutive ids."""
+    return write_data_dir(tmp_path / "count", np.arange(5000), np.arange(10_000, 11_000), vocab_size=11_000)
+
+
+def test_get_batch_shapes_dtypes_shift(counting_dir):
+    loader = BatchLoader(counting_dir, block_size=16, batch_size=5)
+    assert loader.vocab_size == 11_000 and loader.dtype == np.uint16 and loader.meta["train_tokens"] == 5000
+    for split, lo, hi in (("train", 0, 5000), ("val", 10_000, 11_000)):
+        x, y = loader.get_batch(split)
+        assert x.shape == y.shape == (5, 16) and x.dtype == y.dtype == torch.int64
+        assert x.device.type == "cpu" and x.is_contiguous() and y.is_contiguous()
+        torch.testing.assert_close(y, x + 1)  # consecutive ids: y is x shifted by one
+        torch.testing.assert_close(x - x[:, :1], torch.arange(16).expand(5, 16))
+        assert x.min() >= lo and y.max() < hi
+
+
+def test_batches_are_a_function_of_seed_split_rank_index(counting_dir):
+    a = BatchLoader(counting_dir, block_size=8, batch_size=4, seed=1)
+    drawn = [a.get_batch("train")[0] for _ in range(6)]  # index None counts 0, 1, 2, ...
+    b = BatchLoader(counting_dir, block_size=8, batch_size=4, seed=1)
+    # a resumed run jumps straight to index 4 and draws what the uninterrupted run drew
+    torch.testing.assert_close(b.get_batch("train", index=4)[0], drawn[4])
+    torch.testing.assert_close(b.get_batch("train")[0], drawn[5])  # the counter continues after 4
+    assert not torch.equal(drawn[0], drawn[1])
+    assert not torch.equal(BatchLoader(counting_dir, 8, 4, seed=2).get_batch("train", 0)[0], drawn[0])
+    ranks = [BatchLoader(counting_dir, 8, 4, seed=1, rank=r, world_size=2).get_batch("train", 0)[0] for r in (0, 1)]
+    assert not torch.equal(ranks[0], ranks[1])
+    torch.testing.assert_close(ranks[0], drawn[0])  # rank 0 of 2 draws what a single process draws
+    # evaluation batches are a fixed set: the same for every call
+    torch.testing.assert_close(a.get_batch("val", 3)[0], b.get_batch("val", 3)[0])
+
+
+def test_prefetch_gives_the_same_batches(counting_dir):
+    plan = [("train", 0), ("train", 1), ("train", 2), ("val", 0), ("val", 1), ("train", 3), ("train", 7),
+            ("train", 8), ("val", 0)]
+    plain = BatchLoader(counting_dir, block_size=8, batch_size=3)
+    with BatchLoader(counting_dir, block_size=8, batch_size=3, prefetch=True) as pre:
+        for split, i in plan:
+            for got, want in zip(pre.get_batch(split, i), plain.get_batch(split, i)):
+                torch.testing.assert_close(got, want)
+    assert pre.prefetched == 3  # train 1, train 2 and val 1 were ready in advance
+    assert pre._executor is None
+    torch.testing.assert_close(pre.get_batch("train", 1)[0], plain.get_batch("train", 1)[0])  # works after close
+
+
+def test_prefetch_follows_the_stride(counting_dir):
+    """Under DDP train.py gives rank r the global indices r, r + W, r + 2W, ...: the next one is predicted."""
+    plain = BatchLoader(counting_dir, block_size=8, batch_size=3)
+    with BatchLoader(counting_dir, block_size=8, batch_size=3, prefetch=True) as pre:
+        for i in range(1, 40, 3):
+            torch.testing.assert_close(pre.get_batch("train", i)[0], plain.get_batch("train", i)[0])
+        assert pre.prefetched == 11  # all but the first two, which set the stride
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batches_match_cpu(counting_dir):
+    cpu = BatchLoader(counting_dir, block_size=32, batch_size=8)
+    with BatchLoader(counting_dir, block_size=32, batch_size=8, device="cuda") as gpu:
+        for i in range(20):
+            x, y = gpu.get_batch("train", i)
+            assert x.is_cuda and y.is_cuda and x.dtype == torch.int64
+            # overwrite the batch on the GPU: the next one must not share memory with it
+            x.zero_()
+            torch.testing.assert_close(gpu.get_batch("val", i)[1].cpu(), cpu.get_batch("val", i)[1])
+            torch.testing.assert_close(y.cpu(), cpu.get_batch("train", i)[1])
+
+
+def test_cli_end_to_end(shakespeare_text, tmp_path):
+    """The script itself: a custom char data set in ./data/<name>, then loaded."""
+    (tmp_path / "verse.txt").write_text(shakespeare_text[:3000])
+    r = run_cli("--dataset", "custom", "--input", "verse.txt", "--tokenizer", "char", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote data/verse: 2,700 train and 300 val tokens (char" in r.stdout
+    meta = load_meta(tmp_path / "data" / "verse")
+    assert meta["command"] == "python prepare_data.py --dataset custom --input verse.txt --tokenizer char"
+    assert sorted(p.name for p in (tmp_path / "data" / "verse").iterdir()) == [
+        "meta.json", "tokenizer.json", "train.bin", "val.bin"]
