@@ -232,7 +232,8 @@ class GPT(nn.Module):
             raise RuntimeError("call setup_kv_cache(batch_size, max_seq_len) before forward_cached()")
         B, T = idx.shape
         n_slots = self.kv_cache_shape[1] if kv_len is None else kv_len
-        if not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # the check reads ids back to the host: not while compiling, and not inside a CUDA graph capture
+        if not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._check_input(idx)
         if pad is None:
             pad = torch.zeros(B, dtype=torch.long, device=idx.device)

@@ -1,0 +1,807 @@
+"""Sample text from a GPT-2: one prompt, an interactive loop, or many prompts in batches.
+
+    python generate.py --prompt "ROMEO:" --max_new_tokens 200        # checkpoints/best_checkpoint.pt
+    python generate.py --checkpoint ckpt.pt --num_samples 3 --temperature 0.9 --top_k 50 --seed 1
+    python generate.py --init_from gpt2 --prompt "Hello, I'm a language model," --top_p 0.9
+    python generate.py --interactive                                 # streams tokens; :help lists commands
+
+    from generate import batch_generate
+    texts = batch_generate(["ROMEO:", "JULIET:"], output_file="samples.txt", max_new_tokens=100)
+
+Without --checkpoint the first of checkpoints/best_checkpoint.pt, checkpoint.pt and
+final_checkpoint.pt that exists is used, and stderr names it. The tokenizer is the one stored in the
+checkpoint, so a prompt is encoded exactly as the training data was.
+
+Decoding runs on model.py's static KV cache: one forward pass over the prompt (the prefill), then one
+token per step. Prompts of different lengths share a batch left-padded, and each row computes what it
+would compute alone. A prompt longer than block_size is cut to its last block_size tokens. When the
+text outgrows block_size, the context is cut to its last `window` tokens (--window, default
+block_size // 2) and the cache is rebuilt with one prefill: the model always sees between `window`
+and block_size tokens of context, and a rebuild costs one prompt pass per block_size - window new
+tokens. The rows of a batch slide together, when the longest one fills the block.
+
+On CUDA the model is cast to the generation dtype (bfloat16 by default) and one decoding step is
+captured in a CUDA graph and replayed for every token: at batch 1 a step of GPT-2 124M is otherwise
+dominated by the launch overhead of its ~150 kernels (--no_cuda_graph decodes eagerly).
+
+Sampling: temperature, then top-k, then nucleus (top-p, Holtzman et al. 2019) filtering; temperature 0
+is greedy argmax decoding and matches transformers' GPT2LMHeadModel.generate(do_sample=False).
+"""
+import argparse
+import codecs
+import contextlib
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from config import DTYPES, suggest
+from utils import (CHECKPOINT_FALLBACK, CheckpointError, UserError, atomic_open, find_checkpoint,
+                   load_checkpoint, model_from_checkpoint, run_cli)
+
+GPT2_VOCAB_SIZE = 50257
+
+
+class GenerationError(UserError, ValueError):
+    """A sampling setting, prompt, device or dtype that cannot work."""
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass
+class SamplingSettings:
+    max_new_tokens: int = 200  # tokens generated after the prompt
+    temperature: float = 0.8  # divides the logits: < 1 sharper, > 1 flatter; 0 is greedy argmax
+    top_k: Optional[int] = 200  # sample among the k most likely tokens only; None or 0 disables
+    top_p: float = 1.0  # sample among the fewest tokens holding this much probability; 1 disables
+    seed: Optional[int] = None  # the same seed gives the same text; None draws a fresh one each time
+    stop: Optional[str] = None  # end the text where this string appears (the string is not kept)
+
+    def validate(self) -> "SamplingSettings":
+        """Raise one GenerationError listing every bad value, or return self."""
+        problems = []
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r} "
+                            "(e.g. --max_new_tokens 200)")
+        if not is_number(self.temperature) or self.temperature < 0:
+            problems.append(f"temperature must be a number >= 0 (0 means greedy decoding), got {self.temperature!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 0):
+            problems.append(f"top_k must be a positive integer, or 0 / None to disable it, got {self.top_k!r}")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1] (1 disables nucleus sampling; 0.9 is common), "
+                            f"got {self.top_p!r}")
+        if self.seed is not None and not is_int(self.seed):
+            problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
+            problems.append(f"stop must be a non-empty string or None, got {self.stop!r}")
+        if problems:
+            raise GenerationError("invalid sampling settings: " + "; ".join(problems))
+        return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "SamplingSettings":
+        """SamplingSettings(**kwargs).validate(), with unknown names reported as a GenerationError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise GenerationError(f"unknown sampling setting {unknown[0]!r}{suggest(unknown[0], names)}; "
+                                  f"the settings are {', '.join(names)}")
+        return cls(**kwargs).validate()
+
+    def make_rng(self, device) -> torch.Generator:
+        """A torch.Generator on `device` seeded from self.seed; the global RNG is never touched."""
+        rng = torch.Generator(device=device)
+        if self.seed is None:
+            rng.seed()  # non-deterministic
+        else:
+            rng.manual_seed(self.seed)
+        return rng
+
+
+def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int] = None, top_p: float = 1.0,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,), drawn with `generator`.
+
+    temperature 0 returns the argmax. Otherwise the logits are divided by the temperature, all but the
+    top_k largest are masked, then all but the most likely tokens whose probabilities sum to top_p.
+    probabilities [0.5, 0.3, 0.2] with top_p=0.6 -> only the first two can be drawn.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1), the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token once the tokens ranked above it hold top_p of the probability; the most likely
+        # token has nothing above it, so it always survives
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda if available, then mps, then cpu; otherwise the named device, which must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise GenerationError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"--device {name} was asked for, but this PyTorch sees no CUDA GPU; "
+                              "use --device cpu (or --device auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise GenerationError(f"--device {name} was asked for, but MPS is not available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(name, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise GenerationError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------- token-level decoding
+
+
+class Generator:
+    """Decodes token ids with model.py's KV cache on the model's device and dtype.
+
+        gen = Generator(model, device="cuda", dtype=torch.bfloat16)   # moves and casts model in place
+        for step in gen.decode([[15496, 11], [40]], 50, sample):       # sample: logits (B, V) -> (B,)
+            ...                                                         # step: B new ids, a list
+
+    device/dtype None leave the model where and as it is. compile=True runs the decoding step through
+    torch.compile (eager if compiling fails). cuda_graph=True (CUDA only) replays one captured
+    decoding step per token; eager CUDA decoding is the fallback if capturing fails. cpu_layout=True
+    (CPU only) stores the Linear weights column-major in place, see _column_major_weights.
+    """
+
+    def __init__(self, model, device=None, dtype=None, compile: bool = False, cuda_graph: bool = True,
+                 window: Optional[int] = None, cpu_layout: bool = True):
+        model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: use the module itself
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        model.eval()
+        if cpu_layout and model.lm_head.weight.device.type == "cpu":
+            _column_major_weights(model)
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.block_size = model.config.block_size
+        self.window = max(1, self.block_size // 2) if window is None else window
+        if not isinstance(self.window, int) or not 1 <= self.window <= self.block_size:
+            raise GenerationError(f"window must be an integer from 1 to block_size ({self.block_size}), "
+                                  f"got {window!r}; it is how many tokens of context are kept when the "
+                                  f"text outgrows the block (default block_size // 2)")
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.step_fn = model.forward_cached
+        self.compiled = False
+        if compile:
+            try:
+                self.step_fn = torch.compile(model.forward_cached, dynamic=False)
+                self.compiled = True
+            except RuntimeError as e:  # e.g. a Python version that torch.compile does not support yet
+                _warn(f"torch.compile is unavailable ({str(e).splitlines()[0][:120]}); decoding eagerly")
+        self.capacity = 0  # slots in the KV cache
+        self.pos = 0  # slots filled so far
+        self.pad = None  # (B,) left padding of each row
+        self._cache = None  # the KVCache of block 0, to notice when someone else replaced the cache
+        self._graph = None  # (CUDAGraph, static inputs, static logits)
+
+    @torch.no_grad()
+    def decode(self, prompts: list[list[int]], max_new_tokens: int,
+               sample: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[list[int]]:
+        """Yield max_new_tokens steps, each a list of B new token ids (one per prompt).
+
+        sample maps logits (B, vocab_size) to ids (B,). Stop iterating to stop early.
+        """
+        rows = [list(p[-self.block_size:]) for p in prompts]  # a long prompt keeps its last block_size tokens
+        if not rows or not all(rows):
+            raise GenerationError("every prompt needs at least one token (an empty text prompt starts "
+                                  "from the tokenizer's end-of-text token; see encode_prompt)")
+        longest = max(len(r) for r in rows)
+        # the last sampled token is never fed back, hence the - 1; a graph is captured once for the
+        # full block so that any later prompt can reuse it
+        needed = self.block_size if self.cuda_graph else min(self.block_size, longest + max_new_tokens - 1)
+        self._prepare(len(rows), needed)
+        logits = self._prefill(rows)
+        for i in range(max_new_tokens):
+            tok = sample(logits)  # (B,)
+            ids = tok.tolist()
+            yield ids
+            if i == max_new_tokens - 1:
+                return
+            for row, t in zip(rows, ids):
+                row.append(t)
+            if self.pos == self.capacity:
+                # the block is full: keep the last `window` tokens of every row and rebuild the cache
+                rows = [row[-self.window:] for row in rows]
+                logits = self._prefill(rows)
+            else:
+                logits = self._step(tok)
+
+    def _prepare(self, batch_size: int, slots: int) -> None:
+        """Make sure a KV cache of (batch_size, slots) and, if wanted, its CUDA graph exist."""
+        cache = self.model.transformer.h[0].attn.kv_cache
+        if cache is not None and cache is self._cache and self.model.kv_cache_shape == (batch_size, slots):
+            return
+        self._graph = None  # it points at the old cache's memory
+        self.model.setup_kv_cache(batch_size, slots)
+        self._cache = self.model.transformer.h[0].attn.kv_cache
+        self.capacity = slots
+        if self.compiled or self.cuda_graph:
+            self._warm_up(batch_size)
+
+    def _warm_up(self, batch_size: int) -> None:
+        """Run the step a few times (compiling it), then capture it in a CUDA graph if wanted.
+
+        The warm-up writes slot 0 of the cache, which the next prefill overwrites.
+        """
+        dev = self.device
+        static = dict(idx=torch.zeros(batch_size, 1, dtype=torch.long, device=dev),
+                      cache_pos=torch.zeros(1, dtype=torch.long, device=dev),
+                      pad=torch.zeros(batch_size, dtype=torch.long, device=dev))
+        # lazy initialisation (cuBLAS workspaces, compilation) must happen before the capture, and on a
+        # side stream, as torch.cuda.graph requires
+        stream = torch.cuda.Stream(dev) if self.cuda_graph else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for _ in range(3):
+                try:
+                    self.step_fn(**static)
+                except Exception as e:  # compile failures come in many types (no compiler, no triton, ...)
+                    if not self.compiled:
+                        raise
+                    _warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                          "decoding eagerly")
+                    self.step_fn, self.compiled = self.model.forward_cached, False
+        if stream is None:
+            return
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with warnings.catch_warnings():  # a failed capture also warns "The CUDA Graph is empty"
+                warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
+                with torch.cuda.graph(graph):
+                    logits = self.step_fn(**static)  # (B, 1, vocab_size), rewritten by every replay
+        except RuntimeError as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            if self.compiled:
+                # a compiled step can recompile inside the capture, which fails; the graph alone removes
+                # the launch overhead that matters at small batch, so capture the eager step instead
+                _warn(f"capturing the compiled decoding step failed ({reason}); capturing it uncompiled")
+                self.step_fn, self.compiled = self.model.forward_cached, False
+                self._warm_up(batch_size)
+                return
+            _warn(f"capturing the decoding step in a CUDA graph failed ({reason}); decoding eagerly")
+            self.cuda_graph = False
+            return
+        self._graph = (graph, static, logits)
+
+    def _prefill(self, rows: list[list[int]]) -> torch.Tensor:
+        """Left-pad the rows, run them through the model from slot 0; logits (B, vocab_size) of the last slot."""
+        L = max(len(r) for r in rows)
+        pad = [L - len(r) for r in rows]
+        idx = torch.tensor([[0] * p + r for p, r in zip(pad, rows)], dtype=torch.long, device=self.device)  # (B, L)
+        self.pad = torch.tensor(pad, dtype=torch.long, device=self.device)
+        logits = self.model.forward_cached(idx, torch.arange(L, device=self.device), self.pad, kv_len=L,
+                                           last_only=True)
+        self.pos = L
+        if self._graph is not None:
+            self._graph[1]["pad"].copy_(self.pad)
+        return logits[:, -1]
+
+    def _step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Feed tok (B,) at the next slot; logits (B, vocab_size)."""
+        if self._graph is not None:
+            graph, static, logits = self._graph
+            static["idx"].copy_(tok[:, None])
+            static["cache_pos"].fill_(self.pos)
+            graph.replay()
+        else:
+            # eager decoding attends only to the filled slots; compiled code keeps shapes static
+            kv_len = None if self.compiled else self.pos + 1
+            logits = self.step_fn(tok[:, None], torch.tensor([self.pos], device=self.device), self.pad,
+                                  kv_len=kv_len)
+        self.pos += 1
+        return logits[:, -1]
+
+
+def _column_major_weights(model) -> None:
+    """Store every nn.Linear weight (out, in) column-major: the same values, transposed in memory.
+
+    F.linear then multiplies by a contiguous (in, out) matrix, which the CPU's BLAS streams much faster
+    for the few rows of decoding: on a 2-core x86 machine 1.5x for the blocks and 2x for lm_head at
+    batch 1, and about 3x for a 16-token prefill. Parameters keep their identity, so the tied
+    lm_head / wte weight stays tied (the embedding lookup reads its rows strided).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty prompt starts from end-of-text, or a newline where there is none."""
+    if prompt:
+        return tokenizer.encode(prompt)
+    if tokenizer.eot_token is not None:
+        return [tokenizer.eot_token]
+    try:
+        return tokenizer.encode("\n")
+    except UserError:
+        raise GenerationError("the prompt is empty and this tokenizer has neither an end-of-text token nor a "
+                              "newline to start from; give a prompt, e.g. --prompt \"The \"") from None
+
+
+class TextStream:
+    """One row's generated text, built token by token.
+
+    Bytes go through an incremental UTF-8 decoder, so a character split across tokens appears whole
+    once its last byte arrives. The text ends at end-of-text or before the stop string; new_text()
+    returns what can be shown so far, holding back a possible beginning of the stop string.
+    """
+
+    def __init__(self, tokenizer, stop: Optional[str] = None):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.done = False
+        self._shown = 0
+
+    def add(self, token: int) -> None:
+        if self.done:
+            return
+        if token == self.tokenizer.eot_token:
+            self.finish()
+            return
+        self._append(self.decoder.decode(self.tokenizer.decode_bytes([token])))
+
+    def finish(self) -> None:
+        if not self.done:
+            self._append(self.decoder.decode(b"", final=True))  # an unfinished character becomes U+FFFD
+            self.done = True
+
+    def _append(self, piece: str) -> None:
+        start = len(self.text)
+        self.text += piece
+        if self.stop:
+            i = self.text.find(self.stop, max(0, start - len(self.stop) + 1))
+            if i >= 0:
+                self.text = self.text[:i]
+                self.done = True
+
+    def new_text(self) -> str:
+        """Text not returned before that can no longer change."""
+        end = len(self.text)
+        if self.stop and not self.done:
+            end -= len(self.stop) - 1
+        piece = self.text[self._shown:end]
+        self._shown = max(self._shown, end)
+        return piece
+
+
+def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
+             rng: Optional[torch.Generator] = None, on_text: Optional[Callable[[str], None]] = None) -> list[str]:
+    """The continuation of each prompt (the prompt itself not included), generated as one batch.
+
+    on_text(piece) receives the first row's text as it is produced. rng defaults to settings.make_rng().
+    """
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    rng = settings.make_rng(gen.device) if rng is None else rng
+    streams = [TextStream(tokenizer, settings.stop) for _ in prompts]
+
+    def sample(logits):
+        return sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
+
+    with contextlib.closing(gen.decode(ids, settings.max_new_tokens, sample)) as steps:
+        for step in steps:
+            for stream, token in zip(streams, step):
+                stream.add(token)  # a finished row keeps being decoded, and ignored
+            if on_text is not None and (piece := streams[0].new_text()):
+                on_text(piece)
+            if all(s.done for s in streams):
+                break
+    for stream in streams:
+        stream.finish()
+    if on_text is not None and (piece := streams[0].new_text()):
+        on_text(piece)
+    return [s.text for s in streams]
+
+
+def sample_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+                top_k: Optional[int] = 200, seed: Optional[int] = None) -> str:
+    """prompt + a sampled continuation, from `model` as it is (its device and dtype, eager decoding).
+
+    For samples during training: the global RNG is not touched (a seeded torch.Generator draws), and the
+    model's train/eval mode is restored and its KV cache removed afterwards.
+    """
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                seed=seed).validate()
+    raw = getattr(model, "_orig_mod", model)
+    was_training = raw.training
+    try:
+        gen = Generator(raw, cuda_graph=False, cpu_layout=False)  # the training step keeps its layout
+        return prompt + complete(gen, tokenizer, [prompt], settings)[0]
+    finally:
+        raw.remove_kv_cache()
+        raw.train(was_training)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_model(checkpoint: Optional[str] = None, init_from: Optional[str] = None,
+               checkpoint_dir: str = "checkpoints"):
+    """(model in float32 on the CPU, tokenizer, source path or name); stderr says which was used.
+
+    checkpoint: a checkpoint file (or a directory searched like checkpoint_dir); init_from: 'gpt2',
+    'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a Hugging Face GPT-2 directory; neither: the first of
+    CHECKPOINT_FALLBACK in checkpoint_dir.
+    """
+    if checkpoint and init_from:
+        raise GenerationError(f"give either --checkpoint ({checkpoint}) or --init_from ({init_from}), not both")
+    if init_from:
+        return _load_pretrained(init_from)
+    path = Path(checkpoint) if checkpoint else Path(checkpoint_dir)
+    searched = not checkpoint or path.is_dir()
+    if searched:
+        path = find_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    tokenizer = _checkpoint_tokenizer(ckpt, path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size}; the checkpoint mixes two runs")
+    skipped = CHECKPOINT_FALLBACK[:CHECKPOINT_FALLBACK.index(path.name)] if searched else ()
+    note = f" ({', '.join(skipped)} not found)" if skipped else ""
+    loss = ckpt.get("best_val_loss")
+    stats = f", step {ckpt.get('iter_num', '?')}" + (f", best val loss {loss:.4f}" if isinstance(loss, float)
+                                                     and math.isfinite(loss) else "")
+    print(f"using checkpoint {path}{note}{stats}, {tokenizer.kind} tokenizer", file=sys.stderr)
+    return model, tokenizer, str(path)
+
+
+def _checkpoint_tokenizer(ckpt: dict, path: Path):
+    from tokenizer import tokenizer_from_dict
+    d = ckpt.get("tokenizer")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} holds no tokenizer (key 'tokenizer'), so its prompts cannot be encoded "
+                              "as its training data was; it was not written by this project's train.py. "
+                              "Train a new checkpoint with `python train.py --preset=shakespeare-char-cpu`")
+    return tokenizer_from_dict(d)
+
+
+def _load_pretrained(name: str):
+    from model import GPT
+    from tokenizer import GPT2Tokenizer, TokenizerError, load_tokenizer
+    model = GPT.from_pretrained(name)
+    tok_file = Path(name) / "tokenizer.json"
+    tokenizer = None
+    if tok_file.is_file():
+        try:
+            tokenizer = load_tokenizer(tok_file)
+        except TokenizerError:
+            # transformers writes its own tokenizer.json format; a standard GPT-2 vocabulary is GPT-2's BPE
+            if model.config.vocab_size != GPT2_VOCAB_SIZE:
+                raise
+    if tokenizer is None:
+        if model.config.vocab_size != GPT2_VOCAB_SIZE:
+            raise CheckpointError(f"{name} has vocab_size {model.config.vocab_size}, not GPT-2's {GPT2_VOCAB_SIZE}, "
+                                  "and no tokenizer.json of this project beside it; export it with "
+                                  "model.save_pretrained(directory, tokenizer) so its tokenizer travels along")
+        tokenizer = GPT2Tokenizer()
+    print(f"using {'Hugging Face directory' if Path(name).is_dir() else 'pretrained weights'} {name}, "
+          f"{tokenizer.kind} tokenizer", file=sys.stderr)
+    return model, tokenizer, name
+
+
+# ---------------------------------------------------------------------------- batches, benchmark
+
+
+def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt", checkpoint: Optional[str] = None,
+                   init_from: Optional[str] = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
+                   checkpoint_dir: str = "checkpoints", compile: bool = False, **sampling) -> list[str]:
+    """Generate for every prompt, batch_size prompts at a time; return prompt + continuation for each.
+
+    sampling: the SamplingSettings fields (max_new_tokens, temperature, top_k, top_p, seed, stop).
+    output_file (None: not written) receives each prompt and its text, written atomically.
+    """
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise GenerationError(f"prompts must be a non-empty list of strings, got {type(prompts).__name__} "
+                              f"{str(prompts)[:60]!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    settings = SamplingSettings.from_kwargs(**sampling)
+    device = resolve_device(device)
+    model, tokenizer, _ = load_model(checkpoint, init_from, checkpoint_dir)
+    for p in prompts:
+        encode_prompt(tokenizer, p)  # a prompt the tokenizer cannot encode fails before any generation
+    gen = Generator(model, device, resolve_dtype(dtype, device), compile=compile)
+    rng = settings.make_rng(gen.device)
+    texts = []
+    from tqdm import tqdm
+    with tqdm(total=len(prompts), unit="prompt", desc="generating", file=sys.stderr,
+              disable=len(prompts) <= batch_size) as bar:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            texts += [p + c for p, c in zip(chunk, complete(gen, tokenizer, chunk, settings, rng))]
+            bar.update(len(chunk))
+    if output_file is not None:
+        with atomic_open(output_file, "w") as f:
+            for i, (prompt, text) in enumerate(zip(prompts, texts), 1):
+                f.write(f"==================== prompt {i} of {len(prompts)} ====================\n")
+                f.write(f"{prompt}\n")
+                f.write("-------------------- sample --------------------\n")
+                f.write(f"{text}\n\n")
+        print(f"wrote {len(texts)} samples to {output_file}", file=sys.stderr)
+    return texts
+
+
+def benchmark_generation(model, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 200, device="auto",
+                         dtype="auto", reference_hf: bool = False, compile: bool = False, cuda_graph: bool = True,
+                         repeats: int = 2) -> dict:
+    """Greedy decoding speed of `model` (moved and cast in place) on random prompts.
+
+    Returns {"tokens_per_sec": generated tokens per second over the whole batch, prefill included,
+    "hf_tokens_per_sec": the same for transformers' GPT2LMHeadModel.generate with the same weights
+    (exported with model.save_pretrained), or None unless reference_hf, "device": str, "dtype": str}.
+    After an untimed warm-up, the two are timed `repeats` times, taking turns, and the best run of
+    each is reported, so that a busy machine slows both alike.
+    """
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    model = getattr(model, "_orig_mod", model)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len),
+                            generator=torch.Generator().manual_seed(0))
+    runners = {}
+    if reference_hf:
+        from transformers import GPT2LMHeadModel
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)  # before the Generator below casts the model
+            hf = GPT2LMHeadModel.from_pretrained(tmp).to(device=device, dtype=dtype).eval()
+        x = prompts.to(device)
+
+        @torch.no_grad()
+        def run_hf(n):
+            hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0)
+
+        runners["hf_tokens_per_sec"] = run_hf
+    gen = Generator(model, device, dtype, compile=compile, cuda_graph=cuda_graph)
+    rows = prompts.tolist()
+
+    def run_ours(n):
+        for _ in gen.decode(rows, n, lambda logits: logits.argmax(dim=-1)):
+            pass
+
+    runners["tokens_per_sec"] = run_ours
+    best = {"tokens_per_sec": 0.0, "hf_tokens_per_sec": None if not reference_hf else 0.0}
+    for run in runners.values():
+        run(min(new_tokens, 8))  # warm-up: allocations, kernels, compilation, graph capture
+    for _ in range(max(1, repeats)):
+        for key, run in runners.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            run(new_tokens)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best[key] = max(best[key], batch_size * new_tokens / (time.perf_counter() - t0))
+    return {**best, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+
+# ---------------------------------------------------------------------------- interactive
+
+
+INTERACTIVE_HELP = """\
+Type a prompt and press Enter to continue it. Commands, between prompts:
+  :temperature X     0 is greedy argmax decoding
+  :top_k N           sample among the N most likely tokens; 0 or none disables
+  :top_p X           nucleus sampling, in (0, 1]; 1 disables
+  :max_new_tokens N  length of each continuation
+  :seed N            fixed seed: the same prompt gives the same text; 'none' draws fresh ones
+  :stop STRING       end the text where STRING appears (\\n is a newline); 'none' disables
+  :settings          show the current settings
+  :help              this list
+  :quit              exit (Ctrl-D does too)
+Ctrl-C stops the text being generated and returns to the prompt.
+"""
+
+
+def _optional(parse):
+    return lambda text: None if text.lower() in ("none", "off") else parse(text)
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+SETTING_PARSERS = {"max_new_tokens": int, "temperature": float, "top_k": _optional(int), "top_p": float,
+                   "seed": _optional(int), "stop": _optional(_unescape)}
+
+
+def _run_command(line: str, settings: SamplingSettings, out) -> bool:
+    """Apply one ':name value' command to settings; False means quit."""
+    name, _, value = line[1:].strip().partition(" ")
+    value = value.strip()
+    if name in ("quit", "exit", "q"):
+        return False
+    if name in ("help", "h", "?"):
+        out.write(INTERACTIVE_HELP)
+    elif name == "settings":
+        out.write("".join(f"  {k} = {v!r}\n" for k, v in dataclasses.asdict(settings).items()))
+    elif name in SETTING_PARSERS:
+        try:
+            new = dataclasses.replace(settings, **{name: SETTING_PARSERS[name](value)}).validate()
+        except (ValueError, UserError) as e:  # GenerationError is a ValueError too
+            out.write(f"error: cannot set {name} to {value!r}: {e}\n")
+        else:
+            setattr(settings, name, getattr(new, name))
+            out.write(f"{name} = {getattr(settings, name)!r}\n")
+    else:
+        commands = list(SETTING_PARSERS) + ["settings", "help", "quit"]
+        out.write(f"unknown command :{name}{suggest(name, commands)}; :help lists the commands\n")
+    return True
+
+
+def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=None, stdout=None) -> None:
+    """Prompt loop: each line is continued and streamed; ':' lines are commands (INTERACTIVE_HELP).
+
+    stdin/stdout default to the terminal (input() with line editing); pass file objects to script it.
+    """
+    out = sys.stdout if stdout is None else stdout
+    print("interactive mode: type a prompt and press Enter; :help lists the commands, Ctrl-D exits",
+          file=sys.stderr)
+
+    def write(piece):
+        out.write(piece)
+        out.flush()
+
+    while True:
+        try:
+            if stdin is None:
+                line = input("> ")
+            else:
+                write("> ")
+                line = stdin.readline()
+                if not line:
+                    raise EOFError
+                line = line.rstrip("\n")
+        except EOFError:
+            write("\n")
+            return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+            write("\n")
+            continue
+        if line.startswith(":"):
+            if not _run_command(line, settings, out):
+                return
+            continue
+        try:
+            complete(gen, tokenizer, [line], settings, on_text=write)
+            write("\n")
+        except KeyboardInterrupt:
+            write("\n[stopped]\n")
+        except UserError as e:  # e.g. characters a character-level tokenizer does not know
+            write(f"error: {e}\n")
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Sample text from a GPT-2 checkpoint or OpenAI's GPT-2 weights.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("model")
+    src.add_argument("--checkpoint", help=f"checkpoint file; default: the first of {', '.join(CHECKPOINT_FALLBACK)} "
+                                          "in --checkpoint_dir")
+    src.add_argument("--checkpoint_dir", default="checkpoints", help="where to look when --checkpoint is not given")
+    src.add_argument("--init_from", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory")
+    s = p.add_argument_group("sampling")
+    d = SamplingSettings()
+    s.add_argument("--prompt", default="", help="text to continue; empty starts from end-of-text (or a newline)")
+    s.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
+    s.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt")
+    s.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="tokens per continuation")
+    s.add_argument("--temperature", type=float, default=d.temperature, help="0 means greedy argmax decoding")
+    s.add_argument("--top_k", type=int, default=d.top_k, help="sample among the k most likely tokens; 0 disables")
+    s.add_argument("--top_p", type=float, default=d.top_p, help="nucleus sampling threshold in (0, 1]; 1 disables")
+    s.add_argument("--seed", type=int, default=None, help="the same seed gives the same text; unset draws a random one")
+    s.add_argument("--stop", default=None, help="end each text where this string appears (\\n is a newline)")
+    s.add_argument("--interactive", action="store_true", help="prompt loop with streaming output; :help inside")
+    sys_ = p.add_argument_group("system")
+    sys_.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    sys_.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                      help="auto: bfloat16 on CUDA (float16 without bf16 support), float32 elsewhere")
+    sys_.add_argument("--compile", action="store_true", help="torch.compile the decoding step")
+    sys_.add_argument("--no_cuda_graph", action="store_true", help="decode eagerly on CUDA (slower)")
+    sys_.add_argument("--batch_size", type=int, default=8, help="samples generated at once for --num_samples")
+    sys_.add_argument("--window", type=int, default=None,
+                      help="tokens of context kept when the text outgrows block_size (default block_size // 2)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = get_parser().parse_args(argv)
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed,
+                                stop=None if args.stop is None else _unescape(args.stop)).validate()
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise GenerationError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    prompt = args.prompt
+    if args.prompt_file:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tokenizer, _ = load_model(args.checkpoint, args.init_from, args.checkpoint_dir)
+    gen = Generator(model, device, dtype, compile=args.compile, cuda_graph=not args.no_cuda_graph,
+                    window=args.window)
+    if args.interactive:
+        interactive(gen, tokenizer, settings)
+        return
+    encode_prompt(tokenizer, prompt)  # an unknown character fails before anything is printed
+    out = sys.stdout
+    if args.num_samples == 1:  # stream it
+        out.write(prompt)
+        complete(gen, tokenizer, [prompt], settings, on_text=lambda piece: (out.write(piece), out.flush()))
+        out.write("\n")
+        return
+    rng = settings.make_rng(gen.device)
+    for i in range(0, args.num_samples, args.batch_size):
+        n = min(args.batch_size, args.num_samples - i)
+        for text in complete(gen, tokenizer, [prompt] * n, settings, rng):
+            out.write(f"{prompt}{text}\n---------------\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    run_cli(main)

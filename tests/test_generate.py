@@ -1,0 +1,412 @@
+"""Tests for generate.py: sampling, KV-cache decoding against uncached and transformers references,
+batches, streaming, the command line (single, interactive, errors) and checkpoint fallback.
+
+    .venv/bin/pytest tests/test_generate.py -q
+
+Models are tiny (2 layers, width 32) with weights drawn wider than GPT-2's init, so greedy text is
+varied instead of one repeated character and a wrong token shows up.
+"""
+import io
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings as hsettings, strategies as st
+
+import generate
+from config import GPT2Config
+from generate import (Generator, GenerationError, SamplingSettings, TextStream, batch_generate, complete,
+                      encode_prompt, load_model, main, sample_logits, sample_text)
+from model import GPT
+from tokenizer import CharTokenizer, GPT2Tokenizer
+from utils import CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, run_cli, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+CHARS = string.ascii_letters + " .,;:!?'\n"
+GREEDY = SamplingSettings(temperature=0, max_new_tokens=40)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and idle OpenMP threads spinning on a busy
+    machine make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def char_tokenizer() -> CharTokenizer:
+    return CharTokenizer(CHARS)
+
+
+def tiny_model(vocab_size: int, block_size: int = 64, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=vocab_size))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def write_checkpoint(path: Path, model: GPT, tokenizer) -> Path:
+    """A checkpoint laid out as utils.py documents, as train.py writes it."""
+    save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": {}, "scaler": None, "iter_num": 7, "best_val_loss": 2.5,
+        "config": model.config.to_dict(), "meta": {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind},
+        "tokenizer": tokenizer.to_dict(), "rng": {}, "run_dir": "", "version": CHECKPOINT_VERSION,
+    })
+    return path
+
+
+def uncached_greedy(model: GPT, ids: list[int], n: int, window: int) -> list[int]:
+    """Reference: a full forward pass per token, with the sliding rule the module docstring states
+    (a prompt keeps its last block_size tokens; a context longer than block_size keeps its last window)."""
+    bs = model.config.block_size
+    ctx, out = list(ids[-bs:]), []
+    with torch.no_grad():
+        for _ in range(n):
+            if len(ctx) > bs:
+                ctx = ctx[-window:]
+            logits, _ = model(torch.tensor([ctx]))
+            out.append(int(logits[0, -1].argmax()))
+            ctx.append(out[-1])
+    return out
+
+
+def greedy_ids(gen: Generator, prompts: list[list[int]], n: int) -> list[list[int]]:
+    rows = [[] for _ in prompts]
+    for step in gen.decode(prompts, n, lambda logits: logits.argmax(dim=-1)):
+        for row, t in zip(rows, step):
+            row.append(t)
+    return rows
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_same_seed_same_text_and_global_rng_untouched():
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size).train()
+    state = torch.get_rng_state()
+    a = sample_text(model, tok, "ab", max_new_tokens=30, temperature=1.0, seed=3)
+    b = sample_text(model, tok, "ab", max_new_tokens=30, temperature=1.0, seed=3)
+    c = sample_text(model, tok, "ab", max_new_tokens=30, temperature=1.0, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == b and a != c and a.startswith("ab") and len(a) == 32
+    assert model.training and model.transformer.h[0].attn.kv_cache is None  # left as it was
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_logits(logits, 0.0), logits.argmax(-1))
+    # top_k=1 goes through the sampling path and must agree
+    assert torch.equal(sample_logits(logits, 1.0, top_k=1, generator=torch.Generator().manual_seed(1)),
+                       logits.argmax(-1))
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    ids = tok.encode("hello")
+    expected = uncached_greedy(model, ids, 25, window=32)
+    text = sample_text(model, tok, "hello", max_new_tokens=25, temperature=0)
+    assert text == "hello" + tok.decode(expected)
+
+
+@hsettings(max_examples=40, deadline=None)
+@given(logits=st.lists(st.floats(-5, 5, width=32), min_size=2, max_size=12), top_k=st.integers(1, 12),
+       top_p=st.floats(0.05, 1.0), seed=st.integers(0, 2**31))
+def test_top_k_top_p_draw_only_allowed_tokens(logits, top_k, top_p, seed):
+    x = torch.tensor([logits])
+    rng = torch.Generator().manual_seed(seed)
+    # top-k reference: the tokens whose logit is at least the k-th largest (ties included)
+    kth = sorted(logits, reverse=True)[min(top_k, len(logits)) - 1]
+    draws = {int(sample_logits(x, 1.0, top_k=top_k, generator=rng)) for _ in range(20)}
+    assert draws <= {i for i, v in enumerate(logits) if v >= kth}
+    # nucleus reference: the most likely tokens until their mass reaches top_p (tokens tied with them too)
+    probs = torch.softmax(x[0].double(), -1).tolist()
+    keep, mass = set(), 0.0
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        keep.add(i)
+        mass += probs[i]
+        if mass >= top_p - 1e-6:
+            break
+    ties = {i for i in range(len(probs)) if any(abs(probs[i] - probs[j]) < 1e-6 for j in keep)}
+    draws = {int(sample_logits(x, 1.0, top_p=top_p, generator=rng)) for _ in range(20)}
+    assert draws <= keep | ties
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    rng = torch.Generator().manual_seed(0)
+    draws = sample_logits(probs.log().expand(20000, 3), 1.0, generator=rng)
+    torch.testing.assert_close(torch.bincount(draws, minlength=3) / 20000, probs, atol=0.015, rtol=0)
+    nucleus = sample_logits(probs.log().expand(20000, 3), 1.0, top_p=0.6, generator=rng)
+    torch.testing.assert_close(torch.bincount(nucleus, minlength=3) / 20000, torch.tensor([0.625, 0.375, 0.0]),
+                               atol=0.015, rtol=0)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("prompt_len,n,block_size,window", [
+    (5, 40, 64, None),  # fits in the block
+    (10, 60, 32, None),  # slides at block_size // 2 several times
+    (40, 20, 32, 7),  # the prompt is longer than the block
+    (3, 30, 16, 16),  # window == block_size: a rebuild at every step
+])
+def test_cached_equals_uncached_greedy(prompt_len, n, block_size, window):
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=block_size)
+    ids = tok.encode(("the quick brown fox jumps over the lazy dog " * 3)[:prompt_len])
+    gen = Generator(model, window=window)
+    assert greedy_ids(gen, [ids], n)[0] == uncached_greedy(model, ids, n, gen.window)
+
+
+def test_cpu_layout_keeps_values_and_weight_tying():
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.tensor([tok.encode("hello there")])
+    logits_before = model(x)[0]
+    Generator(model)  # stores the Linear weights column-major on the CPU
+    assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x)[0], logits_before, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_equals_each_prompt_alone():
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=128)
+    prompts = ["a", "To be, or not to be", "hello there", "xyz"]
+    gen = Generator(model)
+    batch = complete(gen, tok, prompts, GREEDY)
+    alone = [complete(gen, tok, [p], GREEDY)[0] for p in prompts]
+    assert batch == alone
+    assert len(set(batch)) == len(batch) and all(len(t) == GREEDY.max_new_tokens for t in batch)
+
+
+def test_greedy_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=64, seed=1)
+    model.save_pretrained(tmp_path / "hf", tok)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    prompts = [tok.encode("Once upon a time"), tok.encode("ab")]
+    ours = greedy_ids(Generator(model), prompts, 30)
+    for ids, mine in zip(prompts, ours):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False,
+                              pad_token_id=0)
+        assert out[0, len(ids):].tolist() == mine
+    # the tokenizer.json written beside the weights comes back with --init_from DIR
+    model2, tok2, _ = load_model(init_from=str(tmp_path / "hf"))
+    assert tok2.kind == "char" and tok2.chars == tok.chars
+    assert greedy_ids(Generator(model2), prompts, 30) == ours
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_equals_eager_greedy(dtype):
+    tok = char_tokenizer()
+    prompts = [tok.encode("To be, or not to be"), tok.encode("ab")]
+    runs = []
+    for graph in (False, True):
+        model = tiny_model(tok.vocab_size, block_size=32)
+        gen = Generator(model, device="cuda", dtype=dtype, cuda_graph=graph)
+        runs.append(greedy_ids(gen, prompts, 70) + greedy_ids(gen, prompts[1:], 20))  # slides, then a new batch size
+        assert (gen._graph is not None) == graph
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------------- text
+
+
+def test_empty_prompt_starts_from_end_of_text_or_newline():
+    tok = char_tokenizer()
+    assert encode_prompt(tok, "") == tok.encode("\n")
+    model = tiny_model(tok.vocab_size)
+    gen = Generator(model)
+    assert complete(gen, tok, [""], GREEDY) == complete(gen, tok, ["\n"], GREEDY)
+    assert encode_prompt(GPT2Tokenizer(), "") == [50256]
+    with pytest.raises(GenerationError, match="empty"):
+        encode_prompt(CharTokenizer("abc"), "")
+
+
+def test_end_of_text_stops_each_row():
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    gen = Generator(model)
+    free = complete(gen, tok, ["hello", "ab"], GREEDY)
+    # pretend the character greedy decoding emits 6th in row 0 is end-of-text
+    eot_char = free[0][5]
+    tok.eot_token = tok.stoi[eot_char]
+    cut = complete(gen, tok, ["hello", "ab"], GREEDY)
+    assert cut == [f.split(eot_char)[0] for f in free]
+    assert len(cut[0]) == 5
+
+
+def test_stop_string_cuts_text_and_is_never_streamed():
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    gen = Generator(model)
+    free = complete(gen, tok, ["hello"], GREEDY)[0]
+    stop = free[10:13]
+    pieces = []
+    settings = SamplingSettings(temperature=0, max_new_tokens=40, stop=stop)
+    text = complete(gen, tok, ["hello"], settings, on_text=pieces.append)[0]
+    assert text == free[:free.index(stop)] and "".join(pieces) == text
+
+
+def test_streaming_keeps_multibyte_characters_whole():
+    tok = GPT2Tokenizer()
+    text = "héllo 🤗 wörld, 你好 ∑"
+    ids = tok.encode(text)
+    partial = [i for i in ids if "\ufffd" in tok.decode([i])]  # tokens holding part of a character
+    assert partial, "the text must contain a character split across tokens"
+    stream, pieces = TextStream(tok), []
+    for i in ids:
+        stream.add(i)
+        pieces.append(stream.new_text())
+    stream.add(tok.eot_token)
+    stream.add(ids[0])  # after end-of-text nothing more is taken
+    assert stream.done and stream.text == text and "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+# ---------------------------------------------------------------------------- files and command line
+
+
+@pytest.fixture
+def char_checkpoint(tmp_path):
+    """A tiny char-level checkpoint at tmp_path/checkpoints/checkpoint.pt (no best_checkpoint.pt)."""
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=64)
+    path = write_checkpoint(tmp_path / "checkpoints" / "checkpoint.pt", model, tok)
+    return path, model, tok
+
+
+def cli(args, cwd, stdin=None):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_end_to_end(char_checkpoint, tmp_path):
+    _, model, tok = char_checkpoint
+    expected = complete(Generator(model), tok, ["ROMEO:"], SamplingSettings(temperature=0, max_new_tokens=30))[0]
+    r = cli(["--prompt", "ROMEO:", "--max_new_tokens", "30", "--temperature", "0", "--device", "cpu"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ROMEO:" + expected + "\n"
+    assert "checkpoints/checkpoint.pt (best_checkpoint.pt not found)" in r.stderr
+
+
+def test_cli_interactive_through_stdin(char_checkpoint, tmp_path):
+    _, model, tok = char_checkpoint
+    expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=12))[0]
+    lines = [":temperature 0", ":max_new_tokens 12", ":top_p 2", ":temprature 1", "ab", ":help", ":settings"]
+    r = cli(["--interactive", "--device", "cpu"], tmp_path, stdin="\n".join(lines) + "\n")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "temperature = 0.0" in out and "max_new_tokens = 12" in out
+    assert "error: cannot set top_p to '2'" in out and "did you mean 'temperature'?" in out
+    assert expected + "\n" in out and ":quit" in out and "top_p = 1.0" in out  # :help and :settings
+
+
+def test_interactive_ctrl_c_stops_only_that_generation(char_checkpoint, monkeypatch):
+    _, model, tok = char_checkpoint
+    gen = Generator(model)
+    decode, calls = gen.decode, []
+
+    def interrupted_once(*args):
+        calls.append(1)
+        for i, step in enumerate(decode(*args)):
+            if len(calls) == 1 and i == 3:
+                raise KeyboardInterrupt
+            yield step
+
+    monkeypatch.setattr(gen, "decode", interrupted_once)
+    settings = SamplingSettings(temperature=0, max_new_tokens=10)
+    out = io.StringIO()
+    generate.interactive(gen, tok, settings, stdin=io.StringIO("ab\nab\n:quit\nnever read\n"), stdout=out)
+    expected = complete(Generator(model), tok, ["ab"], settings)[0]
+    assert f"> {expected[:3]}\n[stopped]\n> {expected}\n> " == out.getvalue()
+
+
+def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
+    path, model, tok = char_checkpoint
+    prompts = ["ROMEO:", "a", "To be, or not", "xyz", "hello"]
+    out = tmp_path / "samples.txt"
+    texts = batch_generate(prompts, output_file=out, checkpoint=str(path), batch_size=2, device="cpu",
+                           temperature=0, max_new_tokens=20)
+    gen = Generator(model)
+    assert texts == [p + complete(gen, tok, [p], SamplingSettings(temperature=0, max_new_tokens=20))[0]
+                     for p in prompts]
+    written = out.read_text(encoding="utf-8")
+    for i, (p, t) in enumerate(zip(prompts, texts), 1):
+        assert f"= prompt {i} of 5 =" in written and f"\n{p}\n" in written and f"\n{t}\n" in written
+    # a prompt the tokenizer cannot encode fails before anything is written
+    with pytest.raises(UserError, match="'é'"):
+        batch_generate(["ok", "héllo"], output_file=tmp_path / "bad.txt", checkpoint=str(path), device="cpu")
+    assert not (tmp_path / "bad.txt").exists()
+    with pytest.raises(GenerationError, match="did you mean 'temperature'"):
+        batch_generate(["ok"], output_file=None, checkpoint=str(path), temprature=0)
+
+
+@pytest.mark.parametrize("present,expected", [
+    (CHECKPOINT_FALLBACK, "best_checkpoint.pt"),
+    (("checkpoint.pt", "final_checkpoint.pt"), "checkpoint.pt"),
+    (("final_checkpoint.pt",), "final_checkpoint.pt"),
+])
+def test_checkpoint_fallback_order(tmp_path, capsys, present, expected):
+    tok = char_tokenizer()
+    for i, name in enumerate(present):
+        write_checkpoint(tmp_path / name, tiny_model(tok.vocab_size, seed=i), tok)
+    model, _, source = load_model(checkpoint_dir=tmp_path)
+    assert Path(source).name == expected
+    reference = tiny_model(tok.vocab_size, seed=present.index(expected))
+    assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
+    assert f"using checkpoint {tmp_path / expected}" in capsys.readouterr().err
+
+
+def test_no_checkpoint_message_names_paths_and_command(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        load_model(checkpoint_dir=tmp_path / "none")
+    msg = str(e.value)
+    assert all(str(tmp_path / "none" / n) in msg for n in CHECKPOINT_FALLBACK) and "python train.py" in msg
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--max_new_tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
+    (["--temperature", "-1"], "temperature must be a number >= 0"),
+    (["--top_p", "0"], "top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "got 1.5"),
+    (["--prompt", "héllo wörld"], "'é', 'ö'"),
+    (["--checkpoint", "missing.pt"], "missing.pt does not exist"),
+    (["--checkpoint_dir", "nowhere"], "no checkpoint found"),
+    (["--device", "tpu"], "device must be"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(char_checkpoint, tmp_path, monkeypatch, capsys, args, fragment):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(["--device", "cpu", *args]))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("using checkpoint")]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+
+
+def test_num_samples_with_seed_is_reproducible(char_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--device", "cpu", "--prompt", "ab", "--num_samples", "3", "--batch_size", "2",
+            "--max_new_tokens", "15", "--temperature", "1.0", "--seed", "5"]
+    main(argv)
+    first = capsys.readouterr().out
+    main(argv)
+    assert capsys.readouterr().out == first
+    samples = first.split("\n---------------\n")
+    assert len(samples) == 4 and samples[-1] == "" and len(set(samples[:3])) == 3
