@@ -212,13 +212,14 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     "shakespeare-char": dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
         learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
-        eval_interval=250, eval_iters=200, log_interval=10, data_dir="./data/shakespeare_char",
+        eval_interval=250, eval_iters=50, log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
     ),
-    # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.88 in about 2 minutes
+    # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.76 in about 90 s on
+    # 2 cores; small models take a higher learning rate (1e-3 gives ~1.89 in the same 2000 steps)
     "shakespeare-char-cpu": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
-        learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=2000, lr_decay_iters=2000,
-        eval_interval=250, eval_iters=20, log_interval=50, data_dir="./data/shakespeare_char",
+        learning_rate=3e-3, min_lr=3e-4, beta2=0.99, warmup_iters=100, max_iters=2000, lr_decay_iters=2000,
+        eval_interval=500, eval_iters=50, log_interval=50, data_dir="./data/shakespeare_char",
         device="cpu", compile=False,
     ),
 }

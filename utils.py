@@ -40,6 +40,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it the permissions open() would have given it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
@@ -129,3 +133,51 @@ def model_from_checkpoint(ckpt: dict):
     model = GPT(GPT2Config.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+# ---------------------------------------------------------------------------- RNG state
+# Saved in every checkpoint so a resumed run continues the same random streams (dropout, sampling)
+# and training 20 + 20 iterations gives the same weights as 40 straight. Stored as tensors and plain
+# numbers only, so the checkpoint stays loadable with weights_only=True.
+
+def get_rng_state(device=None) -> dict:
+    """The python, numpy, torch CPU and (when `device` is a CUDA device) CUDA generator states."""
+    import random
+    import numpy as np
+    import torch
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": None,
+    }
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device=None) -> None:
+    """Restore what get_rng_state() captured (the CUDA part only when `device` is a CUDA device)."""
+    import random
+    import numpy as np
+    import torch
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: 42s, 3m05s, 2h07m."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

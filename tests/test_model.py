@@ -181,7 +181,9 @@ def test_optimizer_decays_only_matrices():
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in model.parameters())  # the tied matrix once, nothing missing
-    assert not opt.defaults["fused"]
+    assert opt.defaults["fused"]
+    mps = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type="mps")
+    assert not mps.defaults["fused"]
 
 
 def test_flops_and_mfu(monkeypatch):

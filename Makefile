@@ -1,0 +1,46 @@
+# Two commands on a fresh machine:
+#   make demo    prepare Shakespeare at character level, train, print a sample (about 5 minutes on 2 CPU cores)
+#   make test    the whole test suite
+# Offline: make demo SHAKESPEARE=path/to/input.txt, and TIKTOKEN_CACHE_DIR=dir for the GPT-2 tokenizer files.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where an NVIDIA driver is present pip's default torch (a CUDA build) is right; elsewhere the much
+# smaller CPU build is installed first, so requirements.txt's torch>=2.11 is already satisfied.
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
+# tinyshakespeare's input.txt; empty means download it
+SHAKESPEARE ?=
+# the demo trains the GPU preset when CUDA is available, else the CPU preset
+DEMO_PRESET ?= $$($(PY) -c "import torch; print('shakespeare-char' if torch.cuda.is_available() else 'shakespeare-char-cpu')")
+DEMO_DIR ?= checkpoints/demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)"
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) prepare_data.py --dataset shakespeare --tokenizer char $(if $(SHAKESPEARE),--input "$(SHAKESPEARE)")
+	$(PY) train.py --preset=$(DEMO_PRESET) --checkpoint_dir=$(DEMO_DIR)
+	@echo
+	@echo "=== a sample from the model ($(DEMO_DIR)) ==="
+	$(PY) generate.py --checkpoint_dir $(DEMO_DIR) --prompt "ROMEO:" --max_new_tokens 500 --seed 1337
+	@echo
+	@echo "Watch the run: $(PY) -m tensorboard.main --logdir runs   (or: tensorboard --logdir runs)"
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) bench.py
+
+clean:
+	rm -rf $(VENV) checkpoints runs data/*/train.bin data/*/val.bin

@@ -1,0 +1,430 @@
+"""Tests for train.py: schedule, accumulation, exact resume, crashes and signals, TensorBoard, DDP, errors.
+
+Everything runs on the CPU with tiny models (2 layers, 32 wide) and data sets built in tmp_path.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config import GPT2Config
+from data import BatchLoader
+from model import GPT
+from tokenizer import CharTokenizer
+from train import (GracefulStop, TrainingError, check_config, estimate_loss, forward_backward, get_lr, main,
+                   parse_args, train)
+from utils import CheckpointError, UserError, load_checkpoint, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings and arrows".split()
+
+
+def write_data(out: Path, tokenizer, text: str) -> Path:
+    """A data directory as prepare_data.py writes it: train.bin / val.bin (uint16), tokenizer.json, meta.json."""
+    out.mkdir(parents=True)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    n = int(0.9 * len(ids))
+    ids[:n].tofile(out / "train.bin")
+    ids[n:].tofile(out / "val.bin")
+    tokenizer.save(out / "tokenizer.json")
+    meta = {"tokenizer": type(tokenizer).kind, "tokenizer_file": "tokenizer.json", "vocab_size": tokenizer.vocab_size,
+            "eot_token": tokenizer.eot_token, "dtype": "uint16", "train_tokens": n, "val_tokens": len(ids) - n}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # models this small gain nothing from more threads, and threads waiting on each other on a busy
+    # machine make every step many times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(1500))
+    return write_data(tmp_path_factory.mktemp("data") / "char", CharTokenizer.from_text(text), text)
+
+
+def tiny(data_dir: Path, out: Path, **overrides) -> GPT2Config:
+    """A 2-layer, 32-wide model on `data_dir`, writing into `out`."""
+    settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, dropout=0.0,
+                    learning_rate=1e-2, min_lr=1e-3, warmup_iters=2, max_iters=10, lr_decay_iters=40,
+                    eval_interval=5, eval_iters=2, log_interval=1, sample_tokens=0,
+                    data_dir=str(data_dir), checkpoint_dir=str(out / "ckpt"), log_dir=str(out / "runs"),
+                    device="cpu", compile=False)
+    settings.update(overrides)
+    return GPT2Config(**settings)
+
+
+def cli_flags(config: GPT2Config) -> list[str]:
+    return [f"--{k}={v}" for k, v in config.to_dict().items() if v != getattr(GPT2Config, k)]
+
+
+def subprocess_env() -> dict:
+    # one thread per process: the tests run on small machines, and torchrun starts two
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def event_steps(run_dir: str) -> tuple[dict, "EventAccumulator"]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc
+
+
+# ----------------------------------------------------------------------------- schedule and accumulation
+
+def test_lr_schedule_boundaries():
+    c = GPT2Config(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110)
+    assert get_lr(0, c) == pytest.approx(1e-3 / 11)  # above 0 at the first step
+    assert all(get_lr(i, c) < get_lr(i + 1, c) for i in range(10))  # linear warmup
+    assert get_lr(10, c) == 1e-3  # the peak at the end of warmup
+    assert get_lr(60, c) == pytest.approx(5.5e-4)  # halfway down the cosine: the mean of peak and floor
+    assert all(get_lr(i, c) > get_lr(i + 1, c) for i in range(10, 110))
+    assert get_lr(110, c) == pytest.approx(1e-4) and get_lr(10**6, c) == 1e-4  # then min_lr for good
+    assert get_lr(0, GPT2Config(warmup_iters=0, learning_rate=3e-4)) == 3e-4
+    assert get_lr(5000, GPT2Config(decay_lr=False, learning_rate=3e-4, warmup_iters=10)) == 3e-4
+    with pytest.raises(UserError, match="lr_decay_iters"):
+        check_config(GPT2Config(warmup_iters=100, lr_decay_iters=100))
+
+
+def test_four_micro_batches_of_two_equal_one_batch_of_eight():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dropout=0.0)
+    a, b = GPT(config), GPT(config)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 50, (8, 16))
+    y = torch.randint(0, 50, (8, 16))
+    loss_a = forward_backward(a, lambda m: (x[2 * m: 2 * m + 2], y[2 * m: 2 * m + 2]), 4)
+    loss_b = forward_backward(b, lambda m: (x, y), 1)
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-7, rtol=1e-5, msg=name)
+    assert max(p.grad.abs().max() for p in a.parameters()) > 1e-3  # the gradients are not trivially zero
+
+
+# ----------------------------------------------------------------------------- exact resume, checkpoints, TensorBoard
+
+@pytest.fixture(scope="module")
+def resume_runs(char_data, tmp_path_factory):
+    """40 iterations straight, and 20 + 20 with a resume, with dropout and text samples on."""
+    kw = dict(dropout=0.1, sample_tokens=8, max_iters=40, eval_interval=10, save_interval=10, keep_last_n=2)
+    straight_dir, split_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("split")
+    straight = train(tiny(char_data, straight_dir, **kw))
+    first = train(tiny(char_data, split_dir, **{**kw, "max_iters": 20}))
+    second = train(tiny(char_data, split_dir, **kw))
+    return straight_dir, split_dir, straight, first, second
+
+
+def test_exact_resume(resume_runs):
+    straight_dir, split_dir, straight, first, second = resume_runs
+    assert second["resumed_from"] == 20 and first["iter_num"] == 20 and second["iter_num"] == 40
+    assert list(straight["losses"]) == list(range(1, 41))
+    assert {**first["losses"], **second["losses"]} == straight["losses"]  # the same loss at every iteration
+    a = load_checkpoint(straight_dir / "ckpt" / "final_checkpoint.pt")
+    b = load_checkpoint(split_dir / "ckpt" / "final_checkpoint.pt")
+    assert a["iter_num"] == b["iter_num"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k  # bitwise identical
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["rng"][0]["torch"].equal(b["rng"][0]["torch"])
+    assert a["best_val_loss"] == b["best_val_loss"] == min(e["val"] for i, e in straight["evals"].items() if i)
+
+
+def test_checkpoint_contents(resume_runs):
+    straight_dir, _, straight, _, _ = resume_runs
+    ckpt_dir = straight_dir / "ckpt"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [
+        "best_checkpoint.pt", "checkpoint.pt", "checkpoint_iter_30.pt", "checkpoint_iter_40.pt",
+        "final_checkpoint.pt"]  # keep_last_n=2 pruned iterations 10 and 20
+    ckpt = torch.load(ckpt_dir / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "scaler", "iter_num", "best_val_loss", "config", "meta", "tokenizer", "rng",
+            "run_dir", "version"} <= ckpt.keys()
+    assert not any(k.startswith("_orig_mod.") or k.startswith("module.") for k in ckpt["model"])
+    assert ckpt["config"]["n_layer"] == 2 and ckpt["config"]["vocab_size"] == ckpt["meta"]["vocab_size"]
+    assert ckpt["tokenizer"]["kind"] == "char" and ckpt["scaler"] is None
+    assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
+    assert ckpt["run_dir"] == straight["run_dir"]
+    model = GPT(GPT2Config.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])  # strict: the raw module's names
+    best = torch.load(ckpt_dir / "best_checkpoint.pt", weights_only=True)
+    best_iter = min((e["val"], i) for i, e in straight["evals"].items() if i)[1]
+    assert best["iter_num"] == best_iter and best["best_val_loss"] == straight["evals"][best_iter]["val"]
+
+
+def test_tensorboard_events_of_a_resumed_run(resume_runs):
+    _, split_dir, _, first, second = resume_runs
+    assert first["run_dir"] == second["run_dir"]  # the resumed run continues the same directory
+    steps, acc = event_steps(second["run_dir"])
+    for tag in ("train/loss", "lr", "grad_norm", "tokens_per_sec", "flops_per_sec"):
+        assert steps[tag] == list(range(1, 41)), tag  # every step once: none duplicated, none reset
+    assert steps["val/loss"] == steps["train/eval_loss"] == [0, 10, 20, 30, 40]
+    assert "mfu" not in steps  # no peak is known for a CPU: FLOP/s instead
+    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert losses == pytest.approx({**first["losses"], **second["losses"]})
+    assert [e.step for e in acc.Tensors("sample/text_summary")] == [0, 10, 20, 30, 40]
+    assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+
+
+def test_resume_refuses_a_contradicting_model_shape(resume_runs, char_data):
+    straight_dir, *_ = resume_runs
+    config = tiny(char_data, straight_dir, n_layer=3, max_iters=50)
+    before = sorted(os.listdir(straight_dir / "ckpt"))
+    with pytest.raises(CheckpointError, match=r"n_layer=3 \(checkpoint: 2\)"):
+        train(config)
+    assert sorted(os.listdir(straight_dir / "ckpt")) == before
+
+
+def test_scratch_moves_old_checkpoints_aside(char_data, tmp_path):
+    train(tiny(char_data, tmp_path, max_iters=5))
+    old = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    summary = train(tiny(char_data, tmp_path, max_iters=5, init_from="scratch", seed=7))
+    assert summary["resumed_from"] is None
+    [moved] = [p for p in (tmp_path / "ckpt").iterdir() if p.is_dir()]
+    assert moved.name.startswith("previous-")
+    kept = load_checkpoint(moved / "checkpoint.pt")
+    assert all(torch.equal(kept["model"][k], old["model"][k]) for k in old["model"])
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # the new run has its own TensorBoard directory
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(char_data, tmp_path, monkeypatch):
+    train(tiny(char_data, tmp_path, max_iters=5))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    before = path.read_bytes()
+
+    def crashing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="No space left"):
+        train(tiny(char_data, tmp_path, max_iters=10))
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["iter_num"] == 5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best_checkpoint.pt", "checkpoint.pt",
+                                                             "final_checkpoint.pt"]  # no temporary files left
+
+
+@pytest.mark.parametrize("log_interval", [1, 100])  # caught at a log line, or only when saving
+def test_nan_loss_stops_training_without_overwriting_checkpoints(char_data, tmp_path, monkeypatch, log_interval):
+    forward = GPT.forward
+    calls = {"train": 0}
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] >= 7:  # iteration 7 on
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(TrainingError, match="NaN or infinite"):
+        train(tiny(char_data, tmp_path, max_iters=20, log_interval=log_interval))
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    assert ckpt["iter_num"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+
+
+def test_weights_only_refusal(char_data, tmp_path, capsys):
+    config = tiny(char_data, tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    # a pickled object other than tensors and plain data: loading it could run code
+    torch.save({"model": {}, "config": {}, "payload": argparse_namespace()}, tmp_path / "ckpt" / "checkpoint.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(cli_flags(config) + ["--init_from=resume"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and "arbitrary code" in err and len(err.strip().splitlines()) == 1
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(x=1)
+
+
+def test_fine_tune_from_a_hugging_face_directory(tmp_path):
+    from tokenizer import GPT2Tokenizer
+    text = " ".join(WORDS * 40)
+    data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), text)
+    torch.manual_seed(0)
+    pretrained = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257))
+    pretrained.save_pretrained(str(tmp_path / "hf"))
+    config = tiny(data, tmp_path, init_from=str(tmp_path / "hf"), max_iters=1, block_size=16)
+    summary = train(config)
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")
+    assert ckpt["config"]["block_size"] == 16 and ckpt["config"]["vocab_size"] == 50257
+    assert ckpt["model"]["transformer.wpe.weight"].shape == (16, 32)  # cropped to the shorter context
+    # the starting point is the pretrained model: same loss on the same evaluation batches
+    pretrained.transformer.wpe.weight.data = pretrained.transformer.wpe.weight.data[:16]
+    pretrained.config.block_size = 16
+    with BatchLoader(data, 16, 4) as loader:
+        expected = estimate_loss(pretrained, loader, 2, torch.autocast("cpu", enabled=False))
+    assert summary["evals"][0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
+    with pytest.raises(TrainingError, match="GPT-2 tokens .* 'char' tokenizer"):
+        train(tiny(char_data, tmp_path, init_from="gpt2"))
+    assert not tmp_path.joinpath("ckpt").exists() and not tmp_path.joinpath("runs").exists()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_flags_file_and_preset_apply_in_order(tmp_path):
+    cfg = tmp_path / "my_config.py"
+    cfg.write_text("import math\nbatch_size = 7\nn_layer = 5\nlearning_rate = 2 * math.pi / 1000\n")
+    config, explicit = parse_args(["--preset=shakespeare-char-cpu", str(cfg), "--n_layer=3", "--dropout=0",
+                                   "--data_dir=data/2024", "--compile=auto", "--dtype=bfloat16", "--bias=false",
+                                   "--min_lr", "1e-5"])
+    assert (config.n_layer, config.batch_size, config.n_embd) == (3, 7, 128)  # flag > file > preset
+    assert config.learning_rate == pytest.approx(2e-3 * 3.14159265, rel=1e-6)
+    assert config.dropout == 0.0 and isinstance(config.dropout, float)  # int accepted for a float field
+    assert config.data_dir == "data/2024" and config.compile == "auto" and config.dtype == "bfloat16"
+    assert config.bias is False and config.min_lr == 1e-5
+    assert {"n_layer", "batch_size", "learning_rate", "n_embd", "dropout", "bias"} <= explicit
+    assert "seed" not in explicit and "vocab_size" not in explicit
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layr=4"], "unknown config key 'n_layr'; did you mean 'n_layer'?"),
+    (["--max_iters=1.5"], "max_iters must be an integer, got 1.5"),
+    (["--learning_rate=fast"], "learning_rate must be a number, got 'fast'"),
+    (["--compile=yes"], "compile must be True, False or 'auto'"),
+    (["--bias=1"], "bias must be True or False, got 1"),
+    (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
+    (["--preset=gpt3"], "unknown preset 'gpt3'; did you mean 'gpt2'?"),
+    (["missing_config.py"], "config file 'missing_config.py' does not exist"),
+    (["--n_layer"], "expected one argument"),
+])
+def test_bad_overrides_exit_2_and_write_nothing(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_name_in_config_file(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_layer = 2\nlearning_rat = 1e-3\n")
+    with pytest.raises(UserError, match="unknown config key 'learning_rat'; did you mean 'learning_rate'"):
+        parse_args([str(cfg)])
+
+
+def test_cli_error_in_a_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--n_layr=4", "--seed=x"], cwd=tmp_path,
+                       capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: unknown config key 'n_layr'") and len(r.stderr.splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- signals and processes
+
+def start(config: GPT2Config, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_flags(config)], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+
+
+def read_until(proc: subprocess.Popen, prefix: str) -> list[str]:
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"the process ended before printing {prefix!r}:\n{''.join(lines)}")
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(char_data, tmp_path):
+    config = tiny(char_data, tmp_path, max_iters=500, lr_decay_iters=500, eval_interval=20, log_interval=1)
+    proc = start(config, tmp_path)
+    try:
+        read_until(proc, "iter 25/")  # checkpoint.pt of iteration 20 is on disk
+        proc.kill()
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    killed_at = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["iter_num"]
+    assert killed_at in range(20, 500, 20)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path,
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming from {tmp_path / 'ckpt' / 'checkpoint.pt'} at iteration {killed_at}" in r.stdout
+    assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 500
+    [run_dir] = (tmp_path / "runs").iterdir()
+    steps, _ = event_steps(str(run_dir))
+    assert steps["train/loss"] == list(range(1, 501))  # the killed run's extra steps were purged
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path):
+    config = tiny(char_data, tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=1000)
+    proc = start(config, tmp_path)
+    try:
+        lines = read_until(proc, "iter 3/")
+        proc.send_signal(signal.SIGTERM)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    stopped = int(out.split("stopped at iteration ")[1].split(":")[0])
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    assert ckpt["iter_num"] == stopped >= 3
+    assert f"iter {stopped}/100000: loss" in out  # the last step completed before saving
+    assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop(verbose=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum == signal.SIGINT  # noted, the loop finishes its step
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C forwarded again by torchrun: still noted only
+        stop._first -= GracefulStop.REPEAT_S + 1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between two bytecodes
+                pass
+    assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_ddp_two_processes_match_one(char_data, tmp_path):
+    kw = dict(gradient_accumulation_steps=4, batch_size=2, max_iters=6, eval_interval=3, backend="gloo")
+    single = train(tiny(char_data, tmp_path / "single", **kw))
+    config = tiny(char_data, tmp_path / "ddp", **kw)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path, capture_output=True, text=True,
+                       env=subprocess_env(), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "over 2 processes" in r.stdout and r.stdout.count("tokens per step") == 1  # rank 0 alone prints
+    ddp_losses = {int(line.split()[1].split("/")[0]): float(line.split("loss ")[1].split(",")[0])
+                  for line in r.stdout.splitlines() if line.startswith("iter ") and "/6:" in line}
+    assert ddp_losses == pytest.approx(single["losses"], abs=2e-4)  # printed with 4 decimals
+    a = load_checkpoint(tmp_path / "single" / "ckpt" / "final_checkpoint.pt")
+    b = load_checkpoint(tmp_path / "ddp" / "ckpt" / "final_checkpoint.pt")
+    for k in a["model"]:
+        wa, wb = a["model"][k], b["model"][k]
+        if k.endswith("attn.c_attn.bias"):
+            # the key bias cannot change the softmax, so its true gradient is 0 and Adam turns the
+            # rounding noise of two summation orders into whole steps; leave it out
+            wa, wb = torch.cat([wa[:32], wa[64:]]), torch.cat([wb[:32], wb[64:]])
+        torch.testing.assert_close(wa, wb, atol=1e-6, rtol=1e-5, msg=k)
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])

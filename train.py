@@ -1,0 +1,815 @@
+"""Train a GPT-2 model: one process, or many under torchrun (DDP), with checkpoints, exact resume and TensorBoard.
+
+    python train.py                                          # config.py's defaults (GPT-2 124M, data/shakespeare)
+    python train.py --preset=shakespeare-char-cpu            # ~0.8M parameters, about 2 minutes on a laptop CPU
+    python train.py my_config.py --batch_size=32             # a config file, then --key=value flags
+    python train.py --init_from=gpt2 --data_dir=data/shakespeare --learning_rate=3e-5   # fine-tune OpenAI's GPT-2
+    torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2 --gradient_accumulation_steps=40
+    torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 --nproc_per_node=8 train.py ...
+
+Settings are applied in this order: --preset=NAME (a GPT2_CONFIGS entry), the config file (plain Python
+assigning field names), then --key=value flags (Python literals; bare strings are fine). `--help` lists
+every field. If checkpoint_dir holds checkpoint.pt the run continues from it (--init_from=scratch starts
+over and moves the old files aside). Ctrl-C or SIGTERM finishes the current step, saves checkpoint.pt and
+exits; a second Ctrl-C aborts at once. `tensorboard --logdir runs` shows the curves and text samples.
+
+The loop follows nanoGPT's train.py: AdamW, linear warmup then cosine decay, gradient accumulation,
+gradient clipping, autocast with bfloat16 (float16 plus a GradScaler where bf16 is missing), and
+torch.compile, with DDP through torch.distributed when launched by torchrun.
+"""
+import argparse
+import ast
+import copy
+import inspect
+import math
+import os
+import re
+import signal
+import sys
+import textwrap
+import time
+import types
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from config import GPT2_CONFIGS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, field_names, suggest
+from utils import (CHECKPOINT_VERSION, CheckpointError, UserError, format_duration, get_rng_state,
+                   load_checkpoint, run_cli, save_checkpoint, set_rng_state)
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+CHECKPOINT_NAMES = ("checkpoint.pt", "best_checkpoint.pt", "final_checkpoint.pt")
+ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a NaN loss, a checkpoint that does not fit the run); the message says why."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+def field_comments() -> dict[str, str]:
+    """field -> the comment after it in config.py, which --help shows."""
+    comments = {}
+    for line in inspect.getsource(GPT2Config).splitlines():
+        m = re.match(r"    (\w+) = .*?  # (.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
+    """Check `value` against the type of field `key` and return it (ints become floats for float fields).
+
+    raw is the flag's text: a string field takes it verbatim (--data_dir=2024 is the folder '2024').
+    """
+    default = getattr(GPT2Config, key)
+    if raw is not None and isinstance(default, bool) and raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    if key == "compile":
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f"compile must be True, False or 'auto', got {value!r} (e.g. --compile=False)")
+    if key == "dtype" and isinstance(value, torch.dtype):
+        return value  # GPT2Config turns it into its name; validate() checks it is supported
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        expected = "True or False"
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    else:
+        if raw is not None:
+            return value if isinstance(value, str) else raw
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
+    raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}); e.g. {example}")
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A flag's text as a Python literal when it is one (1e-3, False, 'x'), else the bare string."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = text
+    return coerce(key, value, raw=text)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Run a config file (plain Python assigning field names) in a namespace of its own; its settings."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist; pass a Python file that assigns config fields, "
+                          f"e.g. `n_layer = 4`, or use --key=value flags")
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(p.read_text(encoding="utf-8"), str(p), "exec"), namespace)
+    except Exception as e:  # a config file can fail in any way; report it as the user's file
+        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    settings = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue  # imports and helpers are allowed in a config file; they are not settings
+        if name not in field_names():
+            raise ConfigError(f"config file {path}: unknown config key {name!r}{suggest(name, field_names())}")
+        settings[name] = coerce(name, value)
+    return settings
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; one line and exit 2 instead
+        raise ConfigError(f"{message} (see python train.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = "\n".join(textwrap.fill(", ".join(f"{k}={v!r}" for k, v in preset.items()), width=100,
+                                       initial_indent=f"  {name:22s} ", subsequent_indent=" " * 25)
+                        for name, preset in GPT2_CONFIGS.items())
+    parser = _Parser(
+        prog="train.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\nApplied in order: --preset, then config_file, then --key=value.",
+        epilog="presets (--preset=NAME):\n" + presets)
+    parser.add_argument("config_file", nargs="?", help="Python file assigning config fields, e.g. n_layer = 4")
+    parser.add_argument("--preset", metavar="NAME", help=f"apply a preset first: {', '.join(GPT2_CONFIGS)}")
+    comments = field_comments()
+    group = parser.add_argument_group("config fields (--key=value; the defaults are config.py's)")
+    for name in field_names():
+        text = f"{comments.get(name, '')} (default: {getattr(GPT2Config, name)!r})"
+        group.add_argument(f"--{name}", metavar="V", default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[GPT2Config, set[str]]:
+    """Command line -> (config, the names of the fields the user set through preset, file or flags).
+
+    Nothing is written and no directory is created here: a mistake raises ConfigError.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = build_parser().parse_known_args(argv)
+    problems = []  # every mistake on the command line is reported at once
+    for arg in unknown:
+        if arg.startswith("-"):
+            name = arg.lstrip("-").split("=", 1)[0]
+            problems.append(f"unknown config key {name!r}{suggest(name, field_names())}")
+        else:
+            problems.append(f"unexpected argument {arg!r}: give at most one config file, and flags as --key=value")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (python train.py --help lists the keys)")
+    config = GPT2Config()
+    explicit: set[str] = set()
+    if args.preset is not None:
+        if args.preset not in GPT2_CONFIGS:
+            raise ConfigError(f"unknown preset {args.preset!r}{suggest(args.preset, list(GPT2_CONFIGS))}; "
+                              f"presets: {', '.join(GPT2_CONFIGS)}")
+        for k, v in GPT2_CONFIGS[args.preset].items():
+            setattr(config, k, v)
+            explicit.add(k)
+    if args.config_file is not None:
+        for k, v in read_config_file(args.config_file).items():
+            setattr(config, k, v)
+            explicit.add(k)
+    for k, text in vars(args).items():
+        if k in ("preset", "config_file"):
+            continue
+        try:
+            setattr(config, k, parse_value(k, text))
+            explicit.add(k)
+        except ConfigError as e:
+            problems.append(str(e))
+    try:
+        check_config(config)  # the values whose type was right; wrong types are in problems already
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config, explicit
+
+
+def check_config(config: GPT2Config) -> None:
+    """config.validate() plus what the training loop needs on top of it."""
+    config.validate()
+    if config.decay_lr and config.lr_decay_iters <= config.warmup_iters:
+        raise ConfigError(f"lr_decay_iters ({config.lr_decay_iters}) must exceed warmup_iters "
+                          f"({config.warmup_iters}) for the cosine decay; e.g. --lr_decay_iters={config.max_iters} "
+                          f"--warmup_iters={min(config.warmup_iters, config.max_iters // 10)}, or --decay_lr=False")
+
+
+# ----------------------------------------------------------------------------- schedule, evaluation
+
+def get_lr(it: int, config: GPT2Config) -> float:
+    """Learning rate of optimizer step `it` (0-based): linear warmup, cosine decay, then min_lr.
+
+    warmup_iters=100: it=0 -> lr/101 (above 0), it=100 -> lr, it=lr_decay_iters -> min_lr, later -> min_lr.
+    """
+    if it < config.warmup_iters:
+        return config.learning_rate * (it + 1) / (config.warmup_iters + 1)
+    if not config.decay_lr:
+        return config.learning_rate
+    if it >= config.lr_decay_iters:
+        return config.min_lr
+    ratio = (it - config.warmup_iters) / (config.lr_decay_iters - config.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return config.min_lr + coeff * (config.learning_rate - config.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+    """Mean loss over the fixed batches 0 .. eval_iters - 1 of each split, shared out over the ranks."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        total = torch.zeros((), device=loader.device)
+        for k in range(rank, eval_iters, world_size):
+            x, y = loader.get_batch(split, k)
+            with ctx:
+                _, loss = model(x, y)
+            total += loss.float()
+        if world_size > 1:
+            torch.distributed.all_reduce(total)
+        out[split] = total.item() / eval_iters
+    model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- devices and processes
+
+def resolve_device(config: GPT2Config, local_rank: Optional[int]) -> tuple[torch.device, torch.dtype, bool]:
+    """(device, dtype, compile) from config's 'auto' values; under torchrun each rank takes cuda:LOCAL_RANK."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={config.device!r} but this PyTorch sees no CUDA GPU; use --device=cpu "
+                              "(or --device=auto)")
+        if local_rank is not None:
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but MPS is not available here; use --device=cpu")
+    if config.dtype == "auto":
+        if device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            dtype = torch.float32
+    else:
+        dtype = config.torch_dtype
+    compile_model = device.type == "cuda" if config.compile == "auto" else config.compile
+    return device, dtype, compile_model
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM set a flag that the loop checks after each step; a second Ctrl-C aborts at once.
+
+    A repeat within REPEAT_S seconds counts as the same request: Ctrl-C reaches torchrun and its workers
+    together, and torchrun then forwards the signal to the workers a second time.
+    """
+    REPEAT_S = 1.0
+
+    def __init__(self, verbose: bool = True):
+        self.signum: Optional[int] = None
+        self.verbose = verbose
+        self._first = 0.0
+        self._previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum, self._first = signum, time.monotonic()
+            if self.verbose:
+                print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving checkpoint.pt "
+                      "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+        elif time.monotonic() - self._first > self.REPEAT_S:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- run setup
+
+def default_explicit(config: GPT2Config) -> set[str]:
+    """The fields a programmatic caller set: those that differ from config.py's defaults."""
+    return {k for k, v in config.to_dict().items() if v != getattr(GPT2Config, k)}
+
+
+def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Optional[dict], Optional[Path]]:
+    """Decide between resuming and starting afresh; returns (run config, checkpoint or None, its path).
+
+    Resuming takes the checkpoint's config and applies the fields the user set on top; a model-shape
+    field that contradicts the checkpoint is an error. Nothing is written here.
+    """
+    ckpt_path = Path(config.checkpoint_dir) / "checkpoint.pt"
+    if config.init_from == "resume" and not ckpt_path.is_file():
+        raise CheckpointError(f"--init_from=resume but {ckpt_path} does not exist; train first (python train.py "
+                              f"...), point --checkpoint_dir at a run, or use --init_from=scratch")
+    if config.init_from not in ("auto", "resume") or not ckpt_path.is_file():
+        return config, None, None
+    ckpt = load_checkpoint(ckpt_path)
+    run = GPT2Config.from_dict(ckpt["config"])
+    conflicts = [f"{k}={getattr(config, k)!r} (checkpoint: {getattr(run, k)!r})" for k in MODEL_SHAPE_KEYS
+                 if k in explicit and getattr(config, k) != getattr(run, k)]
+    if conflicts:
+        raise CheckpointError(f"{ckpt_path} holds a model that this command contradicts: {', '.join(conflicts)}. "
+                              "Drop those overrides to continue that run, or start a new one with "
+                              "--init_from=scratch (the old files are moved aside) or another --checkpoint_dir")
+    for k in explicit | {"checkpoint_dir", "init_from"}:
+        if k not in MODEL_SHAPE_KEYS:
+            setattr(run, k, getattr(config, k))
+    check_config(run)
+    return run, ckpt, ckpt_path
+
+
+def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, data_dir: str) -> None:
+    """A resumed run must read the same kind of tokens as before."""
+    old = ckpt.get("meta") or {}
+    if (old.get("tokenizer"), old.get("vocab_size")) != (meta.get("tokenizer"), meta.get("vocab_size")):
+        raise CheckpointError(f"{ckpt_path} was trained on data tokenised with {old.get('tokenizer')!r} "
+                              f"(vocab {old.get('vocab_size')}), but {data_dir} holds {meta.get('tokenizer')!r} "
+                              f"(vocab {meta.get('vocab_size')}); use the same kind of data, or --init_from=scratch")
+
+
+def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
+    if meta.get("vocab_size") != 50257 or meta.get("eot_token") != 50256:
+        raise TrainingError(
+            f"--init_from={init_from} fine-tunes OpenAI's GPT-2, which reads GPT-2 tokens (vocab 50257, "
+            f"end-of-text 50256), but {data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer "
+            f"(vocab {meta.get('vocab_size')}). Prepare GPT-2 tokens, e.g. `python prepare_data.py --dataset "
+            "shakespeare` and --data_dir=data/shakespeare, or train from scratch on this data")
+
+
+def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict]):
+    """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
+    from data import check_vocab
+    from model import GPT
+    if ckpt is not None:
+        model = GPT(config)
+        model.load_state_dict(ckpt["model"])
+    elif config.init_from in ("scratch", "auto", "resume"):
+        if "vocab_size" not in explicit:
+            config.vocab_size = int(meta["vocab_size"])  # never guessed: the data set says it
+        check_vocab(int(meta["vocab_size"]), config.vocab_size)
+        model = GPT(config)
+    else:
+        if config.init_from not in GPT2_NAMES and not Path(config.init_from).is_dir():
+            raise ConfigError(f"init_from must be 'auto', 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or "
+                              f"a Hugging Face GPT-2 directory, got {config.init_from!r}")
+        check_gpt2_data(config.init_from, meta, config.data_dir)
+        model = GPT.from_pretrained(config.init_from, dropout=config.dropout)
+        pretrained = model.config
+        conflicts = [f"{k}={getattr(config, k)!r} ({config.init_from} has {getattr(pretrained, k)!r})"
+                     for k in ("n_layer", "n_head", "n_embd", "bias", "vocab_size")
+                     if k in explicit and getattr(config, k) != getattr(pretrained, k)]
+        if conflicts:
+            raise ConfigError(f"--init_from={config.init_from} fixes the model's shape; drop {', '.join(conflicts)}")
+        block_size = config.block_size if "block_size" in explicit else pretrained.block_size
+        if block_size > pretrained.block_size:
+            raise ConfigError(f"block_size={block_size} exceeds {config.init_from}'s context of "
+                              f"{pretrained.block_size} tokens; use --block_size={pretrained.block_size} or less")
+        for k in MODEL_SHAPE_KEYS:
+            setattr(config, k, getattr(pretrained, k))
+        if block_size < pretrained.block_size:
+            # a shorter context keeps the first block_size position embeddings
+            wpe = model.transformer.wpe
+            wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
+            wpe.num_embeddings = block_size
+            config.block_size = block_size
+        model.config = config
+    return model
+
+
+def move_aside(checkpoint_dir: Path) -> Optional[Path]:
+    """Move the checkpoints of an earlier run into checkpoint_dir/previous-<time>/ so nothing is overwritten."""
+    if not checkpoint_dir.is_dir():
+        return None
+    old = [p for p in checkpoint_dir.iterdir()
+           if p.is_file() and (p.name in CHECKPOINT_NAMES or ITER_CHECKPOINT.fullmatch(p.name))]
+    if not old:
+        return None
+    dest = checkpoint_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        n += 1
+    dest.mkdir()
+    for p in old:
+        os.replace(p, dest / p.name)
+    return dest
+
+
+def new_run_dir(log_dir: str, data_dir: str) -> Path:
+    base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{Path(data_dir).resolve().name}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        run_dir = base.with_name(f"{base.name}-{n}")
+        n += 1
+    return run_dir
+
+
+class Logger:
+    """stdout lines and TensorBoard scalars, on rank 0 only (every method is a no-op elsewhere)."""
+
+    def __init__(self, master: bool, run_dir: Optional[Path], purge_step: Optional[int]):
+        self.master = master
+        self.writer = None
+        if master and run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step hides events a killed run wrote after its last checkpoint, so a resumed run
+            # shows no duplicated steps
+            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+
+    def print(self, *args, **kwargs) -> None:
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+    def scalars(self, step: int, **values) -> None:
+        if self.writer is not None:
+            for tag, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(tag, v, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer is not None:
+            # markdown: indent by four spaces so line breaks and spacing survive
+            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+
+    def hparams(self, config: dict) -> None:
+        if self.writer is not None:
+            from torch.utils.tensorboard.summary import hparams
+            hp = {k: v for k, v in config.items() if isinstance(v, (bool, int, float, str))}
+            # written into the run itself (SummaryWriter.add_hparams would start a second run); the
+            # metrics are the val/loss and train/loss curves of this run
+            for summary in hparams(hp, {"val/loss": 0.0, "train/loss": 0.0}):
+                self.writer.file_writer.add_summary(summary)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_flops(flops: float) -> str:
+    return f"{flops / 1e12:.2f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.1f} GFLOP/s"
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
+    """Train as `config` says, resuming from checkpoint_dir/checkpoint.pt when it is there.
+
+    explicit: the fields the user set (default: those that differ from config.py's defaults); when
+    resuming they override the checkpoint's config. Returns a summary: iter_num, best_val_loss,
+    losses {iter: train loss at each log step}, evals {iter: {'train', 'val'}}, run_dir,
+    stopped_by (the signal number, or None), resumed_from (the iteration, or None).
+    Under torchrun (RANK set) every rank calls it; only rank 0 prints and writes files.
+    """
+    config = copy.deepcopy(config)
+    explicit = default_explicit(config) if explicit is None else set(explicit)
+    check_config(config)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        import torch.distributed as dist
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+        device, _, _ = resolve_device(config, local_rank)
+        if device.type != "cuda" and config.backend == "nccl":
+            raise ConfigError(f"the nccl backend needs CUDA GPUs, but device is {device}; use --backend=gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=config.backend, device_id=device if device.type == "cuda" else None)
+    else:
+        rank, world_size, local_rank = 0, 1, None
+    try:
+        with ExitStack() as cleanup:
+            return _train(config, explicit, rank, world_size, local_rank, cleanup)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
+           cleanup: ExitStack) -> dict:
+    from data import BatchLoader, load_data_tokenizer, load_meta
+    master = rank == 0
+    ddp = world_size > 1
+    t_start = time.time()
+
+    # --- everything that can fail on the user's input happens before anything is written
+    config, ckpt, ckpt_path = plan_run(config, explicit)
+    A = config.gradient_accumulation_steps
+    if A % world_size:
+        raise ConfigError(f"gradient_accumulation_steps ({A}) counts the micro-batches of all processes together "
+                          f"and must be divisible by the {world_size} processes; e.g. "
+                          f"--gradient_accumulation_steps={world_size * max(1, round(A / world_size))}")
+    device, dtype, compile_model = resolve_device(config, local_rank)
+    meta = load_meta(config.data_dir)
+    if ckpt is not None:
+        check_same_tokens(ckpt, ckpt_path, meta, config.data_dir)
+    tokenizer = load_data_tokenizer(config.data_dir, meta)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    raw_model = build_model(config, explicit, meta, ckpt)
+    # rank 0 and world size 1 on every rank: batch_index() below gives each rank its own windows
+    loader = cleanup.enter_context(BatchLoader(config.data_dir, config.block_size, config.batch_size, device=device,
+                                               seed=config.seed))
+    micro_steps = A // world_size  # per rank, per optimizer step
+    tokens_per_iter = A * config.batch_size * config.block_size
+
+    device_type = device.type
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls where float32 remains
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    raw_model.to(device)
+    optimizer = raw_model.configure_optimizers(config.weight_decay, config.learning_rate,
+                                               (config.beta1, config.beta2), device_type)
+    iter_num, best_val_loss = 0, float("inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        rng = ckpt.get("rng")
+        if isinstance(rng, list) and len(rng) == world_size:
+            set_rng_state(rng[rank], device)
+        else:  # another number of processes: the batches still continue exactly, dropout cannot
+            torch.manual_seed(config.seed + rank + iter_num)
+            if master:
+                print(f"note: {ckpt_path} holds the random state of {len(rng or [])} processes and this run has "
+                      f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
+    else:
+        torch.manual_seed(config.seed + rank)  # each rank its own dropout stream
+    model = torch.compile(raw_model) if compile_model else raw_model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
+        # all ranks agree on stopping after a signal; a gloo group keeps that check off the GPU stream
+        stop_group = torch.distributed.new_group(backend="gloo") if config.backend != "gloo" else None
+    eval_model = model.module if ddp else model  # evaluation needs no gradient synchronisation
+
+    # --- from here on files are written (rank 0 only)
+    checkpoint_dir = Path(config.checkpoint_dir)
+    run_dir = None
+    if master:
+        if ckpt is None:
+            moved = move_aside(checkpoint_dir)
+            if moved:
+                print(f"starting a new run: the previous checkpoints in {checkpoint_dir} were moved to {moved}")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
+            run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run
+        else:
+            run_dir = new_run_dir(config.log_dir, config.data_dir)
+    log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
+    cleanup.callback(log.close)
+    if ckpt is None:
+        log.hparams(config.to_dict())
+
+    n_params = raw_model.get_num_params()
+    log.print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, {config.n_head} heads, "
+              f"{config.n_embd} wide, block {config.block_size}, vocab {config.vocab_size})")
+    log.print(f"tokens per step: {tokens_per_iter:,} = {config.gradient_accumulation_steps} micro-batches x "
+              f"{config.batch_size} sequences x {config.block_size} tokens"
+              + (f" over {world_size} processes" if ddp else ""))
+    log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
+              f"compile {compile_model}, data {config.data_dir} ({meta['tokenizer']}), "
+              f"checkpoints {checkpoint_dir}, tensorboard {run_dir}")
+    if ckpt is not None:
+        log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+    elif config.init_from not in ("auto", "scratch", "resume"):
+        log.print(f"fine-tuning from {config.init_from}")
+    resumed_from = iter_num if ckpt is not None else None
+    del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
+
+    def make_checkpoint() -> dict:
+        # every rank's RNG state, so each dropout stream continues exactly (a collective under DDP)
+        rng = get_rng_state(device)
+        if ddp:
+            states = [None] * world_size
+            torch.distributed.all_gather_object(states, rng)
+            rng = states
+        else:
+            rng = [rng]
+        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iter_num": iter_num,
+                "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
+                "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
+                "version": CHECKPOINT_VERSION}
+
+    def save(names: list[str]) -> None:
+        check_finite()
+        ckpt = make_checkpoint()
+        if master:
+            log.flush()  # events up to this step reach the disk before the checkpoint that covers them
+            for name in names:
+                save_checkpoint(checkpoint_dir / name, ckpt)
+
+    # non-finite losses are counted on the device and looked at only where the host syncs anyway
+    nonfinite = torch.zeros((), dtype=torch.int32, device=device)
+
+    def check_finite(losses=()) -> None:
+        bad = nonfinite.clone()
+        if ddp:
+            torch.distributed.all_reduce(bad)
+        if bad.item() or not all(math.isfinite(v) for v in losses):
+            raise TrainingError(
+                f"the loss became NaN or infinite by iteration {iter_num}; training stopped and no checkpoint was "
+                f"overwritten ({checkpoint_dir / 'checkpoint.pt'} holds the last good state). Lower --learning_rate "
+                f"(now {config.learning_rate}), keep --grad_clip on, or use --dtype=bfloat16 instead of float16")
+
+    def evaluate(initial: bool = False) -> dict[str, float]:
+        nonlocal best_val_loss
+        t0 = time.time()
+        losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size)
+        check_finite(losses.values())
+        # the starting point is only reported: best_checkpoint.pt is the best the training produced
+        improved = not initial and losses["val"] < best_val_loss
+        if improved:
+            best_val_loss = losses["val"]
+        log.print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                  f"{' (best)' if improved else ''} [{time.time() - t0:.1f}s]")
+        log.scalars(iter_num, **{"train/eval_loss": losses["train"], "val/loss": losses["val"]})
+        if master and config.sample_tokens:
+            from generate import sample_text
+            # the raw model, seeded generator: the training RNG streams are not touched
+            text = sample_text(raw_model, tokenizer, max_new_tokens=config.sample_tokens, seed=config.seed)
+            log.text("sample", text, iter_num)
+        if not initial:
+            save(["checkpoint.pt", "best_checkpoint.pt"] if improved else ["checkpoint.pt"])
+        return losses
+
+    def batch_index(it: int, m: int) -> int:
+        # the global micro-batch number: W ranks with A/W micro-steps each draw the same windows as one
+        # process with A micro-steps, and rank r takes every W-th of them
+        return it * config.gradient_accumulation_steps + m * world_size + rank
+
+    summary = {"losses": {}, "evals": {}, "stopped_by": None, "resumed_from": resumed_from,
+               "run_dir": str(run_dir) if run_dir else None}
+    grad_norm = None
+    with GracefulStop(verbose=master) as stop:
+        t0 = time.time()
+        if iter_num >= config.max_iters:
+            log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
+                      f"raise --max_iters to continue")
+        elif resumed_from is None:
+            summary["evals"][iter_num] = evaluate(initial=True)  # e.g. a pretrained model's loss
+        interval_loss = torch.zeros((), device=device)
+        interval_steps, t_mark, eval_time, last_eval_s = 0, time.time(), 0.0, time.time() - t0
+        while iter_num < config.max_iters:
+            lr = get_lr(iter_num, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
+                                         micro_steps, ctx, scaler)
+            log_step = (iter_num + 1) % config.log_interval == 0
+            if config.grad_clip > 0 or log_step:
+                scaler.unscale_(optimizer)
+                # the norm before clipping; max_norm=inf only measures it
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                           config.grad_clip if config.grad_clip > 0 else math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            nonfinite += (~torch.isfinite(step_loss)).int()
+            interval_loss += step_loss
+            interval_steps += 1
+            iter_num += 1
+
+            if log_step:
+                if ddp:  # the mean over all ranks (gloo has no AVG)
+                    torch.distributed.all_reduce(interval_loss)
+                loss_value = interval_loss.item() / interval_steps / world_size  # the only host sync
+                check_finite([loss_value])
+                dt = (time.time() - t_mark - eval_time) / interval_steps
+                evals_left = (config.max_iters // config.eval_interval - iter_num // config.eval_interval
+                              + (config.max_iters % config.eval_interval != 0))
+                eta = (config.max_iters - iter_num) * dt + evals_left * last_eval_s
+                log_progress(log, raw_model, iter_num, config.max_iters, loss_value, lr, grad_norm.item(), dt,
+                             tokens_per_iter, world_size, eta, device, dtype)
+                summary["losses"][iter_num] = loss_value
+                interval_loss.zero_()
+                interval_steps, t_mark, eval_time = 0, time.time(), 0.0
+
+            t0 = time.time()
+            if iter_num % config.eval_interval == 0 or iter_num == config.max_iters:
+                summary["evals"][iter_num] = evaluate()
+                last_eval_s = time.time() - t0
+            if config.save_interval and iter_num % config.save_interval == 0:
+                save([f"checkpoint_iter_{iter_num}.pt"])
+                if master and config.keep_last_n:
+                    prune_iter_checkpoints(checkpoint_dir, config.keep_last_n)
+            eval_time += time.time() - t0
+
+            if stop_requested(stop, stop_group if ddp else None) and iter_num < config.max_iters:
+                if iter_num % config.eval_interval:  # else evaluate() has just saved it
+                    save(["checkpoint.pt"])
+                summary["stopped_by"] = stop.signum or signal.SIGTERM
+                again = ("run the same command again" if config.init_from in ("auto", "resume")
+                         else "run it again with --init_from=resume")  # --init_from=gpt2 would start over
+                log.print(f"stopped at iteration {iter_num}: saved {checkpoint_dir / 'checkpoint.pt'}; {again} "
+                          "to continue")
+                break
+        else:
+            if resumed_from is None or iter_num > resumed_from:
+                save(["final_checkpoint.pt"])
+                log.print(f"done: {iter_num} iterations in {format_duration(time.time() - t_start)}, "
+                          f"best val loss {best_val_loss:.4f}; checkpoints in {checkpoint_dir}")
+    summary.update(iter_num=iter_num, best_val_loss=best_val_loss)
+    return summary
+
+
+def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float, lr: float, grad_norm: float,
+                 dt: float, tokens_per_iter: int, world_size: int, eta: float, device, dtype) -> None:
+    """The progress line and its TensorBoard scalars; dt is seconds per iteration."""
+    tokens_per_sec = tokens_per_iter / dt
+    flops = model.achieved_flops(tokens_per_iter, dt)  # all devices together, like tokens/s
+    mfu = model.estimate_mfu(tokens_per_iter // world_size, dt, device=device, dtype=dtype)
+    speed = f"MFU {mfu * 100:.1f}%" if mfu is not None else format_flops(flops)
+    log.print(f"iter {iter_num}/{max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+              f"{tokens_per_sec:,.0f} tok/s, {speed}, ETA {format_duration(eta)}")
+    log.scalars(iter_num, **{"train/loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
+                             "mfu": mfu, "flops_per_sec": flops if mfu is None else None})
+
+
+def forward_backward(model, get_batch, micro_steps: int, ctx=nullcontext(), scaler=None) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step over micro_steps micro-batches.
+
+    get_batch(m) -> (x, y) of micro-step m. Each micro-batch's loss is divided by micro_steps, so the
+    gradients are those of the mean loss over all of them (4 micro-batches of 2 == 1 batch of 8).
+    Under DDP (model is a DistributedDataParallel) gradients are averaged over the ranks only in the
+    last backward. Returns the step's mean loss as a device tensor: no host synchronisation.
+    """
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    step_loss = None
+    x, y = get_batch(0)
+    for m in range(micro_steps):
+        with model.no_sync() if ddp and m < micro_steps - 1 else nullcontext():
+            with ctx:
+                _, loss = model(x, y)
+            loss = loss / micro_steps
+            if m + 1 < micro_steps:
+                x, y = get_batch(m + 1)  # issued while the GPU still works on this forward
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+    return step_loss
+
+
+def stop_requested(stop: GracefulStop, group=None) -> bool:
+    """Whether a signal asked to stop; under DDP every rank must agree, or the others would hang.
+
+    group: a gloo process group for the agreement (None: the default group, which must be gloo),
+    so the check is a CPU collective that does not wait for the GPU.
+    """
+    if not torch.distributed.is_initialized():
+        return stop.signum is not None
+    flag = torch.tensor([1 if stop.signum is not None else 0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
+    if flag.item() and stop.signum is None:
+        stop.signum = signal.SIGTERM  # another rank was signalled
+    return bool(flag.item())
+
+
+def prune_iter_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoint_iter_N.pt files."""
+    found = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := ITER_CHECKPOINT.fullmatch(p.name)))
+    for _, p in found[:-keep]:
+        p.unlink()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    config, explicit = parse_args(argv)
+    try:
+        summary = train(config, explicit)
+    except KeyboardInterrupt:  # the second Ctrl-C
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    if summary["stopped_by"]:
+        sys.exit(128 + int(summary["stopped_by"]))
+
+
+if __name__ == "__main__":
+    run_cli(main)
