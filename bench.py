@@ -1,24 +1,38 @@
-"""Benchmark: training throughput (tokens/s, ms/iter, MFU, peak memory) and generation speed.
+"""Benchmark: training throughput (tokens/s, ms/iter, MFU, peak memory), generation speed, and
+GPT-2 tokenisation speed of prepare_data.py (MB/s).
 
     python bench.py --preset gpt2 --batch_size 16 --block_size 1024     # GPT-2 124M on a GPU
     python bench.py                                                     # a small preset on CPU (smoke test)
     python bench.py --data_dir data/shakespeare --json bench.json       # real data; keep the figures
+    python bench.py --tokenize --tokenize_mb 100                        # tokenisation only, on every core
 
 Training is timed after a warm-up that covers torch.compile, with one host synchronisation at the
 end of the timed window. Generation is timed for batch 1 and batch 8 through generate.py's decoder
 (static KV cache, CUDA graphs on GPU). MFU is against the GPU's dense bf16 peak (model.py's table);
 where no peak is known (CPU, float32, an unlisted GPU) the achieved FLOP/s is printed instead.
+
+--tokenize times GPT-2 tokenisation alone, on generated text (the words of --input, or of
+$SHAKESPEARE, when given): single-thread tiktoken, tiktoken alone in --num_proc processes (the
+machine's best), and prepare_data.py's parallel pipeline from file to .bin for one text file and
+for JSON Lines documents, against a target of 0.7 x single-thread x processes.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import random
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 
-from config import GPT2_CONFIGS, preset_config
-from utils import UserError, atomic_open, run_cli
+from config import DTYPES, GPT2_CONFIGS, preset_config
+from utils import UserError, atomic_open, resolve_device, resolve_dtype, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="vocabulary of the random tokens (default: 65 for the character-level presets, else 50257)")
     p.add_argument("--data_dir", default=None, help="time on real batches from this prepared data set")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
@@ -43,25 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf_reference", action="store_true",
                    help="also time transformers' GPT2LMHeadModel.generate on the same weights (batch 1)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures to this JSON file")
+    t = p.add_argument_group("tokenisation benchmark")
+    t.add_argument("--tokenize", action="store_true",
+                   help="time GPT-2 tokenisation (tiktoken and prepare_data.py's pipeline) instead of the model")
+    t.add_argument("--tokenize_mb", type=float, default=100, help="--tokenize: megabytes of generated text")
+    t.add_argument("--input", default=None, metavar="FILE",
+                   help="--tokenize: draw the words from this UTF-8 text (default: $SHAKESPEARE if set, "
+                        "else made-up words)")
+    t.add_argument("--num_proc", type=int, default=None, help="--tokenize: tokenising processes (default: every core)")
     return p.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def cpu_name() -> str:
@@ -153,8 +157,188 @@ def bench_generate(args, config, device, dtype) -> list[dict]:
     return results
 
 
+# ----------------------------------------------------------------------------- tokenisation (--tokenize)
+
+def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) -> str:
+    """About n_bytes of deterministic, varied text: words drawn with Zipf-like frequencies.
+
+    The words come from words_file (e.g. tinyshakespeare) when given, else they are generated from
+    syllables, with capitals, numbers, punctuation and some non-ASCII words; lines end at random.
+    """
+    from prepare_data import decode_utf8
+    rng = np.random.default_rng(seed)
+    if words_file:
+        words = sorted(set(decode_utf8(Path(words_file).read_bytes(), words_file).split()))
+    else:
+        syllables = ["ka", "lo", "mi", "ster", "an", "the", "ing", "pre", "vo", "tu", "ré", "qua", "ex", "on",
+                     "ly", "ber", "sh", "ou", "ght", "ion", "al", "fe", "dri", "ck", "zo", "ph", "ea", "un"]
+        words = set()
+        while len(words) < 20000:
+            w = "".join(rng.choice(syllables, size=rng.integers(1, 5)))
+            r = rng.random()
+            w = w.capitalize() if r < 0.15 else w + rng.choice(list(",.;:!?")) if r < 0.25 else w
+            words.add(w)
+        words = sorted(words) + [str(i) for i in range(0, 3000, 7)]
+        words += ["café", "naïve", "über", "東京", "Москва", "εὐχαριστῶ", "😀", "—", "(1999)", "don't", "it's"]
+    words = np.array(words, dtype=object)
+    rng.shuffle(words)
+    p = 1.0 / np.arange(1, len(words) + 1) ** 1.05
+    p /= p.sum()
+    parts, size = [], 0
+    while size < n_bytes:
+        k = 1 << 18
+        tokens = np.empty(2 * k, dtype=object)
+        tokens[0::2] = words[rng.choice(len(words), size=k, p=p)]
+        tokens[1::2] = np.where(rng.random(k) < 0.08, "\n", " ")
+        block = "".join(tokens)
+        parts.append(block)
+        size += len(block.encode("utf-8"))
+    return "".join(parts)
+
+
+def bench_documents(text: str, seed: int = 1337) -> Iterator[str]:
+    """text cut at newlines into documents of 1 to 20 KB, as JSON Lines."""
+    rng = random.Random(seed)
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + rng.randint(1000, 20000))
+        end = len(text) if end < 0 else end + 1
+        yield json.dumps({"text": text[start:end]}, ensure_ascii=False) + "\n"
+        start = end
+
+
+_barrier = None
+
+
+def _init_raw_worker(barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _raw_encode(text: str) -> tuple[float, float]:
+    """Encode text with tiktoken alone, after every worker has its text: (start, end) times."""
+    from tokenizer import GPT2Tokenizer
+    tok = GPT2Tokenizer()
+    tok.encode_ordinary("warm up")
+    _barrier.wait()
+    t0 = time.time()
+    tok.encode_ordinary(text)
+    return t0, time.time()
+
+
+def raw_parallel_speed(text: str, num_proc: int) -> float:
+    """MB/s of num_proc processes each running tiktoken on its own share, nothing else: what the
+    machine's cores give at best. Shares are handed out before the clock starts."""
+    from prepare_data import cut_text
+    data = text.encode("utf-8")
+    shares = [share.decode("utf-8") for share in cut_text(data, len(data) // num_proc + 1)]
+    with multiprocessing.Pool(len(shares), _init_raw_worker, (multiprocessing.Barrier(len(shares)),)) as pool:
+        times = pool.map(_raw_encode, shares, chunksize=1)
+    return len(data) / 1e6 / (max(t for _, t in times) - min(t for t, _ in times))
+
+
+def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
+    """Time single-thread tiktoken and prepare_data.py's parallel pipeline on the same generated text.
+
+    Prints MB/s and returns the figures, with the token counts the pipeline wrote (text_file_tokens:
+    train + val of the text file; documents_tokens: those of the JSON Lines documents, end-of-text
+    after each). Raises RuntimeError if the pipeline's ids differ from single-thread tiktoken's.
+    """
+    from data import SPLITS
+    from prepare_data import prepare_documents, prepare_text
+    from tokenizer import GPT2Tokenizer
+    print(f"generating {mb:g} MB of text from {'the words of ' + words_file if words_file else 'made-up words'}",
+          file=sys.stderr)
+    text = bench_text(int(mb * 1e6), words_file)
+    size = len(text.encode("utf-8")) / 1e6
+    tok = GPT2Tokenizer()
+    tok.encode_ordinary("warm up")
+    cut = int(len(text) * 0.9)
+    t0 = time.perf_counter()
+    ref = [tok.encode_ordinary(text[:cut]), tok.encode_ordinary(text[cut:])]
+    single = size / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    tok.enc.encode_to_numpy(text, disallowed_special=())
+    single_np = size / (time.perf_counter() - t0)
+    print(f"single-thread tiktoken: {single:.2f} MB/s", file=sys.stderr)
+    ceiling = raw_parallel_speed(text, num_proc) if num_proc > 1 else single
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "bench.txt").write_text(text, encoding="utf-8")
+        t0 = time.perf_counter()
+        text_meta = prepare_text(tmp / "text", [tmp / "bench.txt"], dataset="custom", tokenizer="gpt2",
+                                 vocab_size=None, val_fraction=0.1, num_proc=num_proc, command="bench")
+        text_speed = size / (time.perf_counter() - t0)
+        same = all(np.array_equal(np.fromfile(tmp / "text" / f"{split}.bin", dtype=np.uint16), ids)
+                   for split, ids in zip(SPLITS, ref))
+        del ref
+        n_docs = 0
+        with open(tmp / "bench.jsonl", "w", encoding="utf-8") as f:
+            for line in bench_documents(text):
+                f.write(line)
+                n_docs += 1
+        # OpenWebText's val_fraction leaves val a few documents from about 50 MB up; a smaller text takes
+        # 0.05, as an empty split is an error. Which split a document goes to does not change the speed.
+        val_fraction = 0.0005 if n_docs >= 5000 else 0.05
+        t0 = time.perf_counter()
+        meta = prepare_documents(tmp / "docs", str(tmp / "bench.jsonl"), hf_name="", val_fraction=val_fraction,
+                                 num_proc=num_proc, command="bench")
+        docs_speed = size / (time.perf_counter() - t0)
+    target = 0.7 * single * num_proc
+    print(f"text: {size:.1f} MB; documents: {meta['train_documents'] + meta['val_documents']:,}; processes: {num_proc}")
+    print(f"single-thread tiktoken encode_ordinary:         {single:8.2f} MB/s")
+    print(f"single-thread tiktoken encode_to_numpy:         {single_np:8.2f} MB/s (what the workers call)")
+    print(f"tiktoken alone in {num_proc:2d} processes (machine's best): {ceiling:8.2f} MB/s = "
+          f"{ceiling / single:.2f} x single")
+    print(f"pipeline, one text file (file to .bin):        {text_speed:8.2f} MB/s = "
+          f"{text_speed / single:.2f} x single; ids identical to single-thread tiktoken: {'yes' if same else 'NO'}")
+    print(f"pipeline, JSON Lines documents (file to .bin): {docs_speed:8.2f} MB/s = {docs_speed / single:.2f} x single")
+    print(f"target 0.7 x single x {num_proc} = {target:.2f} MB/s: text file {text_speed / target:.2f}, documents "
+          f"{docs_speed / target:.2f} of target ({'met' if min(text_speed, docs_speed) >= target else 'NOT met'}); "
+          f"against encode_to_numpy's single-thread speed: {text_speed / target * single / single_np:.2f} and "
+          f"{docs_speed / target * single / single_np:.2f}")
+    if not same:
+        raise RuntimeError("the parallel pipeline's ids differ from single-thread tiktoken's")
+    return dict(mb=round(size, 1), num_proc=num_proc, single_thread_mb_s=round(single, 2),
+                single_thread_numpy_mb_s=round(single_np, 2),
+                tiktoken_parallel_mb_s=round(ceiling, 2), text_file_mb_s=round(text_speed, 2),
+                documents_mb_s=round(docs_speed, 2), target_mb_s=round(target, 2),
+                text_file_tokens=text_meta["train_tokens"] + text_meta["val_tokens"],
+                documents=meta["train_documents"] + meta["val_documents"],
+                documents_tokens=meta["train_tokens"] + meta["val_tokens"])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.tokenize:
+        report = tokenize_report(args)
+    else:
+        report = model_report(args)
+    if args.json:
+        with atomic_open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return report
+
+
+def tokenize_report(args) -> dict:
+    """The --tokenize run: tokenisation figures only, no model."""
+    from prepare_data import default_num_proc
+    num_proc = default_num_proc() if args.num_proc is None else args.num_proc
+    words_file = args.input or os.environ.get("SHAKESPEARE")
+    if num_proc < 1:
+        raise UserError(f"--num_proc must be at least 1, got {num_proc}")
+    if not args.tokenize_mb > 0:
+        raise UserError(f"--tokenize_mb must be above 0, got {args.tokenize_mb:g}; e.g. --tokenize_mb 100")
+    if words_file and not Path(words_file).is_file():
+        raise UserError(f"the word source {words_file!r} (--input, else $SHAKESPEARE) is not a file; give a UTF-8 "
+                        "text file, or neither to use made-up words")
+    return dict(device_name=cpu_name(), date=time.strftime("%Y-%m-%d"),
+                tokenize=bench_tokenize(args.tokenize_mb, num_proc, words_file))
+
+
+def model_report(args) -> dict:
+    """The default run: training and generation figures, printed as they come."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     use_compile = device.type == "cuda" if args.compile == "auto" else args.compile == "true"
@@ -205,10 +389,6 @@ def main(argv=None) -> dict:
             ref = (f" | transformers generate {g['hf_tokens_per_sec']:.1f} tokens/s "
                    f"(x{g['tokens_per_sec'] / g['hf_tokens_per_sec']:.2f})" if g.get("hf_tokens_per_sec") else "")
             print(f"  batch {g['batch_size']}: {g['tokens_per_sec']:,.1f} tokens/s{ref}")
-    if args.json:
-        with atomic_open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
     return report
 
 

@@ -1,17 +1,29 @@
-"""Configuration: one GPT2Config class whose class attributes are the defaults.
+"""Configuration: one GPT2Config class whose class attributes are the defaults, the presets, and how
+train.py's command line and config files override them.
 
-    from config import GPT2Config, GPT2_CONFIGS
+    from config import GPT2Config, GPT2_CONFIGS, parse_args
     config = GPT2Config()                       # GPT-2 124M on ./data/shakespeare
     for k, v in GPT2_CONFIGS['gpt2-medium'].items():
         setattr(config, k, v)
     config = GPT2Config(n_layer=4)              # or overrides as keywords
     config.validate()                           # every problem at once, as one ConfigError
 
-train.py applies a preset (--preset=NAME), then an optional config file, then --key=value flags
-onto an instance, and stores `config.to_dict()` in every checkpoint.
+    config, explicit = parse_args(["--preset=shakespeare-char-cpu", "--batch_size=32"])  # as train.py does
+
+parse_args() reads train.py's command line: a preset (--preset=NAME), then an optional config file,
+then --key=value flags, applied onto an instance; `python train.py --help` lists every field with the
+comment written beside it below. train.py stores `config.to_dict()` in every checkpoint.
 """
+import argparse
+import ast
+import inspect
 import math
-from typing import Any
+import re
+import sys
+import textwrap
+import types
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -195,6 +207,15 @@ def preset_config(name: str, **overrides: Any) -> "GPT2Config":
     return config
 
 
+def check_config(config: GPT2Config) -> None:
+    """config.validate() plus what the training loop needs on top of it."""
+    config.validate()
+    if config.decay_lr and config.lr_decay_iters <= config.warmup_iters:
+        raise ConfigError(f"lr_decay_iters ({config.lr_decay_iters}) must exceed warmup_iters "
+                          f"({config.warmup_iters}) for the cosine decay; e.g. --lr_decay_iters={config.max_iters} "
+                          f"--warmup_iters={min(config.warmup_iters, config.max_iters // 10)}, or --decay_lr=False")
+
+
 def suggest(name: str, candidates: list[str]) -> str:
     """'; did you mean 'n_layer'?' for a near miss, else ''."""
     import difflib
@@ -223,3 +244,148 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
         device="cpu", compile=False,
     ),
 }
+
+
+# ----------------------------------------------------------------------------- command line and config files
+# train.py's arguments: --preset=NAME, then an optional config file (plain Python assigning field
+# names), then --key=value flags parsed as Python literals. They are applied to a GPT2Config instance,
+# never to globals(), and an unknown key is rejected with the closest field name suggested.
+
+def field_comments() -> dict[str, str]:
+    """field -> the comment after it in config.py, which --help shows."""
+    comments = {}
+    for line in inspect.getsource(GPT2Config).splitlines():
+        m = re.match(r"    (\w+) = .*?  # (.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
+    """Check `value` against the type of field `key` and return it (ints become floats for float fields).
+
+    raw is the flag's text: a string field takes it verbatim (--data_dir=2024 is the folder '2024').
+    """
+    default = getattr(GPT2Config, key)
+    if raw is not None and isinstance(default, bool) and raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    if key == "compile":
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f"compile must be True, False or 'auto', got {value!r} (e.g. --compile=False)")
+    if key == "dtype" and isinstance(value, torch.dtype):
+        return value  # GPT2Config turns it into its name; validate() checks it is supported
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        expected = "True or False"
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    else:
+        if raw is not None:
+            return value if isinstance(value, str) else raw
+        if isinstance(value, str):
+            return value
+        expected = "a string"
+    example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
+    raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}); e.g. {example}")
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A flag's text as a Python literal when it is one (1e-3, False, 'x'), else the bare string."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = text
+    return coerce(key, value, raw=text)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Run a config file (plain Python assigning field names) in a namespace of its own; its settings."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist; pass a Python file that assigns config fields, "
+                          f"e.g. `n_layer = 4`, or use --key=value flags")
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(p.read_text(encoding="utf-8"), str(p), "exec"), namespace)
+    except Exception as e:  # a config file can fail in any way; report it as the user's file
+        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    settings = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue  # imports and helpers are allowed in a config file; they are not settings
+        if name not in field_names():
+            raise ConfigError(f"config file {path}: unknown config key {name!r}{suggest(name, field_names())}")
+        settings[name] = coerce(name, value)
+    return settings
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; one line and exit 2 instead
+        raise ConfigError(f"{message} (see python train.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's argument parser: config_file, --preset, and --key=value for every field."""
+    presets = "\n".join(textwrap.fill(", ".join(f"{k}={v!r}" for k, v in preset.items()), width=100,
+                                       initial_indent=f"  {name:22s} ", subsequent_indent=" " * 25)
+                        for name, preset in GPT2_CONFIGS.items())
+    parser = _Parser(
+        prog="train.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a GPT-2 model: one process, or many under torchrun (DDP), with checkpoints, exact "
+                    "resume and TensorBoard.\n\nApplied in order: --preset, then config_file, then --key=value.",
+        epilog="presets (--preset=NAME):\n" + presets)
+    parser.add_argument("config_file", nargs="?", help="Python file assigning config fields, e.g. n_layer = 4")
+    parser.add_argument("--preset", metavar="NAME", help=f"apply a preset first: {', '.join(GPT2_CONFIGS)}")
+    comments = field_comments()
+    group = parser.add_argument_group("config fields (--key=value; the defaults are config.py's)")
+    for name in field_names():
+        text = f"{comments.get(name, '')} (default: {getattr(GPT2Config, name)!r})"
+        group.add_argument(f"--{name}", metavar="V", default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[GPT2Config, set[str]]:
+    """Command line -> (config, the names of the fields the user set through preset, file or flags).
+
+    Nothing is written and no directory is created here: a mistake raises ConfigError.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = build_parser().parse_known_args(argv)
+    problems = []  # every mistake on the command line is reported at once
+    for arg in unknown:
+        if arg.startswith("-"):
+            name = arg.lstrip("-").split("=", 1)[0]
+            problems.append(f"unknown config key {name!r}{suggest(name, field_names())}")
+        else:
+            problems.append(f"unexpected argument {arg!r}: give at most one config file, and flags as --key=value")
+    if problems:
+        raise ConfigError("; ".join(problems) + " (python train.py --help lists the keys)")
+    config = GPT2Config() if args.preset is None else preset_config(args.preset)
+    explicit: set[str] = set() if args.preset is None else set(GPT2_CONFIGS[args.preset])
+    if args.config_file is not None:
+        for k, v in read_config_file(args.config_file).items():
+            setattr(config, k, v)
+            explicit.add(k)
+    for k, text in vars(args).items():
+        if k in ("preset", "config_file"):
+            continue
+        try:
+            setattr(config, k, parse_value(k, text))
+            explicit.add(k)
+        except ConfigError as e:
+            problems.append(str(e))
+    try:
+        check_config(config)  # the values whose type was right; wrong types are in problems already
+    except ConfigError as e:
+        problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config, explicit

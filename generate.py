@@ -43,13 +43,13 @@ import torch
 
 from config import DTYPES, suggest
 from utils import (CHECKPOINT_FALLBACK, CheckpointError, UserError, atomic_open, find_checkpoint,
-                   load_checkpoint, model_from_checkpoint, run_cli)
+                   load_checkpoint, model_from_checkpoint, resolve_device, resolve_dtype, run_cli)
 
 GPT2_VOCAB_SIZE = 50257
 
 
 class GenerationError(UserError, ValueError):
-    """A sampling setting, prompt, device or dtype that cannot work."""
+    """A sampling setting, prompt or generation option that cannot work."""
 
 
 # ---------------------------------------------------------------------------- settings
@@ -135,44 +135,6 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------- device and dtype
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available, then mps, then cpu; otherwise the named device, which must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise GenerationError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError(f"--device {name} was asked for, but this PyTorch sees no CUDA GPU; "
-                              "use --device cpu (or --device auto)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise GenerationError(f"--device {name} was asked for, but MPS is not available here; use --device cpu")
-    return device
-
-
-def resolve_dtype(name, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPES:
-        raise GenerationError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------------- token-level decoding

@@ -6,7 +6,6 @@
     python prepare_data.py --dataset custom --input my.txt --tokenizer char     # -> ./data/my
     python prepare_data.py --dataset openwebtext                   # Hugging Face (pip install datasets)
     python prepare_data.py --dataset openwebtext --input docs/     # local .jsonl / .txt / .parquet files
-    python prepare_data.py --bench [--bench_mb 100]                # GPT-2 tokenisation speed, MB/s
 
 Shakespeare is tinyshakespeare (input.txt of Karpathy's char-rnn repository), downloaded into the
 data directory and checked against its sha256; --input FILE or the SHAKESPEARE environment variable
@@ -32,6 +31,7 @@ with a bounded number of chunks in flight, and the results are streamed to disk 
 stays flat however large the corpus. Long texts are cut only just before a space or newline that
 follows a non-space character; GPT-2's pre-split pattern never joins characters across such a point,
 so the ids are exactly those of encoding the whole text at once (tests/test_data.py checks this).
+`python bench.py --tokenize` measures its speed in MB/s against single-thread tiktoken.
 """
 import argparse
 import contextlib
@@ -40,13 +40,10 @@ import itertools
 import json
 import multiprocessing
 import os
-import random
 import re
 import shlex
 import signal
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections import deque
@@ -609,139 +606,6 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
 
 
 # -----------------------------------------------------------------------------
-# benchmark
-
-
-def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) -> str:
-    """About n_bytes of deterministic, varied text: words drawn with Zipf-like frequencies.
-
-    The words come from words_file (e.g. tinyshakespeare) when given, else they are generated from
-    syllables, with capitals, numbers, punctuation and some non-ASCII words; lines end at random.
-    """
-    rng = np.random.default_rng(seed)
-    if words_file:
-        words = sorted(set(decode_utf8(Path(words_file).read_bytes(), words_file).split()))
-    else:
-        syllables = ["ka", "lo", "mi", "ster", "an", "the", "ing", "pre", "vo", "tu", "ré", "qua", "ex", "on",
-                     "ly", "ber", "sh", "ou", "ght", "ion", "al", "fe", "dri", "ck", "zo", "ph", "ea", "un"]
-        words = set()
-        while len(words) < 20000:
-            w = "".join(rng.choice(syllables, size=rng.integers(1, 5)))
-            r = rng.random()
-            w = w.capitalize() if r < 0.15 else w + rng.choice(list(",.;:!?")) if r < 0.25 else w
-            words.add(w)
-        words = sorted(words) + [str(i) for i in range(0, 3000, 7)]
-        words += ["café", "naïve", "über", "東京", "Москва", "εὐχαριστῶ", "😀", "—", "(1999)", "don't", "it's"]
-    words = np.array(words, dtype=object)
-    rng.shuffle(words)
-    p = 1.0 / np.arange(1, len(words) + 1) ** 1.05
-    p /= p.sum()
-    parts, size = [], 0
-    while size < n_bytes:
-        k = 1 << 18
-        tokens = np.empty(2 * k, dtype=object)
-        tokens[0::2] = words[rng.choice(len(words), size=k, p=p)]
-        tokens[1::2] = np.where(rng.random(k) < 0.08, "\n", " ")
-        block = "".join(tokens)
-        parts.append(block)
-        size += len(block.encode("utf-8"))
-    return "".join(parts)
-
-
-def bench_documents(text: str, seed: int = 1337) -> Iterator[str]:
-    """text cut at newlines into documents of 1 to 20 KB, as JSON Lines."""
-    rng = random.Random(seed)
-    start = 0
-    while start < len(text):
-        end = text.find("\n", start + rng.randint(1000, 20000))
-        end = len(text) if end < 0 else end + 1
-        yield json.dumps({"text": text[start:end]}, ensure_ascii=False) + "\n"
-        start = end
-
-
-_barrier = None
-
-
-def _init_raw_worker(barrier) -> None:
-    global _barrier
-    _barrier = barrier
-
-
-def _raw_encode(text: str) -> tuple[float, float]:
-    """Encode text with tiktoken alone, after every worker has its text: (start, end) times."""
-    tok = GPT2Tokenizer()
-    tok.encode_ordinary("warm up")
-    _barrier.wait()
-    t0 = time.time()
-    tok.encode_ordinary(text)
-    return t0, time.time()
-
-
-def raw_parallel_speed(text: str, num_proc: int) -> float:
-    """MB/s of num_proc processes each running tiktoken on its own share, nothing else: what the
-    machine's cores give at best. Shares are handed out before the clock starts."""
-    data = text.encode("utf-8")
-    shares = [share.decode("utf-8") for share in cut_text(data, len(data) // num_proc + 1)]
-    with multiprocessing.Pool(len(shares), _init_raw_worker, (multiprocessing.Barrier(len(shares)),)) as pool:
-        times = pool.map(_raw_encode, shares, chunksize=1)
-    return len(data) / 1e6 / (max(t for _, t in times) - min(t for t, _ in times))
-
-
-def bench(mb: float, num_proc: int, words_file: str | None) -> dict:
-    """Time single-thread tiktoken and our parallel pipeline on the same generated text; print MB/s."""
-    print(f"generating {mb:g} MB of text from {'the words of ' + words_file if words_file else 'made-up words'}",
-          file=sys.stderr)
-    text = bench_text(int(mb * 1e6), words_file)
-    size = len(text.encode("utf-8")) / 1e6
-    tok = GPT2Tokenizer()
-    tok.encode_ordinary("warm up")
-    cut = int(len(text) * 0.9)
-    t0 = time.perf_counter()
-    ref = [tok.encode_ordinary(text[:cut]), tok.encode_ordinary(text[cut:])]
-    single = size / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    tok.enc.encode_to_numpy(text, disallowed_special=())
-    single_np = size / (time.perf_counter() - t0)
-    print(f"single-thread tiktoken: {single:.2f} MB/s", file=sys.stderr)
-    ceiling = raw_parallel_speed(text, num_proc) if num_proc > 1 else single
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "bench.txt").write_text(text, encoding="utf-8")
-        t0 = time.perf_counter()
-        prepare_text(tmp / "text", [tmp / "bench.txt"], dataset="custom", tokenizer="gpt2", vocab_size=None,
-                     val_fraction=0.1, num_proc=num_proc, command="bench")
-        text_speed = size / (time.perf_counter() - t0)
-        same = all(np.array_equal(np.fromfile(tmp / "text" / f"{split}.bin", dtype=np.uint16), ids)
-                   for split, ids in zip(SPLITS, ref))
-        del ref
-        with open(tmp / "bench.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(bench_documents(text))
-        t0 = time.perf_counter()
-        meta = prepare_documents(tmp / "docs", str(tmp / "bench.jsonl"), hf_name="", val_fraction=0.0005,
-                                 num_proc=num_proc, command="bench")
-        docs_speed = size / (time.perf_counter() - t0)
-    target = 0.7 * single * num_proc
-    print(f"text: {size:.1f} MB; documents: {meta['train_documents'] + meta['val_documents']:,}; processes: {num_proc}")
-    print(f"single-thread tiktoken encode_ordinary:         {single:8.2f} MB/s")
-    print(f"single-thread tiktoken encode_to_numpy:         {single_np:8.2f} MB/s (what the workers call)")
-    print(f"tiktoken alone in {num_proc:2d} processes (machine's best): {ceiling:8.2f} MB/s = "
-          f"{ceiling / single:.2f} x single")
-    print(f"pipeline, one text file (file to .bin):        {text_speed:8.2f} MB/s = "
-          f"{text_speed / single:.2f} x single; ids identical to single-thread tiktoken: {'yes' if same else 'NO'}")
-    print(f"pipeline, JSON Lines documents (file to .bin): {docs_speed:8.2f} MB/s = {docs_speed / single:.2f} x single")
-    print(f"target 0.7 x single x {num_proc} = {target:.2f} MB/s: text file {text_speed / target:.2f}, documents "
-          f"{docs_speed / target:.2f} of target ({'met' if min(text_speed, docs_speed) >= target else 'NOT met'}); "
-          f"against encode_to_numpy's single-thread speed: {text_speed / target * single / single_np:.2f} and "
-          f"{docs_speed / target * single / single_np:.2f}")
-    if not same:
-        raise RuntimeError("the parallel pipeline's ids differ from single-thread tiktoken's")
-    return dict(mb=round(size, 1), num_proc=num_proc, single_thread_mb_s=round(single, 2),
-                single_thread_numpy_mb_s=round(single_np, 2),
-                tiktoken_parallel_mb_s=round(ceiling, 2), text_file_mb_s=round(text_speed, 2),
-                documents_mb_s=round(docs_speed, 2), target_mb_s=round(target, 2))
-
-
-# -----------------------------------------------------------------------------
 # command line
 
 
@@ -770,9 +634,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hf_dataset", default="openwebtext",
                    help="openwebtext without --input: the Hugging Face data set to load, with a \"text\" column "
                         "(default %(default)s)")
-    p.add_argument("--bench", action="store_true",
-                   help="benchmark GPT-2 tokenisation on generated text (words of --input or $SHAKESPEARE if given)")
-    p.add_argument("--bench_mb", type=float, default=100, help="--bench: megabytes of text (default %(default)s)")
     return p.parse_args(argv)
 
 
@@ -781,8 +642,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.num_proc < 1:
         raise DataError(f"--num_proc must be at least 1, got {args.num_proc}")
-    if args.bench:
-        return bench(args.bench_mb, args.num_proc, args.input or os.environ.get("SHAKESPEARE"))
     if args.dataset is None:
         raise DataError("say what to prepare: --dataset shakespeare, --dataset custom --input FILE, or "
                         "--dataset openwebtext (python prepare_data.py --help lists the options)")

@@ -8,36 +8,33 @@
     torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 --nproc_per_node=8 train.py ...
 
 Settings are applied in this order: --preset=NAME (a GPT2_CONFIGS entry), the config file (plain Python
-assigning field names), then --key=value flags (Python literals; bare strings are fine). `--help` lists
-every field. If checkpoint_dir holds checkpoint.pt the run continues from it (--init_from=scratch starts
-over and moves the old files aside). Ctrl-C or SIGTERM finishes the current step, saves checkpoint.pt and
-exits; a second Ctrl-C aborts at once. `tensorboard --logdir runs` shows the curves and text samples.
+assigning field names), then --key=value flags (Python literals; bare strings are fine); config.py's
+parse_args reads them, and `--help` lists every field. If checkpoint_dir holds checkpoint.pt the run
+continues from it (--init_from=scratch starts over and moves the old files aside). Ctrl-C or SIGTERM
+finishes the current step, saves checkpoint.pt and exits; a second Ctrl-C aborts at once.
+`tensorboard --logdir runs` shows the curves and text samples.
 
 The loop follows nanoGPT's train.py: AdamW, linear warmup then cosine decay, gradient accumulation,
 gradient clipping, autocast with bfloat16 (float16 plus a GradScaler where bf16 is missing), and
 torch.compile, with DDP through torch.distributed when launched by torchrun.
 """
-import argparse
-import ast
 import copy
-import inspect
 import math
 import os
 import re
 import signal
 import sys
-import textwrap
 import time
-import types
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from config import GPT2_CONFIGS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, field_names, suggest
+# the command line is parsed in config.py; build_parser is imported for `from train import build_parser`
+from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config, build_parser, check_config, parse_args  # noqa: F401
 from utils import (CHECKPOINT_VERSION, CheckpointError, UserError, format_duration, get_rng_state,
-                   load_checkpoint, run_cli, save_checkpoint, set_rng_state)
+                   load_checkpoint, resolve_device, resolve_dtype, run_cli, save_checkpoint, set_rng_state)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CHECKPOINT_NAMES = ("checkpoint.pt", "best_checkpoint.pt", "final_checkpoint.pt")
@@ -46,162 +43,6 @@ ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 
 class TrainingError(UserError):
     """Training cannot go on (a NaN loss, a checkpoint that does not fit the run); the message says why."""
-
-
-# ----------------------------------------------------------------------------- command line
-
-def field_comments() -> dict[str, str]:
-    """field -> the comment after it in config.py, which --help shows."""
-    comments = {}
-    for line in inspect.getsource(GPT2Config).splitlines():
-        m = re.match(r"    (\w+) = .*?  # (.*)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2)
-    return comments
-
-
-def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
-    """Check `value` against the type of field `key` and return it (ints become floats for float fields).
-
-    raw is the flag's text: a string field takes it verbatim (--data_dir=2024 is the folder '2024').
-    """
-    default = getattr(GPT2Config, key)
-    if raw is not None and isinstance(default, bool) and raw.lower() in ("true", "false"):
-        value = raw.lower() == "true"
-    if key == "compile":
-        if isinstance(value, bool) or value == "auto":
-            return value
-        raise ConfigError(f"compile must be True, False or 'auto', got {value!r} (e.g. --compile=False)")
-    if key == "dtype" and isinstance(value, torch.dtype):
-        return value  # GPT2Config turns it into its name; validate() checks it is supported
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        expected = "True or False"
-    elif isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        expected = "an integer"
-    elif isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        expected = "a number"
-    else:
-        if raw is not None:
-            return value if isinstance(value, str) else raw
-        if isinstance(value, str):
-            return value
-        expected = "a string"
-    example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
-    raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}); e.g. {example}")
-
-
-def parse_value(key: str, text: str) -> Any:
-    """A flag's text as a Python literal when it is one (1e-3, False, 'x'), else the bare string."""
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = text
-    return coerce(key, value, raw=text)
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """Run a config file (plain Python assigning field names) in a namespace of its own; its settings."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist; pass a Python file that assigns config fields, "
-                          f"e.g. `n_layer = 4`, or use --key=value flags")
-    namespace: dict[str, Any] = {}
-    try:
-        exec(compile(p.read_text(encoding="utf-8"), str(p), "exec"), namespace)
-    except Exception as e:  # a config file can fail in any way; report it as the user's file
-        raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
-    settings = {}
-    for name, value in namespace.items():
-        if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-            continue  # imports and helpers are allowed in a config file; they are not settings
-        if name not in field_names():
-            raise ConfigError(f"config file {path}: unknown config key {name!r}{suggest(name, field_names())}")
-        settings[name] = coerce(name, value)
-    return settings
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit; one line and exit 2 instead
-        raise ConfigError(f"{message} (see python train.py --help)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    presets = "\n".join(textwrap.fill(", ".join(f"{k}={v!r}" for k, v in preset.items()), width=100,
-                                       initial_indent=f"  {name:22s} ", subsequent_indent=" " * 25)
-                        for name, preset in GPT2_CONFIGS.items())
-    parser = _Parser(
-        prog="train.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0] + "\n\nApplied in order: --preset, then config_file, then --key=value.",
-        epilog="presets (--preset=NAME):\n" + presets)
-    parser.add_argument("config_file", nargs="?", help="Python file assigning config fields, e.g. n_layer = 4")
-    parser.add_argument("--preset", metavar="NAME", help=f"apply a preset first: {', '.join(GPT2_CONFIGS)}")
-    comments = field_comments()
-    group = parser.add_argument_group("config fields (--key=value; the defaults are config.py's)")
-    for name in field_names():
-        text = f"{comments.get(name, '')} (default: {getattr(GPT2Config, name)!r})"
-        group.add_argument(f"--{name}", metavar="V", default=argparse.SUPPRESS, help=text.replace("%", "%%"))
-    return parser
-
-
-def parse_args(argv: Optional[list[str]] = None) -> tuple[GPT2Config, set[str]]:
-    """Command line -> (config, the names of the fields the user set through preset, file or flags).
-
-    Nothing is written and no directory is created here: a mistake raises ConfigError.
-    """
-    argv = sys.argv[1:] if argv is None else argv
-    args, unknown = build_parser().parse_known_args(argv)
-    problems = []  # every mistake on the command line is reported at once
-    for arg in unknown:
-        if arg.startswith("-"):
-            name = arg.lstrip("-").split("=", 1)[0]
-            problems.append(f"unknown config key {name!r}{suggest(name, field_names())}")
-        else:
-            problems.append(f"unexpected argument {arg!r}: give at most one config file, and flags as --key=value")
-    if problems:
-        raise ConfigError("; ".join(problems) + " (python train.py --help lists the keys)")
-    config = GPT2Config()
-    explicit: set[str] = set()
-    if args.preset is not None:
-        if args.preset not in GPT2_CONFIGS:
-            raise ConfigError(f"unknown preset {args.preset!r}{suggest(args.preset, list(GPT2_CONFIGS))}; "
-                              f"presets: {', '.join(GPT2_CONFIGS)}")
-        for k, v in GPT2_CONFIGS[args.preset].items():
-            setattr(config, k, v)
-            explicit.add(k)
-    if args.config_file is not None:
-        for k, v in read_config_file(args.config_file).items():
-            setattr(config, k, v)
-            explicit.add(k)
-    for k, text in vars(args).items():
-        if k in ("preset", "config_file"):
-            continue
-        try:
-            setattr(config, k, parse_value(k, text))
-            explicit.add(k)
-        except ConfigError as e:
-            problems.append(str(e))
-    try:
-        check_config(config)  # the values whose type was right; wrong types are in problems already
-    except ConfigError as e:
-        problems.append(str(e))
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return config, explicit
-
-
-def check_config(config: GPT2Config) -> None:
-    """config.validate() plus what the training loop needs on top of it."""
-    config.validate()
-    if config.decay_lr and config.lr_decay_iters <= config.warmup_iters:
-        raise ConfigError(f"lr_decay_iters ({config.lr_decay_iters}) must exceed warmup_iters "
-                          f"({config.warmup_iters}) for the cosine decay; e.g. --lr_decay_iters={config.max_iters} "
-                          f"--warmup_iters={min(config.warmup_iters, config.max_iters // 10)}, or --decay_lr=False")
 
 
 # ----------------------------------------------------------------------------- schedule, evaluation
@@ -244,29 +85,15 @@ def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size
 
 # ----------------------------------------------------------------------------- devices and processes
 
-def resolve_device(config: GPT2Config, local_rank: Optional[int]) -> tuple[torch.device, torch.dtype, bool]:
+def resolve_system(config: GPT2Config, local_rank: Optional[int]) -> tuple[torch.device, torch.dtype, bool]:
     """(device, dtype, compile) from config's 'auto' values; under torchrun each rank takes cuda:LOCAL_RANK."""
-    name = config.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
+    device = resolve_device(config.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={config.device!r} but this PyTorch sees no CUDA GPU; use --device=cpu "
-                              "(or --device=auto)")
         if local_rank is not None:
             device = torch.device("cuda", local_rank)
         elif device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device='mps' but MPS is not available here; use --device=cpu")
-    if config.dtype == "auto":
-        if device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
-    else:
-        dtype = config.torch_dtype
+    dtype = resolve_dtype(config.dtype, device)
     compile_model = device.type == "cuda" if config.compile == "auto" else config.compile
     return device, dtype, compile_model
 
@@ -496,7 +323,7 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
         import torch.distributed as dist
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
-        device, _, _ = resolve_device(config, local_rank)
+        device, _, _ = resolve_system(config, local_rank)
         if device.type != "cuda" and config.backend == "nccl":
             raise ConfigError(f"the nccl backend needs CUDA GPUs, but device is {device}; use --backend=gloo")
         if device.type == "cuda":
@@ -506,7 +333,12 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
         rank, world_size, local_rank = 0, 1, None
     try:
         with ExitStack() as cleanup:
-            return _train(config, explicit, rank, world_size, local_rank, cleanup)
+            summary = _train(config, explicit, rank, world_size, local_rank, cleanup)
+        if ddp:
+            # leave together: rank 0 may still be writing the final checkpoint, and a rank that tears
+            # down its process group while a peer is still connected can abort at exit
+            dist.barrier()
+        return summary
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -526,7 +358,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
         raise ConfigError(f"gradient_accumulation_steps ({A}) counts the micro-batches of all processes together "
                           f"and must be divisible by the {world_size} processes; e.g. "
                           f"--gradient_accumulation_steps={world_size * max(1, round(A / world_size))}")
-    device, dtype, compile_model = resolve_device(config, local_rank)
+    device, dtype, compile_model = resolve_system(config, local_rank)
     meta = load_meta(config.data_dir)
     if ckpt is not None:
         check_same_tokens(ckpt, ckpt_path, meta, config.data_dir)

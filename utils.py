@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: user-facing errors, atomic file writes.
+"""Small helpers shared by the scripts: user-facing errors, atomic file writes, device and dtype
+resolution, checkpoint files and RNG state.
 
 Every script ends with `run_cli(main)`, so a mistake the user can fix (a wrong
 flag, a missing file) prints one line on stderr and exits with code 2 instead
@@ -60,6 +61,61 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+# ---------------------------------------------------------------------------- device and dtype
+
+class DeviceError(UserError, ValueError):
+    """A device that does not exist or is not available here, or an unknown dtype name."""
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    """'auto' -> cuda if available, then mps, then cpu; otherwise the named device, which must exist here.
+
+    'cuda' keeps no index (the current GPU); 'cuda:1' on a machine with one GPU is a DeviceError.
+    """
+    import torch
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device={name} was asked for, but this PyTorch sees no CUDA GPU; "
+                              "use --device=cpu (or --device=auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device={name} was asked for, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; use one of them, "
+                              "or --device=cuda")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device={name} was asked for, but MPS is not available here; use --device=cpu")
+    return device
+
+
+def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
+    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere.
+
+    name: 'auto', 'float32', 'bfloat16', 'float16', or a torch.dtype (returned as it is).
+    """
+    import torch
+    from config import DTYPES
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise DeviceError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -1,14 +1,18 @@
 """bench.py on CPU: the smoke run CI can afford, and its JSON figures."""
 import json
 import math
+import os
 import subprocess
 import sys
+
+import tiktoken
 
 from conftest import ROOT
 
 
-def run_bench(*args):
-    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_bench(*args, env=None):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 def test_cpu_smoke_run_writes_consistent_figures(tmp_path):
@@ -31,3 +35,33 @@ def test_cpu_smoke_run_writes_consistent_figures(tmp_path):
 def test_bad_arguments_exit_2():
     out = run_bench("--device", "cpu", "--steps", "0")
     assert out.returncode == 2 and out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_tokenize_benchmark_matches_tiktoken(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "SHAKESPEARE"}  # made-up words, non-ASCII included
+    out = run_bench("--tokenize", "--tokenize_mb", "2", "--num_proc", "2", "--json", str(tmp_path / "t.json"), env=env)
+    assert out.returncode == 0, out.stderr
+    r = json.loads((tmp_path / "t.json").read_text())["tokenize"]
+    assert set(r) == {"mb", "num_proc", "single_thread_mb_s", "single_thread_numpy_mb_s", "tiktoken_parallel_mb_s",
+                      "text_file_mb_s", "documents_mb_s", "target_mb_s", "text_file_tokens", "documents",
+                      "documents_tokens"}
+    assert r["num_proc"] == 2 and 2.0 <= r["mb"] < 3.0
+    assert all(r[k] > 0 for k in r if k.endswith("_mb_s"))
+    assert math.isclose(r["target_mb_s"], 0.7 * r["single_thread_mb_s"] * 2, abs_tol=0.02)
+    # the same generated text, tokenised here by tiktoken: the text file is split 90/10 by characters,
+    # and every JSON Lines document is followed by end-of-text
+    from bench import bench_documents, bench_text
+    text = bench_text(2_000_000)
+    enc = tiktoken.get_encoding("gpt2")
+    cut = int(len(text) * 0.9)
+    assert r["text_file_tokens"] == len(enc.encode_ordinary(text[:cut])) + len(enc.encode_ordinary(text[cut:]))
+    docs = [json.loads(line)["text"] for line in bench_documents(text)]
+    assert "".join(docs) == text and r["documents"] == len(docs)
+    assert r["documents_tokens"] == sum(len(enc.encode_ordinary(d)) + 1 for d in docs)
+    assert "ids identical to single-thread tiktoken: yes" in out.stdout
+
+
+def test_tokenize_bad_size_exits_2():
+    out = run_bench("--tokenize", "--tokenize_mb", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --tokenize_mb must be above 0, got 0; e.g. --tokenize_mb 100"
