@@ -1,14 +1,19 @@
 # Two commands on a fresh machine:
-#   make demo    prepare Shakespeare at character level, train, print a sample (about 5 minutes on 2 CPU cores)
+#   make demo    prepare Shakespeare at character level, train, print a sample (about 2 minutes on 2 CPU
+#                cores, installation included)
 #   make test    the whole test suite
 # Offline: make demo SHAKESPEARE=path/to/input.txt, and TIKTOKEN_CACHE_DIR=dir for the GPT-2 tokenizer files.
+# Linux without a GPU: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the small CPU build.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Where an NVIDIA driver is present pip's default torch (a CUDA build) is right; elsewhere the much
-# smaller CPU build is installed first, so requirements.txt's torch>=2.11 is already satisfied.
+# torch is installed first, so requirements.txt's torch>=2.11 is already satisfied: any recent one where
+# an NVIDIA driver is present, else the version the project is tested with.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
+# the index torch alone comes from; empty means pip's default (PyPI, whose Linux wheels bring the CUDA
+# libraries). https://download.pytorch.org/whl/cpu has the much smaller CPU build.
+TORCH_INDEX ?=
 # tinyshakespeare's input.txt; empty means download it
 SHAKESPEARE ?=
 # the demo trains the GPU preset when CUDA is available, else the CPU preset
@@ -19,7 +24,7 @@ DEMO_DIR ?= checkpoints/demo
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)"
+	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
@@ -43,4 +48,4 @@ bench: $(VENV)/.installed
 	$(PY) bench.py
 
 clean:
-	rm -rf $(VENV) checkpoints runs data/*/train.bin data/*/val.bin
+	rm -rf $(VENV) checkpoints runs data/*/train.bin data/*/val.bin data/*/meta.json

@@ -81,15 +81,18 @@ def cpu_name() -> str:
 
 
 def bench_train(args, config, device, dtype, use_compile) -> dict:
+    """Time train.py's optimizer step: its forward_backward, then clipping, optimizer and scaler as its loop does."""
     from contextlib import nullcontext
 
     from model import GPT
+    from train import forward_backward
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate,
                                            (config.beta1, config.beta2), device.type)
+    # as train.py builds them: autocast for every dtype but float32 (bfloat16 on a CPU included)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ctx = nullcontext() if device.type == "cpu" else torch.autocast(device.type, dtype=dtype)
+    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     step_model = torch.compile(model) if use_compile else model
     B, T = config.batch_size, config.block_size
 
@@ -103,11 +106,8 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
         next_batch = lambda i: (pool[i % 4][:, :-1], pool[i % 4][:, 1:])  # noqa: E731
 
     def step(i):
-        x, y = next_batch(i)
-        with ctx:
-            _, loss = step_model(x, y)
-        scaler.scale(loss).backward()
-        if config.grad_clip:
+        loss = forward_backward(step_model, lambda m: next_batch(i), 1, ctx, scaler)
+        if config.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         scaler.step(optimizer)
@@ -150,7 +150,7 @@ def bench_generate(args, config, device, dtype) -> list[dict]:
     torch.manual_seed(0)
     model = GPT(config)  # random weights: speed does not depend on them
     results = []
-    for bs in [int(b) for b in args.gen_batch_sizes.split(",") if b]:
+    for bs in args.gen_batch_sizes:
         r = benchmark_generation(model, batch_size=bs, prompt_len=16, new_tokens=args.gen_tokens,
                                  device=device, dtype=dtype, reference_hf=args.hf_reference and bs == 1)
         results.append(dict(batch_size=bs, **r))
@@ -158,6 +158,18 @@ def bench_generate(args, config, device, dtype) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- tokenisation (--tokenize)
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """'1,8' -> [1, 8]; anything but a comma-separated list of positive integers is a UserError."""
+    try:
+        sizes = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--gen_batch_sizes must be a comma-separated list of positive integers, got {text!r}; "
+                        "e.g. --gen_batch_sizes 1,8")
+    return sizes
+
 
 def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) -> str:
     """About n_bytes of deterministic, varied text: words drawn with Zipf-like frequencies.
@@ -360,6 +372,7 @@ def model_report(args) -> dict:
     args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else (500 if cuda else 50)
     if args.warmup < 1 or args.steps < 1 or args.gen_tokens < 1:
         raise UserError("--warmup, --steps and --gen_tokens must be at least 1")
+    args.gen_batch_sizes = parse_batch_sizes(args.gen_batch_sizes)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

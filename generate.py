@@ -22,7 +22,8 @@ tokens. The rows of a batch slide together, when the longest one fills the block
 
 On CUDA the model is cast to the generation dtype (bfloat16 by default) and one decoding step is
 captured in a CUDA graph and replayed for every token: at batch 1 a step of GPT-2 124M is otherwise
-dominated by the launch overhead of its ~150 kernels (--no_cuda_graph decodes eagerly).
+dominated by the launch overhead of its ~190 operators (194 non-view aten ops per step: 49 matmuls,
+25 layer norms, 24 cache writes, ...; --no_cuda_graph decodes eagerly).
 
 Sampling: temperature, then top-k, then nucleus (top-p, Holtzman et al. 2019) filtering; temperature 0
 is greedy argmax decoding and matches transformers' GPT2LMHeadModel.generate(do_sample=False).

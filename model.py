@@ -30,6 +30,14 @@ class CheckpointFormatError(UserError, ValueError):
     """A file or directory that is not the GPT-2 checkpoint it was supposed to be."""
 
 
+# OpenAI's four GPT-2 sizes on the Hugging Face hub (openai-community/NAME)
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# the weights GPT-2 stores as Conv1D, (in, out): transposed to and from nn.Linear's (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# the config.json fields that fix GPT-2's shape
+HF_SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
+
+
 class KVCache(nn.Module):
     """Static, preallocated keys and values of one attention layer: (B, nh, max_seq_len, hs) each.
 
@@ -232,9 +240,7 @@ class GPT(nn.Module):
             raise RuntimeError("call setup_kv_cache(batch_size, max_seq_len) before forward_cached()")
         B, T = idx.shape
         n_slots = self.kv_cache_shape[1] if kv_len is None else kv_len
-        # the check reads ids back to the host: not while compiling, and not inside a CUDA graph capture
-        if not torch.compiler.is_compiling() and not (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self._check_input(idx)
+        self._check_input(idx)  # no host sync while compiling or capturing a CUDA graph
         if pad is None:
             pad = torch.zeros(B, dtype=torch.long, device=idx.device)
         pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) position ids
@@ -312,11 +318,10 @@ class GPT(nn.Module):
         if missing:
             raise CheckpointFormatError(f"{path} is missing GPT-2 weights {missing[:4]}"
                                         f"{' ...' if len(missing) > 4 else ''}")
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for key in expected:
                 src = sd[key]
-                if key.endswith(conv1d):
+                if key.endswith(CONV1D_WEIGHTS):
                     src = src.t()  # OpenAI stores these as Conv1D: (in, out) instead of Linear's (out, in)
                 dst = ours[("transformer." + key)]
                 if key == "wte.weight":
@@ -332,12 +337,12 @@ class GPT(nn.Module):
         """Write config.json and model.safetensors (pytorch_model.bin without safetensors) in the
         Hugging Face GPT-2 format: transformers.GPT2LMHeadModel.from_pretrained(directory) loads it.
         The padding rows are dropped, so a custom vocabulary exports with its own vocab_size.
-        If a tokenizer is given, its tokenizer.json (this project's format) is written beside it."""
+        If a tokenizer is given, its tokenizer.json (this project's format) is written beside it.
+        config.json is written last: a directory that has it holds a complete export."""
         from utils import atomic_open
         cfg = self.config
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         sd = {}
         for k, v in self.state_dict().items():
             if k == "lm_head.weight":
@@ -345,14 +350,14 @@ class GPT(nn.Module):
             v = v.detach().to("cpu", torch.float32)
             if k == "transformer.wte.weight":
                 v = v[: cfg.vocab_size]
-            if k.endswith(conv1d):
+            if k.endswith(CONV1D_WEIGHTS):
                 v = v.t()
             sd[k] = v.contiguous()
         if not cfg.bias:  # GPT-2's format always has biases: zeros leave the function unchanged
             for k in list(sd):
                 if k.endswith(".weight") and ("ln_" in k or "c_" in k):
                     name = k[: -len("weight")] + "bias"
-                    sd[name] = torch.zeros(sd[k].shape[-1] if k.endswith(conv1d) else sd[k].shape[0])
+                    sd[name] = torch.zeros(sd[k].shape[-1] if k.endswith(CONV1D_WEIGHTS) else sd[k].shape[0])
         eot = getattr(tokenizer, "eot_token", None) if tokenizer is not None else (
             50256 if cfg.vocab_size == 50257 else None)
         hf_config = {
@@ -363,8 +368,6 @@ class GPT(nn.Module):
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True, "torch_dtype": "float32",
         }
-        with atomic_open(out / "config.json", "w") as f:
-            json.dump(hf_config, f, indent=2)
         try:
             from safetensors.torch import save as safetensors_bytes
         except ImportError:
@@ -375,12 +378,15 @@ class GPT(nn.Module):
                 f.write(safetensors_bytes(sd, metadata={"format": "pt"}))
         if tokenizer is not None:
             tokenizer.save(out / "tokenizer.json")
+        # last: from_pretrained looks for config.json first, so an export cut short is never taken for whole
+        with atomic_open(out / "config.json", "w") as f:
+            json.dump(hf_config, f, indent=2)
 
 
 def _download_gpt2(name: str) -> Path:
-    if name not in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+    if name not in GPT2_NAMES:
         raise CheckpointFormatError(f"{name!r} is neither a directory nor one of the GPT-2 names "
-                                    "gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+                                    f"{', '.join(GPT2_NAMES)}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -400,13 +406,24 @@ def _read_hf_config(path: Path) -> dict:
     if not cfg_file.is_file():
         raise CheckpointFormatError(f"{path} is not a GPT-2 checkpoint directory: expected config.json "
                                     "and model.safetensors (or pytorch_model.bin) in it")
-    hf = json.loads(cfg_file.read_text())
+    try:
+        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointFormatError(f"{cfg_file} is not valid JSON ({e}); re-download the checkpoint, or "
+                                    "export it again with GPT.save_pretrained") from None
+    if not isinstance(hf, dict):
+        raise CheckpointFormatError(f"{cfg_file} holds a JSON {type(hf).__name__}, expected an object with "
+                                    f"the GPT-2 fields {', '.join(HF_SHAPE_KEYS)}")
     if hf.get("model_type") != "gpt2":
         raise CheckpointFormatError(f"{cfg_file} describes model_type {hf.get('model_type')!r}; "
                                     "expected a GPT-2 checkpoint (model_type 'gpt2')")
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointFormatError(f"{cfg_file}: activation_function {act!r} is not GPT-2's tanh GELU")
+    missing = [k for k in HF_SHAPE_KEYS if k not in hf]
+    if missing:
+        raise CheckpointFormatError(f"{cfg_file} lacks the GPT-2 fields {', '.join(missing)}; a GPT-2 config.json "
+                                    f"has all of {', '.join(HF_SHAPE_KEYS)} (transformers' GPT2Config writes them)")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise CheckpointFormatError(f"{cfg_file}: n_inner {hf['n_inner']} differs from 4 * n_embd")
     if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:

@@ -704,7 +704,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """--help shows each option's default and keeps the examples' line breaks."""
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train or benchmark the byte-level BPE tokenizer.",
         formatter_class=_HelpFormatter,
@@ -717,7 +717,12 @@ def main() -> None:
                         help="special token to register after the merges (repeatable), e.g. '<|endoftext|>'")
     parser.add_argument("--pattern", default=None, help="regex pre-split pattern; None means GPT-2's")
     parser.add_argument("--out", default="tokenizer.json", help="where --train writes the tokenizer")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if bool(args.bench) == bool(args.train):
         parser.error("give exactly one of --bench FILE or --train FILE")
     if args.bench:

@@ -1,7 +1,7 @@
 """Train a GPT-2 model: one process, or many under torchrun (DDP), with checkpoints, exact resume and TensorBoard.
 
     python train.py                                          # config.py's defaults (GPT-2 124M, data/shakespeare)
-    python train.py --preset=shakespeare-char-cpu            # ~0.8M parameters, about 2 minutes on a laptop CPU
+    python train.py --preset=shakespeare-char-cpu            # ~0.8M parameters: ~100 s on 2 CPU cores, val loss ~1.75
     python train.py my_config.py --batch_size=32             # a config file, then --key=value flags
     python train.py --init_from=gpt2 --data_dir=data/shakespeare --learning_rate=3e-5   # fine-tune OpenAI's GPT-2
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2 --gradient_accumulation_steps=40
@@ -29,15 +29,15 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
-# the command line is parsed in config.py; build_parser is imported for `from train import build_parser`
-from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config, build_parser, check_config, parse_args  # noqa: F401
-from utils import (CHECKPOINT_VERSION, CheckpointError, UserError, format_duration, get_rng_state,
-                   load_checkpoint, resolve_device, resolve_dtype, run_cli, save_checkpoint, set_rng_state)
+from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args  # the command line is parsed in config.py
+from model import GPT, GPT2_NAMES
+from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, format_duration,
+                   get_rng_state, load_checkpoint, resolve_device, resolve_dtype, run_cli, save_checkpoint,
+                   set_rng_state)
 
-GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-CHECKPOINT_NAMES = ("checkpoint.pt", "best_checkpoint.pt", "final_checkpoint.pt")
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 
 
@@ -165,7 +165,7 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     for k in explicit | {"checkpoint_dir", "init_from"}:
         if k not in MODEL_SHAPE_KEYS:
             setattr(run, k, getattr(config, k))
-    check_config(run)
+    run.validate()
     return run, ckpt, ckpt_path
 
 
@@ -190,7 +190,6 @@ def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
 def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict]):
     """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
     from data import check_vocab
-    from model import GPT
     if ckpt is not None:
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
@@ -227,12 +226,28 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
     return model
 
 
+def sample_prompt(tokenizer, data_dir: str, meta: dict) -> str:
+    """The text each evaluation's TensorBoard sample starts from.
+
+    '' where generate.py can start from nothing (the end-of-text token, or a newline); for a tokenizer
+    with neither (a character set without '\\n'), the first token of the val split, or token 0.
+    """
+    from generate import encode_prompt
+    try:
+        encode_prompt(tokenizer, "")
+        return ""
+    except UserError:
+        pass
+    first = np.fromfile(Path(data_dir) / "val.bin", dtype=meta["dtype"], count=1)
+    return tokenizer.decode([int(first[0]) if first.size else 0])
+
+
 def move_aside(checkpoint_dir: Path) -> Optional[Path]:
     """Move the checkpoints of an earlier run into checkpoint_dir/previous-<time>/ so nothing is overwritten."""
     if not checkpoint_dir.is_dir():
         return None
     old = [p for p in checkpoint_dir.iterdir()
-           if p.is_file() and (p.name in CHECKPOINT_NAMES or ITER_CHECKPOINT.fullmatch(p.name))]
+           if p.is_file() and (p.name in CHECKPOINT_FALLBACK or ITER_CHECKPOINT.fullmatch(p.name))]
     if not old:
         return None
     dest = checkpoint_dir / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -317,7 +332,7 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
     """
     config = copy.deepcopy(config)
     explicit = default_explicit(config) if explicit is None else set(explicit)
-    check_config(config)
+    config.validate()
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         import torch.distributed as dist
@@ -363,6 +378,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
     if ckpt is not None:
         check_same_tokens(ckpt, ckpt_path, meta, config.data_dir)
     tokenizer = load_data_tokenizer(config.data_dir, meta)
+    prompt = sample_prompt(tokenizer, config.data_dir, meta) if config.sample_tokens else ""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     raw_model = build_model(config, explicit, meta, ckpt)
     # rank 0 and world size 1 on every rank: batch_index() below gives each rank its own windows
@@ -488,7 +504,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
         if master and config.sample_tokens:
             from generate import sample_text
             # the raw model, seeded generator: the training RNG streams are not touched
-            text = sample_text(raw_model, tokenizer, max_new_tokens=config.sample_tokens, seed=config.seed)
+            text = sample_text(raw_model, tokenizer, prompt, max_new_tokens=config.sample_tokens, seed=config.seed)
             log.text("sample", text, iter_num)
         if not initial:
             save(["checkpoint.pt", "best_checkpoint.pt"] if improved else ["checkpoint.pt"])
@@ -634,13 +650,18 @@ def prune_iter_checkpoints(checkpoint_dir: Path, keep: int) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     config, explicit = parse_args(argv)
-    try:
-        summary = train(config, explicit)
-    except KeyboardInterrupt:  # the second Ctrl-C
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    if summary["stopped_by"]:
-        sys.exit(128 + int(summary["stopped_by"]))
+    summary = train(config, explicit)  # a second Ctrl-C raises KeyboardInterrupt: run_cli exits with 130
+    code = 128 + int(summary["stopped_by"]) if summary["stopped_by"] else 0
+    if "RANK" in os.environ:
+        # Under torchrun, leave without the interpreter's teardown: the process group is destroyed and
+        # every file is closed, but gloo's worker threads can still abort the process ("terminate called
+        # without an active exception") while C++ objects are destroyed at exit, turning a finished run
+        # into a failed one.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Small helpers shared by the scripts: user-facing errors, atomic file writes, device and dtype
+"""Small utilities shared by the scripts: user-facing errors, atomic file writes, device and dtype
 resolution, checkpoint files and RNG state.
 
 Every script ends with `run_cli(main)`, so a mistake the user can fix (a wrong
@@ -7,8 +7,10 @@ of a traceback.
 """
 import contextlib
 import os
+import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, IO
 
@@ -18,12 +20,16 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(); turn UserError into one line on stderr and exit code 2."""
+    """Run a script's main(); turn UserError into one line on stderr and exit code 2, and Ctrl-C into
+    "interrupted" and exit code 130 (128 + SIGINT, as the shell reports it), without a traceback."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:
         # `python generate.py ... | head` closes stdout early; that is not an error
         sys.stderr.close()
@@ -144,25 +150,44 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
         torch.save(checkpoint, f)
 
 
+# what the weights-only unpickler says when it meets a class or function it does not allow; anything
+# else it says (an unknown opcode in random bytes, say) means the file is damaged, not unsafe
+_REFUSED_GLOBAL = re.compile(r"unsupported global|unsupported class|not an allowed global|unrecognized function|"
+                             r"can only (?:build|create new object)", re.IGNORECASE)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """torch.load with weights_only=True. A file that needs arbitrary pickled objects is refused:
-    unpickling an untrusted file can run code."""
-    import pickle
+    unpickling an untrusted file can run code. A file torch.load cannot read for any other reason
+    (empty, truncated, not a PyTorch file at all) is a CheckpointError saying so."""
     import torch
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: it holds pickled objects other than tensors and "
-                              f"plain data ({first}); loading them could run arbitrary code. Only load "
-                              "such a file if you trust its source, and convert it to a plain state_dict "
-                              "first") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]} "
-                              "(truncated or not a PyTorch file?)") from None
+        with warnings.catch_warnings():
+            # a damaged file can look like an unusual pickle protocol; the error below says it better
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch.load fails in many types (EOFError, KeyError, RuntimeError, ...)
+        text = str(e)
+        refused = _REFUSED_GLOBAL.search(text)
+        if refused:
+            line = text[text.rfind("\n", 0, refused.start()) + 1:].split("\n")[0]
+            # 'Unsupported global: GLOBAL argparse.Namespace was not an allowed global by default'
+            line = line.split("WeightsUnpickler error:")[-1].strip().split(". ")[0]
+            raise CheckpointError(f"refusing to load {path}: it holds pickled objects other than tensors and "
+                                  f"plain data ({line[:200]}); loading them could run arbitrary code. Only "
+                                  "load such a file if you trust its source, and convert it to a plain "
+                                  "state_dict first") from None
+        # the unpickler's own complaint, not torch.load's generic advice around it
+        m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        first = m.group(1) if m else next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        first = first.split(". ")[0]  # the first sentence: torch's follow-up advice does not fit one line
+        reason = ("the file is empty" if path.stat().st_size == 0
+                  else f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__)
+        hint = "" if isinstance(e, OSError) else " (truncated or not a PyTorch file?)"  # e.g. permission denied
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}{hint}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project: expected a dict with "
                               "'model' and 'config' (a Hugging Face GPT-2 directory loads with --init_from)")

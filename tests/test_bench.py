@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
 import tiktoken
+import torch
 
 from conftest import ROOT
 
@@ -35,6 +37,42 @@ def test_cpu_smoke_run_writes_consistent_figures(tmp_path):
 def test_bad_arguments_exit_2():
     out = run_bench("--device", "cpu", "--steps", "0")
     assert out.returncode == 2 and out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sizes", ["x", "0", "1,-8", ","])
+def test_bad_gen_batch_sizes_are_one_line_errors(sizes, capsys):
+    import bench
+    from utils import run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: bench.main(["--device", "cpu", "--gen_batch_sizes", sizes]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --gen_batch_sizes must be a comma-separated list of positive integers, got {sizes!r}; "
+                   "e.g. --gen_batch_sizes 1,8\n")
+
+
+def test_cpu_bfloat16_trains_under_autocast_with_train_py_step(monkeypatch):
+    import bench
+    import train
+    from model import GPT
+    seen = {"autocast": [], "steps": 0}
+    forward, forward_backward = GPT.forward, train.forward_backward
+
+    def recording_forward(self, idx, targets=None):
+        seen["autocast"].append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, idx, targets)
+
+    def counting_forward_backward(*args, **kwargs):
+        seen["steps"] += 1
+        return forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", recording_forward)
+    monkeypatch.setattr(train, "forward_backward", counting_forward_backward)
+    report = bench.main(["--device", "cpu", "--dtype", "bfloat16", "--warmup", "1", "--steps", "2", "--no_generate",
+                         "--batch_size", "2", "--block_size", "8"])
+    assert report["dtype"] == "torch.bfloat16" and math.isfinite(report["train"]["final_loss"])
+    assert seen["steps"] == 3  # every step, warm-up and timed, is train.py's forward_backward
+    assert seen["autocast"] == [(True, torch.bfloat16)] * 3
 
 
 def test_tokenize_benchmark_matches_tiktoken(tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from config import GPT2_CONFIGS, GPT2Config, ConfigError, MODEL_SHAPE_KEYS, field_names, preset_config
+from config import GPT2_CONFIGS, GPT2Config, ConfigError, MODEL_SHAPE_KEYS, field_names, parse_args, preset_config
 
 
 def test_defaults_match_the_project_description():
@@ -58,6 +58,26 @@ def test_validate_reports_every_problem_at_once():
                    "block_size must be an integer > 0", "dropout must be in [0, 1)"):
         assert needle in msg
     assert "\n" not in msg  # one line for the command-line scripts
+
+
+def test_lr_decay_problem_is_reported_with_the_others():
+    c = GPT2Config(warmup_iters=100, lr_decay_iters=50, max_iters=1000, n_head=0)
+    with pytest.raises(ConfigError) as e:
+        c.validate()
+    msg = str(e.value)
+    assert "n_head must be an integer > 0" in msg
+    assert "lr_decay_iters (50) must exceed warmup_iters (100)" in msg and "--lr_decay_iters=1000" in msg
+    GPT2Config(warmup_iters=100, lr_decay_iters=50, decay_lr=False).validate()  # no decay, no constraint
+    with pytest.raises(ConfigError, match="lr_decay_iters .* must exceed"):
+        parse_args(["--warmup_iters=100", "--lr_decay_iters=100"])
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("TRUE", True), ("false", False),
+                                         ("False", False), ("fAlSe", False), ("auto", "auto")])
+def test_compile_flag_takes_booleans_in_any_case(text, value):
+    config, explicit = parse_args([f"--compile={text}"])
+    assert config.compile is value if isinstance(value, bool) else config.compile == value
+    assert "compile" in explicit
 
 
 def test_unknown_keys_suggest_the_closest_name():

@@ -261,15 +261,11 @@ def test_openwebtext_folder_in_parallel_units(tmp_path):
     (folder / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:15]))
     for i, d in enumerate(DOCS[15:25]):
         (folder / f"b{i:02d}.txt").write_text(d)
-    order = DOCS[:25]
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    import pyarrow as pa  # a test requirement (requirements-dev.txt), optional for users
+    import pyarrow.parquet as pq
 
-        pq.write_table(pa.table({"text": DOCS[25:]}), folder / "c.parquet", row_group_size=4)
-        order = DOCS
-    except ImportError:
-        pass  # pyarrow is optional; the .jsonl and .txt files still run
+    pq.write_table(pa.table({"text": DOCS[25:]}), folder / "c.parquet", row_group_size=4)
+    order = DOCS
     meta = prepare_documents(tmp_path / "out", str(folder), hf_name="", val_fraction=0.25, num_proc=2,
                              command="test", unit_bytes=300)
     train, val = expected_doc_ids(order, 0.25)

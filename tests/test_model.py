@@ -157,6 +157,9 @@ def test_token_ids_outside_the_vocabulary():
         model(torch.tensor([[1, 2, 101]]))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         model(torch.tensor([[-3, 2]]))
+    model.setup_kv_cache(1, 8)
+    with pytest.raises(ValueError, match=r"\[101\] are outside the vocabulary"):
+        model.forward_cached(torch.tensor([[101]]), torch.tensor([0]))
 
 
 def test_directory_that_is_not_gpt2(tmp_path):
@@ -171,6 +174,31 @@ def test_directory_that_is_not_gpt2(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointFormatError, match="neither a directory nor"):
         GPT.from_pretrained(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"model_type": "gpt2", "n_embd": 8,', "is not valid JSON"),
+    ("\xff\xfe not text", "is not valid JSON"),
+    ('["gpt2"]', "holds a JSON list"),
+    ('{"model_type": "gpt2", "n_embd": 8, "n_head": 2}', "lacks the GPT-2 fields n_layer, n_positions, vocab_size"),
+])
+def test_broken_config_json_is_one_clear_error(tmp_path, text, message):
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointFormatError) as e:
+        GPT.from_pretrained(str(tmp_path))
+    assert str(tmp_path / "config.json") in str(e.value) and message in str(e.value)
+
+
+def test_save_pretrained_writes_config_json_last(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        GPT(tiny_config()).save_pretrained(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no config.json announcing an export without weights
 
 
 def test_optimizer_decays_only_matrices():

@@ -18,8 +18,7 @@ from config import GPT2Config
 from data import BatchLoader
 from model import GPT
 from tokenizer import CharTokenizer
-from train import (GracefulStop, TrainingError, check_config, estimate_loss, forward_backward, get_lr, main,
-                   parse_args, train)
+from train import GracefulStop, TrainingError, estimate_loss, forward_backward, get_lr, main, parse_args, train
 from utils import CheckpointError, UserError, load_checkpoint, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +96,7 @@ def test_lr_schedule_boundaries():
     assert get_lr(0, GPT2Config(warmup_iters=0, learning_rate=3e-4)) == 3e-4
     assert get_lr(5000, GPT2Config(decay_lr=False, learning_rate=3e-4, warmup_iters=10)) == 3e-4
     with pytest.raises(UserError, match="lr_decay_iters"):
-        check_config(GPT2Config(warmup_iters=100, lr_decay_iters=100))
+        GPT2Config(warmup_iters=100, lr_decay_iters=100).validate()
 
 
 def test_four_micro_batches_of_two_equal_one_batch_of_eight():
@@ -258,6 +257,63 @@ def argparse_namespace():
     return argparse.Namespace(x=1)
 
 
+def write_pickle_protocol_2(path: Path) -> None:
+    import pickle
+    with open(path, "wb") as f:
+        pickle.dump({"model": {}, "config": {}, "payload": argparse_namespace()}, f, protocol=2)
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("empty", lambda p: p.write_bytes(b""), "the file is empty"),
+    ("text", lambda p: p.write_text("hello, this is not a checkpoint\n"), "KeyError"),
+    # seeded bytes whose first is not pickle's GLOBAL opcode 'c' (which would read as a class name)
+    ("random", lambda p: p.write_bytes(b"\x80" + random.Random(0).randbytes(4095)), "UnpicklingError"),
+    ("truncated", lambda p: p.write_bytes(b"PK\x03\x04 half a checkpoint"), "RuntimeError"),
+])
+def test_unreadable_checkpoint_is_reported_as_such(tmp_path, name, write, message):
+    path = tmp_path / f"{name}.pt"
+    write(path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read checkpoint {path}: ") and msg.endswith("(truncated or not a PyTorch file?)")
+    assert message in msg and "arbitrary code" not in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("write", [
+    lambda p: torch.save({"model": {}, "config": {}, "payload": argparse_namespace()}, p),
+    write_pickle_protocol_2,  # a plain pickle, not written by torch.save
+])
+def test_pickle_with_an_arbitrary_object_is_refused(tmp_path, write):
+    path = tmp_path / "evil.pt"
+    write(path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert msg.startswith(f"refusing to load {path}: ") and "arbitrary code" in msg
+    assert "GLOBAL argparse.Namespace" in msg and "\n" not in msg
+
+
+def test_run_cli_turns_ctrl_c_into_exit_130():
+    # in a subprocess: a KeyboardInterrupt that escaped run_cli would stop pytest itself
+    code = "from utils import run_cli\ndef main():\n    raise KeyboardInterrupt\nrun_cli(main)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (130, "interrupted\n")  # no traceback
+
+
+def test_sample_without_end_of_text_or_newline(tmp_path):
+    # a character set without '\n': the TensorBoard sample starts from the val split's first character
+    text = " ".join(random.Random(1).choice(WORDS) for _ in range(3000))
+    data = write_data(tmp_path / "nonewline", CharTokenizer.from_text(text), text)
+    summary = train(tiny(data, tmp_path, max_iters=5, sample_tokens=8))
+    assert summary["iter_num"] == 5 and (tmp_path / "ckpt" / "final_checkpoint.pt").is_file()
+    _, acc = event_steps(summary["run_dir"])
+    samples = acc.Tensors("sample/text_summary")
+    assert [e.step for e in samples] == [0, 5]
+    first = text[int(0.9 * len(text))]  # write_data puts the last 10% in val
+    assert all(e.tensor_proto.string_val[0].decode().startswith("    " + first) for e in samples)
+
+
 def test_fine_tune_from_a_hugging_face_directory(tmp_path):
     from tokenizer import GPT2Tokenizer
     text = " ".join(WORDS * 40)
@@ -335,6 +391,36 @@ def test_cli_error_in_a_subprocess(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("error: unknown config key 'n_layr'") and len(r.stderr.splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- Makefile (make demo trains)
+
+def make_dry_run(*args: str) -> str:
+    import shutil
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    r = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_make_clean_removes_meta_json_with_the_bins():
+    # data.py takes a directory with meta.json for a complete data set: it must go with the .bin files
+    [command] = [line for line in make_dry_run("clean").splitlines() if line.startswith("rm ")]
+    assert {"data/*/train.bin", "data/*/val.bin", "data/*/meta.json"} <= set(command.split())
+
+
+def test_make_torch_index_applies_to_torch_only(tmp_path):
+    venv = tmp_path / "venv"
+    target = f"{venv}/.installed"
+    default = [line for line in make_dry_run(f"VENV={venv}", target).splitlines() if "pip install" in line]
+    assert len(default) == 2 and not any("--index-url" in line for line in default)
+    index = "https://download.pytorch.org/whl/cpu"
+    torch_line, requirements = [line for line in make_dry_run(f"VENV={venv}", f"TORCH_INDEX={index}", target).splitlines()
+                                if "pip install" in line]
+    assert '"torch' in torch_line and torch_line.endswith(f'--index-url "{index}"')
+    assert "-r requirements.txt" in requirements and "--index-url" not in requirements
 
 
 # ----------------------------------------------------------------------------- signals and processes
