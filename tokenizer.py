@@ -12,7 +12,7 @@ data set, a checkpoint and generation always agree on the tokenizer.
 
 Benchmark and training from the command line:
 
-    python tokenizer.py --bench data/tinyshakespeare/input.txt --vocab_size 4096
+    python tokenizer.py --bench data/shakespeare_char/input.txt --vocab_size 4096
     python tokenizer.py --train input.txt --vocab_size 4096 --special '<|endoftext|>' --out tok.json
 
 Naming follows minbpe (merges {(int, int): int}, vocab {int: bytes}, special_tokens {str: int},
