@@ -82,17 +82,15 @@ def cpu_name() -> str:
 
 def bench_train(args, config, device, dtype, use_compile) -> dict:
     """Time train.py's optimizer step: its forward_backward, then clipping, optimizer and scaler as its loop does."""
-    from contextlib import nullcontext
-
     from model import GPT
-    from train import forward_backward
+    from train import autocast_context, forward_backward, optimizer_step
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate,
                                            (config.beta1, config.beta2), device.type)
     # as train.py builds them: autocast for every dtype but float32 (bfloat16 on a CPU included)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    ctx = autocast_context(device.type, dtype)
     step_model = torch.compile(model) if use_compile else model
     B, T = config.batch_size, config.block_size
 
@@ -107,12 +105,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
 
     def step(i):
         loss = forward_backward(step_model, lambda m: next_batch(i), 1, ctx, scaler)
-        if config.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(model, optimizer, scaler, config.grad_clip)
         return loss
 
     def sync():

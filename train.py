@@ -390,7 +390,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
     device_type = device.type
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls where float32 remains
-    ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    ctx = autocast_context(device_type, dtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
     raw_model.to(device)
     optimizer = raw_model.configure_optimizers(config.weight_decay, config.learning_rate,
@@ -517,7 +517,6 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
 
     summary = {"losses": {}, "evals": {}, "stopped_by": None, "resumed_from": resumed_from,
                "run_dir": str(run_dir) if run_dir else None}
-    grad_norm = None
     with GracefulStop(verbose=master) as stop:
         t0 = time.time()
         if iter_num >= config.max_iters:
@@ -534,14 +533,8 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
             step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
                                          micro_steps, ctx, scaler)
             log_step = (iter_num + 1) % config.log_interval == 0
-            if config.grad_clip > 0 or log_step:
-                scaler.unscale_(optimizer)
-                # the norm before clipping; max_norm=inf only measures it
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                           config.grad_clip if config.grad_clip > 0 else math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            # the norm is always measured on log steps, which are the only ones that read it
+            grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
             nonfinite += (~torch.isfinite(step_loss)).int()
             interval_loss += step_loss
             interval_steps += 1
@@ -601,6 +594,27 @@ def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float,
               f"{tokens_per_sec:,.0f} tok/s, {speed}, ETA {format_duration(eta)}")
     log.scalars(iter_num, **{"train/loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                              "mfu": mfu, "flops_per_sec": flops if mfu is None else None})
+
+
+def autocast_context(device_type: str, dtype: torch.dtype):
+    """Mixed precision for every dtype but float32 (bfloat16 on a CPU included); float32 runs as it is."""
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip: float, measure_norm: bool = False) -> Optional[torch.Tensor]:
+    """Unscale, clip at grad_clip (0: no clipping), step, update the scaler and zero the gradients.
+
+    Returns the gradient norm before clipping as a device tensor when clipping or measure_norm asks for
+    it (max_norm=inf only measures), else None.
+    """
+    norm = None
+    if grad_clip > 0 or measure_norm:
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def forward_backward(model, get_batch, micro_steps: int, ctx=nullcontext(), scaler=None) -> torch.Tensor:
