@@ -23,7 +23,9 @@ tokens. The rows of a batch slide together, when the longest one fills the block
 On CUDA the model is cast to the generation dtype (bfloat16 by default) and one decoding step is
 captured in a CUDA graph and replayed for every token: at batch 1 a step of GPT-2 124M is otherwise
 dominated by the launch overhead of its ~190 operators (194 non-view aten ops per step: 49 matmuls,
-25 layer norms, 24 cache writes, ...; --no_cuda_graph decodes eagerly).
+25 layer norms, 24 cache writes, ...; --no_cuda_graph decodes eagerly). On the CPU, where decoding
+is bound by memory bandwidth, the Linear layers are set up to stream their weights on every core
+(SplitKLinear).
 
 Sampling: temperature, then top-k, then nucleus (top-p, Holtzman et al. 2019) filtering; temperature 0
 is greedy argmax decoding and matches transformers' GPT2LMHeadModel.generate(do_sample=False).
@@ -151,7 +153,7 @@ class Generator:
     device/dtype None leave the model where and as it is. compile=True runs the decoding step through
     torch.compile (eager if compiling fails). cuda_graph=True (CUDA only) replays one captured
     decoding step per token; eager CUDA decoding is the fallback if capturing fails. cpu_layout=True
-    (CPU only) stores the Linear weights column-major in place, see _column_major_weights.
+    (CPU only) prepares the Linear layers for decoding on every core, in place: see _cpu_decoding_layout.
     """
 
     def __init__(self, model, device=None, dtype=None, compile: bool = False, cuda_graph: bool = True,
@@ -161,7 +163,7 @@ class Generator:
             model.to(device=device, dtype=dtype)
         model.eval()
         if cpu_layout and model.lm_head.weight.device.type == "cpu":
-            _column_major_weights(model)
+            _cpu_decoding_layout(model)
         self.model = model
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -306,18 +308,53 @@ class Generator:
         return logits[:, -1]
 
 
-def _column_major_weights(model) -> None:
-    """Store every nn.Linear weight (out, in) column-major: the same values, transposed in memory.
+class SplitKLinear(torch.nn.Linear):
+    """nn.Linear whose products with a few rows use every CPU core: decoding on a multi-core CPU.
 
-    F.linear then multiplies by a contiguous (in, out) matrix, which the CPU's BLAS streams much faster
-    for the few rows of decoding: on a 2-core x86 machine 1.5x for the blocks and 2x for lm_head at
-    batch 1, and about 3x for a 16-token prefill. Parameters keep their identity, so the tied
-    lm_head / wte weight stays tied (the embedding lookup reads its rows strided).
+    Decoding multiplies one row per sequence by each weight matrix. That is bound by memory bandwidth,
+    and the BLAS runs it on a single core, which on a 2-core x86 machine streams the weights at
+    13-23 GB/s. Cutting the inner dimension into `chunks` slices turns it into one batched product of
+    `chunks` independent slices, which torch spreads over the cores, and the partial results are summed:
+    25-40 GB/s on the same machine, GPT-2 124M batch-1 decoding from 33 to 52 tokens/s (BENCHMARKS.md).
+    It needs the weight stored column-major, so that every slice of the (in, out) matrix is contiguous;
+    _cpu_decoding_layout sets that up. More than `max_rows` rows (a long prompt) go to nn.Linear.
     """
+    chunks = 1
+    max_rows = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.t()  # (in, out)
+        rows, k = x.numel() // self.in_features, self.in_features // self.chunks
+        if self.chunks == 1 or rows > self.max_rows or x.device.type != "cpu" or not w.is_contiguous():
+            return super().forward(x)
+        parts = torch.bmm(x.reshape(rows, self.chunks, k).transpose(0, 1), w.view(self.chunks, k, -1))
+        y = parts.sum(0)  # (rows, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def _cpu_decoding_layout(model) -> None:
+    """Prepare the model's Linear layers for decoding on the CPU, in place; values are unchanged.
+
+    Every nn.Linear weight (out, in) is stored column-major: the same values, transposed in memory.
+    F.linear then multiplies by a contiguous (in, out) matrix, which the BLAS streams faster for the few
+    rows of decoding (1.5x for the blocks and 2x for lm_head at batch 1 on a 2-core x86 machine, and about
+    3x for a 16-token prefill), and SplitKLinear can slice it without copying. With more than one torch
+    thread the layers become SplitKLinear, with one slice per thread (the largest divisor of in_features
+    not above torch.get_num_threads(), fixed here). Parameters keep their identity, so the tied lm_head /
+    wte weight stays tied (the embedding lookup reads its rows strided), and the state_dict is the same.
+    """
+    threads = torch.get_num_threads()
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
+            if type(module) not in (torch.nn.Linear, SplitKLinear) or not module.weight.is_contiguous():
+                continue
+            module.weight.data = module.weight.data.t().contiguous().t()
+            chunks = max(c for c in range(1, threads + 1) if module.in_features % c == 0)
+            if chunks > 1:
+                module.__class__ = SplitKLinear
+                module.chunks = chunks
 
 
 def _warn(message: str) -> None:

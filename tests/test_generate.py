@@ -179,6 +179,55 @@ def test_cpu_layout_keeps_values_and_weight_tying():
     torch.testing.assert_close(model(x)[0], logits_before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def threads():
+    """Set torch's thread count inside one test (the module runs on one thread)."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("n_threads,in_features,chunks", [(2, 32, 2), (3, 48, 3), (3, 32, 2), (4, 36, 4)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_k_linear_equals_linear(threads, monkeypatch, n_threads, in_features, chunks, bias):
+    threads(n_threads)
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(in_features, 40, bias=bias)
+    layer = torch.nn.Sequential(torch.nn.Linear(in_features, 40, bias=bias))
+    layer.load_state_dict({"0." + k: v for k, v in ref.state_dict().items()})
+    generate._cpu_decoding_layout(layer)
+    assert type(layer[0]) is generate.SplitKLinear and layer[0].chunks == chunks
+    bmm_calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmm_calls.append(1) or bmm(*a))
+    with torch.no_grad():
+        for shape in [(1, in_features), (3, 1, in_features), (2, 8, in_features), (17, in_features)]:
+            x = torch.randn(shape)
+            calls = len(bmm_calls)
+            torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+            # up to max_rows rows take the sliced product, more go to nn.Linear
+            assert len(bmm_calls) - calls == (x.numel() // in_features <= generate.SplitKLinear.max_rows)
+
+
+def test_one_thread_keeps_plain_linear(threads):
+    threads(1)
+    model = tiny_model(char_tokenizer().vocab_size)
+    Generator(model)
+    assert all(type(m) is not generate.SplitKLinear for m in model.modules())
+    assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()  # still column-major
+
+
+def test_cached_equals_uncached_greedy_on_two_threads(threads):
+    threads(2)
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=32)
+    ids = tok.encode("the quick brown fox")
+    gen = Generator(model, window=16)
+    assert type(model.lm_head) is generate.SplitKLinear and model.lm_head.weight is model.transformer.wte.weight
+    other = tok.encode("over the lazy dog..")  # as long as ids: rows of a batch slide their window together
+    assert greedy_ids(gen, [ids, other], 40) == [uncached_greedy(model, p, 40, 16) for p in (ids, other)]
+
+
 def test_batch_equals_each_prompt_alone():
     tok = char_tokenizer()
     model = tiny_model(tok.vocab_size, block_size=128)
