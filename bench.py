@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from config import DTYPES, GPT2_CONFIGS, preset_config
+from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from utils import UserError, atomic_open, resolve_device, resolve_dtype, run_cli
 
 
@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--gen_tokens", type=int, default=None, help="new tokens per generation run (default 500 on CUDA, 50 on CPU)")
@@ -91,7 +92,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
     # as train.py builds them: autocast for every dtype but float32 (bfloat16 on a CPU included)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ctx = autocast_context(device.type, dtype)
-    step_model = torch.compile(model) if use_compile else model
+    step_model = torch.compile(model, mode=args.compile_mode) if use_compile else model
     B, T = config.batch_size, config.block_size
 
     if args.data_dir:
@@ -372,11 +373,12 @@ def model_report(args) -> dict:
 
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
-                  compile=use_compile, preset=preset, batch_size=config.batch_size, block_size=config.block_size,
+                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None, preset=preset, batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
                   data=args.data_dir or "random tokens", date=time.strftime("%Y-%m-%d"),
                   threads=torch.get_num_threads())
-    print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}")
+    print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}"
+          + (f" ({args.compile_mode})" if use_compile else ""))
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"vocab={config.vocab_size}; batch {config.batch_size} x {config.block_size} tokens; data: {report['data']}")
 

@@ -39,6 +39,9 @@ class ConfigError(UserError, ValueError):
 MODEL_SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch.compile's modes: 'reduce-overhead' replays the compiled graphs as CUDA graphs (less launch overhead
+# for small models), the max-autotune ones benchmark kernel choices while compiling (slower to start)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class GPT2Config:
@@ -86,6 +89,7 @@ class GPT2Config:
     device = "auto"  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype = "auto"  # 'float32', 'bfloat16', 'float16' or a torch.dtype; 'auto': bf16 (else fp16) on CUDA, fp32 elsewhere
     compile = "auto"  # torch.compile the model; 'auto' is on for CUDA and off elsewhere
+    compile_mode = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
     seed = 1337  # seeds weights, batches and dropout; a resumed run continues the same streams
     backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' for CPU
 
@@ -172,6 +176,8 @@ class GPT2Config:
             problems.append(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
         if self.compile not in (True, False, "auto"):
             problems.append(f"compile must be True, False or 'auto', got {self.compile!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            problems.append(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "mps")
                                                     or self.device.startswith("cuda")):
             problems.append(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")

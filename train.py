@@ -411,7 +411,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
                       f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
     else:
         torch.manual_seed(config.seed + rank)  # each rank its own dropout stream
-    model = torch.compile(raw_model) if compile_model else raw_model
+    model = torch.compile(raw_model, mode=config.compile_mode) if compile_model else raw_model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
@@ -443,9 +443,10 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
     log.print(f"tokens per step: {tokens_per_iter:,} = {config.gradient_accumulation_steps} micro-batches x "
               f"{config.batch_size} sequences x {config.block_size} tokens"
               + (f" over {world_size} processes" if ddp else ""))
+    compiled = f"compile {compile_model}" + (f" ({config.compile_mode})" if compile_model else "")
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
-              f"compile {compile_model}, data {config.data_dir} ({meta['tokenizer']}), "
-              f"checkpoints {checkpoint_dir}, tensorboard {run_dir}")
+              f"{compiled}, data {config.data_dir} ({meta['tokenizer']}), checkpoints {checkpoint_dir}, "
+              f"tensorboard {run_dir}")
     if ckpt is not None:
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
     elif config.init_from not in ("auto", "scratch", "resume"):

@@ -127,6 +127,18 @@ def resume_runs(char_data, tmp_path_factory):
     return straight_dir, split_dir, straight, first, second
 
 
+def test_compile_gets_the_compile_mode(char_data, tmp_path, monkeypatch):
+    modes = []
+
+    def fake_compile(model, mode=None, **kwargs):  # records the call; the model runs uncompiled
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    train(tiny(char_data, tmp_path, compile=True, compile_mode="reduce-overhead", max_iters=2))
+    assert modes == ["reduce-overhead"]
+
+
 def test_exact_resume(resume_runs):
     straight_dir, split_dir, straight, first, second = resume_runs
     assert second["resumed_from"] == 20 and first["iter_num"] == 20 and second["iter_num"] == 40
@@ -362,6 +374,7 @@ def test_flags_file_and_preset_apply_in_order(tmp_path):
     (["--max_iters=1.5"], "max_iters must be an integer, got 1.5"),
     (["--learning_rate=fast"], "learning_rate must be a number, got 'fast'"),
     (["--compile=yes"], "compile must be True, False or 'auto'"),
+    (["--compile_mode=fast"], "compile_mode must be one of default, reduce-overhead, max-autotune"),
     (["--bias=1"], "bias must be True or False, got 1"),
     (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     (["--preset=gpt3"], "unknown preset 'gpt3'; did you mean 'gpt2'?"),
