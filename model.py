@@ -318,19 +318,28 @@ class GPT(nn.Module):
         if missing:
             raise CheckpointFormatError(f"{path} is missing GPT-2 weights {missing[:4]}"
                                         f"{' ...' if len(missing) > 4 else ''}")
+        # the causal-mask buffers of older transformers versions are not weights; anything else left over
+        # (a layer beyond n_layer, say) means config.json does not describe these weights
+        extra = [k for k in sd if k not in expected and k != "lm_head.weight"
+                 and not k.endswith((".attn.bias", ".attn.masked_bias"))]
+        if extra:
+            raise CheckpointFormatError(f"{path} holds weights its config.json has no place for: {extra[:4]}"
+                                        f"{' ...' if len(extra) > 4 else ''}")
+        if "lm_head.weight" in sd and not torch.equal(sd["lm_head.weight"], sd["wte.weight"]):
+            raise CheckpointFormatError(f"{path}: lm_head.weight differs from wte.weight; this model ties them, "
+                                        "as GPT-2 does, and cannot load an untied output layer")
         with torch.no_grad():
             for key in expected:
                 src = sd[key]
                 if key.endswith(CONV1D_WEIGHTS):
                     src = src.t()  # OpenAI stores these as Conv1D: (in, out) instead of Linear's (out, in)
-                dst = ours[("transformer." + key)]
+                dst = ours["transformer." + key]
                 if key == "wte.weight":
-                    dst[: src.size(0)].copy_(src)  # padding rows keep their (unused) init values
-                elif src.shape != dst.shape:
+                    dst = dst[: config.vocab_size]  # the padding rows keep their (unused) init values
+                if src.shape != dst.shape:
                     raise CheckpointFormatError(f"{path}: weight {key} has shape {tuple(src.shape)}, "
                                                 f"expected {tuple(dst.shape)} from its config.json")
-                else:
-                    dst.copy_(src)
+                dst.copy_(src)
         return model
 
     def save_pretrained(self, directory: str, tokenizer=None) -> None:
@@ -343,6 +352,10 @@ class GPT(nn.Module):
         cfg = self.config
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        # an earlier export's config.json would otherwise vouch for weights half overwritten, and its
+        # tokenizer.json would be taken for this model's
+        for name in ("config.json", "tokenizer.json"):
+            (out / name).unlink(missing_ok=True)
         sd = {}
         for k, v in self.state_dict().items():
             if k == "lm_head.weight":
@@ -426,8 +439,14 @@ def _read_hf_config(path: Path) -> dict:
                                     f"has all of {', '.join(HF_SHAPE_KEYS)} (transformers' GPT2Config writes them)")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise CheckpointFormatError(f"{cfg_file}: n_inner {hf['n_inner']} differs from 4 * n_embd")
-    if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise CheckpointFormatError(f"{cfg_file}: layer_norm_epsilon {hf['layer_norm_epsilon']} differs from 1e-5")
+    eps = hf.get("layer_norm_epsilon", 1e-5)
+    if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
+        raise CheckpointFormatError(f"{cfg_file}: layer_norm_epsilon {eps!r} differs from 1e-5")
+    # variants of the attention that transformers' GPT2Config can switch on and this model does not have
+    for key, gpt2 in (("tie_word_embeddings", True), ("scale_attn_weights", True),
+                      ("scale_attn_by_inverse_layer_idx", False)):
+        if hf.get(key, gpt2) != gpt2:
+            raise CheckpointFormatError(f"{cfg_file}: {key} is {hf[key]!r}; this model supports GPT-2's {gpt2}")
     return hf
 
 

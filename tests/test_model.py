@@ -201,6 +201,62 @@ def test_save_pretrained_writes_config_json_last(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no config.json announcing an export without weights
 
 
+def test_save_pretrained_over_an_earlier_export(tmp_path, monkeypatch):
+    from tokenizer import CharTokenizer
+    GPT(tiny_config()).save_pretrained(tmp_path, tokenizer=CharTokenizer("abc"))
+    model = GPT(tiny_config(n_layer=3)).eval()
+    model.save_pretrained(tmp_path)  # no tokenizer this time
+    assert not (tmp_path / "tokenizer.json").exists()  # the old one would be taken for this model's
+    assert GPT.from_pretrained(str(tmp_path)).config.n_layer == 3
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
+    with pytest.raises(OSError):
+        GPT(tiny_config(n_layer=4)).save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()  # the 3-layer config.json no longer vouches for the files
+
+
+def hf_model_dir(path, tie=True, **config):
+    torch.manual_seed(5)
+    cfg = transformers.GPT2Config(**{**dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4),
+                                     **config}, tie_word_embeddings=tie)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(tie=False), "tie_word_embeddings is False"),
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx is True"),
+    (dict(scale_attn_weights=False), "scale_attn_weights is False"),
+])
+def test_from_pretrained_refuses_other_attention_or_output_layers(tmp_path, change, message):
+    hf_model_dir(tmp_path, **change)
+    with pytest.raises(CheckpointFormatError, match=message):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_refuses_weights_config_json_does_not_describe(tmp_path):
+    import safetensors.torch
+    hf_model_dir(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    # a layer more than config.json says
+    json.dump({**cfg, "n_layer": 1}, open(tmp_path / "config.json", "w"))
+    with pytest.raises(CheckpointFormatError, match=r"no place for: \['h\.1\."):
+        GPT.from_pretrained(str(tmp_path))
+    # an untied lm_head stored beside a config.json that claims tying
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    key = next(k for k in weights if k.endswith("wte.weight"))
+    safetensors.torch.save_file({**weights, "lm_head.weight": torch.randn_like(weights[key])},
+                                tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match="lm_head.weight differs from wte.weight"):
+        GPT.from_pretrained(str(tmp_path))
+    # fewer embedding rows than vocab_size
+    safetensors.torch.save_file({**weights, key: weights[key][:50].contiguous()}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match=r"wte.weight has shape \(50, 32\), expected \(101, 32\)"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_optimizer_decays_only_matrices():
     model = GPT(tiny_config())
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
