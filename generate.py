@@ -18,7 +18,7 @@ would compute alone. A prompt longer than block_size is cut to its last block_si
 text outgrows block_size, the context is cut to its last `window` tokens (--window, default
 block_size // 2) and the cache is rebuilt with one prefill: the model always sees between `window`
 and block_size tokens of context, and a rebuild costs one prompt pass per block_size - window new
-tokens. The rows of a batch slide together, when the longest one fills the block.
+tokens. In a batch each row is cut when it outgrows the block, as it would be alone.
 
 On CUDA the model is cast to the generation dtype (bfloat16 by default) and one decoding step is
 captured in a CUDA graph and replayed for every token: at batch 1 a step of GPT-2 124M is otherwise
@@ -87,8 +87,8 @@ class SamplingSettings:
         if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1] (1 disables nucleus sampling; 0.9 is common), "
                             f"got {self.top_p!r}")
-        if self.seed is not None and not is_int(self.seed):
-            problems.append(f"seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**64):
+            problems.append(f"seed must be an integer from -2**63 to 2**64 - 1, or None, got {self.seed!r}")
         if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
             problems.append(f"stop must be a non-empty string or None, got {self.stop!r}")
         if problems:
@@ -125,7 +125,9 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1), the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -159,6 +161,12 @@ class Generator:
     def __init__(self, model, device=None, dtype=None, compile: bool = False, cuda_graph: bool = True,
                  window: Optional[int] = None, cpu_layout: bool = True):
         model = getattr(model, "_orig_mod", model)  # a torch.compile'd module: use the module itself
+        self.block_size = model.config.block_size
+        self.window = max(1, self.block_size // 2) if window is None else window
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or not 1 <= self.window <= self.block_size:
+            raise GenerationError(f"window must be an integer from 1 to block_size ({self.block_size}), "
+                                  f"got {window!r}; it is how many tokens of context are kept when the "
+                                  f"text outgrows the block (default block_size // 2)")
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         model.eval()
@@ -167,12 +175,6 @@ class Generator:
         self.model = model
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
-        self.block_size = model.config.block_size
-        self.window = max(1, self.block_size // 2) if window is None else window
-        if not isinstance(self.window, int) or not 1 <= self.window <= self.block_size:
-            raise GenerationError(f"window must be an integer from 1 to block_size ({self.block_size}), "
-                                  f"got {window!r}; it is how many tokens of context are kept when the "
-                                  f"text outgrows the block (default block_size // 2)")
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.step_fn = model.forward_cached
         self.compiled = False
@@ -199,10 +201,13 @@ class Generator:
         if not rows or not all(rows):
             raise GenerationError("every prompt needs at least one token (an empty text prompt starts "
                                   "from the tokenizer's end-of-text token; see encode_prompt)")
+        if max_new_tokens < 1:
+            return
         longest = max(len(r) for r in rows)
-        # the last sampled token is never fed back, hence the - 1; a graph is captured once for the
-        # full block so that any later prompt can reuse it
-        needed = self.block_size if self.cuda_graph else min(self.block_size, longest + max_new_tokens - 1)
+        # the last sampled token is never fed back, hence the - 1. A CUDA graph or a compiled step is
+        # made once for the full block, so that any later prompt reuses it instead of recompiling
+        static = self.cuda_graph or self.compiled
+        needed = self.block_size if static else min(self.block_size, longest + max_new_tokens - 1)
         self._prepare(len(rows), needed)
         logits = self._prefill(rows)
         for i in range(max_new_tokens):
@@ -214,8 +219,9 @@ class Generator:
             for row, t in zip(rows, ids):
                 row.append(t)
             if self.pos == self.capacity:
-                # the block is full: keep the last `window` tokens of every row and rebuild the cache
-                rows = [row[-self.window:] for row in rows]
+                # the cache is full: a row that has outgrown the block keeps its last `window` tokens,
+                # as it would alone, the others keep all of theirs, and the cache is rebuilt
+                rows = [row[-self.window:] if len(row) > self.block_size else row for row in rows]
                 logits = self._prefill(rows)
             else:
                 logits = self._step(tok)
@@ -419,7 +425,7 @@ class TextStream:
         """Text not returned before that can no longer change."""
         end = len(self.text)
         if self.stop and not self.done:
-            end -= len(self.stop) - 1
+            end = max(self._shown, end - (len(self.stop) - 1))
         piece = self.text[self._shown:end]
         self._shown = max(self._shown, end)
         return piece
@@ -436,6 +442,9 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     streams = [TextStream(tokenizer, settings.stop) for _ in prompts]
 
     def sample(logits):
+        # a model may have more outputs than its tokenizer has tokens (data.check_vocab allows it); ids
+        # without text are never drawn
+        logits = logits[:, :tokenizer.vocab_size]
         return sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
 
     with contextlib.closing(gen.decode(ids, settings.max_new_tokens, sample)) as steps:

@@ -239,6 +239,38 @@ def test_batch_equals_each_prompt_alone():
     assert len(set(batch)) == len(batch) and all(len(t) == GREEDY.max_new_tokens for t in batch)
 
 
+@pytest.mark.parametrize("window", [None, 5, 16])
+def test_batch_equals_each_prompt_alone_when_the_text_outgrows_the_block(window):
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=16)
+    prompts = [tok.encode("the quick brow"), tok.encode("the quick b"), tok.encode("a")]
+    gen = Generator(model, window=window)
+    assert greedy_ids(gen, prompts, 40) == [greedy_ids(gen, [p], 40)[0] for p in prompts]
+
+
+def test_zero_new_tokens_yield_nothing():
+    model = tiny_model(char_tokenizer().vocab_size, block_size=16)
+    assert list(Generator(model).decode([[1, 2, 3, 4, 5]], 0, lambda logits: logits.argmax(-1))) == []
+
+
+def test_bad_window_leaves_the_model_untouched():
+    model = tiny_model(char_tokenizer().vocab_size)
+    with pytest.raises(GenerationError, match="window must be an integer from 1 to block_size"):
+        Generator(model, window=0)
+    assert model.lm_head.weight.is_contiguous() and type(model.lm_head) is torch.nn.Linear
+
+
+def test_tokens_the_tokenizer_cannot_decode_are_never_drawn():
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size + 40)  # data.check_vocab allows a larger model vocabulary
+    with torch.no_grad():
+        model.lm_head.weight[tok.vocab_size:] *= 100  # ids without text would otherwise win
+    gen = Generator(model)
+    texts = complete(gen, tok, ["ab", "cd"], SamplingSettings(temperature=1.0, top_k=0, max_new_tokens=60, seed=0))
+    assert all(len(t) == 60 for t in texts)
+    assert len(complete(gen, tok, ["ab"], GREEDY)[0]) == GREEDY.max_new_tokens
+
+
 def test_greedy_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = char_tokenizer()
@@ -310,6 +342,22 @@ def test_stop_string_cuts_text_and_is_never_streamed():
     settings = SamplingSettings(temperature=0, max_new_tokens=40, stop=stop)
     text = complete(gen, tok, ["hello"], settings, on_text=pieces.append)[0]
     assert text == free[:free.index(stop)] and "".join(pieces) == text
+
+
+def test_a_long_stop_string_that_never_appears_streams_the_text_once():
+    tok = char_tokenizer()
+    gen = Generator(tiny_model(tok.vocab_size))
+    free = complete(gen, tok, ["ab"], GREEDY)[0]
+    pieces = []
+    settings = SamplingSettings(temperature=0, max_new_tokens=40, stop="QQQQQQ")
+    assert complete(gen, tok, ["ab"], settings, on_text=pieces.append)[0] == free
+    assert "".join(pieces) == free
+
+
+def test_a_tiny_temperature_is_greedy():
+    logits = torch.randn(4, 50) * 10
+    assert torch.equal(sample_logits(logits, 1e-40, generator=torch.Generator().manual_seed(0)),
+                       logits.argmax(-1))
 
 
 def test_streaming_keeps_multibyte_characters_whole():
@@ -439,6 +487,7 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--checkpoint", "missing.pt"], "missing.pt does not exist"),
     (["--checkpoint_dir", "nowhere"], "no checkpoint found"),
     (["--device", "tpu"], "device must be"),
+    (["--seed", str(2**64)], "seed must be an integer from -2**63 to 2**64 - 1"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(char_checkpoint, tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(tmp_path)
