@@ -32,11 +32,13 @@ import numpy as np
 import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
-from utils import UserError, atomic_open, resolve_device, resolve_dtype, run_cli
+from utils import ArgumentParser, UserError, atomic_open, resolve_device, resolve_dtype, run_cli
+
+PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, choices=list(GPT2_CONFIGS),
                    help="model preset; default gpt2 on CUDA, shakespeare-char-cpu elsewhere")
@@ -113,40 +115,43 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    t0 = time.perf_counter()
-    for i in range(args.warmup):
-        loss = step(i)
-    loss.item()
-    warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync()
-    t0 = time.perf_counter()
-    for i in range(args.steps):
-        loss = step(args.warmup + i)
-    final_loss = loss.item()  # the one host synchronisation of the timed window
-    dt = (time.perf_counter() - t0) / args.steps
-    tokens = B * T
-    mfu = model.estimate_mfu(tokens, dt, device=device, dtype=dtype)
-    result = dict(tokens_per_sec=tokens / dt, ms_per_iter=dt * 1000, mfu=mfu,
-                  achieved_tflops=model.achieved_flops(tokens, dt) / 1e12, warmup_s=warmup_s,
-                  final_loss=final_loss, params=model.get_num_params(),
-                  peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
-    if args.data_dir:
-        loader.close()
+    try:
+        t0 = time.perf_counter()
+        for i in range(args.warmup):
+            loss = step(i)
+        loss.item()
+        warmup_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            loss = step(args.warmup + i)
+        final_loss = loss.item()  # the one host synchronisation of the timed window
+        dt = (time.perf_counter() - t0) / args.steps
+        tokens = B * T
+        mfu = model.estimate_mfu(tokens, dt, device=device, dtype=dtype)
+        result = dict(tokens_per_sec=tokens / dt, ms_per_iter=dt * 1000, mfu=mfu,
+                      achieved_tflops=model.achieved_flops(tokens, dt) / 1e12, warmup_s=warmup_s,
+                      final_loss=final_loss, params=model.get_num_params(),
+                      peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
+    finally:
+        if args.data_dir:
+            loader.close()
     del step_model, model, optimizer
     return result
 
 
-def bench_generate(args, config, device, dtype) -> list[dict]:
+def bench_generate(args, config, device, dtype, use_compile) -> list[dict]:
     from generate import benchmark_generation
     from model import GPT
     torch.manual_seed(0)
     model = GPT(config)  # random weights: speed does not depend on them
     results = []
     for bs in args.gen_batch_sizes:
-        r = benchmark_generation(model, batch_size=bs, prompt_len=16, new_tokens=args.gen_tokens,
-                                 device=device, dtype=dtype, reference_hf=args.hf_reference and bs == 1)
+        r = benchmark_generation(model, batch_size=bs, prompt_len=PROMPT_TOKENS, new_tokens=args.gen_tokens,
+                                 device=device, dtype=dtype, reference_hf=args.hf_reference and bs == 1,
+                                 compile=use_compile)
         results.append(dict(batch_size=bs, **r))
     return results
 
@@ -175,6 +180,8 @@ def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) ->
     rng = np.random.default_rng(seed)
     if words_file:
         words = sorted(set(decode_utf8(Path(words_file).read_bytes(), words_file).split()))
+        if not words:
+            raise UserError(f"the word source {words_file!r} holds no words; give a text file, or no --input")
     else:
         syllables = ["ka", "lo", "mi", "ster", "an", "the", "ing", "pre", "vo", "tu", "ré", "qua", "ex", "on",
                      "ly", "ber", "sh", "ou", "ght", "ion", "al", "fe", "dri", "ck", "zo", "ph", "ea", "un"]
@@ -316,6 +323,8 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.json and Path(args.json).is_dir():
+        raise UserError(f"--json {args.json} is a directory; give a file name, e.g. --json {Path(args.json) / 'bench.json'}")
     if args.tokenize:
         report = tokenize_report(args)
     else:
@@ -349,15 +358,18 @@ def model_report(args) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     use_compile = device.type == "cuda" if args.compile == "auto" else args.compile == "true"
     preset = args.preset or ("gpt2" if device.type == "cuda" else "shakespeare-char-cpu")
-    vocab_size = args.vocab_size or (65 if preset.startswith("shakespeare-char") else 50257)
+    if args.vocab_size is not None:
+        vocab_size = args.vocab_size
+    else:
+        vocab_size = 65 if preset.startswith("shakespeare-char") else 50257
     config = preset_config(preset, vocab_size=vocab_size, dropout=0.0, device=str(device),
                            dtype=str(dtype).removeprefix("torch."), compile=use_compile)
     if args.data_dir:
         from data import load_meta
         config.vocab_size = load_meta(args.data_dir)["vocab_size"]
-    if args.batch_size:
+    if args.batch_size is not None:
         config.batch_size = args.batch_size
-    if args.block_size:
+    if args.block_size is not None:
         config.block_size = args.block_size
     config.validate()
     cuda = device.type == "cuda"
@@ -367,6 +379,16 @@ def model_report(args) -> dict:
     if args.warmup < 1 or args.steps < 1 or args.gen_tokens < 1:
         raise UserError("--warmup, --steps and --gen_tokens must be at least 1")
     args.gen_batch_sizes = parse_batch_sizes(args.gen_batch_sizes)
+    if args.hf_reference and not args.no_generate:
+        # checked before the training benchmark, not after it
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("--hf_reference needs transformers: pip install transformers") from None
+        if PROMPT_TOKENS + args.gen_tokens > config.block_size:
+            raise UserError(f"--hf_reference: the {PROMPT_TOKENS}-token prompt and {args.gen_tokens} new tokens exceed "
+                            f"block_size {config.block_size}, which transformers cannot go past; use --gen_tokens "
+                            f"{config.block_size - PROMPT_TOKENS} or less, or a larger --preset")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -391,8 +413,8 @@ def model_report(args) -> dict:
         print(f"  {r['tokens_per_sec']:,.0f} tokens/s | {r['ms_per_iter']:.1f} ms/iter | {eff} | "
               f"{r['achieved_tflops']:.2f} TFLOP/s achieved{mem} | warm-up {r['warmup_s']:.1f} s")
     if not args.no_generate:
-        print(f"generation: prompt 16 tokens, {args.gen_tokens} new tokens, greedy ...", flush=True)
-        report["generate"] = bench_generate(args, config, device, dtype)
+        print(f"generation: prompt {PROMPT_TOKENS} tokens, {args.gen_tokens} new tokens, greedy ...", flush=True)
+        report["generate"] = bench_generate(args, config, device, dtype, use_compile)
         for g in report["generate"]:
             ref = (f" | transformers generate {g['hf_tokens_per_sec']:.1f} tokens/s "
                    f"(x{g['tokens_per_sec'] / g['hf_tokens_per_sec']:.2f})" if g.get("hf_tokens_per_sec") else "")

@@ -5,6 +5,7 @@ Every script ends with `run_cli(main)`, so a mistake the user can fix (a wrong
 flag, a missing file) prints one line on stderr and exits with code 2 instead
 of a traceback.
 """
+import argparse
 import contextlib
 import os
 import re
@@ -17,6 +18,14 @@ from typing import Callable, Iterator, IO
 
 class UserError(Exception):
     """A mistake the user can fix. The message says what was wrong and what would work."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a UserError: one line on stderr and exit code 2 under run_cli,
+    instead of the whole usage text."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see {self.prog} --help")
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -39,6 +39,50 @@ def test_bad_arguments_exit_2():
     assert out.returncode == 2 and out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1
 
 
+def one_line_error(argv, capsys) -> str:
+    import bench
+    from utils import run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: bench.main(argv))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size", "0"], "batch_size must be an integer > 0, got 0"),
+    (["--block_size", "0"], "block_size must be an integer > 0, got 0"),
+    (["--vocab_size", "0"], "vocab_size must be an integer > 0, got 0"),
+    (["--no_train", "--hf_reference", "--gen_tokens", "50"], "exceed block_size 64"),
+    (["--stpes", "3"], "unrecognized arguments: --stpes 3; see"),
+    (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
+])
+def test_bad_model_arguments_are_one_line_errors(argv, message, capsys):
+    assert message in one_line_error(["--device", "cpu", *argv], capsys)
+
+
+def test_json_into_a_directory_fails_before_running(tmp_path, capsys):
+    assert "is a directory" in one_line_error(["--device", "cpu", "--json", str(tmp_path)], capsys)
+
+
+def test_generation_is_timed_with_the_compile_setting(monkeypatch):
+    import bench
+    import generate
+    seen = []
+    monkeypatch.setattr(generate, "benchmark_generation",
+                        lambda *a, **k: seen.append(k["compile"]) or dict(tokens_per_sec=1.0, hf_tokens_per_sec=None))
+    for flag in ("true", "false"):
+        bench.main(["--device", "cpu", "--no_train", "--gen_batch_sizes", "1", "--compile", flag])
+    assert seen == [True, False]
+
+
+def test_tokenize_from_a_file_without_words(tmp_path):
+    (tmp_path / "empty.txt").write_text(" \n")
+    out = run_bench("--tokenize", "--tokenize_mb", "0.01", "--num_proc", "1", "--input", str(tmp_path / "empty.txt"))
+    assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ")  # after a progress line
+    assert "holds no words" in out.stderr and "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("sizes", ["x", "0", "1,-8", ","])
 def test_bad_gen_batch_sizes_are_one_line_errors(sizes, capsys):
     import bench
