@@ -64,6 +64,7 @@ DEFAULT_VAL_FRACTION = {"shakespeare": 0.1, "custom": 0.1, "openwebtext": 0.0005
 DEFAULT_BPE_VOCAB = 4096
 UNIT_BYTES = 1 << 20  # text per work unit handed to a worker process
 DOC_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")  # local files --dataset openwebtext reads
+DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")  # what write_dataset puts in out_dir
 # A safe cut is a point in UTF-8 text just before a space or newline that follows a character that is
 # not whitespace: no pre-token of GPT-2's pattern crosses it (words, numbers and symbols stop at
 # whitespace, and a whitespace run starting there is matched the same way with or without the text
@@ -99,13 +100,19 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
             f"for Latin-1 text.") from None
 
 
-def input_files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """path itself, or every file under the folder path with one of the suffixes, in sorted order."""
+def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = None) -> list[Path]:
+    """path itself, or every file under the folder path with one of the suffixes, in sorted order.
+
+    The files of the data set written to out_dir are left out: with --output_dir inside (or equal to)
+    the input folder, a second run would otherwise read the first run's meta.json and tokenizer.json
+    as documents while it replaces them.
+    """
     if not path.exists():
         raise DataError(f"--input {str(path)!r} does not exist; pass a file or a folder of {'/'.join(suffixes)} files")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
+    own = {(out_dir / name).resolve() for name in DATASET_FILES} if out_dir is not None else set()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and p.resolve() not in own)
     if not files:
         raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files; pass a file or another folder")
     return files
@@ -442,6 +449,9 @@ _worker: tuple | None = None  # (tokenizer, dtype, val_fraction) in a worker pro
 def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
+    # the pool ends its workers with SIGTERM; a forked worker inherits the parent's handler, which
+    # raises KeyboardInterrupt and would print a traceback from every worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     _worker = (tokenizer, np.dtype(dtype), val_fraction)
 
@@ -541,22 +551,29 @@ def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: l
         return CharTokenizer.from_text("".join(decode_utf8(d, name) for d, name in zip(datas, names)))
     # BPE learns from the training split only, so val stays unseen text; all of it is decoded here
     # so that bad UTF-8 is reported before a long training, not after it
-    texts = [(split, decode_utf8(d, name, offset)) for split, d, _, name, offset in pieces]
-    train_text = "".join(text for split, text in texts if split == "train")
+    texts = [(split, decode_utf8(d, name, offset), eot) for split, d, eot, name, offset in pieces]
+    # end-of-text between files, as in the encoded data: the trainer splits the text there, so no merge
+    # joins the end of one file to the start of the next
+    train_text = "".join(text + (EOT if eot else "") for split, text, eot in texts if split == "train")
     print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text):,} characters", file=sys.stderr)
     return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])
 
 
 def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: str, vocab_size: int | None,
-                 val_fraction: float, num_proc: int, command: str, unit_bytes: int = UNIT_BYTES) -> dict:
-    """shakespeare and custom: read the files whole, cut at the character fraction, tokenise, write."""
+                 val_fraction: float, num_proc: int, command: str, unit_bytes: int = UNIT_BYTES,
+                 input_path: str | None = None) -> dict:
+    """shakespeare and custom: read the files whole, cut at the character fraction, tokenise, write.
+
+    input_path is the folder the files were listed from (--input), named in meta.json's source.
+    """
     datas = read_files(files)
     names = [str(f) for f in files]
     pieces = split_text_pieces(datas, val_fraction, names)
     tok = build_tokenizer(tokenizer, datas, pieces, names, vocab_size)
     meta = {
         "dataset": dataset,
-        "source": names[0] if len(files) == 1 else f"{len(files)} .txt files under {files[0].parent}",
+        "source": names[0] if len(files) == 1 else
+                  f"{len(files)} .txt files under {input_path or os.path.commonpath(names)}",
         "val_fraction": val_fraction,
         "split": f"first {1 - val_fraction:.6g} of the characters train, the rest val",
         "command": command,
@@ -575,7 +592,7 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
     txt_counts = {"train": 0, "val": 0, "empty": 0}  # .txt documents are split in this process
     sha = hashlib.sha256()
     if input_path:
-        files = input_files(Path(input_path), DOC_SUFFIXES)
+        files = input_files(Path(input_path), DOC_SUFFIXES, out_dir)
         units = local_units(files, unit_bytes, val_fraction, sha, txt_counts, can_cut(tok))
         progress = ("bytes", sum(f.stat().st_size for f in files))
         source = str(files[0]) if len(files) == 1 else f"{len(files)} files under {input_path}"
@@ -607,6 +624,29 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM (kill, a job scheduler's stop) raises KeyboardInterrupt, so it ends the
+    worker pool and removes the partial files the way Ctrl-C does; the old handler is restored after."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt  # run_cli reports it as "interrupted", exit code 130
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """DataError unless out_dir is a folder or can be made one (no file in the way)."""
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == out_dir else f"is inside {str(existing)!r}, which is a file"
+        raise DataError(f"--output_dir {str(out_dir)!r} {what}; a data set is a folder (train.bin, val.bin, "
+                        f"tokenizer.json, meta.json): pass the path of a folder, new or existing")
 
 
 def default_num_proc() -> int:
@@ -662,17 +702,20 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = Path("data") / (Path(args.input).resolve().stem or "custom")
     else:
         out_dir = Path(DEFAULT_DATA_DIRS[dataset, kind])
+    check_output_dir(out_dir)
     command = shlex.join(["python", "prepare_data.py", *argv])
 
-    if dataset == "openwebtext":
-        meta = prepare_documents(out_dir, args.input, hf_name=args.hf_dataset, val_fraction=val_fraction,
-                                 num_proc=args.num_proc, command=command)
-    else:
-        files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
-                 else input_files(Path(args.input), (".txt",)))
-        meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=kind, val_fraction=val_fraction,
-                            vocab_size=(args.vocab_size or DEFAULT_BPE_VOCAB) if kind == "bpe" else None,
-                            num_proc=args.num_proc, command=command)
+    with sigterm_as_interrupt():
+        if dataset == "openwebtext":
+            meta = prepare_documents(out_dir, args.input, hf_name=args.hf_dataset, val_fraction=val_fraction,
+                                     num_proc=args.num_proc, command=command)
+        else:
+            files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
+                     else input_files(Path(args.input), (".txt",), out_dir))
+            vocab_size = DEFAULT_BPE_VOCAB if args.vocab_size is None else args.vocab_size
+            meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=kind, val_fraction=val_fraction,
+                                vocab_size=vocab_size if kind == "bpe" else None, num_proc=args.num_proc,
+                                command=command, input_path=args.input)
     print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['tokenizer']}, vocab_size {meta['vocab_size']}, {meta['dtype']})")
     return meta

@@ -373,6 +373,9 @@ class BPETokenizer(Tokenizer):
         except (regex.error, TypeError) as e:
             raise TokenizerError(f"the split pattern {self.pattern!r} is not a valid regular expression ({e}); "
                                  f"leave pattern=None for GPT-2's") from e
+        if self.compiled_pattern.groups:  # findall would return the groups' text instead of the chunks
+            raise TokenizerError(f"the split pattern {self.pattern!r} has capturing groups; make them "
+                                 f"non-capturing, (...) -> (?:...)")
         self._set([], special_tokens or {})
 
     def _set(self, merges, special_tokens: dict[str, int], byte_ids=None, merge_rule: str = "pairs") -> None:
@@ -459,11 +462,15 @@ class BPETokenizer(Tokenizer):
         num_merges = vocab_size - 256 - len(names)
         t0 = time.time()
 
-        # unique chunks and their counts; a chunk never spans a special token
+        # unique chunks and their counts; a chunk never spans a special token. The capturing group
+        # keeps the special tokens (at odd indices), so that offset counts characters of the whole text
         chunk_counts = Counter()
-        parts = re.split("|".join(map(re.escape, names)), text) if names else [text]
-        for part in parts:
-            chunk_counts.update(self.compiled_pattern.findall(part))
+        parts = re.split("(" + "|".join(map(re.escape, names)) + ")", text) if names else [text]
+        offset = 0
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                chunk_counts.update(self._split(part, offset))
+            offset += len(part)
         words, freqs = [], []  # the chunks as lists of token ids, and how often each occurs
         for chunk, n in chunk_counts.items():
             w = list(_utf8(chunk))
@@ -532,12 +539,32 @@ class BPETokenizer(Tokenizer):
 
     # ---- encoding and decoding
 
+    def _split(self, text: str, offset: int = 0) -> list[str]:
+        """text -> the pattern's chunks, which must cover all of it (offset: where text starts, for errors).
+
+        findall skips what the pattern does not match, and BPE sees nothing else: a pattern of word
+        characters only would encode 'hello, world!' as 'helloworld'. Every chunk is a substring of
+        text, so their lengths add up to len(text) exactly when nothing was skipped.
+        """
+        chunks = self.compiled_pattern.findall(text)
+        if sum(map(len, chunks)) != len(text):
+            pos = 0  # the first character that no match covers
+            for m in self.compiled_pattern.finditer(text):
+                if m.start() > pos:
+                    break
+                pos = m.end()
+            raise TokenizerError(
+                f"the split pattern {self.pattern!r} does not match the text at character {offset + pos} "
+                f"({text[pos:pos + 20]!r}), so BPE would leave that text out; the pattern must match every "
+                f"character: end it with a catch-all alternative, |(?s:.), or use pattern=None for GPT-2's")
+        return chunks
+
     def encode_ordinary(self, text: str) -> list[int]:
         if not isinstance(text, str):
             self._allowed_special(text, "none")  # raises the type error
         cache, ranks, byte_ids = self._cache, self._ranks, self.byte_ids
         ids = []
-        for chunk in self.compiled_pattern.findall(text):
+        for chunk in self._split(text):
             tokens = cache.get(chunk)
             if tokens is None:
                 data = _utf8(chunk)
@@ -667,8 +694,11 @@ class GPT2Tokenizer(Tokenizer):
 
 
 def _read_text(path: str) -> str:
+    # newline="" keeps '\r\n' and '\r' as they are (read_text would make them '\n'): prepare_data.py
+    # reads bytes, so a tokenizer trained here must see the same line ends as the text it will encode
     try:
-        return Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read the text file {path!r} ({e}); pass a UTF-8 text file") from e
 
@@ -684,7 +714,7 @@ def bench(path: str, vocab_size: int, pattern: str | None = None) -> None:
     t0 = time.perf_counter()
     ids = tok.encode_ordinary(text)
     t_enc = time.perf_counter() - t0
-    assert tok.decode(ids) == text
+    assert tok.decode(ids) == text  # an invariant: train and encode_ordinary refuse a pattern that skips text
     print(f"bpe  vocab {tok.vocab_size}: train {t_train:.2f}s, encode {t_enc:.2f}s, {len(ids):,} tokens, "
           f"{len(ids) / t_enc:,.0f} tokens/s, {mb / t_enc:.2f} MB/s")
     try:
@@ -728,6 +758,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.bench:
         bench(args.bench, args.vocab_size, args.pattern)
         return
+    if Path(args.out).is_dir():  # checked before training, which can take long
+        raise TokenizerError(f"--out {args.out!r} is a directory; --out is the file to write, e.g. "
+                             f"--out {os.path.join(args.out, 'tokenizer.json')}")
     text = _read_text(args.train)
     tok = BPETokenizer(args.pattern).train(text, args.vocab_size, verbose=True, special_tokens=args.special)
     tok.save(args.out)

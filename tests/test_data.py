@@ -3,10 +3,14 @@ pipeline against single-thread tiktoken, atomic writes, bad input, and determini
 
     python -m pytest -q tests/test_data.py
 """
+import contextlib
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import prepare_data
 from data import BatchLoader, DataError, check_vocab, load_data_tokenizer, load_meta, prepare_command
 from prepare_data import (cut_text, piece_units, prepare_documents, prepare_text, split_text_pieces, token_dtype,
                           write_dataset)
-from tokenizer import EOT, BPETokenizer, Tokenizer, load_tokenizer
+from tokenizer import EOT, BPETokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 GPT2 = tiktoken.get_encoding("gpt2")
@@ -110,10 +114,13 @@ def test_shakespeare_offline_without_copy_names_both_ways(tmp_path, monkeypatch)
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(prepare_data.urllib.request, "urlopen", offline)
+    earlier = write_data_dir(tmp_path / "s", np.arange(100), np.arange(50), vocab_size=100)
+    before = (earlier / "meta.json").read_bytes()
     with pytest.raises(DataError, match="--input") as e:
-        prepare("--dataset", "shakespeare", "--output_dir", tmp_path / "s")
+        prepare("--dataset", "shakespeare", "--output_dir", earlier)
     assert "SHAKESPEARE" in str(e.value)
-    assert not (tmp_path / "s" / "meta.json").exists()
+    # the error comes before anything is written: an earlier data set there is left complete
+    assert (earlier / "meta.json").read_bytes() == before
 
 
 def test_shakespeare_wrong_copy_is_refused(tmp_path):
@@ -157,6 +164,30 @@ def test_custom_folder_puts_eot_between_files(tmp_path):
     assert GPT2.decode(train.tolist() + val.tolist()) == EOT.join(texts)
     assert list(train).count(50256) + list(val).count(50256) == 2
     assert meta["source_sha256"] == hashlib.sha256(b"".join(t.encode() for t in texts)).hexdigest()
+    assert meta["source"] == f"3 .txt files under {folder}"
+
+
+def test_custom_bpe_learns_no_merge_across_files(tmp_path):
+    """The data has end-of-text between files, so the merges must not join one file to the next."""
+    folder = tmp_path / "letters"
+    for i in range(40):  # a/00.txt holds 'a', b/01.txt 'b', ...: sorted, 'a' * 20 then 'b' * 20
+        (folder / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        (folder / "ab"[i % 2] / f"{i:02d}.txt").write_text("ab"[i % 2])
+    meta = prepare("--dataset", "custom", "--input", folder, "--tokenizer", "bpe", "--vocab_size", 300,
+                   "--output_dir", tmp_path / "out")
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.json")
+    assert tok.merges == {}  # joined without end-of-text, 'aaaa...bbbb' would give 'aa', 'bb', 'ab', ...
+    assert meta["vocab_size"] == 257 and meta["source"] == f"40 .txt files under {folder}"  # not letters/a
+    train, val = bins(tmp_path / "out")
+    assert tok.decode(train.tolist() + val.tolist()) == EOT.join("a" * 20 + "b" * 20)
+
+
+def test_bpe_vocab_size_zero_is_refused(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("some text to train on\n" * 10)
+    with pytest.raises(TokenizerError, match="vocab_size 0 is too small"):  # not silently the default 4096
+        prepare("--dataset", "custom", "--input", src, "--tokenizer", "bpe", "--vocab_size", 0,
+                "--output_dir", tmp_path / "o")
 
 
 def test_split_text_pieces():
@@ -273,6 +304,21 @@ def test_openwebtext_folder_in_parallel_units(tmp_path):
     np.testing.assert_array_equal(got[0], train)
     np.testing.assert_array_equal(got[1], val)
     assert meta["train_documents"] + meta["val_documents"] == len(order)
+
+
+@pytest.mark.parametrize("out_name", ["out", None])
+def test_openwebtext_output_dir_inside_the_input_folder(tmp_path, out_name):
+    """The data set written into the input folder (or a folder in it) is not read back as documents."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
+    out = docs / out_name if out_name else docs
+    train, val = expected_doc_ids(DOCS[:20], 0.25)
+    for _ in range(3):  # the second run once read the first run's meta.json while deleting it
+        meta = prepare("--dataset", "openwebtext", "--input", docs, "--output_dir", out, "--val_fraction", 0.25,
+                       "--num_proc", 1)
+        assert meta["source"] == str(docs / "a.jsonl") and load_meta(out) == meta
+        assert [a.tolist() for a in bins(out)] == [train, val]
 
 
 def test_openwebtext_hugging_face_path(tmp_path, monkeypatch):
@@ -398,6 +444,41 @@ def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path
     assert list(fresh.iterdir()) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig):
+    """Ctrl-C or SIGTERM (kill, a scheduler) sent to the script: exit code 130, one line, no partial files."""
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text * 3)  # about 3 units of 1 MB, so a pool of worker processes runs
+    started = tmp_path / "started"
+    # the script with a slow encode_unit that says when a worker has begun; forked workers inherit it
+    code = (f"import time, prepare_data, utils\n"
+            f"def slow(*args):\n"
+            f"    open({str(started)!r}, 'w').close()\n"
+            f"    time.sleep(60)\n"
+            f"prepare_data.encode_unit = slow\n"
+            f"utils.run_cli(prepare_data.main)\n")
+    out = tmp_path / "out"
+    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
+    # a session of its own, so that the signal goes to the script alone (not to the workers as well, as
+    # Ctrl-C in a terminal would) and so that whatever is left of it can be killed at the end
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), proc.stderr.read() if proc.poll() is not None else "no worker started in 60 s"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a failure
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted"]  # no traceback from the script or its workers
+    assert list(out.iterdir()) == []  # the partial .tmp files were removed
+
+
 def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
     d = write_data_dir(tmp_path / "d", np.arange(100), np.arange(50), vocab_size=100)
     meta = json.loads((d / "meta.json").read_text())
@@ -414,12 +495,27 @@ def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
 def test_cli_empty_file(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    r = run_cli("--dataset", "custom", "--input", empty, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    earlier = write_data_dir(tmp_path / "o", np.arange(100), np.arange(50), vocab_size=100)
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    r = run_cli("--dataset", "custom", "--input", empty, "--tokenizer", "char", "--output_dir", earlier)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "empty (0 bytes)" in lines[0]
     assert str(empty) in lines[0] and "Traceback" not in r.stderr
-    assert not (tmp_path / "o" / "meta.json").exists()
+    # the input is read before anything is written: an earlier data set there is left as it was
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text("some text\n" * 10)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(DataError, match=r"--output_dir '.*afile' is a file; .* pass the path of a folder"):
+        prepare("--dataset", "custom", "--input", src, "--output_dir", afile)
+    with pytest.raises(DataError, match=r"--output_dir '.*afile/sub' is inside '.*afile', which is a file"):
+        prepare("--dataset", "custom", "--input", src, "--output_dir", afile / "sub")
+    assert afile.read_text() == "not a folder"
 
 
 def test_cli_non_utf8_names_file_and_offset(tmp_path):

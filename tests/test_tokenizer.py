@@ -112,13 +112,15 @@ small_texts = st.text(alphabet="ab c\n'é1", min_size=1, max_size=120)
 
 
 @settings(max_examples=60, deadline=None)
-@given(text=small_texts, extra=st.integers(0, 40), pattern=st.sampled_from([None, r"\S+|\s+", r"[a-c]+|."]))
+@given(text=small_texts, extra=st.integers(0, 40), pattern=st.sampled_from([None, r"\S+|\s+", r"[a-c]+|.|\n"]))
 def test_trainer_equals_naive_reference(text, extra, pattern):
+    # each pattern matches every character ('.' alone would skip '\n', which the reference would drop too)
     tok = BPETokenizer(pattern).train(text, 256 + extra)
     ref_pattern = pattern or GPT2_SPLIT_PATTERN
     ref = naive_train(text, 256 + extra, ref_pattern)
     assert list(tok.merges.items()) == list(ref.items())
     assert tok.encode(text) == naive_encode(text, ref, ref_pattern)
+    assert tok.decode(tok.encode(text)) == text
     assert tok.encode("abc ab cab") == naive_encode("abc ab cab", ref, ref_pattern)
 
 
@@ -402,6 +404,23 @@ def test_bad_training_input():
     assert BPETokenizer().train("hello", 257, special_tokens=[EOT]).encode("hello") == list(b"hello")
 
 
+@pytest.mark.parametrize("pattern, text, where", [
+    (r"\w+", "hello, world!", "character 5 (', world!')"),  # would encode as 'helloworld'
+    ("(?=x)", "abc", "character 0 ('abc')"),  # matches only empty strings: would encode as []
+    (r"[a-z]+|.", "ab<|endoftext|>cd\n", "character 17 ('\\n')"),  # '.' skips '\n'; counted in the whole text
+])
+def test_pattern_that_skips_text_is_refused(pattern, text, where):
+    message = f"split pattern {pattern!r} does not match the text at {where}"
+    with pytest.raises(TokenizerError, match=re.escape(message)):
+        BPETokenizer(pattern).train(text, 300, special_tokens=[EOT])
+    with pytest.raises(TokenizerError, match="must match every character"):
+        BPETokenizer(pattern).encode(text)  # untrained: no merges, still no silent loss
+    tok = BPETokenizer(pattern + "|(?s:.)").train(text, 300, special_tokens=[EOT])  # the suggested fix
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(TokenizerError, match=r"capturing groups.*\(\?:"):
+        BPETokenizer(f"({pattern})")
+
+
 @pytest.mark.parametrize("make", [lambda: CharTokenizer.from_text("abc"), lambda: BPETokenizer().train("abab", 258),
                                   GPT2Tokenizer])
 def test_decode_rejects_ids_out_of_range(make):
@@ -476,3 +495,23 @@ def test_cli_help_and_train(tmp_path):
     assert out.returncode == 2 and out.stderr.startswith("error: vocab_size 10 is too small")
     out = cli("--train", "missing.txt")
     assert out.returncode == 2 and "cannot read the text file 'missing.txt'" in out.stderr
+    (tmp_path / "outdir").mkdir()
+    out = cli("--train", "in.txt", "--out", "outdir")
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "error: --out 'outdir' is a directory; --out is the file to write, e.g. --out outdir/tokenizer.json"]
+    out = cli("--bench", "in.txt", "--vocab_size", "280", "--pattern", r"\w+")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(r"error: the split pattern '\\w+' does not match the text at character 2 (' be or")
+
+
+def test_cli_keeps_line_ends(tmp_path):
+    """--train keeps CRLF and CR line ends as they are in the file, as prepare_data.py (which reads bytes) does."""
+    data = b"to be or not to be\r\n\r\n" * 20 + b"old mac\r\r" * 20
+    (tmp_path / "crlf.txt").write_bytes(data)
+    out = subprocess.run([sys.executable, tokenizer.__file__, "--train", "crlf.txt", "--vocab_size", "300",
+                          "--out", "tok.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    tok = load_tokenizer(tmp_path / "tok.json")
+    assert tok.merges == BPETokenizer().train(data.decode("utf-8"), 300).merges
+    # merges of the file's line ends; read_text would have turned them into '\n\n' and '\n'
+    assert {b"\r\n\r", b"\r\r"} <= set(tok.vocab.values())
