@@ -56,7 +56,7 @@ from tqdm import tqdm
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                        tokenizer_from_dict)
-from utils import atomic_open, run_cli
+from utils import ArgumentParser, atomic_open, run_cli
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -654,7 +654,7 @@ def default_num_proc() -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=["shakespeare", "custom", "openwebtext"], help="what to prepare")
     p.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2",
                    help="gpt2: tiktoken's GPT-2 BPE; char: one id per character; bpe: train a byte-level BPE "

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
-from utils import UserError, atomic_open, run_cli
+from utils import ArgumentParser, UserError, atomic_open, run_cli
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
 # space), and runs of whitespace. A space is kept at the start of the word that follows it, and
@@ -735,7 +735,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train or benchmark the byte-level BPE tokenizer.",
         formatter_class=_HelpFormatter,
         epilog="examples:\n  python tokenizer.py --bench input.txt --vocab_size 4096\n"
