@@ -95,7 +95,7 @@ class GPT2Config:
 
     def __init__(self, **overrides: Any):
         for k, v in overrides.items():
-            if not hasattr(GPT2Config, k) or k.startswith("_") or callable(getattr(GPT2Config, k)):
+            if k not in field_names():
                 raise ConfigError(f"unknown config key {k!r}{suggest(k, field_names())}")
             setattr(self, k, v)
 
@@ -130,8 +130,13 @@ class GPT2Config:
     def model_shape(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in MODEL_SHAPE_KEYS}
 
-    def validate(self) -> "GPT2Config":
-        """Check every field; raise one ConfigError listing all problems, or return self."""
+    def validate(self, partial: bool = False) -> "GPT2Config":
+        """Check every field; raise one ConfigError listing all problems, or return self.
+
+        partial=True checks each field alone but not the rules between fields (min_lr <= learning_rate,
+        lr_decay_iters > warmup_iters, n_embd divisible by n_head): for the flags of a command that may
+        resume a run, whose checkpoint supplies the fields the command leaves out.
+        """
         problems = []
 
         def positive_int(name, allow_zero=False):
@@ -146,7 +151,7 @@ class GPT2Config:
             "max_iters", "eval_interval", "eval_iters", "log_interval")}
         ok.update({name: positive_int(name, allow_zero=True) for name in (
             "warmup_iters", "lr_decay_iters", "save_interval", "keep_last_n", "sample_tokens")})
-        if isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
+        if not partial and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
             if self.n_embd % self.n_head:
                 problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
@@ -155,10 +160,10 @@ class GPT2Config:
                 problems.append(f"{name} must be a number >= 0, got {v!r}")
         if isinstance(self.learning_rate, (int, float)) and self.learning_rate <= 0:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if isinstance(self.min_lr, (int, float)) and isinstance(self.learning_rate, (int, float)):
+        if not partial and isinstance(self.min_lr, (int, float)) and isinstance(self.learning_rate, (int, float)):
             if self.min_lr > self.learning_rate:
                 problems.append(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
-        if (self.decay_lr is True and ok["lr_decay_iters"] and ok["warmup_iters"] and ok["max_iters"]
+        if (not partial and self.decay_lr is True and ok["lr_decay_iters"] and ok["warmup_iters"] and ok["max_iters"]
                 and self.lr_decay_iters <= self.warmup_iters):
             problems.append(f"lr_decay_iters ({self.lr_decay_iters}) must exceed warmup_iters ({self.warmup_iters}) "
                             f"for the cosine decay; e.g. --lr_decay_iters={self.max_iters} "
@@ -186,8 +191,9 @@ class GPT2Config:
         for name in ("data_dir", "checkpoint_dir", "log_dir", "init_from"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 problems.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            problems.append(f"seed must be an integer, got {self.seed!r}")
+        # the data loader needs seed >= 0; seed + rank + iteration must stay within torch's 64 bits
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**62:
+            problems.append(f"seed must be an integer from 0 to 2**62 - 1, got {self.seed!r}")
         # setattr() accepts any name; catch typos such as config.n_layers = 4 here
         for k in vars(self):
             if k not in field_names():
@@ -318,13 +324,20 @@ def read_config_file(path: str) -> dict[str, Any]:
                           f"e.g. `n_layer = 4`, or use --key=value flags")
     namespace: dict[str, Any] = {}
     try:
-        exec(compile(p.read_text(encoding="utf-8"), str(p), "exec"), namespace)
+        source = p.read_text(encoding="utf-8")
+        tree = ast.parse(source, str(p))
+        exec(compile(tree, str(p), "exec"), namespace)
     except Exception as e:  # a config file can fail in any way; report it as the user's file
         raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
+    # imports and functions are allowed in a config file (from math import sqrt, from torch import
+    # bfloat16); they are not settings
+    imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
     settings = {}
     for name, value in namespace.items():
-        if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-            continue  # imports and functions are allowed in a config file; they are not settings
+        if (name.startswith("_") or name in imported
+                or isinstance(value, (types.ModuleType, types.FunctionType, type))):
+            continue
         if name not in field_names():
             raise ConfigError(f"config file {path}: unknown config key {name!r}{suggest(name, field_names())}")
         settings[name] = coerce(name, value)
@@ -387,7 +400,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[GPT2Config, set[str]]:
         except ConfigError as e:
             problems.append(str(e))
     try:
-        config.validate()  # the values whose type was right; wrong types are in problems already
+        # the values whose type was right (wrong types are in problems already), each alone: the rules
+        # between fields are checked once a resumed run's checkpoint has supplied the fields not given here
+        config.validate(partial=True)
     except ConfigError as e:
         problems.append(str(e))
     if problems:

@@ -126,11 +126,11 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    # shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k and top_k < logits.size(-1):
+    if top_k and top_k < logits.size(-1):  # on the logits as they are: dividing can round apart values equal
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1), the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    # shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)

@@ -56,7 +56,7 @@ from tqdm import tqdm
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                        tokenizer_from_dict)
-from utils import ArgumentParser, atomic_open, run_cli
+from utils import ArgumentParser, atomic_open, folder_problem, run_cli
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -642,10 +642,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def check_output_dir(out_dir: Path) -> None:
     """DataError unless out_dir is a folder or can be made one (no file in the way)."""
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not existing.is_dir():
-        what = "is a file" if existing == out_dir else f"is inside {str(existing)!r}, which is a file"
-        raise DataError(f"--output_dir {str(out_dir)!r} {what}; a data set is a folder (train.bin, val.bin, "
+    problem = folder_problem(out_dir)
+    if problem:
+        raise DataError(f"--output_dir {str(out_dir)!r} {problem}; a data set is a folder (train.bin, val.bin, "
                         f"tokenizer.json, meta.json): pass the path of a folder, new or existing")
 
 

@@ -34,9 +34,9 @@ import torch
 
 from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args  # the command line is parsed in config.py
 from model import GPT, GPT2_NAMES
-from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, format_duration,
-                   get_rng_state, load_checkpoint, resolve_device, resolve_dtype, run_cli, save_checkpoint,
-                   set_rng_state)
+from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
+                   format_duration, get_rng_state, load_checkpoint, resolve_device, resolve_dtype, run_cli,
+                   save_checkpoint, set_rng_state)
 
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 
@@ -152,9 +152,18 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     if config.init_from == "resume" and not ckpt_path.is_file():
         raise CheckpointError(f"--init_from=resume but {ckpt_path} does not exist; train first (python train.py "
                               f"...), point --checkpoint_dir at a run, or use --init_from=scratch")
+    for name in ("checkpoint_dir", "log_dir"):
+        problem = folder_problem(Path(getattr(config, name)))
+        if problem:
+            raise ConfigError(f"--{name}={getattr(config, name)} {problem}; give the path of a folder, new or existing")
     if config.init_from not in ("auto", "resume") or not ckpt_path.is_file():
-        return config, None, None
+        return config.validate(), None, None
     ckpt = load_checkpoint(ckpt_path)
+    lacking = [k for k in ("optimizer", "iter_num", "best_val_loss") if k not in ckpt]
+    if lacking:
+        raise CheckpointError(f"{ckpt_path} holds no training state ({', '.join(lacking)} missing), so the run "
+                              "cannot continue from it; start afresh with --init_from=scratch (the file is moved "
+                              "aside) or use another --checkpoint_dir")
     run = GPT2Config.from_dict(ckpt["config"])
     conflicts = [f"{k}={getattr(config, k)!r} (checkpoint: {getattr(run, k)!r})" for k in MODEL_SHAPE_KEYS
                  if k in explicit and getattr(config, k) != getattr(run, k)]
@@ -332,23 +341,27 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
     """
     config = copy.deepcopy(config)
     explicit = default_explicit(config) if explicit is None else set(explicit)
-    config.validate()
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        import torch.distributed as dist
+    config.validate(partial=True)
+    # before the process group: a resumed run's backend and device come from its checkpoint
+    plan = list(plan_run(config, explicit))
+    config = plan[0]
+    torchrun = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size, local_rank = 0, 1, None
+    if torchrun:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ["LOCAL_RANK"])
+    ddp = world_size > 1  # torchrun with one process needs no process group
+    if ddp:
+        import torch.distributed as dist
         device, _, _ = resolve_system(config, local_rank)
         if device.type != "cuda" and config.backend == "nccl":
             raise ConfigError(f"the nccl backend needs CUDA GPUs, but device is {device}; use --backend=gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=config.backend, device_id=device if device.type == "cuda" else None)
-    else:
-        rank, world_size, local_rank = 0, 1, None
     try:
         with ExitStack() as cleanup:
-            summary = _train(config, explicit, rank, world_size, local_rank, cleanup)
+            summary = _train(plan, explicit, rank, world_size, local_rank, cleanup)
         if ddp:
             # leave together: rank 0 may still be writing the final checkpoint, and a rank that tears
             # down its process group while a peer is still connected can abort at exit
@@ -359,15 +372,16 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
             dist.destroy_process_group()
 
 
-def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
+def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
            cleanup: ExitStack) -> dict:
     from data import BatchLoader, load_data_tokenizer, load_meta
+    config, ckpt, ckpt_path = plan
+    plan.clear()  # no reference is left in train(), so `del ckpt` below frees the checkpoint's tensors
     master = rank == 0
     ddp = world_size > 1
-    t_start = time.time()
+    t_start = time.perf_counter()
 
     # --- everything that can fail on the user's input happens before anything is written
-    config, ckpt, ckpt_path = plan_run(config, explicit)
     A = config.gradient_accumulation_steps
     if A % world_size:
         raise ConfigError(f"gradient_accumulation_steps ({A}) counts the micro-batches of all processes together "
@@ -397,7 +411,12 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
                                                (config.beta1, config.beta2), device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
+        # the moments and step counts continue; the settings (weight_decay, betas, fused, ...) are this
+        # run's, which a resumed command may have changed (the learning rate is set at every step)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, own in zip(optimizer.param_groups, settings):
+            group.update(own)
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
@@ -452,6 +471,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
     elif config.init_from not in ("auto", "scratch", "resume"):
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None
+    resumed_interval = ckpt.get("train_interval", (0.0, 0)) if ckpt is not None else (0.0, 0)
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
 
     def make_checkpoint() -> dict:
@@ -463,11 +483,14 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
             rng = states
         else:
             rng = [rng]
+        interval = interval_loss.detach().clone()
+        if ddp:
+            torch.distributed.all_reduce(interval)
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
-                "version": CHECKPOINT_VERSION}
+                "train_interval": [interval.item(), interval_steps], "version": CHECKPOINT_VERSION}
 
     def save(names: list[str]) -> None:
         check_finite()
@@ -477,7 +500,8 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
             for name in names:
                 save_checkpoint(checkpoint_dir / name, ckpt)
 
-    # non-finite losses are counted on the device and looked at only where the host syncs anyway
+    # non-finite losses and gradient norms are counted on the device and looked at only where the host
+    # syncs anyway
     nonfinite = torch.zeros((), dtype=torch.int32, device=device)
 
     def check_finite(losses=()) -> None:
@@ -486,13 +510,13 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
             torch.distributed.all_reduce(bad)
         if bad.item() or not all(math.isfinite(v) for v in losses):
             raise TrainingError(
-                f"the loss became NaN or infinite by iteration {iter_num}; training stopped and no checkpoint was "
+                f"the loss or the gradient norm became NaN or infinite by iteration {iter_num}; training stopped and no checkpoint was "
                 f"overwritten ({checkpoint_dir / 'checkpoint.pt'} holds the last good state). Lower --learning_rate "
                 f"(now {config.learning_rate}), keep --grad_clip on, or use --dtype=bfloat16 instead of float16")
 
     def evaluate(initial: bool = False) -> dict[str, float]:
         nonlocal best_val_loss
-        t0 = time.time()
+        t0 = time.perf_counter()
         losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size)
         check_finite(losses.values())
         # the starting point is only reported: best_checkpoint.pt is the best the training produced
@@ -500,7 +524,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
         if improved:
             best_val_loss = losses["val"]
         log.print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                  f"{' (best)' if improved else ''} [{time.time() - t0:.1f}s]")
+                  f"{' (best)' if improved else ''} [{time.perf_counter() - t0:.1f}s]")
         log.scalars(iter_num, **{"train/eval_loss": losses["train"], "val/loss": losses["val"]})
         if master and config.sample_tokens:
             from generate import sample_text
@@ -519,14 +543,17 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
     summary = {"losses": {}, "evals": {}, "stopped_by": None, "resumed_from": resumed_from,
                "run_dir": str(run_dir) if run_dir else None}
     with GracefulStop(verbose=master) as stop:
-        t0 = time.time()
+        t0 = time.perf_counter()
         if iter_num >= config.max_iters:
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
         elif resumed_from is None:
             summary["evals"][iter_num] = evaluate(initial=True)  # e.g. a pretrained model's loss
-        interval_loss = torch.zeros((), device=device)
-        interval_steps, t_mark, eval_time, last_eval_s = 0, time.time(), 0.0, time.time() - t0
+        # the train loss summed since the last log step; a resumed run starts from the checkpoint's sum,
+        # so that it logs the same means as a run that was never stopped
+        interval_loss = torch.tensor(resumed_interval[0] / world_size, device=device)
+        interval_steps = resumed_interval[1]
+        timed_steps, t_mark, eval_time, last_eval_s = 0, time.perf_counter(), 0.0, time.perf_counter() - t0
         while iter_num < config.max_iters:
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:
@@ -537,8 +564,13 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
             # the norm is always measured on log steps, which are the only ones that read it
             grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
             nonfinite += (~torch.isfinite(step_loss)).int()
+            if grad_norm is not None and not scaler.is_enabled():
+                # a finite loss with infinite gradients still ruins the weights in this step; under
+                # float16 an infinite norm is the GradScaler's business: it skips the step and rescales
+                nonfinite += (~torch.isfinite(grad_norm)).int()
             interval_loss += step_loss
             interval_steps += 1
+            timed_steps += 1
             iter_num += 1
 
             if log_step:
@@ -546,7 +578,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
                     torch.distributed.all_reduce(interval_loss)
                 loss_value = interval_loss.item() / interval_steps / world_size  # the only host sync
                 check_finite([loss_value])
-                dt = (time.time() - t_mark - eval_time) / interval_steps
+                dt = (time.perf_counter() - t_mark - eval_time) / timed_steps
                 evals_left = (config.max_iters // config.eval_interval - iter_num // config.eval_interval
                               + (config.max_iters % config.eval_interval != 0))
                 eta = (config.max_iters - iter_num) * dt + evals_left * last_eval_s
@@ -554,17 +586,17 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
                              tokens_per_iter, world_size, eta, device, dtype)
                 summary["losses"][iter_num] = loss_value
                 interval_loss.zero_()
-                interval_steps, t_mark, eval_time = 0, time.time(), 0.0
+                interval_steps, timed_steps, t_mark, eval_time = 0, 0, time.perf_counter(), 0.0
 
-            t0 = time.time()
+            t0 = time.perf_counter()
             if iter_num % config.eval_interval == 0 or iter_num == config.max_iters:
                 summary["evals"][iter_num] = evaluate()
-                last_eval_s = time.time() - t0
+                last_eval_s = time.perf_counter() - t0
             if config.save_interval and iter_num % config.save_interval == 0:
                 save([f"checkpoint_iter_{iter_num}.pt"])
                 if master and config.keep_last_n:
                     prune_iter_checkpoints(checkpoint_dir, config.keep_last_n)
-            eval_time += time.time() - t0
+            eval_time += time.perf_counter() - t0
 
             if stop_requested(stop, stop_group if ddp else None) and iter_num < config.max_iters:
                 if iter_num % config.eval_interval:  # else evaluate() has just saved it
@@ -578,7 +610,7 @@ def _train(config: GPT2Config, explicit: set[str], rank: int, world_size: int, l
         else:
             if resumed_from is None or iter_num > resumed_from:
                 save(["final_checkpoint.pt"])
-                log.print(f"done: {iter_num} iterations in {format_duration(time.time() - t_start)}, "
+                log.print(f"done: {iter_num} iterations in {format_duration(time.perf_counter() - t_start)}, "
                           f"best val loss {best_val_loss:.4f}; checkpoints in {checkpoint_dir}")
     summary.update(iter_num=iter_num, best_val_loss=best_val_loss)
     return summary

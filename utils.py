@@ -13,7 +13,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, IO
+from typing import IO, Callable, Iterator, Optional
 
 
 class UserError(Exception):
@@ -26,6 +26,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message}; see {self.prog} --help")
+
+
+def folder_problem(path: Path) -> Optional[str]:
+    """Why `path` cannot be used as a folder (a file is in the way), or None if it is one or can be made."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if existing.is_dir():
+        return None
+    return "is a file" if existing == path else f"is inside {str(existing)!r}, which is a file"
 
 
 def run_cli(main: Callable[[], object]) -> None:
@@ -141,6 +149,7 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 #   config      GPT2Config.to_dict()              meta       the data set's meta.json
 #   tokenizer   tokenizer.to_dict()               rng        python/numpy/torch/cuda RNG states
 #   run_dir     the TensorBoard run directory     version    CHECKPOINT_VERSION
+#   train_interval  [train loss summed over all processes since the last log step, steps in that sum]
 # Everything in it is tensors, numbers, strings, lists, tuples and dicts, so no code runs on load.
 
 CHECKPOINT_VERSION = 1

@@ -40,7 +40,9 @@ def parse_command(script: str, args: list[str]) -> None:
     if script == "train.py":
         import config
         # the config file of the example is README's own my_config.py block, checked in test_python_blocks_run
-        config.parse_args([a for a in args if a.startswith("--")])
+        # every README command starts a run of its own (its own checkpoint_dir), so the rules between
+        # fields that a resumed run's checkpoint could satisfy must hold for its flags alone
+        config.parse_args([a for a in args if a.startswith("--")])[0].validate()
     elif script == "generate.py":
         import generate
         generate.get_parser().parse_args(args)

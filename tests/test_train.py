@@ -19,7 +19,7 @@ from data import BatchLoader
 from model import GPT
 from tokenizer import CharTokenizer
 from train import GracefulStop, TrainingError, estimate_loss, forward_backward, get_lr, main, parse_args, train
-from utils import CheckpointError, UserError, load_checkpoint, run_cli
+from utils import CheckpointError, UserError, load_checkpoint, run_cli, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings and arrows".split()
@@ -188,6 +188,72 @@ def test_tensorboard_events_of_a_resumed_run(resume_runs):
     assert losses == pytest.approx({**first["losses"], **second["losses"]})
     assert [e.step for e in acc.Tensors("sample/text_summary")] == [0, 10, 20, 30, 40]
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+
+
+def test_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
+    kw = dict(max_iters=12, log_interval=4, eval_interval=6, lr_decay_iters=12)
+    straight = train(tiny(char_data, tmp_path / "a", **kw))
+    train(tiny(char_data, tmp_path / "b", **{**kw, "max_iters": 6}))  # stops between log steps 4 and 8
+    resumed = train(tiny(char_data, tmp_path / "b", **kw))
+    assert resumed["resumed_from"] == 6 and list(resumed["losses"]) == [8, 12]
+    assert resumed["losses"] == {k: straight["losses"][k] for k in (8, 12)}  # iteration 8 averages 5..8
+
+
+def test_resume_takes_the_checkpoint_settings_the_command_leaves_out(char_data, tmp_path):
+    train(tiny(char_data, tmp_path, max_iters=5))
+    # config.py's defaults (warmup_iters 2000, learning_rate 6e-4) would contradict these flags; the
+    # checkpoint's (warmup_iters 2, learning_rate 1e-2) do not
+    config, explicit = parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=8", "--lr_decay_iters=8",
+                                   "--min_lr=2e-3", "--weight_decay=0.0", "--beta2=0.5"])
+    summary = train(config, explicit)
+    assert summary["resumed_from"] == 5 and summary["iter_num"] == 8
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")
+    assert ckpt["config"]["warmup_iters"] == 2 and ckpt["config"]["min_lr"] == 2e-3
+    # the optimizer runs with the new settings, not those stored with its state
+    assert [(g["weight_decay"], g["betas"]) for g in ckpt["optimizer"]["param_groups"]] == [(0.0, (0.9, 0.5))] * 2
+    with pytest.raises(UserError, match=r"lr_decay_iters \(1\) must exceed warmup_iters \(2\)"):
+        train(*parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=9", "--lr_decay_iters=1"]))
+
+
+def test_a_checkpoint_without_training_state_is_not_resumed(char_data, tmp_path):
+    train(tiny(char_data, tmp_path, max_iters=5))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    save_checkpoint(path, {k: ckpt[k] for k in ("model", "config", "meta", "tokenizer")})  # stripped to share
+    with pytest.raises(CheckpointError, match="holds no training state .optimizer, iter_num, best_val_loss missing"):
+        train(tiny(char_data, tmp_path, max_iters=10))
+
+
+@pytest.mark.parametrize("name", ["checkpoint_dir", "log_dir"])
+def test_a_file_where_a_folder_goes_is_refused_before_anything_moves(char_data, tmp_path, name):
+    train(tiny(char_data, tmp_path, max_iters=5))
+    (tmp_path / "afile").write_text("x")
+    before = sorted(os.listdir(tmp_path / "ckpt"))
+    config = tiny(char_data, tmp_path, max_iters=5, init_from="scratch", **{name: str(tmp_path / "afile" / "sub")})
+    with pytest.raises(UserError, match=f"--{name}=.* is inside .*afile'?, which is a file"):
+        train(config)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing moved aside
+
+
+def test_infinite_gradients_with_a_finite_loss_stop_training(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    real = train_module.optimizer_step
+
+    def poisoned(model, *args, **kwargs):
+        next(model.parameters()).grad.fill_(float("inf"))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", poisoned)
+    with pytest.raises(TrainingError, match="gradient norm became NaN or infinite by iteration 1;"):
+        train(tiny(char_data, tmp_path, max_iters=5))
+
+
+def test_config_file_may_import(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("from math import sqrt\nimport os.path\nfrom torch import bfloat16 as bf16\n"
+                   "n_layer = int(sqrt(16))\ndtype = bf16\n")
+    config, explicit = parse_args([str(cfg)])
+    assert config.n_layer == 4 and config.dtype == "bfloat16" and explicit == {"n_layer", "dtype"}
 
 
 def test_resume_refuses_a_contradicting_model_shape(resume_runs, char_data):
@@ -375,6 +441,8 @@ def test_flags_file_and_preset_apply_in_order(tmp_path):
     (["--learning_rate=fast"], "learning_rate must be a number, got 'fast'"),
     (["--compile=yes"], "compile must be True, False or 'auto'"),
     (["--compile_mode=fast"], "compile_mode must be one of default, reduce-overhead, max-autotune"),
+    (["--seed=-1"], "seed must be an integer from 0 to 2**62 - 1, got -1"),
+    (["--seed=99999999999999999999999"], "seed must be an integer from 0 to 2**62 - 1"),
     (["--bias=1"], "bias must be True or False, got 1"),
     (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     (["--preset=gpt3"], "unknown preset 'gpt3'; did you mean 'gpt2'?"),
