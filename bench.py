@@ -324,7 +324,8 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.json and Path(args.json).is_dir():
-        raise UserError(f"--json {args.json} is a directory; give a file name, e.g. --json {Path(args.json) / 'bench.json'}")
+        raise UserError(f"--json {args.json} is a directory; give a file name, "
+                        f"e.g. --json {Path(args.json) / 'bench.json'}")
     if args.tokenize:
         report = tokenize_report(args)
     else:
@@ -395,7 +396,8 @@ def model_report(args) -> dict:
 
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
-                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None, preset=preset, batch_size=config.batch_size, block_size=config.block_size,
+                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None, preset=preset,
+                  batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
                   data=args.data_dir or "random tokens", date=time.strftime("%Y-%m-%d"),
                   threads=torch.get_num_threads())

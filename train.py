@@ -510,9 +510,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             torch.distributed.all_reduce(bad)
         if bad.item() or not all(math.isfinite(v) for v in losses):
             raise TrainingError(
-                f"the loss or the gradient norm became NaN or infinite by iteration {iter_num}; training stopped and no checkpoint was "
-                f"overwritten ({checkpoint_dir / 'checkpoint.pt'} holds the last good state). Lower --learning_rate "
-                f"(now {config.learning_rate}), keep --grad_clip on, or use --dtype=bfloat16 instead of float16")
+                f"the loss or the gradient norm became NaN or infinite by iteration {iter_num}; training stopped "
+                f"and no checkpoint was overwritten ({checkpoint_dir / 'checkpoint.pt'} holds the last good state). "
+                f"Lower --learning_rate (now {config.learning_rate}), keep --grad_clip on, or use --dtype=bfloat16 "
+                f"instead of float16")
 
     def evaluate(initial: bool = False) -> dict[str, float]:
         nonlocal best_val_loss
