@@ -156,8 +156,9 @@ class BatchLoader:
             if n < block_size + 1:
                 raise DataError(
                     f"the {split} split of {self.data_dir} has {n} tokens, but block_size={block_size} needs "
-                    f"at least block_size + 1 = {block_size + 1} per split. Use --block_size={max(1, n - 1)} "
-                    f"or less, or prepare more text (a larger --val_fraction grows the val split).")
+                    f"at least block_size + 1 = {block_size + 1} per split. "
+                    + (f"Use --block_size={n - 1} or less, or prepare" if n >= 2 else "Prepare")
+                    + " more text (a larger --val_fraction grows the val split).")
         self._next_index = {split: 0 for split in SPLITS}
         self._stride = {split: 1 for split in SPLITS}
         self.prefetched = 0  # batches served from the background thread (a statistic)

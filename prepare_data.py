@@ -379,6 +379,8 @@ def parse_jsonl(where: str, lineno: int, offset: int, chunk: bytes) -> list[str]
         here = f"{where} line {lineno + i}"
         text = decode_utf8(line, here, offset)
         offset += len(line) + 1
+        if lineno + i == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors write
         if not text.strip():
             continue
         try:

@@ -546,6 +546,15 @@ def test_jsonl_escapes_and_lone_surrogates(tmp_path):
     assert got[0].tolist() == train and got[1].tolist() == val
 
 
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_bytes("\ufeff".encode() + "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode())
+    prepare_documents(tmp_path / "o", str(src), hf_name="", val_fraction=0.25, num_proc=1, command="t")
+    train, val = expected_doc_ids(DOCS, 0.25)
+    got = bins(tmp_path / "o")
+    assert got[0].tolist() == train and got[1].tolist() == val
+
+
 def test_jsonl_without_text_field(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
@@ -571,6 +580,9 @@ def test_split_shorter_than_block_size(tmp_path):
                                         r"block_size \+ 1 = 65"):
         BatchLoader(d, block_size=64, batch_size=2)
     BatchLoader(d, block_size=39, batch_size=2).get_batch("val")  # 40 tokens hold one window of 39 + 1
+    one = write_data_dir(tmp_path / "one", np.arange(1000) % 50, np.arange(1) % 50, vocab_size=50)
+    with pytest.raises(DataError, match=r"has 1 tokens, .* per split. Prepare more text"):
+        BatchLoader(one, block_size=8, batch_size=2)  # no block_size fits: none is suggested
 
 
 def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
