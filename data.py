@@ -243,5 +243,8 @@ class BatchLoader:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_executor", None) is not None:
-            self.close()
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            # the last reference can be the prefetch job itself, so this may run on the executor's own
+            # thread, which cannot wait for itself
+            executor.shutdown(wait=False, cancel_futures=True)

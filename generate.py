@@ -323,7 +323,8 @@ class SplitKLinear(torch.nn.Linear):
     `chunks` independent slices, which torch spreads over the cores, and the partial results are summed:
     25-40 GB/s on the same machine, GPT-2 124M batch-1 decoding from 33 to 52 tokens/s (BENCHMARKS.md).
     It needs the weight stored column-major, so that every slice of the (in, out) matrix is contiguous;
-    _cpu_decoding_layout sets that up. More than `max_rows` rows (a long prompt) go to nn.Linear.
+    _cpu_decoding_layout sets that up. More than `max_rows` rows (a long prompt) and other dtypes than
+    float32 go to nn.Linear.
     """
     chunks = 1
     max_rows = 16
@@ -331,7 +332,10 @@ class SplitKLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.t()  # (in, out)
         rows, k = x.numel() // self.in_features, self.in_features // self.chunks
-        if self.chunks == 1 or rows > self.max_rows or x.device.type != "cpu" or not w.is_contiguous():
+        # float32 only: in bfloat16 or float16 (or under autocast) every partial sum would be rounded
+        # once more than nn.Linear's
+        if (self.chunks == 1 or rows > self.max_rows or x.device.type != "cpu" or not w.is_contiguous()
+                or x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
             return super().forward(x)
         parts = torch.bmm(x.reshape(rows, self.chunks, k).transpose(0, 1), w.view(self.chunks, k, -1))
         y = parts.sum(0)  # (rows, out)

@@ -56,8 +56,9 @@ class KVCache(nn.Module):
 
     def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, nh, T, hs) at slots cache_pos (T,); return the whole cache."""
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
+        # under autocast k and v come out of the projection in the autocast dtype, not the cache's
+        self.k.index_copy_(2, cache_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, cache_pos, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -235,12 +236,15 @@ class GPT(nn.Module):
         start at 0 there, so every row computes exactly what it would compute alone.
         kv_len limits attention to the first kv_len slots (eager use only: it must cover cache_pos).
         Returns logits (B, T, vocab_size), or (B, 1, vocab_size) for the last position if last_only.
+        For inference, in eval mode: the cached attention applies no dropout.
         """
         if getattr(self, "kv_cache_shape", None) is None:
             raise RuntimeError("call setup_kv_cache(batch_size, max_seq_len) before forward_cached()")
         B, T = idx.shape
         n_slots = self.kv_cache_shape[1] if kv_len is None else kv_len
         self._check_input(idx)  # no host sync while compiling or capturing a CUDA graph
+        if kv_len is not None and not torch.compiler.is_compiling() and int(cache_pos.max()) >= kv_len:
+            raise ValueError(f"kv_len {kv_len} does not cover the cache slots {cache_pos.tolist()} being written")
         if pad is None:
             pad = torch.zeros(B, dtype=torch.long, device=idx.device)
         pos = (cache_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) position ids

@@ -16,6 +16,15 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it; done once, at import, before any thread
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 class UserError(Exception):
     """A mistake the user can fix. The message says what was wrong and what would work."""
 
@@ -30,10 +39,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def folder_problem(path: Path) -> Optional[str]:
     """Why `path` cannot be used as a folder (a file is in the way), or None if it is one or can be made."""
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    existing = next(p for p in (path, *path.absolute().parents) if os.path.lexists(p))
     if existing.is_dir():
         return None
-    return "is a file" if existing == path else f"is inside {str(existing)!r}, which is a file"
+    what = "a link to nothing" if existing.is_symlink() and not existing.exists() else "a file"
+    return f"is {what}" if existing == path else f"is inside {str(existing)!r}, which is {what}"
 
 
 def run_cli(main: Callable[[], object]) -> None:
@@ -65,9 +75,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); give it the permissions open() would have given it
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
@@ -147,7 +155,7 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 #   optimizer   optimizer.state_dict()            scaler     GradScaler state_dict() or None
 #   iter_num    optimizer steps completed         best_val_loss  float
 #   config      GPT2Config.to_dict()              meta       the data set's meta.json
-#   tokenizer   tokenizer.to_dict()               rng        python/numpy/torch/cuda RNG states
+#   tokenizer   tokenizer.to_dict()               rng        python/numpy/torch/cuda(/mps) RNG states
 #   run_dir     the TensorBoard run directory     version    CHECKPOINT_VERSION
 #   train_interval  [train loss summed over all processes since the last log step, steps in that sum]
 # Everything in it is tensors, numbers, strings, lists, tuples and dicts, so no code runs on load.
@@ -240,7 +248,7 @@ def model_from_checkpoint(ckpt: dict):
 # numbers only, so the checkpoint stays loadable with weights_only=True.
 
 def get_rng_state(device=None) -> dict:
-    """The python, numpy, torch CPU and (when `device` is a CUDA device) CUDA generator states."""
+    """The python, numpy, torch CPU and (for a CUDA or MPS `device`) that device's generator states."""
     import random
     import numpy as np
     import torch
@@ -254,6 +262,8 @@ def get_rng_state(device=None) -> dict:
     }
     if device is not None and torch.device(device).type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device is not None and torch.device(device).type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -270,6 +280,8 @@ def set_rng_state(state: dict, device=None) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and device is not None and torch.device(device).type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+    if state.get("mps") is not None and device is not None and torch.device(device).type == "mps":
+        torch.mps.set_rng_state(state["mps"])
 
 
 def format_duration(seconds: float) -> str:

@@ -209,6 +209,22 @@ def test_split_k_linear_equals_linear(threads, monkeypatch, n_threads, in_featur
             assert len(bmm_calls) - calls == (x.numel() // in_features <= generate.SplitKLinear.max_rows)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_split_k_linear_leaves_other_dtypes_to_linear(threads, monkeypatch, autocast):
+    threads(2)
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 40))
+    generate._cpu_decoding_layout(layer)
+    monkeypatch.setattr(torch, "bmm", lambda *a: pytest.fail("bmm would round each slice's sum"))
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        if autocast:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert layer(x).dtype == torch.bfloat16  # as nn.Linear's
+        else:
+            layer.to(torch.bfloat16)
+            assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
 def test_one_thread_keeps_plain_linear(threads):
     threads(1)
     model = tiny_model(char_tokenizer().vocab_size)

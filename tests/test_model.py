@@ -95,6 +95,19 @@ def test_kv_cache_matches_uncached(batch):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_kv_cache_under_autocast_and_a_kv_len_too_short():
+    torch.manual_seed(4)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 101, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, _ = model(idx)
+        model.setup_kv_cache(2, 12)  # float32 buffers, like the weights; autocast computes in bfloat16
+        cached = model.forward_cached(idx, torch.arange(12))
+    torch.testing.assert_close(cached.float(), full.float(), atol=0.05, rtol=0)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"kv_len 3 does not cover the cache slots \[3\]"):
+        model.forward_cached(idx[:, :1], torch.tensor([3]), kv_len=3)
+
+
 def test_left_padded_rows_compute_what_they_compute_alone():
     torch.manual_seed(5)
     model = GPT(tiny_config()).eval()

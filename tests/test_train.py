@@ -235,6 +235,15 @@ def test_a_file_where_a_folder_goes_is_refused_before_anything_moves(char_data, 
     assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing moved aside
 
 
+def test_a_link_to_nothing_where_a_folder_goes(tmp_path):
+    from utils import folder_problem
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert folder_problem(tmp_path / "gone") == "is a link to nothing"
+    assert folder_problem(tmp_path / "new" / "deeper") is None
+    (tmp_path / "f").write_text("x")
+    assert folder_problem(tmp_path / "f" / "sub") == f"is inside {str(tmp_path / 'f')!r}, which is a file"
+
+
 def test_infinite_gradients_with_a_finite_loss_stop_training(char_data, tmp_path, monkeypatch):
     import train as train_module
     real = train_module.optimizer_step
