@@ -2,6 +2,7 @@
 #   make demo    prepare Shakespeare at character level, train, print a sample (about 2 minutes on 2 CPU
 #                cores, installation included)
 #   make test    the whole test suite
+#   make bench   bench.py's default run (a small preset on a CPU, GPT-2 124M on a GPU)
 # Offline: make demo SHAKESPEARE=path/to/input.txt, and TIKTOKEN_CACHE_DIR=dir for the GPT-2 tokenizer files.
 # Linux without a GPU: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the small CPU build.
 
@@ -20,9 +21,17 @@ SHAKESPEARE ?=
 DEMO_PRESET ?= $$($(PY) -c "import torch; print('shakespeare-char' if torch.cuda.is_available() else 'shakespeare-char-cpu')")
 DEMO_DIR ?= checkpoints/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean help FORCE
 
-$(VENV)/.installed: requirements.txt
+help:
+	@sed -n '1,/^$$/p' Makefile
+
+# the torch that was asked for: installing again when TORCH or TORCH_INDEX change
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH) $(TORCH_INDEX)' | cmp -s - $@ || echo '$(TORCH) $(TORCH_INDEX)' > $@
+
+$(VENV)/.installed: requirements.txt $(VENV)/.torch-spec
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt

@@ -493,7 +493,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "train_interval": [interval.item(), interval_steps], "version": CHECKPOINT_VERSION}
 
     def save(names: list[str]) -> None:
-        check_finite()
+        check_finite(weights=True)
         ckpt = make_checkpoint()
         if master:
             log.flush()  # events up to this step reach the disk before the checkpoint that covers them
@@ -504,8 +504,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     # syncs anyway
     nonfinite = torch.zeros((), dtype=torch.int32, device=device)
 
-    def check_finite(losses=()) -> None:
+    def check_finite(losses=(), weights: bool = False) -> None:
         bad = nonfinite.clone()
+        if weights:  # before a save: without clipping the gradient norm is watched on log steps only
+            bad += torch.stack([~torch.isfinite(p).all() for p in raw_model.parameters()]).sum().int()
         if ddp:
             torch.distributed.all_reduce(bad)
         if bad.item() or not all(math.isfinite(v) for v in losses):

@@ -4,6 +4,7 @@ SHAKESPEARE points at tinyshakespeare's input.txt and TIKTOKEN_CACHE_DIR at a
 directory holding tiktoken's 'gpt2' files. Both default to the copies that sit
 beside the checkout in ../shared/data (CI and development machines have them).
 """
+import functools
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,17 @@ def _existing(path: Path, what: str) -> Path:
             pytest.fail(message)  # in CI the reference files must be there: a skip would hide lost coverage
         pytest.skip(message)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """tiktoken's 'gpt2' encoding, from TIKTOKEN_CACHE_DIR or the network; the test is skipped (fails in CI)
+    when neither has it."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # no cache and no network: requests' errors, OSError, ...
+        _existing(Path("/nonexistent"), f"tiktoken's gpt2 files ({type(e).__name__}); TIKTOKEN_CACHE_DIR")
 
 
 @pytest.fixture(scope="session")

@@ -16,19 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiktoken
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import prepare_data
+from conftest import gpt2_encoding
 from data import BatchLoader, DataError, check_vocab, load_data_tokenizer, load_meta, prepare_command
 from prepare_data import (cut_text, piece_units, prepare_documents, prepare_text, split_text_pieces, token_dtype,
                           write_dataset)
 from tokenizer import EOT, BPETokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-GPT2 = tiktoken.get_encoding("gpt2")
 
 
 def prepare(*args: str) -> dict:
@@ -66,7 +65,8 @@ def expected_doc_ids(docs: list[str], val_fraction: float) -> tuple[list[int], l
     train, val = [], []
     for doc in docs:
         if doc:
-            (val if doc_is_val(doc, val_fraction) else train).extend(GPT2.encode_ordinary(doc) + [GPT2.eot_token])
+            enc = gpt2_encoding()
+            (val if doc_is_val(doc, val_fraction) else train).extend(enc.encode_ordinary(doc) + [enc.eot_token])
     return train, val
 
 
@@ -95,8 +95,8 @@ def test_shakespeare_gpt2_from_env(shakespeare_path, shakespeare_text, tmp_path,
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"]) == ("gpt2", 50257, 50256)
     train, val = bins(out)
     cut = int(len(shakespeare_text) * 0.9)
-    np.testing.assert_array_equal(train, GPT2.encode_ordinary(shakespeare_text[:cut]))
-    np.testing.assert_array_equal(val, GPT2.encode_ordinary(shakespeare_text[cut:]))
+    np.testing.assert_array_equal(train, gpt2_encoding().encode_ordinary(shakespeare_text[:cut]))
+    np.testing.assert_array_equal(val, gpt2_encoding().encode_ordinary(shakespeare_text[cut:]))
     tok = load_data_tokenizer(out)
     assert tok.decode(train) + tok.decode(val) == shakespeare_text
     # cut into 64 KB work units for 2 worker processes: the same ids, in the same order
@@ -161,7 +161,7 @@ def test_custom_folder_puts_eot_between_files(tmp_path):
     meta = prepare("--dataset", "custom", "--input", folder, "--output_dir", tmp_path / "out")
     texts = [(folder / n).read_text() for n in ("a.txt", "b.txt", "sub/c.txt")]  # sorted path order
     train, val = bins(tmp_path / "out")
-    assert GPT2.decode(train.tolist() + val.tolist()) == EOT.join(texts)
+    assert gpt2_encoding().decode(train.tolist() + val.tolist()) == EOT.join(texts)
     assert list(train).count(50256) + list(val).count(50256) == 2
     assert meta["source_sha256"] == hashlib.sha256(b"".join(t.encode() for t in texts)).hexdigest()
     assert meta["source"] == f"3 .txt files under {folder}"
@@ -225,16 +225,16 @@ def test_cut_text_keeps_gpt2_ids(text, max_bytes):
     # every cut follows a character that is not whitespace and precedes a space or newline
     assert all(not left[-1].isspace() and left[-1] != "\u180e" for left in pieces[:-1])
     assert all(right[0] in " \n" for right in pieces[1:])
-    ids = [i for p in pieces for i in GPT2.encode_ordinary(p)]
-    assert ids == GPT2.encode_ordinary(text)
+    ids = [i for p in pieces for i in gpt2_encoding().encode_ordinary(p)]
+    assert ids == gpt2_encoding().encode_ordinary(text)
 
 
 def test_cut_text_keeps_ids_on_shakespeare(shakespeare_text):
     text = shakespeare_text[:200_000]
     pieces = [p.decode() for p in cut_text(text.encode(), 1000)]
     assert len(pieces) > 150 and max(map(len, pieces)) < 1100
-    ids = [i for p in pieces for i in GPT2.encode_ordinary(p)]
-    assert ids == GPT2.encode_ordinary(text)
+    ids = [i for p in pieces for i in gpt2_encoding().encode_ordinary(p)]
+    assert ids == gpt2_encoding().encode_ordinary(text)
     # and for a byte-level BPE with GPT-2's pattern, as trained by --tokenizer bpe
     bpe = BPETokenizer().train(text[:50_000], 400)
     assert prepare_data.can_cut(bpe)

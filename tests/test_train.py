@@ -257,6 +257,23 @@ def test_infinite_gradients_with_a_finite_loss_stop_training(char_data, tmp_path
         train(tiny(char_data, tmp_path, max_iters=5))
 
 
+def test_no_checkpoint_is_written_with_non_finite_weights(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    real = train_module.optimizer_step
+
+    def poisoned(model, optimizer, *args, **kwargs):
+        if optimizer.state and next(iter(optimizer.state.values()))["step"] == 4:  # the 5th step
+            next(model.parameters()).grad.fill_(float("inf"))
+        return real(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", poisoned)
+    # no clipping: the gradient norm is measured on log steps only, and the save comes first
+    with pytest.raises(TrainingError, match="by iteration 5;"):
+        train(tiny(char_data, tmp_path, max_iters=20, grad_clip=0.0, save_interval=5, log_interval=10,
+                   eval_interval=10))
+    assert not (tmp_path / "ckpt" / "checkpoint_iter_5.pt").exists()
+
+
 def test_config_file_may_import(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("from math import sqrt\nimport os.path\nfrom torch import bfloat16 as bf16\n"
