@@ -39,7 +39,7 @@ PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=None, choices=list(GPT2_CONFIGS),
                    help="model preset; default gpt2 on CUDA, shakespeare-char-cpu elsewhere")
     p.add_argument("--batch_size", type=int, default=None, help="micro-batch in sequences (default: the preset's)")

@@ -749,7 +749,7 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
 
 def get_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Sample text from a GPT-2 checkpoint or OpenAI's GPT-2 weights.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("model")
     src.add_argument("--checkpoint", help=f"checkpoint file; default: the first of {', '.join(CHECKPOINT_FALLBACK)} "
                                           "in --checkpoint_dir")
