@@ -425,6 +425,12 @@ class TextStream:
                 self.text = self.text[:i]
                 self.done = True
 
+    def held_back(self) -> str:
+        """The text not returned yet, also what new_text() keeps back while the stop string could begin."""
+        piece = self.text[self._shown:]
+        self._shown = len(self.text)
+        return piece
+
     def new_text(self) -> str:
         """Text not returned before that can no longer change."""
         end = len(self.text)
@@ -451,14 +457,20 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
         logits = logits[:, :tokenizer.vocab_size]
         return sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
 
-    with contextlib.closing(gen.decode(ids, settings.max_new_tokens, sample)) as steps:
-        for step in steps:
-            for stream, token in zip(streams, step):
-                stream.add(token)  # a finished row keeps being decoded, and ignored
-            if on_text is not None and (piece := streams[0].new_text()):
-                on_text(piece)
-            if all(s.done for s in streams):
-                break
+    try:
+        with contextlib.closing(gen.decode(ids, settings.max_new_tokens, sample)) as steps:
+            for step in steps:
+                for stream, token in zip(streams, step):
+                    stream.add(token)  # a finished row keeps being decoded, and ignored
+                if on_text is not None and (piece := streams[0].new_text()):
+                    on_text(piece)
+                if all(s.done for s in streams):
+                    break
+    except KeyboardInterrupt:
+        # the text held back in case it began the stop string is shown before the interruption goes on
+        if on_text is not None and (piece := streams[0].held_back()):
+            on_text(piece)
+        raise
     for stream in streams:
         stream.finish()
     if on_text is not None and (piece := streams[0].new_text()):
@@ -570,6 +582,9 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     settings = SamplingSettings.from_kwargs(**sampling)
+    if output_file is not None and Path(output_file).is_dir():  # found out now, not after the generation
+        raise GenerationError(f"output_file {str(output_file)!r} is a directory; give a file name, "
+                              f"e.g. {str(Path(output_file) / 'samples.txt')!r}")
     device = resolve_device(device)
     model, tokenizer, _ = load_model(checkpoint, init_from, checkpoint_dir)
     for p in prompts:
@@ -708,6 +723,11 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
     stdin/stdout default to the terminal (input() with line editing); pass file objects to script it.
     """
     out = sys.stdout if stdout is None else stdout
+    if stdin is None:
+        try:
+            import readline  # noqa: F401  (input() then edits the line and keeps a history)
+        except ImportError:  # not on every platform
+            pass
     print("interactive mode: type a prompt and press Enter; :help lists the commands, Ctrl-D exits",
           file=sys.stderr)
 
@@ -724,7 +744,7 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
                 line = stdin.readline()
                 if not line:
                     raise EOFError
-                line = line.rstrip("\n")
+                line = line.rstrip("\r\n")  # a piped file may end its lines with \r\n
         except EOFError:
             write("\n")
             return

@@ -251,7 +251,10 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
-        if not isinstance(text, str) or not text:
+        if not isinstance(text, str):
+            raise TokenizerError(f"CharTokenizer.from_text takes a str, got {type(text).__name__}; decode "
+                                 f"bytes first, e.g. data.decode('utf-8')")
+        if not text:
             raise TokenizerError("cannot build a character-level tokenizer from an empty text; "
                                  "check that the training file is not empty")
         return cls(text)
@@ -396,6 +399,7 @@ class BPETokenizer(Tokenizer):
                                      f"an earlier merge; the merges must be pairs of earlier ids in rank order")
             self.merges[(a, b)] = idx
         first_special = 256 + len(self.merges)
+        _check_special_tokens(list(special_tokens))
         ids = sorted(special_tokens.values())
         if ids != list(range(first_special, first_special + len(ids))) or len(set(special_tokens)) != len(ids):
             raise TokenizerError(f"special token ids {ids} must be {first_special}, {first_special + 1}, ... "
@@ -447,9 +451,11 @@ class BPETokenizer(Tokenizer):
         after a merge only the chunks that contain the merged pair are updated.
         """
         names = list(self.special_tokens) if special_tokens is None else list(special_tokens)
-        if any(not isinstance(s, str) or not s for s in names) or len(set(names)) != len(names):
-            raise TokenizerError(f"special_tokens must be distinct non-empty strings, got {names!r}")
-        if not isinstance(text, str) or not text:
+        _check_special_tokens(names)
+        if not isinstance(text, str):
+            raise TokenizerError(f"BPE training takes a str, got {type(text).__name__}; decode bytes first, "
+                                 f"e.g. data.decode('utf-8')")
+        if not text:
             raise TokenizerError("cannot train a BPE tokenizer on an empty text; check that the training file "
                                  "is not empty and was read as text")
         if not isinstance(vocab_size, int):
@@ -463,9 +469,11 @@ class BPETokenizer(Tokenizer):
         t0 = time.time()
 
         # unique chunks and their counts; a chunk never spans a special token. The capturing group
-        # keeps the special tokens (at odd indices), so that offset counts characters of the whole text
+        # keeps the special tokens (at odd indices), so that offset counts characters of the whole text;
+        # the longest first, as encode() does, when one special token begins another
         chunk_counts = Counter()
-        parts = re.split("(" + "|".join(map(re.escape, names)) + ")", text) if names else [text]
+        alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
+        parts = re.split("(" + alternatives + ")", text) if names else [text]
         offset = 0
         for i, part in enumerate(parts):
             if i % 2 == 0:
@@ -691,6 +699,18 @@ class GPT2Tokenizer(Tokenizer):
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+def _check_special_tokens(names: list) -> None:
+    """Special tokens are distinct, non-empty strings that have UTF-8 bytes (no lone surrogates)."""
+    def ok(s):
+        try:
+            return isinstance(s, str) and s and s.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+
+    if not all(ok(s) for s in names) or len(set(names)) != len(names):
+        raise TokenizerError(f"special tokens must be distinct non-empty strings of valid Unicode, got {names!r}")
 
 
 def _read_text(path: str) -> str:

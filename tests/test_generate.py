@@ -449,6 +449,19 @@ def test_interactive_ctrl_c_stops_only_that_generation(char_checkpoint, monkeypa
     generate.interactive(gen, tok, settings, stdin=io.StringIO("ab\nab\n:quit\nnever read\n"), stdout=out)
     expected = complete(Generator(model), tok, ["ab"], settings)[0]
     assert f"> {expected[:3]}\n[stopped]\n> {expected}\n> " == out.getvalue()
+    # with a stop string the text held back in case it begins the stop string is still shown
+    calls.clear()
+    settings.stop = "QQQQ"
+    out = io.StringIO()
+    generate.interactive(gen, tok, settings, stdin=io.StringIO("ab\r\n:quit\n"), stdout=out)
+    assert f"> {expected[:3]}\n[stopped]\n> " == out.getvalue()
+
+
+def test_batch_generate_into_a_directory_fails_before_generating(char_checkpoint, tmp_path, monkeypatch):
+    path, _, _ = char_checkpoint
+    monkeypatch.setattr(generate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(GenerationError, match="is a directory; give a file name"):
+        batch_generate(["a"], output_file=str(tmp_path), checkpoint=str(path))
 
 
 def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):

@@ -149,6 +149,15 @@ def test_special_tokens_are_not_learned_from_the_training_text():
     assert 264 not in tok.encode(text)  # ordinary by default
 
 
+def test_a_special_token_that_begins_another_is_split_off_longest_first():
+    text = "hello<x>yzw there<x>yzw<x>" * 4
+    merges = [BPETokenizer().train(text, 262, special_tokens=order).merges for order in
+              (["<x>", "<x>yzw"], ["<x>yzw", "<x>"])]
+    assert merges[0] == merges[1]  # the order they are given in does not matter
+    assert not any(b"y" in BPETokenizer().train(text, 262, special_tokens=["<x>", "<x>yzw"]).vocab[i]
+                   for i in merges[0].values())  # nothing learned from inside '<x>yzw'
+
+
 def test_training_stops_when_nothing_is_left_to_merge(capsys):
     tok = BPETokenizer().train("ab ab", 1000, special_tokens=[EOT])
     assert "stopped after 2 of 743 merges" in capsys.readouterr().err
@@ -399,6 +408,13 @@ def test_bad_training_input():
         BPETokenizer().train("hello", "4096")
     with pytest.raises(TokenizerError, match="empty text"):
         CharTokenizer.from_text("")
+    with pytest.raises(TokenizerError, match="takes a str, got bytes"):
+        CharTokenizer.from_text(b"hello")
+    with pytest.raises(TokenizerError, match="takes a str, got bytes"):
+        BPETokenizer().train(b"hello", 300)
+    for bad in (["\ud800"], [""], [EOT, EOT]):
+        with pytest.raises(TokenizerError, match="special tokens must be distinct non-empty strings of valid"):
+            BPETokenizer().train("hello", 300, special_tokens=bad)
     with pytest.raises(TokenizerError, match="not a valid regular expression"):
         BPETokenizer(pattern="(unclosed")
     assert BPETokenizer().train("hello", 257, special_tokens=[EOT]).encode("hello") == list(b"hello")
