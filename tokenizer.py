@@ -610,9 +610,8 @@ class BPETokenizer(Tokenizer):
             with open(vocab_bpe_path, encoding="utf-8") as f:
                 lines = f.read().split("\n")
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"cannot read GPT-2's encoder.json / vocab.bpe ({e}); pass the two files of "
-                                 f"OpenAI's GPT-2 release, e.g. ../shared/data/gpt2/encoder.json and "
-                                 f"../shared/data/gpt2/vocab.bpe") from e
+            raise TokenizerError(f"cannot read GPT-2's encoder.json / vocab.bpe ({e}); pass the paths of the two "
+                                 f"files of OpenAI's GPT-2 release") from e
         byte_to_char = _gpt2_byte_to_unicode()
         try:
             byte_ids = [encoder[byte_to_char[b]] for b in range(256)]
@@ -666,8 +665,7 @@ class GPT2Tokenizer(Tokenizer):
         except Exception as e:  # tiktoken fetches its files over the network, errors vary by version
             raise TokenizerError(
                 f"tiktoken could not load its 'gpt2' files ({type(e).__name__}: {e}). It downloads them on first "
-                f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them (for the tests: "
-                f"export TIKTOKEN_CACHE_DIR=../shared/data/tiktoken_cache), or use "
+                f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them, or use "
                 f"BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe') with local copies of OpenAI's files, "
                 f"which gives the same ids") from e
         self.eot_token = self.enc.eot_token
