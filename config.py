@@ -16,6 +16,7 @@ comment written beside it below. train.py stores `config.to_dict()` in every che
 """
 import argparse
 import ast
+import importlib
 import inspect
 import math
 import re
@@ -192,8 +193,8 @@ class GPT2Config:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 problems.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         # the data loader needs seed >= 0; seed + rank + iteration must stay within torch's 64 bits
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**62:
-            problems.append(f"seed must be an integer from 0 to 2**62 - 1, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be an integer from 0 to 2**63 - 1, got {self.seed!r}")
         # setattr() accepts any name; catch typos such as config.n_layers = 4 here
         for k in vars(self):
             if k not in field_names():
@@ -330,13 +331,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     except Exception as e:  # a config file can fail in any way; report it as the user's file
         raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
     # imports and functions are allowed in a config file (from math import sqrt, from torch import
-    # bfloat16); they are not settings
-    imported = {(a.asname or a.name).split(".")[0] for node in ast.walk(tree)
-                if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
+    # bfloat16); they are not settings, unless they bind a config field's name (from torch import
+    # bfloat16 as dtype)
+    imported = set()
+    for node in tree.body:
+        for a in node.names if isinstance(node, (ast.Import, ast.ImportFrom)) else ():
+            if a.name != "*":
+                imported.add((a.asname or a.name).split(".")[0])
+            elif node.level == 0:  # from math import *: the names that module exports (it was imported above)
+                module = importlib.import_module(node.module)
+                imported.update(getattr(module, "__all__", [n for n in dir(module) if not n.startswith("_")]))
+    fields = field_names()
     settings = {}
     for name, value in namespace.items():
-        if (name.startswith("_") or name in imported
-                or isinstance(value, (types.ModuleType, types.FunctionType, type))):
+        if name not in fields and (name.startswith("_") or name in imported
+                                   or isinstance(value, (types.ModuleType, types.FunctionType, type))):
             continue
         if name not in field_names():
             raise ConfigError(f"config file {path}: unknown config key {name!r}{suggest(name, field_names())}")

@@ -152,12 +152,8 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     if config.init_from == "resume" and not ckpt_path.is_file():
         raise CheckpointError(f"--init_from=resume but {ckpt_path} does not exist; train first (python train.py "
                               f"...), point --checkpoint_dir at a run, or use --init_from=scratch")
-    for name in ("checkpoint_dir", "log_dir"):
-        problem = folder_problem(Path(getattr(config, name)))
-        if problem:
-            raise ConfigError(f"--{name}={getattr(config, name)} {problem}; give the path of a folder, new or existing")
     if config.init_from not in ("auto", "resume") or not ckpt_path.is_file():
-        return config.validate(), None, None
+        return check_folders(config.validate()), None, None
     ckpt = load_checkpoint(ckpt_path)
     lacking = [k for k in ("optimizer", "iter_num", "best_val_loss") if k not in ckpt]
     if lacking:
@@ -174,8 +170,16 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     for k in explicit | {"checkpoint_dir", "init_from"}:
         if k not in MODEL_SHAPE_KEYS:
             setattr(run, k, getattr(config, k))
-    run.validate()
-    return run, ckpt, ckpt_path
+    return check_folders(run.validate()), ckpt, ckpt_path
+
+
+def check_folders(config: GPT2Config) -> GPT2Config:
+    """The run's checkpoint_dir and log_dir must be folders or places where one can be made."""
+    for name in ("checkpoint_dir", "log_dir"):
+        problem = folder_problem(Path(getattr(config, name)))
+        if problem:
+            raise ConfigError(f"--{name}={getattr(config, name)} {problem}; give the path of a folder, new or existing")
+    return config
 
 
 def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, data_dir: str) -> None:
@@ -413,10 +417,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if ckpt is not None:
         # the moments and step counts continue; the settings (weight_decay, betas, fused, ...) are this
         # run's, which a resumed command may have changed (the learning rate is set at every step)
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, own in zip(optimizer.param_groups, settings):
-            group.update(own)
+        state = ckpt["optimizer"]
+        for saved, own in zip(state["param_groups"], optimizer.param_groups):
+            saved.update({k: v for k, v in own.items() if k != "params"})  # before loading: torch places
+        optimizer.load_state_dict(state)  # the step counters by the fused/capturable flags it loads
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
@@ -471,7 +475,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     elif config.init_from not in ("auto", "scratch", "resume"):
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None
-    resumed_interval = ckpt.get("train_interval", (0.0, 0)) if ckpt is not None else (0.0, 0)
+    progress = (ckpt.get("progress") if ckpt is not None else None) or {"loss_sums": [], "steps": 0, "eval_s": 0.0}
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
 
     def make_checkpoint() -> dict:
@@ -483,14 +487,17 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             rng = states
         else:
             rng = [rng]
-        interval = interval_loss.detach().clone()
+        # each process's train-loss sum since the last log step, so that a resumed run logs the same means
+        sums = [interval_loss.item()]
         if ddp:
-            torch.distributed.all_reduce(interval)
+            sums = [None] * world_size
+            torch.distributed.all_gather_object(sums, interval_loss.item())
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
-                "train_interval": [interval.item(), interval_steps], "version": CHECKPOINT_VERSION}
+                "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s},
+                "version": CHECKPOINT_VERSION}
 
     def save(names: list[str]) -> None:
         check_finite(weights=True)
@@ -512,10 +519,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             torch.distributed.all_reduce(bad)
         if bad.item() or not all(math.isfinite(v) for v in losses):
             raise TrainingError(
-                f"the loss or the gradient norm became NaN or infinite by iteration {iter_num}; training stopped "
-                f"and no checkpoint was overwritten ({checkpoint_dir / 'checkpoint.pt'} holds the last good state). "
-                f"Lower --learning_rate (now {config.learning_rate}), keep --grad_clip on, or use --dtype=bfloat16 "
-                f"instead of float16")
+                f"the loss, the gradient norm or the weights became NaN or infinite by iteration {iter_num}; "
+                f"training stopped and no checkpoint was overwritten ({checkpoint_dir / 'checkpoint.pt'} holds "
+                f"the last good state). Lower --learning_rate (now {config.learning_rate}), keep --grad_clip on, "
+                f"or use --dtype=bfloat16 instead of float16")
 
     def evaluate(initial: bool = False) -> dict[str, float]:
         nonlocal best_val_loss
@@ -552,11 +559,17 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                       f"raise --max_iters to continue")
         elif resumed_from is None:
             summary["evals"][iter_num] = evaluate(initial=True)  # e.g. a pretrained model's loss
-        # the train loss summed since the last log step; a resumed run starts from the checkpoint's sum,
-        # so that it logs the same means as a run that was never stopped
-        interval_loss = torch.tensor(resumed_interval[0] / world_size, device=device)
-        interval_steps = resumed_interval[1]
-        timed_steps, t_mark, eval_time, last_eval_s = 0, time.perf_counter(), 0.0, time.perf_counter() - t0
+        # the train loss summed since the last log step; a resumed run starts from the checkpoint's sums,
+        # so that it logs the same means as a run that was never stopped. Each process sums its own
+        # losses and a log step averages over the processes, so under another number of processes every
+        # one starts from the average of the saved sums
+        sums = progress["loss_sums"]
+        own = sums[rank] if len(sums) == world_size else sum(sums) / max(1, len(sums))
+        interval_loss = torch.tensor(own, device=device)
+        interval_steps = progress["steps"]
+        # the last evaluation's duration, for the ETA; a resumed run has not evaluated yet
+        last_eval_s = progress["eval_s"] if resumed_from is not None else time.perf_counter() - t0
+        timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
         while iter_num < config.max_iters:
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:

@@ -157,7 +157,8 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 #   config      GPT2Config.to_dict()              meta       the data set's meta.json
 #   tokenizer   tokenizer.to_dict()               rng        python/numpy/torch/cuda(/mps) RNG states
 #   run_dir     the TensorBoard run directory     version    CHECKPOINT_VERSION
-#   train_interval  [train loss summed over all processes since the last log step, steps in that sum]
+#   progress    {"loss_sums": each process's train-loss sum since the last log step, "steps": steps in
+#               it, "eval_s": seconds the last evaluation took}: a resumed run logs and estimates as before
 # Everything in it is tensors, numbers, strings, lists, tuples and dicts, so no code runs on load.
 
 CHECKPOINT_VERSION = 1

@@ -5,6 +5,8 @@ Everything runs on the CPU with tiny models (2 layers, 32 wide) and data sets bu
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +226,18 @@ def test_a_checkpoint_without_training_state_is_not_resumed(char_data, tmp_path)
         train(tiny(char_data, tmp_path, max_iters=10))
 
 
+def test_resume_checks_the_folders_of_the_run_it_continues(char_data, tmp_path, monkeypatch):
+    train(tiny(char_data, tmp_path, max_iters=5, log_dir=str(tmp_path / "logs")))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the default log_dir would be")
+    config, explicit = parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=8", "--lr_decay_iters=8"])
+    assert train(config, explicit)["iter_num"] == 8  # the run's own log_dir, not the default ./runs
+    shutil.rmtree(tmp_path / "logs")
+    (tmp_path / "logs").write_text("now a file")
+    with pytest.raises(UserError, match=r"--log_dir=.*logs is a file"):
+        train(*parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=10", "--lr_decay_iters=10"]))
+
+
 @pytest.mark.parametrize("name", ["checkpoint_dir", "log_dir"])
 def test_a_file_where_a_folder_goes_is_refused_before_anything_moves(char_data, tmp_path, name):
     train(tiny(char_data, tmp_path, max_iters=5))
@@ -253,7 +267,7 @@ def test_infinite_gradients_with_a_finite_loss_stop_training(char_data, tmp_path
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "optimizer_step", poisoned)
-    with pytest.raises(TrainingError, match="gradient norm became NaN or infinite by iteration 1;"):
+    with pytest.raises(TrainingError, match="the gradient norm or the weights became NaN or infinite by iteration 1;"):
         train(tiny(char_data, tmp_path, max_iters=5))
 
 
@@ -280,6 +294,14 @@ def test_config_file_may_import(tmp_path):
                    "n_layer = int(sqrt(16))\ndtype = bf16\n")
     config, explicit = parse_args([str(cfg)])
     assert config.n_layer == 4 and config.dtype == "bfloat16" and explicit == {"n_layer", "dtype"}
+    # an import that binds a field's name is a setting; one inside a function binds nothing here
+    cfg.write_text("from torch import bfloat16 as dtype\ndef helper():\n    from os import sep as dropout\n"
+                   "dropout = 0.3\nfrom math import *\nn_layer = floor(2.5)\n")
+    config, explicit = parse_args([str(cfg)])
+    assert (config.dtype, config.dropout, config.n_layer) == ("bfloat16", 0.3, 2)
+    cfg.write_text("from math import *\nlearning_rat = 1e-3\n")
+    with pytest.raises(UserError, match="unknown config key 'learning_rat'"):
+        parse_args([str(cfg)])
 
 
 def test_resume_refuses_a_contradicting_model_shape(resume_runs, char_data):
@@ -467,8 +489,8 @@ def test_flags_file_and_preset_apply_in_order(tmp_path):
     (["--learning_rate=fast"], "learning_rate must be a number, got 'fast'"),
     (["--compile=yes"], "compile must be True, False or 'auto'"),
     (["--compile_mode=fast"], "compile_mode must be one of default, reduce-overhead, max-autotune"),
-    (["--seed=-1"], "seed must be an integer from 0 to 2**62 - 1, got -1"),
-    (["--seed=99999999999999999999999"], "seed must be an integer from 0 to 2**62 - 1"),
+    (["--seed=-1"], "seed must be an integer from 0 to 2**63 - 1, got -1"),
+    (["--seed=99999999999999999999999"], "seed must be an integer from 0 to 2**63 - 1"),
     (["--bias=1"], "bias must be True or False, got 1"),
     (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     (["--preset=gpt3"], "unknown preset 'gpt3'; did you mean 'gpt2'?"),
@@ -597,6 +619,29 @@ def test_a_second_ctrl_c_aborts_at_once():
             for _ in range(100):  # the handler runs between two bytecodes
                 pass
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
+    kw = dict(gradient_accumulation_steps=2, max_iters=12, log_interval=4, eval_interval=6, lr_decay_iters=12,
+              backend="gloo")
+
+    def torchrun(out, **overrides):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(ROOT / "train.py"), *cli_flags(tiny(char_data, out, **{**kw, **overrides}))],
+                           cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return dict(re.findall(r"^iter (\d+)/12: loss ([\d.]+),", r.stdout, re.M))  # {'8': '3.1234', ...}
+
+    straight = torchrun(tmp_path / "a")
+    torchrun(tmp_path / "b", max_iters=6)  # stops between log steps 4 and 8
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    resumed = torchrun(tmp_path / "b")
+    assert resumed == {k: straight[k] for k in ("8", "12")}
+    # one process continues the two processes' run: the same means, to the rounding of another order
+    alone = train(tiny(char_data, tmp_path / "c", **{**kw, "backend": "nccl"}))  # nccl: never used alone
+    assert alone["resumed_from"] == 6
+    assert [alone["losses"][i] for i in (8, 12)] == pytest.approx([float(straight[k]) for k in ("8", "12")],
+                                                                   abs=2e-4)
 
 
 def test_ddp_two_processes_match_one(char_data, tmp_path):
