@@ -416,11 +416,12 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
         # the moments and step counts continue; the settings (weight_decay, betas, fused, ...) are this
-        # run's, which a resumed command may have changed (the learning rate is set at every step)
+        # run's, which a resumed command may have changed (the learning rate is set at every step). They
+        # go into the saved groups before loading: torch places the step counters by the flags it loads
         state = ckpt["optimizer"]
         for saved, own in zip(state["param_groups"], optimizer.param_groups):
-            saved.update({k: v for k, v in own.items() if k != "params"})  # before loading: torch places
-        optimizer.load_state_dict(state)  # the step counters by the fused/capturable flags it loads
+            saved.update({k: v for k, v in own.items() if k != "params"})
+        optimizer.load_state_dict(state)
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
@@ -490,8 +491,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # each process's train-loss sum since the last log step, so that a resumed run logs the same means
         sums = [interval_loss.item()]
         if ddp:
-            sums = [None] * world_size
-            torch.distributed.all_gather_object(sums, interval_loss.item())
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, sums[0])
+            sums = gathered
         return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
