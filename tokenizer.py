@@ -251,12 +251,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
-        if not isinstance(text, str):
-            raise TokenizerError(f"CharTokenizer.from_text takes a str, got {type(text).__name__}; decode "
-                                 f"bytes first, e.g. data.decode('utf-8')")
-        if not text:
-            raise TokenizerError("cannot build a character-level tokenizer from an empty text; "
-                                 "check that the training file is not empty")
+        _check_training_text(text, "a character-level tokenizer")
         return cls(text)
 
     @property
@@ -452,12 +447,7 @@ class BPETokenizer(Tokenizer):
         """
         names = list(self.special_tokens) if special_tokens is None else list(special_tokens)
         _check_special_tokens(names)
-        if not isinstance(text, str):
-            raise TokenizerError(f"BPE training takes a str, got {type(text).__name__}; decode bytes first, "
-                                 f"e.g. data.decode('utf-8')")
-        if not text:
-            raise TokenizerError("cannot train a BPE tokenizer on an empty text; check that the training file "
-                                 "is not empty and was read as text")
+        _check_training_text(text, "a BPE tokenizer")
         if not isinstance(vocab_size, int):
             raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}, e.g. vocab_size=4096")
         if vocab_size < 256 + len(names):
@@ -697,6 +687,15 @@ class GPT2Tokenizer(Tokenizer):
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+def _check_training_text(text, what: str) -> None:
+    if not isinstance(text, str):
+        raise TokenizerError(f"building {what} takes a str, got {type(text).__name__}; decode bytes first, "
+                             f"e.g. data.decode('utf-8')")
+    if not text:
+        raise TokenizerError(f"cannot build {what} from an empty text; check that the training file is not "
+                             f"empty and was read as text")
 
 
 def _check_special_tokens(names: list) -> None:
