@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from utils import UserError
+from utils import ArgumentParser, UserError
 
 
 class ConfigError(UserError, ValueError):
@@ -353,9 +353,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     return settings
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit; one line and exit 2 instead
-        raise ConfigError(f"{message} (see python train.py --help)")
+class _Parser(ArgumentParser):
+    error_type = ConfigError  # a bad flag is reported like a bad value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,11 +30,12 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a UserError: one line on stderr and exit code 2 under run_cli,
-    instead of the whole usage text."""
+    """argparse, but a bad flag is a UserError (error_type): one line on stderr and exit code 2 under
+    run_cli, instead of the whole usage text."""
+    error_type = UserError
 
     def error(self, message: str):
-        raise UserError(f"{message}; see {self.prog} --help")
+        raise self.error_type(f"{message}; see {self.prog} --help")
 
 
 def folder_problem(path: Path) -> Optional[str]:
