@@ -43,6 +43,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # torch.compile's modes: 'reduce-overhead' replays the compiled graphs as CUDA graphs (less launch overhead
 # for small models), the max-autotune ones benchmark kernel choices while compiling (slower to start)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs on a GPU
 
 
 class GPT2Config:

@@ -32,7 +32,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args  # the command line is parsed in config.py
+# the command line is parsed in config.py
+from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
                    format_duration, get_rng_state, load_checkpoint, resolve_device, resolve_dtype, run_cli,
@@ -392,6 +393,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           f"and must be divisible by the {world_size} processes; e.g. "
                           f"--gradient_accumulation_steps={world_size * max(1, round(A / world_size))}")
     device, dtype, compile_model = resolve_system(config, local_rank)
+    if compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES and A > world_size:
+        # A CUDA graph's backward hands its gradient buffers to .grad and overwrites them on the next
+        # replay, so a second micro-step would corrupt the first one's gradients (pytorch/pytorch#169545)
+        other = "default" if config.compile_mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
+        raise ConfigError(f"compile_mode={config.compile_mode} replays CUDA graphs, which cannot accumulate "
+                          f"gradients over {A // world_size} micro-steps per process; use --compile_mode={other}, "
+                          f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
     meta = load_meta(config.data_dir)
     if ckpt is not None:
         check_same_tokens(ckpt, ckpt_path, meta, config.data_dir)

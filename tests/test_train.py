@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import GPT2Config
+from config import ConfigError, GPT2Config
 from data import BatchLoader
 from model import GPT
 from tokenizer import CharTokenizer
@@ -139,6 +139,34 @@ def test_compile_gets_the_compile_mode(char_data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     train(tiny(char_data, tmp_path, compile=True, compile_mode="reduce-overhead", max_iters=2))
     assert modes == ["reduce-overhead"]
+
+
+@pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
+                                                   ("reduce-overhead", 1, False), ("default", 2, False),
+                                                   ("max-autotune-no-cudagraphs", 2, False)])
+def test_cuda_graph_modes_refuse_gradient_accumulation(char_data, tmp_path, monkeypatch, mode, steps, refused):
+    import train as train_module
+
+    def on_a_gpu(config, local_rank):  # what resolve_system says on a CUDA machine; nothing touches CUDA
+        seen_modes.append(config.compile_mode)
+        return torch.device("cuda", 0), torch.bfloat16, True
+
+    class Stop(Exception):
+        pass
+
+    def no_data(data_dir):  # the first thing after the check
+        raise Stop
+
+    seen_modes = []
+    monkeypatch.setattr(train_module, "resolve_system", on_a_gpu)
+    monkeypatch.setattr("data.load_meta", no_data)
+    config = tiny(char_data, tmp_path, compile=True, compile_mode=mode, gradient_accumulation_steps=steps)
+    with pytest.raises(ConfigError if refused else Stop) as e:
+        train(config)
+    assert seen_modes == [mode]
+    if refused:
+        assert f"over {steps} micro-steps" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
 
 
 def test_exact_resume(resume_runs):
