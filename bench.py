@@ -10,6 +10,7 @@ Training is timed after a warm-up that covers torch.compile, with one host synch
 end of the timed window. Generation is timed for batch 1 and batch 8 through generate.py's decoder
 (static KV cache, CUDA graphs on GPU). MFU is against the GPU's dense bf16 peak (model.py's table);
 where no peak is known (CPU, float32, an unlisted GPU) the achieved FLOP/s is printed instead.
+--profile N then runs N more steps under torch.profiler and prints where a step's time goes.
 
 --tokenize times GPT-2 tokenisation alone, on generated text (the words of --input, or of
 $SHAKESPEARE, when given): single-thread tiktoken, tiktoken alone in --num_proc processes (the
@@ -22,6 +23,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import sys
 import tempfile
 import time
@@ -55,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--gen_tokens", type=int, default=None, help="new tokens per generation run (default 500 on CUDA, 50 on CPU)")
     p.add_argument("--gen_batch_sizes", default="1,8", help="comma-separated batch sizes to time generation at")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed steps, run N more under torch.profiler and print where a step's time goes")
     p.add_argument("--no_train", action="store_true", help="skip the training benchmark")
     p.add_argument("--no_generate", action="store_true", help="skip the generation benchmark")
     p.add_argument("--hf_reference", action="store_true",
@@ -135,11 +139,63 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
                       achieved_tflops=model.achieved_flops(tokens, dt) / 1e12, warmup_s=warmup_s,
                       final_loss=final_loss, params=model.get_num_params(),
                       peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
+        if args.profile:
+            result["profile"] = profile_steps(step, args.warmup + args.steps, args.profile, device)
     finally:
         if args.data_dir:
             loader.close()
     del step_model, model, optimizer
     return result
+
+
+# What the profile's summary groups the time into, by operator or kernel name; the first pattern that
+# matches wins. Kernel names differ between GPUs, libraries and versions: the top list shows them as they are.
+TIME_KINDS = (
+    ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|_mm_|tem_fused.*mm|aten::(add)?b?mm$|aten::linear", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
+    ("optimizer and clipping", re.compile(r"adam|multi_tensor|foreach|clip_grad", re.I)),
+    ("fused elementwise and reductions (Triton)", re.compile(r"triton", re.I)),
+)
+
+
+def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict:
+    """Run step(first), ..., step(first + n_steps - 1) under torch.profiler.
+
+    On CUDA it sums the GPU kernels' time, on a CPU the operators' own (self) time, per step: the
+    total, the share of each TIME_KINDS group, and the `top` biggest entries. A GPU total well below
+    the timed step says the GPU waits for the host (launch overhead), one close to it that the
+    kernels themselves are the cost.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(n_steps):
+            loss = step(first + i)
+        loss.item()  # waits for the last kernels
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    rows = [e for e in prof.key_averages() if e.device_type == kind and not getattr(e, "is_user_annotation", False)]
+    own_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    per_step = lambda us: us / 1000 / n_steps  # noqa: E731  microseconds in all -> ms per step
+    kinds = {name: 0.0 for name, _ in TIME_KINDS} | {"other": 0.0}
+    for e in rows:
+        name = next((name for name, pattern in TIME_KINDS if pattern.search(e.key)), "other")
+        kinds[name] += per_step(own_us(e))
+    rows.sort(key=own_us, reverse=True)
+    return dict(steps=n_steps, measured="GPU kernels" if cuda else "CPU operators (self time)",
+                ms_per_step=sum(kinds.values()), kinds=kinds,
+                top=[dict(name=e.key, ms_per_step=per_step(own_us(e)), calls_per_step=e.count / n_steps)
+                     for e in rows[:top]])
+
+
+def print_profile(p: dict, step_ms: float) -> None:
+    print(f"  profile of {p['steps']} more steps: {p['measured']} take {p['ms_per_step']:.2f} ms per step "
+          f"({100 * p['ms_per_step'] / step_ms:.0f}% of the timed {step_ms:.2f} ms)")
+    print("    " + " | ".join(f"{name} {ms:.2f} ms" for name, ms in p["kinds"].items() if ms))
+    for row in p["top"]:
+        name = row["name"] if len(row["name"]) <= 100 else row["name"][:97] + "..."
+        print(f"    {row['ms_per_step']:8.3f} ms  {row['calls_per_step']:6.1f}x  {name}")
 
 
 def bench_generate(args, config, device, dtype, use_compile) -> list[dict]:
@@ -379,6 +435,9 @@ def model_report(args) -> dict:
     args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else (500 if cuda else 50)
     if args.warmup < 1 or args.steps < 1 or args.gen_tokens < 1:
         raise UserError("--warmup, --steps and --gen_tokens must be at least 1")
+    if args.profile < 0 or (args.profile and args.no_train):
+        raise UserError(f"--profile profiles training steps: give a number of steps, at least 1, and leave out "
+                        f"--no_train (got --profile {args.profile}{' --no_train' if args.no_train else ''})")
     args.gen_batch_sizes = parse_batch_sizes(args.gen_batch_sizes)
     if args.hf_reference and not args.no_generate:
         # checked before the training benchmark, not after it
@@ -414,6 +473,8 @@ def model_report(args) -> dict:
         mem = f", peak memory {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else ""
         print(f"  {r['tokens_per_sec']:,.0f} tokens/s | {r['ms_per_iter']:.1f} ms/iter | {eff} | "
               f"{r['achieved_tflops']:.2f} TFLOP/s achieved{mem} | warm-up {r['warmup_s']:.1f} s")
+        if "profile" in r:
+            print_profile(r["profile"], r["ms_per_iter"])
     if not args.no_generate:
         print(f"generation: prompt {PROMPT_TOKENS} tokens, {args.gen_tokens} new tokens, greedy ...", flush=True)
         report["generate"] = bench_generate(args, config, device, dtype, use_compile)

@@ -56,9 +56,30 @@ def one_line_error(argv, capsys) -> str:
     (["--no_train", "--hf_reference", "--gen_tokens", "50"], "exceed block_size 64"),
     (["--stpes", "3"], "unrecognized arguments: --stpes 3; see"),
     (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
+    (["--profile", "-1"], "--profile profiles training steps: give a number of steps, at least 1"),
+    (["--profile", "2", "--no_train"], "and leave out --no_train (got --profile 2 --no_train)"),
 ])
 def test_bad_model_arguments_are_one_line_errors(argv, message, capsys):
     assert message in one_line_error(["--device", "cpu", *argv], capsys)
+
+
+def test_profile_accounts_for_the_step(capsys):
+    import bench
+    r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "2", "--profile", "2"])
+    p = r["train"]["profile"]
+    assert p["steps"] == 2 and p["measured"] == "CPU operators (self time)"
+    assert math.isclose(sum(p["kinds"].values()), p["ms_per_step"], rel_tol=1e-9)
+    # the operators run inside the step, so they cannot take longer than it does (give or take the
+    # profiler's own overhead), and most of a float32 CPU step is spent in them
+    assert 0 < p["ms_per_step"] < 3 * r["train"]["ms_per_iter"]
+    assert p["kinds"]["matmul"] > 0 and p["kinds"]["attention"] > 0 and p["kinds"]["optimizer and clipping"] > 0
+    names = [row["name"] for row in p["top"]]
+    assert len(names) == 12 and "aten::mm" in names
+    # forward and backward of the 4 layers' matmuls, once per step, not once per profiled step in all
+    mm = next(row for row in p["top"] if row["name"] == "aten::mm")
+    assert mm["calls_per_step"] >= 4 * 4 and mm["calls_per_step"] == int(mm["calls_per_step"])
+    out = capsys.readouterr().out
+    assert "profile of 2 more steps: CPU operators (self time) take" in out and "aten::mm" in out
 
 
 def test_json_into_a_directory_fails_before_running(tmp_path, capsys):
