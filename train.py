@@ -509,13 +509,19 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s},
                 "version": CHECKPOINT_VERSION}
 
+    # where the run's time goes, for the last line: evaluations and checkpoint writes are summed as they
+    # happen, setup and the first step (torch.compile's compilation) are timed once, steps are the rest
+    timing = {"evaluation": 0.0, "checkpoints": 0.0}
+
     def save(names: list[str]) -> None:
+        t0 = time.perf_counter()
         check_finite(weights=True)
         ckpt = make_checkpoint()
         if master:
             log.flush()  # events up to this step reach the disk before the checkpoint that covers them
             for name in names:
                 save_checkpoint(checkpoint_dir / name, ckpt)
+        timing["checkpoints"] += time.perf_counter() - t0
 
     # non-finite losses and gradient norms are counted on the device and looked at only where the host
     # syncs anyway
@@ -551,6 +557,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             # the raw model, seeded generator: the training RNG streams are not touched
             text = sample_text(raw_model, tokenizer, prompt, max_new_tokens=config.sample_tokens, seed=config.seed)
             log.text("sample", text, iter_num)
+        timing["evaluation"] += time.perf_counter() - t0
         if not initial:
             save(["checkpoint.pt", "best_checkpoint.pt"] if improved else ["checkpoint.pt"])
         return losses
@@ -580,6 +587,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # the last evaluation's duration, for the ETA; a resumed run has not evaluated yet
         last_eval_s = progress["eval_s"] if resumed_from is not None else time.perf_counter() - t0
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
+        timing["setup"] = t_mark - t_start - timing["evaluation"]
         while iter_num < config.max_iters:
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:
@@ -589,6 +597,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log_step = (iter_num + 1) % config.log_interval == 0
             # the norm is always measured on log steps, which are the only ones that read it
             grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
+            if "first_step" not in timing:  # the host's time: compiling, then queueing the kernels
+                timing["first_step"] = time.perf_counter() - t_mark
             nonfinite += (~torch.isfinite(step_loss)).int()
             if grad_norm is not None and not scaler.is_enabled():
                 # a finite loss with infinite gradients still ruins the weights in this step; under
@@ -636,10 +646,22 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         else:
             if resumed_from is None or iter_num > resumed_from:
                 save(["final_checkpoint.pt"])
-                log.print(f"done: {iter_num} iterations in {format_duration(time.perf_counter() - t_start)}, "
-                          f"best val loss {best_val_loss:.4f}; checkpoints in {checkpoint_dir}")
-    summary.update(iter_num=iter_num, best_val_loss=best_val_loss)
+                total = time.perf_counter() - t_start
+                log.print(f"done: {iter_num} iterations in {format_duration(total)} "
+                          f"({format_timing(timing, total, compile_model)}), best val loss {best_val_loss:.4f}; "
+                          f"checkpoints in {checkpoint_dir}")
+    total = time.perf_counter() - t_start
+    timing.update(steps=total - sum(timing.values()), total=total)
+    summary.update(iter_num=iter_num, best_val_loss=best_val_loss, timing=timing)
     return summary
+
+
+def format_timing(timing: dict, total: float, compiled: bool) -> str:
+    """'setup 2.1 s, first step 11.0 s, other steps 46.2 s, ...' from _train's timing."""
+    parts = [("setup", timing["setup"]), ("first step" + (" (compilation)" if compiled else ""), timing["first_step"]),
+             ("other steps", total - sum(timing.values())), ("evaluations", timing["evaluation"]),
+             ("checkpoints", timing["checkpoints"])]
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts)
 
 
 def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float, lr: float, grad_norm: float,

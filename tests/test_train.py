@@ -3,6 +3,7 @@
 Everything runs on the CPU with tiny models (2 layers, 32 wide) and data sets built in tmp_path.
 """
 import json
+import math
 import os
 import random
 import re
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +185,29 @@ def test_exact_resume(resume_runs):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert a["rng"][0]["torch"].equal(b["rng"][0]["torch"])
     assert a["best_val_loss"] == b["best_val_loss"] == min(e["val"] for i, e in straight["evals"].items() if i)
+
+
+def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch, capsys):
+    import train as train_module
+    writes = []
+
+    def slow_save(path, ckpt):  # each write takes at least 0.1 s more
+        time.sleep(0.1)
+        writes.append(Path(path).name)
+        save_checkpoint(path, ckpt)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
+    summary = train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5))
+    t = summary["timing"]
+    assert set(t) == {"setup", "first_step", "steps", "evaluation", "checkpoints", "total"}
+    assert all(v >= 0 for v in t.values())
+    assert math.isclose(t["setup"] + t["first_step"] + t["steps"] + t["evaluation"] + t["checkpoints"], t["total"])
+    # evaluations at 0, 5 and 10; at 5 and 10 checkpoint.pt (+ best), then final_checkpoint.pt
+    assert len(writes) >= 3 and t["checkpoints"] >= 0.1 * len(writes)
+    assert t["evaluation"] < 0.1 * len(writes)  # the writes after an evaluation are not counted in it
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and re.search(r"\(setup [\d.]+ s, first step [\d.]+ s, other steps [\d.]+ s, "
+                                        r"evaluations [\d.]+ s, checkpoints [\d.]+ s\)", done[0]), done
 
 
 def test_checkpoint_contents(resume_runs):
