@@ -37,7 +37,7 @@ from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, 
 from model import GPT, GPT2_NAMES
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
                    format_duration, get_rng_state, load_checkpoint, resolve_device, resolve_dtype, run_cli,
-                   save_checkpoint, set_rng_state)
+                   save_checkpoint, save_checkpoint_as, set_rng_state)
 
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 
@@ -519,8 +519,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         ckpt = make_checkpoint()
         if master:
             log.flush()  # events up to this step reach the disk before the checkpoint that covers them
-            for name in names:
-                save_checkpoint(checkpoint_dir / name, ckpt)
+            save_checkpoint(checkpoint_dir / names[0], ckpt)
+            for name in names[1:]:  # the same state under another name (best_checkpoint.pt)
+                save_checkpoint_as(checkpoint_dir / name, checkpoint_dir / names[0], ckpt)
         timing["checkpoints"] += time.perf_counter() - t0
 
     # non-finite losses and gradient norms are counted on the device and looked at only where the host

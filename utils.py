@@ -86,9 +86,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    # make the rename itself durable: fsync the directory entry where the OS allows it
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable: fsync its entry where the OS allows it."""
     with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
@@ -176,6 +180,30 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict) -> None:
     import torch
     with atomic_open(path, "wb") as f:
         torch.save(checkpoint, f)
+
+
+def save_checkpoint_as(path: str | os.PathLike, saved: str | os.PathLike, checkpoint: dict) -> None:
+    """Give `path` the contents of `saved`, the file save_checkpoint just wrote from `checkpoint`.
+
+    A hard link under a temporary name, renamed over `path`, costs nothing where writing a large
+    checkpoint again would take seconds; `path` is replaced whole or not at all. Later saves replace
+    `saved` by renaming a new file over it, so the two names never share a change. Where the file
+    system has no hard links, `checkpoint` is written again.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
+    try:
+        os.link(saved, tmp)
+    except OSError:
+        save_checkpoint(path, checkpoint)
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 # what the weights-only unpickler says when it meets a class or function it does not allow; anything

@@ -231,6 +231,36 @@ def test_checkpoint_contents(resume_runs):
     assert best["iter_num"] == best_iter and best["best_val_loss"] == straight["evals"][best_iter]["val"]
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_a_second_name_for_a_saved_checkpoint(tmp_path, monkeypatch, links):
+    import utils
+    from utils import save_checkpoint_as
+    if not links:  # a file system without hard links: the state is written again
+        monkeypatch.setattr(utils.os, "link", lambda *a: (_ for _ in ()).throw(PermissionError("no links here")))
+    first = {"iter_num": 5, "model": {"w": torch.arange(4.0)}, "config": {}}
+    second = {"iter_num": 10, "model": {"w": torch.zeros(4)}, "config": {}}
+    (tmp_path / "best.pt").write_bytes(b"an older best")
+    save_checkpoint(tmp_path / "last.pt", first)
+    save_checkpoint_as(tmp_path / "best.pt", tmp_path / "last.pt", first)
+    assert os.path.samefile(tmp_path / "last.pt", tmp_path / "best.pt") == links
+    save_checkpoint(tmp_path / "last.pt", second)  # the next save replaces last.pt, never best.pt's contents
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["iter_num"] == 5 and torch.equal(best["model"]["w"], torch.arange(4.0)) and last["iter_num"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
+
+
+def test_training_links_best_checkpoint_instead_of_writing_it_again(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    written = []
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda path, ckpt: written.append(Path(path).name) or save_checkpoint(path, ckpt))
+    summary = train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5))
+    assert summary["evals"][10]["val"] < summary["evals"][5]["val"]  # so best_checkpoint.pt was saved twice
+    assert "best_checkpoint.pt" not in written and written.count("checkpoint.pt") == 2
+    best = load_checkpoint(tmp_path / "ckpt" / "best_checkpoint.pt")
+    assert best["iter_num"] == 10 and best["best_val_loss"] == summary["evals"][10]["val"]
+
+
 def test_tensorboard_events_of_a_resumed_run(resume_runs):
     _, split_dir, _, first, second = resume_runs
     assert first["run_dir"] == second["run_dir"]  # the resumed run continues the same directory
