@@ -171,6 +171,18 @@ def test_cuda_graph_modes_refuse_gradient_accumulation(char_data, tmp_path, monk
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path):
+    """compile_mode=reduce-overhead replays the same kernels as CUDA graphs: the same losses, step by step."""
+    def curve(mode):
+        r = train(tiny(char_data, tmp_path / mode, device="cuda", dtype="float32", compile=True, compile_mode=mode,
+                       max_iters=20, eval_interval=10))
+        assert list(r["losses"]) == list(range(1, 21)) and list(r["evals"]) == [0, 10, 20]
+        return torch.tensor(list(r["losses"].values()) + [e[s] for e in r["evals"].values() for s in ("train", "val")])
+
+    torch.testing.assert_close(curve("reduce-overhead"), curve("default"), rtol=1e-4, atol=1e-5)
+
+
 def test_exact_resume(resume_runs):
     straight_dir, split_dir, straight, first, second = resume_runs
     assert second["resumed_from"] == 20 and first["iter_num"] == 20 and second["iter_num"] == 40
