@@ -92,6 +92,7 @@ class GPT2Config:
     dtype = "auto"  # 'float32', 'bfloat16', 'float16' or a torch.dtype; 'auto': bf16 (else fp16) on CUDA, fp32 elsewhere
     compile = "auto"  # torch.compile the model; 'auto' is on for CUDA and off elsewhere
     compile_mode = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
+    compile_eval = True  # evaluate with the compiled model too; False skips compiling the evaluation graph
     seed = 1337  # seeds weights, batches and dropout; a resumed run continues the same streams
     backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' for CPU
 
@@ -176,7 +177,7 @@ class GPT2Config:
                 problems.append(f"{name} must be in [0, 1), got {v!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "decay_lr", "gradient_checkpointing"):
+        for name in ("bias", "decay_lr", "gradient_checkpointing", "compile_eval"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -245,6 +246,8 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
         learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
         eval_interval=250, eval_iters=50, log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
+        # its evaluations are ~100 small forward passes each; compiling a graph for them costs more than it saves
+        compile_eval=False,
     ),
     # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.75 in about 100 s on
     # 2 cores; small models take a higher learning rate (1e-3 gives ~1.89 in the same 2000 steps)

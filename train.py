@@ -449,7 +449,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
         # all ranks agree on stopping after a signal; a gloo group keeps that check off the GPU stream
         stop_group = torch.distributed.new_group(backend="gloo") if config.backend != "gloo" else None
-    eval_model = model.module if ddp else model  # evaluation needs no gradient synchronisation
+    # evaluation needs no gradient synchronisation, and with compile_eval=False no compiled graph either
+    eval_model = (model.module if ddp else model) if config.compile_eval else raw_model
 
     # --- from here on files are written (rank 0 only)
     checkpoint_dir = Path(config.checkpoint_dir)

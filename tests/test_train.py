@@ -143,6 +143,26 @@ def test_compile_gets_the_compile_mode(char_data, tmp_path, monkeypatch):
     assert modes == ["reduce-overhead"]
 
 
+@pytest.mark.parametrize("compile_eval", [True, False])
+def test_compile_eval_picks_the_model_evaluations_run(char_data, tmp_path, monkeypatch, compile_eval):
+    calls = []
+
+    class Compiled(torch.nn.Module):  # stands in for torch.compile's wrapper and counts its forward passes
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            calls.append(self.model.training)
+            return self.model(*args)
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kwargs: Compiled(model))
+    train(tiny(char_data, tmp_path, compile=True, compile_eval=compile_eval, max_iters=4, eval_interval=2,
+               eval_iters=3))
+    evaluations = 3 * 2 * 3  # at 0, 2 and 4, eval_iters batches of each split
+    assert calls.count(True) == 4 and calls.count(False) == (evaluations if compile_eval else 0)
+
+
 @pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
                                                    ("reduce-overhead", 1, False), ("default", 2, False),
                                                    ("max-autotune-no-cudagraphs", 2, False)])
