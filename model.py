@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
-from utils import UserError
+from utils import UserError, load_weights_only
 
 
 class CheckpointFormatError(UserError, ValueError):
@@ -461,17 +461,37 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         except ImportError:
             raise UserError("loading model.safetensors needs safetensors: pip install safetensors") from None
         if (path / "model.safetensors").is_file():
-            return load_file(str(path / "model.safetensors"))
+            return _read_safetensors(load_file, path / "model.safetensors")
         index = json.loads((path / "model.safetensors.index.json").read_text())
         sd = {}
         for shard in sorted(set(index["weight_map"].values())):
-            sd.update(load_file(str(path / shard)))
+            sd.update(_read_safetensors(load_file, path / shard))
         return sd
     if (path / "pytorch_model.bin").is_file():
         # weights_only: a pickle from an untrusted download must not be able to run code
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        _check_not_lfs_pointer(path / "pytorch_model.bin")
+        sd = load_weights_only(path / "pytorch_model.bin", "weights file")
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointFormatError(f"{path / 'pytorch_model.bin'} is not a state_dict (a dict of tensors)")
+        return sd
     raise CheckpointFormatError(f"{path} has config.json but no weights: expected model.safetensors "
                                 "or pytorch_model.bin")
+
+
+def _read_safetensors(load_file, file: Path) -> dict[str, torch.Tensor]:
+    _check_not_lfs_pointer(file)
+    try:
+        return load_file(str(file))
+    except Exception as e:  # SafetensorError, OSError, ...: one line, not the library's traceback
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointFormatError(f"cannot read weights file {file}: {first[:200]} (truncated download?)") from None
+
+
+def _check_not_lfs_pointer(file: Path) -> None:
+    """A clone of a Hugging Face repository without git-lfs has small text files in place of the weights."""
+    if file.stat().st_size < 1024 and file.read_bytes().startswith(b"version https://git-lfs"):
+        raise CheckpointFormatError(f"{file} is a git-lfs pointer, not the weights: run `git lfs pull` in "
+                                    f"{file.parent}, or download the file itself")
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' datasheets. Checked in

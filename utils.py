@@ -212,19 +212,19 @@ _REFUSED_GLOBAL = re.compile(r"unsupported global|unsupported class|not an allow
                              r"can only (?:build|create new object)", re.IGNORECASE)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_weights_only(path: str | os.PathLike, what: str = "checkpoint", map_location="cpu"):
     """torch.load with weights_only=True. A file that needs arbitrary pickled objects is refused:
     unpickling an untrusted file can run code. A file torch.load cannot read for any other reason
-    (empty, truncated, not a PyTorch file at all) is a CheckpointError saying so."""
+    (empty, truncated, not a PyTorch file at all) is a CheckpointError saying so; `what` names the file."""
     import torch
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
         with warnings.catch_warnings():
             # a damaged file can look like an unusual pickle protocol; the error below says it better
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch.load fails in many types (EOFError, KeyError, RuntimeError, ...)
         text = str(e)
         refused = _REFUSED_GLOBAL.search(text)
@@ -243,7 +243,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         reason = ("the file is empty" if path.stat().st_size == 0
                   else f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__)
         hint = "" if isinstance(e, OSError) else " (truncated or not a PyTorch file?)"  # e.g. permission denied
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}{hint}") from None
+        raise CheckpointError(f"cannot read {what} {path}: {reason}{hint}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """A checkpoint of train.py, read by load_weights_only: a dict with at least 'model' and 'config'."""
+    ckpt = load_weights_only(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project: expected a dict with "
                               "'model' and 'config' (a Hugging Face GPT-2 directory loads with --init_from)")

@@ -6,6 +6,7 @@ import torch
 
 from config import GPT2Config, preset_config
 from model import GPT, CheckpointFormatError, peak_flops
+from utils import UserError
 
 transformers = pytest.importorskip("transformers")
 
@@ -187,6 +188,34 @@ def test_directory_that_is_not_gpt2(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     with pytest.raises(CheckpointFormatError, match="neither a directory nor"):
         GPT.from_pretrained(str(tmp_path / "missing"))
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 548105171\n"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("model.safetensors", LFS_POINTER, "is a git-lfs pointer, not the weights: run `git lfs pull`"),
+    ("pytorch_model.bin", LFS_POINTER, "is a git-lfs pointer, not the weights: run `git lfs pull`"),
+    ("model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{", "cannot read weights file"),
+    ("pytorch_model.bin", b"PK\x03\x04 cut short", "cannot read weights file"),
+])
+def test_unreadable_weights_file_is_one_clear_error(hf_dir, tmp_path, name, content, message):
+    (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError) as e:
+        GPT.from_pretrained(str(tmp_path))
+    assert message in str(e.value) and str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_pickled_object_in_pytorch_model_bin_is_refused(hf_dir, tmp_path):
+    import argparse
+    (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="refusing to load .*pytorch_model.bin: it holds pickled objects"):
+        GPT.from_pretrained(str(tmp_path))
+    torch.save({"wte": [1, 2]}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointFormatError, match="is not a state_dict"):
+        GPT.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("text, message", [
