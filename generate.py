@@ -517,8 +517,8 @@ def load_model(checkpoint: Optional[str] = None, init_from: Optional[str] = None
     if searched:
         path = find_checkpoint(path)
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt)
-    tokenizer = _checkpoint_tokenizer(ckpt, path)
+    tokenizer = _checkpoint_tokenizer(ckpt, path)  # first: it says when a file is not this project's at all
+    model = model_from_checkpoint(ckpt, path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size}; the checkpoint mixes two runs")

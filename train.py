@@ -36,8 +36,8 @@ import torch
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
-                   format_duration, get_rng_state, load_checkpoint, resolve_device, resolve_dtype, run_cli,
-                   save_checkpoint, save_checkpoint_as, set_rng_state)
+                   format_duration, get_rng_state, load_checkpoint, load_weights, resolve_device, resolve_dtype,
+                   run_cli, save_checkpoint, save_checkpoint_as, set_rng_state)
 
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 
@@ -201,12 +201,13 @@ def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
             "shakespeare` and --data_dir=data/shakespeare, or train from scratch on this data")
 
 
-def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict]):
+def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict],
+                ckpt_path: Optional[Path] = None):
     """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
     from data import check_vocab
     if ckpt is not None:
         model = GPT(config)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], ckpt_path)
     elif config.init_from in ("scratch", "auto", "resume"):
         if "vocab_size" not in explicit:
             config.vocab_size = int(meta["vocab_size"])  # never guessed: the data set says it
@@ -406,7 +407,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     tokenizer = load_data_tokenizer(config.data_dir, meta)
     prompt = sample_prompt(tokenizer, config.data_dir, meta) if config.sample_tokens else ""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    raw_model = build_model(config, explicit, meta, ckpt)
+    raw_model = build_model(config, explicit, meta, ckpt, ckpt_path)
     # rank 0 and world size 1 on every rank: batch_index() below gives each rank its own windows
     loader = cleanup.enter_context(BatchLoader(config.data_dir, config.block_size, config.batch_size, device=device,
                                                seed=config.seed))

@@ -268,13 +268,40 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
                           "or --init_from gpt2")
 
 
-def model_from_checkpoint(ckpt: dict):
+def model_from_checkpoint(ckpt: dict, source: str | os.PathLike = "the checkpoint"):
     """Rebuild the GPT a checkpoint describes and load its weights (on the CPU, in float32)."""
     from config import GPT2Config
     from model import GPT
     model = GPT(GPT2Config.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], source)
     return model
+
+
+def load_weights(model, state_dict, source: str | os.PathLike) -> None:
+    """model.load_state_dict(state_dict), or one CheckpointError line saying how they differ."""
+    own = model.state_dict()
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{source}: its 'model' entry is a {type(state_dict).__name__}, not a state_dict")
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    reshaped = [k for k in own if k in state_dict and getattr(state_dict[k], "shape", None) != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        got = tuple(state_dict[k].shape) if hasattr(state_dict[k], "shape") else type(state_dict[k]).__name__
+        problems.append(f"{len(reshaped)} of another shape (e.g. {k}: {got}, expected {tuple(own[k].shape)})")
+    if problems:
+        hint = ""
+        for prefix in ("_orig_mod.", "module."):  # saved from torch.compile's or DDP's wrapper
+            if unexpected and all(k.startswith(prefix) for k in unexpected):
+                hint = f"; the names carry the prefix {prefix!r} of a wrapped model: save the unwrapped module's"
+        raise CheckpointError(f"{source}: its weights do not fit the model its config describes: "
+                              f"{', '.join(problems)}{hint}")
+    model.load_state_dict(state_dict)
 
 
 # ---------------------------------------------------------------------------- RNG state

@@ -500,6 +500,27 @@ def test_checkpoint_fallback_order(tmp_path, capsys, present, expected):
     assert f"using checkpoint {tmp_path / expected}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: {"_orig_mod." + k: v for k, v in sd.items()},
+     "29 missing (e.g. transformer.wte.weight), 29 unexpected (e.g. _orig_mod.transformer.wte.weight); the names "
+     "carry the prefix '_orig_mod.' of a wrapped model"),
+    (lambda sd: {k: v for k, v in sd.items() if k != "lm_head.weight"}, "1 missing (e.g. lm_head.weight)"),
+    (lambda sd: {**sd, "transformer.wpe.weight": torch.zeros(8, 16)},
+     "1 of another shape (e.g. transformer.wpe.weight: (8, 16), expected (64, 32))"),
+    (lambda sd: list(sd.values()), "its 'model' entry is a list, not a state_dict"),
+])
+def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, change, message):
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    path = write_checkpoint(tmp_path / "c.pt", model, tok)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = change(ckpt["model"])
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError) as e:
+        load_model(checkpoint=str(path))
+    assert str(e.value).startswith(f"{path}: its ") and message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(checkpoint_dir=tmp_path / "none")

@@ -332,6 +332,18 @@ def test_resume_takes_the_checkpoint_settings_the_command_leaves_out(char_data, 
         train(*parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=9", "--lr_decay_iters=1"]))
 
 
+def test_resuming_weights_that_do_not_fit_is_one_line(char_data, tmp_path):
+    config = tiny(char_data, tmp_path, max_iters=5)
+    train(config)
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model"]["lm_head.weight"]
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: its weights do not fit the model its config "
+                                              r"describes: 1 missing \(e.g. lm_head.weight\)$"):
+        train(tiny(char_data, tmp_path, max_iters=10))
+
+
 def test_a_checkpoint_without_training_state_is_not_resumed(char_data, tmp_path):
     train(tiny(char_data, tmp_path, max_iters=5))
     path = tmp_path / "ckpt" / "checkpoint.pt"
