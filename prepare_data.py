@@ -318,10 +318,18 @@ def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
-    pf = pq.ParquetFile(path)
+    import pyarrow as pa
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # not Parquet at all, e.g. a git-lfs pointer or a cut download
+        raise DataError(f"cannot read {path} as Parquet: {str(e).splitlines()[0][:200]}") from None
     if "text" not in pf.schema_arrow.names:
         raise DataError(f"{path} has no \"text\" column (columns: {', '.join(pf.schema_arrow.names)}); "
                         f"expected one document per row in a \"text\" column")
+    kind = pf.schema_arrow.field("text").type
+    is_text = (getattr(pa.types, f"is_{name}", lambda t: False) for name in ("string", "large_string", "string_view"))
+    if not any(test(kind) for test in is_text):
+        raise DataError(f"{path}: its \"text\" column holds {kind}, not strings; expected one document per row")
     size, rows, done = path.stat().st_size, max(pf.metadata.num_rows, 1), 0
     for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
         for text in batch.column(0).to_pylist():
@@ -506,10 +514,39 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     gathered while streaming: documents is [train, val, empty], digests_sha256 the sha256 of the
     documents' BLAKE2b digests in order.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # from here on the directory holds no complete data set until the new meta.json lands
-    (out_dir / "meta.json").unlink(missing_ok=True)
+    created = not out_dir.exists()
     dtype = token_dtype(tokenizer.vocab_size)
+    try:
+        tokens, documents, digests = _write_bins(out_dir, tokenizer, dtype, units, num_proc, val_fraction, progress)
+        tokenizer.save(out_dir / "tokenizer.json")
+        meta = {
+            **meta,
+            "tokenizer": tokenizer.kind,
+            "tokenizer_file": "tokenizer.json",
+            "vocab_size": tokenizer.vocab_size,
+            "eot_token": tokenizer.eot_token,
+            "dtype": dtype.name,
+            "train_tokens": tokens[0],
+            "val_tokens": tokens[1],
+            **(late_meta(documents, digests.hexdigest()) if late_meta else {}),
+        }
+        with atomic_open(out_dir / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+    except OSError as e:  # a folder that cannot be written, a full disk, ...
+        raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
+                        + (f" ({e.filename})" if e.filename else "")) from None
+    finally:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a failed first run leaves no empty folder behind
+    return meta
+
+
+def _write_bins(out_dir: Path, tokenizer: Tokenizer, dtype, units, num_proc: int, val_fraction: float,
+                progress: tuple[str, int | None]) -> tuple:
+    """train.bin and val.bin, replacing the old ones only once every unit is encoded; returns the token
+    counts per split, the document counts [train, val, empty] and the sha256 of the documents' digests."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     tokens, documents, digests = [0, 0], [0, 0, 0], hashlib.sha256()
     bar = Progress(total=progress[1], unit=PROGRESS_UNITS[progress[0]], unit_scale=True, file=sys.stderr,
                    desc=f"tokenising ({tokenizer.kind})", mininterval=1.0, disable=None)
@@ -524,24 +561,13 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
             bar.update(done)
         for split, n in zip(SPLITS, tokens):
             if n == 0:  # raised inside the ExitStack, so no empty bin is left behind
+                more = "smaller" if split == "train" else "larger"
                 raise DataError(f"the {split} split came out empty ({tokens[0]} train / {tokens[1]} val tokens); "
-                                f"give more text or a larger --val_fraction (now {val_fraction})")
-    tokenizer.save(out_dir / "tokenizer.json")
-    meta = {
-        **meta,
-        "tokenizer": tokenizer.kind,
-        "tokenizer_file": "tokenizer.json",
-        "vocab_size": tokenizer.vocab_size,
-        "eot_token": tokenizer.eot_token,
-        "dtype": dtype.name,
-        "train_tokens": tokens[0],
-        "val_tokens": tokens[1],
-        **(late_meta(documents, digests.hexdigest()) if late_meta else {}),
-    }
-    with atomic_open(out_dir / "meta.json", "w") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    return meta
+                                f"give more text or a {more} --val_fraction (now {val_fraction})")
+        # the new .bin files replace the old ones as the block ends: from then on the folder holds no
+        # complete data set until the new meta.json lands. A run that fails before keeps the old one whole
+        (out_dir / "meta.json").unlink(missing_ok=True)
+    return tokens, documents, digests
 
 
 def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: list[str],
@@ -648,6 +674,9 @@ def check_output_dir(out_dir: Path) -> None:
     if problem:
         raise DataError(f"--output_dir {str(out_dir)!r} {problem}; a data set is a folder (train.bin, val.bin, "
                         f"tokenizer.json, meta.json): pass the path of a folder, new or existing")
+    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # checked before any long tokenizer training
+        raise DataError(f"--output_dir {str(out_dir)!r}: {existing} is not writable; pass a folder you can write to")
 
 
 def default_num_proc() -> int:

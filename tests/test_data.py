@@ -427,21 +427,22 @@ def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path
         return real(*args)
 
     monkeypatch.setattr(prepare_data, "encode_unit", interrupted)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(KeyboardInterrupt):
         prepare_text(out, [src], dataset="custom", tokenizer="char", vocab_size=None, val_fraction=0.1,
                      num_proc=1, command="second run", unit_bytes=5000)
-    names = sorted(p.name for p in out.iterdir())
-    assert "meta.json" not in names  # the old data set is no longer announced as complete
-    assert not [n for n in names if n.endswith(".tmp")]  # the partial bins were removed
-    with pytest.raises(DataError, match="no meta.json"):
-        BatchLoader(out, block_size=8, batch_size=2)
-    # in a fresh directory nothing at all is left
+    # the new .bin files would only have replaced the old ones at the end: the first run's data set is
+    # still there, whole, and no partial file is left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert load_meta(out)["command"] == "first run"
+    BatchLoader(out, block_size=8, batch_size=2).get_batch("train", 0)
+    # a fresh directory is not left behind at all
     fresh = tmp_path / "fresh"
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         prepare_text(fresh, [src], dataset="custom", tokenizer="char", vocab_size=None, val_fraction=0.1,
                      num_proc=1, command="x", unit_bytes=5000)
-    assert list(fresh.iterdir()) == []
+    assert not fresh.exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -476,7 +477,7 @@ def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig
         proc.wait()
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["interrupted"]  # no traceback from the script or its workers
-    assert list(out.iterdir()) == []  # the partial .tmp files were removed
+    assert not out.exists()  # the partial .tmp files were removed, and the folder the run made
 
 
 def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
@@ -560,6 +561,51 @@ def test_jsonl_without_text_field(tmp_path):
     src.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
     with pytest.raises(DataError, match=r"d.jsonl line 2 has no \"text\" string"):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
+
+
+def test_a_failed_write_keeps_the_old_data_set_whole(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 50)
+    out = tmp_path / "out"
+    prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = prepare_data.encode_units
+
+    def disk_full(*args, **kwargs):
+        for i, result in enumerate(real(*args, **kwargs)):
+            yield result
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare_data, "encode_units", disk_full)
+    (tmp_path / "b.txt").write_text("something else entirely\n" * 50)
+    for target in (out, tmp_path / "new" / "out"):
+        with pytest.raises(DataError) as e:
+            prepare("--dataset", "custom", "--input", tmp_path / "b.txt", "--tokenizer", "char", "--output_dir", target)
+        assert str(e.value) == f"cannot write the data set into {target}: No space left on device"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # meta.json and the .bin files as they were
+    assert not (tmp_path / "new" / "out").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(prepare_data, "build_tokenizer", lambda *a: pytest.fail("the tokenizer was built"))
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    with pytest.raises(DataError, match=f"--output_dir '{tmp_path / 'x' / 'y'}': {tmp_path} is not writable"):
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
+                "--output_dir", tmp_path / "x" / "y")
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 5\n"),
+     r"cannot read .*d.parquet as Parquet: "),
+    (lambda path: __import__("pyarrow.parquet").parquet.write_table(
+        __import__("pyarrow").table({"text": [1, 2]}), path), r"d.parquet: its \"text\" column holds int64, not strings"),
+])
+def test_parquet_that_cannot_be_read_as_text(tmp_path, write, message):
+    write(tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=message):
+        prepare("--dataset", "openwebtext", "--input", tmp_path / "d.parquet", "--output_dir", tmp_path / "o",
+                "--num_proc", 1)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("args, message", [
