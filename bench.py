@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
-from utils import ArgumentParser, UserError, atomic_open, resolve_device, resolve_dtype, run_cli
+from utils import (ArgumentParser, UserError, atomic_open, output_file_problem, resolve_device, resolve_dtype,
+                   run_cli)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -379,9 +380,11 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.json and Path(args.json).is_dir():
-        raise UserError(f"--json {args.json} is a directory; give a file name, "
-                        f"e.g. --json {Path(args.json) / 'bench.json'}")
+    problem = output_file_problem(args.json) if args.json else None
+    if problem:
+        hint = (f"give a file name, e.g. --json {Path(args.json) / 'bench.json'}" if Path(args.json).is_dir()
+                else "give a path you can write to")
+        raise UserError(f"--json {args.json} {problem}; {hint}")
     if args.tokenize:
         report = tokenize_report(args)
     else:

@@ -46,7 +46,8 @@ import torch
 
 from config import DTYPES, suggest
 from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, UserError, atomic_open, find_checkpoint,
-                   load_checkpoint, model_from_checkpoint, resolve_device, resolve_dtype, run_cli)
+                   load_checkpoint, model_from_checkpoint, output_file_problem, resolve_device, resolve_dtype,
+                   run_cli)
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -582,9 +583,11 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     settings = SamplingSettings.from_kwargs(**sampling)
-    if output_file is not None and Path(output_file).is_dir():  # found out now, not after the generation
-        raise GenerationError(f"output_file {str(output_file)!r} is a directory; give a file name, "
-                              f"e.g. {str(Path(output_file) / 'samples.txt')!r}")
+    problem = output_file_problem(output_file) if output_file is not None else None
+    if problem:  # found out now, not after the generation
+        hint = (f"give a file name, e.g. {str(Path(output_file) / 'samples.txt')!r}" if Path(output_file).is_dir()
+                else "give a path you can write to")
+        raise GenerationError(f"output_file {str(output_file)!r} {problem}; {hint}")
     device = resolve_device(device)
     model, tokenizer, _ = load_model(checkpoint, init_from, checkpoint_dir)
     for p in prompts:
@@ -811,7 +814,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     prompt = args.prompt
     if args.prompt_file:
         try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")  # without a byte-order mark
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
     device = resolve_device(args.device)

@@ -94,9 +94,12 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
     try:
         return str(data, "utf-8")
     except UnicodeDecodeError as e:
+        # a piece cut out of a file ends where the cut is, so a lead byte before the cut reads as an
+        # "unexpected end of data" even when the file goes on with a byte that cannot continue it
+        reason = "starts a character that is not completed" if e.reason == "unexpected end of data" else e.reason
         raise DataError(
             f"{where} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {offset + e.start} "
-            f"({e.reason}). Convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 IN > OUT` "
+            f"({reason}). Convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 IN > OUT` "
             f"for Latin-1 text.") from None
 
 
@@ -669,14 +672,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def check_output_dir(out_dir: Path) -> None:
-    """DataError unless out_dir is a folder or can be made one (no file in the way)."""
+    """DataError unless out_dir is a writable folder or can be made one; checked before any long work."""
     problem = folder_problem(out_dir)
     if problem:
         raise DataError(f"--output_dir {str(out_dir)!r} {problem}; a data set is a folder (train.bin, val.bin, "
-                        f"tokenizer.json, meta.json): pass the path of a folder, new or existing")
-    existing = next(p for p in (out_dir.absolute(), *out_dir.absolute().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):  # checked before any long tokenizer training
-        raise DataError(f"--output_dir {str(out_dir)!r}: {existing} is not writable; pass a folder you can write to")
+                        f"tokenizer.json, meta.json): pass the path of a folder you can write to, new or existing")
 
 
 def default_num_proc() -> int:

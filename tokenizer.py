@@ -32,7 +32,7 @@ from pathlib import Path
 
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
-from utils import ArgumentParser, UserError, atomic_open, run_cli
+from utils import ArgumentParser, UserError, atomic_open, output_file_problem, run_cli
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
 # space), and runs of whitespace. A space is kept at the start of the word that follows it, and
@@ -775,12 +775,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.bench:
         bench(args.bench, args.vocab_size, args.pattern)
         return
-    if Path(args.out).is_dir():  # checked before training, which can take long
-        raise TokenizerError(f"--out {args.out!r} is a directory; --out is the file to write, e.g. "
-                             f"--out {os.path.join(args.out, 'tokenizer.json')}")
+    problem = output_file_problem(args.out)
+    if problem:  # checked before training, which can take long
+        hint = (f"--out is the file to write, e.g. --out {os.path.join(args.out, 'tokenizer.json')}"
+                if Path(args.out).is_dir() else "give a path you can write to")
+        raise TokenizerError(f"--out {args.out!r} {problem}; {hint}")
     text = _read_text(args.train)
     tok = BPETokenizer(args.pattern).train(text, args.vocab_size, verbose=True, special_tokens=args.special)
-    tok.save(args.out)
+    try:
+        tok.save(args.out)
+    except OSError as e:  # e.g. a full disk
+        raise TokenizerError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
     print(f"saved a {tok.vocab_size}-token BPE tokenizer to {args.out}")
 
 

@@ -39,12 +39,25 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def folder_problem(path: Path) -> Optional[str]:
-    """Why `path` cannot be used as a folder (a file is in the way), or None if it is one or can be made."""
+    """Why files cannot be written into `path` as a folder (a file is in the way, no permission to
+    write), or None if it is such a folder or can be made one."""
     existing = next(p for p in (path, *path.absolute().parents) if os.path.lexists(p))
     if existing.is_dir():
-        return None
+        if os.access(existing, os.W_OK | os.X_OK):
+            return None
+        return ("is not writable" if existing == path
+                else f"would be made inside {str(existing)!r}, which is not writable")
     what = "a link to nothing" if existing.is_symlink() and not existing.exists() else "a file"
     return f"is {what}" if existing == path else f"is inside {str(existing)!r}, which is {what}"
+
+
+def output_file_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why `path` cannot be written as a file (a folder there, or its folder unusable), or None."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory"
+    problem = folder_problem(path.parent)
+    return f"cannot be written: its folder {problem}" if problem else None
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -84,6 +84,9 @@ def test_profile_accounts_for_the_step(capsys):
 
 def test_json_into_a_directory_fails_before_running(tmp_path, capsys):
     assert "is a directory" in one_line_error(["--device", "cpu", "--json", str(tmp_path)], capsys)
+    (tmp_path / "f").write_text("")
+    assert "cannot be written: its folder is a file" in one_line_error(
+        ["--device", "cpu", "--json", str(tmp_path / "f" / "b.json")], capsys)
 
 
 def test_generation_is_timed_with_the_compile_setting(monkeypatch):

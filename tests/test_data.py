@@ -527,6 +527,15 @@ def test_cli_non_utf8_names_file_and_offset(tmp_path):
     assert f"{bad} is not valid UTF-8: byte 0xe9 at byte offset 14" in r.stderr
 
 
+def test_a_bad_lead_byte_before_a_cut_gets_the_true_reason(tmp_path):
+    src = tmp_path / "l.txt"
+    src.write_bytes(b"caf\xe9\n")  # the cut between train and val falls right after 0xe9
+    with pytest.raises(DataError) as e:
+        prepare("--dataset", "custom", "--input", src, "--tokenizer", "gpt2", "--output_dir", tmp_path / "o",
+                "--num_proc", 1)
+    assert "byte 0xe9 at byte offset 3" in str(e.value) and "unexpected end of data" not in str(e.value)
+
+
 def test_non_utf8_line_in_jsonl(tmp_path):
     src = tmp_path / "d.jsonl"
     good = json.dumps({"text": "fine"}).encode() + b"\n"
@@ -589,7 +598,8 @@ def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeyp
     monkeypatch.setattr(prepare_data.os, "access", lambda path, mode: Path(path) != tmp_path)
     monkeypatch.setattr(prepare_data, "build_tokenizer", lambda *a: pytest.fail("the tokenizer was built"))
     (tmp_path / "a.txt").write_text("abc\n" * 50)
-    with pytest.raises(DataError, match=f"--output_dir '{tmp_path / 'x' / 'y'}': {tmp_path} is not writable"):
+    with pytest.raises(DataError, match=f"--output_dir '{tmp_path / 'x' / 'y'}' would be made inside "
+                                         f"'{tmp_path}', which is not writable"):
         prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
                 "--output_dir", tmp_path / "x" / "y")
 

@@ -419,6 +419,15 @@ def test_cli_end_to_end(char_checkpoint, tmp_path):
     assert "checkpoints/checkpoint.pt (best_checkpoint.pt not found)" in r.stderr
 
 
+def test_cli_prompt_file_with_a_byte_order_mark(char_checkpoint, tmp_path):
+    _, model, tok = char_checkpoint
+    expected = complete(Generator(model), tok, ["ROMEO:"], SamplingSettings(temperature=0, max_new_tokens=10))[0]
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfROMEO:")  # as Windows Notepad saves UTF-8
+    r = cli(["--prompt_file", "p.txt", "--max_new_tokens", "10", "--temperature", "0", "--device", "cpu"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ROMEO:" + expected + "\n"
+
+
 def test_cli_interactive_through_stdin(char_checkpoint, tmp_path):
     _, model, tok = char_checkpoint
     expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=12))[0]
@@ -462,6 +471,9 @@ def test_batch_generate_into_a_directory_fails_before_generating(char_checkpoint
     monkeypatch.setattr(generate, "load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(GenerationError, match="is a directory; give a file name"):
         batch_generate(["a"], output_file=str(tmp_path), checkpoint=str(path))
+    (tmp_path / "f").write_text("")
+    with pytest.raises(GenerationError, match=r"output_file '.*f/s.txt' cannot be written: its folder is a file"):
+        batch_generate(["a"], output_file=str(tmp_path / "f" / "s.txt"), checkpoint=str(path))
 
 
 def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):

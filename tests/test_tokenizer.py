@@ -515,6 +515,9 @@ def test_cli_help_and_train(tmp_path):
     out = cli("--train", "in.txt", "--out", "outdir")
     assert out.returncode == 2 and out.stderr.splitlines() == [
         "error: --out 'outdir' is a directory; --out is the file to write, e.g. --out outdir/tokenizer.json"]
+    out = cli("--train", "in.txt", "--out", "in.txt/tok.json")  # before training, not after it
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "error: --out 'in.txt/tok.json' cannot be written: its folder is a file; give a path you can write to"]
     out = cli("--bench", "in.txt", "--vocab_size", "280", "--pattern", r"\w+")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith(r"error: the split pattern '\\w+' does not match the text at character 2 (' be or")
