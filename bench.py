@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
+    p.add_argument("--fp8", action="store_true",
+                   help="train the blocks' matmuls in float8 (train.py's --fp8; GPUs of compute capability 8.9+)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--gen_tokens", type=int, default=None, help="new tokens per generation run (default 500 on CUDA, 50 on CPU)")
@@ -431,7 +433,11 @@ def model_report(args) -> dict:
         config.batch_size = args.batch_size
     if args.block_size is not None:
         config.block_size = args.block_size
+    config.fp8 = args.fp8
     config.validate()
+    from model import fp8_problem
+    if args.fp8 and fp8_problem(device):
+        raise UserError(fp8_problem(device))
     cuda = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
     args.steps = args.steps if args.steps is not None else (30 if cuda else 10)
@@ -458,13 +464,14 @@ def model_report(args) -> dict:
 
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
-                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None, preset=preset,
+                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None, fp8=args.fp8,
+                  preset=preset,
                   batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
                   data=args.data_dir or "random tokens", date=time.strftime("%Y-%m-%d"),
                   threads=torch.get_num_threads())
     print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}"
-          + (f" ({args.compile_mode})" if use_compile else ""))
+          + (f" ({args.compile_mode})" if use_compile else "") + (", fp8 matmuls in training" if args.fp8 else ""))
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"vocab={config.vocab_size}; batch {config.batch_size} x {config.block_size} tokens; data: {report['data']}")
 

@@ -56,6 +56,7 @@ class GPT2Config:
     dropout = 0.0  # 0 for pretraining; 0.1+ helps fine-tuning and small data sets
     bias = True  # biases in Linear and LayerNorm, as GPT-2 has them
     gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+    fp8 = False  # train the blocks' matmuls in float8 (GPUs of compute capability 8.9+, e.g. H100); eval unchanged
 
     # data and batches
     data_dir = "./data/shakespeare"  # folder with train.bin, val.bin, meta.json (prepare_data.py)
@@ -157,6 +158,12 @@ class GPT2Config:
         if not partial and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
             if self.n_embd % self.n_head:
                 problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        # float8 matrix products need every inner dimension divisible by 16: n_embd, and the tokens of a
+        # micro-batch (the inner dimension of the weight gradients)
+        if not partial and self.fp8 is True and ok["n_embd"] and ok["batch_size"] and ok["block_size"]:
+            if self.n_embd % 16 or (self.batch_size * self.block_size) % 16:
+                problems.append(f"fp8 needs n_embd ({self.n_embd}) and batch_size x block_size "
+                                f"({self.batch_size * self.block_size}) divisible by 16")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or not math.isfinite(v):
@@ -177,7 +184,7 @@ class GPT2Config:
                 problems.append(f"{name} must be in [0, 1), got {v!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "decay_lr", "gradient_checkpointing", "compile_eval"):
+        for name in ("bias", "decay_lr", "gradient_checkpointing", "compile_eval", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -356,10 +356,12 @@ def _cpu_decoding_layout(model) -> None:
     not above torch.get_num_threads(), fixed here). Parameters keep their identity, so the tied lm_head /
     wte weight stays tied (the embedding lookup reads its rows strided), and the state_dict is the same.
     """
+    from model import Float8Linear
     threads = torch.get_num_threads()
     with torch.no_grad():
         for module in model.modules():
-            if type(module) not in (torch.nn.Linear, SplitKLinear) or not module.weight.is_contiguous():
+            # Float8Linear multiplies in float8 only while training: when decoding it is a plain Linear
+            if type(module) not in (torch.nn.Linear, Float8Linear, SplitKLinear) or not module.weight.is_contiguous():
                 continue
             module.weight.data = module.weight.data.t().contiguous().t()
             chunks = max(c for c in range(1, threads + 1) if module.in_features % c == 0)

@@ -38,6 +38,83 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 HF_SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
 
 
+# ----------------------------------------------------------------------------- float8 matmuls (opt-in)
+# With config.fp8 the four Linear layers of every block multiply in float8 while training: e4m3 (more
+# precision) for activations and weights, e5m2 (more range) for the gradients, each tensor scaled by its
+# own largest magnitude so that nothing overflows. lm_head, the embeddings, attention and the layer norms
+# keep their precision. Hopper and newer GPUs (compute capability 8.9+) multiply float8 at twice the
+# bf16 rate; the scaling and casting are extra elementwise work that torch.compile fuses.
+
+def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * scale cast to dtype, 1 / scale), scale putting x's largest magnitude at dtype's largest value.
+
+    The scale stays on the device (no host synchronisation); the clamp keeps rounding at the top of the
+    range from turning into NaN, which is what float8_e4m3fn has in place of infinity.
+    """
+    fmax = torch.finfo(dtype).max
+    scale = fmax / x.detach().abs().amax().float().clamp(min=1e-12)
+    return (x.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """x @ weight.T for 2-D x, in float8; the backward pass multiplies in float8 too.
+
+    torch._scaled_mm takes its first operand row-major and its second column-major (on CUDA it insists),
+    so each product below hands it exactly those layouts.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        x8, x_inv = to_float8(x, torch.float8_e4m3fn)
+        w8, w_inv = to_float8(weight, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)  # float8 copies: half the memory of bf16 activations
+        ctx.dtypes = x.dtype, weight.dtype
+        # w8 is (out, in) row-major, so w8.t() is the column-major (in, out) operand
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype,
+                                use_fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        g8, g_inv = to_float8(grad.contiguous(), torch.float8_e5m2)
+        # grad_x (M, in) = grad (M, out) @ W (out, in), W column-major
+        grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=x_dtype)
+        # grad_W (out, in) = grad.T (out, M) @ x (M, in), grad.T row-major and x column-major
+        grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                  out_dtype=w_dtype)
+        return grad_x, grad_w, None
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear that multiplies in float8 while training (model.train() with gradients on).
+
+    Evaluation and generation multiply the weights as they are, and the parameters and state_dict are
+    nn.Linear's, so a checkpoint does not depend on the setting.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)
+        device_type = x.device.type
+        # the dtype nn.Linear would return: autocast's where it is on
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        y = _Float8Matmul.apply(x.reshape(-1, self.in_features), self.weight, out_dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias.to(out_dtype) if self.bias is not None else y
+
+
+def fp8_problem(device: torch.device) -> Optional[str]:
+    """Why float8 training cannot run on `device`, or None. CPUs run it too (slowly): that is how it is tested."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return (f"fp8 needs a GPU of compute capability 8.9 or newer (H100, H200, L40, RTX 4090, ...); "
+                    f"{torch.cuda.get_device_name(device)} has {major}.{minor}")
+        return None
+    return None if device.type == "cpu" else f"fp8 runs on CUDA GPUs and CPUs, not on {device.type}"
+
+
 class KVCache(nn.Module):
     """Static, preallocated keys and values of one attention layer: (B, nh, max_seq_len, hs) each.
 
@@ -146,6 +223,17 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.set_fp8(config.fp8)
+
+    def set_fp8(self, on: bool) -> None:
+        """Let the blocks' four Linear layers multiply in float8 while training (Float8Linear), or not.
+
+        Only the class of those modules changes: parameters, state_dict and evaluation stay the same.
+        """
+        for block in self.transformer.h:
+            for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+                layer.__class__ = Float8Linear if on else nn.Linear
+        self.config.fp8 = on
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

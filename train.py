@@ -34,7 +34,7 @@ import torch
 
 # the command line is parsed in config.py
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
-from model import GPT, GPT2_NAMES
+from model import GPT, GPT2_NAMES, fp8_problem
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
                    format_duration, get_rng_state, load_checkpoint, load_weights, resolve_device, resolve_dtype,
                    run_cli, save_checkpoint, save_checkpoint_as, set_rng_state)
@@ -238,6 +238,7 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
             wpe.num_embeddings = block_size
             config.block_size = block_size
         model.config = config
+        model.set_fp8(config.fp8)  # from_pretrained built plain Linear layers
     return model
 
 
@@ -394,6 +395,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           f"and must be divisible by the {world_size} processes; e.g. "
                           f"--gradient_accumulation_steps={world_size * max(1, round(A / world_size))}")
     device, dtype, compile_model = resolve_system(config, local_rank)
+    if config.fp8 and fp8_problem(device):
+        raise ConfigError(f"{fp8_problem(device)}; drop --fp8")
     if compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES and A > world_size:
         # A CUDA graph's backward hands its gradient buffers to .grad and overwrites them on the next
         # replay, so a second micro-step would corrupt the first one's gradients (pytorch/pytorch#169545)

@@ -244,6 +244,20 @@ def test_cached_equals_uncached_greedy_on_two_threads(threads):
     assert greedy_ids(gen, [ids, other], 40) == [uncached_greedy(model, p, 40, 16) for p in (ids, other)]
 
 
+def test_a_float8_model_decodes_like_the_same_weights_without(threads):
+    threads(2)
+    tok = char_tokenizer()
+    plain = tiny_model(tok.vocab_size)
+    fp8 = GPT(GPT2Config(**{**plain.config.to_dict(), "fp8": True})).eval()
+    fp8.load_state_dict(plain.state_dict())
+    prompts = [tok.encode("To be, or not"), tok.encode("ab")]
+    expected = greedy_ids(Generator(plain), prompts, 30)
+    assert greedy_ids(Generator(fp8), prompts, 30) == expected
+    # decoding gets the CPU layout too: every block Linear became a SplitKLinear
+    assert all(type(layer) is generate.SplitKLinear for block in fp8.transformer.h
+               for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj))
+
+
 def test_batch_equals_each_prompt_alone():
     tok = char_tokenizer()
     model = tiny_model(tok.vocab_size, block_size=128)

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from config import GPT2Config, preset_config
-from model import GPT, CheckpointFormatError, peak_flops
+from config import ConfigError, GPT2Config, preset_config
+from model import GPT, CheckpointFormatError, fp8_problem, peak_flops
 from utils import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -323,3 +323,117 @@ def test_flops_and_mfu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops("cuda", torch.bfloat16) == peak
     assert peak_flops("cuda", torch.float32) is None
+
+
+# ---------------------------------------------------------------------------- float8 matmuls
+
+
+def fake_float8(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to dtype with its own per-tensor scale, back in float32: what the float8 product sees."""
+    fmax = torch.finfo(dtype).max
+    scale = fmax / t.abs().amax().float()
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype).float() / scale
+
+
+@pytest.fixture
+def scaled_mm_calls(monkeypatch):
+    """Records the operands of every torch._scaled_mm call."""
+    calls, real = [], torch._scaled_mm
+
+    def spy(a, b, **kwargs):
+        calls.append((a, b, kwargs))
+        return real(a, b, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    return calls
+
+
+def test_float8_matmul_equals_its_rounding_and_hands_cuda_its_layouts(scaled_mm_calls):
+    from model import _Float8Matmul
+    torch.manual_seed(0)
+    x = (torch.randn(64, 48) * 3).requires_grad_()
+    w = (torch.randn(80, 48) * 0.02).requires_grad_()
+    grad = torch.randn(64, 80) * 1e-3
+    y = _Float8Matmul.apply(x, w, torch.float32)
+    y.backward(grad)
+    e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+    fx, fw, fg = fake_float8(x.detach(), e4m3), fake_float8(w.detach(), e4m3), fake_float8(grad, e5m2)
+    torch.testing.assert_close(y, fx @ fw.T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, fg @ fw, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(w.grad, fg.T @ fx, rtol=1e-4, atol=1e-8)
+    # and not merely the exact product: float8 rounding is visible, the e5m2 gradients coarser still
+    assert (y - x.detach() @ w.detach().T).abs().max() > 1e-4
+    assert len(scaled_mm_calls) == 3
+    for a, b, kw in scaled_mm_calls:
+        assert a.is_contiguous() and b.t().is_contiguous()  # row-major first operand, column-major second
+        assert a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0 and b.shape[0] == a.shape[1]
+        assert kw["scale_a"].dtype == kw["scale_b"].dtype == torch.float32 and kw["scale_a"].numel() == 1
+        assert e4m3 in (a.dtype, b.dtype)  # CUDA has no e5m2 x e5m2 product
+    assert [kw["out_dtype"] for _, _, kw in scaled_mm_calls] == [torch.float32] * 3
+
+
+def test_float8_training_keeps_weights_and_evaluation(scaled_mm_calls):
+    torch.manual_seed(0)
+    plain = GPT(tiny_config(n_embd=32))
+    fp8 = GPT(tiny_config(n_embd=32, fp8=True))
+    fp8.load_state_dict(plain.state_dict())
+    assert plain.state_dict().keys() == fp8.state_dict().keys()
+    x, y = torch.randint(0, 101, (4, 32)), torch.randint(0, 101, (4, 32))
+    _, loss, = plain(x, y)
+    _, loss8 = fp8(x, y)
+    assert len(scaled_mm_calls) == 2 * 4  # the four Linear layers of each block; lm_head stays as it is
+    assert loss8 != loss and abs(loss8.item() - loss.item()) < 0.01 * loss.item()
+    loss8.backward()
+    assert all(p.grad is not None for p in fp8.parameters())
+    calls = len(scaled_mm_calls)
+    plain.eval(), fp8.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x, y)[1], fp8(x, y)[1])  # evaluation multiplies the weights as they are
+    fp8.train()
+    with torch.no_grad():
+        fp8(x, y)
+    assert len(scaled_mm_calls) == calls
+    fp8.set_fp8(False)
+    assert type(fp8.transformer.h[0].mlp.c_fc) is torch.nn.Linear and not fp8.config.fp8
+
+
+def test_float8_under_bfloat16_autocast_returns_bfloat16():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_embd=32, fp8=True))
+    x = torch.randn(2, 16, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.transformer.h[0].mlp.c_fc(x)
+        layer = model.transformer.h[0].mlp.c_fc
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == (2, 16, 128)
+    assert (out.float() - ref.float()).abs().max() < 0.1 * ref.float().abs().max()
+
+
+def test_float8_needs_dimensions_divisible_by_16():
+    with pytest.raises(ConfigError, match=r"fp8 needs n_embd \(40\) and batch_size x block_size \(96\) divisible"):
+        GPT(tiny_config(n_embd=40, n_head=4, batch_size=3, block_size=32, fp8=True))
+    assert fp8_problem(torch.device("cpu")) is None
+    assert fp8_problem(torch.device("mps")) == "fp8 runs on CUDA GPUs and CPUs, not on mps"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="float8 matmuls need a CUDA GPU of compute capability 8.9+")
+def test_float8_training_on_the_gpu_follows_bfloat16():
+    def losses(fp8: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(vocab_size=128, n_embd=128, block_size=64, fp8=fp8)).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        data = torch.randint(0, 128, (8, 65), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        out = []
+        for _ in range(30):  # learn one batch by heart
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(data[:, :-1], data[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        return out
+
+    bf16, fp8 = losses(False), losses(True)
+    assert fp8[-1] < 0.8 * fp8[0]
+    torch.testing.assert_close(torch.tensor(fp8), torch.tensor(bf16), rtol=0.05, atol=0.05)

@@ -203,6 +203,18 @@ def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path)
     torch.testing.assert_close(curve("reduce-overhead"), curve("default"), rtol=1e-4, atol=1e-5)
 
 
+def test_float8_on_an_older_gpu_is_refused_before_anything_is_written(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    monkeypatch.setattr(train_module, "resolve_system",
+                        lambda config, rank: (torch.device("cuda", 0), torch.bfloat16, True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"^fp8 needs a GPU of compute capability 8.9 or newer \(H100, H200, L40, "
+                                          r"RTX 4090, ...\); NVIDIA A100-SXM4-80GB has 8.0; drop --fp8$"):
+        train(tiny(char_data, tmp_path, fp8=True))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+
+
 def test_exact_resume(resume_runs):
     straight_dir, split_dir, straight, first, second = resume_runs
     assert second["resumed_from"] == 20 and first["iter_num"] == 20 and second["iter_num"] == 40
@@ -567,15 +579,20 @@ def test_sample_without_end_of_text_or_newline(tmp_path):
     assert all(e.tensor_proto.string_val[0].decode().startswith("    " + first) for e in samples)
 
 
-def test_fine_tune_from_a_hugging_face_directory(tmp_path):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fine_tune_from_a_hugging_face_directory(tmp_path, monkeypatch, fp8):
     from tokenizer import GPT2Tokenizer
     text = " ".join(WORDS * 40)
     data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), text)
     torch.manual_seed(0)
     pretrained = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257))
     pretrained.save_pretrained(str(tmp_path / "hf"))
-    config = tiny(data, tmp_path, init_from=str(tmp_path / "hf"), max_iters=1, block_size=16)
+    float8_products = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: float8_products.append(1) or real(*a, **k))
+    config = tiny(data, tmp_path, init_from=str(tmp_path / "hf"), max_iters=1, block_size=16, fp8=fp8)
     summary = train(config)
+    assert len(float8_products) == (2 * 4 * 3 if fp8 else 0)  # 2 blocks x 4 layers x (forward + 2 backward)
     ckpt = load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")
     assert ckpt["config"]["block_size"] == 16 and ckpt["config"]["vocab_size"] == 50257
     assert ckpt["model"]["transformer.wpe.weight"].shape == (16, 32)  # cropped to the shorter context
@@ -585,6 +602,17 @@ def test_fine_tune_from_a_hugging_face_directory(tmp_path):
     with BatchLoader(data, 16, 4) as loader:
         expected = estimate_loss(pretrained, loader, 2, torch.autocast("cpu", enabled=False))
     assert summary["evals"][0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_float8_training_follows_float32(char_data, tmp_path):
+    runs = [train(tiny(char_data, tmp_path / str(fp8), fp8=fp8, max_iters=30, eval_interval=30))
+            for fp8 in (False, True)]
+    plain, fp8 = (torch.tensor(list(r["losses"].values())) for r in runs)
+    assert fp8[-1] < 0.8 * fp8[0]  # it learns
+    # a 32-wide model is the hardest case for float8's 3-bit (e4m3) and 2-bit (e5m2) mantissas
+    torch.testing.assert_close(fp8, plain, rtol=0.05, atol=0)  # within 5% of the float32 loss at every step
+    assert not torch.equal(fp8, plain)
+    assert runs[1]["evals"][30]["val"] == pytest.approx(runs[0]["evals"][30]["val"], rel=0.03)
 
 
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
