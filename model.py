@@ -42,8 +42,8 @@ HF_SHAPE_KEYS = ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size")
 # With config.fp8 the four Linear layers of every block multiply in float8 while training: e4m3 (more
 # precision) for activations and weights, e5m2 (more range) for the gradients, each tensor scaled by its
 # own largest magnitude so that nothing overflows. lm_head, the embeddings, attention and the layer norms
-# keep their precision. Hopper and newer GPUs (compute capability 8.9+) multiply float8 at twice the
-# bf16 rate; the scaling and casting are extra elementwise work that torch.compile fuses.
+# keep their precision. GPUs of compute capability 8.9+ (Ada, Hopper and newer) multiply float8 at twice
+# the bf16 rate; the scaling and casting are extra elementwise work that torch.compile fuses.
 
 def to_float8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(x * scale cast to dtype, 1 / scale), scale putting x's largest magnitude at dtype's largest value.
