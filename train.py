@@ -201,6 +201,32 @@ def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
             "shakespeare` and --data_dir=data/shakespeare, or train from scratch on this data")
 
 
+def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) -> None:
+    """Data for fine-tuning a Hugging Face folder's model must be in that model's tokens.
+
+    The folder's tokenizer.json, where it is this project's (save_pretrained writes one), must be the
+    data set's tokenizer. A folder without one and GPT-2's 50,257 tokens is taken for OpenAI's GPT-2.
+    """
+    from tokenizer import load_tokenizer
+    if meta["vocab_size"] > vocab_size:
+        raise TrainingError(f"{folder} holds a model of {vocab_size} tokens, but {data_dir} was prepared with the "
+                            f"{meta.get('tokenizer')!r} tokenizer ({meta['vocab_size']} tokens); prepare the data "
+                            f"with the model's tokenizer")
+    own, theirs = folder / "tokenizer.json", Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
+    try:
+        own_tokenizer = load_tokenizer(own).to_dict() if own.is_file() else None
+    except UserError:  # transformers' own tokenizer.json, not this project's: nothing to compare with
+        own_tokenizer = None
+    if own_tokenizer is None:
+        if vocab_size == 50257:
+            check_gpt2_data(str(folder), meta, data_dir)
+        return
+    if not theirs.is_file() or load_tokenizer(theirs).to_dict() != own_tokenizer:
+        raise TrainingError(f"{data_dir} was not prepared with the tokenizer of {folder} ({own}): the same ids "
+                            f"would stand for other text. Prepare the data with it, e.g. --tokenizer "
+                            f"{own_tokenizer.get('kind', '...')}, or fine-tune on data of that tokenizer")
+
+
 def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict],
                 ckpt_path: Optional[Path] = None):
     """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
@@ -217,9 +243,12 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
         if config.init_from not in GPT2_NAMES and not Path(config.init_from).is_dir():
             raise ConfigError(f"init_from must be 'auto', 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or "
                               f"a Hugging Face GPT-2 directory, got {config.init_from!r}")
-        check_gpt2_data(config.init_from, meta, config.data_dir)
+        if config.init_from in GPT2_NAMES:  # before the download
+            check_gpt2_data(config.init_from, meta, config.data_dir)
         model = GPT.from_pretrained(config.init_from, dropout=config.dropout)
         pretrained = model.config
+        if config.init_from not in GPT2_NAMES:
+            check_folder_data(Path(config.init_from), pretrained.vocab_size, meta, config.data_dir)
         conflicts = [f"{k}={getattr(config, k)!r} ({config.init_from} has {getattr(pretrained, k)!r})"
                      for k in ("n_layer", "n_head", "n_embd", "bias", "vocab_size")
                      if k in explicit and getattr(config, k) != getattr(pretrained, k)]

@@ -23,7 +23,7 @@ from data import BatchLoader
 from model import GPT
 from tokenizer import CharTokenizer
 from train import GracefulStop, TrainingError, estimate_loss, forward_backward, get_lr, main, parse_args, train
-from utils import CheckpointError, UserError, load_checkpoint, run_cli, save_checkpoint
+from utils import CheckpointError, UserError, load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings and arrows".split()
@@ -613,6 +613,24 @@ def test_float8_training_follows_float32(char_data, tmp_path):
     torch.testing.assert_close(fp8, plain, rtol=0.05, atol=0)  # within 5% of the float32 loss at every step
     assert not torch.equal(fp8, plain)
     assert runs[1]["evals"][30]["val"] == pytest.approx(runs[0]["evals"][30]["val"], rel=0.03)
+
+
+def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
+    from tokenizer import GPT2Tokenizer, load_tokenizer
+    train(tiny(char_data, tmp_path / "first", max_iters=4))
+    ckpt = load_checkpoint(tmp_path / "first" / "ckpt" / "final_checkpoint.pt")
+    exported = tmp_path / "export"
+    model_from_checkpoint(ckpt).save_pretrained(str(exported), tokenizer=load_tokenizer(char_data / "tokenizer.json"))
+    summary = train(tiny(char_data, tmp_path / "tuned", init_from=str(exported), max_iters=2))
+    assert summary["iter_num"] == 2
+    # GPT-2 tokens would index past its 20-row embedding, another char set would mean other letters
+    gpt2_data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
+    other_chars = write_data(tmp_path / "other", CharTokenizer.from_text("zyxwvu " * 20), "zyxwvu " * 2000)
+    for data, message in ((gpt2_data, "holds a model of 20 tokens, but .* was prepared with the 'gpt2' tokenizer"),
+                          (other_chars, "was not prepared with the tokenizer of")):
+        with pytest.raises(TrainingError, match=message):
+            train(tiny(data, tmp_path / data.name, init_from=str(exported), max_iters=2))
+        assert not (tmp_path / data.name / "ckpt").exists()
 
 
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
