@@ -153,9 +153,13 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     if config.init_from == "resume" and not ckpt_path.is_file():
         raise CheckpointError(f"--init_from=resume but {ckpt_path} does not exist; train first (python train.py "
                               f"...), point --checkpoint_dir at a run, or use --init_from=scratch")
-    if config.init_from not in ("auto", "resume") or not ckpt_path.is_file():
+    if config.init_from == "scratch" or not ckpt_path.is_file():
         return check_folders(config.validate()), None, None
     ckpt = load_checkpoint(ckpt_path)
+    # fine-tuning (--init_from=gpt2 or a folder) continues a run that started from the same weights; a
+    # checkpoint of another start is moved aside like --init_from=scratch does
+    if config.init_from not in ("auto", "resume") and started_from(ckpt) != origin(config.init_from):
+        return check_folders(config.validate()), None, None
     lacking = [k for k in ("optimizer", "iter_num", "best_val_loss") if k not in ckpt]
     if lacking:
         raise CheckpointError(f"{ckpt_path} holds no training state ({', '.join(lacking)} missing), so the run "
@@ -172,6 +176,18 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
         if k not in MODEL_SHAPE_KEYS:
             setattr(run, k, getattr(config, k))
     return check_folders(run.validate()), ckpt, ckpt_path
+
+
+def origin(init_from: str) -> str:
+    """What a run starts from: 'scratch', a GPT-2 name, or a Hugging Face folder as an absolute path."""
+    if init_from in ("auto", "scratch", "resume"):
+        return "scratch"
+    return init_from if init_from in GPT2_NAMES else str(Path(init_from).resolve())
+
+
+def started_from(ckpt: dict) -> str:
+    """A checkpoint's origin(); checkpoints written before it was recorded keep it in their config."""
+    return ckpt.get("started_from") or origin(ckpt["config"].get("init_from", "scratch"))
 
 
 def check_folders(config: GPT2Config) -> GPT2Config:
@@ -518,6 +534,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     elif config.init_from not in ("auto", "scratch", "resume"):
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None
+    run_origin = started_from(ckpt) if ckpt is not None else origin(config.init_from)
     progress = (ckpt.get("progress") if ckpt is not None else None) or {"loss_sums": [], "steps": 0, "eval_s": 0.0}
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
 
@@ -541,7 +558,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
                 "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s},
-                "version": CHECKPOINT_VERSION}
+                "started_from": run_origin, "version": CHECKPOINT_VERSION}
 
     # where the run's time goes, for the last line: evaluations and checkpoint writes are summed as they
     # happen, setup and the first step (torch.compile's compilation) are timed once, steps are the rest
@@ -673,8 +690,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 if iter_num % config.eval_interval:  # else evaluate() has just saved it
                     save(["checkpoint.pt"])
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
-                again = ("run the same command again" if config.init_from in ("auto", "resume")
-                         else "run it again with --init_from=resume")  # --init_from=gpt2 would start over
+                again = ("run the same command again" if config.init_from != "scratch"
+                         else "run it again without --init_from=scratch")  # which would start over
                 log.print(f"stopped at iteration {iter_num}: saved {checkpoint_dir / 'checkpoint.pt'}; {again} "
                           "to continue")
                 break

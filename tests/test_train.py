@@ -633,6 +633,28 @@ def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
         assert not (tmp_path / data.name / "ckpt").exists()
 
 
+def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, capsys):
+    from tokenizer import load_tokenizer
+    train(tiny(char_data, tmp_path / "first", max_iters=4))
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "first" / "ckpt" / "final_checkpoint.pt"))
+    for name in ("a", "b"):
+        model.save_pretrained(str(tmp_path / name), tokenizer=load_tokenizer(char_data / "tokenizer.json"))
+    tune = lambda source, **kw: train(tiny(char_data, tmp_path, init_from=source, **kw))  # noqa: E731
+    assert tune(str(tmp_path / "a"), max_iters=3)["resumed_from"] is None
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["started_from"] == str(tmp_path / "a")
+    # the same command after a crash, with a longer schedule, or from another spelling of the folder
+    assert tune(str(tmp_path / "a"), max_iters=6)["resumed_from"] == 3
+    assert tune(f"{tmp_path}/x/../a", max_iters=8)["resumed_from"] == 6
+    assert tune("resume", max_iters=9)["resumed_from"] == 8
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["started_from"] == str(tmp_path / "a")
+    capsys.readouterr()
+    # other weights, or scratch, start a new run and move the old checkpoints aside
+    assert tune(str(tmp_path / "b"), max_iters=2)["resumed_from"] is None
+    assert "the previous checkpoints in" in capsys.readouterr().out
+    assert tune("scratch", max_iters=2)["resumed_from"] is None
+    assert len(list((tmp_path / "ckpt").glob("previous-*"))) == 2
+
+
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
     with pytest.raises(TrainingError, match="GPT-2 tokens .* 'char' tokenizer"):
         train(tiny(char_data, tmp_path, init_from="gpt2"))
