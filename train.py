@@ -505,17 +505,23 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     checkpoint_dir = Path(config.checkpoint_dir)
     run_dir = None
     if master:
-        if ckpt is None:
-            moved = move_aside(checkpoint_dir)
-            if moved:
-                print(f"starting a new run: the previous checkpoints in {checkpoint_dir} were moved to {moved}")
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
             run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run
         else:
             run_dir = new_run_dir(config.log_dir, config.data_dir)
+        # both folders first: one that cannot be made (a read-only or virtual file system) stops the run
+        # before the previous checkpoints are moved aside
+        for name, folder in (("checkpoint_dir", checkpoint_dir), ("log_dir", run_dir)):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot make --{name} folder {folder}: {e.strerror or e}") from None
     log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     cleanup.callback(log.close)
+    if master and ckpt is None:
+        moved = move_aside(checkpoint_dir)
+        if moved:
+            log.print(f"starting a new run: the previous checkpoints in {checkpoint_dir} were moved to {moved}")
     if ckpt is None:
         log.hparams(config.to_dict())
 

@@ -388,6 +388,15 @@ def test_a_file_where_a_folder_goes_is_refused_before_anything_moves(char_data, 
     assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing moved aside
 
 
+def test_a_log_dir_that_cannot_be_made_stops_before_checkpoints_move(char_data, tmp_path):
+    train(tiny(char_data, tmp_path, max_iters=2))
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    # /proc takes no new folders; root may pass the permission check, so the mkdir itself fails
+    with pytest.raises(ConfigError, match=r"cannot make --log_dir folder /proc/no_runs/|log_dir=/proc/no_runs is not"):
+        train(tiny(char_data, tmp_path, max_iters=2, init_from="scratch", log_dir="/proc/no_runs"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before  # nothing moved aside
+
+
 def test_a_link_to_nothing_where_a_folder_goes(tmp_path):
     from utils import folder_problem
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
