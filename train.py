@@ -65,23 +65,36 @@ def get_lr(it: int, config: GPT2Config) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Mean loss over the fixed batches 0 .. eval_iters - 1 of each split, shared out over the ranks."""
+def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size: int = 1,
+                  should_stop=None, progress=None) -> Optional[dict[str, float]]:
+    """Mean loss over the fixed batches 0 .. eval_iters - 1 of each split, shared out over the ranks.
+
+    should_stop() is asked before each round of batches (one per rank; every rank asks equally often,
+    so it may be a collective); when it says yes the evaluation is abandoned and None returned.
+    progress(done, total) hears of the batches evaluated so far, counted over all ranks.
+    """
     was_training = model.training
     model.eval()
     out = {}
-    for split in ("train", "val"):
-        total = torch.zeros((), device=loader.device)
-        for k in range(rank, eval_iters, world_size):
-            x, y = loader.get_batch(split, k)
-            with ctx:
-                _, loss = model(x, y)
-            total += loss.float()
-        if world_size > 1:
-            torch.distributed.all_reduce(total)
-        out[split] = total.item() / eval_iters
-    model.train(was_training)
-    return out
+    try:
+        for i, split in enumerate(("train", "val")):
+            total = torch.zeros((), device=loader.device)
+            for first in range(0, eval_iters, world_size):
+                if should_stop is not None and should_stop():
+                    return None
+                if first + rank < eval_iters:
+                    x, y = loader.get_batch(split, first + rank)
+                    with ctx:
+                        _, loss = model(x, y)
+                    total += loss.float()
+                if progress is not None:
+                    progress(i * eval_iters + min(first + world_size, eval_iters), 2 * eval_iters)
+            if world_size > 1:
+                torch.distributed.all_reduce(total)
+            out[split] = total.item() / eval_iters
+        return out
+    finally:
+        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------- devices and processes
@@ -124,8 +137,8 @@ class GracefulStop:
         if self.signum is None:
             self.signum, self._first = signum, time.monotonic()
             if self.verbose:
-                print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving checkpoint.pt "
-                      "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+                print(f"\n{signal.Signals(signum).name} received: finishing this step (or evaluation batch), then "
+                      "saving checkpoint.pt (press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
         elif time.monotonic() - self._first > self.REPEAT_S:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -598,10 +611,26 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 f"the last good state). Lower --learning_rate (now {config.learning_rate}), keep --grad_clip on, "
                 f"or use --dtype=bfloat16 instead of float16")
 
-    def evaluate(initial: bool = False) -> dict[str, float]:
+    def evaluate(initial: bool = False) -> Optional[dict[str, float]]:
+        """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same)."""
         nonlocal best_val_loss
-        t0 = time.perf_counter()
-        losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size)
+        t0 = last_report = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:  # a line every 30 s when an evaluation takes long
+            nonlocal last_report
+            if time.perf_counter() - last_report > 30:
+                last_report = time.perf_counter()
+                log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s]")
+
+        losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size,
+                               should_stop=lambda: stop_requested(stop, stop_group if ddp else None),
+                               progress=progress)
+        if losses is None:
+            timing["evaluation"] += time.perf_counter() - t0
+            log.print(f"iter {iter_num}: evaluation cut short by the signal")
+            if not initial:
+                save(["checkpoint.pt"])
+            return None
         check_finite(losses.values())
         # the starting point is only reported: best_checkpoint.pt is the best the training produced
         improved = not initial and losses["val"] < best_val_loss
@@ -627,13 +656,24 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
     summary = {"losses": {}, "evals": {}, "stopped_by": None, "resumed_from": resumed_from,
                "run_dir": str(run_dir) if run_dir else None}
+
+    def finish() -> dict:
+        total = time.perf_counter() - t_start
+        timing.update(steps=total - sum(timing.values()), total=total)
+        summary.update(iter_num=iter_num, best_val_loss=best_val_loss, timing=timing)
+        return summary
     with GracefulStop(verbose=master) as stop:
         t0 = time.perf_counter()
         if iter_num >= config.max_iters:
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
         elif resumed_from is None:
-            summary["evals"][iter_num] = evaluate(initial=True)  # e.g. a pretrained model's loss
+            losses = evaluate(initial=True)  # e.g. a pretrained model's loss
+            if losses is None:
+                summary["stopped_by"] = stop.signum or signal.SIGTERM
+                log.print("stopped during the first evaluation: nothing was trained yet, so nothing was saved")
+                return finish()
+            summary["evals"][iter_num] = losses
         # the train loss summed since the last log step; a resumed run starts from the checkpoint's sums,
         # so that it logs the same means as a run that was never stopped. Each process sums its own
         # losses and a log step averages over the processes, so under another number of processes every
@@ -684,8 +724,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
             t0 = time.perf_counter()
             if iter_num % config.eval_interval == 0 or iter_num == config.max_iters:
-                summary["evals"][iter_num] = evaluate()
-                last_eval_s = time.perf_counter() - t0
+                losses = evaluate()
+                if losses is not None:
+                    summary["evals"][iter_num] = losses
+                    last_eval_s = time.perf_counter() - t0
             if config.save_interval and iter_num % config.save_interval == 0:
                 save([f"checkpoint_iter_{iter_num}.pt"])
                 if master and config.keep_last_n:
@@ -708,10 +750,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 log.print(f"done: {iter_num} iterations in {format_duration(total)} "
                           f"({format_timing(timing, total, compile_model)}), best val loss {best_val_loss:.4f}; "
                           f"checkpoints in {checkpoint_dir}")
-    total = time.perf_counter() - t_start
-    timing.update(steps=total - sum(timing.values()), total=total)
-    summary.update(iter_num=iter_num, best_val_loss=best_val_loss, timing=timing)
-    return summary
+    return finish()
 
 
 def format_timing(timing: dict, total: float, compiled: bool) -> str:

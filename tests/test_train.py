@@ -131,6 +131,54 @@ def resume_runs(char_data, tmp_path_factory):
     return straight_dir, split_dir, straight, first, second
 
 
+def test_estimate_loss_reports_progress_and_can_be_stopped(char_data):
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0))
+    with BatchLoader(char_data, 16, 2) as loader:
+        reports = []
+        plain = torch.autocast("cpu", enabled=False)
+        full = estimate_loss(model, loader, 3, plain, progress=lambda *a: reports.append(a))
+        assert reports == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)] and set(full) == {"train", "val"}
+        asked = []
+        assert estimate_loss(model, loader, 3, plain, should_stop=lambda: asked.append(1) or len(asked) == 4) is None
+        assert len(asked) == 4 and model.training  # stopped before the first val batch, train mode restored
+
+
+def signal_at_batch(monkeypatch, split: str, index: int, iteration_of, when: int):
+    """SIGTERM to this process as the evaluation at iteration `when` draws batch `index` of `split`."""
+    real = BatchLoader.get_batch
+
+    def get_batch(self, s, k):
+        if s == split and k == index and iteration_of() == when:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, s, k)
+
+    monkeypatch.setattr(BatchLoader, "get_batch", get_batch)
+
+
+def test_a_signal_during_the_first_evaluation_stops_at_once(char_data, tmp_path, monkeypatch, capsys):
+    signal_at_batch(monkeypatch, "train", 0, lambda: 0, 0)
+    summary = train(tiny(char_data, tmp_path, eval_iters=50))
+    assert summary["stopped_by"] == signal.SIGTERM and summary["evals"] == {} and summary["iter_num"] == 0
+    assert not list((tmp_path / "ckpt").glob("*.pt"))
+    assert "stopped during the first evaluation: nothing was trained yet" in capsys.readouterr().out
+
+
+def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_path, monkeypatch):
+    straight = train(tiny(char_data, tmp_path / "straight", max_iters=10, eval_interval=5, eval_iters=20))
+    steps = []
+    monkeypatch.setattr("train.optimizer_step",
+                        lambda *a, _real=__import__("train").optimizer_step, **k: steps.append(1) or _real(*a, **k))
+    signal_at_batch(monkeypatch, "val", 3, lambda: len(steps), 5)
+    stopped = train(tiny(char_data, tmp_path / "split", max_iters=10, eval_interval=5, eval_iters=20))
+    assert stopped["stopped_by"] == signal.SIGTERM and stopped["iter_num"] == 5 and 5 not in stopped["evals"]
+    assert load_checkpoint(tmp_path / "split" / "ckpt" / "checkpoint.pt")["iter_num"] == 5
+    monkeypatch.undo()
+    resumed = train(tiny(char_data, tmp_path / "split", max_iters=10, eval_interval=5, eval_iters=20))
+    assert resumed["resumed_from"] == 5
+    assert {**stopped["losses"], **resumed["losses"]} == straight["losses"]
+
+
 def test_compile_gets_the_compile_mode(char_data, tmp_path, monkeypatch):
     modes = []
 
