@@ -19,6 +19,7 @@ import ast
 import importlib
 import inspect
 import math
+import os
 import re
 import sys
 import textwrap
@@ -311,12 +312,17 @@ def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
         expected = "a number"
     else:
         if raw is not None:
-            return value if isinstance(value, str) else raw
+            text = value if isinstance(value, str) else raw
+            # the shell leaves ~ alone after --key=, so a folder would be made under the name '~'
+            return os.path.expanduser(text) if key in PATH_FIELDS else text
         if isinstance(value, str):
             return value
         expected = "a string"
     example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}); e.g. {example}")
+
+
+PATH_FIELDS = ("data_dir", "checkpoint_dir", "log_dir", "init_from")
 
 
 def parse_value(key: str, text: str) -> Any:
@@ -332,7 +338,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     """Run a config file (plain Python assigning field names) in a namespace of its own; its settings."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist; pass a Python file that assigns config fields, "
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path!r} {what}; pass a Python file that assigns config fields, "
                           f"e.g. `n_layer = 4`, or use --key=value flags")
     namespace: dict[str, Any] = {}
     try:

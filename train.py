@@ -605,11 +605,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if ddp:
             torch.distributed.all_reduce(bad)
         if bad.item() or not all(math.isfinite(v) for v in losses):
+            last = checkpoint_dir / "checkpoint.pt"
+            kept = (f"no checkpoint was overwritten ({last} holds the last good state)" if last.is_file()
+                    else "no checkpoint was written")
             raise TrainingError(
                 f"the loss, the gradient norm or the weights became NaN or infinite by iteration {iter_num}; "
-                f"training stopped and no checkpoint was overwritten ({checkpoint_dir / 'checkpoint.pt'} holds "
-                f"the last good state). Lower --learning_rate (now {config.learning_rate}), keep --grad_clip on, "
-                f"or use --dtype=bfloat16 instead of float16")
+                f"training stopped and {kept}. Lower --learning_rate (now {config.learning_rate}), keep "
+                f"--grad_clip on, or use --dtype=bfloat16 instead of float16")
 
     def evaluate(initial: bool = False) -> Optional[dict[str, float]]:
         """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same)."""
@@ -686,6 +688,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         last_eval_s = progress["eval_s"] if resumed_from is not None else time.perf_counter() - t0
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
         timing["setup"] = t_mark - t_start - timing["evaluation"]
+        first_in_interval = True  # the first step compiles: its time stays out of the first rate and ETA
         while iter_num < config.max_iters:
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:
@@ -712,7 +715,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     torch.distributed.all_reduce(interval_loss)
                 loss_value = interval_loss.item() / interval_steps / world_size  # the only host sync
                 check_finite([loss_value])
-                dt = (time.perf_counter() - t_mark - eval_time) / timed_steps
+                elapsed, steps = time.perf_counter() - t_mark - eval_time, timed_steps
+                if first_in_interval and steps > 1:
+                    elapsed, steps = elapsed - timing["first_step"], steps - 1
+                first_in_interval = False
+                dt = elapsed / steps
                 evals_left = (config.max_iters // config.eval_interval - iter_num // config.eval_interval
                               + (config.max_iters % config.eval_interval != 0))
                 eta = (config.max_iters - iter_num) * dt + evals_left * last_eval_s

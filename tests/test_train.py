@@ -131,6 +131,28 @@ def resume_runs(char_data, tmp_path_factory):
     return straight_dir, split_dir, straight, first, second
 
 
+def test_paths_on_the_command_line_expand_the_home_folder():
+    config, explicit = parse_args(["--checkpoint_dir=~/ckpt", "--log_dir=~other/runs", "--data_dir=data/~x"])
+    assert config.checkpoint_dir == os.path.join(os.path.expanduser("~"), "ckpt")
+    assert config.log_dir == os.path.expanduser("~other/runs") and config.data_dir == "data/~x"
+
+
+def test_the_first_rate_leaves_out_the_first_step(char_data, tmp_path, monkeypatch, capsys):
+    import train as train_module
+    real, calls = train_module.forward_backward, []
+
+    def slow_first(*args, **kwargs):  # as compilation makes the first step slow
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "forward_backward", slow_first)
+    summary = train(tiny(char_data, tmp_path, max_iters=8, log_interval=4, eval_interval=8))
+    rates = [float(m) for m in re.findall(r"^iter \d+/8: .*?, ([\d.]+) ms/iter", capsys.readouterr().out, re.M)]
+    assert len(rates) == 2 and rates[0] < 250 and summary["timing"]["first_step"] >= 1.0
+
+
 def test_estimate_loss_reports_progress_and_can_be_stopped(char_data):
     torch.manual_seed(0)
     model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0))
@@ -554,8 +576,12 @@ def test_nan_loss_stops_training_without_overwriting_checkpoints(char_data, tmp_
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", poisoned)
-    with pytest.raises(TrainingError, match="NaN or infinite"):
+    with pytest.raises(TrainingError, match=r"NaN or infinite by iteration \d+; training stopped and no checkpoint "
+                                            r"was overwritten \(.*checkpoint.pt holds the last good state\)"):
         train(tiny(char_data, tmp_path, max_iters=20, log_interval=log_interval))
+    calls["train"] = 7  # from the first step on, in a fresh folder
+    with pytest.raises(TrainingError, match=r"training stopped and no checkpoint was written\. Lower"):
+        train(tiny(char_data, tmp_path / "fresh", max_iters=20, log_interval=log_interval))
     ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
     assert ckpt["iter_num"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -747,6 +773,7 @@ def test_flags_file_and_preset_apply_in_order(tmp_path):
     (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     (["--preset=gpt3"], "unknown preset 'gpt3'; did you mean 'gpt2'?"),
     (["missing_config.py"], "config file 'missing_config.py' does not exist"),
+    (["."], "config file '.' is a directory"),
     (["--n_layer"], "expected one argument"),
 ])
 def test_bad_overrides_exit_2_and_write_nothing(argv, message, tmp_path, monkeypatch, capsys):
