@@ -392,8 +392,12 @@ def main(argv=None) -> dict:
     else:
         report = model_report(args)
     if args.json:
-        with atomic_open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        try:
+            with atomic_open(args.json, "w") as f:
+                json.dump(report, f, indent=2)
+        except OSError as e:  # e.g. the disk filled up while the benchmark ran
+            raise UserError(f"cannot write --json {args.json}: {e.strerror or e}; the figures are printed "
+                            f"above") from None
         print(f"wrote {args.json}")
     return report
 
