@@ -94,6 +94,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _rename_over(tmp, path)
+
+
+def _rename_over(tmp: str | os.PathLike, path: Path) -> None:
+    """os.replace(tmp, path), removing tmp if that fails; then make the rename durable."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -212,13 +222,7 @@ def save_checkpoint_as(path: str | os.PathLike, saved: str | os.PathLike, checkp
     except OSError:
         save_checkpoint(path, checkpoint)
         return
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    _rename_over(tmp, path)
 
 
 # what the weights-only unpickler says when it meets a class or function it does not allow; anything
