@@ -352,6 +352,12 @@ class Logger:
         self.writer = None
         if master and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
+            # event files are named after the second they were opened in, and TensorBoard reads a folder's
+            # files in name order: a resumed run's file must not sort before the one it continues
+            opened = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
+                      if p.name.split(".")[3].isdigit()]
+            if opened and max(opened) + 1 > time.time():
+                time.sleep(max(opened) + 1 - time.time())
             # purge_step hides events a killed run wrote after its last checkpoint, so a resumed run
             # shows no duplicated steps
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
@@ -555,6 +561,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     resumed_from = iter_num if ckpt is not None else None
     run_origin = started_from(ckpt) if ckpt is not None else origin(config.init_from)
     progress = (ckpt.get("progress") if ckpt is not None else None) or {"loss_sums": [], "steps": 0, "eval_s": 0.0}
+    eval_owed = bool(progress.get("eval_owed", False))
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
 
     def make_checkpoint() -> dict:
@@ -576,7 +583,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
-                "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s},
+                "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s,
+                             "eval_owed": eval_owed},
                 "started_from": run_origin, "version": CHECKPOINT_VERSION}
 
     # where the run's time goes, for the last line: evaluations and checkpoint writes are summed as they
@@ -615,7 +623,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
     def evaluate(initial: bool = False) -> Optional[dict[str, float]]:
         """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same)."""
-        nonlocal best_val_loss
+        nonlocal best_val_loss, eval_owed
         t0 = last_report = time.perf_counter()
 
         def progress(done: int, total: int) -> None:  # a line every 30 s when an evaluation takes long
@@ -631,8 +639,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             timing["evaluation"] += time.perf_counter() - t0
             log.print(f"iter {iter_num}: evaluation cut short by the signal")
             if not initial:
+                eval_owed = True  # a resumed run evaluates this iteration first
                 save(["checkpoint.pt"])
             return None
+        eval_owed = False
         check_finite(losses.values())
         # the starting point is only reported: best_checkpoint.pt is the best the training produced
         improved = not initial and losses["val"] < best_val_loss
@@ -665,17 +675,6 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         summary.update(iter_num=iter_num, best_val_loss=best_val_loss, timing=timing)
         return summary
     with GracefulStop(verbose=master) as stop:
-        t0 = time.perf_counter()
-        if iter_num >= config.max_iters:
-            log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
-                      f"raise --max_iters to continue")
-        elif resumed_from is None:
-            losses = evaluate(initial=True)  # e.g. a pretrained model's loss
-            if losses is None:
-                summary["stopped_by"] = stop.signum or signal.SIGTERM
-                log.print("stopped during the first evaluation: nothing was trained yet, so nothing was saved")
-                return finish()
-            summary["evals"][iter_num] = losses
         # the train loss summed since the last log step; a resumed run starts from the checkpoint's sums,
         # so that it logs the same means as a run that was never stopped. Each process sums its own
         # losses and a log step averages over the processes, so under another number of processes every
@@ -684,8 +683,22 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         own = sums[rank] if len(sums) == world_size else sum(sums) / max(1, len(sums))
         interval_loss = torch.tensor(own, device=device)
         interval_steps = progress["steps"]
-        # the last evaluation's duration, for the ETA; a resumed run has not evaluated yet
-        last_eval_s = progress["eval_s"] if resumed_from is not None else time.perf_counter() - t0
+        last_eval_s = progress["eval_s"]  # the last evaluation's duration, for the ETA
+        t0 = time.perf_counter()
+        owed = eval_owed  # a stopped run's last evaluation was cut short: it is made up first
+        if iter_num >= config.max_iters and not owed:
+            log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
+                      f"raise --max_iters to continue")
+        elif resumed_from is None or owed:
+            losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
+            if losses is None:
+                summary["stopped_by"] = stop.signum or signal.SIGTERM
+                log.print("stopped during the first evaluation: nothing was trained yet, so no checkpoint was "
+                          "written" if resumed_from is None else f"stopped at iteration {iter_num} again: "
+                          f"{checkpoint_dir / 'checkpoint.pt'} still owes that evaluation")
+                return finish()
+            summary["evals"][iter_num] = losses
+            last_eval_s = time.perf_counter() - t0
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
         timing["setup"] = t_mark - t_start - timing["evaluation"]
         first_in_interval = True  # the first step compiles: its time stays out of the first rate and ETA
@@ -730,9 +743,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 interval_steps, timed_steps, t_mark, eval_time = 0, 0, time.perf_counter(), 0.0
 
             t0 = time.perf_counter()
+            eval_cut = False  # by a signal: then this iteration stops, whether or not it is the last
             if iter_num % config.eval_interval == 0 or iter_num == config.max_iters:
                 losses = evaluate()
-                if losses is not None:
+                eval_cut = losses is None
+                if not eval_cut:
                     summary["evals"][iter_num] = losses
                     last_eval_s = time.perf_counter() - t0
             if config.save_interval and iter_num % config.save_interval == 0:
@@ -741,8 +756,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     prune_iter_checkpoints(checkpoint_dir, config.keep_last_n)
             eval_time += time.perf_counter() - t0
 
-            if stop_requested(stop, stop_group if ddp else None) and iter_num < config.max_iters:
-                if iter_num % config.eval_interval:  # else evaluate() has just saved it
+            # eval_cut is the same on every rank (estimate_loss agreed on it), so all skip the collective
+            if eval_cut or (stop_requested(stop, stop_group if ddp else None) and iter_num < config.max_iters):
+                if iter_num % config.eval_interval and iter_num != config.max_iters:  # else evaluate() saved it
                     save(["checkpoint.pt"])
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
                 again = ("run the same command again" if config.init_from != "scratch"
@@ -751,7 +767,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           "to continue")
                 break
         else:
-            if resumed_from is None or iter_num > resumed_from:
+            if resumed_from is None or iter_num > resumed_from or owed:
                 save(["final_checkpoint.pt"])
                 total = time.perf_counter() - t_start
                 log.print(f"done: {iter_num} iterations in {format_duration(total)} "
@@ -762,10 +778,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
 def format_timing(timing: dict, total: float, compiled: bool) -> str:
     """'setup 2.1 s, first step 11.0 s, other steps 46.2 s, ...' from _train's timing."""
-    parts = [("setup", timing["setup"]), ("first step" + (" (compilation)" if compiled else ""), timing["first_step"]),
+    first = "first step" + (" (compilation)" if compiled else "")
+    parts = [("setup", timing["setup"]), (first, timing.get("first_step")),
              ("other steps", total - sum(timing.values())), ("evaluations", timing["evaluation"]),
              ("checkpoints", timing["checkpoints"])]
-    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts)
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts if seconds is not None)
 
 
 def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float, lr: float, grad_norm: float,

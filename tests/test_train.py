@@ -199,6 +199,28 @@ def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_pat
     resumed = train(tiny(char_data, tmp_path / "split", max_iters=10, eval_interval=5, eval_iters=20))
     assert resumed["resumed_from"] == 5
     assert {**stopped["losses"], **resumed["losses"]} == straight["losses"]
+    assert {**stopped["evals"], **resumed["evals"]} == straight["evals"]  # the cut evaluation is made up
+
+
+def test_a_signal_during_the_last_evaluation_leaves_it_owed(char_data, tmp_path, monkeypatch):
+    kw = dict(max_iters=10, eval_interval=5, eval_iters=20, learning_rate=3e-2)
+    straight = train(tiny(char_data, tmp_path / "straight", **kw))
+    steps = []
+    monkeypatch.setattr("train.optimizer_step",
+                        lambda *a, _real=__import__("train").optimizer_step, **k: steps.append(1) or _real(*a, **k))
+    signal_at_batch(monkeypatch, "val", 3, lambda: len(steps), 10)
+    stopped = train(tiny(char_data, tmp_path / "split", **kw))
+    ckpt_dir = tmp_path / "split" / "ckpt"
+    assert stopped["stopped_by"] == signal.SIGTERM and stopped["iter_num"] == 10 and 10 not in stopped["evals"]
+    assert not (ckpt_dir / "final_checkpoint.pt").exists()
+    monkeypatch.undo()
+    resumed = train(tiny(char_data, tmp_path / "split", **kw))
+    assert resumed["resumed_from"] == 10 and resumed["evals"] == {10: straight["evals"][10]}
+    assert resumed["stopped_by"] is None and (ckpt_dir / "final_checkpoint.pt").exists()
+    best = load_checkpoint(ckpt_dir / "best_checkpoint.pt")
+    assert best["best_val_loss"] == straight["best_val_loss"]
+    assert not load_checkpoint(ckpt_dir / "checkpoint.pt")["progress"]["eval_owed"]
+    assert train(tiny(char_data, tmp_path / "split", **kw))["evals"] == {}  # nothing owed any more
 
 
 def test_compile_gets_the_compile_mode(char_data, tmp_path, monkeypatch):
@@ -387,6 +409,17 @@ def test_tensorboard_events_of_a_resumed_run(resume_runs):
     assert losses == pytest.approx({**first["losses"], **second["losses"]})
     assert [e.step for e in acc.Tensors("sample/text_summary")] == [0, 10, 20, 30, 40]
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_one_it_continues(tmp_path):
+    from train import Logger
+    names = []
+    for _ in range(3):  # within the same second, as a quick stop and resume in one process can be
+        log = Logger(True, tmp_path, purge_step=None)
+        log.scalars(1, x=1.0)
+        log.close()
+        names.append(max(set(p.name for p in tmp_path.iterdir()) - set(names)))
+    assert sorted(names) == names and len({n.split(".")[3] for n in names}) == 3
 
 
 def test_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
