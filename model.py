@@ -577,7 +577,7 @@ def _read_safetensors(load_file, file: Path) -> dict[str, torch.Tensor]:
 
 def _check_not_lfs_pointer(file: Path) -> None:
     """A clone of a Hugging Face repository without git-lfs has small text files in place of the weights."""
-    if file.stat().st_size < 1024 and file.read_bytes().startswith(b"version https://git-lfs"):
+    if file.is_file() and file.stat().st_size < 1024 and file.read_bytes().startswith(b"version https://git-lfs"):
         raise CheckpointFormatError(f"{file} is a git-lfs pointer, not the weights: run `git lfs pull` in "
                                     f"{file.parent}, or download the file itself")
 

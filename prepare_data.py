@@ -330,8 +330,9 @@ def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
         raise DataError(f"{path} has no \"text\" column (columns: {', '.join(pf.schema_arrow.names)}); "
                         f"expected one document per row in a \"text\" column")
     kind = pf.schema_arrow.field("text").type
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind  # dictionary-encoded strings are strings
     is_text = (getattr(pa.types, f"is_{name}", lambda t: False) for name in ("string", "large_string", "string_view"))
-    if not any(test(kind) for test in is_text):
+    if not any(test(values) for test in is_text):
         raise DataError(f"{path}: its \"text\" column holds {kind}, not strings; expected one document per row")
     size, rows, done = path.stat().st_size, max(pf.metadata.num_rows, 1), 0
     for batch in pf.iter_batches(batch_size=1024, columns=["text"]):
@@ -517,7 +518,8 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     gathered while streaming: documents is [train, val, empty], digests_sha256 the sha256 of the
     documents' BLAKE2b digests in order.
     """
-    created = not out_dir.exists()
+    # the folders this run makes (out_dir and any missing parents), to take away again if it fails
+    made = [p for p in (out_dir, *out_dir.absolute().parents) if not p.exists()]
     dtype = token_dtype(tokenizer.vocab_size)
     try:
         tokens, documents, digests = _write_bins(out_dir, tokenizer, dtype, units, num_proc, val_fraction, progress)
@@ -540,8 +542,9 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
                         + (f" ({e.filename})" if e.filename else "")) from None
     finally:
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # a failed first run leaves no empty folder behind
+        for folder in made:  # deepest first; a failed first run leaves no empty folder behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     return meta
 
 
@@ -567,6 +570,9 @@ def _write_bins(out_dir: Path, tokenizer: Tokenizer, dtype, units, num_proc: int
                 more = "smaller" if split == "train" else "larger"
                 raise DataError(f"the {split} split came out empty ({tokens[0]} train / {tokens[1]} val tokens); "
                                 f"give more text or a {more} --val_fraction (now {val_fraction})")
+        for f in files:  # on the disk before the old data set is given up: a full disk fails here
+            f.flush()
+            os.fsync(f.fileno())
         # the new .bin files replace the old ones as the block ends: from then on the folder holds no
         # complete data set until the new meta.json lands. A run that fails before keeps the old one whole
         (out_dir / "meta.json").unlink(missing_ok=True)

@@ -176,19 +176,26 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     lacking = [k for k in ("optimizer", "iter_num", "best_val_loss") if k not in ckpt]
     if lacking:
         raise CheckpointError(f"{ckpt_path} holds no training state ({', '.join(lacking)} missing), so the run "
-                              "cannot continue from it; start afresh with --init_from=scratch (the file is moved "
-                              "aside) or use another --checkpoint_dir")
+                              f"cannot continue from it; {start_over(config)}")
     run = GPT2Config.from_dict(ckpt["config"])
     conflicts = [f"{k}={getattr(config, k)!r} (checkpoint: {getattr(run, k)!r})" for k in MODEL_SHAPE_KEYS
                  if k in explicit and getattr(config, k) != getattr(run, k)]
     if conflicts:
         raise CheckpointError(f"{ckpt_path} holds a model that this command contradicts: {', '.join(conflicts)}. "
-                              "Drop those overrides to continue that run, or start a new one with "
-                              "--init_from=scratch (the old files are moved aside) or another --checkpoint_dir")
+                              f"Drop those overrides to continue that run, or {start_over(config)}")
     for k in explicit | {"checkpoint_dir", "init_from"}:
         if k not in MODEL_SHAPE_KEYS:
             setattr(run, k, getattr(config, k))
     return check_folders(run.validate()), ckpt, ckpt_path
+
+
+def start_over(config: GPT2Config) -> str:
+    """How to start a new run instead of continuing the one in checkpoint_dir, as advice."""
+    if config.init_from in ("auto", "resume", "scratch"):
+        return "start a new one with --init_from=scratch (the old files are moved aside) or another --checkpoint_dir"
+    # --init_from=scratch would throw the pretrained weights away
+    return (f"start the new fine-tuning run in another --checkpoint_dir, or move the old checkpoints out of "
+            f"{config.checkpoint_dir}")
 
 
 def origin(init_from: str) -> str:
@@ -212,13 +219,13 @@ def check_folders(config: GPT2Config) -> GPT2Config:
     return config
 
 
-def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, data_dir: str) -> None:
+def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, config: GPT2Config) -> None:
     """A resumed run must read the same kind of tokens as before."""
     old = ckpt.get("meta") or {}
     if (old.get("tokenizer"), old.get("vocab_size")) != (meta.get("tokenizer"), meta.get("vocab_size")):
         raise CheckpointError(f"{ckpt_path} was trained on data tokenised with {old.get('tokenizer')!r} "
-                              f"(vocab {old.get('vocab_size')}), but {data_dir} holds {meta.get('tokenizer')!r} "
-                              f"(vocab {meta.get('vocab_size')}); use the same kind of data, or --init_from=scratch")
+                              f"(vocab {old.get('vocab_size')}), but {config.data_dir} holds {meta.get('tokenizer')!r} "
+                              f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
 
 
 def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
@@ -295,7 +302,7 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
             wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
             wpe.num_embeddings = block_size
             config.block_size = block_size
-        model.config = config
+        model.config = config.validate()  # the folder's shape may not suit fp8
         model.set_fp8(config.fp8)  # from_pretrained built plain Linear layers
     return model
 
@@ -470,7 +477,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
     meta = load_meta(config.data_dir)
     if ckpt is not None:
-        check_same_tokens(ckpt, ckpt_path, meta, config.data_dir)
+        check_same_tokens(ckpt, ckpt_path, meta, config)
     tokenizer = load_data_tokenizer(config.data_dir, meta)
     prompt = sample_prompt(tokenizer, config.data_dir, meta) if config.sample_tokens else ""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
@@ -613,8 +620,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if ddp:
             torch.distributed.all_reduce(bad)
         if bad.item() or not all(math.isfinite(v) for v in losses):
-            last = checkpoint_dir / "checkpoint.pt"
-            kept = (f"no checkpoint was overwritten ({last} holds the last good state)" if last.is_file()
+            saved = [p for p in checkpoint_dir.glob("*.pt")
+                     if p.name == "checkpoint.pt" or ITER_CHECKPOINT.fullmatch(p.name)]
+            last = max(saved, key=lambda p: p.stat().st_mtime, default=None)
+            kept = (f"no checkpoint was overwritten ({last} holds the last good state)" if last is not None
                     else "no checkpoint was written")
             raise TrainingError(
                 f"the loss, the gradient norm or the weights became NaN or infinite by iteration {iter_num}; "

@@ -594,6 +594,33 @@ def test_a_failed_write_keeps_the_old_data_set_whole(tmp_path, monkeypatch):
     assert not (tmp_path / "new" / "out").exists()
 
 
+def test_a_full_disk_at_the_last_flush_keeps_the_old_data_set(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 50)
+    out = tmp_path / "out"
+    prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_fsync = os.fsync
+
+    def fsync(fd):  # val.bin's data cannot reach the disk
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".val.bin"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(prepare_data.os, "fsync", fsync)
+    with pytest.raises(DataError, match="No space left on device"):
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_failed_run_takes_away_every_folder_it_made(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "encode_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
+                "--output_dir", tmp_path / "nest" / "x" / "y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
 def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_data.os, "access", lambda path, mode: Path(path) != tmp_path)
     monkeypatch.setattr(prepare_data, "build_tokenizer", lambda *a: pytest.fail("the tokenizer was built"))
@@ -602,6 +629,15 @@ def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeyp
                                          f"'{tmp_path}', which is not writable"):
         prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
                 "--output_dir", tmp_path / "x" / "y")
+
+
+def test_parquet_with_dictionary_encoded_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": pa.array(DOCS).dictionary_encode()}), tmp_path / "d.parquet")
+    meta = prepare("--dataset", "openwebtext", "--input", tmp_path / "d.parquet", "--output_dir", tmp_path / "o",
+                   "--num_proc", 1, "--val_fraction", 0.25)
+    assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
 
 
 @pytest.mark.parametrize("write, message", [

@@ -207,6 +207,14 @@ def test_unreadable_weights_file_is_one_clear_error(hf_dir, tmp_path, name, cont
     assert message in str(e.value) and str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_missing_shard_is_one_clear_error(hf_dir, tmp_path):
+    (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    index = {"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointFormatError, match=r"cannot read weights file .*model-00001-of-00002.safetensors"):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_a_pickled_object_in_pytorch_model_bin_is_refused(hf_dir, tmp_path):
     import argparse
     (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
