@@ -709,7 +709,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             summary["evals"][iter_num] = losses
             last_eval_s = time.perf_counter() - t0
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
-        timing["setup"] = t_mark - t_start - timing["evaluation"]
+        timing["setup"] = t_mark - t_start - timing["evaluation"] - timing["checkpoints"]
         first_in_interval = True  # the first step compiles: its time stays out of the first rate and ETA
         while iter_num < config.max_iters:
             lr = get_lr(iter_num, config)
