@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import urllib.error
@@ -510,72 +511,99 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
 
 def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], *, num_proc: int,
                   val_fraction: float, progress: tuple[str, int | None], meta: dict, late_meta=None) -> dict:
-    """Encode units into out_dir/{train,val}.bin, then save tokenizer.json and, last, meta.json.
+    """Encode units into out_dir/{train,val}.bin, with tokenizer.json and meta.json beside them.
 
     progress is (unit, total) for the progress bar: unit 'bytes' or 'docs', total None if unknown.
     meta holds the description fields (dataset, source, ...); the token counts are added here, and
     late_meta(documents, digests_sha256) is called once the units are exhausted for fields
     gathered while streaming: documents is [train, val, empty], digests_sha256 the sha256 of the
     documents' BLAKE2b digests in order.
+
+    Every file is written and synced under a temporary name first; the old data set is touched only
+    then, by renames, meta.json last. A run that fails before keeps the old data set whole, and takes
+    away the folders it made.
     """
-    # the folders this run makes (out_dir and any missing parents), to take away again if it fails
-    made = [p for p in (out_dir, *out_dir.absolute().parents) if not p.exists()]
+    made = [p for p in (out_dir, *out_dir.absolute().parents) if not p.exists()]  # deepest first
     dtype = token_dtype(tokenizer.vocab_size)
+    retired = out_dir / ".meta.json.replaced"
+    bins_before = None
     try:
-        tokens, documents, digests = _write_bins(out_dir, tokenizer, dtype, units, num_proc, val_fraction, progress)
-        tokenizer.save(out_dir / "tokenizer.json")
-        meta = {
-            **meta,
-            "tokenizer": tokenizer.kind,
-            "tokenizer_file": "tokenizer.json",
-            "vocab_size": tokenizer.vocab_size,
-            "eot_token": tokenizer.eot_token,
-            "dtype": dtype.name,
-            "train_tokens": tokens[0],
-            "val_tokens": tokens[1],
-            **(late_meta(documents, digests.hexdigest()) if late_meta else {}),
-        }
-        with atomic_open(out_dir / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-    except OSError as e:  # a folder that cannot be written, a full disk, ...
-        raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
-                        + (f" ({e.filename})" if e.filename else "")) from None
-    finally:
-        for folder in made:  # deepest first; a failed first run leaves no empty folder behind
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            # entered in this order, renamed in the reverse one as the block ends: the .bin files,
+            # tokenizer.json, and meta.json, which says the data set is complete, last
+            meta_file = stack.enter_context(atomic_open(out_dir / "meta.json", "w"))
+            tokenizer_file = stack.enter_context(atomic_open(out_dir / "tokenizer.json", "w"))
+            bins = [stack.enter_context(atomic_open(out_dir / f"{split}.bin", "wb")) for split in SPLITS]
+            tokens, documents, digests = _encode_into(bins, tokenizer, dtype, units, num_proc, val_fraction, progress)
+            tokenizer_file.write(tokenizer.to_json())
+            meta = {
+                **meta,
+                "tokenizer": tokenizer.kind,
+                "tokenizer_file": "tokenizer.json",
+                "vocab_size": tokenizer.vocab_size,
+                "eot_token": tokenizer.eot_token,
+                "dtype": dtype.name,
+                "train_tokens": tokens[0],
+                "val_tokens": tokens[1],
+                **(late_meta(documents, digests.hexdigest()) if late_meta else {}),
+            }
+            json.dump(meta, meta_file, indent=2, ensure_ascii=False)
+            meta_file.write("\n")
+            for f in (meta_file, tokenizer_file, *bins):  # a full disk fails here, with the old data set whole
+                f.flush()
+                os.fsync(f.fileno())
+            # until the new meta.json lands the folder holds no complete data set: the old meta.json
+            # steps aside, and comes back if no .bin file was replaced after all
+            bins_before = _identities(out_dir)
+            if (out_dir / "meta.json").exists():
+                os.replace(out_dir / "meta.json", retired)
+    except BaseException as e:
+        if retired.exists() and _identities(out_dir) == bins_before:
+            os.replace(retired, out_dir / "meta.json")
+        retired.unlink(missing_ok=True)  # it described .bin files that are no longer there
+        if made and made[-1].is_dir():
+            shutil.rmtree(made[-1], ignore_errors=True)  # the topmost folder this run made
+        if isinstance(e, OSError):  # a folder that cannot be written, a full disk, ...
+            raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
+                            + (f" ({e.filename})" if e.filename else "")) from None
+        raise
+    retired.unlink(missing_ok=True)
     return meta
 
 
-def _write_bins(out_dir: Path, tokenizer: Tokenizer, dtype, units, num_proc: int, val_fraction: float,
-                progress: tuple[str, int | None]) -> tuple:
-    """train.bin and val.bin, replacing the old ones only once every unit is encoded; returns the token
-    counts per split, the document counts [train, val, empty] and the sha256 of the documents' digests."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _identities(out_dir: Path) -> list:
+    """(device, inode) of train.bin and val.bin, None where absent: whether a rename replaced them."""
+    return [(s.st_dev, s.st_ino) if (s := _stat(out_dir / f"{split}.bin")) else None for split in SPLITS]
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _encode_into(bins: list, tokenizer: Tokenizer, dtype, units, num_proc: int, val_fraction: float,
+                 progress: tuple[str, int | None]) -> tuple:
+    """Encode units into the open train and val files; returns the token counts per split, the
+    document counts [train, val, empty] and the sha256 of the documents' digests."""
     tokens, documents, digests = [0, 0], [0, 0, 0], hashlib.sha256()
     bar = Progress(total=progress[1], unit=PROGRESS_UNITS[progress[0]], unit_scale=True, file=sys.stderr,
                    desc=f"tokenising ({tokenizer.kind})", mininterval=1.0, disable=None)
-    with bar, contextlib.ExitStack() as stack:
-        files = [stack.enter_context(atomic_open(out_dir / f"{split}.bin", "wb")) for split in SPLITS]
+    with bar:
         for done, (train, val, counts, unit_digests) in encode_units(tokenizer, units, num_proc, dtype, val_fraction):
             for i, ids in enumerate((train, val)):
-                files[i].write(ids.tobytes())
+                bins[i].write(ids.tobytes())
                 tokens[i] += ids.size
             documents = [a + b for a, b in zip(documents, counts)]
             digests.update(unit_digests)
             bar.update(done)
-        for split, n in zip(SPLITS, tokens):
-            if n == 0:  # raised inside the ExitStack, so no empty bin is left behind
-                more = "smaller" if split == "train" else "larger"
-                raise DataError(f"the {split} split came out empty ({tokens[0]} train / {tokens[1]} val tokens); "
-                                f"give more text or a {more} --val_fraction (now {val_fraction})")
-        for f in files:  # on the disk before the old data set is given up: a full disk fails here
-            f.flush()
-            os.fsync(f.fileno())
-        # the new .bin files replace the old ones as the block ends: from then on the folder holds no
-        # complete data set until the new meta.json lands. A run that fails before keeps the old one whole
-        (out_dir / "meta.json").unlink(missing_ok=True)
+    for split, n in zip(SPLITS, tokens):
+        if n == 0:  # the temporary files are removed: no empty bin is left behind
+            more = "smaller" if split == "train" else "larger"
+            raise DataError(f"the {split} split came out empty ({tokens[0]} train / {tokens[1]} val tokens); "
+                            f"give more text or a {more} --val_fraction (now {val_fraction})")
     return tokens, documents, digests
 
 

@@ -125,9 +125,13 @@ class Tokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write to_dict() as human-readable JSON; load_tokenizer(path) restores it."""
+        """Write to_json() to path; load_tokenizer(path) restores it."""
         with atomic_open(path, "w") as f:
-            f.write(_dumps(self.to_dict()))
+            f.write(self.to_json())
+
+    def to_json(self) -> str:
+        """to_dict() as human-readable JSON: what save() writes."""
+        return _dumps(self.to_dict())
 
     def _allowed_special(self, text: str, allowed_special) -> set[str]:
         """Validate encode()'s arguments; return the set of special tokens to recognise in text."""

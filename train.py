@@ -363,8 +363,9 @@ class Logger:
             # files in name order: a resumed run's file must not sort before the one it continues
             opened = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
                       if p.name.split(".")[3].isdigit()]
-            if opened and max(opened) + 1 > time.time():
-                time.sleep(max(opened) + 1 - time.time())
+            wait = max(opened) + 1 - time.time() if opened else 0
+            if 0 < wait <= 2:  # a larger gap is another machine's clock, not this second: do not hang on it
+                time.sleep(wait)
             # purge_step hides events a killed run wrote after its last checkpoint, so a resumed run
             # shows no duplicated steps
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)

@@ -612,10 +612,43 @@ def test_a_full_disk_at_the_last_flush_keeps_the_old_data_set(tmp_path, monkeypa
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+@pytest.mark.parametrize("fail", ["val.bin", "train.bin", "tokenizer.json", "meta.json"])
+def test_a_rename_that_fails_never_leaves_a_meta_json_that_lies(tmp_path, monkeypatch, fail):
+    (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 50)
+    out = tmp_path / "out"
+    prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == fail:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    (tmp_path / "b.txt").write_text("quite different text this time\n" * 70)
+    with pytest.raises(DataError, match="Input/output error"):
+        prepare("--dataset", "custom", "--input", tmp_path / "b.txt", "--tokenizer", "char", "--output_dir", out)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert not [name for name in after if name.startswith(".")]  # no temporary file is left
+    if fail == "val.bin":  # the first rename: nothing was replaced, so the old data set is whole again
+        assert after == before
+    else:  # some of the new files are in: the folder must not claim to hold a complete data set
+        assert "meta.json" not in after
+        with pytest.raises(DataError, match="no meta.json"):
+            BatchLoader(out, block_size=8, batch_size=2)
+
+
 def test_a_failed_run_takes_away_every_folder_it_made(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_data, "encode_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     (tmp_path / "a.txt").write_text("abc\n" * 50)
     with pytest.raises(KeyboardInterrupt):
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
+                "--output_dir", tmp_path / "nest" / "x" / "y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+    monkeypatch.undo()  # later, with the .bin files already in place: a full disk for tokenizer.json
+    monkeypatch.setattr(prepare_data.Tokenizer, "to_json", lambda self: (_ for _ in ()).throw(OSError(28, "full")))
+    with pytest.raises(DataError, match="full"):
         prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
                 "--output_dir", tmp_path / "nest" / "x" / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
