@@ -418,6 +418,11 @@ def test_a_resumed_runs_event_file_sorts_after_the_one_it_continues(tmp_path):
         log.close()
         names.append(max(set(p.name for p in tmp_path.iterdir()) - set(names)))
     assert sorted(names) == names and len({n.split(".")[3] for n in names}) == 3
+    # a file from a clock an hour ahead (another machine) is not waited for
+    (tmp_path / f"events.out.tfevents.{int(time.time()) + 3600}.other.1.0").write_bytes(b"")
+    t0 = time.monotonic()
+    Logger(True, tmp_path, purge_step=None).close()
+    assert time.monotonic() - t0 < 1.5
 
 
 def test_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
