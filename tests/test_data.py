@@ -572,11 +572,16 @@ def test_jsonl_without_text_field(tmp_path):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
 
 
-def test_a_failed_write_keeps_the_old_data_set_whole(tmp_path, monkeypatch):
+def prepared_once(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A char data set in tmp_path/out, and the bytes of each of its files."""
     (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 50)
     out = tmp_path / "out"
     prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    return out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_a_failed_write_keeps_the_old_data_set_whole(tmp_path, monkeypatch):
+    out, before = prepared_once(tmp_path)
     real = prepare_data.encode_units
 
     def disk_full(*args, **kwargs):
@@ -595,10 +600,7 @@ def test_a_failed_write_keeps_the_old_data_set_whole(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_at_the_last_flush_keeps_the_old_data_set(tmp_path, monkeypatch):
-    (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 50)
-    out = tmp_path / "out"
-    prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out, before = prepared_once(tmp_path)
     real_fsync = os.fsync
 
     def fsync(fd):  # val.bin's data cannot reach the disk
@@ -614,10 +616,7 @@ def test_a_full_disk_at_the_last_flush_keeps_the_old_data_set(tmp_path, monkeypa
 
 @pytest.mark.parametrize("fail", ["val.bin", "train.bin", "tokenizer.json", "meta.json"])
 def test_a_rename_that_fails_never_leaves_a_meta_json_that_lies(tmp_path, monkeypatch, fail):
-    (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 50)
-    out = tmp_path / "out"
-    prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out, before = prepared_once(tmp_path)
     real = os.replace
 
     def replace(src, dst):
