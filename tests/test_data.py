@@ -663,6 +663,12 @@ def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeyp
                 "--output_dir", tmp_path / "x" / "y")
 
 
+def write_parquet(path: Path, texts) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": texts}), path)
+
+
 def test_parquet_with_dictionary_encoded_text(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -675,8 +681,7 @@ def test_parquet_with_dictionary_encoded_text(tmp_path):
 @pytest.mark.parametrize("write, message", [
     (lambda path: path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 5\n"),
      r"cannot read .*d.parquet as Parquet: "),
-    (lambda path: __import__("pyarrow.parquet").parquet.write_table(
-        __import__("pyarrow").table({"text": [1, 2]}), path), r"d.parquet: its \"text\" column holds int64, not strings"),
+    (lambda path: write_parquet(path, [1, 2]), r"d.parquet: its \"text\" column holds int64, not strings"),
 ])
 def test_parquet_that_cannot_be_read_as_text(tmp_path, write, message):
     write(tmp_path / "d.parquet")
