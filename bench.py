@@ -440,8 +440,9 @@ def model_report(args) -> dict:
     config.fp8 = args.fp8
     config.validate()
     from model import fp8_problem
-    if args.fp8 and fp8_problem(device):
-        raise UserError(fp8_problem(device))
+    problem = fp8_problem(device) if args.fp8 else None
+    if problem:
+        raise UserError(problem)
     cuda = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
     args.steps = args.steps if args.steps is not None else (30 if cuda else 10)

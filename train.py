@@ -467,8 +467,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           f"and must be divisible by the {world_size} processes; e.g. "
                           f"--gradient_accumulation_steps={world_size * max(1, round(A / world_size))}")
     device, dtype, compile_model = resolve_system(config, local_rank)
-    if config.fp8 and fp8_problem(device):
-        raise ConfigError(f"{fp8_problem(device)}; drop --fp8")
+    problem = fp8_problem(device) if config.fp8 else None
+    if problem:
+        raise ConfigError(f"{problem}; drop --fp8")
     if compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES and A > world_size:
         # A CUDA graph's backward hands its gradient buffers to .grad and overwrites them on the next
         # replay, so a second micro-step would corrupt the first one's gradients (pytorch/pytorch#169545)

@@ -186,7 +186,8 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 #   tokenizer   tokenizer.to_dict()               rng        python/numpy/torch/cuda(/mps) RNG states
 #   run_dir     the TensorBoard run directory     version    CHECKPOINT_VERSION
 #   progress    {"loss_sums": each process's train-loss sum since the last log step, "steps": steps in
-#               it, "eval_s": seconds the last evaluation took}: a resumed run logs and estimates as before
+#               it, "eval_s": seconds the last evaluation took, "eval_owed": whether a signal cut short
+#               the evaluation at iter_num}: a resumed run logs, estimates and evaluates as before
 #   started_from  'scratch', a GPT-2 name or a Hugging Face folder's absolute path: what the run's first
 #               weights were, so that repeating a fine-tuning command continues its run
 # Everything in it is tensors, numbers, strings, lists, tuples and dicts, so no code runs on load.
