@@ -74,6 +74,7 @@ DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")  # what 
 # byte is not whitespace; excluding a few others too only costs cut points.
 SAFE_CUT = re.compile(rb"(?<=[^\s\x1c-\x1f\x80-\x8a\x8e\x9f\xa0\xa8\xa9\xaf])(?=[ \n])")
 PROGRESS_UNITS = {"bytes": "B", "docs": "doc"}
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
 BLOCK = 1 << 24  # numpy scans of UTF-8 bytes go in blocks of this size, to bound the temporaries
 
 # (split, UTF-8 text, end_of_text_after, progress it stands for, file name and byte offset for errors)
@@ -81,9 +82,27 @@ Item = tuple[str, bytes, bool, int, str, int]
 
 
 class Progress(tqdm):
+    """tqdm's bar on a terminal; elsewhere (a log file, nohup, CI) a plain line every LINE_INTERVAL
+    seconds, the first one after LINE_INTERVAL seconds, so that short runs print nothing extra."""
+    LINE_INTERVAL = 30.0
     # no monitor thread: the worker pool is forked after the bar exists, and forking a process
     # that runs threads is unsafe (Python 3.12 warns about it)
     monitor_interval = 0
+
+    def __init__(self, *args, file=None, **kwargs):
+        file = sys.stderr if file is None else file
+        self.lines = not (hasattr(file, "isatty") and file.isatty())
+        if self.lines:  # the "wrote ..." line that follows says how it ended: no last bar line
+            kwargs.update(mininterval=self.LINE_INTERVAL, delay=self.LINE_INTERVAL, leave=False)
+        super().__init__(*args, file=file, disable=False, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if not self.lines:
+            return super().display(msg, pos)
+        if msg == "":  # tqdm clearing the bar as it closes: a line has nothing to clear
+            return False
+        print(msg if msg is not None else self.__str__(), file=self.fp, flush=True)  # no '\r' redrawing
+        return True
 
 
 # -----------------------------------------------------------------------------
@@ -100,8 +119,8 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
         reason = "starts a character that is not completed" if e.reason == "unexpected end of data" else e.reason
         raise DataError(
             f"{where} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {offset + e.start} "
-            f"({reason}). Convert the file to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 IN > OUT` "
-            f"for Latin-1 text.") from None
+            f"({reason}). Convert the file to UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT` for "
+            f"Chinese text in GBK, `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text.") from None
 
 
 def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = None) -> list[Path]:
@@ -125,9 +144,10 @@ def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = No
 def read_files(files: list[Path]) -> list[bytes]:
     """The files' bytes. Decoding them is left to the workers."""
     datas = [f.read_bytes() for f in files]
-    if not any(datas):
-        what = str(files[0]) if len(files) == 1 else f"all {len(files)} files under the input folder"
-        raise DataError(f"{what} is empty (0 bytes): there is nothing to tokenise. Pass a file with text.")
+    if not any(d.removeprefix(BOM) for d in datas):
+        what = f"{files[0]} is" if len(files) == 1 else f"all {len(files)} files under the input folder are"
+        size = "empty (0 bytes)" if not any(datas) else "empty (nothing but a byte-order mark)"
+        raise DataError(f"{what} {size}: there is nothing to tokenise. Pass a file with text.")
     return datas
 
 
@@ -206,8 +226,10 @@ def split_text_pieces(datas: list[bytes], val_fraction: float, names: list[str])
     texts, not after the last. The cut counts characters, as nanoGPT's data[:int(n * 0.9)] does:
     [b"abcd", b"efgh"], 0.25 -> [("train", b"abcd", True, ..), ("train", b"ef", False, ..), ("val", b"gh", False, ..)]
     """
-    files = [(d, name) for d, name in zip(datas, names) if d]
-    lengths = [utf8_length(d) for d, _ in files]
+    # a byte-order mark (U+FEFF, as Windows Notepad writes) is no text: it is left out, never tokenised
+    files = [(d, name, len(BOM) if d.startswith(BOM) else 0) for d, name in zip(datas, names)]
+    files = [(d, name, skip) for d, name, skip in files if len(d) > skip]
+    lengths = [utf8_length(d) - (skip > 0) for d, _, skip in files]  # the mark is one character
     total = sum(lengths)
     cut = int(total * (1 - val_fraction))
     if cut == 0 or cut == total:
@@ -215,13 +237,13 @@ def split_text_pieces(datas: list[bytes], val_fraction: float, names: list[str])
         raise DataError(f"the input has {total} characters, so --val_fraction {val_fraction} leaves the {empty} "
                         f"split empty; give more text or a val_fraction that leaves both splits non-empty")
     pieces, start = [], 0
-    for i, ((data, name), n) in enumerate(zip(files, lengths)):
+    for i, ((data, name, skip), n) in enumerate(zip(files, lengths)):
         eot = i < len(files) - 1
         k = min(max(cut - start, 0), n)
-        b = utf8_offset(data, k) if 0 < k < n else 0 if k == 0 else len(data)
+        b = utf8_offset(data, k + (skip > 0)) if 0 < k < n else skip if k == 0 else len(data)
         view = memoryview(data)  # slices of a view share the file's bytes instead of copying them
         if k > 0:
-            pieces.append(("train", view[:b], eot and k == n, name, 0))
+            pieces.append(("train", view[skip:b], eot and k == n, name, skip))
         if k < n:
             pieces.append(("val", view[b:], eot, name, b))
         start += n
@@ -301,16 +323,22 @@ def jsonl_units(path: Path, unit_bytes: int, sha) -> Iterator[tuple[tuple, int]]
             offset += len(chunk)
 
 
-def txt_documents(files: list[Path], val_fraction: float, counts: dict) -> Iterator[Item]:
-    """Each .txt file is one document; its split is chosen here so that a long one can be cut."""
+def txt_documents(files: list[Path], val_fraction: float, counts: dict, sha=None) -> Iterator[Item]:
+    """Each .txt file is one document; its split is chosen here so that a long one can be cut.
+
+    sha, if given, hears of the byte-order marks left out (piece_units hashes the text after them)."""
     for f in files:
         data = f.read_bytes()
-        if not data:
+        skip = len(BOM) if data.startswith(BOM) else 0  # a byte-order mark is no text: left out
+        if sha is not None:
+            sha.update(data[:skip])  # the pieces that follow hash the rest: the file's bytes in order
+        if len(data) == skip:
             counts["empty"] += 1
             continue
-        split = SPLITS[doc_split(data, val_fraction)[0]]  # the hash of UTF-8 text is the hash of its bytes
+        text = data[skip:] if skip else data
+        split = SPLITS[doc_split(text, val_fraction)[0]]  # the hash of UTF-8 text is the hash of its bytes
         counts[split] += 1
-        yield split, data, True, len(data), str(f), 0
+        yield split, text, True, len(data), str(f), skip
 
 
 def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
@@ -348,7 +376,7 @@ def local_units(files: list[Path], unit_bytes: int, val_fraction: float, sha, co
     for suffix, group in itertools.groupby(files, key=lambda f: f.suffix):
         group = list(group)
         if suffix == ".txt":  # consecutive small files share units
-            yield from piece_units(txt_documents(group, val_fraction, counts), unit_bytes, cuttable, sha)
+            yield from piece_units(txt_documents(group, val_fraction, counts, sha), unit_bytes, cuttable, sha)
         for f in group if suffix != ".txt" else []:
             yield from (doc_units(parquet_documents(f, sha), unit_bytes) if suffix == ".parquet"
                         else jsonl_units(f, unit_bytes, sha))
@@ -562,8 +590,13 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         if retired.exists() and _identities(out_dir) == bins_before:
             os.replace(retired, out_dir / "meta.json")
         retired.unlink(missing_ok=True)  # it described .bin files that are no longer there
-        if made and made[-1].is_dir():
-            shutil.rmtree(made[-1], ignore_errors=True)  # the topmost folder this run made
+        if made:  # only what this run made: another run may have put a data set beside out_dir meanwhile
+            shutil.rmtree(made[0], ignore_errors=True)
+            for folder in made[1:]:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone): it and the folders above it stay
+                    break
         if isinstance(e, OSError):  # a folder that cannot be written, a full disk, ...
             raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
                             + (f" ({e.filename})" if e.filename else "")) from None
@@ -590,7 +623,7 @@ def _encode_into(bins: list, tokenizer: Tokenizer, dtype, units, num_proc: int, 
     document counts [train, val, empty] and the sha256 of the documents' digests."""
     tokens, documents, digests = [0, 0], [0, 0, 0], hashlib.sha256()
     bar = Progress(total=progress[1], unit=PROGRESS_UNITS[progress[0]], unit_scale=True, file=sys.stderr,
-                   desc=f"tokenising ({tokenizer.kind})", mininterval=1.0, disable=None)
+                   desc=f"tokenising ({tokenizer.kind})", mininterval=1.0)
     with bar:
         for done, (train, val, counts, unit_digests) in encode_units(tokenizer, units, num_proc, dtype, val_fraction):
             for i, ids in enumerate((train, val)):
@@ -613,7 +646,7 @@ def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: l
         return GPT2Tokenizer()
     # char and bpe need the text here; GPT-2's path leaves decoding to the workers
     if kind == "char":  # every character of both splits must be known
-        return CharTokenizer.from_text("".join(decode_utf8(d, name) for d, name in zip(datas, names)))
+        return CharTokenizer.from_text("".join(decode_utf8(d, name, offset) for _, d, _, name, offset in pieces))
     # BPE learns from the training split only, so val stays unseen text; all of it is decoded here
     # so that bad UTF-8 is reported before a long training, not after it
     texts = [(split, decode_utf8(d, name, offset), eot) for split, d, eot, name, offset in pieces]
@@ -643,10 +676,12 @@ def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: s
         "split": f"first {1 - val_fraction:.6g} of the characters train, the rest val",
         "command": command,
     }
-    items = ((split, data, eot, len(data), name, offset) for split, data, eot, name, offset in pieces)
-    sha = hashlib.sha256()  # of the files' bytes in order, which the pieces are, hashed as they go out
-    return write_dataset(out_dir, tok, piece_units(items, unit_bytes, can_cut(tok), sha), num_proc=num_proc,
-                         val_fraction=val_fraction, progress=("bytes", sum(map(len, datas))), meta=meta,
+    items = [(split, data, eot, len(data), name, offset) for split, data, eot, name, offset in pieces]
+    sha = hashlib.sha256()  # of the files' bytes in order, byte-order marks included
+    for data in datas:
+        sha.update(data)
+    return write_dataset(out_dir, tok, piece_units(items, unit_bytes, can_cut(tok)), num_proc=num_proc,
+                         val_fraction=val_fraction, progress=("bytes", sum(item[3] for item in items)), meta=meta,
                          late_meta=lambda *_: {"source_sha256": sha.hexdigest()})
 
 

@@ -282,7 +282,9 @@ class CharTokenizer(Tokenizer):
         return self.decode(ids).encode("utf-8", "surrogatepass")
 
     def to_dict(self) -> dict:
-        return {"kind": "char", "chars": "".join(self.chars)}
+        # a list, not one string: escaped in one string, a lone high surrogate followed by a lone low
+        # one would read back as a single character, shifting every later id
+        return {"kind": "char", "chars": list(self.chars)}
 
 
 # -----------------------------------------------------------------------------
@@ -718,7 +720,8 @@ def _read_text(path: str) -> str:
     # newline="" keeps '\r\n' and '\r' as they are (read_text would make them '\n'): prepare_data.py
     # reads bytes, so a tokenizer trained here must see the same line ends as the text it will encode
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte-order mark (Windows Notepad writes one) is no text, as in prepare_data.py
+        with open(path, encoding="utf-8-sig", newline="") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise TokenizerError(f"cannot read the text file {path!r} ({e}); pass a UTF-8 text file") from e

@@ -565,6 +565,45 @@ def test_jsonl_with_a_byte_order_mark(tmp_path):
     assert got[0].tolist() == train and got[1].tolist() == val
 
 
+BOM = "\ufeff".encode()
+
+
+def test_text_files_with_a_byte_order_mark(tmp_path):
+    """Windows Notepad starts UTF-8 files with a byte-order mark: it is left out of the tokens and the
+    character vocabulary, while source_sha256 still hashes the files' bytes and error offsets count them."""
+    folder = tmp_path / "books"
+    folder.mkdir()
+    texts = ["床前明月光，疑是地上霜。\n" * 3, "Second book.\n" * 3]
+    for name, text in zip(("a.txt", "b.txt"), texts):
+        (folder / name).write_bytes(BOM + text.encode())
+    (folder / "c.txt").write_bytes(BOM)  # nothing but the mark: no text, so no end-of-text either
+    meta = prepare("--dataset", "custom", "--input", folder, "--tokenizer", "char", "--output_dir", tmp_path / "c")
+    tok = load_tokenizer(tmp_path / "c" / "tokenizer.json")
+    assert "\ufeff" not in tok.chars and tok.decode(np.concatenate(bins(tmp_path / "c")).tolist()) == "".join(texts)
+    assert meta["source_sha256"] == hashlib.sha256(b"".join((folder / n).read_bytes() for n in
+                                                             ("a.txt", "b.txt", "c.txt"))).hexdigest()
+    prepare("--dataset", "custom", "--input", folder, "--output_dir", tmp_path / "g")
+    assert gpt2_encoding().decode(np.concatenate(bins(tmp_path / "g")).tolist()) == EOT.join(texts)
+    # as documents of openwebtext: each text's ids as if the mark were not there, split by the text's hash
+    web = tmp_path / "web"
+    web.mkdir()
+    for i, d in enumerate(DOCS[:12]):
+        (web / f"{i:02d}.txt").write_bytes(BOM + d.encode())
+    (web / "99.txt").write_bytes(BOM)
+    meta = prepare_documents(tmp_path / "o", str(web), hf_name="", val_fraction=0.25, num_proc=1, command="t")
+    train, val = expected_doc_ids(DOCS[:12], 0.25)
+    got = bins(tmp_path / "o")
+    assert got[0].tolist() == train and got[1].tolist() == val and meta["empty_documents"] == 1
+    assert meta["source_sha256"] == hashlib.sha256(b"".join(p.read_bytes() for p in sorted(web.iterdir()))).hexdigest()
+    (folder / "b.txt").write_bytes(BOM + b"ab\xffc")  # offsets count the mark's 3 bytes
+    with pytest.raises(DataError, match="b.txt is not valid UTF-8: byte 0xff at byte offset 5 .*iconv -f gbk"):
+        prepare("--dataset", "custom", "--input", folder, "--tokenizer", "char", "--output_dir", tmp_path / "c2")
+    (folder / "a.txt").write_bytes(BOM)
+    (folder / "b.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="all 3 files under the input folder are empty \\(nothing but a byte-order"):
+        prepare("--dataset", "custom", "--input", folder, "--tokenizer", "char", "--output_dir", tmp_path / "c3")
+
+
 def test_jsonl_without_text_field(tmp_path):
     src = tmp_path / "d.jsonl"
     src.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
@@ -651,6 +690,40 @@ def test_a_failed_run_takes_away_every_folder_it_made(tmp_path, monkeypatch):
         prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
                 "--output_dir", tmp_path / "nest" / "x" / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_failed_run_leaves_a_data_set_written_beside_it_meanwhile(tmp_path, monkeypatch):
+    """Two runs into a fresh ./data: the one that fails takes away its own folder, not ./data with the
+    other run's finished data set in it."""
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+
+    def other_run_then_fail(*args, **kwargs):
+        monkeypatch.undo()
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
+                "--output_dir", tmp_path / "data" / "a")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_data, "encode_units", other_run_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
+                "--output_dir", tmp_path / "data" / "b" / "c")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a"]
+    assert (tmp_path / "data" / "a" / "meta.json").exists()
+
+
+def test_progress_lines_where_stderr_is_no_terminal(tmp_path, monkeypatch, capsys):
+    """A log file or CI gets plain progress lines, not a silent run nor '\\r' redrawing."""
+    monkeypatch.setattr(prepare_data.Progress, "LINE_INTERVAL", 0.0)
+    (tmp_path / "a.txt").write_text("abc\n" * 5000)
+    prepare_text(tmp_path / "o", [tmp_path / "a.txt"], dataset="custom", tokenizer="char", vocab_size=None,
+                 val_fraction=0.1, num_proc=1, command="t", unit_bytes=4096)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tokenising (char)")]
+    assert len(lines) >= 3 and "\r" not in err and "" not in err.splitlines()
+    capsys.readouterr()
+    monkeypatch.undo()  # a short run prints no bar line at all
+    prepare_text(tmp_path / "o2", [tmp_path / "a.txt"], dataset="custom", tokenizer="char", vocab_size=None,
+                 val_fraction=0.1, num_proc=1, command="t", unit_bytes=4096)
+    assert "tokenising" not in capsys.readouterr().err
 
 
 def test_an_output_dir_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):

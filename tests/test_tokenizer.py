@@ -355,6 +355,15 @@ def test_save_load_roundtrip_all_kinds(tmp_path, trained, gpt2_bpe, shakespeare_
         assert tokenizer_from_dict(tok.to_dict()).encode(sample) == tok.encode(sample)
 
 
+def test_char_tokenizer_keeps_lone_surrogates_apart(tmp_path):
+    """A lone high surrogate and the lone low one after it in sorted order stay two characters."""
+    tok = CharTokenizer.from_text("ab\ud83d\ude00")
+    tok.save(tmp_path / "t.json")
+    loaded = load_tokenizer(tmp_path / "t.json")
+    assert loaded.chars == tok.chars and loaded.vocab_size == 4
+    assert tokenizer_from_dict({"kind": "char", "chars": "ba"}).chars == ["a", "b"]  # files saved as one string
+
+
 def test_save_load_custom_pattern_and_special_tokens(tmp_path):
     # digits one at a time, everything else in one piece: merges may cross spaces, unlike GPT-2's
     pattern = r"\p{N}|[^\p{N}]+"
@@ -534,3 +543,8 @@ def test_cli_keeps_line_ends(tmp_path):
     assert tok.merges == BPETokenizer().train(data.decode("utf-8"), 300).merges
     # merges of the file's line ends; read_text would have turned them into '\n\n' and '\n'
     assert {b"\r\n\r", b"\r\r"} <= set(tok.vocab.values())
+    (tmp_path / "bom.txt").write_bytes("\ufeff".encode() + data)  # a byte-order mark is no text
+    out = subprocess.run([sys.executable, tokenizer.__file__, "--train", "bom.txt", "--vocab_size", "300",
+                          "--out", "tok2.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert load_tokenizer(tmp_path / "tok2.json").merges == tok.merges
