@@ -153,12 +153,18 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
 
 # What the profile's summary groups the time into, by operator or kernel name; the first pattern that
 # matches wins. Kernel names differ between GPUs, libraries and versions: the top list shows them as they are.
+# Attention comes first: flash and memory-efficient attention kernels carry "cutlass" in their names.
 TIME_KINDS = (
-    ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|_mm_|tem_fused.*mm|aten::(add)?b?mm$|aten::linear", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
+    ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|_mm_|tem_fused.*mm|aten::(add)?b?mm$|aten::linear", re.I)),
     ("optimizer and clipping", re.compile(r"adam|multi_tensor|foreach|clip_grad", re.I)),
     ("fused elementwise and reductions (Triton)", re.compile(r"triton", re.I)),
 )
+
+
+def time_kind(name: str) -> str:
+    """The TIME_KINDS group of an operator or kernel name, else 'other'."""
+    return next((kind for kind, pattern in TIME_KINDS if pattern.search(name)), "other")
 
 
 def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict:
@@ -183,8 +189,7 @@ def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict
     per_step = lambda us: us / 1000 / n_steps  # noqa: E731  microseconds in all -> ms per step
     kinds = {name: 0.0 for name, _ in TIME_KINDS} | {"other": 0.0}
     for e in rows:
-        name = next((name for name, pattern in TIME_KINDS if pattern.search(e.key)), "other")
-        kinds[name] += per_step(own_us(e))
+        kinds[time_kind(e.key)] += per_step(own_us(e))
     rows.sort(key=own_us, reverse=True)
     return dict(steps=n_steps, measured="GPU kernels" if cuda else "CPU operators (self time)",
                 ms_per_step=sum(kinds.values()), kinds=kinds,

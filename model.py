@@ -585,7 +585,7 @@ def _check_not_lfs_pointer(file: Path) -> None:
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' datasheets. Checked in
 # order against torch.cuda.get_device_name(), so the more specific names come first.
 GPU_PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H800 PCIe", 756e12), ("H800", 989e12),
     ("H200 NVL", 835e12), ("H200", 989e12),
     ("A100", 312e12), ("A800", 312e12),
     ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),

@@ -82,6 +82,25 @@ def test_profile_accounts_for_the_step(capsys):
     assert "profile of 2 more steps: CPU operators (self time) take" in out and "aten::mm" in out
 
 
+@pytest.mark.parametrize("kernel, kind", [
+    ("void pytorch_flash::flash_fwd_kernel<pytorch_flash::Flash_fwd_kernel_traits<64, 128, 128, 4, false, false, "
+     "cutlass::bfloat16_t, Flash_kernel_traits<64, 128, 128, 4, cutlass::bfloat16_t> >, false, true>", "attention"),
+    ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<cutlass::arch::Sm80, "
+     "cutlass::bfloat16_t, true, false, true, 64, 64, 64, false>::Params)", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_"
+     "kernel__5x_cublas", "matmul"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>", "matmul"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer and clipping"),
+    ("triton_per_fused__to_copy_add_native_layer_norm_4", "fused elementwise and reductions (Triton)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >", "other"),
+])
+def test_kernel_names_fall_into_their_kind(kernel, kind):
+    import bench
+    assert bench.time_kind(kernel) == kind
+
+
 def test_json_into_a_directory_fails_before_running(tmp_path, capsys):
     assert "is a directory" in one_line_error(["--device", "cpu", "--json", str(tmp_path)], capsys)
     (tmp_path / "f").write_text("")

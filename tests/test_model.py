@@ -327,6 +327,7 @@ def test_flops_and_mfu(monkeypatch):
     assert model.estimate_mfu(1000, 0.5) is None  # CPU: no made-up percentage
     assert model.achieved_flops(1000, 0.5) == pytest.approx(model.flops_per_token() * 2000)
     for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA H800 PCIe", 756e12), ("NVIDIA H800", 989e12),
                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("Some New GPU", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops("cuda", torch.bfloat16) == peak
@@ -442,6 +443,9 @@ def test_float8_training_on_the_gpu_follows_bfloat16():
             out.append(loss.item())
         return out
 
-    bf16, fp8 = losses(False), losses(True)
-    assert fp8[-1] < 0.8 * fp8[0]
-    torch.testing.assert_close(torch.tensor(fp8), torch.tensor(bf16), rtol=0.05, atol=0.05)
+    bf16, fp8 = torch.tensor(losses(False)), torch.tensor(losses(True))
+    assert fp8[-1] < 0.2 * fp8[0]
+    # the same body on a CPU (bf16 autocast, data seeds 0-5): the first 10 losses within 2.6% of bf16's,
+    # all 30 within 0.094, as the two runs drift apart while learning the batch by heart
+    torch.testing.assert_close(fp8[:10], bf16[:10], rtol=0.05, atol=0)
+    torch.testing.assert_close(fp8, bf16, rtol=0, atol=0.15)
