@@ -130,8 +130,10 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
     if top_k and top_k < logits.size(-1):  # on the logits as they are: dividing can round apart values equal
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1), the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    # shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    # shifted so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf.
+    # The clamp keeps the float32 divisor away from 0 and inf (below 1e-45 or above 3e38), where 0 / 0
+    # and -inf / inf would make NaN; past it, sampling is as greedy or as flat as float32 can tell apart
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -743,7 +745,7 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
     while True:
         try:
             if stdin is None:
-                line = input("> ")
+                line = input("> ").rstrip("\r")  # piped text with \r\n line ends, as below
             else:
                 write("> ")
                 line = stdin.readline()

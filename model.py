@@ -529,7 +529,8 @@ def _read_hf_config(path: Path) -> dict:
     if missing:
         raise CheckpointFormatError(f"{cfg_file} lacks the GPT-2 fields {', '.join(missing)}; a GPT-2 config.json "
                                     f"has all of {', '.join(HF_SHAPE_KEYS)} (transformers' GPT2Config writes them)")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
+    # (a wrong type of n_embd itself is named when the config is validated)
+    if isinstance(hf["n_embd"], int) and hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
         raise CheckpointFormatError(f"{cfg_file}: n_inner {hf['n_inner']} differs from 4 * n_embd")
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
@@ -550,9 +551,17 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             raise UserError("loading model.safetensors needs safetensors: pip install safetensors") from None
         if (path / "model.safetensors").is_file():
             return _read_safetensors(load_file, path / "model.safetensors")
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index_file = path / "model.safetensors.index.json"
+        try:
+            shards = sorted(set(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"].values()))
+            if not all(isinstance(shard, str) for shard in shards):
+                raise TypeError("a shard name that is not a string")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors
+            raise CheckpointFormatError(f"cannot read {index_file} ({type(e).__name__}: {e}); a sharded checkpoint's "
+                                        f"index is a JSON object whose weight_map maps each weight to its file: "
+                                        f"download it again") from None
         sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in shards:
             sd.update(_read_safetensors(load_file, path / shard))
         return sd
     if (path / "pytorch_model.bin").is_file():

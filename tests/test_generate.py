@@ -386,8 +386,17 @@ def test_a_long_stop_string_that_never_appears_streams_the_text_once():
 
 def test_a_tiny_temperature_is_greedy():
     logits = torch.randn(4, 50) * 10
-    assert torch.equal(sample_logits(logits, 1e-40, generator=torch.Generator().manual_seed(0)),
-                       logits.argmax(-1))
+    for t in (1e-40, 1e-50, 5e-324):  # 1e-50 is 0 in float32
+        assert torch.equal(sample_logits(logits, t, generator=torch.Generator().manual_seed(0)), logits.argmax(-1))
+
+
+def test_a_huge_temperature_samples_evenly_from_the_top_k():
+    logits = torch.randn(2, 50) * 10
+    top5 = torch.topk(logits, 5, dim=-1).indices
+    drawn = torch.stack([sample_logits(logits, 1e39, top_k=5, generator=torch.Generator().manual_seed(i))
+                         for i in range(200)])  # 1e39 is inf in float32
+    for row in range(2):
+        assert set(drawn[:, row].tolist()) == set(top5[row].tolist())
 
 
 def test_streaming_keeps_multibyte_characters_whole():
@@ -446,7 +455,8 @@ def test_cli_interactive_through_stdin(char_checkpoint, tmp_path):
     _, model, tok = char_checkpoint
     expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=12))[0]
     lines = [":temperature 0", ":max_new_tokens 12", ":top_p 2", ":temprature 1", "ab", ":help", ":settings"]
-    r = cli(["--interactive", "--device", "cpu"], tmp_path, stdin="\n".join(lines) + "\n")
+    # \r\n line ends, as a file written on Windows and piped in has them
+    r = cli(["--interactive", "--device", "cpu"], tmp_path, stdin="\r\n".join(lines) + "\r\n")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "temperature = 0.0" in out and "max_new_tokens = 12" in out

@@ -215,6 +215,15 @@ def test_a_missing_shard_is_one_clear_error(hf_dir, tmp_path):
         GPT.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.parametrize("index", ["not json", "{\"metadata\": {}}", "[1, 2]", "{\"weight_map\": {\"a\": 3}}"])
+def test_a_broken_shard_index_is_one_clear_error(hf_dir, tmp_path, index):
+    (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    (tmp_path / "model.safetensors.index.json").write_text(index)  # e.g. a download cut short
+    with pytest.raises(CheckpointFormatError) as e:
+        GPT.from_pretrained(str(tmp_path))
+    assert f"cannot read {tmp_path / 'model.safetensors.index.json'}" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_pickled_object_in_pytorch_model_bin_is_refused(hf_dir, tmp_path):
     import argparse
     (tmp_path / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
@@ -237,6 +246,13 @@ def test_broken_config_json_is_one_clear_error(tmp_path, text, message):
     with pytest.raises(CheckpointFormatError) as e:
         GPT.from_pretrained(str(tmp_path))
     assert str(tmp_path / "config.json") in str(e.value) and message in str(e.value)
+
+
+def test_a_config_json_without_a_width_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "n_embd": None, "n_head": 2, "n_layer": 1, "n_positions": 8, "vocab_size": 10}))
+    with pytest.raises(UserError, match="n_embd must be an integer > 0, got None"):
+        GPT.from_pretrained(str(tmp_path))
 
 
 def test_save_pretrained_writes_config_json_last(tmp_path, monkeypatch):
