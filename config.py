@@ -315,8 +315,8 @@ def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
             text = value if isinstance(value, str) else raw
             # the shell leaves ~ alone after --key=, so a folder would be made under the name '~'
             return os.path.expanduser(text) if key in PATH_FIELDS else text
-        if isinstance(value, str):
-            return value
+        if isinstance(value, str):  # a config file's value, say: '~' means the same as in a flag
+            return os.path.expanduser(value) if key in PATH_FIELDS else value
         expected = "a string"
     example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}); e.g. {example}")

@@ -40,6 +40,8 @@ from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, Use
                    run_cli, save_checkpoint, save_checkpoint_as, set_rng_state)
 
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
+# utils.atomic_open's and save_checkpoint_as's temporary names for the checkpoints above
+UNFINISHED_SAVE = re.compile(r"\.(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt\..+\.tmp")
 
 
 class TrainingError(UserError):
@@ -323,6 +325,14 @@ def sample_prompt(tokenizer, data_dir: str, meta: dict) -> str:
     return tokenizer.decode([int(first[0]) if first.size else 0])
 
 
+def remove_unfinished_saves(checkpoint_dir: Path) -> None:
+    """Delete the temporary files of checkpoint saves that a crash (a kill, an out-of-memory) cut short:
+    none of them is a checkpoint, and each can be as large as one."""
+    for p in checkpoint_dir.iterdir() if checkpoint_dir.is_dir() else ():
+        if UNFINISHED_SAVE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
 def move_aside(checkpoint_dir: Path) -> Optional[Path]:
     """Move the checkpoints of an earlier run into checkpoint_dir/previous-<time>/ so nothing is overwritten."""
     if not checkpoint_dir.is_dir():
@@ -546,6 +556,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 raise ConfigError(f"cannot make --{name} folder {folder}: {e.strerror or e}") from None
     log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     cleanup.callback(log.close)
+    if master:
+        remove_unfinished_saves(checkpoint_dir)
     if master and ckpt is None:
         moved = move_aside(checkpoint_dir)
         if moved:
@@ -601,13 +613,16 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     timing = {"evaluation": 0.0, "checkpoints": 0.0}
 
     def save(names: list[str]) -> None:
+        """Write names[0], then give the other names the same state. A crash in between leaves the
+        others at an older state, so names[0] is the one that must not lag (best_checkpoint.pt: a
+        checkpoint.pt left behind only makes the resumed run repeat those steps, exactly)."""
         t0 = time.perf_counter()
         check_finite(weights=True)
         ckpt = make_checkpoint()
         if master:
             log.flush()  # events up to this step reach the disk before the checkpoint that covers them
             save_checkpoint(checkpoint_dir / names[0], ckpt)
-            for name in names[1:]:  # the same state under another name (best_checkpoint.pt)
+            for name in names[1:]:  # the same state under another name
                 save_checkpoint_as(checkpoint_dir / name, checkpoint_dir / names[0], ckpt)
         timing["checkpoints"] += time.perf_counter() - t0
 
@@ -669,7 +684,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log.text("sample", text, iter_num)
         timing["evaluation"] += time.perf_counter() - t0
         if not initial:
-            save(["checkpoint.pt", "best_checkpoint.pt"] if improved else ["checkpoint.pt"])
+            save(["best_checkpoint.pt", "checkpoint.pt"] if improved else ["checkpoint.pt"])
         return losses
 
     def batch_index(it: int, m: int) -> int:
@@ -778,7 +793,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           "to continue")
                 break
         else:
-            if resumed_from is None or iter_num > resumed_from or owed:
+            # also when a run that had finished lost its final checkpoint to a crash while writing it
+            if (resumed_from is None or iter_num > resumed_from or owed
+                    or not (checkpoint_dir / "final_checkpoint.pt").is_file()):
                 save(["final_checkpoint.pt"])
                 total = time.perf_counter() - t_start
                 log.print(f"done: {iter_num} iterations in {format_duration(total)} "

@@ -22,7 +22,8 @@ from data import BatchLoader
 from model import GPT
 from tokenizer import CharTokenizer
 from train import GracefulStop, TrainingError, estimate_loss, forward_backward, get_lr, main, parse_args, train
-from utils import CheckpointError, UserError, load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint
+from utils import (CheckpointError, UserError, load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint,
+                   save_checkpoint_as)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings and arrows".split()
@@ -134,6 +135,13 @@ def test_paths_on_the_command_line_expand_the_home_folder():
     config, explicit = parse_args(["--checkpoint_dir=~/ckpt", "--log_dir=~other/runs", "--data_dir=data/~x"])
     assert config.checkpoint_dir == os.path.join(os.path.expanduser("~"), "ckpt")
     assert config.log_dir == os.path.expanduser("~other/runs") and config.data_dir == "data/~x"
+
+
+def test_paths_in_a_config_file_expand_the_home_folder(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("checkpoint_dir = '~/ckpt'\nlog_dir = 'runs/~x'\n")
+    config, _ = parse_args([str(cfg)])
+    assert config.checkpoint_dir == os.path.join(os.path.expanduser("~"), "ckpt") and config.log_dir == "runs/~x"
 
 
 def test_the_first_rate_leaves_out_the_first_step(char_data, tmp_path, monkeypatch, capsys):
@@ -390,9 +398,68 @@ def test_training_links_best_checkpoint_instead_of_writing_it_again(char_data, t
                         lambda path, ckpt: written.append(Path(path).name) or save_checkpoint(path, ckpt))
     summary = train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5))
     assert summary["evals"][10]["val"] < summary["evals"][5]["val"]  # so best_checkpoint.pt was saved twice
-    assert "best_checkpoint.pt" not in written and written.count("checkpoint.pt") == 2
+    assert "checkpoint.pt" not in written and written.count("best_checkpoint.pt") == 2
     best = load_checkpoint(tmp_path / "ckpt" / "best_checkpoint.pt")
     assert best["iter_num"] == 10 and best["best_val_loss"] == summary["evals"][10]["val"]
+    assert (tmp_path / "ckpt" / "checkpoint.pt").read_bytes() == (tmp_path / "ckpt" / "best_checkpoint.pt").read_bytes()
+
+
+class Crash(BaseException):
+    """A kill at a chosen point, as far as the files on disk are concerned."""
+
+
+def test_a_crash_between_the_two_names_of_an_improved_checkpoint_keeps_the_best(char_data, tmp_path, monkeypatch):
+    """best_checkpoint.pt is written first: a crash before checkpoint.pt follows leaves checkpoint.pt
+    behind, and the resumed run repeats those steps and saves both again; best never lags the loss
+    that the run reports as its best."""
+    import train as train_module
+    calls = []
+
+    def crash_at_iteration_10(path, saved, ckpt):
+        calls.append(ckpt["iter_num"])
+        if ckpt["iter_num"] == 10:
+            raise Crash
+        save_checkpoint_as(path, saved, ckpt)
+    monkeypatch.setattr(train_module, "save_checkpoint_as", crash_at_iteration_10)
+    with pytest.raises(Crash):
+        train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5))
+    monkeypatch.undo()
+    assert calls == [5, 10]  # both evaluations improved, so both saves had a second name
+    summary = train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5))
+    best = load_checkpoint(tmp_path / "ckpt" / "best_checkpoint.pt")
+    assert best["iter_num"] == 10 and best["best_val_loss"] == summary["best_val_loss"]
+
+
+def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_again(char_data, tmp_path, monkeypatch):
+    import train as train_module
+
+    def crash_on_final(path, ckpt):
+        if Path(path).name == "final_checkpoint.pt":
+            raise Crash
+        save_checkpoint(path, ckpt)
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_on_final)
+    with pytest.raises(Crash):
+        train(tiny(char_data, tmp_path, max_iters=10))
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+    train(tiny(char_data, tmp_path, max_iters=10))
+    assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 10
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_temporary_files_of_killed_saves_are_removed(char_data, tmp_path, resume):
+    if resume:
+        train(tiny(char_data, tmp_path, max_iters=5))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    left = [".checkpoint.pt.k2j4h1x9.tmp", ".best_checkpoint.pt.4242.link.tmp", ".final_checkpoint.pt.ab.tmp",
+            ".checkpoint_iter_5.pt.zz.tmp"]
+    others = [".notes.txt.tmp", "checkpoint.pt.tmp", "mine.tmp"]  # not this project's temporary names
+    for name in left + others:
+        (ckpt / name).write_bytes(b"PK half a checkpoint")
+    train(tiny(char_data, tmp_path, max_iters=10, init_from="resume" if resume else "scratch"))
+    names = {p.name for p in ckpt.iterdir()}
+    assert not names & set(left) and set(others) <= names
 
 
 def test_tensorboard_events_of_a_resumed_run(resume_runs):
