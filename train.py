@@ -291,7 +291,9 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
                      for k in ("n_layer", "n_head", "n_embd", "bias", "vocab_size")
                      if k in explicit and getattr(config, k) != getattr(pretrained, k)]
         if conflicts:
-            raise ConfigError(f"--init_from={config.init_from} fixes the model's shape; drop {', '.join(conflicts)}")
+            raise ConfigError(f"--init_from={config.init_from} fixes the model's shape; drop {', '.join(conflicts)} "
+                              f"(set by a flag, a config file or a --preset: a preset's shape is for training "
+                              f"from scratch)")
         block_size = config.block_size if "block_size" in explicit else pretrained.block_size
         if block_size > pretrained.block_size:
             raise ConfigError(f"block_size={block_size} exceeds {config.init_from}'s context of "

@@ -794,6 +794,16 @@ def test_fine_tune_from_a_hugging_face_directory(tmp_path, monkeypatch, fp8):
     assert summary["evals"][0] == pytest.approx(expected, abs=1e-5)
 
 
+def test_a_presets_shape_is_named_when_it_contradicts_the_pretrained_model(tmp_path):
+    from tokenizer import GPT2Tokenizer
+    data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
+    GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257)).save_pretrained(tmp_path / "hf")
+    config, explicit = parse_args(["--preset=shakespeare-char", f"--init_from={tmp_path / 'hf'}",
+                                   f"--data_dir={data}", f"--checkpoint_dir={tmp_path / 'c'}", "--device=cpu"])
+    with pytest.raises(ConfigError, match=r"drop n_layer=6 \(.* has 2\), n_head=6 .*or a --preset"):
+        train(config, explicit)
+
+
 def test_float8_training_follows_float32(char_data, tmp_path):
     runs = [train(tiny(char_data, tmp_path / str(fp8), fp8=fp8, max_iters=30, eval_interval=30))
             for fp8 in (False, True)]
