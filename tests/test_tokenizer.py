@@ -6,6 +6,7 @@ Tests for tokenizer.py: round trips, the BPE trainer against a naive reference, 
 tiktoken's 'gpt2' files and OpenAI's encoder.json / vocab.bpe come from ../shared/data (conftest.py).
 """
 import json
+import random
 import re
 import subprocess
 import sys
@@ -130,6 +131,19 @@ def test_trainer_equals_naive_reference_on_real_text(shakespeare_text):
     ref = naive_train(text, 400)
     assert tok.merges == ref and list(tok.merges) == list(ref)
     assert tok.encode(shakespeare_text[4000:6000]) == naive_encode(shakespeare_text[4000:6000], ref)
+
+
+def test_trainer_equals_naive_reference_on_chinese():
+    """Chinese has no spaces, so GPT-2's pattern makes each phrase one chunk of dozens of bytes, in which
+    a pair occurs many times: the trainer's count updates next to each merge must match a recount."""
+    rng = random.Random(0)
+    chars = [chr(0x4e00 + i) for i in range(40)]  # few characters, so that pairs of them recur
+    text = "".join("".join(rng.choices(chars, k=rng.randint(3, 40))) + rng.choice("，。！\n") for _ in range(150))
+    tok = BPETokenizer().train(text, 600)
+    ref = naive_train(text, 600)
+    assert tok.merges == ref and list(tok.merges) == list(ref)
+    sample = "".join(rng.choices(chars, k=300))
+    assert tok.encode(sample) == naive_encode(sample, ref) and tok.decode(tok.encode(sample)) == sample
 
 
 def test_textbook_example():
