@@ -939,6 +939,11 @@ def test_make_clean_removes_meta_json_with_the_bins():
     # data.py takes a directory with meta.json for a complete data set: it must go with the .bin files
     [command] = [line for line in make_dry_run("clean").splitlines() if line.startswith("rm ")]
     assert {"data/*/train.bin", "data/*/val.bin", "data/*/meta.json"} <= set(command.split())
+    assert not {"checkpoints", "runs"} & set(command.split())  # trained models and logs are the user's work
+    listed = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    targets = re.findall(r"^(\w+):", (ROOT / "Makefile").read_text(), re.M)
+    assert {"demo", "test", "bench", "clean"} <= set(targets)
+    assert all(f"make {t}" in listed for t in targets if t != "help")  # make help lists every target
 
 
 def test_make_torch_index_applies_to_torch_only(tmp_path):
