@@ -761,8 +761,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     elapsed, steps = elapsed - timing["first_step"], steps - 1
                 first_in_interval = False
                 dt = elapsed / steps
+                # the evaluations after this iteration, and the one right after this line if it falls here
                 evals_left = (config.max_iters // config.eval_interval - iter_num // config.eval_interval
-                              + (config.max_iters % config.eval_interval != 0))
+                              + (config.max_iters % config.eval_interval != 0)
+                              + (iter_num % config.eval_interval == 0))
                 eta = (config.max_iters - iter_num) * dt + evals_left * last_eval_s
                 log_progress(log, raw_model, iter_num, config.max_iters, loss_value, lr, grad_norm.item(), dt,
                              tokens_per_iter, world_size, eta, device, dtype)
@@ -800,7 +802,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     or not (checkpoint_dir / "final_checkpoint.pt").is_file()):
                 save(["final_checkpoint.pt"])
                 total = time.perf_counter() - t_start
-                log.print(f"done: {iter_num} iterations in {format_duration(total)} "
+                this_run = f" ({iter_num - resumed_from} of them in this run)" if resumed_from is not None else ""
+                log.print(f"done: {iter_num} iterations{this_run} in {format_duration(total)} "
                           f"({format_timing(timing, total, compile_model)}), best val loss {best_val_loss:.4f}; "
                           f"checkpoints in {checkpoint_dir}")
     return finish()

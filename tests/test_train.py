@@ -350,6 +350,24 @@ def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
     assert len(done) == 1 and re.search(r"\(setup [\d.]+ s, first step [\d.]+ s, other steps [\d.]+ s, "
                                         r"evaluations [\d.]+ s, checkpoints [\d.]+ s\)", done[0]), done
+    assert done[0].startswith("done: 10 iterations in ")
+    train(tiny(char_data, tmp_path, max_iters=13, eval_interval=5))  # a resumed run says what it did itself
+    done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
+    assert done[0].startswith("done: 13 iterations (3 of them in this run) in "), done
+
+
+def test_the_eta_of_the_last_log_step_counts_the_final_evaluation(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    import inspect
+    etas, real = {}, train_module.log_progress
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs).arguments
+        etas[bound["iter_num"]] = bound["eta"]
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "log_progress", spy)
+    train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5, log_interval=5))
+    assert set(etas) == {5, 10} and etas[10] > 0  # the evaluation at 10 comes after the line
 
 
 def test_checkpoint_contents(resume_runs):
