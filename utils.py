@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import sys
 import tempfile
 import warnings
@@ -282,9 +283,11 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
         if (d / name).is_file():
             return d / name
     searched = ", ".join(str(d / n) for n in CHECKPOINT_FALLBACK)
+    # train.py writes into ./checkpoints unless told otherwise: the command must name this folder
+    into = "" if d.absolute() == Path("checkpoints").absolute() else f" --checkpoint_dir={shlex.quote(str(d))}"
     raise CheckpointError(f"no checkpoint found (searched {searched}); train one first, e.g. "
                           "`python prepare_data.py --dataset shakespeare --tokenizer char && "
-                          "python train.py --preset=shakespeare-char-cpu`, or pass --checkpoint PATH "
+                          f"python train.py --preset=shakespeare-char-cpu{into}`, or pass --checkpoint PATH "
                           "or --init_from gpt2")
 
 

@@ -561,7 +561,8 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(checkpoint_dir=tmp_path / "none")
     msg = str(e.value)
-    assert all(str(tmp_path / "none" / n) in msg for n in CHECKPOINT_FALLBACK) and "python train.py" in msg
+    assert all(str(tmp_path / "none" / n) in msg for n in CHECKPOINT_FALLBACK)
+    assert f"python train.py --preset=shakespeare-char-cpu --checkpoint_dir={tmp_path / 'none'}`" in msg
 
 
 @pytest.mark.parametrize("args,fragment", [
