@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -125,6 +126,7 @@ class GracefulStop:
     def __init__(self, verbose: bool = True):
         self.signum: Optional[int] = None
         self.verbose = verbose
+        self.then = "saving checkpoint.pt"  # what the loop does after the signal, as the message says
         self._first = 0.0
         self._previous = {}
 
@@ -140,7 +142,7 @@ class GracefulStop:
             self.signum, self._first = signum, time.monotonic()
             if self.verbose:
                 print(f"\n{signal.Signals(signum).name} received: finishing this step (or evaluation batch), then "
-                      "saving checkpoint.pt (press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+                      f"{self.then} (press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
         elif time.monotonic() - self._first > self.REPEAT_S:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -335,6 +337,18 @@ def remove_unfinished_saves(checkpoint_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def remove_run_folders(run_dir: Optional[Path], made: list[Path]) -> None:
+    """Take away what a run that trained nothing leaves: its TensorBoard run (the hyperparameters alone)
+    and the folders it made, deepest first, where they are empty."""
+    if run_dir is not None and run_dir.is_dir():
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: old checkpoints moved aside into it, say, or another run's folder
+            pass
+
+
 def move_aside(checkpoint_dir: Path) -> Optional[Path]:
     """Move the checkpoints of an earlier run into checkpoint_dir/previous-<time>/ so nothing is overwritten."""
     if not checkpoint_dir.is_dir():
@@ -413,6 +427,7 @@ class Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
 
 
 def format_flops(flops: float) -> str:
@@ -544,6 +559,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     # --- from here on files are written (rank 0 only)
     checkpoint_dir = Path(config.checkpoint_dir)
     run_dir = None
+    made_folders = []  # by this run: a run stopped before it trained anything takes them away again
     if master:
         if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
             run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run
@@ -552,6 +568,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # both folders first: one that cannot be made (a read-only or virtual file system) stops the run
         # before the previous checkpoints are moved aside
         for name, folder in (("checkpoint_dir", checkpoint_dir), ("log_dir", run_dir)):
+            made_folders += [p for p in (folder, *folder.absolute().parents) if not p.exists()]
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -718,12 +735,20 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
         elif resumed_from is None or owed:
+            if resumed_from is None:
+                stop.then = "stopping: nothing is trained yet, so nothing is saved"
             losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
+            stop.then = GracefulStop(verbose=False).then
             if losses is None:
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
-                log.print("stopped during the first evaluation: nothing was trained yet, so no checkpoint was "
-                          "written" if resumed_from is None else f"stopped at iteration {iter_num} again: "
-                          f"{checkpoint_dir / 'checkpoint.pt'} still owes that evaluation")
+                if resumed_from is None:
+                    log.print("stopped during the first evaluation: nothing was trained yet, so no checkpoint was "
+                              "written" + (" and the folders this run made were removed" if made_folders else ""))
+                    log.close()
+                    remove_run_folders(run_dir, made_folders)
+                else:
+                    log.print(f"stopped at iteration {iter_num} again: {checkpoint_dir / 'checkpoint.pt'} still "
+                              f"owes that evaluation")
                 return finish()
             summary["evals"][iter_num] = losses
             last_eval_s = time.perf_counter() - t0

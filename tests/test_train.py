@@ -187,10 +187,15 @@ def signal_at_batch(monkeypatch, split: str, index: int, iteration_of, when: int
 
 def test_a_signal_during_the_first_evaluation_stops_at_once(char_data, tmp_path, monkeypatch, capsys):
     signal_at_batch(monkeypatch, "train", 0, lambda: 0, 0)
-    summary = train(tiny(char_data, tmp_path, eval_iters=50))
+    (tmp_path / "runs").mkdir()  # was there before: stays
+    summary = train(tiny(char_data, tmp_path, eval_iters=50, checkpoint_dir=str(tmp_path / "new" / "ckpt")))
     assert summary["stopped_by"] == signal.SIGTERM and summary["evals"] == {} and summary["iter_num"] == 0
-    assert not list((tmp_path / "ckpt").glob("*.pt"))
-    assert "stopped during the first evaluation: nothing was trained yet" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "stopped during the first evaluation: nothing was trained yet" in captured.out
+    assert "SIGTERM received: finishing this step (or evaluation batch), then stopping: nothing is trained yet" \
+        in captured.err
+    # nothing is left behind: no checkpoint folder, no TensorBoard run of hyperparameters alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not list((tmp_path / "runs").iterdir())
 
 
 def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_path, monkeypatch):
