@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
-from utils import (ArgumentParser, UserError, atomic_open, output_file_problem, resolve_device, resolve_dtype,
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, resolve_device, resolve_dtype,
                    run_cli)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
@@ -42,7 +42,7 @@ PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--preset", default=None, choices=list(GPT2_CONFIGS),
                    help="model preset; default gpt2 on CUDA, shakespeare-char-cpu elsewhere")
     p.add_argument("--batch_size", type=int, default=None, help="micro-batch in sequences (default: the preset's)")
@@ -51,8 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="vocabulary of the random tokens (default: 65 for the character-level presets, else 50257)")
     p.add_argument("--data_dir", default=None, help="time on real batches from this prepared data set")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 where the GPU has it, float16 on older GPUs, float32 on a CPU")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="torch.compile the model; auto: on CUDA only")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
     p.add_argument("--fp8", action="store_true",
                    help="train the blocks' matmuls in float8 (train.py's --fp8; GPUs of compute capability 8.9+)")

@@ -169,10 +169,10 @@ class GPT2Config:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or not math.isfinite(v):
                 problems.append(f"{name} must be a number >= 0, got {v!r}")
-        if isinstance(self.learning_rate, (int, float)) and self.learning_rate <= 0:
+        if isinstance(self.learning_rate, (int, float)) and self.learning_rate == 0:  # < 0: named above
             problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if not partial and isinstance(self.min_lr, (int, float)) and isinstance(self.learning_rate, (int, float)):
-            if self.min_lr > self.learning_rate:
+            if self.min_lr > self.learning_rate > 0:  # a learning_rate <= 0 is named above
                 problems.append(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         if (not partial and self.decay_lr is True and ok["lr_decay_iters"] and ok["warmup_iters"] and ok["max_iters"]
                 and self.lr_decay_iters <= self.warmup_iters):

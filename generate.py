@@ -45,9 +45,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from config import DTYPES, suggest
-from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, UserError, atomic_open, find_checkpoint,
-                   load_checkpoint, model_from_checkpoint, output_file_problem, resolve_device, resolve_dtype,
-                   run_cli)
+from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, UserError, atomic_open,
+                   find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem, resolve_device,
+                   resolve_dtype, run_cli)
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -776,7 +776,7 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
 
 def get_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Sample text from a GPT-2 checkpoint or OpenAI's GPT-2 weights.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     src = p.add_argument_group("model")
     src.add_argument("--checkpoint", help=f"checkpoint file; default: the first of {', '.join(CHECKPOINT_FALLBACK)} "
                                           "in --checkpoint_dir")

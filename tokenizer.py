@@ -32,7 +32,7 @@ from pathlib import Path
 
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
-from utils import ArgumentParser, UserError, atomic_open, output_file_problem, run_cli
+from utils import ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, run_cli
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
 # space), and runs of whitespace. A space is kept at the start of the word that follows it, and
@@ -789,14 +789,10 @@ def bench(path: str, vocab_size: int, pattern: str | None = None) -> None:
           f"{len(ids) / t_enc:,.0f} tokens/s, {mb / t_enc:.2f} MB/s")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each option's default and keeps the examples' line breaks."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description="Train or benchmark the byte-level BPE tokenizer.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="examples:\n  python tokenizer.py --bench input.txt --vocab_size 4096\n"
                "  python tokenizer.py --train input.txt --vocab_size 4096 --special '<|endoftext|>' --out tok.json")
     parser.add_argument("--bench", metavar="FILE", help="time BPE training and encoding on FILE")

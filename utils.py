@@ -39,6 +39,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise self.error_type(f"{message}; see {self.prog} --help")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default, except where there is none (None) or the help text already
+    says what it is; descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def folder_problem(path: Path) -> Optional[str]:
     """Why files cannot be written into `path` as a folder (a file is in the way, no permission to
     write), or None if it is such a folder or can be made one."""

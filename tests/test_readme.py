@@ -123,3 +123,13 @@ def test_python_blocks_run(tmp_path):
 def test_readme_names_the_two_commands_and_tensorboard():
     assert "make demo" in README and "make test" in README
     assert "tensorboard --logdir runs" in README
+
+
+@pytest.mark.parametrize("script", ["train.py", "prepare_data.py", "tokenizer.py", "generate.py", "bench.py"])
+def test_every_script_has_help_without_made_up_defaults(script):
+    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: ") and not r.stderr, r.stderr
+    text = " ".join(r.stdout.split())  # one line: help texts wrap
+    # an option without a default does not say "default: None", and none says its default twice
+    assert "(default: None)" not in text and not re.search(r"\(default[^()]*\) \(default: ", text)
