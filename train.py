@@ -122,11 +122,12 @@ class GracefulStop:
     together, and torchrun then forwards the signal to the workers a second time.
     """
     REPEAT_S = 1.0
+    SAVING = "saving checkpoint.pt"  # what the loop does after a signal, as its message says
 
     def __init__(self, verbose: bool = True):
         self.signum: Optional[int] = None
         self.verbose = verbose
-        self.then = "saving checkpoint.pt"  # what the loop does after the signal, as the message says
+        self.then = self.SAVING
         self._first = 0.0
         self._previous = {}
 
@@ -738,7 +739,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             if resumed_from is None:
                 stop.then = "stopping: nothing is trained yet, so nothing is saved"
             losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
-            stop.then = GracefulStop(verbose=False).then
+            stop.then = GracefulStop.SAVING
             if losses is None:
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
                 if resumed_from is None:

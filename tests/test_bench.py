@@ -92,7 +92,8 @@ def test_profile_accounts_for_the_step(capsys):
      "kernel__5x_cublas", "matmul"),
     ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
     ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_tn_align8>", "matmul"),
-    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer and clipping"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+     "optimizer and clipping"),
     ("triton_per_fused__to_copy_add_native_layer_norm_4", "fused elementwise and reductions (Triton)"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float> >", "other"),
 ])
