@@ -29,6 +29,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Iterator
 
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
@@ -510,7 +511,7 @@ class BPETokenizer(Tokenizer):
         offset = 0
         for i, part in enumerate(parts):
             if i % 2 == 0:
-                chunk_counts.update(self._split(part, offset))
+                chunk_counts.update(self._iter_split(part, offset))
             offset += len(part)
         words, freqs = [], []  # the chunks as lists of token ids, and how often each occurs
         for chunk, n in chunk_counts.items():
@@ -592,11 +593,26 @@ class BPETokenizer(Tokenizer):
                 if m.start() > pos:
                     break
                 pos = m.end()
-            raise TokenizerError(
-                f"the split pattern {self.pattern!r} does not match the text at character {offset + pos} "
-                f"({text[pos:pos + 20]!r}), so BPE would leave that text out; the pattern must match every "
-                f"character: end it with a catch-all alternative, |(?s:.), or use pattern=None for GPT-2's")
+            self._not_covered(text, pos, offset)
         return chunks
+
+    def _iter_split(self, text: str, offset: int = 0) -> Iterator[str]:
+        """_split's chunks one at a time, for counting them: a list of all the chunks of a large text
+        takes ten times the text's memory."""
+        pos = 0
+        for m in self.compiled_pattern.finditer(text):
+            if m.start() != pos:
+                break
+            pos = m.end()
+            yield m.group()
+        if pos != len(text):
+            self._not_covered(text, pos, offset)
+
+    def _not_covered(self, text: str, pos: int, offset: int):
+        raise TokenizerError(
+            f"the split pattern {self.pattern!r} does not match the text at character {offset + pos} "
+            f"({text[pos:pos + 20]!r}), so BPE would leave that text out; the pattern must match every "
+            f"character: end it with a catch-all alternative, |(?s:.), or use pattern=None for GPT-2's")
 
     def encode_ordinary(self, text: str) -> list[int]:
         if not isinstance(text, str):
