@@ -167,10 +167,10 @@ class GPT2Config:
                                 f"({self.batch_size * self.block_size}) divisible by 16")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or not math.isfinite(v):
-                problems.append(f"{name} must be a number >= 0, got {v!r}")
-        if isinstance(self.learning_rate, (int, float)) and self.learning_rate == 0:  # < 0: named above
-            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
+            positive = name == "learning_rate"  # the others may be 0
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0
+                    or (positive and v == 0)):
+                problems.append(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {v!r}")
         if not partial and isinstance(self.min_lr, (int, float)) and isinstance(self.learning_rate, (int, float)):
             if self.min_lr > self.learning_rate > 0:  # a learning_rate <= 0 is named above
                 problems.append(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")

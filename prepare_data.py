@@ -551,7 +551,8 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     then, by renames, meta.json last. A run that fails before keeps the old data set whole, and takes
     away the folders it made.
     """
-    made = [p for p in (out_dir, *out_dir.absolute().parents) if not p.exists()]  # deepest first
+    # deepest first; resolved, so that 'missing/../data' is not taken for a folder this run makes
+    made = [p for p in (out_dir.resolve(), *out_dir.resolve().parents) if not p.exists()]
     dtype = token_dtype(tokenizer.vocab_size)
     retired = out_dir / ".meta.json.replaced"
     bins_before = None

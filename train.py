@@ -569,7 +569,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # both folders first: one that cannot be made (a read-only or virtual file system) stops the run
         # before the previous checkpoints are moved aside
         for name, folder in (("checkpoint_dir", checkpoint_dir), ("log_dir", run_dir)):
-            made_folders += [p for p in (folder, *folder.absolute().parents) if not p.exists()]
+            made_folders += [p for p in (folder.resolve(), *folder.resolve().parents) if not p.exists()]
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -740,6 +740,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 stop.then = "stopping: nothing is trained yet, so nothing is saved"
             losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
             stop.then = GracefulStop.SAVING
+            # a signal after the last batch (while the sample is written, say) stops here too, as announced
+            if resumed_from is None and losses is not None and stop_requested(stop, stop_group if ddp else None):
+                losses = None
             if losses is None:
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
                 if resumed_from is None:
@@ -823,9 +826,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           "to continue")
                 break
         else:
-            # also when a run that had finished lost its final checkpoint to a crash while writing it
-            if (resumed_from is None or iter_num > resumed_from or owed
-                    or not (checkpoint_dir / "final_checkpoint.pt").is_file()):
+            # also when a run that had finished lost its final checkpoint to a crash while writing it: then
+            # final_checkpoint.pt is missing, or older than the checkpoint.pt of the last evaluation
+            final, last = checkpoint_dir / "final_checkpoint.pt", checkpoint_dir / "checkpoint.pt"
+            if (resumed_from is None or iter_num > resumed_from or owed or not final.is_file()
+                    or (last.is_file() and final.stat().st_mtime < last.stat().st_mtime)):
                 save(["final_checkpoint.pt"])
                 total = time.perf_counter() - t_start
                 this_run = f" ({iter_num - resumed_from} of them in this run)" if resumed_from is not None else ""

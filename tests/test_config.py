@@ -60,8 +60,8 @@ def test_validate_reports_every_problem_at_once():
     assert "\n" not in msg  # one line for the command-line scripts
 
 
-@pytest.mark.parametrize("lr, problem", [(-1.0, "learning_rate must be a number >= 0, got -1.0"),
-                                         (0.0, "learning_rate must be > 0, got 0.0")])
+@pytest.mark.parametrize("lr, problem", [(-1.0, "learning_rate must be a number > 0, got -1.0"),
+                                         (0.0, "learning_rate must be a number > 0, got 0.0")])
 def test_a_bad_learning_rate_is_one_problem(lr, problem):
     with pytest.raises(ConfigError) as e:
         GPT2Config(learning_rate=lr, min_lr=0.0).validate()

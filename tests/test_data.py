@@ -710,6 +710,18 @@ def test_a_failed_run_leaves_a_data_set_written_beside_it_meanwhile(tmp_path, mo
     assert (tmp_path / "data" / "a" / "meta.json").exists()
 
 
+def test_a_failed_run_keeps_an_existing_folder_named_through_a_missing_one(tmp_path, monkeypatch):
+    """'missing/../data/x' names the existing data/x: it is not a folder this run made."""
+    monkeypatch.setattr(prepare_data, "encode_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "data" / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
+                "--output_dir", tmp_path / "missing" / ".." / "data" / "x")
+    assert (tmp_path / "data" / "x" / "keep.txt").read_text() == "mine"
+
+
 def test_progress_lines_where_stderr_is_no_terminal(tmp_path, monkeypatch, capsys):
     """A log file or CI gets plain progress lines, not a silent run nor '\\r' redrawing."""
     monkeypatch.setattr(prepare_data.Progress, "LINE_INTERVAL", 0.0)

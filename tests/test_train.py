@@ -188,7 +188,8 @@ def signal_at_batch(monkeypatch, split: str, index: int, iteration_of, when: int
 def test_a_signal_during_the_first_evaluation_stops_at_once(char_data, tmp_path, monkeypatch, capsys):
     signal_at_batch(monkeypatch, "train", 0, lambda: 0, 0)
     (tmp_path / "runs").mkdir()  # was there before: stays
-    summary = train(tiny(char_data, tmp_path, eval_iters=50, checkpoint_dir=str(tmp_path / "new" / "ckpt")))
+    monkeypatch.chdir(tmp_path)  # relative folders, as on a command line
+    summary = train(tiny(char_data, tmp_path, eval_iters=50, checkpoint_dir="new/ckpt", log_dir="runs"))
     assert summary["stopped_by"] == signal.SIGTERM and summary["evals"] == {} and summary["iter_num"] == 0
     captured = capsys.readouterr()
     assert "stopped during the first evaluation: nothing was trained yet" in captured.out
@@ -196,6 +197,15 @@ def test_a_signal_during_the_first_evaluation_stops_at_once(char_data, tmp_path,
         in captured.err
     # nothing is left behind: no checkpoint folder, no TensorBoard run of hyperparameters alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not list((tmp_path / "runs").iterdir())
+
+
+def test_a_signal_after_the_first_evaluations_last_batch_stops_too(char_data, tmp_path, monkeypatch, capsys):
+    """The message said nothing would be saved: a signal while the sample is written, or during the last
+    batch, also stops before the first step."""
+    signal_at_batch(monkeypatch, "val", 3, lambda: 0, 0)
+    summary = train(tiny(char_data, tmp_path, eval_iters=4, checkpoint_dir=str(tmp_path / "new" / "ckpt")))
+    assert summary["stopped_by"] == signal.SIGTERM and summary["iter_num"] == 0 and summary["evals"] == {}
+    assert "stopped during the first evaluation" in capsys.readouterr().out and not (tmp_path / "new").exists()
 
 
 def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_path, monkeypatch):
@@ -467,6 +477,14 @@ def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_agai
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
     train(tiny(char_data, tmp_path, max_iters=10))
     assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 10
+    # an earlier, shorter run's final checkpoint left in place by the crash is replaced too
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_on_final)
+    with pytest.raises(Crash):
+        train(tiny(char_data, tmp_path, max_iters=15, lr_decay_iters=40))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 10
+    train(tiny(char_data, tmp_path, max_iters=15, lr_decay_iters=40))
+    assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 15
 
 
 @pytest.mark.parametrize("resume", [False, True])
