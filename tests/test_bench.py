@@ -25,7 +25,13 @@ def test_cpu_smoke_run_writes_consistent_figures(tmp_path):
     assert r["device"] == "cpu" and r["preset"] == "shakespeare-char-cpu" and r["vocab_size"] == 65
     t = r["train"]
     assert t["mfu"] is None  # no known peak on a CPU: FLOP/s instead of a percentage
-    assert t["tokens_per_sec"] == t["tokens_per_sec"] and t["tokens_per_sec"] > 0
+    assert math.isfinite(t["tokens_per_sec"]) and t["tokens_per_sec"] > 0
+    # FLOP/s: the model's FLOPs per token times tokens/s, in units of 10^12
+    from config import preset_config
+    from model import GPT
+    with torch.device("meta"):
+        flops_per_token = GPT(preset_config("shakespeare-char-cpu", vocab_size=65)).flops_per_token()
+    assert math.isclose(t["achieved_tflops"] * 1e12, flops_per_token * t["tokens_per_sec"], rel_tol=1e-6)
     tokens = r["batch_size"] * r["block_size"]
     assert math.isclose(t["tokens_per_sec"] * t["ms_per_iter"] / 1000, tokens, rel_tol=1e-6)
     assert abs(t["final_loss"] - math.log(65)) < 0.5  # a freshly initialised model is near uniform

@@ -199,6 +199,9 @@ def test_split_text_pieces():
         ("train", b"abcd", True, "a.txt", 0), ("val", b"efgh", False, "b.txt", 0)]
     assert split_text_pieces([b"", b"abc"], 0.1, names) == [("train", b"ab", False, "b.txt", 0),
                                                             ("val", b"c", False, "b.txt", 2)]
+    # a cut inside a file that is not the last: end-of-text comes only after the whole file, in val
+    assert split_text_pieces([b"abcd", b"efgh"], 0.75, names) == [
+        ("train", b"ab", False, "a.txt", 0), ("val", b"cd", True, "a.txt", 2), ("val", b"efgh", False, "b.txt", 0)]
     # characters, not bytes: 'é' is 2 bytes, '€' 3, '😀' 4
     text = "aé€😀bcdefghij"  # 13 characters, 20 bytes
     (_, train, *_), (_, val, _, _, offset) = split_text_pieces([text.encode()], 0.2, ["u.txt"])
@@ -870,6 +873,11 @@ def test_batches_are_a_function_of_seed_split_rank_index(counting_dir):
     torch.testing.assert_close(ranks[0], drawn[0])  # rank 0 of 2 draws what a single process draws
     # evaluation batches are a fixed set: the same for every call
     torch.testing.assert_close(a.get_batch("val", 3)[0], b.get_batch("val", 3)[0])
+    # and the split is part of the seed: on splits of one length, train and val windows start elsewhere
+    same = write_data_dir(counting_dir.parent / "same", np.arange(1000), np.arange(10_000, 11_000), 11_000)
+    loader = BatchLoader(same, 8, 4, seed=1)
+    starts = [loader.get_batch(split, 0)[0][:, 0] % 10_000 for split in ("train", "val")]
+    assert not torch.equal(starts[0], starts[1])
 
 
 def test_prefetch_gives_the_same_batches(counting_dir):

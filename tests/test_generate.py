@@ -139,6 +139,27 @@ def test_top_k_top_p_draw_only_allowed_tokens(logits, top_k, top_p, seed):
     assert draws <= keep | ties
 
 
+def test_generation_speed_counts_every_row_of_the_batch(monkeypatch):
+    """tokens/s = rows x new tokens / seconds: 8 rows of 5 new tokens timed at 2 s are 20 tokens/s."""
+    clock = iter([100.0, 102.0])  # the timed run's start and end; the warm-up is not timed
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    r = generate.benchmark_generation(tiny_model(20), batch_size=8, prompt_len=3, new_tokens=5, device="cpu",
+                                      dtype="float32", repeats=1)
+    assert r["tokens_per_sec"] == pytest.approx(20.0) and r["hf_tokens_per_sec"] is None
+
+
+def test_the_default_window_is_half_the_block():
+    assert Generator(tiny_model(20, block_size=32)).window == 16  # README and --help: block_size // 2
+    assert Generator(tiny_model(20, block_size=32), window=7).window == 7
+
+
+def test_top_p_keeps_no_token_past_the_mass_it_asks_for():
+    """[0.5, 0.25, 0.25] with top_p=0.5: the first token alone holds half the mass, so it is the only one."""
+    probs = torch.tensor([0.5, 0.25, 0.25])
+    draws = sample_logits(probs.log().expand(2000, 3), 1.0, top_p=0.5, generator=torch.Generator().manual_seed(0))
+    assert draws.unique().tolist() == [0]
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.2])
     rng = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
 """model.py against transformers' GPT2LMHeadModel: logits, loss, weights in and out, KV cache."""
 import json
+import math
 
 import pytest
 import torch
@@ -334,6 +335,43 @@ def test_optimizer_decays_only_matrices():
     assert opt.defaults["fused"]
     mps = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device_type="mps")
     assert not mps.defaults["fused"]
+
+
+def test_gpt2_parameter_count_and_flops_are_the_known_figures():
+    """123.65M without the position embeddings: the figure nanoGPT prints for GPT-2 124M, counted
+    by hand here (tied wte 50257 x 768, 12 blocks of 12 C^2 + 13 C, ln_f 2 C)."""
+    with torch.device("meta"):
+        model = GPT(preset_config("gpt2"))
+    C, L = 768, 12
+    assert model.get_num_params(non_embedding=True) == 50257 * C + L * (12 * C * C + 13 * C) + 2 * C == 123_653_376
+    assert model.get_num_params() == 123_653_376 + 1024 * C
+    assert model.flops_per_token() == 6 * 123_653_376 + 12 * L * C * 1024
+
+
+def test_mfu_is_a_fraction_of_the_gpus_peak(monkeypatch):
+    model = GPT(tiny_config())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    mfu = model.estimate_mfu(1000, 0.5, "cuda", torch.bfloat16)
+    assert mfu == pytest.approx(model.flops_per_token() * 1000 / 0.5 / 989e12)
+
+
+def test_gelu_is_gpt2s_tanh_form():
+    from transformers.activations import NewGELUActivation
+    x = torch.linspace(-6, 6, 1001)
+    mlp = GPT(tiny_config()).transformer.h[0].mlp
+    gelu = next(m for m in mlp.modules() if isinstance(m, torch.nn.GELU))
+    torch.testing.assert_close(gelu(x), NewGELUActivation()(x), atol=1e-6, rtol=0)
+    assert (gelu(x) - torch.nn.functional.gelu(x)).abs().max() > 1e-4  # the exact form would differ
+
+
+def test_residual_projections_start_smaller_with_depth():
+    """GPT-2's init: c_proj weights get std 0.02 / sqrt(2 n_layer), the other matmuls 0.02."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=4, n_embd=256, n_head=4))
+    proj = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_proj.weight")])
+    fc = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_fc.weight")])
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.03)
+    assert fc.std().item() == pytest.approx(0.02, rel=0.03)
 
 
 def test_flops_and_mfu(monkeypatch):

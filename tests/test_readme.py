@@ -111,12 +111,20 @@ def test_python_blocks_run(tmp_path):
     assert len(snippets) >= 3
     cwd = os.getcwd()
     os.chdir(tmp_path)
+    namespaces = []
     try:
         for block in snippets:
-            exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+            namespaces.append({"__name__": "readme"})
+            exec(compile(block, "README.md", "exec"), namespaces[-1])
     finally:
         os.chdir(cwd)
-    assert (tmp_path / "samples.txt").read_text(encoding="utf-8").count("ROMEO:") >= 1
+    # batch_generate's block: both prompts continued by 100 characters (a character-level model), and
+    # written to the file under their headers
+    [texts] = [ns["texts"] for ns in namespaces if "texts" in ns]
+    assert [t[:len(p)] for t, p in zip(texts, ("ROMEO:", "JULIET:\nO"))] == ["ROMEO:", "JULIET:\nO"]
+    assert [len(t) for t in texts] == [len("ROMEO:") + 100, len("JULIET:\nO") + 100]
+    written = (tmp_path / "samples.txt").read_text(encoding="utf-8")
+    assert "prompt 1 of 2" in written and "prompt 2 of 2" in written and all(t in written for t in texts)
     assert (tmp_path / "export" / "config.json").is_file() and (tmp_path / "export" / "tokenizer.json").is_file()
 
 

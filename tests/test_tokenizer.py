@@ -172,6 +172,11 @@ def test_a_special_token_that_begins_another_is_split_off_longest_first():
                    for i in merges[0].values())  # nothing learned from inside '<x>yzw'
 
 
+def test_encode_splits_off_the_longer_of_two_overlapping_special_tokens():
+    tok = BPETokenizer().train("abc", 258, special_tokens=["<x>", "<x>yzw"])  # ids 256 and 257, no merges
+    assert tok.encode("a<x>yzw<x>", allowed_special="all") == [97, 257, 256]
+
+
 def test_training_stops_when_nothing_is_left_to_merge(capsys):
     tok = BPETokenizer().train("ab ab", 1000, special_tokens=[EOT])
     assert "stopped after 2 of 743 merges" in capsys.readouterr().err

@@ -160,6 +160,60 @@ def test_the_first_rate_leaves_out_the_first_step(char_data, tmp_path, monkeypat
     assert len(rates) == 2 and rates[0] < 250 and summary["timing"]["first_step"] >= 1.0
 
 
+def test_optimizer_step_clips_the_gradient_norm():
+    from train import optimizer_step
+    model = torch.nn.Module()
+    model.p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: scaled down to norm 1
+    assert optimizer_step(model, opt, scaler, grad_clip=1.0).item() == pytest.approx(5.0)
+    torch.testing.assert_close(model.p.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))
+    assert model.p.grad is None
+    model.p.grad = torch.tensor([0.3, 0.4, 0.0, 0.0])  # norm 0.5: left as it is
+    assert optimizer_step(model, opt, scaler, grad_clip=1.0).item() == pytest.approx(0.5)
+    torch.testing.assert_close(model.p.detach(), torch.tensor([-0.9, -1.2, 0.0, 0.0]))
+    model.p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # grad_clip=0: no clipping, no norm
+    assert optimizer_step(model, opt, scaler, grad_clip=0.0) is None
+    torch.testing.assert_close(model.p.detach(), torch.tensor([-3.9, -5.2, 0.0, 0.0]))
+
+
+def test_estimate_loss_is_the_mean_loss_of_the_fixed_batches(char_data):
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
+    with BatchLoader(char_data, 16, 2) as loader:
+        got = estimate_loss(model, loader, 3, torch.autocast("cpu", enabled=False))
+        with torch.no_grad():
+            for split in ("train", "val"):
+                losses = [model(*loader.get_batch(split, i))[1].item() for i in range(3)]
+                assert got[split] == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
+def test_the_lr_each_step_uses_follows_the_schedule(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    used, real = [], train_module.optimizer_step
+    monkeypatch.setattr(train_module, "optimizer_step",
+                        lambda model, optimizer, *a, **k: used.append(optimizer.param_groups[0]["lr"]) or real(
+                            model, optimizer, *a, **k))
+    config = tiny(char_data, tmp_path, max_iters=12, warmup_iters=4, lr_decay_iters=10)
+    train(config)
+    assert used == pytest.approx([get_lr(i, config) for i in range(12)])
+
+
+def test_tokens_per_step_counts_every_micro_batch(char_data, tmp_path, capsys):
+    train(tiny(char_data, tmp_path, max_iters=2, gradient_accumulation_steps=4))
+    assert "tokens per step: 256 = 4 micro-batches x 4 sequences x 16 tokens" in capsys.readouterr().out
+
+
+def test_a_fine_tune_that_never_beats_its_start_still_writes_best_checkpoint(char_data, tmp_path):
+    """The first evaluation after training is the first candidate: the loss before training is no
+    checkpoint's, so it does not count as a best to beat."""
+    summary = train(tiny(char_data, tmp_path, learning_rate=1e-30, min_lr=1e-31, max_iters=10, eval_interval=5))
+    assert summary["evals"][5]["val"] >= summary["evals"][0]["val"] - 1e-6  # nothing was learned
+    best = load_checkpoint(tmp_path / "ckpt" / "best_checkpoint.pt")
+    assert best["iter_num"] in (5, 10) and best["best_val_loss"] == summary["best_val_loss"]
+
+
 def test_estimate_loss_reports_progress_and_can_be_stopped(char_data):
     torch.manual_seed(0)
     model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0))
