@@ -343,7 +343,7 @@ def read_config_file(path: str) -> dict[str, Any]:
                           f"e.g. `n_layer = 4`, or use --key=value flags")
     namespace: dict[str, Any] = {}
     try:
-        source = p.read_text(encoding="utf-8")
+        source = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows Notepad), as Python allows
         tree = ast.parse(source, str(p))
         exec(compile(tree, str(p), "exec"), namespace)
     except Exception as e:  # a config file can fail in any way; report it as the user's file

@@ -418,7 +418,10 @@ class TextStream:
 
     def finish(self) -> None:
         if not self.done:
-            self._append(self.decoder.decode(b"", final=True))  # an unfinished character becomes U+FFFD
+            # the first bytes of a character whose last ones never came (the token budget ran out between
+            # them, as it often does with GPT-2's two tokens per Chinese character) are no character: they
+            # are left out rather than shown as U+FFFD; bytes that cannot start or continue one still are
+            self.decoder.reset()
             self.done = True
 
     def _append(self, piece: str) -> None:
@@ -752,11 +755,21 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
                 if not line:
                     raise EOFError
                 line = line.rstrip("\r\n")  # a piped file may end its lines with \r\n
+            line = line.removeprefix("\ufeff")  # a piped file's byte-order mark is no text
         except EOFError:
             write("\n")
             return
         except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
             write("\n")
+            continue
+        except UnicodeDecodeError as e:  # a terminal in another encoding: say so, and read on
+            write(f"error: that line is not valid UTF-8 (byte {e.object[e.start]:#04x}); is the terminal set to "
+                  f"another encoding, such as GBK? Switch it to UTF-8\n")
+            continue
+        try:  # the same, where the bad bytes arrive as lone surrogates (Python's C or POSIX locale)
+            check_utf8(line, "that line")
+        except GenerationError as e:
+            write(f"error: {e}\n")
             continue
         if line.startswith(":"):
             if not _run_command(line, settings, out):
@@ -807,6 +820,16 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_utf8(text: Optional[str], what: str) -> None:
+    """Bytes that are not UTF-8 reach sys.argv as lone surrogates (U+DC80 + byte): refuse them in one line."""
+    bad = next((c for c in text or "" if "\ud800" <= c <= "\udfff"), None)
+    if bad is not None:
+        byte = f"byte {ord(bad) - 0xDC00:#04x}" if "\udc80" <= bad <= "\udcff" else repr(bad)
+        raise GenerationError(f"{what} is not valid UTF-8 ({byte}): the terminal or the text is in another "
+                              f"encoding, such as GBK; switch the terminal to UTF-8, or convert the text with "
+                              f"iconv -f gbk -t utf-8")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -821,6 +844,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")  # without a byte-order mark
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
+    check_utf8(prompt, "--prompt")
+    check_utf8(settings.stop, "--stop")
+    # a console in another encoding (GBK, say) still gets the text, with what it cannot show replaced
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer, _ = load_model(args.checkpoint, args.init_from, args.checkpoint_dir)

@@ -117,10 +117,14 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
         # a piece cut out of a file ends where the cut is, so a lead byte before the cut reads as an
         # "unexpected end of data" even when the file goes on with a byte that cannot continue it
         reason = "starts a character that is not completed" if e.reason == "unexpected end of data" else e.reason
-        raise DataError(
-            f"{where} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {offset + e.start} "
-            f"({reason}). Convert the file to UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT` for "
-            f"Chinese text in GBK, `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text.") from None
+        if offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
+            how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
+                   "`iconv -f utf-16 -t utf-8 IN > OUT`")
+        else:
+            how = ("convert the file to UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT` for Chinese text in "
+                   "GBK, `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text")
+        raise DataError(f"{where} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {offset + e.start} "
+                        f"({reason}); {how}") from None
 
 
 def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = None) -> list[Path]:
@@ -654,7 +658,9 @@ def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: l
     # end-of-text between files, as in the encoded data: the trainer splits the text there, so no merge
     # joins the end of one file to the start of the next
     train_text = "".join(text + (EOT if eot else "") for split, text, eot in texts if split == "train")
-    print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text):,} characters", file=sys.stderr)
+    markers = sum(eot for split, _, eot in texts if split == "train")
+    print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text) - markers * len(EOT):,} characters"
+          + (f" of {markers + 1} files" if markers else ""), file=sys.stderr)
     return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])
 
 

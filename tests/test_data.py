@@ -530,6 +530,14 @@ def test_cli_non_utf8_names_file_and_offset(tmp_path):
     assert f"{bad} is not valid UTF-8: byte 0xe9 at byte offset 14" in r.stderr
 
 
+def test_a_utf16_file_is_named_as_such(tmp_path):
+    bad = tmp_path / "notepad_unicode.txt"
+    bad.write_bytes("床前明月光".encode("utf-16"))  # Notepad's "Unicode": a byte-order mark FF FE first
+    r = run_cli("--dataset", "custom", "--input", bad, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "it is UTF-16" in r.stderr and "iconv -f utf-16 -t utf-8" in r.stderr
+
+
 def test_a_bad_lead_byte_before_a_cut_gets_the_true_reason(tmp_path):
     src = tmp_path / "l.txt"
     src.write_bytes(b"caf\xe9\n")  # the cut between train and val falls right after 0xe9

@@ -434,6 +434,18 @@ def test_streaming_keeps_multibyte_characters_whole():
     stream.add(ids[0])  # after end-of-text nothing more is taken
     assert stream.done and stream.text == text and "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+    # the budget runs out between the two tokens of '你': the half character is left out, not shown as U+FFFD
+    first_half = next(i for i in tok.encode("你") if tok.decode([i]) == "\ufffd")
+    stream = TextStream(tok)
+    for i in tok.encode("天气") + [first_half]:
+        stream.add(i)
+    stream.finish()
+    assert stream.text == "天气" and stream.held_back() == "天气"
+    stream = TextStream(tok)  # a byte that cannot begin a character is still shown as U+FFFD
+    for i in tok.encode("a") + [tok.encode("你")[-1]] + tok.encode("b"):
+        stream.add(i)
+    stream.finish()
+    assert stream.text == "a\ufffdb"
 
 
 # ---------------------------------------------------------------------------- files and command line
@@ -483,6 +495,34 @@ def test_cli_interactive_through_stdin(char_checkpoint, tmp_path):
     assert "temperature = 0.0" in out and "max_new_tokens = 12" in out
     assert "error: cannot set top_p to '2'" in out and "did you mean 'temperature'?" in out
     assert expected + "\n" in out and ":quit" in out and "top_p = 1.0" in out  # :help and :settings
+
+
+def test_text_in_another_encoding_is_named_not_a_traceback(char_checkpoint, tmp_path):
+    """A GBK terminal on a UTF-8 machine: '\xbd\xf1' is GBK for one character and no UTF-8 at all."""
+    _, model, tok = char_checkpoint
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--device", "cpu", "--prompt", b"ab\xbd\xf1"],
+                       cwd=tmp_path, capture_output=True, env=env, timeout=120)
+    err = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "--prompt is not valid UTF-8 (byte 0xbd)" in err[0], err
+    expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=5))[0]
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--device", "cpu", "--interactive"], cwd=tmp_path,
+                       input=b"\xbd\xf1\n:temperature 0\n:max_new_tokens 5\n\xef\xbb\xbfab\n", capture_output=True,
+                       env=env, timeout=120)
+    out = r.stdout.decode()
+    # the line after the bad one, with a byte-order mark, is read as 'ab' (its continuation is printed)
+    assert r.returncode == 0 and "error: that line is not valid UTF-8 (byte 0xbd)" in out and f"> {expected}\n" in out
+
+
+def test_a_console_that_cannot_show_a_character_gets_a_replacement(char_checkpoint, tmp_path, monkeypatch):
+    """A GBK or ASCII console: the text is printed with '?' where it cannot show a character."""
+    monkeypatch.chdir(tmp_path)
+    console = io.TextIOWrapper(io.BytesIO(), encoding="ascii")  # errors="strict", as a console's default
+    monkeypatch.setattr(sys, "stdout", console)
+    main(["--device", "cpu", "--prompt", "ab", "--max_new_tokens", "3", "--temperature", "0"])
+    console.write("é\n")  # what the model might have written
+    console.flush()
+    assert console.buffer.getvalue().decode("ascii").endswith("?\n")
 
 
 def test_interactive_ctrl_c_stops_only_that_generation(char_checkpoint, monkeypatch):

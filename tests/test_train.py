@@ -137,6 +137,13 @@ def test_paths_on_the_command_line_expand_the_home_folder():
     assert config.log_dir == os.path.expanduser("~other/runs") and config.data_dir == "data/~x"
 
 
+def test_a_config_file_saved_by_windows_notepad(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_bytes("\ufeff# 我的配置\r\nn_layer = 2\r\n".encode())  # a byte-order mark and \r\n, as Python allows
+    config, explicit = parse_args([str(cfg)])
+    assert config.n_layer == 2 and explicit == {"n_layer"}
+
+
 def test_paths_in_a_config_file_expand_the_home_folder(tmp_path):
     cfg = tmp_path / "c.py"
     cfg.write_text("checkpoint_dir = '~/ckpt'\nlog_dir = 'runs/~x'\n")
