@@ -265,7 +265,7 @@ def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) ->
     p /= p.sum()
     parts, size = [], 0
     while size < n_bytes:
-        k = 1 << 18
+        k = int(min(1 << 18, max(64, (n_bytes - size) // 12)))  # about 9 bytes a word: little more than asked
         tokens = np.empty(2 * k, dtype=object)
         tokens[0::2] = words[rng.choice(len(words), size=k, p=p)]
         tokens[1::2] = np.where(rng.random(k) < 0.08, "\n", " ")

@@ -467,6 +467,10 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
             torch.cuda.set_device(device)
         dist.init_process_group(backend=config.backend, device_id=device if device.type == "cuda" else None)
     try:
+        if ddp:  # each process read checkpoint_dir on its own machine: they must start from the same place
+            starts = [None] * world_size
+            dist.all_gather_object(starts, plan[1]["iter_num"] if plan[1] is not None else None)
+            check_same_start(starts, config.checkpoint_dir)
         with ExitStack() as cleanup:
             summary = _train(plan, explicit, rank, world_size, local_rank, cleanup)
         if ddp:
@@ -477,6 +481,17 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
     finally:
         if ddp:
             dist.destroy_process_group()
+
+
+def check_same_start(starts: list, checkpoint_dir: str) -> None:
+    """starts[rank]: the iteration each process would resume from (None: a new run). Processes on
+    machines that do not share checkpoint_dir would disagree, and then wait on each other forever."""
+    if len(set(starts)) > 1:
+        found = ", ".join(f"rank {r}: {'iteration ' + str(s) if s is not None else 'no checkpoint'}"
+                          for r, s in enumerate(starts))
+        raise ConfigError(f"the processes found different checkpoints in --checkpoint_dir={checkpoint_dir} ({found}); "
+                          f"on several machines it must be a folder that all of them share (a network file "
+                          f"system), since only rank 0 writes checkpoints")
 
 
 def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
@@ -543,8 +558,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             set_rng_state(rng[rank], device)
         else:  # another number of processes: the batches still continue exactly, dropout cannot
             torch.manual_seed(config.seed + rank + iter_num)
-            if master:
-                print(f"note: {ckpt_path} holds the random state of {len(rng or [])} processes and this run has "
+            if master and config.dropout > 0:  # without dropout nothing random is drawn: nothing to say
+                print(f"note: {ckpt_path} holds the random state of {len(rng or [])} process(es) and this run has "
                       f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
     else:
         torch.manual_seed(config.seed + rank)  # each rank its own dropout stream
@@ -918,6 +933,8 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
     if flag.item() and stop.signum is None:
         stop.signum = signal.SIGTERM  # another rank was signalled
+        if stop.verbose:  # rank 0 says why the run stops; the signalled rank said it for itself
+            print("another process received a signal: stopping with it", file=sys.stderr, flush=True)
     return bool(flag.item())
 
 

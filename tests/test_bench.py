@@ -40,6 +40,13 @@ def test_cpu_smoke_run_writes_consistent_figures(tmp_path):
     assert "tokens/s" in out.stdout and "FLOP/s achieved" in out.stdout
 
 
+@pytest.mark.parametrize("n_bytes", [10_000, 100_000, 3_000_000])
+def test_the_tokenisation_text_has_the_size_asked_for(n_bytes):
+    import bench
+    size = len(bench.bench_text(n_bytes).encode("utf-8"))
+    assert n_bytes <= size < 1.05 * n_bytes + 2000
+
+
 def test_bad_arguments_exit_2():
     out = run_bench("--device", "cpu", "--steps", "0")
     assert out.returncode == 2 and out.stderr.strip().startswith("error:") and len(out.stderr.strip().splitlines()) == 1

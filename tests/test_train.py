@@ -851,6 +851,23 @@ def test_pickle_with_an_arbitrary_object_is_refused(tmp_path, write):
     assert "GLOBAL argparse.Namespace" in msg and "\n" not in msg
 
 
+def test_under_torchrun_an_input_error_is_printed_by_rank_0_only():
+    code = "from utils import run_cli, UserError\ndef main():\n    raise UserError('bad flag')\nrun_cli(main)\n"
+    for rank, printed in (("0", "error: bad flag\n"), ("1", "")):
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "RANK": rank})
+        assert (r.returncode, r.stderr) == (2, printed)
+
+
+def test_processes_that_found_different_checkpoints_stop_with_a_reason():
+    from train import check_same_start
+    check_same_start([None, None], "ck")
+    check_same_start([40, 40, 40], "ck")
+    with pytest.raises(ConfigError, match=r"rank 0: iteration 40, rank 1: no checkpoint\); on several machines "
+                                          r"it must be a folder that all of them share"):
+        check_same_start([40, None], "ck")
+
+
 def test_run_cli_turns_ctrl_c_into_exit_130():
     # in a subprocess: a KeyboardInterrupt that escaped run_cli would stop pytest itself
     code = "from utils import run_cli\ndef main():\n    raise KeyboardInterrupt\nrun_cli(main)\n"
