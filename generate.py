@@ -683,7 +683,7 @@ Type a prompt and press Enter to continue it. Commands, between prompts:
   :top_p X           nucleus sampling, in (0, 1]; 1 disables
   :max_new_tokens N  length of each continuation
   :seed N            fixed seed: the same prompt gives the same text; 'none' draws fresh ones
-  :stop STRING       end the text where STRING appears (\\n is a newline); 'none' disables
+  :stop STRING       end the text where STRING appears, spaces included (\\n is a newline); 'none' disables
   :settings          show the current settings
   :help              this list
   :quit              exit (Ctrl-D does too)
@@ -705,8 +705,10 @@ SETTING_PARSERS = {"max_new_tokens": int, "temperature": float, "top_k": _option
 
 def _run_command(line: str, settings: SamplingSettings, out) -> bool:
     """Apply one ':name value' command to settings; False means quit."""
-    name, _, value = line[1:].strip().partition(" ")
-    value = value.strip()
+    name, _, value = line[1:].lstrip().partition(" ")
+    if name != "stop":  # a stop string may begin or end with spaces (or U+3000, the full-width space)
+        value = value.strip()
+    name = name.strip()
     if name in ("quit", "exit", "q"):
         return False
     if name in ("help", "h", "?"):
@@ -841,7 +843,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     prompt = args.prompt
     if args.prompt_file:
         try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")  # without a byte-order mark
+            # without a byte-order mark; \r\n becomes \n, which a model trained on any text knows
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
     check_utf8(prompt, "--prompt")

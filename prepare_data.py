@@ -139,7 +139,9 @@ def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = No
     if path.is_file():
         return [path]
     own = {(out_dir / name).resolve() for name in DATASET_FILES} if out_dir is not None else set()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes and p.resolve() not in own)
+    # .TXT as well as .txt: Windows names files in either case
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.suffix.lower() in suffixes and p.resolve() not in own)
     if not files:
         raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files; pass a file or another folder")
     return files
@@ -377,7 +379,7 @@ def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
 def local_units(files: list[Path], unit_bytes: int, val_fraction: float, sha, counts: dict,
                 cuttable: bool) -> Iterator[tuple[tuple, int]]:
     """Work units for local .jsonl/.json (JSON Lines), .txt (one document each) and .parquet files, in order."""
-    for suffix, group in itertools.groupby(files, key=lambda f: f.suffix):
+    for suffix, group in itertools.groupby(files, key=lambda f: f.suffix.lower()):
         group = list(group)
         if suffix == ".txt":  # consecutive small files share units
             yield from piece_units(txt_documents(group, val_fraction, counts, sha), unit_bytes, cuttable, sha)

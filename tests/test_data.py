@@ -167,6 +167,17 @@ def test_custom_folder_puts_eot_between_files(tmp_path):
     assert meta["source"] == f"3 .txt files under {folder}"
 
 
+def test_custom_folder_reads_upper_case_suffixes(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.TXT").write_text("upper case suffix\n")  # as Windows may name it
+    (folder / "b.txt").write_text("lower case suffix\n")
+    meta = prepare("--dataset", "custom", "--input", folder, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    assert meta["source"] == f"2 .txt files under {folder}"
+    tok = load_tokenizer(tmp_path / "o" / "tokenizer.json")
+    assert tok.decode(np.concatenate(bins(tmp_path / "o")).tolist()) == "upper case suffix\nlower case suffix\n"
+
+
 def test_custom_bpe_learns_no_merge_across_files(tmp_path):
     """The data has end-of-text between files, so the merges must not join one file to the next."""
     folder = tmp_path / "letters"

@@ -525,6 +525,18 @@ def test_a_console_that_cannot_show_a_character_gets_a_replacement(char_checkpoi
     assert console.buffer.getvalue().decode("ascii").endswith("?\n")
 
 
+def test_a_stop_string_may_begin_and_end_with_spaces():
+    settings, out = SamplingSettings(), io.StringIO()
+    generate._run_command(":stop  and ", settings, out)  # the one space after the name separates
+    assert settings.stop == " and "
+    generate._run_command(":stop \u3000", settings, out)  # the full-width space
+    assert settings.stop == "\u3000"
+    generate._run_command(":stop none", settings, out)
+    assert settings.stop is None
+    generate._run_command(":  top_k   5  ", settings, out)  # other settings: spaces around do not matter
+    assert settings.top_k == 5
+
+
 def test_interactive_ctrl_c_stops_only_that_generation(char_checkpoint, monkeypatch):
     _, model, tok = char_checkpoint
     gen = Generator(model)
