@@ -550,12 +550,12 @@ def _checkpoint_tokenizer(ckpt: dict, path: Path):
 
 
 def _load_pretrained(name: str):
-    from model import GPT
+    from model import GPT, TOOLKIT_TOKENIZER, exported_tokenizer_file
     from tokenizer import GPT2Tokenizer, TokenizerError, load_tokenizer
     model = GPT.from_pretrained(name)
-    tok_file = Path(name) / "tokenizer.json"
+    tok_file = exported_tokenizer_file(Path(name))
     tokenizer = None
-    if tok_file.is_file():
+    if tok_file is not None:
         try:
             tokenizer = load_tokenizer(tok_file)
         except TokenizerError:
@@ -565,7 +565,7 @@ def _load_pretrained(name: str):
     if tokenizer is None:
         if model.config.vocab_size != GPT2_VOCAB_SIZE:
             raise CheckpointError(f"{name} has vocab_size {model.config.vocab_size}, not GPT-2's {GPT2_VOCAB_SIZE}, "
-                                  "and no tokenizer.json of this project beside it; export it with "
+                                  f"and no {TOOLKIT_TOKENIZER} of this project beside it; export it with "
                                   "model.save_pretrained(directory, tokenizer) so its tokenizer travels along")
         tokenizer = GPT2Tokenizer()
     print(f"using {'Hugging Face directory' if Path(name).is_dir() else 'pretrained weights'} {name}, "

@@ -438,15 +438,17 @@ class GPT(nn.Module):
         """Write config.json and model.safetensors (pytorch_model.bin without safetensors) in the
         Hugging Face GPT-2 format: transformers.GPT2LMHeadModel.from_pretrained(directory) loads it.
         The padding rows are dropped, so a custom vocabulary exports with its own vocab_size.
-        If a tokenizer is given, its tokenizer.json (this project's format) is written beside it.
-        config.json is written last: a directory that has it holds a complete export."""
+        If a tokenizer is given, it is written beside it as TOOLKIT_TOKENIZER (this project's format,
+        which generate.py --init_from reads); GPT-2's tokenizer also as vocab.json and merges.txt, which
+        transformers' AutoTokenizer reads. config.json is written last: a directory that has it holds a
+        complete export."""
         from utils import atomic_open
         cfg = self.config
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         # an earlier export's config.json would otherwise vouch for weights half overwritten, and its
-        # tokenizer.json would be taken for this model's
-        for name in ("config.json", "tokenizer.json"):
+        # tokenizer files would be taken for this model's (tokenizer.json: where earlier versions wrote ours)
+        for name in ("config.json", TOOLKIT_TOKENIZER, "tokenizer.json", "vocab.json", "merges.txt"):
             (out / name).unlink(missing_ok=True)
         sd = {}
         for k, v in self.state_dict().items():
@@ -482,7 +484,10 @@ class GPT(nn.Module):
             with atomic_open(out / "model.safetensors") as f:
                 f.write(safetensors_bytes(sd, metadata={"format": "pt"}))
         if tokenizer is not None:
-            tokenizer.save(out / "tokenizer.json")
+            tokenizer.save(out / TOOLKIT_TOKENIZER)
+            for name, text in (tokenizer.hf_files() if hasattr(tokenizer, "hf_files") else {}).items():
+                with atomic_open(out / name, "w") as f:
+                    f.write(text)
         # last: from_pretrained looks for config.json first, so an export cut short is never taken for whole
         with atomic_open(out / "config.json", "w") as f:
             json.dump(hf_config, f, indent=2)
@@ -589,6 +594,20 @@ def _check_not_lfs_pointer(file: Path) -> None:
     if file.is_file() and file.stat().st_size < 1024 and file.read_bytes().startswith(b"version https://git-lfs"):
         raise CheckpointFormatError(f"{file} is a git-lfs pointer, not the weights: run `git lfs pull` in "
                                     f"{file.parent}, or download the file itself")
+
+
+# this project's tokenizer in an exported Hugging Face folder: not tokenizer.json, which is transformers'
+# own format and name (AutoTokenizer would fail on ours)
+TOOLKIT_TOKENIZER = "toolkit_tokenizer.json"
+
+
+def exported_tokenizer_file(folder: Path) -> Optional[Path]:
+    """The file of this project's tokenizer in a Hugging Face folder, None if there is none; folders
+    exported by earlier versions have it as tokenizer.json (which may also be transformers' own)."""
+    for name in (TOOLKIT_TOKENIZER, "tokenizer.json"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s, from the vendors' datasheets. Checked in

@@ -680,6 +680,32 @@ class BPETokenizer(Tokenizer):
         return tok
 
 
+def gpt2_files_from_ranks(ranks: dict[bytes, int], specials: dict[str, int]) -> dict[str, str]:
+    """OpenAI's encoder.json and vocab.bpe, as transformers names them (vocab.json, merges.txt), rebuilt
+    from tiktoken's token -> rank table: what transformers' GPT-2 tokenizer loads.
+
+    A token of rank r is the merge of two tokens of lower rank; splitting its bytes again by merging the
+    lowest-ranked pairs below r, until two parts remain, finds which.
+    """
+    spell = _gpt2_byte_to_unicode()
+    word = lambda token: "".join(spell[b] for b in token)  # noqa: E731
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                raise TokenizerError(f"token {token!r} of rank {rank} is no merge of two tokens of lower rank")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{word(parts[0])} {word(parts[1])}")
+    vocab = {word(token): rank for token, rank in ranks.items()} | specials
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
+
+
 def _gpt2_byte_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of bytes in encoder.json and vocab.bpe.
 
@@ -717,6 +743,10 @@ class GPT2Tokenizer(Tokenizer):
                 f"which gives the same ids") from e
         self.eot_token = self.enc.eot_token
         self.special_tokens = {EOT: self.enc.eot_token}
+
+    def hf_files(self) -> dict[str, str]:
+        """vocab.json and merges.txt for transformers' GPT-2 tokenizer (model.save_pretrained writes them)."""
+        return gpt2_files_from_ranks(self.enc._mergeable_ranks, self.special_tokens)
 
     @property
     def vocab_size(self) -> int:

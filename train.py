@@ -245,17 +245,18 @@ def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
 def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) -> None:
     """Data for fine-tuning a Hugging Face folder's model must be in that model's tokens.
 
-    The folder's tokenizer.json, where it is this project's (save_pretrained writes one), must be the
+    The folder's tokenizer, where it has one of this project's (save_pretrained writes it), must be the
     data set's tokenizer. A folder without one and GPT-2's 50,257 tokens is taken for OpenAI's GPT-2.
     """
+    from model import exported_tokenizer_file
     from tokenizer import load_tokenizer
     if meta["vocab_size"] > vocab_size:
         raise TrainingError(f"{folder} holds a model of {vocab_size} tokens, but {data_dir} was prepared with the "
                             f"{meta.get('tokenizer')!r} tokenizer ({meta['vocab_size']} tokens); prepare the data "
                             f"with the model's tokenizer")
-    own, theirs = folder / "tokenizer.json", Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
+    own, theirs = exported_tokenizer_file(folder), Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
     try:
-        own_tokenizer = load_tokenizer(own).to_dict() if own.is_file() else None
+        own_tokenizer = load_tokenizer(own).to_dict() if own is not None else None
     except UserError:  # transformers' own tokenizer.json, not this project's: nothing to compare with
         own_tokenizer = None
     if own_tokenizer is None:

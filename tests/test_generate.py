@@ -336,10 +336,13 @@ def test_greedy_matches_transformers(tmp_path):
             out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=30, do_sample=False,
                               pad_token_id=0)
         assert out[0, len(ids):].tolist() == mine
-    # the tokenizer.json written beside the weights comes back with --init_from DIR
+    # the tokenizer written beside the weights comes back with --init_from DIR
     model2, tok2, _ = load_model(init_from=str(tmp_path / "hf"))
     assert tok2.kind == "char" and tok2.chars == tok.chars
     assert greedy_ids(Generator(model2), prompts, 30) == ours
+    # an export of an earlier version, which named it tokenizer.json, loads too
+    (tmp_path / "hf" / "toolkit_tokenizer.json").rename(tmp_path / "hf" / "tokenizer.json")
+    assert load_model(init_from=str(tmp_path / "hf"))[1].chars == tok.chars
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

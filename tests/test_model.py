@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from config import ConfigError, GPT2Config, preset_config
+from conftest import gpt2_encoding
 from model import GPT, CheckpointFormatError, fp8_problem, peak_flops
 from utils import UserError
 
@@ -268,12 +269,27 @@ def test_save_pretrained_writes_config_json_last(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no config.json announcing an export without weights
 
 
+def test_an_export_with_gpt2s_tokenizer_loads_in_autotokenizer(tmp_path, gpt2_files):
+    """vocab.json and merges.txt rebuilt from tiktoken are OpenAI's encoder.json and vocab.bpe, so
+    transformers' AutoTokenizer and pipeline load the folder; this project's own file is named apart."""
+    from tokenizer import GPT2Tokenizer
+    GPT(tiny_config(vocab_size=50257)).save_pretrained(tmp_path, tokenizer=GPT2Tokenizer())
+    encoder_json, vocab_bpe = gpt2_files
+    assert json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8")) == json.loads(encoder_json.read_text())
+    assert (tmp_path / "merges.txt").read_text(encoding="utf-8").split() == vocab_bpe.read_text(encoding="utf-8").split()
+    assert not (tmp_path / "tokenizer.json").exists() and (tmp_path / "toolkit_tokenizer.json").is_file()
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello world, 你好！ It's 2026.\n\n  spaces\t<|endoftext|>"
+    assert hf(text)["input_ids"] == gpt2_encoding().encode(text, allowed_special="all")
+    assert hf.eos_token_id == 50256
+
+
 def test_save_pretrained_over_an_earlier_export(tmp_path, monkeypatch):
     from tokenizer import CharTokenizer
     GPT(tiny_config()).save_pretrained(tmp_path, tokenizer=CharTokenizer("abc"))
     model = GPT(tiny_config(n_layer=3)).eval()
     model.save_pretrained(tmp_path)  # no tokenizer this time
-    assert not (tmp_path / "tokenizer.json").exists()  # the old one would be taken for this model's
+    assert not (tmp_path / "toolkit_tokenizer.json").exists()  # the old one would be taken for this model's
     assert GPT.from_pretrained(str(tmp_path)).config.n_layer == 3
     import safetensors.torch
     monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
