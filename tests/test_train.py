@@ -432,6 +432,40 @@ def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch
     assert done[0].startswith("done: 13 iterations (3 of them in this run) in "), done
 
 
+def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, monkeypatch):
+    """Each step takes 10 ms on a fake clock, the first one (compilation) 1 s more; evaluations and
+    everything else take no time. Every logged rate is then exactly 10 ms per step, and the ETA the
+    remaining steps' time."""
+    import inspect
+    import train as train_module
+    now = [0.0]
+
+    class Clock:  # the time module, but perf_counter reads the fake clock
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def perf_counter():
+            return now[0]
+    monkeypatch.setattr(train_module, "time", Clock())
+    real_fb, real_log, logged = train_module.forward_backward, train_module.log_progress, {}
+
+    def step(*args, **kwargs):
+        now[0] += 1.01 if now[0] == 0.0 else 0.01
+        return real_fb(*args, **kwargs)
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(real_log).bind(*args, **kwargs).arguments
+        logged[bound["iter_num"]] = (bound["dt"], bound["eta"])
+        return real_log(*args, **kwargs)
+    monkeypatch.setattr(train_module, "forward_backward", step)
+    monkeypatch.setattr(train_module, "log_progress", spy)
+    train(tiny(char_data, tmp_path, max_iters=12, log_interval=4, eval_interval=12))
+    assert sorted(logged) == [4, 8, 12]
+    for it, (dt, eta) in logged.items():
+        assert dt == pytest.approx(0.01) and eta == pytest.approx((12 - it) * 0.01), it
+
+
 def test_the_eta_of_the_last_log_step_counts_the_final_evaluation(char_data, tmp_path, monkeypatch):
     import train as train_module
     import inspect
