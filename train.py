@@ -371,12 +371,17 @@ def move_aside(checkpoint_dir: Path) -> Optional[Path]:
 
 
 def new_run_dir(log_dir: str, data_dir: str) -> Path:
+    """Make log_dir/<time>_<data>[-N] and return it. Making it claims the name: runs started in the
+    same second (a sweep started from a script, say) each get their own TensorBoard run."""
     base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{Path(data_dir).resolve().name}"
     run_dir, n = base, 1
-    while run_dir.exists():
-        run_dir = base.with_name(f"{base.name}-{n}")
-        n += 1
-    return run_dir
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            run_dir = base.with_name(f"{base.name}-{n}")
+            n += 1
 
 
 class Logger:
@@ -578,18 +583,22 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     run_dir = None
     made_folders = []  # by this run: a run stopped before it trained anything takes them away again
     if master:
-        if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
-            run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run
-        else:
-            run_dir = new_run_dir(config.log_dir, config.data_dir)
         # both folders first: one that cannot be made (a read-only or virtual file system) stops the run
         # before the previous checkpoints are moved aside
-        for name, folder in (("checkpoint_dir", checkpoint_dir), ("log_dir", run_dir)):
+        for folder in (checkpoint_dir, Path(config.log_dir)):
             made_folders += [p for p in (folder.resolve(), *folder.resolve().parents) if not p.exists()]
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"cannot make --{name} folder {folder}: {e.strerror or e}") from None
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot make --checkpoint_dir folder {checkpoint_dir}: {e.strerror or e}") from None
+        try:
+            if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
+                run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run
+                run_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                run_dir = new_run_dir(config.log_dir, config.data_dir)
+        except OSError as e:
+            raise ConfigError(f"cannot make --log_dir folder {config.log_dir}: {e.strerror or e}") from None
     log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     cleanup.callback(log.close)
     if master:

@@ -612,6 +612,15 @@ def test_tensorboard_events_of_a_resumed_run(resume_runs):
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
 
 
+def test_runs_started_in_the_same_second_get_their_own_tensorboard_run(tmp_path, monkeypatch):
+    from train import new_run_dir
+    import train as train_module
+    monkeypatch.setattr(train_module.time, "strftime", lambda fmt: "20261126-120000")
+    made = [new_run_dir(str(tmp_path / "runs"), str(tmp_path / "data" / "char")) for _ in range(3)]
+    assert [p.name for p in made] == ["20261126-120000_char", "20261126-120000_char-1", "20261126-120000_char-2"]
+    assert all(p.is_dir() for p in made)
+
+
 def test_a_resumed_runs_event_file_sorts_after_the_one_it_continues(tmp_path):
     from train import Logger
     names = []
@@ -701,7 +710,7 @@ def test_a_log_dir_that_cannot_be_made_stops_before_checkpoints_move(char_data, 
     train(tiny(char_data, tmp_path, max_iters=2))
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     # /proc takes no new folders; root may pass the permission check, so the mkdir itself fails
-    with pytest.raises(ConfigError, match=r"cannot make --log_dir folder /proc/no_runs/|log_dir=/proc/no_runs is not"):
+    with pytest.raises(ConfigError, match=r"cannot make --log_dir folder /proc/no_runs|log_dir=/proc/no_runs is not"):
         train(tiny(char_data, tmp_path, max_iters=2, init_from="scratch", log_dir="/proc/no_runs"))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before  # nothing moved aside
 
