@@ -263,16 +263,18 @@ def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) ->
     rng.shuffle(words)
     p = 1.0 / np.arange(1, len(words) + 1) ** 1.05
     p /= p.sum()
-    parts, size = [], 0
+    parts, size, per_word = [], 0, 10.0  # bytes per word and separator, measured on each block drawn
     while size < n_bytes:
-        k = int(min(1 << 18, max(64, (n_bytes - size) // 12)))  # about 9 bytes a word: little more than asked
+        k = int(min(1 << 18, max(16, (n_bytes - size) / per_word)))
         tokens = np.empty(2 * k, dtype=object)
         tokens[0::2] = words[rng.choice(len(words), size=k, p=p)]
         tokens[1::2] = np.where(rng.random(k) < 0.08, "\n", " ")
-        block = "".join(tokens)
+        block = "".join(tokens).encode("utf-8")
         parts.append(block)
-        size += len(block.encode("utf-8"))
-    return "".join(parts)
+        size += len(block)
+        per_word = len(block) / k
+    # cut to the size asked for, at a character boundary
+    return b"".join(parts)[:n_bytes].decode("utf-8", errors="ignore")
 
 
 def bench_documents(text: str, seed: int = 1337) -> Iterator[str]:

@@ -706,7 +706,8 @@ SETTING_PARSERS = {"max_new_tokens": int, "temperature": float, "top_k": _option
 def _run_command(line: str, settings: SamplingSettings, out) -> bool:
     """Apply one ':name value' command to settings; False means quit."""
     name, _, value = line[1:].lstrip().partition(" ")
-    if name != "stop":  # a stop string may begin or end with spaces (or U+3000, the full-width space)
+    # a stop string may begin or end with spaces (or U+3000, the full-width space); 'none' turns it off
+    if name != "stop" or value.strip().lower() in ("none", "off"):
         value = value.strip()
     name = name.strip()
     if name in ("quit", "exit", "q"):
@@ -740,6 +741,10 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
             import readline  # noqa: F401  (input() then edits the line and keeps a history)
         except ImportError:  # not on every platform
             pass
+        if hasattr(sys.stdin, "reconfigure"):
+            # bytes that are not UTF-8 (a terminal set to GBK) arrive as lone surrogates, which check_utf8
+            # names, instead of an error that takes the rest of the buffered input with it
+            sys.stdin.reconfigure(errors="surrogateescape")
     print("interactive mode: type a prompt and press Enter; :help lists the commands, Ctrl-D exits",
           file=sys.stderr)
 

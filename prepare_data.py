@@ -57,7 +57,7 @@ from tqdm import tqdm
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                        tokenizer_from_dict)
-from utils import ArgumentParser, atomic_open, folder_problem, run_cli
+from utils import ArgumentParser, atomic_open, folder_problem, missing_folders, run_cli
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -557,8 +557,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     then, by renames, meta.json last. A run that fails before keeps the old data set whole, and takes
     away the folders it made.
     """
-    # deepest first; resolved, so that 'missing/../data' is not taken for a folder this run makes
-    made = [p for p in (out_dir.resolve(), *out_dir.resolve().parents) if not p.exists()]
+    made = missing_folders(out_dir)  # deepest first
     dtype = token_dtype(tokenizer.vocab_size)
     retired = out_dir / ".meta.json.replaced"
     bins_before = None
@@ -597,13 +596,14 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         if retired.exists() and _identities(out_dir) == bins_before:
             os.replace(retired, out_dir / "meta.json")
         retired.unlink(missing_ok=True)  # it described .bin files that are no longer there
-        if made:  # only what this run made: another run may have put a data set beside out_dir meanwhile
-            shutil.rmtree(made[0], ignore_errors=True)
-            for folder in made[1:]:
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty (or gone): it and the folders above it stay
-                    break
+        # only what this run made: another run may have put a data set beside out_dir meanwhile
+        if out_dir.resolve() in made:
+            shutil.rmtree(out_dir.resolve(), ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or gone already
+                pass
         if isinstance(e, OSError):  # a folder that cannot be written, a full disk, ...
             raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
                             + (f" ({e.filename})" if e.filename else "")) from None
@@ -660,9 +660,9 @@ def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: l
     # end-of-text between files, as in the encoded data: the trainer splits the text there, so no merge
     # joins the end of one file to the start of the next
     train_text = "".join(text + (EOT if eot else "") for split, text, eot in texts if split == "train")
-    markers = sum(eot for split, _, eot in texts if split == "train")
+    markers, files = sum(eot for split, _, eot in texts if split == "train"), sum(split == "train" for split, _, _ in texts)
     print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text) - markers * len(EOT):,} characters"
-          + (f" of {markers + 1} files" if markers else ""), file=sys.stderr)
+          + (f" of {files} files" if files > 1 else ""), file=sys.stderr)
     return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])
 
 

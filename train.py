@@ -37,8 +37,8 @@ import torch
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES, fp8_problem
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
-                   format_duration, get_rng_state, load_checkpoint, load_weights, resolve_device, resolve_dtype,
-                   run_cli, save_checkpoint, save_checkpoint_as, set_rng_state)
+                   format_duration, get_rng_state, load_checkpoint, load_weights, missing_folders, resolve_device,
+                   resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state)
 
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 # utils.atomic_open's and save_checkpoint_as's temporary names for the checkpoints above
@@ -585,8 +585,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if master:
         # both folders first: one that cannot be made (a read-only or virtual file system) stops the run
         # before the previous checkpoints are moved aside
-        for folder in (checkpoint_dir, Path(config.log_dir)):
-            made_folders += [p for p in (folder.resolve(), *folder.resolve().parents) if not p.exists()]
+        made_folders = missing_folders(checkpoint_dir) + missing_folders(Path(config.log_dir))
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -942,7 +941,9 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
     flag = torch.tensor([1 if stop.signum is not None else 0])
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
     if flag.item() and stop.signum is None:
-        stop.signum = signal.SIGTERM  # another rank was signalled
+        # another rank was signalled; this one's own copy of the signal may still come, and must count as
+        # the same request, not as a second one that aborts without saving
+        stop.signum, stop._first = signal.SIGTERM, time.monotonic()
         if stop.verbose:  # rank 0 says why the run stops; the signalled rank said it for itself
             print("another process received a signal: stopping with it", file=sys.stderr, flush=True)
     return bool(flag.item())

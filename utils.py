@@ -49,6 +49,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """The folders that path.mkdir(parents=True) would make, deepest first, resolved: those that do not
+    exist, also where the path goes through '..' ('missing/../data' makes 'missing', not the existing 'data')."""
+    found = []
+    for p in (path.absolute(), *path.absolute().parents):
+        if not p.exists() and not p.resolve().exists() and p.resolve() not in found:
+            found.append(p.resolve())
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
 def folder_problem(path: Path) -> Optional[str]:
     """Why files cannot be written into `path` as a folder (a file is in the way, no permission to
     write), or None if it is such a folder or can be made one."""
@@ -77,8 +87,11 @@ def run_cli(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+        # under torchrun every process of a machine meets the same error (its flags, its files): the
+        # first process of each machine says it, naming its rank where that is not 0
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            rank = os.environ.get("RANK", "0")
+            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

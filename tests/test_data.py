@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,25 @@ def test_custom_folder_reads_upper_case_suffixes(tmp_path):
     assert meta["source"] == f"2 .txt files under {folder}"
     tok = load_tokenizer(tmp_path / "o" / "tokenizer.json")
     assert tok.decode(np.concatenate(bins(tmp_path / "o")).tolist()) == "upper case suffix\nlower case suffix\n"
+
+
+def test_openwebtext_reads_upper_case_suffixes(tmp_path):
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "a.JSONL").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:6]))
+    (web / "b.TXT").write_text(DOCS[6])
+    meta = prepare_documents(tmp_path / "o", str(web), hf_name="", val_fraction=0.25, num_proc=1, command="t")
+    assert meta["train_documents"] + meta["val_documents"] == 7
+
+
+def test_the_bpe_line_counts_the_files_in_the_training_split(tmp_path, capsys):
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "a.txt").write_text("abcdefghijklmnopqrstuvwxyz")
+    (folder / "b.txt").write_text("zyxwvutsrqponmlkjihgfedcba")
+    prepare("--dataset", "custom", "--input", folder, "--tokenizer", "bpe", "--vocab_size", "300",
+            "--val_fraction", "0.5", "--output_dir", tmp_path / "o")  # the cut falls between the files
+    assert "on 26 characters\n" in capsys.readouterr().err
 
 
 def test_custom_bpe_learns_no_merge_across_files(tmp_path):
@@ -732,8 +752,21 @@ def test_a_failed_run_leaves_a_data_set_written_beside_it_meanwhile(tmp_path, mo
     assert (tmp_path / "data" / "a" / "meta.json").exists()
 
 
+def test_missing_folders():
+    from utils import missing_folders
+    root = Path("/tmp") / f"mf-{os.getpid()}"
+    try:
+        (root / "data" / "x").mkdir(parents=True)
+        assert missing_folders(root / "new" / "sub") == [root / "new" / "sub", root / "new"]
+        assert missing_folders(root / "missing" / ".." / "data" / "x") == [root / "missing"]
+        assert missing_folders(root / "missing" / ".." / "data" / "y") == [root / "data" / "y", root / "missing"]
+        assert missing_folders(root / "data") == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_a_failed_run_keeps_an_existing_folder_named_through_a_missing_one(tmp_path, monkeypatch):
-    """'missing/../data/x' names the existing data/x: it is not a folder this run made."""
+    """'missing/../data/x' names the existing data/x: it is not a folder this run made (but 'missing' is)."""
     monkeypatch.setattr(prepare_data, "encode_units", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     (tmp_path / "a.txt").write_text("abc\n" * 50)
     (tmp_path / "data" / "x").mkdir(parents=True)
@@ -741,7 +774,7 @@ def test_a_failed_run_keeps_an_existing_folder_named_through_a_missing_one(tmp_p
     with pytest.raises(KeyboardInterrupt):
         prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char",
                 "--output_dir", tmp_path / "missing" / ".." / "data" / "x")
-    assert (tmp_path / "data" / "x" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "data" / "x" / "keep.txt").read_text() == "mine" and not (tmp_path / "missing").exists()
 
 
 def test_progress_lines_where_stderr_is_no_terminal(tmp_path, monkeypatch, capsys):

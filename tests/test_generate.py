@@ -515,6 +515,13 @@ def test_text_in_another_encoding_is_named_not_a_traceback(char_checkpoint, tmp_
     out = r.stdout.decode()
     # the line after the bad one, with a byte-order mark, is read as 'ab' (its continuation is printed)
     assert r.returncode == 0 and "error: that line is not valid UTF-8 (byte 0xbd)" in out and f"> {expected}\n" in out
+    # a UTF-8 locale decodes strictly: only the bad line is lost, not the lines before and after it
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--device", "cpu", "--interactive"], cwd=tmp_path,
+                       input=b":temperature 0\n:max_new_tokens 5\nab\n\xbd\xf1\nab\n", capture_output=True,
+                       env=env, timeout=120)
+    out = r.stdout.decode()
+    assert r.returncode == 0 and out.count(f"> {expected}\n") == 2 and out.count("not valid UTF-8") == 1, out
 
 
 def test_a_console_that_cannot_show_a_character_gets_a_replacement(char_checkpoint, tmp_path, monkeypatch):
@@ -535,6 +542,9 @@ def test_a_stop_string_may_begin_and_end_with_spaces():
     generate._run_command(":stop \u3000", settings, out)  # the full-width space
     assert settings.stop == "\u3000"
     generate._run_command(":stop none", settings, out)
+    assert settings.stop is None
+    settings.stop = "x"
+    generate._run_command(":stop off ", settings, out)
     assert settings.stop is None
     generate._run_command(":  top_k   5  ", settings, out)  # other settings: spaces around do not matter
     assert settings.top_k == 5

@@ -894,12 +894,25 @@ def test_pickle_with_an_arbitrary_object_is_refused(tmp_path, write):
     assert "GLOBAL argparse.Namespace" in msg and "\n" not in msg
 
 
-def test_under_torchrun_an_input_error_is_printed_by_rank_0_only():
+def test_under_torchrun_an_input_error_is_printed_once_a_machine():
     code = "from utils import run_cli, UserError\ndef main():\n    raise UserError('bad flag')\nrun_cli(main)\n"
-    for rank, printed in (("0", "error: bad flag\n"), ("1", "")):
+    for rank, local_rank, printed in (("0", "0", "error: bad flag\n"), ("1", "1", ""),
+                                      ("8", "0", "error (rank 8): bad flag\n")):  # the second machine's first
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "RANK": rank})
+                           env={**os.environ, "RANK": rank, "LOCAL_RANK": local_rank})
         assert (r.returncode, r.stderr) == (2, printed)
+
+
+def test_a_signal_to_this_process_just_after_anothers_is_the_same_request(monkeypatch):
+    """A preemption reaches the processes a moment apart: the one that hears of it from another
+    process first must not take its own copy for a second Ctrl-C, which aborts without saving."""
+    from train import stop_requested
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, **kwargs: flag.fill_(1))  # another rank's flag
+    stop = GracefulStop(verbose=False)
+    assert stop_requested(stop) and stop.signum == signal.SIGTERM
+    stop._handle(signal.SIGTERM, None)  # its own copy, 0 s later: no SystemExit
+    assert stop.signum == signal.SIGTERM
 
 
 def test_processes_that_found_different_checkpoints_stop_with_a_reason():
