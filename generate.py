@@ -559,9 +559,9 @@ def _load_pretrained(name: str):
         try:
             tokenizer = load_tokenizer(tok_file)
         except TokenizerError:
-            # transformers writes its own tokenizer.json format; a standard GPT-2 vocabulary is GPT-2's BPE
-            if model.config.vocab_size != GPT2_VOCAB_SIZE:
+            if tok_file.name == TOOLKIT_TOKENIZER:  # ours, and damaged
                 raise
+            # transformers' own tokenizer.json: a standard GPT-2 vocabulary is GPT-2's BPE, others are named below
     if tokenizer is None:
         if model.config.vocab_size != GPT2_VOCAB_SIZE:
             raise CheckpointError(f"{name} has vocab_size {model.config.vocab_size}, not GPT-2's {GPT2_VOCAB_SIZE}, "

@@ -446,9 +446,15 @@ class GPT(nn.Module):
         cfg = self.config
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        # an earlier export's config.json would otherwise vouch for weights half overwritten, and its
-        # tokenizer files would be taken for this model's (tokenizer.json: where earlier versions wrote ours)
-        for name in ("config.json", TOOLKIT_TOKENIZER, "tokenizer.json", "vocab.json", "merges.txt"):
+        # an earlier export's config.json would otherwise vouch for weights half overwritten, its weights
+        # (model.safetensors where this one writes pytorch_model.bin) would be loaded instead of these, and
+        # its tokenizer and generation files would be taken for this model's (tokenizer.json: where earlier
+        # versions wrote ours)
+        stale = ["config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", TOOLKIT_TOKENIZER, "tokenizer.json", "vocab.json", "merges.txt",
+                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
+        shards = [p.name for p in out.glob("*-of-*") if p.suffix in (".safetensors", ".bin")]
+        for name in stale + shards:
             (out / name).unlink(missing_ok=True)
         sd = {}
         for k, v in self.state_dict().items():

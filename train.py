@@ -19,6 +19,7 @@ gradient clipping, autocast with bfloat16 (float16 plus a GradScaler where bf16 
 torch.compile, with DDP through torch.distributed when launched by torchrun.
 """
 import copy
+import hashlib
 import math
 import os
 import re
@@ -176,7 +177,7 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     ckpt = load_checkpoint(ckpt_path)
     # fine-tuning (--init_from=gpt2 or a folder) continues a run that started from the same weights; a
     # checkpoint of another start is moved aside like --init_from=scratch does
-    if config.init_from not in ("auto", "resume") and started_from(ckpt) != origin(config.init_from):
+    if config.init_from not in ("auto", "resume") and not same_start(ckpt, config.init_from):
         return check_folders(config.validate()), None, None
     lacking = [k for k in ("optimizer", "iter_num", "best_val_loss") if k not in ckpt]
     if lacking:
@@ -213,6 +214,29 @@ def origin(init_from: str) -> str:
 def started_from(ckpt: dict) -> str:
     """A checkpoint's origin(); checkpoints written before it was recorded keep it in their config."""
     return ckpt.get("started_from") or origin(ckpt["config"].get("init_from", "scratch"))
+
+
+def folder_fingerprint(init_from: str) -> Optional[str]:
+    """For a Hugging Face folder, a digest of its config.json and of its weight files' names, sizes and
+    modification times, which change when another model is exported into it; None for anything else."""
+    path = Path(init_from)
+    if init_from in GPT2_NAMES or not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if p.name == "config.json":
+            digest.update(p.read_bytes())
+        elif p.suffix in (".safetensors", ".bin"):
+            st = p.stat()
+            digest.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def same_start(ckpt: dict, init_from: str) -> bool:
+    """Whether a fine-tuning command continues the run of ckpt: the same start, and, for a folder that is
+    still there, the same model in it (not another one exported there since)."""
+    recorded, now = ckpt.get("started_from_fingerprint"), folder_fingerprint(init_from)
+    return started_from(ckpt) == origin(init_from) and (recorded is None or now is None or recorded == now)
 
 
 def check_folders(config: GPT2Config) -> GPT2Config:
@@ -264,9 +288,13 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
             check_gpt2_data(str(folder), meta, data_dir)
         return
     if not theirs.is_file() or load_tokenizer(theirs).to_dict() != own_tokenizer:
+        kind = own_tokenizer.get("kind")
+        how = ("prepare the data with --tokenizer gpt2" if kind == "gpt2" else
+               f"a {kind} tokenizer is built from the text it is prepared from, so only data prepared from the "
+               f"same text (the same characters{', the same merges' if kind == 'bpe' else ''}) fits; fine-tune "
+               f"on that data")
         raise TrainingError(f"{data_dir} was not prepared with the tokenizer of {folder} ({own}): the same ids "
-                            f"would stand for other text. Prepare the data with it, e.g. --tokenizer "
-                            f"{own_tokenizer.get('kind', '...')}, or fine-tune on data of that tokenizer")
+                            f"would stand for other text; {how}")
 
 
 def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict],
@@ -625,6 +653,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None
     run_origin = started_from(ckpt) if ckpt is not None else origin(config.init_from)
+    run_fingerprint = ckpt.get("started_from_fingerprint") if ckpt is not None else folder_fingerprint(config.init_from)
     progress = (ckpt.get("progress") if ckpt is not None else None) or {"loss_sums": [], "steps": 0, "eval_s": 0.0}
     eval_owed = bool(progress.get("eval_owed", False))
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
@@ -650,7 +679,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
                 "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s,
                              "eval_owed": eval_owed},
-                "started_from": run_origin, "version": CHECKPOINT_VERSION}
+                "started_from": run_origin, "started_from_fingerprint": run_fingerprint, "version": CHECKPOINT_VERSION}
 
     # where the run's time goes, for the last line: evaluations and checkpoint writes are summed as they
     # happen, setup and the first step (torch.compile's compilation) are timed once, steps are the rest

@@ -643,6 +643,15 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, change, messa
     assert str(e.value).startswith(f"{path}: its ") and message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_hub_folder_with_its_own_tokenizer_and_another_vocabulary_is_named(tmp_path):
+    """transformers' tokenizer.json cannot be read here: a vocabulary that is not GPT-2's gets the clear
+    message, not a complaint about the file's format."""
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=1000)).save_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    with pytest.raises(CheckpointError, match="has vocab_size 1000, not GPT-2's 50257, and no toolkit_tokenizer.json"):
+        load_model(init_from=str(tmp_path))
+
+
 def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(checkpoint_dir=tmp_path / "none")

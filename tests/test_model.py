@@ -269,6 +269,23 @@ def test_save_pretrained_writes_config_json_last(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no config.json announcing an export without weights
 
 
+def test_an_export_leaves_no_file_of_the_folders_earlier_model(tmp_path, monkeypatch):
+    """Written without safetensors (pytorch_model.bin), over an export that has model.safetensors and a
+    Hub download's generation_config.json: neither may be taken for the new model's."""
+    GPT(tiny_config()).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 50256}')
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    import sys
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails: not installed
+    new = GPT(tiny_config(n_layer=3)).eval()
+    new.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "pytorch_model.bin"]
+    monkeypatch.undo()
+    loaded = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 101, (1, 8))
+    torch.testing.assert_close(loaded(idx)[0], new(idx)[0])
+
+
 def test_an_export_with_gpt2s_tokenizer_loads_in_autotokenizer(tmp_path, gpt2_files):
     """vocab.json and merges.txt rebuilt from tiktoken are OpenAI's encoder.json and vocab.bpe, so
     transformers' AutoTokenizer and pipeline load the folder; this project's own file is named apart."""

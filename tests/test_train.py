@@ -1002,7 +1002,8 @@ def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
     gpt2_data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
     other_chars = write_data(tmp_path / "other", CharTokenizer.from_text("zyxwvu " * 20), "zyxwvu " * 2000)
     for data, message in ((gpt2_data, "holds a model of 20 tokens, but .* was prepared with the 'gpt2' tokenizer"),
-                          (other_chars, "was not prepared with the tokenizer of")):
+                          (other_chars, "was not prepared with the tokenizer of .* only data prepared from the "
+                                        "same text \\(the same characters\\) fits")):
         with pytest.raises(TrainingError, match=message):
             train(tiny(data, tmp_path / data.name, init_from=str(exported), max_iters=2))
         assert not (tmp_path / data.name / "ckpt").exists()
@@ -1033,6 +1034,14 @@ def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, 
     with pytest.raises(CheckpointError, match=r"start the new fine-tuning run in another --checkpoint_dir") as e:
         tune(str(tmp_path / "a"), max_iters=4, n_layer=3)
     assert "--init_from=scratch" not in str(e.value)
+    # another model exported into the same folder is another start too
+    tune(str(tmp_path / "a"), max_iters=4)
+    assert tune(str(tmp_path / "a"), max_iters=5)["resumed_from"] == 4
+    GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=model.config.vocab_size)).save_pretrained(
+        str(tmp_path / "a"), tokenizer=load_tokenizer(char_data / "tokenizer.json"))
+    capsys.readouterr()
+    assert tune(str(tmp_path / "a"), max_iters=6)["resumed_from"] is None
+    assert "the previous checkpoints in" in capsys.readouterr().out
 
 
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
