@@ -326,7 +326,7 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
     after each). Raises RuntimeError if the pipeline's ids differ from single-thread tiktoken's.
     """
     from data import SPLITS
-    from prepare_data import prepare_documents, prepare_text
+    from prepare_data import doc_split, prepare_documents, prepare_text
     from tokenizer import GPT2Tokenizer
     print(f"generating {mb:g} MB of text from {'the words of ' + words_file if words_file else 'made-up words'}",
           file=sys.stderr)
@@ -353,14 +353,20 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
         same = all(np.array_equal(np.fromfile(tmp / "text" / f"{split}.bin", dtype=np.uint16), ids)
                    for split, ids in zip(SPLITS, ref))
         del ref
-        n_docs = 0
+        fractions = []  # where each document's hash falls in [0, 1): below val_fraction means val
         with open(tmp / "bench.jsonl", "w", encoding="utf-8") as f:
             for line in bench_documents(text):
                 f.write(line)
-                n_docs += 1
+                digest = doc_split(json.loads(line)["text"], 0.0)[1]
+                fractions.append(int.from_bytes(digest, "little") / 2**64)
+        if len(fractions) < 2:
+            raise UserError(f"--tokenize_mb {mb:g} makes {len(fractions)} document, and both splits need one; "
+                            f"give at least --tokenize_mb 0.05")
         # OpenWebText's val_fraction leaves val a few documents from about 50 MB up; a smaller text takes
-        # 0.05, as an empty split is an error. Which split a document goes to does not change the speed.
-        val_fraction = 0.0005 if n_docs >= 5000 else 0.05
+        # 0.05, or just enough to put one document in val, as an empty split is an error. Which split a
+        # document goes to does not change the speed.
+        smallest = sorted(fractions)[:2]
+        val_fraction = 0.0005 if len(fractions) >= 5000 else max(0.05, (smallest[0] + smallest[1]) / 2)
         t0 = time.perf_counter()
         meta = prepare_documents(tmp / "docs", str(tmp / "bench.jsonl"), hf_name="", val_fraction=val_fraction,
                                  num_proc=num_proc, command="bench")

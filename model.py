@@ -14,6 +14,7 @@ so importing OpenAI weights is a transpose of the four Conv1D matrices and nothi
 """
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -453,7 +454,8 @@ class GPT(nn.Module):
         stale = ["config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", TOOLKIT_TOKENIZER, "tokenizer.json", "vocab.json", "merges.txt",
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
-        shards = [p.name for p in out.glob("*-of-*") if p.suffix in (".safetensors", ".bin")]
+        shards = [p.name for p in out.iterdir()
+                  if re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", p.name)]
         for name in stale + shards:
             (out / name).unlink(missing_ok=True)
         sd = {}

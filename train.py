@@ -216,19 +216,27 @@ def started_from(ckpt: dict) -> str:
     return ckpt.get("started_from") or origin(ckpt["config"].get("init_from", "scratch"))
 
 
-def folder_fingerprint(init_from: str) -> Optional[str]:
+def folder_fingerprint(init_from: str, sample: int = 1 << 20) -> Optional[str]:
     """For a Hugging Face folder, a digest of its config.json and of its weight files' names, sizes and
-    modification times, which change when another model is exported into it; None for anything else."""
+    first and last MiB, which change when another model is exported into it (but not when the same files
+    are copied, restored or downloaded again); None for anything else."""
     path = Path(init_from)
     if init_from in GPT2_NAMES or not path.is_dir():
         return None
     digest = hashlib.sha256()
     for p in sorted(path.iterdir()):
-        if p.name == "config.json":
-            digest.update(p.read_bytes())
-        elif p.suffix in (".safetensors", ".bin"):
-            st = p.stat()
-            digest.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if p.name != "config.json" and p.suffix not in (".safetensors", ".bin"):
+            continue
+        digest.update(p.name.encode())
+        try:
+            with open(p, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
+                head = f.read(sample) if p.name != "config.json" else f.read()
+                f.seek(max(0, size - sample))
+                digest.update(f"{size}".encode() + head + f.read(sample))
+        except OSError:  # a link to nothing (a pruned Hugging Face cache, say): its name alone counts
+            digest.update(b"unreadable")
     return digest.hexdigest()
 
 
@@ -272,7 +280,7 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
     The folder's tokenizer, where it has one of this project's (save_pretrained writes it), must be the
     data set's tokenizer. A folder without one and GPT-2's 50,257 tokens is taken for OpenAI's GPT-2.
     """
-    from model import exported_tokenizer_file
+    from model import TOOLKIT_TOKENIZER, exported_tokenizer_file
     from tokenizer import load_tokenizer
     if meta["vocab_size"] > vocab_size:
         raise TrainingError(f"{folder} holds a model of {vocab_size} tokens, but {data_dir} was prepared with the "
@@ -281,8 +289,10 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
     own, theirs = exported_tokenizer_file(folder), Path(data_dir) / meta.get("tokenizer_file", "tokenizer.json")
     try:
         own_tokenizer = load_tokenizer(own).to_dict() if own is not None else None
-    except UserError:  # transformers' own tokenizer.json, not this project's: nothing to compare with
-        own_tokenizer = None
+    except UserError as e:
+        if own.name == TOOLKIT_TOKENIZER:  # this project's, damaged: the check cannot be made, so no training
+            raise TrainingError(str(e)) from None
+        own_tokenizer = None  # transformers' own tokenizer.json, not this project's: nothing to compare with
     if own_tokenizer is None:
         if vocab_size == 50257:
             check_gpt2_data(str(folder), meta, data_dir)
@@ -617,6 +627,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         try:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            remove_run_folders(None, made_folders)
             raise ConfigError(f"cannot make --checkpoint_dir folder {checkpoint_dir}: {e.strerror or e}") from None
         try:
             if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
@@ -625,6 +636,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             else:
                 run_dir = new_run_dir(config.log_dir, config.data_dir)
         except OSError as e:
+            remove_run_folders(None, made_folders)  # the checkpoint folder just made, say
             raise ConfigError(f"cannot make --log_dir folder {config.log_dir}: {e.strerror or e}") from None
     log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     cleanup.callback(log.close)

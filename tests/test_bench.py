@@ -203,6 +203,20 @@ def test_tokenize_benchmark_matches_tiktoken(tmp_path):
     assert "ids identical to single-thread tiktoken: yes" in out.stdout
 
 
+def test_tokenize_small_sizes(capsys):
+    """A tenth of a MB makes a handful of documents: val still gets one; a thousandth makes one, which
+    cannot fill both splits: a one-line error."""
+    import bench
+    from utils import run_cli
+    r = bench.main(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", "1"])["tokenize"]
+    assert r["mb"] == 0.1 and r["documents"] >= 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: bench.main(["--tokenize", "--tokenize_mb", "0.001", "--num_proc", "1"]))
+    last = capsys.readouterr().err.splitlines()[-1]  # after the lines that say what is being timed
+    assert exit_info.value.code == 2 and last.startswith("error: --tokenize_mb 0.001 makes 1 document")
+
+
 def test_tokenize_bad_size_exits_2():
     out = run_bench("--tokenize", "--tokenize_mb", "0")
     assert out.returncode == 2

@@ -713,6 +713,9 @@ def test_a_log_dir_that_cannot_be_made_stops_before_checkpoints_move(char_data, 
     with pytest.raises(ConfigError, match=r"cannot make --log_dir folder /proc/no_runs|log_dir=/proc/no_runs is not"):
         train(tiny(char_data, tmp_path, max_iters=2, init_from="scratch", log_dir="/proc/no_runs"))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before  # nothing moved aside
+    with pytest.raises(ConfigError, match=r"cannot make --log_dir folder /proc/no_runs"):  # nor left behind
+        train(tiny(char_data, tmp_path, max_iters=2, log_dir="/proc/no_runs", checkpoint_dir=str(tmp_path / "n" / "c")))
+    assert not (tmp_path / "n").exists()
 
 
 def test_a_link_to_nothing_where_a_folder_goes(tmp_path):
@@ -1007,6 +1010,10 @@ def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
         with pytest.raises(TrainingError, match=message):
             train(tiny(data, tmp_path / data.name, init_from=str(exported), max_iters=2))
         assert not (tmp_path / data.name / "ckpt").exists()
+    # a damaged tokenizer file cannot vouch for the data: no training
+    (exported / "toolkit_tokenizer.json").write_text('{"kind": "char", "chars')
+    with pytest.raises(TrainingError, match="toolkit_tokenizer.json"):
+        train(tiny(other_chars, tmp_path / "damaged", init_from=str(exported), max_iters=2))
 
 
 def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, capsys):
@@ -1042,6 +1049,14 @@ def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, 
     capsys.readouterr()
     assert tune(str(tmp_path / "a"), max_iters=6)["resumed_from"] is None
     assert "the previous checkpoints in" in capsys.readouterr().out
+    # but the same files copied away and back (new times, as a backup restored) are the same start
+    shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
+    shutil.rmtree(tmp_path / "a")
+    shutil.copytree(tmp_path / "a_copy", tmp_path / "a")
+    assert tune(str(tmp_path / "a"), max_iters=7)["resumed_from"] == 6
+    (tmp_path / "a" / "pytorch_model.bin").symlink_to(tmp_path / "nothing")  # a link to nothing is no crash
+    from train import folder_fingerprint
+    assert folder_fingerprint(str(tmp_path / "a")) != folder_fingerprint(str(tmp_path / "a_copy"))
 
 
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
