@@ -456,6 +456,8 @@ class GPT(nn.Module):
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
         shards = [p.name for p in out.iterdir()
                   if re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", p.name)]
+        if (out / "meta.json").is_file():  # a data set's folder: its tokenizer.json is the data's, not an export's
+            stale.remove("tokenizer.json")
         for name in stale + shards:
             (out / name).unlink(missing_ok=True)
         sd = {}
