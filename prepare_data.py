@@ -660,7 +660,8 @@ def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: l
     # end-of-text between files, as in the encoded data: the trainer splits the text there, so no merge
     # joins the end of one file to the start of the next
     train_text = "".join(text + (EOT if eot else "") for split, text, eot in texts if split == "train")
-    markers, files = sum(eot for split, _, eot in texts if split == "train"), sum(split == "train" for split, _, _ in texts)
+    markers = sum(eot for split, _, eot in texts if split == "train")
+    files = sum(split == "train" for split, _, _ in texts)
     print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text) - markers * len(EOT):,} characters"
           + (f" of {files} files" if files > 1 else ""), file=sys.stderr)
     return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])

@@ -302,7 +302,8 @@ def test_an_export_with_gpt2s_tokenizer_loads_in_autotokenizer(tmp_path, gpt2_fi
     GPT(tiny_config(vocab_size=50257)).save_pretrained(tmp_path, tokenizer=GPT2Tokenizer())
     encoder_json, vocab_bpe = gpt2_files
     assert json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8")) == json.loads(encoder_json.read_text())
-    assert (tmp_path / "merges.txt").read_text(encoding="utf-8").split() == vocab_bpe.read_text(encoding="utf-8").split()
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8")
+    assert merges.split() == vocab_bpe.read_text(encoding="utf-8").split()
     assert not (tmp_path / "tokenizer.json").exists() and (tmp_path / "toolkit_tokenizer.json").is_file()
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = "Hello world, 你好！ It's 2026.\n\n  spaces\t<|endoftext|>"

@@ -125,7 +125,7 @@ def test_python_blocks_run(tmp_path):
     assert [len(t) for t in texts] == [len("ROMEO:") + 100, len("JULIET:\nO") + 100]
     written = (tmp_path / "samples.txt").read_text(encoding="utf-8")
     assert "prompt 1 of 2" in written and "prompt 2 of 2" in written and all(t in written for t in texts)
-    assert (tmp_path / "export" / "config.json").is_file() and (tmp_path / "export" / "toolkit_tokenizer.json").is_file()
+    assert all((tmp_path / "export" / name).is_file() for name in ("config.json", "toolkit_tokenizer.json"))
 
 
 def test_readme_names_the_two_commands_and_tensorboard():
