@@ -446,6 +446,9 @@ class GPT(nn.Module):
         from utils import atomic_open
         cfg = self.config
         out = Path(directory)
+        if (out / "meta.json").is_file():  # its tokenizer.json would be deleted or clash with transformers'
+            raise CheckpointFormatError(f"{out} holds a prepared data set (meta.json): export the model into a "
+                                        f"folder of its own, e.g. {out / 'export'}")
         out.mkdir(parents=True, exist_ok=True)
         # an earlier export's config.json would otherwise vouch for weights half overwritten, its weights
         # (model.safetensors where this one writes pytorch_model.bin) would be loaded instead of these, and
@@ -456,8 +459,6 @@ class GPT(nn.Module):
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
         shards = [p.name for p in out.iterdir()
                   if re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", p.name)]
-        if (out / "meta.json").is_file():  # a data set's folder: its tokenizer.json is the data's, not an export's
-            stale.remove("tokenizer.json")
         for name in stale + shards:
             (out / name).unlink(missing_ok=True)
         sd = {}

@@ -205,10 +205,11 @@ def start_over(config: GPT2Config) -> str:
 
 
 def origin(init_from: str) -> str:
-    """What a run starts from: 'scratch', a GPT-2 name, or a Hugging Face folder as an absolute path."""
+    """What a run starts from: 'scratch', a GPT-2 name, or a Hugging Face folder as an absolute path. A
+    folder comes first, as GPT.from_pretrained and transformers take it: a folder ./gpt2 is no download."""
     if init_from in ("auto", "scratch", "resume"):
         return "scratch"
-    return init_from if init_from in GPT2_NAMES else str(Path(init_from).resolve())
+    return init_from if init_from in GPT2_NAMES and not Path(init_from).is_dir() else str(Path(init_from).resolve())
 
 
 def started_from(ckpt: dict) -> str:
@@ -216,12 +217,13 @@ def started_from(ckpt: dict) -> str:
     return ckpt.get("started_from") or origin(ckpt["config"].get("init_from", "scratch"))
 
 
-def folder_fingerprint(init_from: str, sample: int = 1 << 20) -> Optional[str]:
+def folder_fingerprint(init_from: str, pieces: int = 64, piece: int = 1 << 16) -> Optional[str]:
     """For a Hugging Face folder, a digest of its config.json and of its weight files' names, sizes and
-    first and last MiB, which change when another model is exported into it (but not when the same files
-    are copied, restored or downloaded again); None for anything else."""
+    `pieces` slices spread over each (4 MiB at most, whatever the size), which change when another model
+    is exported into it, but not when the same files are copied, restored or downloaded again; None
+    for anything that is not a folder."""
     path = Path(init_from)
-    if init_from in GPT2_NAMES or not path.is_dir():
+    if not path.is_dir():
         return None
     digest = hashlib.sha256()
     for p in sorted(path.iterdir()):
@@ -231,10 +233,10 @@ def folder_fingerprint(init_from: str, sample: int = 1 << 20) -> Optional[str]:
         try:
             with open(p, "rb") as f:
                 size = f.seek(0, os.SEEK_END)
-                f.seek(0)
-                head = f.read(sample) if p.name != "config.json" else f.read()
-                f.seek(max(0, size - sample))
-                digest.update(f"{size}".encode() + head + f.read(sample))
+                digest.update(f"{size}".encode())
+                for i in range(pieces):  # first and last bytes included
+                    f.seek(max(0, (size - piece) * i // (pieces - 1)))
+                    digest.update(f.read(piece))
         except OSError:  # a link to nothing (a pruned Hugging Face cache, say): its name alone counts
             digest.update(b"unreadable")
     return digest.hexdigest()
@@ -320,14 +322,15 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
         check_vocab(int(meta["vocab_size"]), config.vocab_size)
         model = GPT(config)
     else:
-        if config.init_from not in GPT2_NAMES and not Path(config.init_from).is_dir():
+        folder = Path(config.init_from).is_dir()  # first, as from_pretrained does: './gpt2' is a folder
+        if not folder and config.init_from not in GPT2_NAMES:
             raise ConfigError(f"init_from must be 'auto', 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or "
                               f"a Hugging Face GPT-2 directory, got {config.init_from!r}")
-        if config.init_from in GPT2_NAMES:  # before the download
+        if not folder:  # before the download
             check_gpt2_data(config.init_from, meta, config.data_dir)
         model = GPT.from_pretrained(config.init_from, dropout=config.dropout)
         pretrained = model.config
-        if config.init_from not in GPT2_NAMES:
+        if folder:
             check_folder_data(Path(config.init_from), pretrained.vocab_size, meta, config.data_dir)
         conflicts = [f"{k}={getattr(config, k)!r} ({config.init_from} has {getattr(pretrained, k)!r})"
                      for k in ("n_layer", "n_head", "n_embd", "bias", "vocab_size")

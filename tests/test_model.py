@@ -287,12 +287,13 @@ def test_an_export_leaves_no_file_of_the_folders_earlier_model(tmp_path, monkeyp
     loaded = GPT.from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(0, 101, (1, 8))
     torch.testing.assert_close(loaded(idx)[0], new(idx)[0])
-    data = tmp_path / "data"  # exported into a prepared data set's folder: its tokenizer.json stays
+    data = tmp_path / "data"  # a prepared data set's folder is refused: its tokenizer.json stays
     data.mkdir()
     (data / "meta.json").write_text("{}")
     (data / "tokenizer.json").write_text('{"kind": "char", "chars": ["a"]}')
-    new.save_pretrained(data)
-    assert (data / "tokenizer.json").read_text() == '{"kind": "char", "chars": ["a"]}'
+    with pytest.raises(CheckpointFormatError, match="holds a prepared data set .*export the model into a folder"):
+        new.save_pretrained(data)
+    assert sorted(p.name for p in data.iterdir()) == ["meta.json", "tokenizer.json"]
 
 
 def test_an_export_with_gpt2s_tokenizer_loads_in_autotokenizer(tmp_path, gpt2_files):

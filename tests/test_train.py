@@ -1049,14 +1049,29 @@ def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, 
     capsys.readouterr()
     assert tune(str(tmp_path / "a"), max_iters=6)["resumed_from"] is None
     assert "the previous checkpoints in" in capsys.readouterr().out
-    # but the same files copied away and back (new times, as a backup restored) are the same start
+    # but the same files copied away and back (new times, as a backup restored without them) are the same start
     shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
     shutil.rmtree(tmp_path / "a")
-    shutil.copytree(tmp_path / "a_copy", tmp_path / "a")
+    shutil.copytree(tmp_path / "a_copy", tmp_path / "a", copy_function=shutil.copyfile)
+    for p in (tmp_path / "a").iterdir():
+        os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 10**9))
     assert tune(str(tmp_path / "a"), max_iters=7)["resumed_from"] == 6
     (tmp_path / "a" / "pytorch_model.bin").symlink_to(tmp_path / "nothing")  # a link to nothing is no crash
     from train import folder_fingerprint
     assert folder_fingerprint(str(tmp_path / "a")) != folder_fingerprint(str(tmp_path / "a_copy"))
+
+
+def test_a_folder_named_like_a_gpt2_model_is_a_folder(char_data, tmp_path, monkeypatch):
+    """'--init_from=gpt2' with a folder ./gpt2 loads the folder (as transformers does), so the folder's
+    checks apply: a model of another vocabulary is one line, not a traceback."""
+    from tokenizer import GPT2Tokenizer
+    monkeypatch.chdir(tmp_path)
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20)).save_pretrained("gpt2")
+    gpt2_data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
+    with pytest.raises(TrainingError, match="gpt2 holds a model of 20 tokens"):
+        train(tiny(gpt2_data, tmp_path, init_from="gpt2", max_iters=2))
+    from train import folder_fingerprint, origin
+    assert origin("gpt2") == str(tmp_path / "gpt2") and folder_fingerprint("gpt2") is not None
 
 
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
