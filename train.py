@@ -217,6 +217,9 @@ def started_from(ckpt: dict) -> str:
     return ckpt.get("started_from") or origin(ckpt["config"].get("init_from", "scratch"))
 
 
+FINGERPRINT_KIND = "slices"  # folder_fingerprint's method, written before its digests
+
+
 def folder_fingerprint(init_from: str, pieces: int = 64, piece: int = 1 << 16) -> Optional[str]:
     """For a Hugging Face folder, a digest of its config.json and of its weight files' names, sizes and
     `pieces` slices spread over each (4 MiB at most, whatever the size), which change when another model
@@ -225,7 +228,7 @@ def folder_fingerprint(init_from: str, pieces: int = 64, piece: int = 1 << 16) -
     path = Path(init_from)
     if not path.is_dir():
         return None
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # tagged with its method below: a checkpoint with another kind compares by path
     for p in sorted(path.iterdir()):
         if p.name != "config.json" and p.suffix not in (".safetensors", ".bin"):
             continue
@@ -235,18 +238,19 @@ def folder_fingerprint(init_from: str, pieces: int = 64, piece: int = 1 << 16) -
                 size = f.seek(0, os.SEEK_END)
                 digest.update(f"{size}".encode())
                 for i in range(pieces):  # first and last bytes included
-                    f.seek(max(0, (size - piece) * i // (pieces - 1)))
+                    f.seek(max(0, (size - piece) * i // max(1, pieces - 1)))
                     digest.update(f.read(piece))
         except OSError:  # a link to nothing (a pruned Hugging Face cache, say): its name alone counts
             digest.update(b"unreadable")
-    return digest.hexdigest()
+    return f"{FINGERPRINT_KIND}{pieces}:{digest.hexdigest()}"
 
 
 def same_start(ckpt: dict, init_from: str) -> bool:
     """Whether a fine-tuning command continues the run of ckpt: the same start, and, for a folder that is
     still there, the same model in it (not another one exported there since)."""
     recorded, now = ckpt.get("started_from_fingerprint"), folder_fingerprint(init_from)
-    return started_from(ckpt) == origin(init_from) and (recorded is None or now is None or recorded == now)
+    comparable = recorded is not None and now is not None and recorded.split(":")[0] == now.split(":")[0]
+    return started_from(ckpt) == origin(init_from) and (not comparable or recorded == now)
 
 
 def check_folders(config: GPT2Config) -> GPT2Config:
@@ -574,6 +578,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     prompt = sample_prompt(tokenizer, config.data_dir, meta) if config.sample_tokens else ""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     raw_model = build_model(config, explicit, meta, ckpt, ckpt_path)
+    # what the weights came from, settled before any folder is made (a --checkpoint_dir named gpt2 would
+    # otherwise be taken for the model's folder)
+    run_origin = started_from(ckpt) if ckpt is not None else origin(config.init_from)
+    run_fingerprint = ckpt.get("started_from_fingerprint") if ckpt is not None else folder_fingerprint(config.init_from)
     # rank 0 and world size 1 on every rank: batch_index() below gives each rank its own windows
     loader = cleanup.enter_context(BatchLoader(config.data_dir, config.block_size, config.batch_size, device=device,
                                                seed=config.seed))
@@ -667,8 +675,6 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     elif config.init_from not in ("auto", "scratch", "resume"):
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None
-    run_origin = started_from(ckpt) if ckpt is not None else origin(config.init_from)
-    run_fingerprint = ckpt.get("started_from_fingerprint") if ckpt is not None else folder_fingerprint(config.init_from)
     progress = (ckpt.get("progress") if ckpt is not None else None) or {"loss_sums": [], "steps": 0, "eval_s": 0.0}
     eval_owed = bool(progress.get("eval_owed", False))
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors

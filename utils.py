@@ -215,8 +215,8 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 #               the evaluation at iter_num}: a resumed run logs, estimates and evaluates as before
 #   started_from  'scratch', a GPT-2 name or a Hugging Face folder's absolute path: what the run's first
 #               weights were, so that repeating a fine-tuning command continues its run
-#   started_from_fingerprint  for a folder, a digest of its config and weight files (None otherwise): another
-#               model exported into the same folder since is another start
+#   started_from_fingerprint  for a folder, "slices64:" and a digest of its config and weight files (None
+#               otherwise): another model exported into the same folder since is another start
 # Everything in it is tensors, numbers, strings, lists, tuples and dicts, so no code runs on load.
 
 CHECKPOINT_VERSION = 1

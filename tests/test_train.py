@@ -1059,6 +1059,12 @@ def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, 
     (tmp_path / "a" / "pytorch_model.bin").symlink_to(tmp_path / "nothing")  # a link to nothing is no crash
     from train import folder_fingerprint
     assert folder_fingerprint(str(tmp_path / "a")) != folder_fingerprint(str(tmp_path / "a_copy"))
+    (tmp_path / "a" / "pytorch_model.bin").unlink()
+    # a fingerprint of another method (an earlier version's) cannot be compared: the path decides
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    ckpt["started_from_fingerprint"] = "modification-times:1234"
+    save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", ckpt)
+    assert tune(str(tmp_path / "a"), max_iters=8)["resumed_from"] == 7
 
 
 def test_a_folder_named_like_a_gpt2_model_is_a_folder(char_data, tmp_path, monkeypatch):
@@ -1072,6 +1078,13 @@ def test_a_folder_named_like_a_gpt2_model_is_a_folder(char_data, tmp_path, monke
         train(tiny(gpt2_data, tmp_path, init_from="gpt2", max_iters=2))
     from train import folder_fingerprint, origin
     assert origin("gpt2") == str(tmp_path / "gpt2") and folder_fingerprint("gpt2") is not None
+    # and a checkpoint folder named gpt2, made by the run, is not taken for where its weights came from
+    shutil.rmtree(tmp_path / "gpt2")
+    monkeypatch.setattr(GPT, "from_pretrained", classmethod(lambda cls, name, dropout=0.0: GPT(GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50257))))  # as if downloaded
+    train(tiny(gpt2_data, tmp_path, init_from="gpt2", max_iters=2, checkpoint_dir="gpt2"))
+    ckpt = load_checkpoint(tmp_path / "gpt2" / "checkpoint.pt")
+    assert ckpt["started_from"] == "gpt2" and ckpt["started_from_fingerprint"] is None
 
 
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
