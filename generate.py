@@ -852,6 +852,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
+    if args.interactive and (args.prompt or args.prompt_file or args.num_samples != 1):
+        raise GenerationError("--prompt, --prompt_file and --num_samples do not apply to --interactive, which reads "
+                              "its prompts from the terminal; leave them out, or leave out --interactive")
     check_utf8(prompt, "--prompt")
     check_utf8(settings.stop, "--stop")
     # a console in another encoding (GBK, say) still gets the text, with what it cannot show replaced

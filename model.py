@@ -395,9 +395,7 @@ class GPT(nn.Module):
         or pytorch_model.bin), or by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), which
         downloads through huggingface_hub (installed with transformers) when the network is there.
         """
-        path = Path(name_or_dir)
-        if not path.is_dir():
-            path = _download_gpt2(name_or_dir)
+        path = Path(name_or_dir) if is_model_folder(name_or_dir) else _download_gpt2(name_or_dir)
         hf = _read_hf_config(path)
         config = GPT2Config(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                             n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True, dropout=dropout)
@@ -605,6 +603,14 @@ def _check_not_lfs_pointer(file: Path) -> None:
     if file.is_file() and file.stat().st_size < 1024 and file.read_bytes().startswith(b"version https://git-lfs"):
         raise CheckpointFormatError(f"{file} is a git-lfs pointer, not the weights: run `git lfs pull` in "
                                     f"{file.parent}, or download the file itself")
+
+
+def is_model_folder(name: str) -> bool:
+    """Whether --init_from NAME means a local folder: a folder, as transformers takes it, except that a
+    folder named like a GPT-2 model ('gpt2', a run's checkpoint folder, say) counts only if it holds
+    a config.json; without one the name means OpenAI's model."""
+    path = Path(name)
+    return path.is_dir() and (name not in GPT2_NAMES or (path / "config.json").is_file())
 
 
 # this project's tokenizer in an exported Hugging Face folder: not tokenizer.json, which is transformers'

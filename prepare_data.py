@@ -15,8 +15,9 @@ give a local copy instead. --dataset custom reads one text file, or every .txt f
 The output directory holds train.bin and val.bin (token ids, uint16, or uint32 when the vocabulary
 exceeds 65,535 ids), tokenizer.json (load_tokenizer restores it) and meta.json: tokenizer kind and
 file, vocab_size, eot_token, dtype, token counts, source and its sha256. Each file is written under
-a temporary name and renamed when complete; meta.json comes last and any old one is deleted first,
-so a directory with meta.json is a complete data set and an interrupted run leaves none.
+a temporary name and renamed when complete, meta.json last, so a directory with meta.json is a
+complete data set; a run that fails or is interrupted leaves the old data set as it was (see
+write_dataset).
 
 How the splits are made:
 - shakespeare and custom: the first (1 - val_fraction) of the characters are train, the rest val, as
@@ -558,6 +559,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     away the folders it made.
     """
     made = missing_folders(out_dir)  # deepest first
+    remove_unfinished_writes(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     retired = out_dir / ".meta.json.replaced"
     bins_before = None
@@ -610,6 +612,15 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         raise
     retired.unlink(missing_ok=True)
     return meta
+
+
+def remove_unfinished_writes(out_dir: Path) -> None:
+    """Delete what a killed run left: its temporary files (atomic_open's .NAME.*.tmp), which can be
+    gigabytes, and a meta.json it had stepped aside, which no longer describes the .bin files."""
+    names = "|".join(re.escape(name) for name in DATASET_FILES)
+    for p in out_dir.iterdir() if out_dir.is_dir() else ():
+        if (re.fullmatch(rf"\.(?:{names})\..+\.tmp", p.name) or p.name == ".meta.json.replaced") and p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def _identities(out_dir: Path) -> list:

@@ -11,7 +11,8 @@ Settings are applied in this order: --preset=NAME (a GPT2_CONFIGS entry), the co
 assigning field names), then --key=value flags (Python literals; bare strings are fine); config.py's
 parse_args reads them, and `--help` lists every field. If checkpoint_dir holds checkpoint.pt the run
 continues from it (--init_from=scratch starts over and moves the old files aside). Ctrl-C or SIGTERM
-finishes the current step, saves checkpoint.pt and exits; a second Ctrl-C aborts at once.
+finishes the current step (or evaluation batch), saves checkpoint.pt and exits (before the first step
+there is nothing to save); a second Ctrl-C, more than a second later, aborts at once.
 `tensorboard --logdir runs` shows the curves and text samples.
 
 The loop follows nanoGPT's train.py: AdamW, linear warmup then cosine decay, gradient accumulation,
@@ -36,7 +37,7 @@ import torch
 
 # the command line is parsed in config.py
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
-from model import GPT, GPT2_NAMES, fp8_problem
+from model import GPT, GPT2_NAMES, fp8_problem, is_model_folder
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
                    format_duration, get_rng_state, load_checkpoint, load_weights, missing_folders, resolve_device,
                    resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state)
@@ -117,7 +118,8 @@ def resolve_system(config: GPT2Config, local_rank: Optional[int]) -> tuple[torch
 
 
 class GracefulStop:
-    """SIGINT/SIGTERM set a flag that the loop checks after each step; a second Ctrl-C aborts at once.
+    """SIGINT/SIGTERM set a flag that the loop checks after each step and estimate_loss before each batch;
+    a second Ctrl-C aborts at once.
 
     A repeat within REPEAT_S seconds counts as the same request: Ctrl-C reaches torchrun and its workers
     together, and torchrun then forwards the signal to the workers a second time.
@@ -205,11 +207,11 @@ def start_over(config: GPT2Config) -> str:
 
 
 def origin(init_from: str) -> str:
-    """What a run starts from: 'scratch', a GPT-2 name, or a Hugging Face folder as an absolute path. A
-    folder comes first, as GPT.from_pretrained and transformers take it: a folder ./gpt2 is no download."""
+    """What a run starts from: 'scratch', a GPT-2 name, or a Hugging Face folder as an absolute path
+    (model.is_model_folder decides, as GPT.from_pretrained does: a model folder ./gpt2 is no download)."""
     if init_from in ("auto", "scratch", "resume"):
         return "scratch"
-    return init_from if init_from in GPT2_NAMES and not Path(init_from).is_dir() else str(Path(init_from).resolve())
+    return init_from if init_from in GPT2_NAMES and not is_model_folder(init_from) else str(Path(init_from).resolve())
 
 
 def started_from(ckpt: dict) -> str:
@@ -226,7 +228,7 @@ def folder_fingerprint(init_from: str, pieces: int = 64, piece: int = 1 << 16) -
     is exported into it, but not when the same files are copied, restored or downloaded again; None
     for anything that is not a folder."""
     path = Path(init_from)
-    if not path.is_dir():
+    if not is_model_folder(init_from):
         return None
     digest = hashlib.sha256()  # tagged with its method below: a checkpoint with another kind compares by path
     for p in sorted(path.iterdir()):
@@ -326,7 +328,7 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
         check_vocab(int(meta["vocab_size"]), config.vocab_size)
         model = GPT(config)
     else:
-        folder = Path(config.init_from).is_dir()  # first, as from_pretrained does: './gpt2' is a folder
+        folder = is_model_folder(config.init_from)  # as from_pretrained decides
         if not folder and config.init_from not in GPT2_NAMES:
             raise ConfigError(f"init_from must be 'auto', 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or "
                               f"a Hugging Face GPT-2 directory, got {config.init_from!r}")
@@ -413,6 +415,13 @@ def move_aside(checkpoint_dir: Path) -> Optional[Path]:
     for p in old:
         os.replace(p, dest / p.name)
     return dest
+
+
+def move_back(moved: Path, checkpoint_dir: Path) -> None:
+    """Undo move_aside: a run that trained nothing leaves checkpoint_dir as it found it."""
+    for p in moved.iterdir():
+        os.replace(p, checkpoint_dir / p.name)
+    moved.rmdir()
 
 
 def new_run_dir(log_dir: str, data_dir: str) -> Path:
@@ -653,6 +662,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     cleanup.callback(log.close)
     if master:
         remove_unfinished_saves(checkpoint_dir)
+    moved = None
     if master and ckpt is None:
         moved = move_aside(checkpoint_dir)
         if moved:
@@ -742,7 +752,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 f"--grad_clip on, or use --dtype=bfloat16 instead of float16")
 
     def evaluate(initial: bool = False) -> Optional[dict[str, float]]:
-        """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same)."""
+        """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same,
+        except for the initial evaluation, before anything was trained)."""
         nonlocal best_val_loss, eval_owed
         t0 = last_report = time.perf_counter()
 
@@ -821,8 +832,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
                 if resumed_from is None:
                     log.print("stopped during the first evaluation: nothing was trained yet, so no checkpoint was "
-                              "written" + (" and the folders this run made were removed" if made_folders else ""))
+                              "written" + (" and the folders this run made were removed" if made_folders else "")
+                              + (f"; the previous checkpoints are back in {checkpoint_dir}" if moved else ""))
                     log.close()
+                    if moved:
+                        move_back(moved, checkpoint_dir)
                     remove_run_folders(run_dir, made_folders)
                 else:
                     log.print(f"stopped at iteration {iter_num} again: {checkpoint_dir / 'checkpoint.pt'} still "

@@ -777,6 +777,20 @@ def test_a_failed_run_keeps_an_existing_folder_named_through_a_missing_one(tmp_p
     assert (tmp_path / "data" / "x" / "keep.txt").read_text() == "mine" and not (tmp_path / "missing").exists()
 
 
+def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    out = tmp_path / "o"
+    out.mkdir()
+    left = [".train.bin.k2j4h1x9.tmp", ".val.bin.x.tmp", ".tokenizer.json.y.tmp", ".meta.json.z.tmp",
+            ".meta.json.replaced"]
+    mine = [".notes.tmp", "train.bin.tmp", "keep.txt"]  # not this program's temporary names
+    for name in left + mine:
+        (out / name).write_text("x")
+    prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    names = {p.name for p in out.iterdir()}
+    assert not names & set(left) and set(mine) <= names and "meta.json" in names
+
+
 def test_progress_lines_where_stderr_is_no_terminal(tmp_path, monkeypatch, capsys):
     """A log file or CI gets plain progress lines, not a silent run nor '\\r' redrawing."""
     monkeypatch.setattr(prepare_data.Progress, "LINE_INTERVAL", 0.0)

@@ -671,6 +671,7 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--device", "tpu"], "device must be"),
     (["--seed", str(2**64)], "seed must be an integer from -2**63 to 2**64 - 1"),
     (["--temprature", "1"], "unrecognized arguments: --temprature 1; see"),
+    (["--interactive", "--prompt", "ab"], "do not apply to --interactive"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(char_checkpoint, tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(tmp_path)

@@ -269,6 +269,15 @@ def test_a_signal_after_the_first_evaluations_last_batch_stops_too(char_data, tm
     assert "stopped during the first evaluation" in capsys.readouterr().out and not (tmp_path / "new").exists()
 
 
+def test_a_new_run_stopped_before_training_puts_the_old_checkpoints_back(char_data, tmp_path, monkeypatch):
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    signal_at_batch(monkeypatch, "train", 0, lambda: 0, 0)
+    summary = train(tiny(char_data, tmp_path, max_iters=4, eval_iters=50, init_from="scratch"))
+    assert summary["iter_num"] == 0 and summary["stopped_by"] == signal.SIGTERM
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before  # no previous-* folder
+
+
 def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_path, monkeypatch):
     straight = train(tiny(char_data, tmp_path / "straight", max_iters=10, eval_interval=5, eval_iters=20))
     steps = []
@@ -1085,6 +1094,9 @@ def test_a_folder_named_like_a_gpt2_model_is_a_folder(char_data, tmp_path, monke
     train(tiny(gpt2_data, tmp_path, init_from="gpt2", max_iters=2, checkpoint_dir="gpt2"))
     ckpt = load_checkpoint(tmp_path / "gpt2" / "checkpoint.pt")
     assert ckpt["started_from"] == "gpt2" and ckpt["started_from_fingerprint"] is None
+    # the same command again continues: a folder gpt2 without config.json is no model folder
+    summary = train(tiny(gpt2_data, tmp_path, init_from="gpt2", max_iters=4, checkpoint_dir="gpt2"))
+    assert summary["resumed_from"] == 2
 
 
 def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
