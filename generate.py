@@ -550,10 +550,10 @@ def _checkpoint_tokenizer(ckpt: dict, path: Path):
 
 
 def _load_pretrained(name: str):
-    from model import GPT, TOOLKIT_TOKENIZER, exported_tokenizer_file
+    from model import GPT, TOOLKIT_TOKENIZER, exported_tokenizer_file, is_model_folder
     from tokenizer import GPT2Tokenizer, TokenizerError, load_tokenizer
     model = GPT.from_pretrained(name)
-    tok_file = exported_tokenizer_file(Path(name))
+    tok_file = exported_tokenizer_file(Path(name)) if is_model_folder(name) else None
     tokenizer = None
     if tok_file is not None:
         try:
@@ -568,7 +568,7 @@ def _load_pretrained(name: str):
                                   f"and no {TOOLKIT_TOKENIZER} of this project beside it; export it with "
                                   "model.save_pretrained(directory, tokenizer) so its tokenizer travels along")
         tokenizer = GPT2Tokenizer()
-    print(f"using {'Hugging Face directory' if Path(name).is_dir() else 'pretrained weights'} {name}, "
+    print(f"using {'Hugging Face directory' if is_model_folder(name) else 'pretrained weights'} {name}, "
           f"{tokenizer.kind} tokenizer", file=sys.stderr)
     return model, tokenizer, name
 
