@@ -559,13 +559,17 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     away the folders it made.
     """
     made = missing_folders(out_dir)  # deepest first
-    remove_unfinished_writes(out_dir)
     dtype = token_dtype(tokenizer.vocab_size)
     retired = out_dir / ".meta.json.replaced"
     bins_before = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
+            if not stack.enter_context(folder_lock(out_dir)):
+                made = []  # the other run's folders, not this one's
+                raise DataError(f"another prepare_data.py is writing into {out_dir}; wait for it to finish, or "
+                                f"give another --output_dir")
+            remove_unfinished_writes(out_dir)  # a killed run's, not the one running beside this
             # entered in this order, renamed in the reverse one as the block ends: the .bin files,
             # tokenizer.json, and meta.json, which says the data set is complete, last
             meta_file = stack.enter_context(atomic_open(out_dir / "meta.json", "w"))
@@ -612,6 +616,27 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         raise
     retired.unlink(missing_ok=True)
     return meta
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on the folder (flock, released when the process ends however it ends);
+    yields False if another process holds it. Where flock is missing (Windows) it always yields True."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def remove_unfinished_writes(out_dir: Path) -> None:

@@ -823,7 +823,15 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         elif resumed_from is None or owed:
             if resumed_from is None:
                 stop.then = "stopping: nothing is trained yet, so nothing is saved"
-            losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
+            try:
+                losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
+            except BaseException:  # a second Ctrl-C, an error: a new run that trained nothing leaves no trace
+                if resumed_from is None:
+                    log.close()
+                    if moved:
+                        move_back(moved, checkpoint_dir)
+                    remove_run_folders(run_dir, made_folders)
+                raise
             stop.then = GracefulStop.SAVING
             # a signal after the last batch (while the sample is written, say) stops here too, as announced
             if resumed_from is None and losses is not None and stop_requested(stop, stop_group if ddp else None):

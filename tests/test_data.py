@@ -791,6 +791,21 @@ def test_what_a_killed_run_left_is_removed_by_the_next(tmp_path):
     assert not names & set(left) and set(mine) <= names and "meta.json" in names
 
 
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
+    """Two prepare_data.py into one folder at once: the second stops in one line and touches nothing."""
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".train.bin.live.tmp").write_text("the first run's file, being written")
+    with prepare_data.folder_lock(out) as held:  # the first run
+        assert held
+        with pytest.raises(DataError, match="another prepare_data.py is writing into"):
+            prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    assert sorted(p.name for p in out.iterdir()) == [".train.bin.live.tmp"]
+    with prepare_data.folder_lock(out) as held:  # released: the lock is taken again
+        assert held
+
+
 def test_progress_lines_where_stderr_is_no_terminal(tmp_path, monkeypatch, capsys):
     """A log file or CI gets plain progress lines, not a silent run nor '\\r' redrawing."""
     monkeypatch.setattr(prepare_data.Progress, "LINE_INTERVAL", 0.0)

@@ -652,6 +652,21 @@ def test_a_hub_folder_with_its_own_tokenizer_and_another_vocabulary_is_named(tmp
         load_model(init_from=str(tmp_path))
 
 
+def test_a_folder_gpt2_without_a_model_is_not_taken_for_one(tmp_path, monkeypatch):
+    """--init_from gpt2 beside a folder ./gpt2 that holds no config.json (a data set, a run's checkpoints)
+    means OpenAI's model, with GPT-2's tokenizer, not the folder's tokenizer.json."""
+    import model as model_module
+    from tokenizer import CharTokenizer
+    hub = tmp_path / "hub"
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)).save_pretrained(str(hub))
+    monkeypatch.setattr(model_module, "_download_gpt2", lambda name: hub)  # the download, offline
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2").mkdir()
+    CharTokenizer.from_text("abc").save(tmp_path / "gpt2" / "tokenizer.json")
+    _, tok, _ = load_model(init_from="gpt2")
+    assert tok.kind == "gpt2"
+
+
 def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(checkpoint_dir=tmp_path / "none")

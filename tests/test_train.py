@@ -278,6 +278,20 @@ def test_a_new_run_stopped_before_training_puts_the_old_checkpoints_back(char_da
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before  # no previous-* folder
 
 
+def test_an_abort_during_the_first_evaluation_leaves_no_trace_either(char_data, tmp_path, monkeypatch):
+    """A second Ctrl-C raises KeyboardInterrupt out of the first evaluation: the checkpoints moved aside
+    come back and the new TensorBoard run goes."""
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    runs_before = sorted((tmp_path / "runs").iterdir())
+    monkeypatch.setattr(train_module, "estimate_loss", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert sorted((tmp_path / "runs").iterdir()) == runs_before
+
+
 def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_path, monkeypatch):
     straight = train(tiny(char_data, tmp_path / "straight", max_iters=10, eval_interval=5, eval_iters=20))
     steps = []
