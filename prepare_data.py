@@ -58,7 +58,8 @@ from tqdm import tqdm
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                        tokenizer_from_dict)
-from utils import ArgumentParser, atomic_open, folder_problem, missing_folders, run_cli
+from utils import (ArgumentParser, atomic_open, folder_problem, missing_folders, remove_empty_folders,
+                   remove_unfinished_writes, run_cli)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -569,7 +570,10 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                 made = []  # the other run's folders, not this one's
                 raise DataError(f"another prepare_data.py is writing into {out_dir}; wait for it to finish, or "
                                 f"give another --output_dir")
-            remove_unfinished_writes(out_dir)  # a killed run's, not the one running beside this
+            # a killed run's leftovers, not those of a run beside this one (the lock): its temporary
+            # files, and a meta.json it had stepped aside, which no longer describes the .bin files
+            remove_unfinished_writes(out_dir, "|".join(re.escape(name) for name in DATASET_FILES))
+            retired.unlink(missing_ok=True)
             # entered in this order, renamed in the reverse one as the block ends: the .bin files,
             # tokenizer.json, and meta.json, which says the data set is complete, last
             meta_file = stack.enter_context(atomic_open(out_dir / "meta.json", "w"))
@@ -605,11 +609,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         # only what this run made: another run may have put a data set beside out_dir meanwhile
         if out_dir.resolve() in made:
             shutil.rmtree(out_dir.resolve(), ignore_errors=True)
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:  # not empty, or gone already
-                pass
+        remove_empty_folders(made)
         if isinstance(e, OSError):  # a folder that cannot be written, a full disk, ...
             raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
                             + (f" ({e.filename})" if e.filename else "")) from None
@@ -637,15 +637,6 @@ def folder_lock(folder: Path) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
-
-
-def remove_unfinished_writes(out_dir: Path) -> None:
-    """Delete what a killed run left: its temporary files (atomic_open's .NAME.*.tmp), which can be
-    gigabytes, and a meta.json it had stepped aside, which no longer describes the .bin files."""
-    names = "|".join(re.escape(name) for name in DATASET_FILES)
-    for p in out_dir.iterdir() if out_dir.is_dir() else ():
-        if (re.fullmatch(rf"\.(?:{names})\..+\.tmp", p.name) or p.name == ".meta.json.replaced") and p.is_file():
-            p.unlink(missing_ok=True)
 
 
 def _identities(out_dir: Path) -> list:

@@ -39,12 +39,13 @@ import torch
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES, fp8_problem, is_model_folder
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
-                   format_duration, get_rng_state, load_checkpoint, load_weights, missing_folders, resolve_device,
-                   resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state)
+                   format_duration, get_rng_state, load_checkpoint, load_weights, missing_folders,
+                   remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype, run_cli,
+                   save_checkpoint, save_checkpoint_as, set_rng_state)
 
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
-# utils.atomic_open's and save_checkpoint_as's temporary names for the checkpoints above
-UNFINISHED_SAVE = re.compile(r"\.(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt\..+\.tmp")
+# every checkpoint name this file writes, for the temporary files of saves a kill cut short
+CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
 
 
 class TrainingError(UserError):
@@ -378,24 +379,12 @@ def sample_prompt(tokenizer, data_dir: str, meta: dict) -> str:
     return tokenizer.decode([int(first[0]) if first.size else 0])
 
 
-def remove_unfinished_saves(checkpoint_dir: Path) -> None:
-    """Delete the temporary files of checkpoint saves that a crash (a kill, an out-of-memory) cut short:
-    none of them is a checkpoint, and each can be as large as one."""
-    for p in checkpoint_dir.iterdir() if checkpoint_dir.is_dir() else ():
-        if UNFINISHED_SAVE.fullmatch(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-
-
 def remove_run_folders(run_dir: Optional[Path], made: list[Path]) -> None:
     """Take away what a run that trained nothing leaves: its TensorBoard run (the hyperparameters alone)
-    and the folders it made, deepest first, where they are empty."""
+    and the folders it made, where they are empty."""
     if run_dir is not None and run_dir.is_dir():
         shutil.rmtree(run_dir, ignore_errors=True)
-    for folder in sorted(set(made), key=lambda p: len(p.parts), reverse=True):
-        try:
-            folder.rmdir()
-        except OSError:  # not empty: old checkpoints moved aside into it, say, or another run's folder
-            pass
+    remove_empty_folders(made)
 
 
 def move_aside(checkpoint_dir: Path) -> Optional[Path]:
@@ -661,7 +650,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     cleanup.callback(log.close)
     if master:
-        remove_unfinished_saves(checkpoint_dir)
+        remove_unfinished_writes(checkpoint_dir, CHECKPOINT_NAMES)
     moved = None
     if master and ckpt is None:
         moved = move_aside(checkpoint_dir)

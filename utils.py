@@ -59,6 +59,25 @@ def missing_folders(path: Path) -> list[Path]:
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
+def remove_empty_folders(folders: list[Path]) -> None:
+    """rmdir each folder (missing_folders' list, say), deepest first, where it is empty."""
+    for folder in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run's files, old ones moved aside), or gone already
+            pass
+
+
+def remove_unfinished_writes(folder: Path, names: str) -> None:
+    """Delete the temporary files that atomic_open and save_checkpoint_as left in folder when a kill cut
+    them short (.NAME.<random>.tmp), for the final names that the regular expression `names` matches:
+    none is a finished file, and each can be gigabytes."""
+    pattern = re.compile(rf"\.(?:{names})\..+\.tmp")
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if pattern.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
 def folder_problem(path: Path) -> Optional[str]:
     """Why files cannot be written into `path` as a folder (a file is in the way, no permission to
     write), or None if it is such a folder or can be made one."""
