@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                    help="torch.compile the model; auto: on CUDA only")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
+    p.add_argument("--compile_regional", action="store_true",
+                   help="compile the embedding, one block (shared by all blocks) and the head apart (train.py's "
+                        "--compile_regional): faster to compile, maybe slower to run")
     p.add_argument("--fp8", action="store_true",
                    help="train the blocks' matmuls in float8 (train.py's --fp8; GPUs of compute capability 8.9+)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
@@ -103,7 +106,11 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
     # as train.py builds them: autocast for every dtype but float32 (bfloat16 on a CPU included)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ctx = autocast_context(device.type, dtype)
-    step_model = torch.compile(model, mode=args.compile_mode) if use_compile else model
+    step_model = model
+    if use_compile and args.compile_regional:
+        model.compile_regions(args.compile_mode)
+    elif use_compile:
+        step_model = torch.compile(model, mode=args.compile_mode)
     B, T = config.batch_size, config.block_size
 
     if args.data_dir:
@@ -484,14 +491,16 @@ def model_report(args) -> dict:
 
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
-                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None, fp8=args.fp8,
+                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None,
+                  compile_regional=use_compile and args.compile_regional, fp8=args.fp8,
                   preset=preset,
                   batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
                   data=args.data_dir or "random tokens", date=time.strftime("%Y-%m-%d"),
                   threads=torch.get_num_threads())
     print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}"
-          + (f" ({args.compile_mode})" if use_compile else "") + (", fp8 matmuls in training" if args.fp8 else ""))
+          + (f" ({args.compile_mode}{', regional' * args.compile_regional})" if use_compile else "")
+          + (", fp8 matmuls in training" if args.fp8 else ""))
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"vocab={config.vocab_size}; batch {config.batch_size} x {config.block_size} tokens; data: {report['data']}")
 

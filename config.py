@@ -95,6 +95,7 @@ class GPT2Config:
     compile = "auto"  # torch.compile the model; 'auto' is on for CUDA and off elsewhere
     compile_mode = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
     compile_eval = True  # evaluate with the compiled model too; False skips compiling the evaluation graph
+    compile_regional = False  # compile embedding, one block (shared by all blocks) and head apart: faster compiling
     seed = 1337  # seeds weights, batches and dropout; a resumed run continues the same streams
     backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' for CPU
 
@@ -185,7 +186,7 @@ class GPT2Config:
                 problems.append(f"{name} must be in [0, 1), got {v!r}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "decay_lr", "gradient_checkpointing", "compile_eval", "fp8"):
+        for name in ("bias", "decay_lr", "gradient_checkpointing", "compile_eval", "compile_regional", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -225,6 +225,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_fp8(config.fp8)
+        self._regions = None  # (embed, blocks, head) once compile_regions() has compiled them
 
     def set_fp8(self, on: bool) -> None:
         """Let the blocks' four Linear layers multiply in float8 while training (Float8Linear), or not.
@@ -258,15 +259,16 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
 
-    def _check_input(self, idx: torch.Tensor) -> None:
+    def _check_input(self, idx: torch.Tensor, ids: bool = True) -> None:
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the model's block_size "
                              f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens")
         # An out-of-range id would otherwise surface as an opaque device-side assert on CUDA. The
         # check reads a value back to the host, so it is skipped while compiling (the data pipeline
-        # has already checked the data's vocabulary) and while a CUDA graph is being captured.
-        if torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # has already checked the data's vocabulary), while a CUDA graph is being captured, and in front
+        # of compiled regions (ids=False), which would otherwise wait for the GPU at every step.
+        if not ids or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][:5].tolist()
@@ -279,16 +281,22 @@ class GPT(nn.Module):
         Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut
         off before anything sees them, so they are never sampled and never enter the softmax.
         """
-        self._check_input(idx)
-        B, T = idx.size()
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for block in self.transformer.h:
+        self._check_input(idx, ids=self._regions is None)
+        embed, blocks, head = self._regions or (self._embed, self.transformer.h, self._head)
+        x = embed(idx)  # (B, T, C)
+        for block in blocks:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the block's input; recompute its activations during backward
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        return head(x, targets)
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)  # (T,)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def _head(self, x: torch.Tensor, targets: Optional[torch.Tensor]):
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, vocab_size), a view
         loss = None
@@ -297,6 +305,22 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
+
+    def compile_regions(self, mode: str = "default") -> None:
+        """torch.compile the embedding, each block and the output head on their own, for forward().
+
+        The n_layer blocks are the same code with other weights, and torch.compile passes parameters
+        to the compiled graph as inputs, so one block is traced and compiled and all of them reuse it:
+        compilation costs about one block instead of the whole unrolled model, and no longer grows with
+        n_layer. What it costs in speed is the fusion across the regions' boundaries (the residual add
+        that ends a block and the LayerNorm that starts the next) and one call per region. Parameters,
+        state_dict and the KV-cache path (forward_cached) stay as they are; evaluation can still run
+        eagerly inside torch.compiler.set_stance("force_eager").
+        """
+        if self._regions is None:
+            self._regions = (torch.compile(self._embed, mode=mode),
+                             [torch.compile(block, mode=mode) for block in self.transformer.h],
+                             torch.compile(self._head, mode=mode))
 
     # ------------------------------------------------------------------ KV cache
 

@@ -616,14 +616,20 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                       f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
     else:
         torch.manual_seed(config.seed + rank)  # each rank its own dropout stream
-    model = torch.compile(raw_model, mode=config.compile_mode) if compile_model else raw_model
+    model = raw_model
+    if compile_model and config.compile_regional:
+        raw_model.compile_regions(config.compile_mode)  # raw_model.forward now runs the compiled regions
+    elif compile_model:
+        model = torch.compile(raw_model, mode=config.compile_mode)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
         # all ranks agree on stopping after a signal; a gloo group keeps that check off the GPU stream
         stop_group = torch.distributed.new_group(backend="gloo") if config.backend != "gloo" else None
     # evaluation needs no gradient synchronisation, and with compile_eval=False no compiled graph either
+    # (compiled regions are part of raw_model: they run eagerly inside the force_eager stance)
     eval_model = (model.module if ddp else model) if config.compile_eval else raw_model
+    eval_stance = nullcontext() if config.compile_eval else torch.compiler.set_stance("force_eager")
 
     # --- from here on files are written (rank 0 only)
     checkpoint_dir = Path(config.checkpoint_dir)
@@ -665,7 +671,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     log.print(f"tokens per step: {tokens_per_iter:,} = {config.gradient_accumulation_steps} micro-batches x "
               f"{config.batch_size} sequences x {config.block_size} tokens"
               + (f" over {world_size} processes" if ddp else ""))
-    compiled = f"compile {compile_model}" + (f" ({config.compile_mode})" if compile_model else "")
+    compiled = f"compile {compile_model}" + (f" ({config.compile_mode}{', regional' * config.compile_regional})"
+                                             if compile_model else "")
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
               f"{compiled}, data {config.data_dir} ({meta['tokenizer']}), checkpoints {checkpoint_dir}, "
               f"tensorboard {run_dir}")
@@ -752,9 +759,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 last_report = time.perf_counter()
                 log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s]")
 
-        losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size,
-                               should_stop=lambda: stop_requested(stop, stop_group if ddp else None),
-                               progress=progress)
+        with eval_stance:
+            losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size,
+                                   should_stop=lambda: stop_requested(stop, stop_group if ddp else None),
+                                   progress=progress)
         if losses is None:
             timing["evaluation"] += time.perf_counter() - t0
             log.print(f"iter {iter_num}: evaluation cut short by the signal")

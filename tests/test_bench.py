@@ -136,6 +136,25 @@ def test_generation_is_timed_with_the_compile_setting(monkeypatch):
     assert seen == [True, False]
 
 
+@pytest.mark.parametrize("regional", [False, True])
+def test_compile_regional_times_the_compiled_regions(monkeypatch, regional):
+    import bench
+    compiled = []
+
+    def fake_compile(fn, mode=None, **kwargs):  # records what is compiled; it runs as it is
+        compiled.append((type(fn).__name__, mode))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    report = bench.main(["--device", "cpu", "--compile", "true", "--compile_mode", "max-autotune", "--warmup", "1",
+                         "--steps", "1", "--no_generate", "--batch_size", "2", "--block_size", "8"]
+                        + ["--compile_regional"] * regional)
+    assert report["compile_regional"] is regional and math.isfinite(report["train"]["final_loss"])
+    n_layer = report["n_layer"]
+    want = [("method", "max-autotune")] + [("Block", "max-autotune")] * n_layer + [("method", "max-autotune")]
+    assert compiled == (want if regional else [("GPT", "max-autotune")])
+
+
 def test_tokenize_from_a_file_without_words(tmp_path):
     (tmp_path / "empty.txt").write_text(" \n")
     out = run_bench("--tokenize", "--tokenize_mb", "0.01", "--num_proc", "1", "--input", str(tmp_path / "empty.txt"))

@@ -146,6 +146,77 @@ def test_training_forward_has_no_graph_breaks():
     assert explanation.graph_count == 1
 
 
+def loss_and_grads(model, idx, seed):
+    torch.manual_seed(seed)  # the same dropout masks in every model
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, idx)
+    loss.backward()
+    return logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_regions_trace_one_block_for_all_and_compute_what_eager_does(monkeypatch, checkpointing):
+    graphs = []
+
+    def recording_backend(gm, example_inputs):  # runs the traced graph as it is, so results stay bit-exact
+        graphs.append(gm)
+        return gm.forward
+
+    real_compile = torch.compile
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: modes.append(mode) or real_compile(
+        fn, backend=recording_backend))
+    torch._dynamo.reset()
+    torch.manual_seed(8)
+    eager = GPT(tiny_config(n_layer=3, dropout=0.1, gradient_checkpointing=checkpointing)).train()
+    regional = GPT(tiny_config(n_layer=3, dropout=0.1, gradient_checkpointing=checkpointing)).train()
+    regional.load_state_dict(eager.state_dict())
+    keys = list(regional.state_dict())
+    regional.compile_regions("max-autotune")
+    regional.compile_regions("max-autotune")  # a second call changes nothing
+    assert modes == ["max-autotune"] * 5  # embedding, 3 blocks, head
+    assert list(regional.state_dict()) == keys  # no compiled wrapper shows up in checkpoints
+    idx = torch.randint(0, 101, (2, 16))
+    for seed in (1, 2):
+        want, got = loss_and_grads(eager, idx, seed), loss_and_grads(regional, idx, seed)
+        torch.testing.assert_close(got[:2], want[:2], atol=0, rtol=0)
+        for n in want[2]:
+            torch.testing.assert_close(got[2][n], want[2][n], atol=0, rtol=0, msg=n)
+    # one graph each for the embedding, the blocks (all three share it) and the head; a second step
+    # and evaluation without gradients reuse them (inference graphs are traced by the same code)
+    assert len(graphs) == 3
+    with torch.no_grad():
+        regional.eval()
+        torch.testing.assert_close(regional(idx)[0], eager.eval()(idx)[0], atol=0, rtol=0)
+    # the KV-cache path stays eager: generation does not trace anything
+    n = len(graphs)
+    regional.setup_kv_cache(1, 8)
+    regional.forward_cached(idx[:1, :4], torch.arange(4))
+    assert len(graphs) == n
+
+
+def test_compiled_regions_under_inductor_match_eager():
+    """The real compiler (C++ kernels on a CPU): the same loss and gradients up to float rounding."""
+    torch._dynamo.reset()
+    torch.manual_seed(9)
+    eager = GPT(tiny_config(n_layer=2)).train()
+    regional = GPT(tiny_config(n_layer=2)).train()
+    regional.load_state_dict(eager.state_dict())
+    regional.compile_regions()
+    idx = torch.randint(0, 101, (2, 16))
+    want, got = loss_and_grads(eager, idx, 0), loss_and_grads(regional, idx, 0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+    for n in want[2]:
+        torch.testing.assert_close(got[2][n], want[2][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_compiled_regions_still_refuse_too_long_sequences():
+    model = GPT(tiny_config())
+    model.compile_regions()
+    with pytest.raises(ValueError, match="length 33 .* block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gradient_checkpointing_gives_the_same_gradients(dropout):
     grads = []

@@ -361,6 +361,43 @@ def test_compile_eval_picks_the_model_evaluations_run(char_data, tmp_path, monke
     assert calls.count(True) == 4 and calls.count(False) == (evaluations if compile_eval else 0)
 
 
+@pytest.mark.parametrize("compile_eval", [True, False])
+def test_compile_regional_compiles_the_regions_and_evaluates_eagerly_when_asked(char_data, tmp_path, monkeypatch,
+                                                                                compile_eval):
+    compiled, calls, stance = [], [], []
+
+    def fake_compile(fn, mode=None, **kwargs):  # records the call; the region runs as it is
+        compiled.append((type(fn).__name__, mode))
+
+        def region(*args):
+            calls.append((torch.is_grad_enabled(), bool(stance)))
+            return fn(*args)
+        return region
+
+    class FakeStance:  # torch.compiler.set_stance("force_eager") as a flag the regions can see
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            stance.append(self.name)
+
+        def __exit__(self, *exc):
+            stance.pop()
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "set_stance", FakeStance)
+    r = train(tiny(char_data, tmp_path, compile=True, compile_regional=True, compile_mode="max-autotune-no-cudagraphs",
+                   compile_eval=compile_eval, max_iters=4, eval_interval=2, eval_iters=3))
+    assert r["best_val_loss"] < float("inf")
+    assert compiled == [("method", "max-autotune-no-cudagraphs"), ("Block", "max-autotune-no-cudagraphs"),
+                        ("Block", "max-autotune-no-cudagraphs"), ("method", "max-autotune-no-cudagraphs")]
+    per_pass = 4  # embedding, the tiny model's 2 blocks, head
+    evaluations = 3 * 2 * 3  # at 0, 2 and 4, eval_iters batches of each split
+    assert calls.count((True, False)) == 4 * per_pass  # training steps, compiled
+    assert calls.count((False, not compile_eval)) == evaluations * per_pass
+    assert len(calls) == (4 + evaluations) * per_pass
+
+
 @pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
                                                    ("reduce-overhead", 1, False), ("default", 2, False),
                                                    ("max-autotune-no-cudagraphs", 2, False)])
