@@ -462,9 +462,10 @@ class GPT(nn.Module):
         Hugging Face GPT-2 format: transformers.GPT2LMHeadModel.from_pretrained(directory) loads it.
         The padding rows are dropped, so a custom vocabulary exports with its own vocab_size.
         If a tokenizer is given, it is written beside it as TOOLKIT_TOKENIZER (this project's format,
-        which generate.py --init_from reads); GPT-2's tokenizer also as vocab.json and merges.txt, which
-        transformers' AutoTokenizer reads. config.json is written last: a directory that has it holds a
-        complete export."""
+        which generate.py --init_from reads), and also in transformers' files, which AutoTokenizer reads:
+        GPT-2's and a trained BPE (GPT-2's split pattern) as vocab.json and merges.txt, a character-level
+        one as tokenizer.json (tokenizer.hf_files). config.json is written last: a directory that has it
+        holds a complete export."""
         from utils import atomic_open
         cfg = self.config
         out = Path(directory)
@@ -518,7 +519,7 @@ class GPT(nn.Module):
                 f.write(safetensors_bytes(sd, metadata={"format": "pt"}))
         if tokenizer is not None:
             tokenizer.save(out / TOOLKIT_TOKENIZER)
-            for name, text in (tokenizer.hf_files() if hasattr(tokenizer, "hf_files") else {}).items():
+            for name, text in tokenizer.hf_files().items():
                 with atomic_open(out / name, "w") as f:
                     f.write(text)
         # last: from_pretrained looks for config.json first, so an export cut short is never taken for whole

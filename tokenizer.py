@@ -96,6 +96,11 @@ class Tokenizer:
         """Everything needed to rebuild this tokenizer, as plain JSON types; includes "kind"."""
         raise NotImplementedError
 
+    def hf_files(self) -> dict[str, str]:
+        """File name -> text of the files with which transformers' AutoTokenizer loads this tokenizer
+        (model.save_pretrained writes them beside the weights); {} where transformers cannot express it."""
+        return {}
+
     def encode(self, text: str, allowed_special="none") -> list[int]:
         """Encode text into ids.
 
@@ -283,6 +288,21 @@ class CharTokenizer(Tokenizer):
 
     def decode_bytes(self, ids) -> bytes:
         return self.decode(ids).encode("utf-8", "surrogatepass")
+
+    def hf_files(self) -> dict[str, str]:
+        """transformers' tokenizer.json (a WordLevel vocabulary over single characters) and tokenizer_config.json,
+        which AutoTokenizer loads; {} where a character is a lone surrogate, which JSON for transformers cannot hold."""
+        if any("\ud800" <= c <= "\udfff" for c in self.chars):
+            return {}
+        spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+                # every character its own piece, newlines included ([\s\S]: the regex engine's '.' skips them)
+                "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated",
+                                  "invert": False},
+                "post_processor": None, "decoder": {"type": "Fuse"},  # decode joins the characters without spaces
+                # no unknown token: a character never seen is an error there too, as in encode
+                "model": {"type": "WordLevel", "vocab": self.stoi, "unk_token": "<unk>"}}
+        return {"tokenizer.json": json.dumps(spec, ensure_ascii=False),
+                "tokenizer_config.json": hf_tokenizer_config("PreTrainedTokenizerFast", {})}
 
     def to_dict(self) -> dict:
         # a list, not one string: escaped in one string, a lone high surrogate followed by a lone low
@@ -642,6 +662,20 @@ class BPETokenizer(Tokenizer):
         d["merges"] = [list(pair) for pair in self.merges]  # merges[i] makes token 256 + i
         return d
 
+    def hf_files(self) -> dict[str, str]:
+        """vocab.json, merges.txt and tokenizer_config.json for transformers' GPT-2 tokenizer, which splits
+        with GPT-2's pattern and applies the learned pairs by rank, as the "pairs" rule does (on a vocabulary
+        that training made, "ranks" agrees). {} for what those files cannot express: another split pattern,
+        two tokens of the same bytes, or a special token spelled like a token (vocab.json is keyed by spelling)."""
+        n = 256 + len(self.merges)
+        tokens = {self._id_bytes[i]: i for i in range(n)}
+        spell = _gpt2_byte_to_unicode()
+        words = {"".join(spell[b] for b in token) for token in tokens}
+        if self.pattern != GPT2_SPLIT_PATTERN or len(tokens) < n or any(s in words for s in self.special_tokens):
+            return {}
+        merges = [(self._id_bytes[a], self._id_bytes[b]) for a, b in self.merges]
+        return _gpt2_style_files(tokens, merges, self.special_tokens)
+
     # ---- OpenAI's GPT-2 files
 
     @classmethod
@@ -682,13 +716,11 @@ class BPETokenizer(Tokenizer):
 
 def gpt2_files_from_ranks(ranks: dict[bytes, int], specials: dict[str, int]) -> dict[str, str]:
     """OpenAI's encoder.json and vocab.bpe, as transformers names them (vocab.json, merges.txt), rebuilt
-    from tiktoken's token -> rank table: what transformers' GPT-2 tokenizer loads.
+    from tiktoken's token -> rank table, with a tokenizer_config.json: what transformers' GPT-2 tokenizer loads.
 
     A token of rank r is the merge of two tokens of lower rank; splitting its bytes again by merging the
     lowest-ranked pairs below r, until two parts remain, finds which.
     """
-    spell = _gpt2_byte_to_unicode()
-    word = lambda token: "".join(spell[b] for b in token)  # noqa: E731
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) < 2:
@@ -700,10 +732,31 @@ def gpt2_files_from_ranks(ranks: dict[bytes, int], specials: dict[str, int]) -> 
             if pair_ranks[i] >= rank:
                 raise TokenizerError(f"token {token!r} of rank {rank} is no merge of two tokens of lower rank")
             parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        merges.append(f"{word(parts[0])} {word(parts[1])}")
-    vocab = {word(token): rank for token, rank in ranks.items()} | specials
+        merges.append((parts[0], parts[1]))
+    return _gpt2_style_files(ranks, merges, specials)
+
+
+def _gpt2_style_files(tokens: dict[bytes, int], merges: list[tuple[bytes, bytes]],
+                      specials: dict[str, int]) -> dict[str, str]:
+    """vocab.json (spelling -> id), merges.txt (the pairs in rank order) and tokenizer_config.json."""
+    spell = _gpt2_byte_to_unicode()
+    word = lambda token: "".join(spell[b] for b in token)  # noqa: E731
+    vocab = {word(token): i for token, i in tokens.items()} | specials
     return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
-            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
+            "merges.txt": "#version: 0.2\n" + "".join(f"{word(a)} {word(b)}\n" for a, b in merges),
+            "tokenizer_config.json": hf_tokenizer_config("GPT2Tokenizer", specials)}
+
+
+def hf_tokenizer_config(tokenizer_class: str, specials: dict[str, int]) -> str:
+    """transformers' tokenizer_config.json: the class that reads the files, the special tokens as special
+    (never split, kept whole in text as encode(allowed_special='all') does), '<|endoftext|>' as bos, eos and
+    unk as in GPT-2, or none at all; decode must not drop spaces before punctuation, as older versions did."""
+    eot = EOT if EOT in specials else None
+    added = {str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for s, i in specials.items()}
+    return json.dumps({"tokenizer_class": tokenizer_class, "bos_token": eot, "eos_token": eot, "unk_token": eot,
+                       "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+                       "added_tokens_decoder": added}, ensure_ascii=False, indent=2)
 
 
 def _gpt2_byte_to_unicode() -> dict[int, str]:

@@ -383,6 +383,56 @@ def test_an_export_with_gpt2s_tokenizer_loads_in_autotokenizer(tmp_path, gpt2_fi
     assert hf.eos_token_id == 50256
 
 
+HF_TEXTS = ["Hello world, 你好！ It's 2026.\n\n  spaces\t", "ROMEO:\nWhat, ho! 😀 naïve café\r\n",
+            "中文的标点，和 English words 混在一起。", "   \n\n\n  x  "]
+
+
+@pytest.mark.parametrize("specials", [[], ["<|endoftext|>"], ["<|endoftext|>", "<|sep|>"]])
+def test_an_export_with_a_trained_bpe_loads_in_autotokenizer(tmp_path, shakespeare_text, specials):
+    """A trained byte-level BPE with GPT-2's split pattern is what GPT-2's vocab.json and merges.txt
+    describe: transformers encodes and decodes every text as this project does."""
+    from tokenizer import BPETokenizer
+    text = shakespeare_text[:100_000] + "".join(HF_TEXTS[1:3]) * 30
+    tok = BPETokenizer().train(text, 700, special_tokens=specials)
+    GPT(tiny_config(vocab_size=tok.vocab_size)).save_pretrained(tmp_path, tokenizer=tok)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for t in HF_TEXTS + [shakespeare_text[-3000:], "a<|sep|>b <|endoftext|>"]:
+        ids = tok.encode(t, allowed_special="all")
+        assert hf(t)["input_ids"] == ids, t
+        assert hf.decode(ids) == t
+    assert len(hf) == tok.vocab_size  # nothing added beyond the model's vocabulary
+    assert hf.eos_token_id == tok.eot_token  # None without '<|endoftext|>'
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert hf_model.config.eos_token_id == tok.eot_token
+
+
+def test_an_export_with_a_bpe_transformers_cannot_express_has_only_this_projects_file(tmp_path, shakespeare_text):
+    from tokenizer import BPETokenizer
+    tok = BPETokenizer(r"\w+|\s+|[^\w\s]+").train(shakespeare_text[:20_000], 300)  # not GPT-2's split pattern
+    GPT(tiny_config(vocab_size=tok.vocab_size)).save_pretrained(tmp_path, tokenizer=tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "toolkit_tokenizer.json"]
+
+
+def test_an_export_with_a_character_tokenizer_loads_in_autotokenizer(tmp_path, shakespeare_text):
+    from tokenizer import CharTokenizer
+    tok = CharTokenizer.from_text(shakespeare_text + "".join(HF_TEXTS))
+    GPT(tiny_config(vocab_size=tok.vocab_size)).save_pretrained(tmp_path, tokenizer=tok)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for t in HF_TEXTS + [shakespeare_text[:3000]]:
+        ids = tok.encode(t)
+        assert hf(t)["input_ids"] == ids, t
+        assert hf.decode(ids) == t
+    assert len(hf) == tok.vocab_size and hf.eos_token_id is None
+    with pytest.raises(Exception, match="UNK"):  # a character never seen: an error there too, not a guess
+        hf("ß€")
+    out = transformers.pipeline("text-generation", model=str(tmp_path))("ROMEO:", max_new_tokens=10, do_sample=False)
+    assert out[0]["generated_text"].startswith("ROMEO:") and len(out[0]["generated_text"]) == 16  # a token a character
+    # generate.py reads this project's file, not transformers' tokenizer.json
+    from generate import load_model
+    _, again, _ = load_model(init_from=str(tmp_path))
+    assert again.to_dict() == tok.to_dict()
+
+
 def test_save_pretrained_over_an_earlier_export(tmp_path, monkeypatch):
     from tokenizer import CharTokenizer
     GPT(tiny_config()).save_pretrained(tmp_path, tokenizer=CharTokenizer("abc"))

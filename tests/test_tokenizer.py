@@ -567,3 +567,25 @@ def test_cli_keeps_line_ends(tmp_path):
                           "--out", "tok2.json"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert load_tokenizer(tmp_path / "tok2.json").merges == tok.merges
+
+
+def test_hf_files_only_for_what_gpt2s_files_can_hold():
+    tok = BPETokenizer()
+    tok._set([(97, 98), (256, 99), (97, 98 + 1)], {})  # 'ab', 'abc', 'ac': GPT-2's files can hold these
+    files = tok.hf_files()
+    assert files["merges.txt"] == "#version: 0.2\na b\nab c\na c\n"
+    assert json.loads(files["vocab.json"])["abc"] == 257 and json.loads(files["tokenizer_config.json"])["eos_token"] is None
+    tok._set([(98, 99), (97, 98), (97, 256), (257, 99)], {})  # 'abc' made twice: vocab.json is keyed by spelling
+    assert tok.hf_files() == {}
+    tok._set([(97, 98)], {"ab": 257})  # a special token spelled like the token 'ab'
+    assert tok.hf_files() == {}
+    tok._set([(97, 98)], {"Ġ": 257})  # ... or like the byte ' ', which GPT-2's files spell 'Ġ'
+    assert tok.hf_files() == {}
+    assert set(BPETokenizer(r"\S+|\s+").hf_files()) == set()  # another split pattern
+    assert CharTokenizer(["a", "\ud800"]).hf_files() == {}  # a lone surrogate has no place in their JSON
+
+
+def test_gpt2s_files_from_tiktoken_name_its_special_token():
+    config = json.loads(GPT2Tokenizer().hf_files()["tokenizer_config.json"])
+    assert config["eos_token"] == config["bos_token"] == EOT
+    assert config["added_tokens_decoder"]["50256"]["content"] == EOT and config["clean_up_tokenization_spaces"] is False
