@@ -627,9 +627,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # all ranks agree on stopping after a signal; a gloo group keeps that check off the GPU stream
         stop_group = torch.distributed.new_group(backend="gloo") if config.backend != "gloo" else None
     # evaluation needs no gradient synchronisation, and with compile_eval=False no compiled graph either
-    # (compiled regions are part of raw_model: they run eagerly inside the force_eager stance)
+    # (compiled regions are part of raw_model: they run eagerly inside the force_eager stance, which is
+    # made anew for each evaluation because making it already sets it, for the whole process)
     eval_model = (model.module if ddp else model) if config.compile_eval else raw_model
-    eval_stance = nullcontext() if config.compile_eval else torch.compiler.set_stance("force_eager")
+    eval_stance = nullcontext if config.compile_eval else lambda: torch.compiler.set_stance("force_eager")
 
     # --- from here on files are written (rank 0 only)
     checkpoint_dir = Path(config.checkpoint_dir)
@@ -759,7 +760,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 last_report = time.perf_counter()
                 log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s]")
 
-        with eval_stance:
+        with eval_stance():
             losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size,
                                    should_stop=lambda: stop_requested(stop, stop_group if ddp else None),
                                    progress=progress)

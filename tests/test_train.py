@@ -398,6 +398,31 @@ def test_compile_regional_compiles_the_regions_and_evaluates_eagerly_when_asked(
     assert len(calls) == (4 + evaluations) * per_pass
 
 
+@pytest.mark.parametrize("regional", [False, True])
+def test_training_stays_compiled_when_evaluations_are_not(char_data, tmp_path, monkeypatch, regional):
+    """compile_eval=False evaluates under torch.compiler.set_stance("force_eager"), which takes effect as
+    soon as it is made: training must stay compiled, a resumed run's steps before its first evaluation too."""
+    calls = []
+
+    def counting_backend(gm, example_inputs):  # runs the traced graph as it is, counting its calls
+        def run(*args):
+            calls.append(torch.is_grad_enabled())
+            return gm.forward(*args)
+        return run
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: real_compile(fn, backend=counting_backend))
+    torch._dynamo.reset()
+    kw = dict(compile=True, compile_regional=regional, compile_eval=False, eval_interval=4, eval_iters=2,
+              max_iters=4, lr_decay_iters=8)
+    train(tiny(char_data, tmp_path, **kw))
+    per_pass = 4 if regional else 1  # embedding, the tiny model's 2 blocks and head, or the whole model
+    assert calls == [True] * 4 * per_pass  # every training step compiled, no evaluation
+    calls.clear()
+    r = train(tiny(char_data, tmp_path, **{**kw, "max_iters": 8}))  # steps 5 to 8 come before its evaluation
+    assert r["resumed_from"] == 4 and calls == [True] * 4 * per_pass
+
+
 @pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
                                                    ("reduce-overhead", 1, False), ("default", 2, False),
                                                    ("max-autotune-no-cudagraphs", 2, False)])
