@@ -224,6 +224,10 @@ class BatchLoader:
         data = np.memmap(self.data_dir / f"{split}.bin", dtype=self.dtype, mode="r")
         windows = np.stack([data[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
         del data  # drop the mapping now: its pages must not pile up over a long run
+        if windows.max() >= self.vocab_size:  # microseconds here; on the GPU it would be a device-side assert
+            raise DataError(f"{self.data_dir / f'{split}.bin'} holds token id {windows.max()}, but meta.json's "
+                            f"vocab_size is {self.vocab_size}: the file is damaged or belongs to another data set. "
+                            f"Prepare it again with: {_remake_command(self.data_dir, self.meta)}")
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
         if self._pin:

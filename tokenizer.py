@@ -666,12 +666,17 @@ class BPETokenizer(Tokenizer):
         """vocab.json, merges.txt and tokenizer_config.json for transformers' GPT-2 tokenizer, which splits
         with GPT-2's pattern and applies the learned pairs by rank, as the "pairs" rule does (on a vocabulary
         that training made, "ranks" agrees). {} for what those files cannot express: another split pattern,
-        two tokens of the same bytes, or a special token spelled like a token (vocab.json is keyed by spelling)."""
+        two tokens of the same bytes, a special token spelled like a token (vocab.json is keyed by spelling),
+        or one that transformers would decode wrongly: its decoder reads each character of GPT-2's byte
+        alphabet as that byte, special tokens included ('Ġ' -> ' ', 'é' -> the lone byte 0xE9)."""
         n = 256 + len(self.merges)
         tokens = {self._id_bytes[i]: i for i in range(n)}
         spell = _gpt2_byte_to_unicode()
+        byte_of = {c: b for b, c in spell.items()}
         words = {"".join(spell[b] for b in token) for token in tokens}
-        if self.pattern != GPT2_SPLIT_PATTERN or len(tokens) < n or any(s in words for s in self.special_tokens):
+        as_decoded = lambda s: b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in s)  # noqa: E731
+        if (self.pattern != GPT2_SPLIT_PATTERN or len(tokens) < n
+                or any(s in words or as_decoded(s) != s.encode() for s in self.special_tokens)):
             return {}
         merges = [(self._id_bytes[a], self._id_bytes[b]) for a, b in self.merges]
         return _gpt2_style_files(tokens, merges, self.special_tokens)

@@ -523,6 +523,18 @@ def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
         BatchLoader(d, block_size=8, batch_size=2)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_token_id_beyond_the_vocabulary_is_a_clear_error(tmp_path, prefetch):
+    train = np.arange(100) % 50
+    train[60] = 77  # a damaged file: no id may reach vocab_size
+    d = write_data_dir(tmp_path / "d", train, np.arange(50), vocab_size=50)
+    with BatchLoader(d, block_size=8, batch_size=2, prefetch=prefetch) as loader:
+        loader.get_batch("val", 0)  # a clean split is fine
+        with pytest.raises(DataError, match=r"train.bin holds token id 77, but meta.json's vocab_size is 50"):
+            for i in range(100):  # some batch covers position 60
+                loader.get_batch("train", i)
+
+
 # -----------------------------------------------------------------------------
 # bad input
 

@@ -387,7 +387,7 @@ HF_TEXTS = ["Hello world, 你好！ It's 2026.\n\n  spaces\t", "ROMEO:\nWhat, ho
             "中文的标点，和 English words 混在一起。", "   \n\n\n  x  "]
 
 
-@pytest.mark.parametrize("specials", [[], ["<|endoftext|>"], ["<|endoftext|>", "<|sep|>"]])
+@pytest.mark.parametrize("specials", [[], ["<|endoftext|>"], ["<|endoftext|>", "<|sep|>", "<|sp ace|>"]])
 def test_an_export_with_a_trained_bpe_loads_in_autotokenizer(tmp_path, shakespeare_text, specials):
     """A trained byte-level BPE with GPT-2's split pattern is what GPT-2's vocab.json and merges.txt
     describe: transformers encodes and decodes every text as this project does."""
@@ -396,7 +396,7 @@ def test_an_export_with_a_trained_bpe_loads_in_autotokenizer(tmp_path, shakespea
     tok = BPETokenizer().train(text, 700, special_tokens=specials)
     GPT(tiny_config(vocab_size=tok.vocab_size)).save_pretrained(tmp_path, tokenizer=tok)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for t in HF_TEXTS + [shakespeare_text[-3000:], "a<|sep|>b <|endoftext|>"]:
+    for t in HF_TEXTS + [shakespeare_text[-3000:], "a<|sep|>b <|endoftext|> x<|sp ace|>y"]:
         ids = tok.encode(t, allowed_special="all")
         assert hf(t)["input_ids"] == ids, t
         assert hf.decode(ids) == t

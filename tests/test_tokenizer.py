@@ -581,6 +581,12 @@ def test_hf_files_only_for_what_gpt2s_files_can_hold():
     assert tok.hf_files() == {}
     tok._set([(97, 98)], {"Ġ": 257})  # ... or like the byte ' ', which GPT-2's files spell 'Ġ'
     assert tok.hf_files() == {}
+    for name in ("<|naïve|>", "<|Ġsep|>"):  # transformers would decode them as the bytes their letters spell
+        tok._set([(97, 98)], {name: 257})
+        assert tok.hf_files() == {}, name
+    for name in ("<|sp ace|>", "<s>", "[SEP]", "<|👋|>", "\n\n"):  # these it decodes as they are
+        tok._set([(97, 98)], {name: 257})
+        assert json.loads(tok.hf_files()["vocab.json"])[name] == 257
     assert set(BPETokenizer(r"\S+|\s+").hf_files()) == set()  # another split pattern
     assert CharTokenizer(["a", "\ud800"]).hf_files() == {}  # a lone surrogate has no place in their JSON
 
