@@ -106,6 +106,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
     # as train.py builds them: autocast for every dtype but float32 (bfloat16 on a CPU included)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ctx = autocast_context(device.type, dtype)
+    model.check_ids = False  # random ids in range, or the loader's checked batches: no GPU sync per step
     step_model = model
     if use_compile and args.compile_regional:
         model.compile_regions(args.compile_mode)

@@ -226,6 +226,9 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.set_fp8(config.fp8)
         self._regions = None  # (embed, blocks, head) once compile_regions() has compiled them
+        # forward() checks the token ids against the vocabulary, which waits for the GPU; train.py turns
+        # it off, since its BatchLoader checks every batch on the CPU before the GPU sees it
+        self.check_ids = True
 
     def set_fp8(self, on: bool) -> None:
         """Let the blocks' four Linear layers multiply in float8 while training (Float8Linear), or not.
@@ -266,8 +269,8 @@ class GPT(nn.Module):
                              f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens")
         # An out-of-range id would otherwise surface as an opaque device-side assert on CUDA. The
         # check reads a value back to the host, so it is skipped while compiling (the data pipeline
-        # has already checked the data's vocabulary), while a CUDA graph is being captured, and in front
-        # of compiled regions (ids=False), which would otherwise wait for the GPU at every step.
+        # has already checked the data's vocabulary), while a CUDA graph is being captured, and when the
+        # caller says so (ids=False): in front of compiled regions, or when the batches were checked.
         if not ids or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
@@ -281,7 +284,7 @@ class GPT(nn.Module):
         Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut
         off before anything sees them, so they are never sampled and never enter the softmax.
         """
-        self._check_input(idx, ids=self._regions is None)
+        self._check_input(idx, ids=self.check_ids and self._regions is None)
         embed, blocks, head = self._regions or (self._embed, self.transformer.h, self._head)
         x = embed(idx)  # (B, T, C)
         for block in blocks:

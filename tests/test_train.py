@@ -423,6 +423,17 @@ def test_training_stays_compiled_when_evaluations_are_not(char_data, tmp_path, m
     assert r["resumed_from"] == 4 and calls == [True] * 4 * per_pass
 
 
+def test_training_and_evaluation_leave_the_id_check_to_the_loader(char_data, tmp_path, monkeypatch):
+    """The model's id check waits for the GPU at every forward pass; the loader has checked the batches."""
+    from model import GPT
+    checks, check = [], GPT._check_input
+    monkeypatch.setattr(GPT, "_check_input", lambda self, idx, ids=True: checks.append(ids) or check(self, idx, ids))
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2, eval_iters=2, sample_tokens=4))
+    assert len(checks) > 4 + 3 * 2 * 2  # training steps, evaluations, and the samples' decoding steps
+    samples = checks.count(True)  # sampling's prompts come from the tokenizer, not the loader: still checked
+    assert checks.count(False) == 4 + 3 * 2 * 2 and 0 < samples
+
+
 @pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
                                                    ("reduce-overhead", 1, False), ("default", 2, False),
                                                    ("max-autotune-no-cudagraphs", 2, False)])
