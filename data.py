@@ -46,6 +46,12 @@ class DataError(UserError):
     """A data set that is missing, incomplete or does not fit the run; the message says how to fix it."""
 
 
+class DamagedBatchError(DataError):
+    """A batch with an id beyond the vocabulary: the file changed since the loader checked it whole.
+    Under torchrun only the process that drew the batch knows."""
+    per_process = True
+
+
 def prepare_command(data_dir: str | Path) -> str:
     """The prepare_data.py command that creates `data_dir`.
 
@@ -152,6 +158,8 @@ class BatchLoader:
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_tokens = {split: self._check_bin(split) for split in SPLITS}
+        for split in SPLITS:  # before a run writes anything: reading 1 GB from memory takes well under a second
+            self._check_ids(split)
         for split, n in self.num_tokens.items():
             if n < block_size + 1:
                 raise DataError(
@@ -178,6 +186,23 @@ class BatchLoader:
                             f"({expected * self.dtype.itemsize} bytes). Prepare the data set again with: "
                             f"{_remake_command(self.data_dir, self.meta)}")
         return expected
+
+    def _damaged(self, split: str, bad_id: int, what: str) -> str:
+        return (f"{self.data_dir / f'{split}.bin'} holds token id {bad_id}{what}, but meta.json's vocab_size is "
+                f"{self.vocab_size}: the file is damaged or belongs to another data set. Prepare it again with: "
+                f"{_remake_command(self.data_dir, self.meta)}")
+
+    def _check_ids(self, split: str) -> None:
+        """Every id of the split below vocab_size (on the GPU a bad id is an opaque device-side assert)."""
+        start = 0
+        with open(self.data_dir / f"{split}.bin", "rb") as f:
+            # 32M tokens at a time: the file is streamed, never held whole
+            while (ids := np.fromfile(f, dtype=self.dtype, count=1 << 25)).size:
+                if int(ids.max()) >= self.vocab_size:
+                    at = start + int(np.argmax(ids >= self.vocab_size))
+                    raise DataError(self._damaged(split, int(ids.max()),
+                                                  f" (the first id of {self.vocab_size} or more at token {at:,})"))
+                start += ids.size
 
     def get_batch(self, split: str, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (B, T) int64 on the loader's device, with y[:, t] == x[:, t + 1] for t < T - 1.
@@ -224,10 +249,9 @@ class BatchLoader:
         data = np.memmap(self.data_dir / f"{split}.bin", dtype=self.dtype, mode="r")
         windows = np.stack([data[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
         del data  # drop the mapping now: its pages must not pile up over a long run
-        if windows.max() >= self.vocab_size:  # microseconds here; on the GPU it would be a device-side assert
-            raise DataError(f"{self.data_dir / f'{split}.bin'} holds token id {windows.max()}, but meta.json's "
-                            f"vocab_size is {self.vocab_size}: the file is damaged or belongs to another data set. "
-                            f"Prepare it again with: {_remake_command(self.data_dir, self.meta)}")
+        if windows.max() >= self.vocab_size:  # the file changed since it was checked; microseconds a batch
+            raise DamagedBatchError(self._damaged(split, int(windows.max()),
+                                                  " (it changed after the loader checked it)"))
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
         if self._pin:

@@ -227,7 +227,7 @@ class GPT(nn.Module):
         self.set_fp8(config.fp8)
         self._regions = None  # (embed, blocks, head) once compile_regions() has compiled them
         # forward() checks the token ids against the vocabulary, which waits for the GPU; train.py turns
-        # it off, since its BatchLoader checks every batch on the CPU before the GPU sees it
+        # it off, since its BatchLoader checks the data's ids on the CPU before the GPU sees any
         self.check_ids = True
 
     def set_fp8(self, on: bool) -> None:

@@ -616,7 +616,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                       f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
     else:
         torch.manual_seed(config.seed + rank)  # each rank its own dropout stream
-    raw_model.check_ids = False  # the loader checks each batch's ids on the CPU: no GPU sync per forward
+    raw_model.check_ids = False  # the loader checked the data's ids on the CPU: no GPU sync per forward
     model = raw_model
     if compile_model and config.compile_regional:
         raw_model.compile_regions(config.compile_mode)  # raw_model.forward now runs the compiled regions

@@ -27,7 +27,12 @@ _UMASK = _read_umask()
 
 
 class UserError(Exception):
-    """A mistake the user can fix. The message says what was wrong and what would work."""
+    """A mistake the user can fix. The message says what was wrong and what would work.
+
+    per_process: under torchrun, whether only the process that raised it may know (one rank's batch);
+    otherwise every process of a machine meets the same error, and one of them says it.
+    """
+    per_process = False
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -107,8 +112,9 @@ def run_cli(main: Callable[[], object]) -> None:
         main()
     except UserError as e:
         # under torchrun every process of a machine meets the same error (its flags, its files): the
-        # first process of each machine says it, naming its rank where that is not 0
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        # first process of each machine says it, naming its rank where that is not 0; an error of one
+        # process's own work is said by that process
+        if os.environ.get("LOCAL_RANK", "0") == "0" or e.per_process:
             rank = os.environ.get("RANK", "0")
             print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
         sys.exit(2)

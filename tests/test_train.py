@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from config import ConfigError, GPT2Config
-from data import BatchLoader
+from data import BatchLoader, DataError
 from model import GPT
 from tokenizer import CharTokenizer
 from train import GracefulStop, TrainingError, estimate_loss, forward_backward, get_lr, main, parse_args, train
@@ -421,6 +421,17 @@ def test_training_stays_compiled_when_evaluations_are_not(char_data, tmp_path, m
     calls.clear()
     r = train(tiny(char_data, tmp_path, **{**kw, "max_iters": 8}))  # steps 5 to 8 come before its evaluation
     assert r["resumed_from"] == 4 and calls == [True] * 4 * per_pass
+
+
+def test_a_damaged_data_set_stops_the_run_before_anything_is_written(char_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    ids = np.memmap(data / "val.bin", dtype=np.uint16, mode="r+")
+    ids[-1] = 300  # far beyond the data set's vocabulary (20 characters); in no batch before the last
+    ids.flush()
+    with pytest.raises(DataError, match=r"val.bin holds token id 300 \(the first id of 20 or more at token"):
+        train(tiny(data, tmp_path))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
 
 
 def test_training_and_evaluation_leave_the_id_check_to_the_loader(char_data, tmp_path, monkeypatch):
@@ -1000,6 +1011,11 @@ def test_under_torchrun_an_input_error_is_printed_once_a_machine():
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                            env={**os.environ, "RANK": rank, "LOCAL_RANK": local_rank})
         assert (r.returncode, r.stderr) == (2, printed)
+    # an error of one process's own batch: only that process knows, so it says it whatever its rank
+    code = "from utils import run_cli\nfrom data import DamagedBatchError\ndef main():\n    raise DamagedBatchError('bad')\nrun_cli(main)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "RANK": "1", "LOCAL_RANK": "1"})
+    assert (r.returncode, r.stderr) == (2, "error (rank 1): bad\n")
 
 
 def test_a_signal_to_this_process_just_after_anothers_is_the_same_request(monkeypatch):
