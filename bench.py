@@ -500,7 +500,8 @@ def model_report(args) -> dict:
                   data=args.data_dir or "random tokens", date=time.strftime("%Y-%m-%d"),
                   threads=torch.get_num_threads())
     print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}"
-          + (f" ({args.compile_mode}{', regional' * args.compile_regional})" if use_compile else "")
+          + (f" ({args.compile_mode}{', regional' * args.compile_regional})" if use_compile
+             else ", so --compile_regional does nothing" if args.compile_regional else "")
           + (", fp8 matmuls in training" if args.fp8 else ""))
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"vocab={config.vocab_size}; batch {config.batch_size} x {config.block_size} tokens; data: {report['data']}")

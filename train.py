@@ -674,7 +674,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
               f"{config.batch_size} sequences x {config.block_size} tokens"
               + (f" over {world_size} processes" if ddp else ""))
     compiled = f"compile {compile_model}" + (f" ({config.compile_mode}{', regional' * config.compile_regional})"
-                                             if compile_model else "")
+                                             if compile_model else ", so compile_regional does nothing"
+                                             if config.compile_regional else "")
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
               f"{compiled}, data {config.data_dir} ({meta['tokenizer']}), checkpoints {checkpoint_dir}, "
               f"tensorboard {run_dir}")
