@@ -821,7 +821,8 @@ def get_parser() -> argparse.ArgumentParser:
     sys_.add_argument("--compile", action="store_true",
                       help="torch.compile the decoding step (faster on CUDA, slower than eager on a CPU)")
     sys_.add_argument("--no_cuda_graph", action="store_true", help="decode eagerly on CUDA (slower)")
-    sys_.add_argument("--batch_size", type=int, default=8, help="samples generated at once for --num_samples")
+    sys_.add_argument("--batch_size", type=int, default=None,
+                      help="samples generated at once for --num_samples (default 8)")
     sys_.add_argument("--window", type=int, default=None,
                       help="tokens of context kept when the text outgrows block_size (default block_size // 2)")
     return p
@@ -843,7 +844,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                                 top_p=args.top_p, seed=args.seed,
                                 stop=None if args.stop is None else _unescape(args.stop)).validate()
     for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GenerationError(f"--{name} must be >= 1, got {getattr(args, name)}")
     prompt = args.prompt
     if args.prompt_file:
@@ -852,9 +853,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
-    if args.interactive and (args.prompt or args.prompt_file or args.num_samples != 1):
-        raise GenerationError("--prompt, --prompt_file and --num_samples do not apply to --interactive, which reads "
-                              "its prompts from the terminal; leave them out, or leave out --interactive")
+    if args.interactive and (args.prompt or args.prompt_file or args.num_samples != 1 or args.batch_size is not None):
+        raise GenerationError("--prompt, --prompt_file, --num_samples and --batch_size do not apply to --interactive, "
+                              "which reads its prompts from the terminal one at a time; leave them out, or leave out "
+                              "--interactive")
+    batch_size = args.batch_size or 8
     check_utf8(prompt, "--prompt")
     check_utf8(settings.stop, "--stop")
     # a console in another encoding (GBK, say) still gets the text, with what it cannot show replaced
@@ -876,8 +879,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         out.write("\n")
         return
     rng = settings.make_rng(gen.device)
-    for i in range(0, args.num_samples, args.batch_size):
-        n = min(args.batch_size, args.num_samples - i)
+    for i in range(0, args.num_samples, batch_size):
+        n = min(batch_size, args.num_samples - i)
         for text in complete(gen, tokenizer, [prompt] * n, settings, rng):
             out.write(f"{prompt}{text}\n---------------\n")
         out.flush()

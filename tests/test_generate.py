@@ -687,6 +687,8 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--seed", str(2**64)], "seed must be an integer from -2**63 to 2**64 - 1"),
     (["--temprature", "1"], "unrecognized arguments: --temprature 1; see"),
     (["--interactive", "--prompt", "ab"], "do not apply to --interactive"),
+    (["--interactive", "--batch_size", "4"], "do not apply to --interactive"),
+    (["--batch_size", "0", "--num_samples", "2"], "--batch_size must be >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(char_checkpoint, tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(tmp_path)
