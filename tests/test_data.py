@@ -532,7 +532,7 @@ def test_a_token_id_beyond_the_vocabulary_is_found_before_anything_runs(tmp_path
         BatchLoader(d, block_size=8, batch_size=2)
     fromfile = np.fromfile
     monkeypatch.setattr(np, "fromfile", lambda f, dtype, count: fromfile(f, dtype, count=min(count, 16)))
-    with pytest.raises(DataError, match="token id 77 .* at token 60\)"):  # found in a later chunk too
+    with pytest.raises(DataError, match=r"token id 77 .* at token 60\)"):  # found in a later chunk too
         BatchLoader(d, block_size=8, batch_size=2)
 
 
