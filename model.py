@@ -523,6 +523,9 @@ class GPT(nn.Module):
         if tokenizer is not None:
             tokenizer.save(out / TOOLKIT_TOKENIZER)
             for name, text in tokenizer.hf_files().items():
+                if name == "tokenizer_config.json":  # truncation=True cuts at the model's context, as for GPT-2
+                    text = json.dumps({**json.loads(text), "model_max_length": cfg.block_size}, ensure_ascii=False,
+                                      indent=2)
                 with atomic_open(out / name, "w") as f:
                     f.write(text)
         # last: from_pretrained looks for config.json first, so an export cut short is never taken for whole

@@ -401,6 +401,7 @@ def test_an_export_with_a_trained_bpe_loads_in_autotokenizer(tmp_path, shakespea
         assert hf(t)["input_ids"] == ids, t
         assert hf.decode(ids) == t
     assert len(hf) == tok.vocab_size  # nothing added beyond the model's vocabulary
+    assert hf.model_max_length == 32 and len(hf(shakespeare_text[:2000], truncation=True)["input_ids"]) == 32
     assert hf.eos_token_id == tok.eot_token  # None without '<|endoftext|>'
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
     assert hf_model.config.eos_token_id == tok.eot_token
