@@ -19,6 +19,7 @@ memory grow over a long run, as nanoGPT notes in its get_batch.
 """
 import json
 import shlex
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,6 +32,9 @@ SPLITS = ("train", "val")
 SPLIT_IDS = {"train": 0, "val": 1}  # mixed into the batch RNG's seed, so the splits draw independently
 DTYPES = ("uint16", "uint32")  # token storage; uint32 only when the vocabulary exceeds 65,535 ids
 META_KEYS = ("tokenizer", "tokenizer_file", "vocab_size", "eot_token", "dtype", "train_tokens", "val_tokens")
+# the loader reads the bins whole at start to check their ids: a second or so per GB from memory, longer
+# from a disk; beyond this size it says why the start waits
+ID_CHECK_NOTE_BYTES = 1 << 31
 
 # where `python prepare_data.py --dataset D --tokenizer T` writes by default, relative to the working
 # directory; config.py's data_dir defaults point here, and errors about a missing data set use it
@@ -194,8 +198,11 @@ class BatchLoader:
 
     def _check_ids(self, split: str) -> None:
         """Every id of the split below vocab_size (on the GPU a bad id is an opaque device-side assert)."""
-        start = 0
-        with open(self.data_dir / f"{split}.bin", "rb") as f:
+        start, path = 0, self.data_dir / f"{split}.bin"
+        size = self.num_tokens[split] * self.dtype.itemsize
+        if size > ID_CHECK_NOTE_BYTES and self.rank == 0:
+            print(f"checking the token ids of {path} ({size / 1e9:.1f} GB)", file=sys.stderr, flush=True)
+        with open(path, "rb") as f:
             # 32M tokens at a time: the file is streamed, never held whole
             while (ids := np.fromfile(f, dtype=self.dtype, count=1 << 25)).size:
                 if int(ids.max()) >= self.vocab_size:

@@ -536,6 +536,16 @@ def test_a_token_id_beyond_the_vocabulary_is_found_before_anything_runs(tmp_path
         BatchLoader(d, block_size=8, batch_size=2)
 
 
+def test_checking_large_bins_says_why_the_start_waits(tmp_path, monkeypatch, capsys):
+    import data
+    monkeypatch.setattr(data, "ID_CHECK_NOTE_BYTES", 100)  # train.bin has 200 bytes, val.bin 100
+    d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50), vocab_size=50)
+    BatchLoader(d, block_size=8, batch_size=2)
+    assert capsys.readouterr().err == f"checking the token ids of {d / 'train.bin'} (0.0 GB)\n"
+    BatchLoader(d, block_size=8, batch_size=2, rank=1, world_size=2)  # one line a run, from rank 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_a_file_damaged_after_the_check_stops_at_the_batch(tmp_path, prefetch):
     from data import DamagedBatchError
