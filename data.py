@@ -206,9 +206,9 @@ class BatchLoader:
             # 32M tokens at a time: the file is streamed, never held whole
             while (ids := np.fromfile(f, dtype=self.dtype, count=1 << 25)).size:
                 if int(ids.max()) >= self.vocab_size:
-                    at = start + int(np.argmax(ids >= self.vocab_size))
-                    raise DataError(self._damaged(split, int(ids.max()),
-                                                  f" (the first id of {self.vocab_size} or more at token {at:,})"))
+                    i = int(np.argmax(ids >= self.vocab_size))  # the first bad one, named with its position
+                    raise DataError(self._damaged(split, int(ids[i]), f" at token {start + i:,} (the first id of "
+                                                                      f"{self.vocab_size} or more)"))
                 start += ids.size
 
     def get_batch(self, split: str, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
