@@ -475,14 +475,18 @@ def test_cuda_graph_modes_refuse_gradient_accumulation(char_data, tmp_path, monk
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path):
-    """compile_mode=reduce-overhead replays the same kernels as CUDA graphs: the same losses, step by step."""
-    def curve(mode):
-        r = train(tiny(char_data, tmp_path / mode, device="cuda", dtype="float32", compile=True, compile_mode=mode,
-                       max_iters=20, eval_interval=10))
+    """compile_mode=reduce-overhead replays the same kernels as CUDA graphs: the same losses, step by step;
+    so do regional compilation's graphs, one for each region, with and without CUDA graphs."""
+    def curve(mode, regional=False):
+        r = train(tiny(char_data, tmp_path / f"{mode}{regional}", device="cuda", dtype="float32", compile=True,
+                       compile_mode=mode, compile_regional=regional, max_iters=20, eval_interval=10))
         assert list(r["losses"]) == list(range(1, 21)) and list(r["evals"]) == [0, 10, 20]
         return torch.tensor(list(r["losses"].values()) + [e[s] for e in r["evals"].values() for s in ("train", "val")])
 
-    torch.testing.assert_close(curve("reduce-overhead"), curve("default"), rtol=1e-4, atol=1e-5)
+    plain = curve("default")
+    torch.testing.assert_close(curve("reduce-overhead"), plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(curve("default", regional=True), plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(curve("reduce-overhead", regional=True), plain, rtol=1e-4, atol=1e-5)
 
 
 def test_float8_on_an_older_gpu_is_refused_before_anything_is_written(char_data, tmp_path, monkeypatch):
