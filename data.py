@@ -32,8 +32,8 @@ SPLITS = ("train", "val")
 SPLIT_IDS = {"train": 0, "val": 1}  # mixed into the batch RNG's seed, so the splits draw independently
 DTYPES = ("uint16", "uint32")  # token storage; uint32 only when the vocabulary exceeds 65,535 ids
 META_KEYS = ("tokenizer", "tokenizer_file", "vocab_size", "eot_token", "dtype", "train_tokens", "val_tokens")
-# the loader reads the bins whole at start to check their ids: a second or so per GB from memory, longer
-# from a disk; beyond this size it says why the start waits
+# the loader reads the bins whole at start to check their ids: about 0.25 s per GB from memory (2-core CPU),
+# longer from a disk; beyond this size it says why the start waits
 ID_CHECK_NOTE_BYTES = 1 << 31
 
 # where `python prepare_data.py --dataset D --tokenizer T` writes by default, relative to the working
