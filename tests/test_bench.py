@@ -136,23 +136,28 @@ def test_generation_is_timed_with_the_compile_setting(monkeypatch):
     assert seen == [True, False]
 
 
-@pytest.mark.parametrize("regional", [False, True])
-def test_compile_regional_times_the_compiled_regions(monkeypatch, regional):
+@pytest.mark.parametrize("compile_, regional", [("true", False), ("true", True), ("false", True)])
+def test_compile_regional_times_the_compiled_regions(monkeypatch, capsys, compile_, regional):
     import bench
-    compiled = []
+    from model import GPT
+    compiled, checks, check = [], [], GPT._check_input
 
     def fake_compile(fn, mode=None, **kwargs):  # records what is compiled; it runs as it is
         compiled.append((type(fn).__name__, mode))
         return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    report = bench.main(["--device", "cpu", "--compile", "true", "--compile_mode", "max-autotune", "--warmup", "1",
+    monkeypatch.setattr(GPT, "_check_input", lambda self, idx, ids=True: checks.append(ids) or check(self, idx, ids))
+    report = bench.main(["--device", "cpu", "--compile", compile_, "--compile_mode", "max-autotune", "--warmup", "1",
                          "--steps", "1", "--no_generate", "--batch_size", "2", "--block_size", "8"]
                         + ["--compile_regional"] * regional)
-    assert report["compile_regional"] is regional and math.isfinite(report["train"]["final_loss"])
+    on = compile_ == "true"
+    assert report["compile_regional"] is (on and regional) and math.isfinite(report["train"]["final_loss"])
     n_layer = report["n_layer"]
     want = [("method", "max-autotune")] + [("Block", "max-autotune")] * n_layer + [("method", "max-autotune")]
-    assert compiled == (want if regional else [("GPT", "max-autotune")])
+    assert compiled == ((want if regional else [("GPT", "max-autotune")]) if on else [])
+    assert ("--compile_regional does nothing" in capsys.readouterr().out) is not on
+    assert checks and not any(checks)  # no id check, no GPU sync, in the timed steps
 
 
 def test_tokenize_from_a_file_without_words(tmp_path):

@@ -525,14 +525,14 @@ def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
 
 def test_a_token_id_beyond_the_vocabulary_is_found_before_anything_runs(tmp_path, monkeypatch):
     train = np.arange(100) % 50
-    train[60], train[70] = 77, 99  # a damaged file: no id may reach vocab_size
+    train[60], train[70] = 50, 99  # a damaged file: no id may reach vocab_size, 50 included
     d = write_data_dir(tmp_path / "d", train, np.arange(50), vocab_size=50)
-    with pytest.raises(DataError, match=r"train.bin holds token id 77 at token 60 \(the first id of 50 or more\), "
+    with pytest.raises(DataError, match=r"train.bin holds token id 50 at token 60 \(the first id of 50 or more\), "
                                         r"but meta.json's vocab_size is 50"):
         BatchLoader(d, block_size=8, batch_size=2)
     fromfile = np.fromfile
     monkeypatch.setattr(np, "fromfile", lambda f, dtype, count: fromfile(f, dtype, count=min(count, 16)))
-    with pytest.raises(DataError, match=r"token id 77 at token 60 "):  # found in a later chunk too
+    with pytest.raises(DataError, match=r"token id 50 at token 60 "):  # found in a later chunk too
         BatchLoader(d, block_size=8, batch_size=2)
 
 
@@ -547,16 +547,17 @@ def test_checking_large_bins_says_why_the_start_waits(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_a_file_damaged_after_the_check_stops_at_the_batch(tmp_path, prefetch):
+@pytest.mark.parametrize("pos, bad", [(60, 50), (99, 77)])  # 99: the last token, only ever a target
+def test_a_file_damaged_after_the_check_stops_at_the_batch(tmp_path, prefetch, pos, bad):
     from data import DamagedBatchError
     d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50), vocab_size=50)
     with BatchLoader(d, block_size=8, batch_size=2, prefetch=prefetch) as loader:
         loader.get_batch("val", 0)
         bins = np.memmap(d / "train.bin", dtype=np.uint16, mode="r+")
-        bins[60] = 77
+        bins[pos] = bad
         bins.flush()
-        with pytest.raises(DamagedBatchError, match=r"train.bin holds token id 77 \(it changed after the loader "):
-            for i in range(100):  # some batch covers position 60
+        with pytest.raises(DamagedBatchError, match=rf"train.bin holds token id {bad} \(it changed after the loader "):
+            for i in range(1000):  # some batch covers the position (of 92 window starts, 1 holds token 99)
                 loader.get_batch("train", i)
     assert DamagedBatchError.per_process  # under torchrun the process that drew it says so
 

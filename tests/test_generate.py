@@ -699,6 +699,18 @@ def test_bad_input_is_one_line_and_exit_code_2(char_checkpoint, tmp_path, monkey
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
 
 
+def test_num_samples_go_out_in_batches_of_batch_size(char_checkpoint, tmp_path, monkeypatch, capsys):
+    import generate
+    sizes, complete_ = [], generate.complete
+    monkeypatch.setattr(generate, "complete", lambda gen, tok, prompts, *a, **k: sizes.append(len(prompts)) or complete_(
+        gen, tok, prompts, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    for extra, want in ((["--batch_size", "2"], [2, 2, 1]), ([], [5])):  # default 8
+        sizes.clear()
+        main(["--device", "cpu", "--prompt", "ab", "--num_samples", "5", "--max_new_tokens", "3", *extra])
+        assert sizes == want and capsys.readouterr().out.count("---------------") == 5
+
+
 def test_num_samples_with_seed_is_reproducible(char_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["--device", "cpu", "--prompt", "ab", "--num_samples", "3", "--batch_size", "2",

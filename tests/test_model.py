@@ -176,7 +176,13 @@ def test_compiled_regions_trace_one_block_for_all_and_compute_what_eager_does(mo
     regional.compile_regions("max-autotune")  # a second call changes nothing
     assert modes == ["max-autotune"] * 5  # embedding, 3 blocks, head
     assert list(regional.state_dict()) == keys  # no compiled wrapper shows up in checkpoints
+    import model as model_module
+    checkpointed, checkpoint = [], model_module.checkpoint
+    monkeypatch.setattr(model_module, "checkpoint", lambda block, *a, **k: checkpointed.append(block) or checkpoint(
+        block, *a, **k))
     idx = torch.randint(0, 101, (2, 16))
+    want, got = loss_and_grads(eager, idx, 1), loss_and_grads(regional, idx, 1)
+    assert len(checkpointed) == (2 * 3 if checkpointing else 0)  # each model's 3 blocks, regions included
     for seed in (1, 2):
         want, got = loss_and_grads(eager, idx, seed), loss_and_grads(regional, idx, seed)
         torch.testing.assert_close(got[:2], want[:2], atol=0, rtol=0)

@@ -398,6 +398,13 @@ def test_compile_regional_compiles_the_regions_and_evaluates_eagerly_when_asked(
     assert len(calls) == (4 + evaluations) * per_pass
 
 
+def test_compile_regional_without_compilation_says_it_does_nothing(char_data, tmp_path, capsys):
+    train(tiny(char_data, tmp_path, compile=False, compile_regional=True, max_iters=1))
+    assert "compile False, so compile_regional does nothing" in capsys.readouterr().out
+    train(tiny(char_data, tmp_path / "b", compile=False, max_iters=1))
+    assert "does nothing" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("regional", [False, True])
 def test_training_stays_compiled_when_evaluations_are_not(char_data, tmp_path, monkeypatch, regional):
     """compile_eval=False evaluates under torch.compiler.set_stance("force_eager"), which takes effect as
