@@ -227,7 +227,8 @@ class GPT(nn.Module):
         self.set_fp8(config.fp8)
         self._regions = None  # (embed, blocks, head) once compile_regions() has compiled them
         # forward() checks the token ids against the vocabulary, which waits for the GPU; train.py turns
-        # it off, since its BatchLoader checks the data's ids on the CPU before the GPU sees any
+        # it off, since its BatchLoader checks the data's ids on the CPU before the GPU sees any, and so
+        # does compile_regions(), whose regions the wait would hold up at every step
         self.check_ids = True
 
     def set_fp8(self, on: bool) -> None:
@@ -270,7 +271,7 @@ class GPT(nn.Module):
         # An out-of-range id would otherwise surface as an opaque device-side assert on CUDA. The
         # check reads a value back to the host, so it is skipped while compiling (the data pipeline
         # has already checked the data's vocabulary), while a CUDA graph is being captured, and when the
-        # caller says so (ids=False): in front of compiled regions, or when the batches were checked.
+        # caller says so (ids=False: check_ids is off).
         if not ids or torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
@@ -284,7 +285,7 @@ class GPT(nn.Module):
         Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut
         off before anything sees them, so they are never sampled and never enter the softmax.
         """
-        self._check_input(idx, ids=self.check_ids and self._regions is None)
+        self._check_input(idx, ids=self.check_ids)
         embed, blocks, head = self._regions or (self._embed, self.transformer.h, self._head)
         x = embed(idx)  # (B, T, C)
         for block in blocks:
@@ -320,6 +321,7 @@ class GPT(nn.Module):
         state_dict and the KV-cache path (forward_cached) stay as they are; evaluation can still run
         eagerly inside torch.compiler.set_stance("force_eager").
         """
+        self.check_ids = False  # like the whole compiled model, which skips the check while compiling
         if self._regions is None:
             self._regions = (torch.compile(self._embed, mode=mode),
                              [torch.compile(block, mode=mode) for block in self.transformer.h],
