@@ -98,7 +98,7 @@ def cpu_name() -> str:
 def bench_train(args, config, device, dtype, use_compile) -> dict:
     """Time train.py's optimizer step: its forward_backward, then clipping, optimizer and scaler as its loop does."""
     from model import GPT
-    from train import autocast_context, forward_backward, optimizer_step
+    from train import autocast_context, forward_backward, optimizer_step, training_model
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate,
@@ -106,12 +106,8 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
     # as train.py builds them: autocast for every dtype but float32 (bfloat16 on a CPU included)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ctx = autocast_context(device.type, dtype)
-    model.check_ids = False  # random ids in range, or the loader's checked batches: no GPU sync per step
-    step_model = model
-    if use_compile and args.compile_regional:
-        model.compile_regions(args.compile_mode)
-    elif use_compile:
-        step_model = torch.compile(model, mode=args.compile_mode)
+    # as train.py steps: random ids in range, or the loader's checked batches, so no id check either
+    step_model = training_model(model, use_compile, args.compile_mode, args.compile_regional)
     B, T = config.batch_size, config.block_size
 
     if args.data_dir:

@@ -616,12 +616,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                       f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
     else:
         torch.manual_seed(config.seed + rank)  # each rank its own dropout stream
-    raw_model.check_ids = False  # the loader checked the data's ids on the CPU: no GPU sync per forward
-    model = raw_model
-    if compile_model and config.compile_regional:
-        raw_model.compile_regions(config.compile_mode)  # raw_model.forward now runs the compiled regions
-    elif compile_model:
-        model = torch.compile(raw_model, mode=config.compile_mode)
+    model = training_model(raw_model, compile_model, config.compile_mode, config.compile_regional)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
@@ -956,6 +951,18 @@ def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float,
               f"{tokens_per_sec:,.0f} tok/s, {speed}, ETA {format_duration(eta)}")
     log.scalars(iter_num, **{"train/loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                              "mfu": mfu, "flops_per_sec": flops if mfu is None else None})
+
+
+def training_model(raw_model, compile_model: bool, mode: str, regional: bool):
+    """What the training steps call: raw_model, compiled whole or by regions (then raw_model.forward runs
+    the compiled regions), without the model's id check, since the loader checked the data's ids on the
+    CPU and the check would wait for the GPU at every forward pass."""
+    raw_model.check_ids = False
+    if compile_model and regional:
+        raw_model.compile_regions(mode)
+    elif compile_model:
+        return torch.compile(raw_model, mode=mode)
+    return raw_model
 
 
 def autocast_context(device_type: str, dtype: torch.dtype):
