@@ -812,6 +812,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         last_eval_s = progress["eval_s"]  # the last evaluation's duration, for the ETA
         t0 = time.perf_counter()
         owed = eval_owed  # a stopped run's last evaluation was cut short: it is made up first
+
+        def leave_no_trace() -> None:  # a new run that trained nothing: the folders as it found them
+            log.close()
+            if moved:
+                move_back(moved, checkpoint_dir)
+            remove_run_folders(run_dir, made_folders)
+
         if iter_num >= config.max_iters and not owed:
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
@@ -822,10 +829,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
             except BaseException:  # a second Ctrl-C, an error: a new run that trained nothing leaves no trace
                 if resumed_from is None:
-                    log.close()
-                    if moved:
-                        move_back(moved, checkpoint_dir)
-                    remove_run_folders(run_dir, made_folders)
+                    leave_no_trace()
                 raise
             stop.then = GracefulStop.SAVING
             # a signal after the last batch (while the sample is written, say) stops here too, as announced
@@ -837,10 +841,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     log.print("stopped during the first evaluation: nothing was trained yet, so no checkpoint was "
                               "written" + (" and the folders this run made were removed" if made_folders else "")
                               + (f"; the previous checkpoints are back in {checkpoint_dir}" if moved else ""))
-                    log.close()
-                    if moved:
-                        move_back(moved, checkpoint_dir)
-                    remove_run_folders(run_dir, made_folders)
+                    leave_no_trace()
                 else:
                     log.print(f"stopped at iteration {iter_num} again: {checkpoint_dir / 'checkpoint.pt'} still "
                               f"owes that evaluation")
