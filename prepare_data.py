@@ -570,6 +570,18 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                 made = []  # the other run's folders, not this one's
                 raise DataError(f"another prepare_data.py is writing into {out_dir}; wait for it to finish, or "
                                 f"give another --output_dir")
+
+            def settle(error_type, *_) -> None:
+                """Runs after the files below are renamed or removed, and before the lock is released: a run
+                that starts now must neither begin writing into a folder about to be removed, nor have its
+                own stepped-aside meta.json deleted by this one."""
+                if error_type is not None and retired.exists() and _identities(out_dir) == bins_before:
+                    os.replace(retired, out_dir / "meta.json")  # no .bin file was replaced after all
+                retired.unlink(missing_ok=True)  # it described .bin files that are no longer there
+                # only what this run made: another run may have put a data set beside out_dir meanwhile
+                if error_type is not None and out_dir.resolve() in made:
+                    shutil.rmtree(out_dir.resolve(), ignore_errors=True)
+            stack.push(settle)
             # a killed run's leftovers, not those of a run beside this one (the lock): its temporary
             # files, and a meta.json it had stepped aside, which no longer describes the .bin files
             remove_unfinished_writes(out_dir, "|".join(re.escape(name) for name in DATASET_FILES))
@@ -603,18 +615,11 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
             if (out_dir / "meta.json").exists():
                 os.replace(out_dir / "meta.json", retired)
     except BaseException as e:
-        if retired.exists() and _identities(out_dir) == bins_before:
-            os.replace(retired, out_dir / "meta.json")
-        retired.unlink(missing_ok=True)  # it described .bin files that are no longer there
-        # only what this run made: another run may have put a data set beside out_dir meanwhile
-        if out_dir.resolve() in made:
-            shutil.rmtree(out_dir.resolve(), ignore_errors=True)
         remove_empty_folders(made)
         if isinstance(e, OSError):  # a folder that cannot be written, a full disk, ...
             raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
                             + (f" ({e.filename})" if e.filename else "")) from None
         raise
-    retired.unlink(missing_ok=True)
     return meta
 
 

@@ -835,14 +835,33 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
     (tmp_path / "a.txt").write_text("abc\n" * 50)
     out = tmp_path / "o"
     out.mkdir()
-    (out / ".train.bin.live.tmp").write_text("the first run's file, being written")
+    first_runs = [".train.bin.live.tmp", ".meta.json.replaced"]  # being written; its old meta.json stepped aside
+    for name in first_runs:
+        (out / name).write_text("the first run's")
     with prepare_data.folder_lock(out) as held:  # the first run
         assert held
         with pytest.raises(DataError, match="another prepare_data.py is writing into"):
             prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
-    assert sorted(p.name for p in out.iterdir()) == [".train.bin.live.tmp"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(first_runs)
     with prepare_data.folder_lock(out) as held:  # released: the lock is taken again
         assert held
+
+
+def test_a_failed_run_removes_its_folder_before_it_releases_the_lock(tmp_path, monkeypatch):
+    """Otherwise a run that starts in between could begin writing into the folder about to be removed."""
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    out = tmp_path / "new"
+    removed, rmtree = [], shutil.rmtree
+
+    def remove(path, **kwargs):
+        with prepare_data.folder_lock(path) as held:
+            removed.append((path, held))
+        rmtree(path, **kwargs)
+    monkeypatch.setattr(prepare_data.shutil, "rmtree", remove)
+    monkeypatch.setattr(prepare_data, "_encode_into", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    assert removed == [(out, False)] and not out.exists()
 
 
 def test_progress_lines_where_stderr_is_no_terminal(tmp_path, monkeypatch, capsys):
