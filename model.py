@@ -471,7 +471,7 @@ class GPT(nn.Module):
         GPT-2's and a trained BPE (GPT-2's split pattern) as vocab.json and merges.txt, a character-level
         one as tokenizer.json (tokenizer.hf_files). config.json is written last: a directory that has it
         holds a complete export."""
-        from utils import atomic_open
+        from utils import atomic_open, remove_unfinished_writes
         cfg = self.config
         out = Path(directory)
         if (out / "meta.json").is_file():  # its tokenizer.json would be deleted or clash with transformers'
@@ -489,6 +489,7 @@ class GPT(nn.Module):
                   if re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", p.name)]
         for name in stale + shards:
             (out / name).unlink(missing_ok=True)
+        remove_unfinished_writes(out, "|".join(map(re.escape, stale)))  # what a killed export left, gigabytes maybe
         sd = {}
         for k, v in self.state_dict().items():
             if k == "lm_head.weight":

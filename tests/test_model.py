@@ -352,14 +352,16 @@ def test_an_export_leaves_no_file_of_the_folders_earlier_model(tmp_path, monkeyp
     GPT(tiny_config()).save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 50256}')
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
-    for mine in ("best-of-5-runs.safetensors", "out-of-domain.bin", "notes.txt"):  # the user's: they stay
+    (tmp_path / ".model.safetensors.k2j4h1x9.tmp").write_bytes(b"a killed export's weights")
+    (tmp_path / ".config.json.a1.tmp").write_text("{")
+    for mine in ("best-of-5-runs.safetensors", "out-of-domain.bin", "notes.txt", ".notes.tmp"):  # the user's: they stay
         (tmp_path / mine).write_text("mine")
     import sys
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails: not installed
     new = GPT(tiny_config(n_layer=3)).eval()
     new.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-of-5-runs.safetensors", "config.json", "notes.txt",
-                                                          "out-of-domain.bin", "pytorch_model.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.tmp", "best-of-5-runs.safetensors", "config.json",
+                                                          "notes.txt", "out-of-domain.bin", "pytorch_model.bin"]
     monkeypatch.undo()
     loaded = GPT.from_pretrained(str(tmp_path)).eval()
     idx = torch.randint(0, 101, (1, 8))
