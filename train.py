@@ -814,6 +814,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         owed = eval_owed  # a stopped run's last evaluation was cut short: it is made up first
 
         def leave_no_trace() -> None:  # a new run that trained nothing: the folders as it found them
+            if moved:
+                log.print(f"nothing was trained: the previous checkpoints are back in {checkpoint_dir}")
             log.close()
             if moved:
                 move_back(moved, checkpoint_dir)
@@ -839,8 +841,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
                 if resumed_from is None:
                     log.print("stopped during the first evaluation: nothing was trained yet, so no checkpoint was "
-                              "written" + (" and the folders this run made were removed" if made_folders else "")
-                              + (f"; the previous checkpoints are back in {checkpoint_dir}" if moved else ""))
+                              "written" + (" and the folders this run made were removed" if made_folders else ""))
                     leave_no_trace()
                 else:
                     log.print(f"stopped at iteration {iter_num} again: {checkpoint_dir / 'checkpoint.pt'} still "
@@ -855,11 +856,16 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
-                                         micro_steps, ctx, scaler)
             log_step = (iter_num + 1) % config.log_interval == 0
-            # the norm is always measured on log steps, which are the only ones that read it
-            grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
+            try:
+                step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
+                                             micro_steps, ctx, scaler)
+                # the norm is always measured on log steps, which are the only ones that read it
+                grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
+            except BaseException:  # the first step of a new run failed (out of memory, compilation): as above
+                if resumed_from is None and iter_num == 0:
+                    leave_no_trace()
+                raise
             if "first_step" not in timing:  # the host's time: compiling, then queueing the kernels
                 timing["first_step"] = time.perf_counter() - t_mark
             nonfinite += (~torch.isfinite(step_loss)).int()

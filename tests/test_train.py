@@ -269,12 +269,14 @@ def test_a_signal_after_the_first_evaluations_last_batch_stops_too(char_data, tm
     assert "stopped during the first evaluation" in capsys.readouterr().out and not (tmp_path / "new").exists()
 
 
-def test_a_new_run_stopped_before_training_puts_the_old_checkpoints_back(char_data, tmp_path, monkeypatch):
+def test_a_new_run_stopped_before_training_puts_the_old_checkpoints_back(char_data, tmp_path, monkeypatch, capsys):
     train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     signal_at_batch(monkeypatch, "train", 0, lambda: 0, 0)
+    capsys.readouterr()
     summary = train(tiny(char_data, tmp_path, max_iters=4, eval_iters=50, init_from="scratch"))
     assert summary["iter_num"] == 0 and summary["stopped_by"] == signal.SIGTERM
+    assert f"the previous checkpoints are back in {tmp_path / 'ckpt'}" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before  # no previous-* folder
 
 
@@ -290,6 +292,33 @@ def test_an_abort_during_the_first_evaluation_leaves_no_trace_either(char_data, 
         train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     assert sorted((tmp_path / "runs").iterdir()) == runs_before
+
+
+@pytest.mark.parametrize("failing_step, trace_left", [(1, False), (2, True)])
+def test_a_new_run_whose_first_step_fails_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys, failing_step,
+                                                          trace_left):
+    """Out of memory or a compile error in the first step: nothing was trained, so the checkpoints moved
+    aside come back and the new TensorBoard run goes. A failure later keeps the run's record."""
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    runs_before = sorted((tmp_path / "runs").iterdir())
+    steps, real = [], train_module.forward_backward
+
+    def out_of_memory(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == failing_step:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "forward_backward", out_of_memory)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
+    assert ("the previous checkpoints are back in" in capsys.readouterr().out) != trace_left
+    after = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir() if p.is_file()}
+    assert (after == before) != trace_left
+    assert bool(list((tmp_path / "ckpt").glob("previous-*"))) == trace_left
+    assert (sorted((tmp_path / "runs").iterdir()) == runs_before) != trace_left
 
 
 def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_path, monkeypatch):
