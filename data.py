@@ -81,6 +81,14 @@ def load_meta(data_dir: str | Path) -> dict:
     """Read and check `data_dir`/meta.json; a missing or broken one is a DataError naming the fix."""
     data_dir = Path(data_dir)
     path = data_dir / "meta.json"
+    if data_dir.is_file():  # one of a data set's files, or the raw text itself
+        if data_dir.name in ("meta.json", "train.bin", "val.bin", "tokenizer.json"):
+            raise DataError(f"--data_dir {str(data_dir)!r} is a file of a data set; give the folder that holds it: "
+                            f"--data_dir={shlex.quote(str(data_dir.parent))}")
+        out = shlex.quote(str(Path("data") / (data_dir.resolve().stem or "custom")))  # prepare_data.py's default
+        raise DataError(f"--data_dir {str(data_dir)!r} is a file, not a prepared data set (a folder). If it is your "
+                        f"text, prepare it with: python prepare_data.py --dataset custom --input "
+                        f"{shlex.quote(str(data_dir))} --tokenizer gpt2 --output_dir {out}, then give --data_dir={out}")
     if not path.is_file():
         what = ("does not exist" if not data_dir.exists()
                 else "has no meta.json (not prepared, or preparation did not finish)")

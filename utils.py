@@ -330,6 +330,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
     """The first of best_checkpoint.pt, checkpoint.pt, final_checkpoint.pt that exists in checkpoint_dir."""
     d = Path(checkpoint_dir)
+    if d.is_file():
+        raise CheckpointError(f"--checkpoint_dir {d} is a file, not a folder; to read that file as a checkpoint, "
+                              f"pass --checkpoint {shlex.quote(str(d))}")
     for name in CHECKPOINT_FALLBACK:
         if (d / name).is_file():
             return d / name

@@ -953,6 +953,16 @@ def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="has no meta.json") as e:
         load_meta(tmp_path / "elsewhere" / "openwebtext")
     assert str(e.value).endswith(f"--dataset openwebtext --output_dir {tmp_path / 'elsewhere' / 'openwebtext'}")
+    (tmp_path / "我的 文本.txt").write_text("raw text")  # the text itself, instead of the folder prepared from it
+    with pytest.raises(DataError) as e:
+        load_meta("我的 文本.txt")
+    assert str(e.value) == ("--data_dir '我的 文本.txt' is a file, not a prepared data set (a folder). If it is your "
+                            "text, prepare it with: python prepare_data.py --dataset custom --input '我的 文本.txt' "
+                            "--tokenizer gpt2 --output_dir 'data/我的 文本', then give --data_dir='data/我的 文本'")
+    (tmp_path / "data" / "verse").mkdir(parents=True)
+    (tmp_path / "data" / "verse" / "train.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=r"is a file of a data set; give the folder that holds it: --data_dir=data/verse$"):
+        load_meta("data/verse/train.bin")
     assert prepare_command("runs/mine") == ("python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
                                             "--tokenizer gpt2 --output_dir runs/mine")
 

@@ -683,6 +683,8 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--prompt", "héllo wörld"], "'é', 'ö'"),
     (["--checkpoint", "missing.pt"], "missing.pt does not exist"),
     (["--checkpoint_dir", "nowhere"], "no checkpoint found"),
+    (["--checkpoint_dir", "notes.txt"], "--checkpoint_dir notes.txt is a file, not a folder; to read that file as a "
+                                        "checkpoint, pass --checkpoint notes.txt"),
     (["--device", "tpu"], "device must be"),
     (["--seed", str(2**64)], "seed must be an integer from -2**63 to 2**64 - 1"),
     (["--temprature", "1"], "unrecognized arguments: --temprature 1; see"),
@@ -692,6 +694,7 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
 ])
 def test_bad_input_is_one_line_and_exit_code_2(char_checkpoint, tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(tmp_path)
+    Path("notes.txt").write_text("not a checkpoint folder")
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: main(["--device", "cpu", *args]))
     err = capsys.readouterr().err
