@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
-                       tokenizer_from_dict)
+                       check_bpe_vocab_size, tokenizer_from_dict)
 from utils import (ArgumentParser, atomic_open, folder_problem, missing_folders, remove_empty_folders,
                    remove_unfinished_writes, run_cli)
 
@@ -832,6 +832,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise DataError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; e.g. 0.1")
     if args.vocab_size is not None and kind != "bpe":
         raise DataError(f"--vocab_size applies to --tokenizer bpe only; the {kind} tokenizer's vocabulary is fixed")
+    if args.vocab_size is not None:  # before the text is read
+        check_bpe_vocab_size(args.vocab_size, specials=1)  # <|endoftext|>
     if dataset == "openwebtext" and kind != "gpt2":
         raise DataError(f"--dataset openwebtext is tokenised with GPT-2 only, got --tokenizer {kind}; for "
                         f"another tokenizer use --dataset custom --input TEXT --tokenizer {kind}")

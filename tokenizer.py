@@ -512,13 +512,7 @@ class BPETokenizer(Tokenizer):
         names = list(self.special_tokens) if special_tokens is None else list(special_tokens)
         _check_special_tokens(names)
         _check_training_text(text, "a BPE tokenizer")
-        if not isinstance(vocab_size, int):
-            raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}, e.g. vocab_size=4096")
-        if vocab_size < 256 + len(names):
-            raise TokenizerError(
-                f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 byte tokens plus "
-                f"{len(names)} special token(s), so at least {256 + len(names)}; typical values are 512 to "
-                f"50257, e.g. vocab_size=4096")
+        check_bpe_vocab_size(vocab_size, len(names))
         num_merges = vocab_size - 256 - len(names)
         t0 = time.time()
 
@@ -841,6 +835,17 @@ def _check_training_text(text, what: str) -> None:
     if not text:
         raise TokenizerError(f"cannot build {what} from an empty text; check that the training file is not "
                              f"empty and was read as text")
+
+
+def check_bpe_vocab_size(vocab_size, specials: int) -> None:
+    """A byte-level BPE's vocabulary holds the 256 byte tokens and the special tokens at least."""
+    if not isinstance(vocab_size, int):
+        raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}, e.g. vocab_size=4096")
+    if vocab_size < 256 + specials:
+        raise TokenizerError(
+            f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 byte tokens plus "
+            f"{specials} special token(s), so at least {256 + specials}; typical values are 512 to "
+            f"50257, e.g. vocab_size=4096")
 
 
 def _check_special_tokens(names: list) -> None:

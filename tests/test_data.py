@@ -213,12 +213,19 @@ def test_custom_bpe_learns_no_merge_across_files(tmp_path):
     assert tok.decode(train.tolist() + val.tolist()) == EOT.join("a" * 20 + "b" * 20)
 
 
-def test_bpe_vocab_size_zero_is_refused(tmp_path):
+@pytest.mark.parametrize("vocab_size, message", [(0, "vocab_size 0 is too small"),  # not silently the default 4096
+                                                  (256, "vocab_size 256 is too small: .* so at least 257")])
+def test_a_bpe_vocab_size_too_small_is_refused_before_the_text_is_read(tmp_path, monkeypatch, vocab_size, message):
     src = tmp_path / "t.txt"
     src.write_text("some text to train on\n" * 10)
-    with pytest.raises(TokenizerError, match="vocab_size 0 is too small"):  # not silently the default 4096
-        prepare("--dataset", "custom", "--input", src, "--tokenizer", "bpe", "--vocab_size", 0,
+    monkeypatch.setattr(prepare_data, "read_files", lambda *a: pytest.fail("the text was read"))
+    with pytest.raises(TokenizerError, match=message):
+        prepare("--dataset", "custom", "--input", src, "--tokenizer", "bpe", "--vocab_size", vocab_size,
                 "--output_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    assert prepare("--dataset", "custom", "--input", src, "--tokenizer", "bpe", "--vocab_size", 257,
+                   "--output_dir", tmp_path / "o")["vocab_size"] == 257
 
 
 def test_split_text_pieces():
