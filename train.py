@@ -147,7 +147,8 @@ class GracefulStop:
             self.signum, self._first = signum, time.monotonic()
             if self.verbose:
                 print(f"\n{signal.Signals(signum).name} received: finishing this step (or evaluation batch), then "
-                      f"{self.then} (press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+                      f"{self.then} (press Ctrl-C again to abort at once){torchrun_deadline()}",
+                      file=sys.stderr, flush=True)
         elif time.monotonic() - self._first > self.REPEAT_S:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -156,6 +157,16 @@ class GracefulStop:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def torchrun_deadline() -> str:
+    """What to add to the stop message under torchrun, which kills its processes 30 s after it forwards
+    a signal unless told to wait longer (torch 2.12 and later read TORCH_ELASTIC_SHUTDOWN_TIMEOUT; the
+    same setting through torchrun's --shutdown-timeout is not visible from here)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in os.environ:
+        return ""
+    return ("; torchrun kills the processes 30 s after the signal, so a longer step and save is lost: start it "
+            "as TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun ... to give them 10 minutes")
 
 
 # ----------------------------------------------------------------------------- run setup

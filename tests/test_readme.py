@@ -30,6 +30,8 @@ def readme_commands() -> list[list[str]]:
             line = line.split(" #")[0].strip()  # drop trailing comments
             for part in re.split(r"&&|;", line):
                 words = shlex.split(part)
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value before the command
+                    words = words[1:]
                 if words and words[0] in ("python", "torchrun") and any(w.endswith(".py") for w in words):
                     commands.append(words)
     return commands

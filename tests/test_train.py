@@ -1070,6 +1070,21 @@ def test_a_signal_to_this_process_just_after_anothers_is_the_same_request(monkey
     assert stop.signum == signal.SIGTERM
 
 
+@pytest.mark.parametrize("env, warned", [({}, False), ({"TORCHELASTIC_RUN_ID": "x"}, True),
+                                         ({"TORCHELASTIC_RUN_ID": "x", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}, False)])
+def test_under_torchrun_the_stop_message_says_when_torchrun_kills(monkeypatch, capsys, env, warned):
+    """torchrun sends SIGKILL 30 s after it forwards the signal: a longer save is lost, unless it was told to wait."""
+    for name in ("TORCHELASTIC_RUN_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    GracefulStop(verbose=True)._handle(signal.SIGINT, None)
+    err = capsys.readouterr().err
+    assert "SIGINT received: finishing this step" in err
+    assert ("torchrun kills the processes 30 s after the signal" in err
+            and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun" in err) == warned
+
+
 def test_processes_that_found_different_checkpoints_stop_with_a_reason():
     from train import check_same_start
     check_same_start([None, None], "ck")
