@@ -108,9 +108,21 @@ def load_meta(data_dir: str | Path) -> dict:
 
 
 def _remake_command(data_dir: Path, meta: dict) -> str:
-    # meta.json records the command that made it; fall back to the default for the directory
+    """The command recorded in meta.json, writing into data_dir (the data set may have been copied or
+    renamed since, and the recorded command names its old folder or none); else the default for data_dir."""
     cmd = meta.get("command") if isinstance(meta, dict) else None
-    return cmd if isinstance(cmd, str) and cmd else prepare_command(data_dir)
+    try:
+        words = shlex.split(cmd) if isinstance(cmd, str) else []
+    except ValueError:  # unbalanced quotes: not a command this project wrote
+        words = []
+    if not words:
+        return prepare_command(data_dir)
+    kept, skip = [], False
+    for word in words:
+        if not skip and word != "--output_dir" and not word.startswith("--output_dir="):
+            kept.append(word)
+        skip = word == "--output_dir"  # its value follows
+    return shlex.join([*kept, "--output_dir", str(data_dir)])
 
 
 def load_data_tokenizer(data_dir: str | Path, meta: dict | None = None):

@@ -530,6 +530,26 @@ def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
         BatchLoader(d, block_size=8, batch_size=2)
 
 
+@pytest.mark.parametrize("recorded, fix", [
+    # the recorded command, run again, would write another folder: the data set was copied or renamed
+    ("python prepare_data.py --dataset shakespeare --tokenizer char",
+     "python prepare_data.py --dataset shakespeare --tokenizer char --output_dir '{d}'"),
+    ("python prepare_data.py --dataset custom --input 'my text.txt' --output_dir data/old --tokenizer bpe",
+     "python prepare_data.py --dataset custom --input 'my text.txt' --tokenizer bpe --output_dir '{d}'"),
+    ("python prepare_data.py --dataset custom --input a.txt --output_dir=data/old",
+     "python prepare_data.py --dataset custom --input a.txt --output_dir '{d}'"),
+    (None, "python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer gpt2 --output_dir '{d}'"),
+])
+def test_the_fix_for_a_damaged_data_set_writes_into_its_own_folder(tmp_path, recorded, fix):
+    d = write_data_dir(tmp_path / "copy of data", np.arange(100), np.arange(50), vocab_size=100)
+    meta = json.loads((d / "meta.json").read_text())
+    meta.update(train_tokens=120, command=recorded)
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError) as e:
+        BatchLoader(d, block_size=8, batch_size=2)
+    assert str(e.value).endswith("Prepare the data set again with: " + fix.format(d=d))
+
+
 def test_a_token_id_beyond_the_vocabulary_is_found_before_anything_runs(tmp_path, monkeypatch):
     train = np.arange(100) % 50
     train[60], train[70] = 50, 99  # a damaged file: no id may reach vocab_size, 50 included
