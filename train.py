@@ -832,7 +832,14 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 move_back(moved, checkpoint_dir)
             remove_run_folders(run_dir, made_folders)
 
-        if iter_num >= config.max_iters and not owed:
+        def final_due() -> bool:
+            # also when a run that had finished lost its final checkpoint to a crash while writing it: then
+            # final_checkpoint.pt is missing, or older than the checkpoint.pt of the last evaluation
+            final, last = checkpoint_dir / "final_checkpoint.pt", checkpoint_dir / "checkpoint.pt"
+            return (resumed_from is None or iter_num > resumed_from or owed or not final.is_file()
+                    or (last.is_file() and final.stat().st_mtime < last.stat().st_mtime))
+
+        if iter_num >= config.max_iters and not owed and not final_due():
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
         elif resumed_from is None or owed:
@@ -935,11 +942,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           "to continue")
                 break
         else:
-            # also when a run that had finished lost its final checkpoint to a crash while writing it: then
-            # final_checkpoint.pt is missing, or older than the checkpoint.pt of the last evaluation
-            final, last = checkpoint_dir / "final_checkpoint.pt", checkpoint_dir / "checkpoint.pt"
-            if (resumed_from is None or iter_num > resumed_from or owed or not final.is_file()
-                    or (last.is_file() and final.stat().st_mtime < last.stat().st_mtime)):
+            if final_due():
                 save(["final_checkpoint.pt"])
                 total = time.perf_counter() - t_start
                 this_run = f" ({iter_num - resumed_from} of them in this run)" if resumed_from is not None else ""

@@ -705,7 +705,8 @@ def test_a_crash_between_the_two_names_of_an_improved_checkpoint_keeps_the_best(
     assert best["iter_num"] == 10 and best["best_val_loss"] == summary["best_val_loss"]
 
 
-def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_again(char_data, tmp_path, monkeypatch):
+def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_again(char_data, tmp_path, monkeypatch,
+                                                                                   capsys):
     import train as train_module
 
     def crash_on_final(path, ckpt):
@@ -717,8 +718,13 @@ def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_agai
         train(tiny(char_data, tmp_path, max_iters=10))
     monkeypatch.undo()
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+    capsys.readouterr()
     train(tiny(char_data, tmp_path, max_iters=10))
     assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 10
+    out = capsys.readouterr().out  # not "already trained ... raise --max_iters", then "done"
+    assert "already trained" not in out and "done: 10 iterations (0 of them in this run)" in out
+    train(tiny(char_data, tmp_path, max_iters=10))  # now it is complete
+    assert "already trained for 10 iterations (max_iters=10); raise --max_iters" in capsys.readouterr().out
     # an earlier, shorter run's final checkpoint left in place by the crash is replaced too
     monkeypatch.setattr(train_module, "save_checkpoint", crash_on_final)
     with pytest.raises(Crash):
