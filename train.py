@@ -663,9 +663,22 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             raise ConfigError(f"cannot make --log_dir folder {config.log_dir}: {e.strerror or e}") from None
     log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     cleanup.callback(log.close)
+    untrained, moved = ckpt is None, None  # a new run, until its first step is done
+
+    def leave_no_trace() -> None:  # a new run that trained nothing: the folders as it found them
+        nonlocal untrained
+        untrained = False  # once
+        if moved:
+            log.print(f"nothing was trained: the previous checkpoints are back in {checkpoint_dir}")
+        log.close()
+        if moved:
+            move_back(moved, checkpoint_dir)
+        remove_run_folders(run_dir, made_folders)
+    # an error or a second Ctrl-C before then (in the setup, the first evaluation or the first step: out of
+    # memory, a compile error) ends a new run that trained nothing
+    cleanup.push(lambda error_type, *_: leave_no_trace() if error_type is not None and untrained else None)
     if master:
         remove_unfinished_writes(checkpoint_dir, CHECKPOINT_NAMES)
-    moved = None
     if master and ckpt is None:
         moved = move_aside(checkpoint_dir)
         if moved:
@@ -824,14 +837,6 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         t0 = time.perf_counter()
         owed = eval_owed  # a stopped run's last evaluation was cut short: it is made up first
 
-        def leave_no_trace() -> None:  # a new run that trained nothing: the folders as it found them
-            if moved:
-                log.print(f"nothing was trained: the previous checkpoints are back in {checkpoint_dir}")
-            log.close()
-            if moved:
-                move_back(moved, checkpoint_dir)
-            remove_run_folders(run_dir, made_folders)
-
         def final_due() -> bool:
             # also when a run that had finished lost its final checkpoint to a crash while writing it: then
             # final_checkpoint.pt is missing, or older than the checkpoint.pt of the last evaluation
@@ -845,12 +850,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         elif resumed_from is None or owed:
             if resumed_from is None:
                 stop.then = "stopping: nothing is trained yet, so nothing is saved"
-            try:
-                losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
-            except BaseException:  # a second Ctrl-C, an error: a new run that trained nothing leaves no trace
-                if resumed_from is None:
-                    leave_no_trace()
-                raise
+            losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
             stop.then = GracefulStop.SAVING
             # a signal after the last batch (while the sample is written, say) stops here too, as announced
             if resumed_from is None and losses is not None and stop_requested(stop, stop_group if ddp else None):
@@ -874,16 +874,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
+                                         micro_steps, ctx, scaler)
             log_step = (iter_num + 1) % config.log_interval == 0
-            try:
-                step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
-                                             micro_steps, ctx, scaler)
-                # the norm is always measured on log steps, which are the only ones that read it
-                grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
-            except BaseException:  # the first step of a new run failed (out of memory, compilation): as above
-                if resumed_from is None and iter_num == 0:
-                    leave_no_trace()
-                raise
+            # the norm is always measured on log steps, which are the only ones that read it
+            grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
             if "first_step" not in timing:  # the host's time: compiling, then queueing the kernels
                 timing["first_step"] = time.perf_counter() - t_mark
             nonfinite += (~torch.isfinite(step_loss)).int()
@@ -895,6 +890,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             interval_steps += 1
             timed_steps += 1
             iter_num += 1
+            untrained = False
 
             if log_step:
                 if ddp:  # the mean over all ranks (gloo has no AVG)

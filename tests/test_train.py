@@ -294,6 +294,23 @@ def test_an_abort_during_the_first_evaluation_leaves_no_trace_either(char_data, 
     assert sorted((tmp_path / "runs").iterdir()) == runs_before
 
 
+def test_a_ctrl_c_during_a_new_runs_setup_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys):
+    """Before the signal handler is in place Ctrl-C raises KeyboardInterrupt: after the checkpoints were moved
+    aside and the TensorBoard run was made, say while the hyperparameters are written."""
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    runs_before = sorted((tmp_path / "runs").iterdir())
+    monkeypatch.setattr(train_module.Logger, "hparams", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert sorted((tmp_path / "runs").iterdir()) == runs_before
+    out = capsys.readouterr().out
+    assert "were moved to" in out and f"the previous checkpoints are back in {tmp_path / 'ckpt'}" in out
+
+
 @pytest.mark.parametrize("failing_step, trace_left", [(1, False), (2, True)])
 def test_a_new_run_whose_first_step_fails_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys, failing_step,
                                                           trace_left):
