@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
 from typing import Optional
 
@@ -165,8 +165,9 @@ def torchrun_deadline() -> str:
     same setting through torchrun's --shutdown-timeout is not visible from here)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ or "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in os.environ:
         return ""
-    return ("; torchrun kills the processes 30 s after the signal, so a longer step and save is lost: start it "
-            "as TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun ... to give them 10 minutes")
+    return ("; unless torchrun was started with a longer --shutdown-timeout, it kills the processes 30 s after "
+            "the signal and a longer step and save is lost: start it as TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 "
+            "torchrun ... to give them 10 minutes")
 
 
 # ----------------------------------------------------------------------------- run setup
@@ -661,22 +662,29 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         except OSError as e:
             remove_run_folders(None, made_folders)  # the checkpoint folder just made, say
             raise ConfigError(f"cannot make --log_dir folder {config.log_dir}: {e.strerror or e}") from None
-    log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
-    cleanup.callback(log.close)
-    untrained, moved = ckpt is None, None  # a new run, until its first step is done
+    untrained, log, moved = ckpt is None, None, None  # a new run, until its first step is done
 
     def leave_no_trace() -> None:  # a new run that trained nothing: the folders as it found them
         nonlocal untrained
         untrained = False  # once
+        try:
+            if log is not None:
+                log.close()
+        finally:  # the folders first, the message after: it must not claim what did not happen
+            if moved:
+                move_back(moved, checkpoint_dir)
+            remove_run_folders(run_dir, made_folders)
         if moved:
-            log.print(f"nothing was trained: the previous checkpoints are back in {checkpoint_dir}")
-        log.close()
-        if moved:
-            move_back(moved, checkpoint_dir)
-        remove_run_folders(run_dir, made_folders)
+            with suppress(OSError):  # a closed stdout (| head) must not hide the error being undone
+                print(f"nothing was trained: the previous checkpoints are back in {checkpoint_dir}", flush=True)
     # an error or a second Ctrl-C before then (in the setup, the first evaluation or the first step: out of
     # memory, a compile error) ends a new run that trained nothing
     cleanup.push(lambda error_type, *_: leave_no_trace() if error_type is not None and untrained else None)
+    try:
+        log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
+    except OSError as e:  # a full disk, say
+        raise ConfigError(f"cannot write TensorBoard logs into {run_dir}: {e.strerror or e}") from None
+    cleanup.callback(log.close)
     if master:
         remove_unfinished_writes(checkpoint_dir, CHECKPOINT_NAMES)
     if master and ckpt is None:

@@ -311,6 +311,34 @@ def test_a_ctrl_c_during_a_new_runs_setup_leaves_no_trace(char_data, tmp_path, m
     assert "were moved to" in out and f"the previous checkpoints are back in {tmp_path / 'ckpt'}" in out
 
 
+def test_the_undo_of_a_new_run_finishes_when_closing_its_log_fails(char_data, tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C (or any error) while the TensorBoard file is closed: the checkpoints still come back,
+    and the message saying so comes only after they did."""
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    runs_before = sorted((tmp_path / "runs").iterdir())
+    monkeypatch.setattr(train_module.Logger, "hparams", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train_module.Logger, "close", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
+    assert sorted((tmp_path / "runs").iterdir()) == runs_before
+    assert "are back in" not in capsys.readouterr().out  # the close was cut short: nothing more is said
+
+
+def test_a_log_folder_that_cannot_be_written_stops_the_run_and_leaves_nothing(char_data, tmp_path, monkeypatch):
+    import torch.utils.tensorboard as tb
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tb, "SummaryWriter", disk_full)
+    with pytest.raises(ConfigError, match=r"cannot write TensorBoard logs into .*runs.*: No space left on device"):
+        train(tiny(char_data, tmp_path / "new" / "deeper"))
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("failing_step, trace_left", [(1, False), (2, True)])
 def test_a_new_run_whose_first_step_fails_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys, failing_step,
                                                           trace_left):
@@ -1104,7 +1132,7 @@ def test_under_torchrun_the_stop_message_says_when_torchrun_kills(monkeypatch, c
     GracefulStop(verbose=True)._handle(signal.SIGINT, None)
     err = capsys.readouterr().err
     assert "SIGINT received: finishing this step" in err
-    assert ("torchrun kills the processes 30 s after the signal" in err
+    assert ("unless torchrun was started with a longer --shutdown-timeout, it kills the processes 30 s after" in err
             and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun" in err) == warned
 
 
