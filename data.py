@@ -81,8 +81,8 @@ def load_meta(data_dir: str | Path) -> dict:
     """Read and check `data_dir`/meta.json; a missing or broken one is a DataError naming the fix."""
     data_dir = Path(data_dir)
     path = data_dir / "meta.json"
-    if data_dir.is_file():  # one of a data set's files, or the raw text itself
-        if data_dir.name in ("meta.json", "train.bin", "val.bin", "tokenizer.json"):
+    if data_dir.is_file():  # one of a data set's files (input.txt too), or the raw text itself
+        if (data_dir.parent / "meta.json").is_file():
             raise DataError(f"--data_dir {str(data_dir)!r} is a file of a data set; give the folder that holds it: "
                             f"--data_dir={shlex.quote(str(data_dir.parent))}")
         out = shlex.quote(str(Path("data") / (data_dir.resolve().stem or "custom")))  # prepare_data.py's default

@@ -581,6 +581,9 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                 # only what this run made: another run may have put a data set beside out_dir meanwhile
                 if error_type is not None and out_dir.resolve() in made:
                     shutil.rmtree(out_dir.resolve(), ignore_errors=True)
+                if error_type is not None:
+                    remove_empty_folders(made)
+                    made.clear()  # done, while the lock was held
             stack.push(settle)
             # a killed run's leftovers, not those of a run beside this one (the lock): its temporary
             # files, and a meta.json it had stepped aside, which no longer describes the .bin files
@@ -637,6 +640,12 @@ def folder_lock(folder: Path) -> Iterator[bool]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            yield False
+            return
+        # a run that failed removed the folder just before it let go of the lock: this lock is on a folder
+        # that is gone (or already made anew by a third run), and guards nothing
+        now = _stat(folder)
+        if now is None or not os.path.samestat(os.fstat(fd), now):
             yield False
             return
         yield True

@@ -874,6 +874,28 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
         assert held
 
 
+@pytest.mark.parametrize("made_anew", [False, True])
+def test_a_lock_on_a_folder_removed_meanwhile_is_no_lock(tmp_path, monkeypatch, made_anew):
+    """A run that opened the folder just as a failing run removed it locks a folder that is gone."""
+    import fcntl
+    out = tmp_path / "o"
+    out.mkdir()
+    flock = fcntl.flock
+
+    def removed_meanwhile(fd, op):
+        shutil.rmtree(out)
+        if made_anew:  # by a third run
+            out.mkdir()
+        flock(fd, op)
+    monkeypatch.setattr(fcntl, "flock", removed_meanwhile)
+    with prepare_data.folder_lock(out) as held:
+        assert not held
+    monkeypatch.undo()
+    out.mkdir(exist_ok=True)
+    with prepare_data.folder_lock(out) as held:
+        assert held
+
+
 def test_a_failed_run_removes_its_folder_before_it_releases_the_lock(tmp_path, monkeypatch):
     """Otherwise a run that starts in between could begin writing into the folder about to be removed."""
     (tmp_path / "a.txt").write_text("abc\n" * 50)
@@ -987,9 +1009,12 @@ def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
                             "text, prepare it with: python prepare_data.py --dataset custom --input '我的 文本.txt' "
                             "--tokenizer gpt2 --output_dir 'data/我的 文本', then give --data_dir='data/我的 文本'")
     (tmp_path / "data" / "verse").mkdir(parents=True)
-    (tmp_path / "data" / "verse" / "train.bin").write_bytes(b"")
-    with pytest.raises(DataError, match=r"is a file of a data set; give the folder that holds it: --data_dir=data/verse$"):
-        load_meta("data/verse/train.bin")
+    (tmp_path / "data" / "verse" / "meta.json").write_text("{}")
+    for name in ("train.bin", "input.txt"):  # input.txt: where --dataset shakespeare keeps its download
+        (tmp_path / "data" / "verse" / name).write_bytes(b"")
+        with pytest.raises(DataError, match=r"is a file of a data set; give the folder that holds it: "
+                                            r"--data_dir=data/verse$"):
+            load_meta(f"data/verse/{name}")
     assert prepare_command("runs/mine") == ("python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
                                             "--tokenizer gpt2 --output_dir runs/mine")
 
