@@ -403,7 +403,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     problem = output_file_problem(args.json) if args.json else None
     if problem:
-        hint = (f"give a file name, e.g. --json {Path(args.json) / 'bench.json'}" if Path(args.json).is_dir()
+        hint = (f"give a file name, e.g. --json {Path(args.json) / 'bench.json'}" if problem == "is a directory"
                 else "give a path you can write to")
         raise UserError(f"--json {args.json} {problem}; {hint}")
     if args.tokenize:

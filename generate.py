@@ -14,7 +14,7 @@ checkpoint, so a prompt is encoded exactly as the training data was.
 
 Decoding runs on model.py's static KV cache: one forward pass over the prompt (the prefill), then one
 token per step. Prompts of different lengths share a batch left-padded, and each row computes what it
-would compute alone. A prompt longer than block_size is cut to its last block_size tokens. When the
+would compute alone, up to rounding (in bfloat16 a near tie can then go either way). A prompt longer than block_size is cut to its last block_size tokens. When the
 text outgrows block_size, the context is cut to its last `window` tokens (--window, default
 block_size // 2) and the cache is rebuilt with one prefill: the model always sees between `window`
 and block_size tokens of context, and a rebuild costs one prompt pass per block_size - window new
@@ -45,9 +45,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from config import DTYPES, suggest
-from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, UserError, atomic_open,
-                   find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem, resolve_device,
-                   resolve_dtype, run_cli)
+from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, Progress, UserError,
+                   atomic_open, find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem,
+                   resolve_device, resolve_dtype, run_cli)
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -140,6 +140,7 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
         # drop a token once the tokens ranked above it hold top_p of the probability; the most likely
         # token has nothing above it, so it always survives
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False  # also where top_p is below float32's smallest number (0 >= 0 would drop it)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -450,10 +451,12 @@ class TextStream:
 
 
 def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
-             rng: Optional[torch.Generator] = None, on_text: Optional[Callable[[str], None]] = None) -> list[str]:
+             rng: Optional[torch.Generator] = None, on_text: Optional[Callable[[str], None]] = None,
+             on_step: Optional[Callable[[], object]] = None) -> list[str]:
     """The continuation of each prompt (the prompt itself not included), generated as one batch.
 
-    on_text(piece) receives the first row's text as it is produced. rng defaults to settings.make_rng().
+    on_text(piece) receives the first row's text as it is produced; on_step() is called after each
+    decoding step (a token for every row). rng defaults to settings.make_rng().
     """
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     rng = settings.make_rng(gen.device) if rng is None else rng
@@ -470,6 +473,8 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
             for step in steps:
                 for stream, token in zip(streams, step):
                     stream.add(token)  # a finished row keeps being decoded, and ignored
+                if on_step is not None:
+                    on_step()
                 if on_text is not None and (piece := streams[0].new_text()):
                     on_text(piece)
                 if all(s.done for s in streams):
@@ -484,6 +489,25 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     if on_text is not None and (piece := streams[0].new_text()):
         on_text(piece)
     return [s.text for s in streams]
+
+
+def complete_in_batches(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
+                        batch_size: int, rng: torch.Generator,
+                        on_batch: Optional[Callable[[list[str], Progress], None]] = None) -> list[str]:
+    """The continuation of each prompt, batch_size prompts at a time, with a progress bar of the decoding
+    steps on stderr: on a terminal after 2 s, elsewhere a line every 30 s (utils.Progress).
+    on_batch(prompts + continuations, bar) is called after each batch."""
+    texts, steps = [], settings.max_new_tokens
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    with Progress(total=len(batches) * steps, unit="step", desc=f"generating {len(prompts)} samples", delay=2.0,
+                  file=sys.stderr) as bar:
+        for n, chunk in enumerate(batches, 1):
+            done = [p + c for p, c in zip(chunk, complete(gen, tokenizer, chunk, settings, rng, on_step=bar.update))]
+            bar.update(n * steps - bar.n)  # the steps that a stop string made unnecessary
+            if on_batch is not None:
+                on_batch(done, bar)
+            texts += done
+    return texts
 
 
 def sample_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
@@ -592,7 +616,7 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     settings = SamplingSettings.from_kwargs(**sampling)
     problem = output_file_problem(output_file) if output_file is not None else None
     if problem:  # found out now, not after the generation
-        hint = (f"give a file name, e.g. {str(Path(output_file) / 'samples.txt')!r}" if Path(output_file).is_dir()
+        hint = (f"give a file name, e.g. {str(Path(output_file) / 'samples.txt')!r}" if problem == "is a directory"
                 else "give a path you can write to")
         raise GenerationError(f"output_file {str(output_file)!r} {problem}; {hint}")
     device = resolve_device(device)
@@ -601,21 +625,17 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
         encode_prompt(tokenizer, p)  # a prompt the tokenizer cannot encode fails before any generation
     gen = Generator(model, device, resolve_dtype(dtype, device), compile=compile)
     rng = settings.make_rng(gen.device)
-    texts = []
-    from tqdm import tqdm
-    with tqdm(total=len(prompts), unit="prompt", desc="generating", file=sys.stderr,
-              disable=len(prompts) <= batch_size) as bar:
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            texts += [p + c for p, c in zip(chunk, complete(gen, tokenizer, chunk, settings, rng))]
-            bar.update(len(chunk))
+    texts = complete_in_batches(gen, tokenizer, prompts, settings, batch_size, rng)
     if output_file is not None:
-        with atomic_open(output_file, "w") as f:
-            for i, (prompt, text) in enumerate(zip(prompts, texts), 1):
-                f.write(f"==================== prompt {i} of {len(prompts)} ====================\n")
-                f.write(f"{prompt}\n")
-                f.write("-------------------- sample --------------------\n")
-                f.write(f"{text}\n\n")
+        try:
+            with atomic_open(output_file, "w") as f:
+                for i, (prompt, text) in enumerate(zip(prompts, texts), 1):
+                    f.write(f"==================== prompt {i} of {len(prompts)} ====================\n")
+                    f.write(f"{prompt}\n")
+                    f.write("-------------------- sample --------------------\n")
+                    f.write(f"{text}\n\n")
+        except OSError as e:  # a full disk, or a path that passed the check above and still cannot be made
+            raise GenerationError(f"cannot write output_file {str(output_file)!r}: {e.strerror or e}") from None
         print(f"wrote {len(texts)} samples to {output_file}", file=sys.stderr)
     return texts
 
@@ -879,11 +899,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         out.write("\n")
         return
     rng = settings.make_rng(gen.device)
-    for i in range(0, args.num_samples, batch_size):
-        n = min(batch_size, args.num_samples - i)
-        for text in complete(gen, tokenizer, [prompt] * n, settings, rng):
-            out.write(f"{prompt}{text}\n---------------\n")
-        out.flush()
+    complete_in_batches(gen, tokenizer, [prompt] * args.num_samples, settings, batch_size, rng,
+                        on_batch=lambda texts, bar: bar.print_above("".join(f"{t}\n---------------\n" for t in texts),
+                                                                    out))
 
 
 if __name__ == "__main__":

@@ -53,12 +53,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                        check_bpe_vocab_size, tokenizer_from_dict)
-from utils import (ArgumentParser, atomic_open, folder_problem, missing_folders, remove_empty_folders,
+from utils import (ArgumentParser, Progress, atomic_open, folder_problem, missing_folders, remove_empty_folders,
                    remove_unfinished_writes, run_cli)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -81,30 +80,6 @@ BLOCK = 1 << 24  # numpy scans of UTF-8 bytes go in blocks of this size, to boun
 
 # (split, UTF-8 text, end_of_text_after, progress it stands for, file name and byte offset for errors)
 Item = tuple[str, bytes, bool, int, str, int]
-
-
-class Progress(tqdm):
-    """tqdm's bar on a terminal; elsewhere (a log file, nohup, CI) a plain line every LINE_INTERVAL
-    seconds, the first one after LINE_INTERVAL seconds, so that short runs print nothing extra."""
-    LINE_INTERVAL = 30.0
-    # no monitor thread: the worker pool is forked after the bar exists, and forking a process
-    # that runs threads is unsafe (Python 3.12 warns about it)
-    monitor_interval = 0
-
-    def __init__(self, *args, file=None, **kwargs):
-        file = sys.stderr if file is None else file
-        self.lines = not (hasattr(file, "isatty") and file.isatty())
-        if self.lines:  # the "wrote ..." line that follows says how it ended: no last bar line
-            kwargs.update(mininterval=self.LINE_INTERVAL, delay=self.LINE_INTERVAL, leave=False)
-        super().__init__(*args, file=file, disable=False, **kwargs)
-
-    def display(self, msg=None, pos=None):
-        if not self.lines:
-            return super().display(msg, pos)
-        if msg == "":  # tqdm clearing the bar as it closes: a line has nothing to clear
-            return False
-        print(msg if msg is not None else self.__str__(), file=self.fp, flush=True)  # no '\r' redrawing
-        return True
 
 
 # -----------------------------------------------------------------------------

@@ -925,7 +925,7 @@ def main(argv: list[str] | None = None) -> None:
     problem = output_file_problem(args.out)
     if problem:  # checked before training, which can take long
         hint = (f"--out is the file to write, e.g. --out {os.path.join(args.out, 'tokenizer.json')}"
-                if Path(args.out).is_dir() else "give a path you can write to")
+                if problem == "is a directory" else "give a path you can write to")
         raise TokenizerError(f"--out {args.out!r} {problem}; {hint}")
     text = _read_text(args.train)
     tok = BPETokenizer(args.pattern).train(text, args.vocab_size, verbose=True, special_tokens=args.special)

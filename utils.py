@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
 
+from tqdm import tqdm
+
 
 def _read_umask() -> int:
     umask = os.umask(0)  # the only way to read it is to set it; done once, at import, before any thread
@@ -99,9 +101,12 @@ def folder_problem(path: Path) -> Optional[str]:
 def output_file_problem(path: str | os.PathLike) -> Optional[str]:
     """Why `path` cannot be written as a file (a folder there, or its folder unusable), or None."""
     path = Path(path)
-    if path.is_dir():
-        return "is a directory"
-    problem = folder_problem(path.parent)
+    try:
+        if path.is_dir():
+            return "is a directory"
+        problem = folder_problem(path.parent)
+    except OSError as e:  # a name too long for the file system, say
+        return f"cannot be written: {e.strerror or e}"
     return f"cannot be written: its folder {problem}" if problem else None
 
 
@@ -431,3 +436,39 @@ def format_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress(tqdm):
+    """tqdm's bar on a terminal; elsewhere (a log file, nohup, CI) a plain line every LINE_INTERVAL
+    seconds, the first one after LINE_INTERVAL seconds, so that short runs print nothing extra."""
+    LINE_INTERVAL = 30.0
+    # no monitor thread: prepare_data.py forks its worker pool after the bar exists, and forking a
+    # process that runs threads is unsafe (Python 3.12 warns about it)
+    monitor_interval = 0
+
+    def __init__(self, *args, file=None, **kwargs):
+        file = sys.stderr if file is None else file
+        self.lines = not (hasattr(file, "isatty") and file.isatty())
+        if self.lines:  # what the program prints next says how it ended: no last bar line
+            kwargs.update(mininterval=self.LINE_INTERVAL, delay=self.LINE_INTERVAL, leave=False)
+        super().__init__(*args, file=file, disable=False, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if not self.lines:
+            self.drawn = True
+            return super().display(msg, pos)
+        if msg == "":  # tqdm clearing the bar as it closes: a line has nothing to clear
+            return False
+        print(msg if msg is not None else self.__str__(), file=self.fp, flush=True)  # no '\r' redrawing
+        return True
+
+    def print_above(self, text: str, file: IO[str]) -> None:
+        """Write text to file (stdout, say) without tearing a bar drawn on the terminal: it is taken away
+        and drawn again below. Lines need no such care, and a bar not drawn yet is not drawn early."""
+        drawn = getattr(self, "drawn", False)
+        if drawn:
+            self.clear()
+        file.write(text)
+        file.flush()
+        if drawn:
+            self.refresh()

@@ -160,6 +160,13 @@ def test_top_p_keeps_no_token_past_the_mass_it_asks_for():
     assert draws.unique().tolist() == [0]
 
 
+@pytest.mark.parametrize("top_p", [1e-46, 5e-324, 1e-9])
+def test_a_top_p_below_float32s_smallest_number_keeps_the_most_likely_token(top_p):
+    """Such a top_p passes the check (it is > 0) and is 0 in float32, where 0 >= 0 dropped every token."""
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
+    assert sample_logits(logits, 1.0, top_p=top_p, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.2])
     rng = torch.Generator().manual_seed(0)
@@ -584,6 +591,8 @@ def test_batch_generate_into_a_directory_fails_before_generating(char_checkpoint
     (tmp_path / "f").write_text("")
     with pytest.raises(GenerationError, match=r"output_file '.*f/s.txt' cannot be written: its folder is a file"):
         batch_generate(["a"], output_file=str(tmp_path / "f" / "s.txt"), checkpoint=str(path))
+    with pytest.raises(GenerationError, match=r"cannot be written: File name too long; give a path you can write"):
+        batch_generate(["a"], output_file=str(tmp_path / ("a" * 300 + ".txt")), checkpoint=str(path))
 
 
 def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
@@ -712,6 +721,19 @@ def test_num_samples_go_out_in_batches_of_batch_size(char_checkpoint, tmp_path, 
         sizes.clear()
         main(["--device", "cpu", "--prompt", "ab", "--num_samples", "5", "--max_new_tokens", "3", *extra])
         assert sizes == want and capsys.readouterr().out.count("---------------") == 5
+
+
+def test_several_samples_report_progress_while_they_are_made(char_checkpoint, tmp_path, monkeypatch, capsys):
+    """Nothing is printed until a batch is done: a progress line says how far it is (every 30 s in a log)."""
+    monkeypatch.setattr(generate.Progress, "LINE_INTERVAL", 0.0)
+    monkeypatch.chdir(tmp_path)
+    main(["--device", "cpu", "--prompt", "ab", "--num_samples", "3", "--batch_size", "2", "--max_new_tokens", "40"])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith("generating 3 samples")]
+    assert len(lines) >= 10 and "80/80" in lines[-1] and "\r" not in captured.err  # 2 batches of 40 steps
+    assert captured.out.count("---------------") == 3 and "generating" not in captured.out
+    texts = batch_generate(["a", "b"], output_file=None, max_new_tokens=30, device="cpu")  # one batch
+    assert len(texts) == 2 and "30/30" in capsys.readouterr().err
 
 
 def test_num_samples_with_seed_is_reproducible(char_checkpoint, tmp_path, monkeypatch, capsys):
