@@ -14,9 +14,9 @@ checkpoint, so a prompt is encoded exactly as the training data was.
 
 Decoding runs on model.py's static KV cache: one forward pass over the prompt (the prefill), then one
 token per step. Prompts of different lengths share a batch left-padded, and each row computes what it
-would compute alone, up to rounding (in bfloat16 a near tie can then go either way). A prompt longer than block_size is cut to its last block_size tokens. When the
-text outgrows block_size, the context is cut to its last `window` tokens (--window, default
-block_size // 2) and the cache is rebuilt with one prefill: the model always sees between `window`
+would compute alone, up to rounding (in bfloat16 a near tie can then go either way). A prompt longer
+than block_size is cut to its last block_size tokens. When the text outgrows block_size, the context
+is cut to its last `window` tokens (--window, default block_size // 2) and the cache is rebuilt with one prefill: the model always sees between `window`
 and block_size tokens of context, and a rebuild costs one prompt pass per block_size - window new
 tokens. In a batch each row is cut when it outgrows the block, as it would be alone.
 

@@ -553,12 +553,13 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                 if error_type is not None and retired.exists() and _identities(out_dir) == bins_before:
                     os.replace(retired, out_dir / "meta.json")  # no .bin file was replaced after all
                 retired.unlink(missing_ok=True)  # it described .bin files that are no longer there
+                if error_type is None:
+                    return
                 # only what this run made: another run may have put a data set beside out_dir meanwhile
-                if error_type is not None and out_dir.resolve() in made:
+                if out_dir.resolve() in made:
                     shutil.rmtree(out_dir.resolve(), ignore_errors=True)
-                if error_type is not None:
-                    remove_empty_folders(made)
-                    made.clear()  # done, while the lock was held
+                remove_empty_folders(made)
+                made.clear()  # done, while the lock was held
             stack.push(settle)
             # a killed run's leftovers, not those of a run beside this one (the lock): its temporary
             # files, and a meta.json it had stepped aside, which no longer describes the .bin files
