@@ -18,7 +18,8 @@ would compute alone, up to rounding (in bfloat16 a near tie can then go either w
 than block_size is cut to its last block_size tokens. When the text outgrows block_size, the context
 is cut to its last `window` tokens (--window, default block_size // 2) and the cache is rebuilt with
 one prefill: the model always sees between `window` and block_size tokens of context, and a rebuild
-costs one prompt pass per block_size - window new tokens. In a batch each row is cut when it outgrows the block, as it would be alone.
+costs one prompt pass per block_size - window new tokens. In a batch each row is cut when it outgrows
+the block, as it would be alone.
 
 On CUDA the model is cast to the generation dtype (bfloat16 by default) and one decoding step is
 captured in a CUDA graph and replayed for every token: at batch 1 a step of GPT-2 124M is otherwise
