@@ -100,9 +100,10 @@ class GPT2Config:
     backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' for CPU
 
     def __init__(self, **overrides: Any):
+        unknown = [f"unknown config key {k!r}{suggest(k, field_names())}" for k in overrides if k not in field_names()]
+        if unknown:
+            raise ConfigError("; ".join(unknown))
         for k, v in overrides.items():
-            if k not in field_names():
-                raise ConfigError(f"unknown config key {k!r}{suggest(k, field_names())}")
             setattr(self, k, v)
 
     def __setattr__(self, key: str, value: Any) -> None:
@@ -189,14 +190,13 @@ class GPT2Config:
         for name in ("bias", "decay_lr", "gradient_checkpointing", "compile_eval", "compile_regional", "fp8"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in DTYPES):
             problems.append(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
-        if self.compile not in (True, False, "auto"):
+        if not (self.compile is True or self.compile is False or self.compile == "auto"):  # 1 == True
             problems.append(f"compile must be True, False or 'auto', got {self.compile!r}")
         if self.compile_mode not in COMPILE_MODES:
             problems.append(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "mps")
-                                                    or self.device.startswith("cuda")):
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             problems.append(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.backend not in ("nccl", "gloo"):
             problems.append(f"backend must be 'nccl' or 'gloo', got {self.backend!r}")
@@ -296,7 +296,8 @@ def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
     if key == "compile":
         if isinstance(value, bool) or value == "auto":
             return value
-        raise ConfigError(f"compile must be True, False or 'auto', got {value!r} (e.g. --compile=False)")
+        example = "--compile=False" if raw is not None else "compile = False"
+        raise ConfigError(f"compile must be True, False or 'auto', got {value!r} (e.g. {example})")
     if key == "dtype" and isinstance(value, torch.dtype):
         return value  # GPT2Config turns it into its name; validate() checks it is supported
     if isinstance(default, bool):
@@ -319,7 +320,10 @@ def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
         if isinstance(value, str):  # a config file's value, say: '~' means the same as in a flag
             return os.path.expanduser(value) if key in PATH_FIELDS else value
         expected = "a string"
-    example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
+    if raw is None:  # a config file's value: the example in its syntax
+        example = f"{key} = {default!r}"
+    else:
+        example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}); e.g. {example}")
 
 
@@ -335,8 +339,9 @@ def parse_value(key: str, text: str) -> Any:
     return coerce(key, value, raw=text)
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """Run a config file (plain Python assigning field names) in a namespace of its own; its settings."""
+def read_config_file(path: str) -> tuple[dict[str, Any], list[str]]:
+    """Run a config file (plain Python assigning field names) in a namespace of its own; its settings, and
+    what is wrong in it (unknown keys, values of the wrong type), every problem named."""
     p = Path(path)
     if not p.is_file():
         what = "is a directory" if p.is_dir() else "does not exist"
@@ -361,15 +366,18 @@ def read_config_file(path: str) -> dict[str, Any]:
                 module = importlib.import_module(node.module)
                 imported.update(getattr(module, "__all__", [n for n in dir(module) if not n.startswith("_")]))
     fields = field_names()
-    settings = {}
+    settings, problems = {}, []
     for name, value in namespace.items():
         if name not in fields and (name.startswith("_") or name in imported
                                    or isinstance(value, (types.ModuleType, types.FunctionType, type))):
             continue
-        if name not in field_names():
-            raise ConfigError(f"config file {path}: unknown config key {name!r}{suggest(name, field_names())}")
-        settings[name] = coerce(name, value)
-    return settings
+        try:
+            if name not in fields:
+                raise ConfigError(f"unknown config key {name!r}{suggest(name, fields)}")
+            settings[name] = coerce(name, value)
+        except ConfigError as e:
+            problems.append(f"config file {path}: {e}")
+    return settings, problems
 
 
 class _Parser(ArgumentParser):
@@ -415,7 +423,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[GPT2Config, set[str]]:
     config = GPT2Config() if args.preset is None else preset_config(args.preset)
     explicit: set[str] = set() if args.preset is None else set(GPT2_CONFIGS[args.preset])
     if args.config_file is not None:
-        for k, v in read_config_file(args.config_file).items():
+        settings, problems = read_config_file(args.config_file)  # reported with the flags' problems
+        for k, v in settings.items():
             setattr(config, k, v)
             explicit.add(k)
     for k, text in vars(args).items():

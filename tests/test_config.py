@@ -1,4 +1,6 @@
 """config.py: defaults, presets, overrides, validation and round trips."""
+import re
+
 import pytest
 import torch
 
@@ -58,6 +60,25 @@ def test_validate_reports_every_problem_at_once():
                    "block_size must be an integer > 0", "dropout must be in [0, 1)"):
         assert needle in msg
     assert "\n" not in msg  # one line for the command-line scripts
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(dtype=["float16"]), "dtype must be one of"),  # a list: no TypeError from the lookup
+    (dict(device="cudafoo"), "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'cudafoo'"),
+    (dict(device="cuda:x"), "got 'cuda:x'"),
+    (dict(compile=1), "compile must be True, False or 'auto', got 1"),  # 1 == True, but is not True
+    (dict(compile_mode=["default"]), "compile_mode must be one of"),
+])
+def test_values_of_the_wrong_kind_are_problems_too(overrides, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        GPT2Config(**overrides).validate()
+    GPT2Config(device="cuda:1", compile=True).validate()
+
+
+def test_every_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key 'n_layers'; did you mean 'n_layer'.*; unknown config "
+                                          "key 'n_heads'; did you mean 'n_head'"):
+        GPT2Config(n_layers=4, n_heads=4)
 
 
 @pytest.mark.parametrize("lr, problem", [(-1.0, "learning_rate must be a number > 0, got -1.0"),

@@ -1363,6 +1363,20 @@ def test_unknown_name_in_config_file(tmp_path):
         parse_args([str(cfg)])
 
 
+def test_every_mistake_in_a_config_file_and_the_flags_is_reported_at_once(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("from math import sqrt\nlearning_rate = sqrt(1e-6)\nbatch_size = 8.0\ndropout = 2\n"
+                   "n_layers = 4\nbatch_sise = 3\n")
+    with pytest.raises(ConfigError) as e:
+        parse_args([str(cfg), "--n_layer=x", "--eval_iters=0"])
+    message = str(e.value)
+    for problem in (f"config file {cfg}: batch_size must be an integer, got 8.0 (float); e.g. batch_size = 12",
+                    f"config file {cfg}: unknown config key 'n_layers'", f"config file {cfg}: unknown config key "
+                    f"'batch_sise'", "n_layer must be an integer, got 'x' (str); e.g. --n_layer=12",
+                    "dropout must be in [0, 1), got 2", "eval_iters must be an integer > 0"):
+        assert problem in message
+
+
 def test_cli_error_in_a_subprocess(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--n_layr=4", "--seed=x"], cwd=tmp_path,
                        capture_output=True, text=True, env=subprocess_env(), timeout=60)
