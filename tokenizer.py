@@ -509,6 +509,9 @@ class BPETokenizer(Tokenizer):
         Pair counts are kept over the unique chunks, weighted by how often each chunk occurs, and
         after a merge only the chunks that contain the merged pair are updated.
         """
+        if isinstance(special_tokens, str):  # list('<eos>') would register '<', 'e', 'o', 's' and '>'
+            raise TokenizerError(f"special_tokens must be a list of strings, got the string {special_tokens!r}; "
+                                 f"e.g. special_tokens=[{special_tokens!r}]")
         names = list(self.special_tokens) if special_tokens is None else list(special_tokens)
         _check_special_tokens(names)
         _check_training_text(text, "a BPE tokenizer")
@@ -626,7 +629,8 @@ class BPETokenizer(Tokenizer):
         raise TokenizerError(
             f"the split pattern {self.pattern!r} does not match the text at character {offset + pos} "
             f"({text[pos:pos + 20]!r}), so BPE would leave that text out; the pattern must match every "
-            f"character: end it with a catch-all alternative, |(?s:.), or use pattern=None for GPT-2's")
+            f"character: end it with a catch-all alternative, |(?s:.), or use GPT-2's (pattern=None; on the "
+            f"command line leave out --pattern)")
 
     def encode_ordinary(self, text: str) -> list[int]:
         if not isinstance(text, str):
@@ -708,6 +712,11 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"encoder.json and vocab.bpe do not match ({type(e).__name__}: {e}); pass "
                                  f"the two files of the same GPT-2 release") from e
         specials = {s: i for s, i in encoder.items() if i >= 256 + len(merges)}
+        ordinary = [s for s in specials if not re.fullmatch(r"<\|[^|]+\|>", s)]  # such as <|endoftext|>
+        if ordinary:  # a vocab.bpe cut short: its missing merges' tokens would pass for special tokens
+            raise TokenizerError(f"encoder.json has {len(ordinary)} tokens beyond vocab.bpe's {len(merges)} merges "
+                                 f"that are not special tokens like '<|endoftext|>' (e.g. {ordinary[0]!r}): vocab.bpe "
+                                 f"is cut short or from another release; pass the two files of the same GPT-2 release")
         tok = cls(GPT2_SPLIT_PATTERN)
         tok._set(merges, specials, byte_ids, merge_rule="ranks")
         return tok
@@ -909,7 +918,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size, special tokens included")
     parser.add_argument("--special", action="append", default=[], metavar="TOKEN",
                         help="special token to register after the merges (repeatable), e.g. '<|endoftext|>'")
-    parser.add_argument("--pattern", default=None, help="regex pre-split pattern; None means GPT-2's")
+    parser.add_argument("--pattern", default=None,
+                        help="regex pre-split pattern (default, or 'gpt2': GPT-2's); it must match every character")
     parser.add_argument("--out", default="tokenizer.json", help="where --train writes the tokenizer")
     return parser
 
@@ -917,6 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.pattern in ("gpt2", "None"):  # the Python API's pattern=None, spelled on a command line
+        args.pattern = None
     if bool(args.bench) == bool(args.train):
         parser.error("give exactly one of --bench FILE or --train FILE")
     if args.bench:

@@ -313,6 +313,11 @@ def test_from_gpt2_rejects_mismatched_files(tmp_path, gpt2_files):
         BPETokenizer.from_gpt2(tmp_path / "encoder.json", gpt2_files[1])
     with pytest.raises(TokenizerError, match="cannot read"):
         BPETokenizer.from_gpt2(tmp_path / "missing.json", gpt2_files[1])
+    cut = tmp_path / "vocab_cut.bpe"  # a download cut short: the tokens of the missing merges are no specials
+    cut.write_text("\n".join(gpt2_files[1].read_text(encoding="utf-8").split("\n")[:1001]), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"encoder.json has 49000 tokens beyond vocab.bpe's 1000 merges that are "
+                                             r"not special tokens like '<\|endoftext\|>' \(e.g. 'Ġ"):
+        BPETokenizer.from_gpt2(gpt2_files[0], cut)
 
 
 # -----------------------------------------------------------------------------
@@ -434,6 +439,9 @@ def test_bad_training_input():
         BPETokenizer().train("hello", 100)
     with pytest.raises(TokenizerError, match="must be an integer"):
         BPETokenizer().train("hello", "4096")
+    with pytest.raises(TokenizerError, match=r"special_tokens must be a list of strings, got the string '<eos>'; "
+                                             r"e.g. special_tokens=\['<eos>'\]"):
+        BPETokenizer().train("hello", 300, special_tokens="<eos>")
     with pytest.raises(TokenizerError, match="empty text"):
         CharTokenizer.from_text("")
     with pytest.raises(TokenizerError, match="takes a str, got bytes"):
@@ -549,6 +557,11 @@ def test_cli_help_and_train(tmp_path):
     out = cli("--bench", "in.txt", "--vocab_size", "280", "--pattern", r"\w+")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith(r"error: the split pattern '\\w+' does not match the text at character 2 (' be or")
+    assert "on the command line leave out --pattern" in out.stderr
+    for spelled in ("gpt2", "None"):  # GPT-2's pattern, as the help says
+        out = cli("--train", "in.txt", "--vocab_size", "280", "--pattern", spelled, "--out", f"{spelled}.json")
+        assert out.returncode == 0, out.stderr
+        assert load_tokenizer(tmp_path / f"{spelled}.json").pattern == GPT2_SPLIT_PATTERN
 
 
 def test_cli_keeps_line_ends(tmp_path):
