@@ -264,6 +264,9 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward passes
 
     def _check_input(self, idx: torch.Tensor, ids: bool = True) -> None:
+        if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, got shape {tuple(idx.shape)} "
+                             f"and dtype {idx.dtype}; a single sequence is idx[None]")
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the model's block_size "
@@ -358,9 +361,9 @@ class GPT(nn.Module):
         """
         if getattr(self, "kv_cache_shape", None) is None:
             raise RuntimeError("call setup_kv_cache(batch_size, max_seq_len) before forward_cached()")
+        self._check_input(idx)  # no host sync while compiling or capturing a CUDA graph
         B, T = idx.shape
         n_slots = self.kv_cache_shape[1] if kv_len is None else kv_len
-        self._check_input(idx)  # no host sync while compiling or capturing a CUDA graph
         if kv_len is not None and not torch.compiler.is_compiling() and int(cache_pos.max()) >= kv_len:
             raise ValueError(f"kv_len {kv_len} does not cover the cache slots {cache_pos.tolist()} being written")
         if pad is None:
@@ -474,6 +477,9 @@ class GPT(nn.Module):
         from utils import atomic_open, remove_unfinished_writes
         cfg = self.config
         out = Path(directory)
+        if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:  # ids the model has no row for
+            raise CheckpointFormatError(f"the tokenizer has {tokenizer.vocab_size} ids and the model only "
+                                        f"{cfg.vocab_size}: export the model with the tokenizer it was trained with")
         if (out / "meta.json").is_file():  # its tokenizer.json would be deleted or clash with transformers'
             raise CheckpointFormatError(f"{out} holds a prepared data set (meta.json): export the model into a "
                                         f"folder of its own, e.g. {out / 'export'}")

@@ -1,6 +1,7 @@
 """model.py against transformers' GPT2LMHeadModel: logits, loss, weights in and out, KV cache."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -244,6 +245,18 @@ def test_sequence_longer_than_block_size():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
+@pytest.mark.parametrize("idx", [torch.zeros(5, dtype=torch.long), torch.zeros(1, 2, 5, dtype=torch.long),
+                                 torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.bool)])
+def test_input_that_is_not_a_batch_of_token_ids(idx):
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match=r"idx must be a \(B, T\) tensor of integer token ids, got shape "
+                                         rf"{re.escape(str(tuple(idx.shape)))} and dtype {idx.dtype}"):
+        model(idx)
+    model.setup_kv_cache(1, 8)
+    with pytest.raises(ValueError, match=r"idx must be a \(B, T\) tensor"):
+        model.forward_cached(idx, torch.tensor([0]))
+
+
 def test_token_ids_outside_the_vocabulary():
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match=r"\[101\] are outside the vocabulary \[0, 101\)"):
@@ -373,6 +386,13 @@ def test_an_export_leaves_no_file_of_the_folders_earlier_model(tmp_path, monkeyp
     with pytest.raises(CheckpointFormatError, match="holds a prepared data set .*export the model into a folder"):
         new.save_pretrained(data)
     assert sorted(p.name for p in data.iterdir()) == ["meta.json", "tokenizer.json"]
+
+
+def test_an_export_with_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    from tokenizer import CharTokenizer
+    with pytest.raises(CheckpointFormatError, match="the tokenizer has 120 ids and the model only 101"):
+        GPT(tiny_config()).save_pretrained(tmp_path / "x", tokenizer=CharTokenizer([chr(32 + i) for i in range(120)]))
+    assert not (tmp_path / "x").exists()
 
 
 def test_an_export_with_gpt2s_tokenizer_loads_in_autotokenizer(tmp_path, gpt2_files):
