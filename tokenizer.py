@@ -211,7 +211,12 @@ def tokenizer_from_dict(d: dict) -> "Tokenizer":
                              f"'gpt2', got {kind!r}; make the file with Tokenizer.save(path)")
     try:
         if d["kind"] == "char":
-            return CharTokenizer(d["chars"])
+            # ids are positions in this list: one that is not as to_dict() wrote it (sorted, no repeats)
+            # would be re-sorted into other ids without a word
+            chars = list(d["chars"]) if isinstance(d["chars"], str) else d["chars"]  # older files: one string
+            if not isinstance(chars, list) or chars != sorted(set(chars)):
+                raise ValueError("its chars must be a list of distinct characters in sorted order")
+            return CharTokenizer(chars)
         if d["kind"] == "gpt2":
             return GPT2Tokenizer()
         tok = BPETokenizer(d["pattern"])

@@ -385,7 +385,7 @@ def test_char_tokenizer_keeps_lone_surrogates_apart(tmp_path):
     tok.save(tmp_path / "t.json")
     loaded = load_tokenizer(tmp_path / "t.json")
     assert loaded.chars == tok.chars and loaded.vocab_size == 4
-    assert tokenizer_from_dict({"kind": "char", "chars": "ba"}).chars == ["a", "b"]  # files saved as one string
+    assert tokenizer_from_dict({"kind": "char", "chars": "ab"}).chars == ["a", "b"]  # files saved as one string
 
 
 def test_save_load_custom_pattern_and_special_tokens(tmp_path):
@@ -520,6 +520,10 @@ def test_load_rejects_bad_files(tmp_path):
         load_tokenizer(tmp_path / "bad.json")
     with pytest.raises(TokenizerError, match="kind"):
         tokenizer_from_dict({"kind": "sentencepiece"})
+    assert tokenizer_from_dict(CharTokenizer("bca").to_dict()).chars == ["a", "b", "c"]
+    for chars in (["b", "a"], ["a", "a", "b"], "ba", {"a": 0}, ["a", 1]):  # a hand-edited file: ids would shift
+        with pytest.raises(TokenizerError, match="the saved char tokenizer is damaged or incomplete"):
+            tokenizer_from_dict({"kind": "char", "chars": chars})
     d = BPETokenizer().train("abab abab", 260).to_dict()
     with pytest.raises(TokenizerError, match="damaged"):
         tokenizer_from_dict({k: v for k, v in d.items() if k != "merges"})
