@@ -160,8 +160,12 @@ class Tokenizer:
                         f"allowed_special='none_raise' forbids them; pass allowed_special='all' to encode "
                         f"them as special tokens, or 'none' to encode them as ordinary text")
             return set()
-        allowed = set(allowed_special)
-        unknown = sorted(allowed - set(self.special_tokens))
+        try:
+            allowed = set(allowed_special)
+        except TypeError:  # None, a number
+            raise TokenizerError(f"allowed_special={allowed_special!r} is not understood; use one of "
+                                 f"{ALLOWED_SPECIAL_MODES} or a set of special-token strings") from None
+        unknown = sorted(allowed - set(self.special_tokens), key=str)
         if unknown:
             raise TokenizerError(f"allowed_special names {_listing(unknown)}, which this {self.kind} tokenizer "
                                  f"does not have; its special tokens are {_listing(list(self.special_tokens))}")

@@ -507,6 +507,11 @@ def test_bad_allowed_special():
         tok.encode("x", allowed_special={"<|pad|>"})
     with pytest.raises(TokenizerError, match="not understood"):
         tok.encode("x", allowed_special="some")
+    for value in (None, 3):
+        with pytest.raises(TokenizerError, match=f"allowed_special={value} is not understood"):
+            tok.encode("x", allowed_special=value)
+    with pytest.raises(TokenizerError, match="allowed_special names 1, '<x>', which"):  # mixed types still sort
+        tok.encode("x", allowed_special={"<x>", 1})
     with pytest.raises(TokenizerError, match="takes a str"):
         tok.encode(b"bytes")
     assert tok.encode("x<|endoftext|>", allowed_special="all") == [120, 256]
