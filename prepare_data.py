@@ -49,6 +49,8 @@ import sys
 import urllib.error
 import urllib.request
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -65,7 +67,10 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 DEFAULT_VAL_FRACTION = {"shakespeare": 0.1, "custom": 0.1, "openwebtext": 0.0005}
 DEFAULT_BPE_VOCAB = 4096
 UNIT_BYTES = 1 << 20  # text per work unit handed to a worker process
-DOC_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")  # local files --dataset openwebtext reads
+DOC_SUFFIXES = (".jsonl", ".txt", ".parquet")  # local files --dataset openwebtext reads from a folder
+# also a .json file named itself (JSON Lines): in a folder, .json is more often something else (a data
+# set's meta.json, a Hugging Face download's dataset_info.json)
+DOC_FILE_SUFFIXES = (*DOC_SUFFIXES, ".json")
 DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")  # what write_dataset puts in out_dir
 # A safe cut is a point in UTF-8 text just before a space or newline that follows a character that is
 # not whitespace: no pre-token of GPT-2's pattern crosses it (words, numbers and symbols stop at
@@ -104,24 +109,42 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
                         f"({reason}); {how}") from None
 
 
-def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = None) -> list[Path]:
-    """path itself, or every file under the folder path with one of the suffixes, in sorted order.
+def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = None,
+                file_suffixes: tuple[str, ...] | None = None) -> list[Path]:
+    """path itself, or every file under the folder path with one of the suffixes, in sorted order;
+    file_suffixes, where given, are those a file named itself may have (any, where not given).
 
-    The files of the data set written to out_dir are left out: with --output_dir inside (or equal to)
-    the input folder, a second run would otherwise read the first run's meta.json and tokenizer.json
-    as documents while it replaces them.
+    Folders linked into the input folder are followed. The files of the data set written to out_dir
+    are left out: with --output_dir inside (or equal to) the input folder, a second run would otherwise
+    read the first run's files while it replaces them.
     """
     if not path.exists():
         raise DataError(f"--input {str(path)!r} does not exist; pass a file or a folder of {'/'.join(suffixes)} files")
     if path.is_file():
+        if file_suffixes is not None and path.suffix.lower() not in file_suffixes:
+            raise DataError(f"--input {str(path)!r} is not a file this reads: expected {'/'.join(file_suffixes)}"
+                            + (" (decompress it first)" if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst")
+                               else ""))
         return [path]
     own = {(out_dir / name).resolve() for name in DATASET_FILES} if out_dir is not None else set()
     # .TXT as well as .txt: Windows names files in either case
-    files = sorted(p for p in path.rglob("*")
+    files = sorted(p for p in _walk(path)
                    if p.is_file() and p.suffix.lower() in suffixes and p.resolve() not in own)
     if not files:
         raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files; pass a file or another folder")
     return files
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every file under folder, through linked folders too (Path.rglob skips them), each folder once."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to a folder already read
+            dirs.clear()
+            continue
+        seen.add(real)
+        yield from (Path(root) / name for name in names)
 
 
 def read_files(files: list[Path]) -> list[bytes]:
@@ -409,7 +432,7 @@ def parse_jsonl(where: str, lineno: int, offset: int, chunk: bytes) -> list[str]
             continue
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
             raise DataError(f"{here} is not JSON ({e}); expected JSON Lines: one object with a "
                             f"\"text\" string per line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
@@ -504,16 +527,38 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
     # start methods pickle the arguments, so they get the plain-data description instead
     fork = multiprocessing.get_start_method() == "fork"
     initargs = (tokenizer if fork else tokenizer.to_dict(), dtype.str, val_fraction)
-    with multiprocessing.Pool(num_proc, _init_worker, initargs) as pool:
+    # an executor, not multiprocessing.Pool: when the system kills a worker (out of memory), the Pool
+    # starts another and waits for the lost result forever, where the executor raises BrokenProcessPool
+    pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(), initializer=_init_worker,
+                               initargs=initargs)
+    try:
         pending = deque()
         for unit, progress in itertools.chain(head, units):
-            pending.append((progress, pool.apply_async(_encode_in_worker, (unit,))))
+            pending.append((progress, pool.submit(_encode_in_worker, unit)))
             if len(pending) >= 2 * num_proc:
                 progress, result = pending.popleft()
-                yield progress, result.get()
+                yield progress, result.result()
         while pending:
             progress, result = pending.popleft()
-            yield progress, result.get()
+            yield progress, result.result()
+    except BaseException as e:  # an error, Ctrl-C, or the caller stopped: the units in flight are not waited for
+        _terminate(pool)
+        if isinstance(e, BrokenProcessPool):
+            raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
+                            f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}"
+                            ) from None
+        raise
+    pool.shutdown()
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """End the workers now (SIGTERM), not after the units they are encoding."""
+    if hasattr(pool, "terminate_workers"):  # Python 3.14
+        pool.terminate_workers()
+        return
+    for worker in list((getattr(pool, "_processes", None) or {}).values()):
+        worker.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------
@@ -719,7 +764,7 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
     txt_counts = {"train": 0, "val": 0, "empty": 0}  # .txt documents are split in this process
     sha = hashlib.sha256()
     if input_path:
-        files = input_files(Path(input_path), DOC_SUFFIXES, out_dir)
+        files = input_files(Path(input_path), DOC_SUFFIXES, out_dir, file_suffixes=DOC_FILE_SUFFIXES)
         units = local_units(files, unit_bytes, val_fraction, sha, txt_counts, can_cut(tok))
         progress = ("bytes", sum(f.stat().st_size for f in files))
         source = str(files[0]) if len(files) == 1 else f"{len(files)} files under {input_path}"
@@ -787,7 +832,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default %(default)s)")
     p.add_argument("--input", default=None,
                    help="shakespeare: a local input.txt (else $SHAKESPEARE, else download); custom: a text file "
-                        "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files or a folder of them")
+                        "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files (or a .json file of JSON "
+                        "Lines) or a folder of them")
     p.add_argument("--output_dir", default=None,
                    help="where the data set goes (default: ./data/shakespeare[_char|_bpe], ./data/openwebtext, "
                         "./data/<input name> for custom)")

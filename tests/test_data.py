@@ -486,6 +486,23 @@ def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path
     assert not fresh.exists()
 
 
+def test_a_worker_killed_by_the_system_stops_the_run_in_one_line(shakespeare_text, tmp_path):
+    """The out-of-memory killer takes a worker: a clear error, not a run that waits for its result forever."""
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text * 3)
+    code = ("import os, signal, prepare_data, utils\n"
+            "prepare_data.encode_unit = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "utils.run_cli(prepare_data.main)\n")
+    out = tmp_path / "out"
+    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: a tokenising process died (killed by the system: out of memory?); nothing was written. Try again "
+        "with fewer processes, e.g. --num_proc 1"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig):
     """Ctrl-C or SIGTERM (kill, a scheduler) sent to the script: exit code 130, one line, no partial files."""
@@ -717,6 +734,42 @@ def test_jsonl_without_text_field(tmp_path):
     src.write_text('{"text": "ok"}\n{"content": "no text key"}\n')
     with pytest.raises(DataError, match=r"d.jsonl line 2 has no \"text\" string"):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
+
+
+def test_a_jsonl_line_nested_too_deeply_is_one_line_of_error(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"text": "ok"}\n{"text": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(DataError, match=r"d.jsonl line 2 is not JSON \(maximum recursion depth"):
+        prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
+
+
+def test_which_document_files_are_read(tmp_path):
+    """In a folder .jsonl, .txt and .parquet, through linked folders too; a .json only when named itself
+    (in a folder it is more often another data set's meta.json, or a download's dataset_info.json)."""
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    lines = lambda texts: "".join(json.dumps({"text": t}) + "\n" for t in texts)  # noqa: E731
+    (docs / "a.jsonl").write_text(lines(DOCS[:5]))
+    (docs / "sub" / "b.jsonl").write_text(lines(DOCS[5:10]))
+    (tmp_path / "elsewhere" / "c.jsonl").write_text(lines(DOCS[10:15]))
+    (docs / "linked").symlink_to(tmp_path / "elsewhere")
+    (docs / "loop").symlink_to(docs)  # read once all the same
+    (docs / "dataset_info.json").write_text('{\n  "description": "not JSON Lines"\n}\n')
+    for out in ("owt_a", "owt_b"):
+        meta = prepare("--dataset", "openwebtext", "--input", docs, "--output_dir", docs / out, "--num_proc", 1,
+                       "--val_fraction", 0.3)
+    assert meta["source"] == f"3 files under {docs}"  # not owt_a's meta.json, nor dataset_info.json
+    assert meta["train_documents"] + meta["val_documents"] == 15
+    (tmp_path / "d.json").write_text(lines(DOCS[:15]))  # a .json named itself is JSON Lines
+    meta = prepare("--dataset", "openwebtext", "--input", tmp_path / "d.json", "--output_dir", tmp_path / "o1",
+                   "--num_proc", 1, "--val_fraction", 0.3)
+    assert meta["train_documents"] + meta["val_documents"] == 15
+    (tmp_path / "d.jsonl.gz").write_bytes(b"\x1f\x8b\x08")
+    with pytest.raises(DataError, match=r"d.jsonl.gz' is not a file this reads: expected .jsonl/.txt/.parquet/.json "
+                                        r"\(decompress it first\)"):
+        prepare("--dataset", "openwebtext", "--input", tmp_path / "d.jsonl.gz", "--output_dir", tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
 
 
 def prepared_once(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
