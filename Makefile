@@ -3,7 +3,7 @@
 #                cores, plus the installation: torch from PyPI brings several GB of CUDA libraries on Linux)
 #   make test    the whole test suite
 #   make bench   bench.py's default run (a small preset on a CPU, GPT-2 124M on a GPU)
-#   make clean   delete .venv and the prepared data (.bin files, meta.json); checkpoints/ and runs/ stay
+#   make clean   delete .venv and the prepared data (.bin, meta.json, tokenizer.json); checkpoints/, runs/ stay
 # Offline: make demo SHAKESPEARE=path/to/input.txt, and TIKTOKEN_CACHE_DIR=dir for the GPT-2 tokenizer files.
 # Linux without a GPU: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the small CPU build.
 
@@ -58,4 +58,4 @@ bench: $(VENV)/.installed
 	$(PY) bench.py
 
 clean:
-	rm -rf $(VENV) data/*/train.bin data/*/val.bin data/*/meta.json
+	rm -rf $(VENV) data/*/train.bin data/*/val.bin data/*/meta.json data/*/tokenizer.json

@@ -75,9 +75,11 @@ def cli_flags(config: GPT2Config) -> list[str]:
     return [f"--{k}={v}" for k, v in config.to_dict().items() if v != getattr(GPT2Config, k)]
 
 
-def subprocess_env() -> dict:
-    # one thread per process: the tests run on small machines, and torchrun starts two
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def subprocess_env(tmp: Path | None = None) -> dict:
+    # one thread per process: the tests run on small machines, and torchrun starts two; torchrun's own
+    # temporary folders go into the test's folder (tmp), not /tmp
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return env if tmp is None else {**env, "TMPDIR": str(tmp)}
 
 
 def event_steps(run_dir: str) -> tuple[dict, "EventAccumulator"]:
@@ -1400,7 +1402,7 @@ def make_dry_run(*args: str) -> str:
 def test_make_clean_removes_meta_json_with_the_bins():
     # data.py takes a directory with meta.json for a complete data set: it must go with the .bin files
     [command] = [line for line in make_dry_run("clean").splitlines() if line.startswith("rm ")]
-    assert {"data/*/train.bin", "data/*/val.bin", "data/*/meta.json"} <= set(command.split())
+    assert {"data/*/train.bin", "data/*/val.bin", "data/*/meta.json", "data/*/tokenizer.json"} <= set(command.split())
     assert not {"checkpoints", "runs"} & set(command.split())  # trained models and logs are the user's work
     listed = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     targets = re.findall(r"^(\w+):", (ROOT / "Makefile").read_text(), re.M)
@@ -1496,7 +1498,7 @@ def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
     def torchrun(out, **overrides):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             str(ROOT / "train.py"), *cli_flags(tiny(char_data, out, **{**kw, **overrides}))],
-                           cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=180)
+                           cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=180)
         assert r.returncode == 0, r.stdout + r.stderr
         return dict(re.findall(r"^iter (\d+)/12: loss ([\d.]+),", r.stdout, re.M))  # {'8': '3.1234', ...}
 
@@ -1518,7 +1520,7 @@ def test_ddp_two_processes_match_one(char_data, tmp_path):
     config = tiny(char_data, tmp_path / "ddp", **kw)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path, capture_output=True, text=True,
-                       env=subprocess_env(), timeout=180)
+                       env=subprocess_env(tmp_path), timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "over 2 processes" in r.stdout and r.stdout.count("tokens per step") == 1  # rank 0 alone prints
     ddp_losses = {int(line.split()[1].split("/")[0]): float(line.split("loss ")[1].split(",")[0])
