@@ -423,7 +423,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[GPT2Config, set[str]]:
     config = GPT2Config() if args.preset is None else preset_config(args.preset)
     explicit: set[str] = set() if args.preset is None else set(GPT2_CONFIGS[args.preset])
     if args.config_file is not None:
-        settings, problems = read_config_file(args.config_file)  # reported with the flags' problems
+        settings, file_problems = read_config_file(args.config_file)
+        problems += file_problems  # reported with the flags' problems
         for k, v in settings.items():
             setattr(config, k, v)
             explicit.add(k)

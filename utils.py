@@ -449,6 +449,7 @@ class Progress(tqdm):
     def __init__(self, *args, file=None, **kwargs):
         file = sys.stderr if file is None else file
         self.lines = not (hasattr(file, "isatty") and file.isatty())
+        self.drawn = False  # a bar on the terminal: whether it has been drawn yet
         if self.lines:  # what the program prints next says how it ended: no last bar line
             kwargs.update(mininterval=self.LINE_INTERVAL, delay=self.LINE_INTERVAL, leave=False)
         super().__init__(*args, file=file, disable=False, **kwargs)
@@ -465,7 +466,7 @@ class Progress(tqdm):
     def print_above(self, text: str, file: IO[str]) -> None:
         """Write text to file (stdout, say) without tearing a bar drawn on the terminal: it is taken away
         and drawn again below. Lines need no such care, and a bar not drawn yet is not drawn early."""
-        drawn = getattr(self, "drawn", False)
+        drawn = self.drawn
         if drawn:
             self.clear()
         file.write(text)
