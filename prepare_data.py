@@ -137,8 +137,12 @@ def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = No
 
 def _walk(folder: Path) -> Iterator[Path]:
     """Every file under folder, through linked folders too (Path.rglob skips them), each folder once."""
+    def unreadable(error: OSError):  # os.walk would skip such a folder without a word
+        raise DataError(f"cannot read the folder {error.filename!r} under --input ({error.strerror}); make it "
+                        f"readable, or move it out of the input folder")
+
     seen = set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a link back up the tree, or a second link to a folder already read
             dirs.clear()
@@ -497,10 +501,11 @@ _worker: tuple | None = None  # (tokenizer, dtype, val_fraction) in a worker pro
 
 def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -> None:
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the pool
-    # the pool ends its workers with SIGTERM; a forked worker inherits the parent's handler, which
-    # raises KeyboardInterrupt and would print a traceback from every worker
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Ctrl-C and SIGTERM (to the whole process group, from a terminal or a scheduler) are the parent's to
+    # handle: it lets each worker finish its unit and then ends the pool. A worker killed while it sends
+    # a result would leave the parent reading the rest of it forever
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     _worker = (tokenizer, np.dtype(dtype), val_fraction)
 
@@ -541,24 +546,11 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
         while pending:
             progress, result = pending.popleft()
             yield progress, result.result()
-    except BaseException as e:  # an error, Ctrl-C, or the caller stopped: the units in flight are not waited for
-        _terminate(pool)
-        if isinstance(e, BrokenProcessPool):
-            raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
-                            f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}"
-                            ) from None
-        raise
-    pool.shutdown()
-
-
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    """End the workers now (SIGTERM), not after the units they are encoding."""
-    if hasattr(pool, "terminate_workers"):  # Python 3.14
-        pool.terminate_workers()
-        return
-    for worker in list((getattr(pool, "_processes", None) or {}).values()):
-        worker.terminate()
-    pool.shutdown(wait=False, cancel_futures=True)
+    except BrokenProcessPool:
+        raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
+                        f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}") from None
+    finally:  # an error, Ctrl-C, or the caller stopped: the units not begun are dropped, a unit (~1 MB) each ends
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------

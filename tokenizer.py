@@ -721,7 +721,7 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"encoder.json and vocab.bpe do not match ({type(e).__name__}: {e}); pass "
                                  f"the two files of the same GPT-2 release") from e
         specials = {s: i for s, i in encoder.items() if i >= 256 + len(merges)}
-        ordinary = [s for s in specials if not re.fullmatch(r"<\|[^|]+\|>", s)]  # such as <|endoftext|>
+        ordinary = [s for s in specials if not re.fullmatch(r"<[^<>\s]+>", s)]  # such as <|endoftext|>
         if ordinary:  # a vocab.bpe cut short: its missing merges' tokens would pass for special tokens
             raise TokenizerError(f"encoder.json has {len(ordinary)} tokens beyond vocab.bpe's {len(merges)} merges "
                                  f"that are not special tokens like '<|endoftext|>' (e.g. {ordinary[0]!r}): vocab.bpe "

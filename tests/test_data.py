@@ -504,8 +504,10 @@ def test_a_worker_killed_by_the_system_stops_the_run_in_one_line(shakespeare_tex
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig):
-    """Ctrl-C or SIGTERM (kill, a scheduler) sent to the script: exit code 130, one line, no partial files."""
+@pytest.mark.parametrize("group", [False, True])
+def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig, group):
+    """Ctrl-C or SIGTERM (kill, a scheduler) sent to the script, or to it and its workers as a terminal or a
+    scheduler does: exit code 130, one line, no partial files, no process left."""
     src = tmp_path / "t.txt"
     src.write_text(shakespeare_text * 3)  # about 3 units of 1 MB, so a pool of worker processes runs
     started = tmp_path / "started"
@@ -513,13 +515,13 @@ def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig
     code = (f"import time, prepare_data, utils\n"
             f"def slow(*args):\n"
             f"    open({str(started)!r}, 'w').close()\n"
-            f"    time.sleep(60)\n"
+            f"    time.sleep(1)\n"
             f"prepare_data.encode_unit = slow\n"
             f"utils.run_cli(prepare_data.main)\n")
     out = tmp_path / "out"
     args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
-    # a session of its own, so that the signal goes to the script alone (not to the workers as well, as
-    # Ctrl-C in a terminal would) and so that whatever is left of it can be killed at the end
+    # a session of its own, so that the signal goes to the script alone or to its whole group (as Ctrl-C
+    # in a terminal does) and so that whatever is left of it can be found and killed at the end
     proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -527,13 +529,20 @@ def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig
         while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert started.exists(), proc.stderr.read() if proc.poll() is not None else "no worker started in 60 s"
-        proc.send_signal(sig)
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
+        time.sleep(0.5)  # the workers end with the script
+        try:
+            os.killpg(proc.pid, 0)  # a process of its group is still there
+            left = True
+        except ProcessLookupError:
+            left = False
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a failure
         proc.wait()
     assert proc.returncode == 130, err
+    assert not left
     assert err.strip().splitlines() == ["interrupted"]  # no traceback from the script or its workers
     assert not out.exists()  # the partial .tmp files were removed, and the folder the run made
 
@@ -743,7 +752,7 @@ def test_a_jsonl_line_nested_too_deeply_is_one_line_of_error(tmp_path):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
 
 
-def test_which_document_files_are_read(tmp_path):
+def test_which_document_files_are_read(tmp_path, monkeypatch):
     """In a folder .jsonl, .txt and .parquet, through linked folders too; a .json only when named itself
     (in a folder it is more often another data set's meta.json, or a download's dataset_info.json)."""
     docs = tmp_path / "docs"
@@ -765,6 +774,15 @@ def test_which_document_files_are_read(tmp_path):
     meta = prepare("--dataset", "openwebtext", "--input", tmp_path / "d.json", "--output_dir", tmp_path / "o1",
                    "--num_proc", 1, "--val_fraction", 0.3)
     assert meta["train_documents"] + meta["val_documents"] == 15
+    real_walk = os.walk
+
+    def walk(top, onerror=None, followlinks=False):  # a subfolder this user may not read (root reads all)
+        onerror(PermissionError(13, "Permission denied", str(docs / "locked")))
+        yield from real_walk(top, onerror=onerror, followlinks=followlinks)
+    with monkeypatch.context() as m:
+        m.setattr(prepare_data.os, "walk", walk)
+        with pytest.raises(DataError, match=r"cannot read the folder '.*docs/locked' under --input \(Permission denied"):
+            prepare("--dataset", "openwebtext", "--input", docs, "--output_dir", tmp_path / "o3", "--num_proc", 1)
     (tmp_path / "d.jsonl.gz").write_bytes(b"\x1f\x8b\x08")
     with pytest.raises(DataError, match=r"d.jsonl.gz' is not a file this reads: expected .jsonl/.txt/.parquet/.json "
                                         r"\(decompress it first\)"):
