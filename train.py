@@ -70,10 +70,16 @@ def get_lr(it: int, config: GPT2Config) -> float:
     return config.min_lr + coeff * (config.learning_rate - config.min_lr)
 
 
+# The train split's evaluation batches are numbered from here: training draws batches 0, 1, 2, ..., so the
+# train loss at evaluation is measured on batches the model has not been trained on, as val's are
+EVAL_BATCHES = {"train": 2**62, "val": 0}
+
+
 @torch.no_grad()
 def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size: int = 1,
                   should_stop=None, progress=None) -> Optional[dict[str, float]]:
-    """Mean loss over the fixed batches 0 .. eval_iters - 1 of each split, shared out over the ranks.
+    """Mean loss over the fixed batches EVAL_BATCHES[split] + 0 .. eval_iters - 1 of each split, shared
+    out over the ranks.
 
     should_stop() is asked before each round of batches (one per rank; every rank asks equally often,
     so it may be a collective); when it says yes the evaluation is abandoned and None returned.
@@ -89,7 +95,7 @@ def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size
                 if should_stop is not None and should_stop():
                     return None
                 if first + rank < eval_iters:
-                    x, y = loader.get_batch(split, first + rank)
+                    x, y = loader.get_batch(split, EVAL_BATCHES[split] + first + rank)
                     with ctx:
                         _, loss = model(x, y)
                     total += loss.float()
