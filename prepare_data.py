@@ -824,8 +824,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default %(default)s)")
     p.add_argument("--input", default=None,
                    help="shakespeare: a local input.txt (else $SHAKESPEARE, else download); custom: a text file "
-                        "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files (or a .json file of JSON "
-                        "Lines) or a folder of them")
+                        "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files (or a .json "
+                        "file of JSON Lines) or a folder of them")
     p.add_argument("--output_dir", default=None,
                    help="where the data set goes (default: ./data/shakespeare[_char|_bpe], ./data/openwebtext, "
                         "./data/<input name> for custom)")
