@@ -46,6 +46,11 @@ DEFAULT_DATA_DIRS = {
 }
 
 
+def custom_data_dir(input_path: str | Path) -> Path:
+    """Where `prepare_data.py --dataset custom --input PATH` writes by default: data/<PATH's name>."""
+    return Path("data") / (Path(input_path).resolve().stem or "custom")
+
+
 class DataError(UserError):
     """A data set that is missing, incomplete or does not fit the run; the message says how to fix it."""
 
@@ -85,7 +90,7 @@ def load_meta(data_dir: str | Path) -> dict:
         if (data_dir.parent / "meta.json").is_file():
             raise DataError(f"--data_dir {str(data_dir)!r} is a file of a data set; give the folder that holds it: "
                             f"--data_dir={shlex.quote(str(data_dir.parent))}")
-        out = shlex.quote(str(Path("data") / (data_dir.resolve().stem or "custom")))  # prepare_data.py's default
+        out = shlex.quote(str(custom_data_dir(data_dir)))
         raise DataError(f"--data_dir {str(data_dir)!r} is a file, not a prepared data set (a folder). If it is your "
                         f"text, prepare it with: python prepare_data.py --dataset custom --input "
                         f"{shlex.quote(str(data_dir))} --tokenizer gpt2 --output_dir {out}, then give --data_dir={out}")

@@ -56,7 +56,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError
+from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                        check_bpe_vocab_size, tokenizer_from_dict)
 from utils import (ArgumentParser, Progress, atomic_open, folder_problem, missing_folders, remove_empty_folders,
@@ -865,7 +865,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_dir:
         out_dir = Path(args.output_dir)
     elif dataset == "custom":
-        out_dir = Path("data") / (Path(args.input).resolve().stem or "custom")
+        out_dir = custom_data_dir(args.input)
     else:
         out_dir = Path(DEFAULT_DATA_DIRS[dataset, kind])
     check_output_dir(out_dir)
