@@ -102,6 +102,29 @@ def test_same_seed_same_text_and_global_rng_untouched():
     assert model.training and model.transformer.h[0].attn.kv_cache is None  # left as it was
 
 
+def test_samples_during_training_run_without_dropout():
+    """sample_text on a model in training mode with dropout: greedy text is the eval-mode model's, and
+    dropout draws nothing from the global RNG (a resumed run would otherwise draw other batches)."""
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    expected = uncached_greedy(model, tok.encode("ab"), 30, window=32)
+    model.transformer.drop.p = 0.5
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    model.train()
+    state = torch.get_rng_state()
+    assert sample_text(model, tok, "ab", max_new_tokens=30, temperature=0) == "ab" + tok.decode(expected)
+    assert torch.equal(torch.get_rng_state(), state) and model.training
+
+
+def test_no_seed_draws_other_text_each_time():
+    """seed None is non-deterministic, as --help says: two generators must not start alike."""
+    draws = {tuple(torch.randint(0, 2**62, (4,), generator=SamplingSettings().make_rng("cpu")).tolist())
+             for _ in range(3)}
+    assert len(draws) == 3
+
+
 def test_temperature_zero_is_argmax():
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample_logits(logits, 0.0), logits.argmax(-1))
@@ -165,6 +188,31 @@ def test_a_top_p_below_float32s_smallest_number_keeps_the_most_likely_token(top_
     """Such a top_p passes the check (it is > 0) and is 0 in float32, where 0 >= 0 dropped every token."""
     logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0]])
     assert sample_logits(logits, 1.0, top_p=top_p, generator=torch.Generator().manual_seed(0)).tolist() == [1, 0]
+
+
+def test_temperature_sharpens_the_distribution_as_softmax_of_logits_over_t():
+    """T = 0.5 on probabilities [.5, .3, .2] gives softmax(log p / 0.5) = p^2 / sum(p^2)."""
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    draws = sample_logits(probs.log().expand(20000, 3), 0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.bincount(draws, minlength=3) / 20000, probs**2 / (probs**2).sum(),
+                               atol=0.015, rtol=0)
+
+
+def test_top_k_zero_or_none_disables_it():
+    assert SamplingSettings(top_k=0).validate().top_k == 0
+    logits = torch.zeros(3000, 4)
+    for top_k in (0, None):
+        draws = sample_logits(logits, 1.0, top_k=top_k, generator=torch.Generator().manual_seed(0))
+        assert sorted(draws.unique().tolist()) == [0, 1, 2, 3]
+
+
+def test_generation_speed_reports_the_best_run(monkeypatch):
+    """Two timed runs of 8 rows x 5 tokens, 1 s then 2 s: the faster one (40 tokens/s) is reported."""
+    clock = iter([100.0, 101.0, 200.0, 202.0])
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    r = generate.benchmark_generation(tiny_model(20), batch_size=8, prompt_len=3, new_tokens=5, device="cpu",
+                                      dtype="float32", repeats=2)
+    assert r["tokens_per_sec"] == pytest.approx(40.0)
 
 
 def test_sampling_follows_the_distribution():
@@ -746,3 +794,52 @@ def test_num_samples_with_seed_is_reproducible(char_checkpoint, tmp_path, monkey
     assert capsys.readouterr().out == first
     samples = first.split("\n---------------\n")
     assert len(samples) == 4 and samples[-1] == "" and len(set(samples[:3])) == 3
+
+
+def test_every_batch_of_samples_draws_on(char_checkpoint, tmp_path, monkeypatch, capsys):
+    """Two full batches from one seed: the second batch continues the generator, it does not restart it."""
+    path, _, _ = char_checkpoint
+    monkeypatch.chdir(tmp_path)
+    main(["--device", "cpu", "--prompt", "ab", "--num_samples", "4", "--batch_size", "2", "--max_new_tokens", "15",
+          "--temperature", "1.0", "--seed", "5"])
+    samples = capsys.readouterr().out.split("\n---------------\n")
+    assert len(samples) == 5 and len(set(samples[:4])) == 4
+    texts = batch_generate(["ab"] * 4, output_file=None, checkpoint=str(path), batch_size=2, device="cpu",
+                           temperature=1.0, max_new_tokens=15, seed=5)
+    assert len(set(texts)) == 4
+
+
+def test_stop_and_window_flags_reach_the_generator(char_checkpoint, tmp_path, monkeypatch, capsys):
+    _, model, tok = char_checkpoint
+    monkeypatch.chdir(tmp_path)
+    settings = SamplingSettings(temperature=0, max_new_tokens=100)  # 102 characters outgrow the block of 64
+    narrow = complete(Generator(model, window=5), tok, ["ab"], settings)[0]
+    assert narrow != complete(Generator(model), tok, ["ab"], settings)[0]  # so --window must reach it
+    main(["--device", "cpu", "--prompt", "ab", "--max_new_tokens", "100", "--temperature", "0", "--window", "5"])
+    assert capsys.readouterr().out == "ab" + narrow + "\n"
+    seen = []
+    monkeypatch.setattr(generate, "complete", lambda gen, tok, prompts, settings, **k: seen.append(settings.stop) or [""])
+    for flag, stop in (("\\n", "\n"), ("\\t.", "\t."), ("ab", "ab")):
+        main(["--device", "cpu", "--prompt", "ab", "--max_new_tokens", "3", "--stop", flag])
+    assert seen == ["\n", "\t.", "ab"]
+
+
+def test_a_stop_string_fills_the_progress_bar(char_checkpoint, tmp_path, monkeypatch, capsys):
+    """Rows that stop early end their batch early; the bar still ends at its total."""
+    _, model, tok = char_checkpoint
+    monkeypatch.setattr(generate.Progress, "LINE_INTERVAL", 0.0)
+    gen = Generator(model)
+    first = complete(gen, tok, ["ab"], GREEDY)[0][0]
+    settings = SamplingSettings(temperature=0, max_new_tokens=40, stop=first)
+    texts = generate.complete_in_batches(gen, tok, ["ab"] * 3, settings, 2, torch.Generator().manual_seed(0))
+    assert texts == ["ab"] * 3
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generating 3 samples")]
+    assert "80/80" in lines[-1]
+
+
+def test_a_checkpoint_whose_tokenizer_outgrows_its_model_is_refused(tmp_path):
+    tok = char_tokenizer()
+    path = write_checkpoint(tmp_path / "c.pt", tiny_model(tok.vocab_size - 5), tok)
+    with pytest.raises(CheckpointError, match=f"its tokenizer has {tok.vocab_size} tokens but the model only "
+                                              f"{tok.vocab_size - 5}; the checkpoint mixes two runs"):
+        load_model(checkpoint=str(path))

@@ -48,6 +48,44 @@ def test_logits_and_loss_match_transformers(hf_dir):
     torch.testing.assert_close(loss, ref.loss, atol=1e-5, rtol=0)
 
 
+def test_causal_mask_buffers_and_shards_of_transformers_checkpoints_load(hf_dir, tmp_path):
+    """Older transformers versions store each layer's causal mask (attn.bias, attn.masked_bias) beside the
+    weights, as OpenAI's hub files do; large checkpoints come in shards. Both load, with the same logits."""
+    import safetensors.torch
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    idx = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        ref = hf(idx).logits
+    weights = safetensors.torch.load_file(hf_dir / "model.safetensors")
+    prefix = next(k for k in weights if k.endswith("wte.weight"))[:-len("wte.weight")]
+    for i in range(2):
+        weights[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(32, 32)).view(1, 1, 32, 32)
+        weights[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    safetensors.torch.save_file(weights, masks / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) >= 3
+    for folder in (masks, sharded):
+        with torch.no_grad():
+            torch.testing.assert_close(GPT.from_pretrained(str(folder)).eval()(idx)[0], ref, atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_takes_the_dropout_asked_for(hf_dir):
+    model = GPT.from_pretrained(str(hf_dir), dropout=0.1)
+    assert model.config.dropout == 0.1 and model.transformer.drop.p == 0.1
+
+
+def test_an_export_without_a_tokenizer_names_gpt2s_end_of_text(tmp_path):
+    """HF generate stops at eos_token_id: a GPT-2-vocabulary model gets <|endoftext|>, another none."""
+    GPT(tiny_config(vocab_size=50257)).save_pretrained(tmp_path / "a")
+    GPT(tiny_config()).save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["eos_token_id"] == 50256
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["eos_token_id"] is None
+
+
 def test_save_pretrained_loads_in_transformers(tmp_path):
     torch.manual_seed(1)
     model = GPT(tiny_config(vocab_size=65)).eval()  # a custom vocabulary: padded to 128 inside
@@ -99,6 +137,13 @@ def test_kv_cache_matches_uncached(batch):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_a_kv_cache_longer_than_the_block_is_refused():
+    model = GPT(tiny_config())
+    model.setup_kv_cache(1, 32)
+    with pytest.raises(ValueError, match="max_seq_len 33 exceeds block_size 32"):
+        model.setup_kv_cache(1, 33)
+
+
 def test_kv_cache_under_autocast_and_a_kv_len_too_short():
     torch.manual_seed(4)
     model = GPT(tiny_config()).eval()
@@ -128,7 +173,10 @@ def test_left_padded_rows_compute_what_they_compute_alone():
             alone, _ = model(torch.cat([idx[b:b + 1, pad[b]:], nxt[b:b + 1]], dim=1))
             torch.testing.assert_close(out[b, pad[b]:], alone[0, :-1], atol=1e-5, rtol=0)
             torch.testing.assert_close(step[b, 0], alone[0, -1], atol=1e-5, rtol=0)
-    assert torch.isfinite(out).all()
+        # a padding query sees only itself: token 0 at position 0, alone (never NaN from an empty row)
+        pad_alone = model(torch.zeros(1, 1, dtype=torch.long))[0][0, 0]
+        for b in range(3):
+            torch.testing.assert_close(out[b, :pad[b]], pad_alone.expand(int(pad[b]), -1), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name,count", [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168),
@@ -447,7 +495,8 @@ def test_an_export_with_a_character_tokenizer_loads_in_autotokenizer(tmp_path, s
     tok = CharTokenizer.from_text(shakespeare_text + "".join(HF_TEXTS))
     GPT(tiny_config(vocab_size=tok.vocab_size)).save_pretrained(tmp_path, tokenizer=tok)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for t in HF_TEXTS + [shakespeare_text[:3000]]:
+    spaced = "hello , world . I 'm here ! ok ?"  # transformers' clean-up would drop these spaces
+    for t in HF_TEXTS + [shakespeare_text[:3000], spaced]:
         ids = tok.encode(t)
         assert hf(t)["input_ids"] == ids, t
         assert hf.decode(ids) == t
@@ -566,6 +615,11 @@ def test_residual_projections_start_smaller_with_depth():
     fc = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("c_fc.weight")])
     assert proj.std().item() == pytest.approx(0.02 / math.sqrt(2 * 4), rel=0.03)
     assert fc.std().item() == pytest.approx(0.02, rel=0.03)
+    # embeddings std 0.02 too, biases 0
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias") and "ln" not in n]
+    assert biases and all(torch.count_nonzero(b) == 0 for b in biases)
 
 
 def test_flops_and_mfu(monkeypatch):

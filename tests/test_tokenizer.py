@@ -388,6 +388,13 @@ def test_char_tokenizer_keeps_lone_surrogates_apart(tmp_path):
     assert tokenizer_from_dict({"kind": "char", "chars": "ab"}).chars == ["a", "b"]  # files saved as one string
 
 
+def test_retraining_keeps_the_special_tokens_unless_given_others(shakespeare_text):
+    text = shakespeare_text[:20000]
+    tok = BPETokenizer().train(text, 270, special_tokens=[EOT])
+    assert tok.train(text, 280).special_tokens == {EOT: 279}  # None keeps them, with ids after the merges
+    assert tok.train(text, 280, special_tokens=[]).special_tokens == {}
+
+
 def test_save_load_custom_pattern_and_special_tokens(tmp_path):
     # digits one at a time, everything else in one piece: merges may cross spaces, unlike GPT-2's
     pattern = r"\p{N}|[^\p{N}]+"
@@ -571,6 +578,9 @@ def test_cli_help_and_train(tmp_path):
         out = cli("--train", "in.txt", "--vocab_size", "280", "--pattern", spelled, "--out", f"{spelled}.json")
         assert out.returncode == 0, out.stderr
         assert load_tokenizer(tmp_path / f"{spelled}.json").pattern == GPT2_SPLIT_PATTERN
+    out = cli("--train", "in.txt", "--vocab_size", "280", "--pattern", r"\S+|\s+", "--out", "own.json")
+    assert out.returncode == 0, out.stderr
+    assert load_tokenizer(tmp_path / "own.json").pattern == r"\S+|\s+"
 
 
 def test_cli_keeps_line_ends(tmp_path):
