@@ -245,3 +245,122 @@ def test_tokenize_bad_size_exits_2():
     out = run_bench("--tokenize", "--tokenize_mb", "0")
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --tokenize_mb must be above 0, got 0; e.g. --tokenize_mb 100"
+
+
+class FakeClock:
+    """time.perf_counter for bench.py: a training step takes 10 ms, nothing else takes time."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+    def __getattr__(self, name):  # strftime, time, ...
+        import time
+        return getattr(time, name)
+
+
+def test_training_figures_come_from_the_timed_steps_alone(monkeypatch):
+    """2 warm-up steps and 3 timed ones at 10 ms each: ms per iteration, tokens/s, MFU against a known peak
+    and the parameter count follow from the 3 timed steps only."""
+    import bench
+    import model as model_module
+    import train
+    clock, forward_backward = FakeClock(), train.forward_backward
+
+    def timed_forward_backward(*args, **kwargs):
+        clock.now += 0.010
+        return forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(train, "forward_backward", timed_forward_backward)
+    monkeypatch.setattr(model_module, "peak_flops", lambda device, dtype=None: 1e9)
+    r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "2", "--steps", "3", "--batch_size", "2",
+                    "--block_size", "8"])
+    t = r["train"]
+    assert t["ms_per_iter"] == pytest.approx(10.0) and t["tokens_per_sec"] == pytest.approx(16 / 0.010)
+    assert t["warmup_s"] == pytest.approx(0.020)
+    from config import preset_config
+    from model import GPT
+    with torch.device("meta"):
+        reference = GPT(preset_config("shakespeare-char-cpu", vocab_size=65, block_size=8))
+    assert t["params"] == reference.get_num_params()
+    assert t["mfu"] == pytest.approx(reference.flops_per_token() * 16 / 0.010 / 1e9)
+
+
+def test_data_dir_times_the_data_sets_batches(tmp_path, monkeypatch):
+    """--data_dir: the model takes the data set's vocabulary and every step draws a loader batch."""
+    import numpy as np
+
+    import bench
+    from data import BatchLoader
+    d = tmp_path / "d"
+    d.mkdir()
+    np.arange(3000, dtype=np.uint16).__mod__(300).astype(np.uint16).tofile(d / "train.bin")
+    np.arange(500, dtype=np.uint16).__mod__(300).astype(np.uint16).tofile(d / "val.bin")
+    (d / "meta.json").write_text(json.dumps(dict(tokenizer="char", tokenizer_file="tokenizer.json", vocab_size=300,
+                                                 eot_token=None, dtype="uint16", train_tokens=3000, val_tokens=500)))
+    drawn, get_batch = [], BatchLoader.get_batch
+    monkeypatch.setattr(BatchLoader, "get_batch", lambda self, split, index=None: drawn.append((split, index))
+                        or get_batch(self, split, index))
+    r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "2", "--batch_size", "2",
+                    "--block_size", "8", "--data_dir", str(d)])
+    assert r["vocab_size"] == 300 and r["data"] == str(d) and drawn == [("train", 0), ("train", 1), ("train", 2)]
+    assert abs(r["train"]["final_loss"] - math.log(300)) < 0.5
+
+
+def test_gpt2_presets_report_gpt2s_vocabulary_and_no_compile_mode_uncompiled():
+    import bench
+    r = bench.main(["--device", "cpu", "--preset", "gpt2", "--no_train", "--no_generate"])
+    assert (r["vocab_size"], r["compile"], r["compile_mode"], r["compile_regional"]) == (50257, False, None, False)
+
+
+def test_tokenize_speeds_are_size_over_time(monkeypatch):
+    """With a clock that moves 1 s at each reading, every single-process figure is MB / 1 s."""
+    import bench
+
+    class Tick(FakeClock):
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+    monkeypatch.setattr(bench, "time", Tick())
+    r = bench.main(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", "1"])["tokenize"]
+    size = r["mb"]  # 0.1, rounded as the speeds are
+    assert r["single_thread_mb_s"] == r["single_thread_numpy_mb_s"] == r["text_file_mb_s"] == r["documents_mb_s"]
+    assert r["single_thread_mb_s"] == pytest.approx(size, abs=0.01)
+    assert r["tiktoken_parallel_mb_s"] == r["single_thread_mb_s"] and r["target_mb_s"] == pytest.approx(0.7 * size,
+                                                                                                         abs=0.01)
+
+
+def fixed_encode(text):
+    """_raw_encode's stand-in: the share without NUL runs from 10 s to 12 s, the one with it from 11 s to 13 s."""
+    return (11.0, 13.0) if "\x00" in text else (10.0, 12.0)
+
+
+def test_parallel_tiktoken_speed_spans_first_start_to_last_end(monkeypatch):
+    import bench
+    monkeypatch.setattr(bench, "_raw_encode", fixed_encode)
+    text = "a b c d " * 1000 + "\x00 e f " * 1000  # cut in two shares near the middle, in the first half
+    size = len(text.encode()) / 1e6
+    assert bench.raw_parallel_speed(text, 2) == pytest.approx(size / 3)  # from 10 s to 13 s
+
+
+def test_tokenize_refuses_ids_that_differ_from_tiktoken(monkeypatch):
+    import numpy as np
+
+    import bench
+    import prepare_data
+    prepare_text = prepare_data.prepare_text
+
+    def damaged(out_dir, *args, **kwargs):
+        meta = prepare_text(out_dir, *args, **kwargs)
+        ids = np.fromfile(out_dir / "train.bin", dtype=np.uint16)
+        ids[5] ^= 1
+        ids.tofile(out_dir / "train.bin")
+        return meta
+
+    monkeypatch.setattr(prepare_data, "prepare_text", damaged)
+    with pytest.raises(RuntimeError, match="ids differ from single-thread tiktoken's"):
+        bench.main(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", "1"])

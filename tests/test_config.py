@@ -12,7 +12,9 @@ def test_defaults_match_the_project_description():
     expected = dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, batch_size=12,
                     learning_rate=6e-4, max_iters=100000, data_dir="./data/shakespeare", warmup_iters=2000,
                     lr_decay_iters=100000, min_lr=6e-5, grad_clip=1.0, checkpoint_dir="./checkpoints",
-                    log_dir="./runs", device="auto")
+                    log_dir="./runs", device="auto",
+                    # AdamW as GPT-3's paper trains (appendix B), the usual recipe for GPT-2 sizes
+                    weight_decay=0.1, beta1=0.9, beta2=0.95, dropout=0.0, bias=True)
     assert {k: getattr(c, k) for k in expected} == expected
     c.validate()
 
@@ -31,6 +33,48 @@ def test_gpt2_presets(name, shape):
     c = preset_config(name)
     assert (c.n_layer, c.n_head, c.n_embd) == shape
     c.validate()
+
+
+@pytest.mark.parametrize("name, setup", [
+    # the setups BENCHMARKS.md measured: the GPU target run (6/6/384, block 256, batch 64, 5000 steps,
+    # evaluation every 250 over 50 batches) and the 2-core CPU run
+    ("shakespeare-char", dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
+                              learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000,
+                              lr_decay_iters=5000, eval_interval=250, eval_iters=50, compile_eval=False)),
+    ("shakespeare-char-cpu", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
+                                  learning_rate=3e-3, min_lr=3e-4, beta2=0.99, warmup_iters=100, max_iters=2000,
+                                  lr_decay_iters=2000, eval_interval=500, eval_iters=50, device="cpu",
+                                  compile=False)),
+])
+def test_the_character_presets_are_the_measured_setups(name, setup):
+    c = preset_config(name)
+    assert {k: getattr(c, k) for k in setup} == setup
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (dict(beta2=1.0), "beta2 must be in [0, 1), got 1.0"),
+    (dict(beta1=1), "beta1 must be in [0, 1), got 1"),
+    (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+    (dict(seed=2**63), "seed must be an integer from 0 to 2**63 - 1"),
+    (dict(seed=-1), "seed must be an integer from 0 to 2**63 - 1"),
+    (dict(fp8=True, n_embd=24, n_head=2), "fp8 needs n_embd (24) and batch_size x block_size"),
+    (dict(fp8=True, batch_size=3, block_size=5), "batch_size x block_size (15) divisible by 16"),
+    (dict(min_lr=1e-3, learning_rate=6e-4), "min_lr (0.001) must not exceed learning_rate"),
+])
+def test_values_just_past_a_limit_are_refused(overrides, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        GPT2Config(**overrides).validate()
+
+
+@pytest.mark.parametrize("overrides", [dict(min_lr=6e-4, learning_rate=6e-4), dict(seed=2**63 - 1), dict(seed=0),
+                                       dict(beta2=0.0, dropout=0.999), dict(fp8=True, n_embd=32, n_head=2)])
+def test_values_at_a_limit_are_taken(overrides):
+    GPT2Config(**overrides).validate()
+
+
+def test_a_boolean_is_no_number_for_a_float_field():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse_args(["--learning_rate=True"])[0].validate()
 
 
 def test_every_preset_validates():

@@ -152,6 +152,24 @@ def test_custom_bpe_round_trip(shakespeare_text, tmp_path):
     assert tok.merges == BPETokenizer().train(text[:18_000], 300, special_tokens=[EOT]).merges
 
 
+def test_a_character_only_in_val_is_in_the_character_vocabulary(tmp_path):
+    """The character tokenizer covers both splits: val may hold characters train never has."""
+    src = tmp_path / "t.txt"
+    src.write_text("abcab " * 15 + "zz")  # 92 characters: the cut at 82 leaves both z in val
+    meta = prepare("--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    tok = load_data_tokenizer(tmp_path / "o")
+    train, val = bins(tmp_path / "o")
+    assert "z" not in tok.decode(train.tolist()) and tok.decode(val.tolist()).endswith("zz")
+    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == src.read_text()
+    assert meta["vocab_size"] == 5
+
+
+def test_bpe_without_vocab_size_learns_4096_tokens(shakespeare_path, tmp_path):
+    meta = prepare("--dataset", "custom", "--input", shakespeare_path, "--tokenizer", "bpe",
+                   "--output_dir", tmp_path / "o")
+    assert meta["vocab_size"] == 4096 == load_data_tokenizer(tmp_path / "o").vocab_size
+
+
 def test_custom_folder_puts_eot_between_files(tmp_path):
     folder = tmp_path / "books"
     (folder / "sub").mkdir(parents=True)
@@ -344,7 +362,8 @@ def test_openwebtext_folder_in_parallel_units(tmp_path):
     got = bins(tmp_path / "out")
     np.testing.assert_array_equal(got[0], train)
     np.testing.assert_array_equal(got[1], val)
-    assert meta["train_documents"] + meta["val_documents"] == len(order)
+    n_val = sum(doc_is_val(d, 0.25) for d in order)
+    assert (meta["train_documents"], meta["val_documents"], meta["val_fraction"]) == (len(order) - n_val, n_val, 0.25)
 
 
 @pytest.mark.parametrize("out_name", ["out", None])
@@ -393,6 +412,12 @@ def test_openwebtext_hugging_face_path(tmp_path, monkeypatch):
     digests = b"".join(hashlib.blake2b(d.encode(), digest_size=8).digest() for d in DOCS)
     assert meta["source"] == "huggingface:openwebtext"
     assert meta["source_sha256"] == hashlib.sha256(digests).hexdigest()
+    meta = prepare("--dataset", "openwebtext", "--output_dir", tmp_path / "hf2", "--val_fraction", 0.25,
+                   "--num_proc", 1, "--hf_dataset", "Skylion007/openwebtext")
+    assert calls["name"] == "Skylion007/openwebtext" and meta["source"] == "huggingface:Skylion007/openwebtext"
+    # without --val_fraction: OpenWebText's 0.0005, which leaves 40 documents none for val
+    with pytest.raises(DataError, match=r"--val_fraction \(now 0.0005\)"):
+        prepare("--dataset", "openwebtext", "--output_dir", tmp_path / "hf3", "--num_proc", 1)
 
 
 def test_openwebtext_without_datasets_says_how(tmp_path, monkeypatch):
@@ -554,6 +579,29 @@ def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
     (d / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"has 200 bytes, but meta.json promises 120 uint16 tokens"):
         BatchLoader(d, block_size=8, batch_size=2)
+    meta["train_tokens"] = 80  # a bin longer than promised is as wrong: its end would never be read
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"has 200 bytes, but meta.json promises 80 uint16 tokens"):
+        BatchLoader(d, block_size=8, batch_size=2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("train_tokens"), "lacks train_tokens; it was not written by this version"),
+    (lambda m: m.update(dtype="float32"), "says dtype 'float32'; expected one of"),
+])
+def test_a_meta_json_of_another_kind_is_refused(tmp_path, change, message):
+    d = write_data_dir(tmp_path / "d", np.arange(100), np.arange(50), vocab_size=100)
+    meta = json.loads((d / "meta.json").read_text())
+    change(meta)
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=message):
+        BatchLoader(d, block_size=8, batch_size=2)
+
+
+def test_a_rank_outside_the_world_is_refused(tmp_path):
+    d = write_data_dir(tmp_path / "d", np.arange(100), np.arange(50), vocab_size=100)
+    with pytest.raises(ValueError, match="0 <= rank < world_size, got seed=1337, rank=2, world_size=2"):
+        BatchLoader(d, block_size=8, batch_size=2, rank=2, world_size=2)
 
 
 @pytest.mark.parametrize("recorded, fix", [
@@ -1044,6 +1092,7 @@ def test_parquet_that_cannot_be_read_as_text(tmp_path, write, message):
     (["--dataset", "openwebtext", "--tokenizer", "char"], "openwebtext is tokenised with GPT-2 only"),
     (["--dataset", "shakespeare", "--val_fraction", "0"], "--val_fraction must be between 0 and 1"),
     (["--dataset", "custom", "--input", "no/such/file.txt"], "does not exist"),
+    (["--dataset", "shakespeare", "--num_proc", "0"], "--num_proc must be at least 1, got 0"),
 ])
 def test_bad_arguments(args, message):
     with pytest.raises(DataError, match=message):
@@ -1056,6 +1105,9 @@ def test_split_shorter_than_block_size(tmp_path):
                                         r"block_size \+ 1 = 65"):
         BatchLoader(d, block_size=64, batch_size=2)
     BatchLoader(d, block_size=39, batch_size=2).get_batch("val")  # 40 tokens hold one window of 39 + 1
+    with pytest.raises(DataError, match=r"has 40 tokens, but block_size=40 needs at least block_size \+ 1 = 41 per split. "
+                                        r"Use --block_size=39 or less"):
+        BatchLoader(d, block_size=40, batch_size=2)
     one = write_data_dir(tmp_path / "one", np.arange(1000) % 50, np.arange(1) % 50, vocab_size=50)
     with pytest.raises(DataError, match=r"has 1 tokens, .* per split. Prepare more text"):
         BatchLoader(one, block_size=8, batch_size=2)  # no block_size fits: none is suggested
@@ -1095,6 +1147,8 @@ def test_check_vocab():
     check_vocab(50257, 50304)
     with pytest.raises(DataError, match="vocabulary has 50257 tokens but the model's vocab_size is 65"):
         check_vocab(50257, 65)
+    with pytest.raises(DataError, match="vocabulary has 66 tokens but the model's vocab_size is 65"):
+        check_vocab(66, 65)
 
 
 def test_load_data_tokenizer_checks_vocab(shakespeare_text, tmp_path):
@@ -1103,10 +1157,10 @@ def test_load_data_tokenizer_checks_vocab(shakespeare_text, tmp_path):
     out = tmp_path / "o"
     meta = prepare("--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out)
     assert load_data_tokenizer(out).vocab_size == meta["vocab_size"]
-    meta["vocab_size"] += 1
-    (out / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="mixes two preparations"):
-        load_data_tokenizer(out)
+    for change in (1, -1):  # a tokenizer with fewer ids than meta.json says, or more
+        (out / "meta.json").write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] + change}))
+        with pytest.raises(DataError, match="mixes two preparations"):
+            load_data_tokenizer(out)
 
 
 # -----------------------------------------------------------------------------

@@ -130,6 +130,27 @@ def test_python_blocks_run(tmp_path):
     assert all((tmp_path / "export" / name).is_file() for name in ("config.json", "toolkit_tokenizer.json"))
 
 
+def test_the_preset_table_is_the_presets():
+    """README's table of presets: shapes, parameter counts, and the settings its last column names."""
+    import torch
+
+    from config import GPT2_CONFIGS, preset_config
+    from model import GPT
+    rows = re.findall(r"^\| `([\w-]+)` \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+)M \| (.*)\|$", README, flags=re.M)
+    assert [r[0] for r in rows] == list(GPT2_CONFIGS)
+    for name, n_layer, n_head, n_embd, params, note in rows:
+        c = preset_config(name, vocab_size=65 if name.startswith("shakespeare-char") else 50257)
+        assert (c.n_layer, c.n_head, c.n_embd) == (int(n_layer), int(n_head), int(n_embd)), name
+        with torch.device("meta"):
+            count = GPT(c).get_num_params() / 1e6
+        assert f"{count:.0f}" == params if count >= 100 else f"{count:.1f}" == params, (name, count)
+        said = {key: float(v) for key, v in re.findall(r"(block|batch|dropout|lr) ([\d.e-]+)", note)}
+        said |= {"steps": float(v) for v in re.findall(r"(\d+) 步", note)}
+        actual = dict(block=c.block_size, batch=c.batch_size, dropout=c.dropout, lr=c.learning_rate, steps=c.max_iters)
+        assert {k: actual[k] for k in said} == said, name
+        assert ("compile_eval=False" in note) == (c.compile_eval is False), name
+
+
 def test_readme_names_the_two_commands_and_tensorboard():
     assert "make demo" in README and "make test" in README
     assert "tensorboard --logdir runs" in README
