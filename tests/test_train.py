@@ -3,6 +3,7 @@
 Everything runs on the CPU with tiny models (2 layers, 32 wide) and data sets built in tmp_path.
 """
 import json
+import math
 import os
 import random
 import re
@@ -101,6 +102,7 @@ def test_lr_schedule_boundaries():
     assert get_lr(110, c) == pytest.approx(1e-4) and get_lr(10**6, c) == 1e-4  # then min_lr for good
     assert get_lr(0, GPT2Config(warmup_iters=0, learning_rate=3e-4)) == 3e-4
     assert get_lr(5000, GPT2Config(decay_lr=False, learning_rate=3e-4, warmup_iters=10)) == 3e-4
+    assert get_lr(0, GPT2Config(decay_lr=False, learning_rate=3e-4, warmup_iters=10)) == pytest.approx(3e-4 / 11)
     with pytest.raises(UserError, match="lr_decay_iters"):
         GPT2Config(warmup_iters=100, lr_decay_iters=100).validate()
 
@@ -199,14 +201,68 @@ def test_estimate_loss_is_the_mean_loss_of_the_fixed_batches(char_data):
 
 
 def test_the_lr_each_step_uses_follows_the_schedule(char_data, tmp_path, monkeypatch):
+    """Both parameter groups (decayed matrices, undecayed biases and gains) take the schedule's lr, and
+    every step clips at --grad_clip."""
     import train as train_module
-    used, real = [], train_module.optimizer_step
-    monkeypatch.setattr(train_module, "optimizer_step",
-                        lambda model, optimizer, *a, **k: used.append(optimizer.param_groups[0]["lr"]) or real(
-                            model, optimizer, *a, **k))
-    config = tiny(char_data, tmp_path, max_iters=12, warmup_iters=4, lr_decay_iters=10)
+    used, clips, real = [], set(), train_module.optimizer_step
+
+    def spy(model, optimizer, scaler, grad_clip, **kwargs):
+        used.append([group["lr"] for group in optimizer.param_groups])
+        clips.add(grad_clip)
+        return real(model, optimizer, scaler, grad_clip, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", spy)
+    config = tiny(char_data, tmp_path, max_iters=12, warmup_iters=4, lr_decay_iters=10, grad_clip=0.25)
     train(config)
-    assert used == pytest.approx([get_lr(i, config) for i in range(12)])
+    assert [lr for step in used for lr in step] == pytest.approx([get_lr(i, config) for i in range(12) for _ in "ab"])
+    assert len(used[0]) == 2 and clips == {0.25}
+
+
+def test_accumulated_micro_batches_are_each_drawn_once(char_data, tmp_path, monkeypatch):
+    """Step i of A micro-batches draws training batches A*i .. A*i + A - 1: none twice, none skipped."""
+    drawn, get_batch = [], BatchLoader.get_batch
+    monkeypatch.setattr(BatchLoader, "get_batch", lambda self, split, index=None: (
+        drawn.append(index) if split == "train" and index < 2**62 else None) or get_batch(self, split, index))
+    train(tiny(char_data, tmp_path, max_iters=3, gradient_accumulation_steps=3, eval_interval=3))
+    assert drawn == list(range(9))
+
+
+def test_only_a_lower_val_loss_replaces_best_checkpoint_also_after_a_resume(char_data, tmp_path, monkeypatch,
+                                                                           capsys):
+    import train as train_module
+    vals = iter([3.0, 2.0, 2.5, 2.01, 2.6, 2.1, 1.9])  # evaluations at 0, 5, ..., 20; then 25, 30 after the resume
+    monkeypatch.setattr(train_module, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
+    best = tmp_path / "ckpt" / "best_checkpoint.pt"
+    assert train(tiny(char_data, tmp_path, max_iters=20))["best_val_loss"] == 2.0
+    assert load_checkpoint(best)["iter_num"] == 5
+    summary = train(tiny(char_data, tmp_path, max_iters=30))
+    assert "at iteration 20 (best val loss 2.0000)" in capsys.readouterr().out
+    assert summary["best_val_loss"] == 1.9 and load_checkpoint(best)["iter_num"] == 30
+    assert load_checkpoint(best)["best_val_loss"] == 1.9
+
+
+def test_a_non_finite_val_loss_stops_training(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    vals = iter([3.0, float("nan")])
+    monkeypatch.setattr(train_module, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
+    with pytest.raises(TrainingError, match="NaN or infinite by iteration 5"):
+        train(tiny(char_data, tmp_path, max_iters=10))
+    assert not (tmp_path / "ckpt" / "checkpoint.pt").exists()
+
+
+def test_a_rank_evaluates_its_share_of_batches_when_they_do_not_divide(char_data, monkeypatch):
+    """3 batches over 2 ranks: rank 1 takes batch 1 only; the sum over ranks is divided by 3."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: None)  # this rank's sum alone
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
+    with BatchLoader(char_data, 16, 2) as loader:
+        drawn, get_batch = [], loader.get_batch
+        loader.get_batch = lambda split, index: drawn.append((split, index)) or get_batch(split, index)
+        got = estimate_loss(model, loader, 3, torch.autocast("cpu", enabled=False), rank=1, world_size=2)
+        assert drawn == [("train", 2**62 + 1), ("val", 1)]
+        with torch.no_grad():
+            for split, first in (("train", 2**62), ("val", 0)):
+                assert got[split] == pytest.approx(model(*get_batch(split, first + 1))[1].item() / 3, rel=1e-6)
 
 
 def test_tokens_per_step_counts_every_micro_batch(char_data, tmp_path, capsys):
@@ -696,6 +752,59 @@ def test_checkpoint_contents(resume_runs):
     assert best["iter_num"] == best_iter and best["best_val_loss"] == straight["evals"][best_iter]["val"]
 
 
+def test_durations_read_as_people_write_them():
+    from utils import format_duration
+    assert [format_duration(t) for t in (0, 59.4, 59.6, 125, 3599, 3600, 7500, 90061)] == [
+        "0s", "59s", "1m00s", "2m05s", "59m59s", "1h00m", "2h05m", "25h01m"]
+
+
+def test_rng_state_round_trip_repeats_every_stream():
+    import random
+
+    from utils import get_rng_state, set_rng_state
+    state = get_rng_state()
+    draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item()) == draws
+
+
+def test_a_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match=r"weights.pt is not a checkpoint of this project: expected a dict with "
+                                              r"'model' and 'config'"):
+        load_checkpoint(tmp_path / "weights.pt")
+    torch.save({"model": {}}, tmp_path / "no_config.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "no_config.pt")
+
+
+def test_keep_last_n_keeps_the_highest_iterations_by_number(tmp_path):
+    from train import prune_iter_checkpoints
+    for it in (5, 10, 15, 100):
+        (tmp_path / f"checkpoint_iter_{it}.pt").write_bytes(b"")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    prune_iter_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint_iter_100.pt",
+                                                          "checkpoint_iter_15.pt"]
+
+
+def test_checkpoints_are_written_whole_and_readable_as_the_umask_allows(char_data, tmp_path, monkeypatch):
+    """atomic_open: the data reaches the disk (fsync) before the new name replaces the old file, and the file
+    gets the permissions of any other file the user makes (0o666 less the umask), not a temporary file's 0o600."""
+    import utils
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(utils.os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(utils.os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or replace(a, b))
+    with utils.atomic_open(tmp_path / "a.txt", "w") as f:
+        f.write("x")
+    assert events[:2] == ["fsync", ("replace", "a.txt")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    train(tiny(char_data, tmp_path, max_iters=5))
+    assert (tmp_path / "ckpt" / "checkpoint.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 @pytest.mark.parametrize("links", [True, False])
 def test_a_second_name_for_a_saved_checkpoint(tmp_path, monkeypatch, links):
     import utils
@@ -809,6 +918,12 @@ def test_tensorboard_events_of_a_resumed_run(resume_runs):
     assert "mfu" not in steps  # no peak is known for a CPU: FLOP/s instead
     losses = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert losses == pytest.approx({**first["losses"], **second["losses"]})
+    evals = {**first["evals"], **second["evals"]}
+    for tag, split in (("val/loss", "val"), ("train/eval_loss", "train")):
+        assert {e.step: e.value for e in acc.Scalars(tag)} == pytest.approx({i: e[split] for i, e in evals.items()})
+    config = tiny(split_dir, split_dir, max_iters=40)  # the schedule of resume_runs
+    assert [e.value for e in acc.Scalars("lr")] == pytest.approx([get_lr(i, config) for i in range(40)])
+    assert max(e.value for e in acc.Scalars("grad_norm")) > config.grad_clip  # the norm before clipping
     assert [e.step for e in acc.Tensors("sample/text_summary")] == [0, 10, 20, 30, 40]
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
 
@@ -861,6 +976,23 @@ def test_resume_takes_the_checkpoint_settings_the_command_leaves_out(char_data, 
     assert [(g["weight_decay"], g["betas"]) for g in ckpt["optimizer"]["param_groups"]] == [(0.0, (0.9, 0.5))] * 2
     with pytest.raises(UserError, match=r"lr_decay_iters \(1\) must exceed warmup_iters \(2\)"):
         train(*parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=9", "--lr_decay_iters=1"]))
+
+
+def test_resuming_on_data_of_another_tokenizer_is_refused(char_data, tmp_path):
+    train(tiny(char_data, tmp_path, max_iters=5))
+    other = write_data(tmp_path / "other", CharTokenizer.from_text("abc \n"), "abc cab\n" * 300)
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    with pytest.raises(CheckpointError, match=r"was trained on data tokenised with 'char' \(vocab \d+\), but .*other "
+                                              r"holds 'char' \(vocab 5\)"):
+        train(tiny(other, tmp_path, max_iters=10))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
+
+
+def test_a_resume_with_another_log_dir_logs_there(char_data, tmp_path):
+    first = train(tiny(char_data, tmp_path, max_iters=5))
+    second = train(tiny(char_data, tmp_path, max_iters=10, log_dir=str(tmp_path / "new_runs")))
+    assert second["resumed_from"] == 5 and Path(second["run_dir"]).parent == tmp_path / "new_runs"
+    assert Path(first["run_dir"]).parent == tmp_path / "runs"
 
 
 def test_resuming_weights_that_do_not_fit_is_one_line(char_data, tmp_path):
@@ -984,7 +1116,7 @@ def test_resume_refuses_a_contradicting_model_shape(resume_runs, char_data):
 
 
 def test_scratch_moves_old_checkpoints_aside(char_data, tmp_path):
-    train(tiny(char_data, tmp_path, max_iters=5))
+    train(tiny(char_data, tmp_path, max_iters=5, save_interval=5))
     old = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
     summary = train(tiny(char_data, tmp_path, max_iters=5, init_from="scratch", seed=7))
     assert summary["resumed_from"] is None
@@ -992,6 +1124,7 @@ def test_scratch_moves_old_checkpoints_aside(char_data, tmp_path):
     assert moved.name.startswith("previous-")
     kept = load_checkpoint(moved / "checkpoint.pt")
     assert all(torch.equal(kept["model"][k], old["model"][k]) for k in old["model"])
+    assert (moved / "checkpoint_iter_5.pt").is_file() and not (tmp_path / "ckpt" / "checkpoint_iter_5.pt").exists()
     assert len(list((tmp_path / "runs").iterdir())) == 2  # the new run has its own TensorBoard directory
 
 
@@ -1012,6 +1145,35 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(char_data, tmp_path, monke
     assert load_checkpoint(path)["iter_num"] == 5
     assert sorted(p.name for p in path.parent.iterdir()) == ["best_checkpoint.pt", "checkpoint.pt",
                                                              "final_checkpoint.pt"]  # no temporary files left
+
+
+class FastGrowingScaler(torch.amp.GradScaler):
+    """Doubles its scale after every good step, so float16 overflows every few steps on the CPU too."""
+
+    def __init__(self, device="cuda", **kwargs):
+        super().__init__(device, growth_interval=1, **kwargs)
+
+
+def test_float16_scales_its_loss_skips_overflows_and_resumes_exactly(char_data, tmp_path, monkeypatch):
+    """The GradScaler path: its state in the checkpoint and back, overflowing steps skipped (not an error),
+    and the logged gradient norm unscaled (float32's at the first step, before the runs diverge)."""
+    monkeypatch.setattr(torch.amp, "GradScaler", FastGrowingScaler)
+    kw = dict(dtype="float16", max_iters=12, eval_interval=6)
+    straight = train(tiny(char_data, tmp_path / "straight", **kw))
+    train(tiny(char_data, tmp_path / "split", **{**kw, "max_iters": 6}))
+    split = train(tiny(char_data, tmp_path / "split", **kw))
+    assert list(split["losses"]) == list(range(7, 13))
+    assert {k: straight["losses"][k] for k in split["losses"]} == split["losses"]
+    a = load_checkpoint(tmp_path / "straight" / "ckpt" / "final_checkpoint.pt")
+    b = load_checkpoint(tmp_path / "split" / "ckpt" / "final_checkpoint.pt")
+    assert a["scaler"]["scale"] == b["scaler"]["scale"] and a["scaler"]["growth_interval"] == 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    _, acc = event_steps(straight["run_dir"])
+    norms = [e.value for e in acc.Scalars("grad_norm")]
+    assert any(math.isinf(n) for n in norms)  # overflowing steps were taken in stride
+    monkeypatch.undo()
+    _, acc32 = event_steps(train(tiny(char_data, tmp_path / "fp32", max_iters=1))["run_dir"])
+    assert norms[0] == pytest.approx(acc32.Scalars("grad_norm")[0].value, rel=0.02)
 
 
 @pytest.mark.parametrize("log_interval", [1, 100])  # caught at a log line, or only when saving
