@@ -249,7 +249,7 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    # Shakespeare at character level on one GPU: ~10.7M parameters; best val loss ~1.46 around step 2000,
+    # Shakespeare at character level on one GPU: ~10.8M parameters; best val loss ~1.46 around step 2000,
     # after which the model overfits (best_checkpoint.pt keeps the best); ~90 s on an H200
     "shakespeare-char": dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
