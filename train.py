@@ -178,6 +178,19 @@ def torchrun_deadline() -> str:
 
 # ----------------------------------------------------------------------------- run setup
 
+def restore_rng(rng, rank: int, world_size: int, device, seed: int) -> bool:
+    """Give this rank the random state it saved (each rank its own dropout stream); True if it could.
+
+    Under another number of processes there is no state of this rank's to take: the batches still
+    continue exactly (they depend on the batch number alone), dropout is re-seeded with `seed`.
+    """
+    if isinstance(rng, list) and len(rng) == world_size:
+        set_rng_state(rng[rank], device)
+        return True
+    torch.manual_seed(seed)
+    return False
+
+
 def default_explicit(config: GPT2Config) -> set[str]:
     """The fields a programmatic caller set: those that differ from config.py's defaults."""
     return {k for k, v in config.to_dict().items() if v != getattr(GPT2Config, k)}
@@ -625,13 +638,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
         rng = ckpt.get("rng")
-        if isinstance(rng, list) and len(rng) == world_size:
-            set_rng_state(rng[rank], device)
-        else:  # another number of processes: the batches still continue exactly, dropout cannot
-            torch.manual_seed(config.seed + rank + iter_num)
-            if master and config.dropout > 0:  # without dropout nothing random is drawn: nothing to say
-                print(f"note: {ckpt_path} holds the random state of {len(rng or [])} process(es) and this run has "
-                      f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
+        exact = restore_rng(rng, rank, world_size, device, config.seed + rank + iter_num)
+        if not exact and master and config.dropout > 0:  # without dropout nothing random is drawn: nothing to say
+            print(f"note: {ckpt_path} holds the random state of {len(rng or [])} process(es) and this run has "
+                  f"{world_size}; dropout is re-seeded, so the run does not continue bit for bit")
     else:
         torch.manual_seed(config.seed + rank)  # each rank its own dropout stream
     model = training_model(raw_model, compile_model, config.compile_mode, config.compile_regional)

@@ -778,6 +778,88 @@ def test_a_plain_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "no_config.pt")
 
 
+def test_each_rank_resumes_its_own_random_stream():
+    from train import restore_rng
+    from utils import get_rng_state
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(get_rng_state())
+    for rank in (0, 1):
+        assert restore_rng(states, rank, 2, torch.device("cpu"), seed=99)
+        assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+    assert not restore_rng(states[:1], 1, 2, torch.device("cpu"), seed=99)  # saved by one process: re-seeded
+    torch.manual_seed(99)
+    expected = torch.rand(3)
+    restore_rng(states[:1], 1, 2, torch.device("cpu"), seed=99)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_init_from_resume_without_a_checkpoint_is_refused(char_data, tmp_path):
+    with pytest.raises(CheckpointError, match=r"--init_from=resume but .*checkpoint.pt does not exist"):
+        train(tiny(char_data, tmp_path, init_from="resume"))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_vocab_size_flag_is_kept_and_checked_against_the_data(char_data, tmp_path):
+    train(tiny(char_data, tmp_path, max_iters=1, vocab_size=64))
+    assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["config"]["vocab_size"] == 64
+    with pytest.raises(DataError, match="vocabulary has 20 tokens but the model's vocab_size is 10.*Use --vocab_size=20"):
+        train(tiny(char_data, tmp_path / "small", max_iters=1, vocab_size=10))
+
+
+def test_a_run_folder_moved_away_resumes_where_it_is_now(char_data, tmp_path, monkeypatch):
+    """checkpoint.pt records the folder it was written to; a resume writes where the command points
+    (here the default ./checkpoints), not where the folder used to be."""
+    monkeypatch.chdir(tmp_path)
+    train(tiny(char_data, tmp_path, max_iters=3, checkpoint_dir="old"))
+    (tmp_path / "old").rename(tmp_path / "checkpoints")
+    summary = train(tiny(char_data, tmp_path, max_iters=5, checkpoint_dir="./checkpoints"))
+    assert summary["resumed_from"] == 3 and not (tmp_path / "old").exists()
+    assert load_checkpoint(tmp_path / "checkpoints" / "final_checkpoint.pt")["iter_num"] == 5
+
+
+def test_a_second_signal_exits_with_its_number(monkeypatch):
+    stop = GracefulStop(verbose=False)
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # within REPEAT_S: the same request, forwarded again
+    monkeypatch.setattr(GracefulStop, "REPEAT_S", -1.0)
+    with pytest.raises(SystemExit) as e:
+        stop._handle(signal.SIGTERM, None)
+    assert e.value.code == 128 + signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+
+
+def test_output_cut_short_by_a_closed_pipe_is_no_error(tmp_path):
+    code = "from utils import run_cli\nrun_cli(lambda: [print(i) for i in range(200000)])\n"
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -c '{code}' | head -1"], cwd=ROOT,
+                       capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "0\n", "")
+
+
+def test_a_progress_bar_on_a_terminal_redraws_and_makes_room_for_text():
+    import io
+
+    from utils import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    with Progress(total=3, file=term, mininterval=0) as bar:
+        assert not bar.lines
+        bar.update(1)
+        assert bar.drawn and "\r" in term.getvalue()
+        before = len(term.getvalue())
+        bar.print_above("text\n", term)
+        after = term.getvalue()[before:]
+    cleared = after[:after.index("text")]
+    assert "\r" in cleared and "33%" not in cleared  # the bar is taken away first, then drawn again below
+    assert "33%" in after[after.index("text"):]
+
+
 def test_keep_last_n_keeps_the_highest_iterations_by_number(tmp_path):
     from train import prune_iter_checkpoints
     for it in (5, 10, 15, 100):
@@ -1317,10 +1399,18 @@ def test_run_cli_turns_ctrl_c_into_exit_130():
     assert (r.returncode, r.stderr) == (130, "interrupted\n")  # no traceback
 
 
-def test_sample_without_end_of_text_or_newline(tmp_path):
+def test_sample_without_end_of_text_or_newline(tmp_path, char_data):
     # a character set without '\n': the TensorBoard sample starts from the val split's first character
+    from train import sample_prompt
     text = " ".join(random.Random(1).choice(WORDS) for _ in range(3000))
+    cut = int(0.9 * len(text))
+    text = text[:cut] + "t" + text[cut + 1:]  # not ' ', token 0, which a split without tokens would give
     data = write_data(tmp_path / "nonewline", CharTokenizer.from_text(text), text)
+    meta = json.loads((data / "meta.json").read_text())
+    assert sample_prompt(CharTokenizer.from_text(text), data, meta) == "t"
+    char_meta = json.loads((char_data / "meta.json").read_text())  # with '\n': start from nothing
+    from tokenizer import load_tokenizer
+    assert sample_prompt(load_tokenizer(char_data / "tokenizer.json"), char_data, char_meta) == ""
     summary = train(tiny(data, tmp_path, max_iters=5, sample_tokens=8))
     assert summary["iter_num"] == 5 and (tmp_path / "ckpt" / "final_checkpoint.pt").is_file()
     _, acc = event_steps(summary["run_dir"])
@@ -1412,7 +1502,11 @@ def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, 
     assert tune(str(tmp_path / "a"), max_iters=6)["resumed_from"] == 3
     assert tune(f"{tmp_path}/x/../a", max_iters=8)["resumed_from"] == 6
     assert tune("resume", max_iters=9)["resumed_from"] == 8
-    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["started_from"] == str(tmp_path / "a")
+    from train import folder_fingerprint
+    resumed = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    assert resumed["started_from"] == str(tmp_path / "a")
+    assert resumed["started_from_fingerprint"] == folder_fingerprint(str(tmp_path / "a")) is not None
+    assert tune(str(tmp_path / "a"), max_iters=10)["resumed_from"] == 9  # and the fine-tuning command after it
     capsys.readouterr()
     # other weights, or scratch, start a new run and move the old checkpoints aside
     assert tune(str(tmp_path / "b"), max_iters=2)["resumed_from"] is None
@@ -1477,6 +1571,32 @@ def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
     with pytest.raises(TrainingError, match="GPT-2 tokens .* 'char' tokenizer"):
         train(tiny(char_data, tmp_path, init_from="gpt2"))
     assert not tmp_path.joinpath("ckpt").exists() and not tmp_path.joinpath("runs").exists()
+    # a folder of 50,257 tokens without this project's tokenizer file is taken for OpenAI's GPT-2
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "toolkit_tokenizer.json").unlink(missing_ok=True)
+    with pytest.raises(TrainingError, match="fine-tunes OpenAI's GPT-2, which reads GPT-2 tokens"):
+        train(tiny(char_data, tmp_path, init_from=str(tmp_path / "hf")))
+    # GPT-2's vocabulary size without its end-of-text token is no GPT-2 data either
+    from tokenizer import GPT2Tokenizer
+    data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "eot_token": None}))
+    with pytest.raises(TrainingError, match="end-of-text 50256"):
+        train(tiny(data, tmp_path, init_from="gpt2"))
+    assert not tmp_path.joinpath("ckpt").exists()
+
+
+def test_a_pretrained_folder_sets_the_context_unless_asked_for_less(char_data, tmp_path):
+    from tokenizer import load_tokenizer
+    model = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=20))
+    model.save_pretrained(str(tmp_path / "hf"), tokenizer=load_tokenizer(char_data / "tokenizer.json"))
+    hf = str(tmp_path / "hf")
+    train(tiny(char_data, tmp_path / "a", init_from=hf, max_iters=1, block_size=1024))  # 1024: the default, unset
+    assert load_checkpoint(tmp_path / "a" / "ckpt" / "final_checkpoint.pt")["config"]["block_size"] == 16
+    with pytest.raises(ConfigError, match="block_size=32 exceeds .*context of 16 tokens; use --block_size=16 or less"):
+        train(tiny(char_data, tmp_path / "b", init_from=hf, max_iters=1, block_size=32))
+    with pytest.raises(ConfigError, match=r"drop vocab_size=64 \(.* has 20\)"):
+        train(tiny(char_data, tmp_path / "c", init_from=hf, max_iters=1, vocab_size=64))
 
 
 # ----------------------------------------------------------------------------- command line
