@@ -1185,6 +1185,20 @@ def test_get_batch_shapes_dtypes_shift(counting_dir):
         assert x.min() >= lo and y.max() < hi
 
 
+def test_each_row_is_a_window_of_the_data_and_its_next_tokens(tmp_path):
+    """On random ids (where counting data would hide an x computed from y): x is data[s:s+T], y data[s+1:s+T+1]."""
+    rng = np.random.default_rng(0)
+    train_ids, val_ids = rng.integers(0, 500, 3000), rng.integers(0, 500, 400)
+    d = write_data_dir(tmp_path / "d", train_ids, val_ids, vocab_size=500)
+    loader = BatchLoader(d, block_size=8, batch_size=6)
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        x, y = loader.get_batch(split, 3)
+        windows = np.lib.stride_tricks.sliding_window_view(ids, 9)
+        for row_x, row_y in zip(x.numpy(), y.numpy()):
+            starts = np.flatnonzero((windows[:, :8] == row_x).all(axis=1))
+            assert len(starts) and any((windows[s, 1:] == row_y).all() for s in starts)
+
+
 def test_batches_are_a_function_of_seed_split_rank_index(counting_dir):
     a = BatchLoader(counting_dir, block_size=8, batch_size=4, seed=1)
     drawn = [a.get_batch("train")[0] for _ in range(6)]  # index None counts 0, 1, 2, ...

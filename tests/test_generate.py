@@ -453,6 +453,29 @@ def test_stop_string_cuts_text_and_is_never_streamed():
     assert text == free[:free.index(stop)] and "".join(pieces) == text
 
 
+def test_text_streams_a_token_at_a_time_and_decoding_stops_when_every_row_is_done():
+    tok = char_tokenizer()
+    gen = Generator(tiny_model(tok.vocab_size))
+    pieces, steps = [], []
+    free = complete(gen, tok, ["ab"], GREEDY, on_text=pieces.append, on_step=lambda: steps.append(1))[0]
+    assert pieces == list(free) and len(steps) == 40  # one character per token, as it is made
+    steps.clear()
+    settings = SamplingSettings(temperature=0, max_new_tokens=40, stop=free[0])
+    assert complete(gen, tok, ["ab"], settings, on_step=lambda: steps.append(1)) == [""] and len(steps) == 1
+
+
+def test_a_possible_start_of_the_stop_string_is_held_back_no_longer_than_needed():
+    stream = TextStream(char_tokenizer(), stop="xy")
+    shown = []
+    for c in "abcdef":
+        stream.add(stream.tokenizer.encode(c)[0])
+        shown.append(stream.new_text())
+    assert shown == ["", "a", "b", "c", "d", "e"]  # one character back: 'f' could begin "xy"
+    stream.add(stream.tokenizer.encode("x")[0])
+    stream.add(stream.tokenizer.encode("y")[0])
+    assert stream.new_text() == "f" and stream.done and stream.text == "abcdef"
+
+
 def test_a_long_stop_string_that_never_appears_streams_the_text_once():
     tok = char_tokenizer()
     gen = Generator(tiny_model(tok.vocab_size))
@@ -605,6 +628,16 @@ def test_a_stop_string_may_begin_and_end_with_spaces():
     assert settings.top_k == 5
 
 
+def test_interactive_names_an_unknown_character_and_goes_on(char_checkpoint):
+    _, model, tok = char_checkpoint
+    settings = SamplingSettings(temperature=0, max_new_tokens=10)
+    out = io.StringIO()
+    generate.interactive(Generator(model), tok, settings, stdin=io.StringIO("héllo\nab\n"), stdout=out)
+    expected = complete(Generator(model), tok, ["ab"], settings)[0]
+    text = out.getvalue()
+    assert "error: " in text and "'é'" in text and text.index("error: ") < text.index(f"> {expected}\n")
+
+
 def test_interactive_ctrl_c_stops_only_that_generation(char_checkpoint, monkeypatch):
     _, model, tok = char_checkpoint
     gen = Generator(model)
@@ -655,12 +688,34 @@ def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
     written = out.read_text(encoding="utf-8")
     for i, (p, t) in enumerate(zip(prompts, texts), 1):
         assert f"= prompt {i} of 5 =" in written and f"\n{p}\n" in written and f"\n{t}\n" in written
-    # a prompt the tokenizer cannot encode fails before anything is written
-    with pytest.raises(UserError, match="'é'"):
-        batch_generate(["ok", "héllo"], output_file=tmp_path / "bad.txt", checkpoint=str(path), device="cpu")
+    # a prompt the tokenizer cannot encode fails before anything is generated or written
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoding began before every prompt was checked")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Generator, "decode", no_decoding)
+        with pytest.raises(UserError, match="'é'"):
+            batch_generate(["ok", "héllo"], output_file=tmp_path / "bad.txt", checkpoint=str(path), device="cpu",
+                           batch_size=1)
     assert not (tmp_path / "bad.txt").exists()
     with pytest.raises(GenerationError, match="did you mean 'temperature'"):
         batch_generate(["ok"], output_file=None, checkpoint=str(path), temprature=0)
+
+
+def test_a_checkpoint_folder_given_as_checkpoint_is_searched(char_checkpoint, capsys):
+    path, _, _ = char_checkpoint
+    _, _, source = load_model(checkpoint=str(path.parent))
+    assert source == str(path)
+    assert f"using checkpoint {path} (best_checkpoint.pt not found), step 7, best val loss 2.5000, char tokenizer" \
+        in capsys.readouterr().err
+
+
+def test_a_damaged_tokenizer_file_of_an_export_is_named(tmp_path):
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)).save_pretrained(
+        tmp_path, tokenizer=GPT2Tokenizer())
+    (tmp_path / "toolkit_tokenizer.json").write_text('{"kind": "gpt2"')  # cut short
+    with pytest.raises(UserError, match="toolkit_tokenizer.json"):
+        load_model(init_from=str(tmp_path))
 
 
 @pytest.mark.parametrize("present,expected", [
@@ -748,15 +803,21 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--interactive", "--prompt", "ab"], "do not apply to --interactive"),
     (["--interactive", "--batch_size", "4"], "do not apply to --interactive"),
     (["--batch_size", "0", "--num_samples", "2"], "--batch_size must be >= 1, got 0"),
+    (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+    (["--top_k", "-5"], "top_k must be a positive integer, or 0 / None to disable it, got -5"),
+    (["--stop", ""], "stop must be a non-empty string or None"),
+    (["--stop", "\udcbd"], "--stop is not valid UTF-8 (byte 0xbd)"),
+    (["--checkpoint", "a.pt", "--init_from", "gpt2"], "give either --checkpoint (a.pt) or --init_from (gpt2), not both"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(char_checkpoint, tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(tmp_path)
     Path("notes.txt").write_text("not a checkpoint folder")
     with pytest.raises(SystemExit) as e:
         run_cli(lambda: main(["--device", "cpu", *args]))
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if not line.startswith("using checkpoint")]
     assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+    assert out == ""  # nothing half-written: not even the prompt
 
 
 def test_num_samples_go_out_in_batches_of_batch_size(char_checkpoint, tmp_path, monkeypatch, capsys):

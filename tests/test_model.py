@@ -137,6 +137,19 @@ def test_kv_cache_matches_uncached(batch):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_last_only_returns_the_last_positions_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        model.setup_kv_cache(2, 32)
+        full = model.forward_cached(idx, torch.arange(12))
+        model.setup_kv_cache(2, 32)
+        last = model.forward_cached(idx, torch.arange(12), last_only=True)
+    assert last.shape == (2, 1, 101)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+
+
 def test_a_kv_cache_longer_than_the_block_is_refused():
     model = GPT(tiny_config())
     model.setup_kv_cache(1, 32)
@@ -718,6 +731,18 @@ def test_float8_under_bfloat16_autocast_returns_bfloat16():
         ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert out.dtype == ref.dtype == torch.bfloat16 and out.shape == (2, 16, 128)
     assert (out.float() - ref.float()).abs().max() < 0.1 * ref.float().abs().max()
+
+
+def test_float8_of_all_zeros_stays_finite(scaled_mm_calls):
+    """A zero weight (a zero-initialised layer) or a zero gradient has no largest magnitude to scale by."""
+    from model import _Float8Matmul, to_float8
+    x8, inv = to_float8(torch.zeros(4, 16), torch.float8_e4m3fn)
+    assert torch.isfinite(inv) and torch.all(x8.float() == 0)
+    x = torch.randn(16, 16, requires_grad=True)
+    w = torch.zeros(32, 16, requires_grad=True)
+    y = _Float8Matmul.apply(x, w, torch.float32)
+    y.sum().backward()
+    assert torch.all(y == 0) and torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
 
 def test_float8_needs_dimensions_divisible_by_16():
