@@ -108,6 +108,38 @@ def test_shakespeare_gpt2_from_env(shakespeare_path, shakespeare_text, tmp_path,
         np.testing.assert_array_equal(a, b)
 
 
+def test_shakespeare_copies_are_checked_and_input_comes_first(shakespeare_path, tmp_path, monkeypatch):
+    import io
+    real = shakespeare_path.read_bytes()
+    served = []
+
+    def urlopen(url, timeout):
+        served.append(url)
+        return io.BytesIO(served_bytes[0])
+
+    monkeypatch.setattr(prepare_data.urllib.request, "urlopen", urlopen)
+    monkeypatch.delenv("SHAKESPEARE", raising=False)
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "input.txt").write_bytes(real[:1000])  # a cached copy cut short: downloaded again
+    served_bytes = [real]
+    assert prepare_data.shakespeare_file(None, out) == out / "input.txt" and (out / "input.txt").read_bytes() == real
+    assert len(served) == 1
+    prepare_data.shakespeare_file(None, out)  # a good copy is not downloaded again
+    assert len(served) == 1
+    (out / "input.txt").unlink()
+    served_bytes = [b"<html>rate limited</html>"]  # a download that is not the file
+    with pytest.raises(DataError, match="the download from .* has sha256 .*expected"):
+        prepare_data.shakespeare_file(None, out)
+    assert not (out / "input.txt").exists()
+    other = tmp_path / "other.txt"
+    other.write_text("not shakespeare")
+    monkeypatch.setenv("SHAKESPEARE", str(other))
+    assert prepare_data.shakespeare_file(str(shakespeare_path), out) == shakespeare_path  # --input first
+    with pytest.raises(DataError, match="other.txt is not tinyshakespeare"):
+        prepare_data.shakespeare_file(None, out)
+
+
 def test_shakespeare_offline_without_copy_names_both_ways(tmp_path, monkeypatch):
     monkeypatch.delenv("SHAKESPEARE", raising=False)
 
@@ -364,6 +396,20 @@ def test_openwebtext_folder_in_parallel_units(tmp_path):
     np.testing.assert_array_equal(got[1], val)
     n_val = sum(doc_is_val(d, 0.25) for d in order)
     assert (meta["train_documents"], meta["val_documents"], meta["val_fraction"]) == (len(order) - n_val, n_val, 0.25)
+
+
+def test_a_parquet_file_is_hashed_and_its_progress_counts_its_bytes(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    src = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": DOCS}), src, row_group_size=7)
+    counted = []
+    update = prepare_data.Progress.update
+    monkeypatch.setattr(prepare_data.Progress, "update", lambda self, n=1: counted.append(n) or update(self, n))
+    meta = prepare_documents(tmp_path / "o", str(src), hf_name="", val_fraction=0.25, num_proc=1, command="t",
+                             unit_bytes=300)
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert sum(counted) == src.stat().st_size
 
 
 @pytest.mark.parametrize("out_name", ["out", None])
@@ -727,6 +773,23 @@ def test_non_utf8_line_in_jsonl(tmp_path):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
 
 
+def test_a_bad_line_past_the_first_unit_is_named_exactly(tmp_path):
+    src = tmp_path / "d.jsonl"
+    good = json.dumps({"text": "fine"}).encode() + b"\n"  # 17 bytes a line
+    src.write_bytes(good * 40 + b'{"text": "caf\xe9"}\n')
+    offset = 40 * len(good) + len(b'{"text": "caf')
+    with pytest.raises(DataError, match=rf"d.jsonl line 41 is not valid UTF-8: byte 0xe9 at byte offset {offset}"):
+        prepare_documents(tmp_path / "o", str(src), hf_name="", val_fraction=0.5, num_proc=1, command="t",
+                          unit_bytes=100)
+
+
+def test_lines_of_spaces_in_json_lines_are_skipped(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n   \t\n" for d in DOCS[:10]))
+    meta = prepare_documents(tmp_path / "o", str(src), hf_name="", val_fraction=0.3, num_proc=1, command="t")
+    assert meta["train_documents"] + meta["val_documents"] == 10
+
+
 def test_jsonl_escapes_and_lone_surrogates(tmp_path):
     docs = [f"{i}: quote \" and newline \n inside; <|endoftext|> is ordinary text" for i in range(6)]
     docs += [f"{i}: a lone surrogate \ud800 (only a JSON escape can hold one)" for i in range(6)]
@@ -748,6 +811,34 @@ def test_jsonl_with_a_byte_order_mark(tmp_path):
 
 
 BOM = "\ufeff".encode()
+
+
+def test_the_cut_counts_characters_of_text_not_byte_order_marks():
+    from prepare_data import split_text_pieces
+    pieces = split_text_pieces([BOM + b"aaaa", BOM + b"bbbbbb"], 0.25, ["a", "b"])  # 10 characters: 7 train
+    assert [(split, bytes(d), eot, off) for split, d, eot, _, off in pieces] == [
+        ("train", b"aaaa", True, 3), ("train", b"bbb", False, 3), ("val", b"bbb", False, 6)]
+    pieces = split_text_pieces([BOM + "αβγδεζηθικ".encode()], 0.1, ["a"])
+    assert [bytes(d).decode() for _, d, _, _, _ in pieces] == ["αβγδεζηθι", "κ"]
+
+
+@pytest.mark.parametrize("block", [4, 7, 1 << 24])
+def test_utf8_counts_agree_with_python_across_blocks(monkeypatch, block):
+    monkeypatch.setattr(prepare_data, "BLOCK", block)
+    text = "héllo wörld, 床前明月光 😀 ok" * 3
+    data = text.encode()
+    assert prepare_data.utf8_length(data) == len(text)
+    for k in range(len(text) + 2):
+        assert prepare_data.utf8_offset(data, k) == len(text[:k].encode()), k
+
+
+def test_windows_line_ends_are_kept_as_they_are(tmp_path):
+    src = tmp_path / "crlf.txt"
+    src.write_bytes(b"first line\r\nsecond line\r\n" * 40)
+    meta = prepare("--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    tok = load_data_tokenizer(tmp_path / "o")
+    assert "\r" in tok.chars and tok.decode(np.concatenate(bins(tmp_path / "o")).tolist()).encode() == src.read_bytes()
+    assert meta["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
 
 
 def test_text_files_with_a_byte_order_mark(tmp_path):
@@ -865,12 +956,13 @@ def test_a_failed_write_keeps_the_old_data_set_whole(tmp_path, monkeypatch):
     assert not (tmp_path / "new" / "out").exists()
 
 
-def test_a_full_disk_at_the_last_flush_keeps_the_old_data_set(tmp_path, monkeypatch):
+@pytest.mark.parametrize("full", [".val.bin", ".train.bin", ".tokenizer.json", ".meta.json"])
+def test_a_full_disk_at_the_last_flush_keeps_the_old_data_set(tmp_path, monkeypatch, full):
     out, before = prepared_once(tmp_path)
     real_fsync = os.fsync
 
-    def fsync(fd):  # val.bin's data cannot reach the disk
-        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(".val.bin"):
+    def fsync(fd):  # this file's data cannot reach the disk
+        if os.readlink(f"/proc/self/fd/{fd}").split("/")[-1].startswith(full):
             raise OSError(28, "No space left on device")
         real_fsync(fd)
 
@@ -935,6 +1027,20 @@ def test_a_failed_run_leaves_a_data_set_written_beside_it_meanwhile(tmp_path, mo
                 "--output_dir", tmp_path / "data" / "b" / "c")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["a"]
     assert (tmp_path / "data" / "a" / "meta.json").exists()
+
+
+def test_workers_leave_ctrl_c_and_sigterm_to_the_parent():
+    import multiprocessing
+    import signal as sig
+    ctx = multiprocessing.get_context()
+    with ctx.Pool(1, prepare_data._init_worker, (prepare_data.CharTokenizer("ab"), "uint16", 0.1)) as pool:
+        handlers = pool.apply(_signal_handlers)
+    assert handlers == [sig.SIG_IGN, sig.SIG_IGN]
+
+
+def _signal_handlers():
+    import signal as sig
+    return [sig.getsignal(sig.SIGINT), sig.getsignal(sig.SIGTERM)]
 
 
 def test_missing_folders():

@@ -388,6 +388,20 @@ def test_char_tokenizer_keeps_lone_surrogates_apart(tmp_path):
     assert tokenizer_from_dict({"kind": "char", "chars": "ab"}).chars == ["a", "b"]  # files saved as one string
 
 
+def test_retraining_forgets_what_the_earlier_merges_encoded(shakespeare_text):
+    tok = BPETokenizer().train(shakespeare_text[:20000], 300)
+    tok.encode(" the king")  # remembered in the chunk cache
+    other = "zzz qqq " * 200
+    assert tok.train(other, 260).encode(" the king") == BPETokenizer().train(other, 260).encode(" the king")
+
+
+def test_special_tokens_take_ids_in_the_order_given():
+    tok = BPETokenizer().train("hello world " * 50, 262, special_tokens=["<|pad|>", EOT])
+    assert tok.special_tokens == {"<|pad|>": 260, EOT: 261} and tok.eot_token == 261
+    alone = BPETokenizer().train("hello world " * 50, 261, special_tokens=["<|pad|>"])
+    assert alone.eot_token is None  # a special token that is not end-of-text does not end a text
+
+
 def test_retraining_keeps_the_special_tokens_unless_given_others(shakespeare_text):
     text = shakespeare_text[:20000]
     tok = BPETokenizer().train(text, 270, special_tokens=[EOT])
@@ -570,6 +584,16 @@ def test_cli_help_and_train(tmp_path):
     out = cli("--train", "in.txt", "--out", "in.txt/tok.json")  # before training, not after it
     assert out.returncode == 2 and out.stderr.splitlines() == [
         "error: --out 'in.txt/tok.json' cannot be written: its folder is a file; give a path you can write to"]
+    (tmp_path / "zh.txt").write_text("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 30, encoding="utf-8")
+    out = cli("--bench", "zh.txt", "--vocab_size", "280")
+    assert out.returncode == 0, out.stderr
+    text = (tmp_path / "zh.txt").read_text(encoding="utf-8")
+    size = len(text.encode()) / 1e6
+    assert out.stdout.startswith(f"zh.txt: {size:.2f} MB, {len(text):,} characters")
+    ids = BPETokenizer().train(text, 280).encode_ordinary(text)
+    assert f", {len(ids):,} tokens, " in out.stdout
+    tokens_per_s, mb_per_s = re.search(r"bpe .*?, ([\d,]+) tokens/s, ([\d.]+) MB/s", out.stdout).groups()
+    assert float(mb_per_s) == pytest.approx(float(tokens_per_s.replace(",", "")) * size / len(ids), rel=0.02, abs=0.01)
     out = cli("--bench", "in.txt", "--vocab_size", "280", "--pattern", r"\w+")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.startswith(r"error: the split pattern '\\w+' does not match the text at character 2 (' be or")
