@@ -105,10 +105,30 @@ def test_save_pretrained_without_bias(tmp_path):
     torch.manual_seed(2)
     model = GPT(tiny_config(bias=False)).eval()
     model.save_pretrained(tmp_path)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]  # every bias is in the file (zeros), not filled in by transformers
     idx = torch.randint(0, 101, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf.eval()(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+        # and back into this project, which reads GPT-2's format, biases included
+        assert torch.equal(GPT.from_pretrained(str(tmp_path)).eval()(idx)[0], model(idx)[0])
+
+
+def test_an_export_states_the_dropout_it_was_trained_with(tmp_path):
+    GPT(tiny_config(dropout=0.2)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["resid_pdrop"], cfg["embd_pdrop"], cfg["attn_pdrop"]) == (0.2, 0.2, 0.2)
+
+
+def test_safetensors_are_read_before_a_pickle_beside_them(hf_dir, tmp_path):
+    import shutil
+    shutil.copytree(hf_dir, tmp_path / "both")
+    sd = {k: torch.zeros_like(v) for k, v in transformers.GPT2LMHeadModel.from_pretrained(hf_dir).state_dict().items()}
+    torch.save(sd, tmp_path / "both" / "pytorch_model.bin")  # other weights: they must not be the ones read
+    idx = torch.randint(0, 101, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(GPT.from_pretrained(str(tmp_path / "both")).eval()(idx)[0],
+                                   GPT.from_pretrained(str(hf_dir)).eval()(idx)[0], atol=0, rtol=0)
 
 
 def test_loss_ignores_minus_one_and_padding_columns():
@@ -551,6 +571,8 @@ def hf_model_dir(path, tie=True, **config):
     (dict(tie=False), "tie_word_embeddings is False"),
     (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx is True"),
     (dict(scale_attn_weights=False), "scale_attn_weights is False"),
+    (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon 1e-06 differs from 1e-5"),
+    (dict(n_inner=64), "n_inner 64 differs from 4 \\* n_embd"),
 ])
 def test_from_pretrained_refuses_other_attention_or_output_layers(tmp_path, change, message):
     hf_model_dir(tmp_path, **change)

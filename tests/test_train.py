@@ -887,6 +887,29 @@ def test_checkpoints_are_written_whole_and_readable_as_the_umask_allows(char_dat
     assert (tmp_path / "ckpt" / "checkpoint.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_the_link_a_killed_save_leaves_is_one_the_next_run_removes(tmp_path, monkeypatch):
+    import utils
+    from train import CHECKPOINT_NAMES
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model": {}, "config": {}})
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils, "_rename_over", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint_as(tmp_path / "best_checkpoint.pt", tmp_path / "checkpoint.pt", {})
+    assert len(list(tmp_path.iterdir())) == 2  # the link under its temporary name
+    utils.remove_unfinished_writes(tmp_path, CHECKPOINT_NAMES)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_folder_named_like_a_checkpoint_is_passed_over(tmp_path):
+    from utils import find_checkpoint
+    (tmp_path / "best_checkpoint.pt").mkdir()
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model": {}, "config": {}})
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+
+
 @pytest.mark.parametrize("links", [True, False])
 def test_a_second_name_for_a_saved_checkpoint(tmp_path, monkeypatch, links):
     import utils
@@ -982,9 +1005,11 @@ def test_temporary_files_of_killed_saves_are_removed(char_data, tmp_path, resume
     ckpt.mkdir(exist_ok=True)
     left = [".checkpoint.pt.k2j4h1x9.tmp", ".best_checkpoint.pt.4242.link.tmp", ".final_checkpoint.pt.ab.tmp",
             ".checkpoint_iter_5.pt.zz.tmp"]
-    others = [".notes.txt.tmp", "checkpoint.pt.tmp", "mine.tmp"]  # not this project's temporary names
+    others = [".notes.txt.tmp", "checkpoint.pt.tmp", "mine.tmp", ".checkpoint.pt.x.tmp.bak"]  # not ours
     for name in left + others:
         (ckpt / name).write_bytes(b"PK half a checkpoint")
+    (ckpt / ".checkpoint.pt.d.tmp").mkdir()  # a folder is nobody's unfinished write either
+    others.append(".checkpoint.pt.d.tmp")
     train(tiny(char_data, tmp_path, max_iters=10, init_from="resume" if resume else "scratch"))
     names = {p.name for p in ckpt.iterdir()}
     assert not names & set(left) and set(others) <= names
