@@ -125,7 +125,7 @@ def test_json_into_a_directory_fails_before_running(tmp_path, capsys):
         ["--device", "cpu", "--json", str(tmp_path / "f" / "b.json")], capsys)
 
 
-def test_generation_is_timed_with_the_compile_setting(monkeypatch):
+def test_generation_is_timed_with_the_compile_setting(monkeypatch, capsys):
     import bench
     import generate
     seen = []
@@ -134,6 +134,11 @@ def test_generation_is_timed_with_the_compile_setting(monkeypatch):
     for flag in ("true", "false"):
         bench.main(["--device", "cpu", "--no_train", "--gen_batch_sizes", "1", "--compile", flag])
     assert seen == [True, False]
+    monkeypatch.setattr(generate, "benchmark_generation",
+                        lambda *a, **k: dict(tokens_per_sec=52.5, hf_tokens_per_sec=25.0))
+    capsys.readouterr()
+    bench.main(["--device", "cpu", "--no_train", "--gen_batch_sizes", "1", "--gen_tokens", "40", "--hf_reference"])
+    assert "  batch 1: 52.5 tokens/s | transformers generate 25.0 tokens/s (x2.10)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("compile_, regional", [("true", False), ("true", True), ("false", True)])
@@ -261,7 +266,7 @@ class FakeClock:
         return getattr(time, name)
 
 
-def test_training_figures_come_from_the_timed_steps_alone(monkeypatch):
+def test_training_figures_come_from_the_timed_steps_alone(monkeypatch, capsys):
     """2 warm-up steps and 3 timed ones at 10 ms each: ms per iteration, tokens/s, MFU against a known peak
     and the parameter count follow from the 3 timed steps only."""
     import bench
@@ -287,6 +292,10 @@ def test_training_figures_come_from_the_timed_steps_alone(monkeypatch):
         reference = GPT(preset_config("shakespeare-char-cpu", vocab_size=65, block_size=8))
     assert t["params"] == reference.get_num_params()
     assert t["mfu"] == pytest.approx(reference.flops_per_token() * 16 / 0.010 / 1e9)
+    assert (r["n_head"], r["n_embd"], r["data"], r["device_name"]) == (4, 128, "random tokens", bench.cpu_name())
+    printed = capsys.readouterr().out
+    assert (f"  1,600 tokens/s | 10.0 ms/iter | MFU {100 * t['mfu']:.1f}% | {t['achieved_tflops']:.2f} TFLOP/s "
+            "achieved | warm-up 0.0 s") in printed
 
 
 def test_data_dir_times_the_data_sets_batches(tmp_path, monkeypatch):
@@ -314,6 +323,8 @@ def test_gpt2_presets_report_gpt2s_vocabulary_and_no_compile_mode_uncompiled():
     import bench
     r = bench.main(["--device", "cpu", "--preset", "gpt2", "--no_train", "--no_generate"])
     assert (r["vocab_size"], r["compile"], r["compile_mode"], r["compile_regional"]) == (50257, False, None, False)
+    r = bench.main(["--device", "cpu", "--preset", "gpt2-medium", "--no_train", "--no_generate"])
+    assert (r["n_layer"], r["n_head"], r["n_embd"], r["block_size"]) == (24, 16, 1024, 1024)
 
 
 def test_tokenize_speeds_are_size_over_time(monkeypatch):
@@ -364,3 +375,47 @@ def test_tokenize_refuses_ids_that_differ_from_tiktoken(monkeypatch):
     monkeypatch.setattr(prepare_data, "prepare_text", damaged)
     with pytest.raises(RuntimeError, match="ids differ from single-thread tiktoken's"):
         bench.main(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", "1"])
+
+
+class FakeEvent:
+    def __init__(self, key, self_us, count):
+        self.key, self.self_cpu_time_total, self.count = key, self_us, count
+        self.cpu_time_total = 3 * self_us  # inclusive time: not what the profile reports
+        self.device_type = torch.autograd.DeviceType.CPU
+        self.is_user_annotation = False
+
+
+class FakeProfile:
+    """torch.profiler.profile for 2 steps with known operators and self times (microseconds in all)."""
+    events = [FakeEvent("aten::addmm", 3000, 4), FakeEvent("aten::mm", 1000, 2),
+              FakeEvent("aten::_scaled_dot_product_flash_attention_for_cpu", 800, 2),
+              FakeEvent("aten::_fused_adamw_", 500, 2), FakeEvent("aten::add", 200, 4)]
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def key_averages(self):
+        return list(self.events)
+
+
+def test_the_profile_sums_self_time_per_step_by_kind(monkeypatch, capsys):
+    import torch.profiler
+
+    import bench
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    p = bench.profile_steps(lambda i: torch.zeros(()), 10, 2, torch.device("cpu"))
+    assert p["kinds"] == pytest.approx({"attention": 0.4, "matmul": 2.0, "optimizer and clipping": 0.25,
+                                        "fused elementwise and reductions (Triton)": 0.0, "other": 0.1})
+    assert p["ms_per_step"] == pytest.approx(2.75) and p["steps"] == 2
+    assert [(r["name"], r["ms_per_step"], r["calls_per_step"]) for r in p["top"][:2]] == [
+        ("aten::addmm", 1.5, 2.0), ("aten::mm", 0.5, 1.0)]
+    bench.print_profile(p, step_ms=5.5)
+    out = capsys.readouterr().out
+    assert "take 2.75 ms per step (50% of the timed 5.50 ms)" in out and "matmul 2.00 ms" in out
+    assert "   1.500 ms     2.0x  aten::addmm" in out

@@ -189,3 +189,38 @@ def test_padded_vocab_and_shape_keys():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="did you mean 'gpt2-xl'"):
         preset_config("gpt2-x")
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--n_lay=4"], "unknown config key 'n_lay'; did you mean 'n_layer'?"),  # no abbreviations: a typo is no flag
+    (["--learning=1e-3"], "unknown config key 'learning'"),
+    (["a.py", "b.py"], "unexpected argument 'b.py': give at most one config file"),
+])
+def test_what_the_command_line_refuses(argv, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        parse_args(argv)
+
+
+def test_string_fields_take_the_flag_as_written_and_paths_expand_home():
+    import os
+    config, _ = parse_args(["--log_dir=2024_01", "--checkpoint_dir=1e3", "--data_dir='a b'", "--init_from=~/m"])
+    assert (config.log_dir, config.checkpoint_dir, config.data_dir) == ("2024_01", "1e3", "a b")
+    assert config.init_from == os.path.expanduser("~/m")
+    assert parse_args(["--data_dir=~/d"])[0].data_dir == os.path.expanduser("~/d")
+
+
+def test_a_config_file_may_define_classes_but_must_run(tmp_path):
+    ok = tmp_path / "ok.py"
+    ok.write_text("class Sizes:\n    width = 256\nn_embd = Sizes.width\n")
+    assert parse_args([str(ok)])[0].n_embd == 256
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layer = undefined_name\n")
+    with pytest.raises(ConfigError, match=r"config file .*bad.py failed: NameError: name 'undefined_name'"):
+        parse_args([str(bad)])
+
+
+def test_help_gives_each_fields_meaning_and_default():
+    from config import build_parser
+    text = " ".join(build_parser().format_help().split())
+    assert "--block_size V context length in tokens (default: 1024)" in text
+    assert "--weight_decay V applied to 2-D tensors only (matmul weights, embeddings) (default: 0.1)" in text

@@ -1102,6 +1102,12 @@ def test_a_resume_with_another_log_dir_logs_there(char_data, tmp_path):
     assert Path(first["run_dir"]).parent == tmp_path / "runs"
 
 
+def test_a_resume_that_drops_the_biases_is_named_as_a_contradiction(char_data, tmp_path):
+    train(tiny(char_data, tmp_path, max_iters=1))
+    with pytest.raises(CheckpointError, match=r"this command contradicts: bias=False \(checkpoint: True\)"):
+        train(tiny(char_data, tmp_path, max_iters=2, bias=False))
+
+
 def test_resuming_weights_that_do_not_fit_is_one_line(char_data, tmp_path):
     config = tiny(char_data, tmp_path, max_iters=5)
     train(config)
