@@ -1339,6 +1339,19 @@ def test_prefetch_gives_the_same_batches(counting_dir):
     torch.testing.assert_close(pre.get_batch("train", 1)[0], plain.get_batch("train", 1)[0])  # works after close
 
 
+def test_a_prefetched_batch_serves_only_its_own_split_and_index(counting_dir):
+    """After val 0, 1, 2 the loader prepares val 3; train 3, asked next, is train's batch, not val's. After
+    close() the loader still gives the right batches, also the one that was being prepared."""
+    plain = BatchLoader(counting_dir, block_size=8, batch_size=3)
+    pre = BatchLoader(counting_dir, block_size=8, batch_size=3, prefetch=True)
+    for i in range(3):
+        pre.get_batch("val", i)
+    torch.testing.assert_close(pre.get_batch("train", 3)[0], plain.get_batch("train", 3)[0])
+    pre.get_batch("val", 0)  # prepares val 1
+    pre.close()
+    torch.testing.assert_close(pre.get_batch("val", 1)[0], plain.get_batch("val", 1)[0])
+
+
 def test_prefetch_follows_the_stride(counting_dir):
     """Under DDP train.py gives rank r the global indices r, r + W, r + 2W, ...: the next one is predicted."""
     plain = BatchLoader(counting_dir, block_size=8, batch_size=3)

@@ -683,7 +683,7 @@ def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch
     assert done[0].startswith("done: 13 iterations (3 of them in this run) in "), done
 
 
-def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, monkeypatch):
+def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, monkeypatch, capsys):
     """Each step takes 10 ms on a fake clock, the first one (compilation) 1 s more; evaluations and
     everything else take no time. Every logged rate is then exactly 10 ms per step, and the ETA the
     remaining steps' time."""
@@ -711,10 +711,81 @@ def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, monkeyp
         return real_log(*args, **kwargs)
     monkeypatch.setattr(train_module, "forward_backward", step)
     monkeypatch.setattr(train_module, "log_progress", spy)
-    train(tiny(char_data, tmp_path, max_iters=12, log_interval=4, eval_interval=12))
+    summary = train(tiny(char_data, tmp_path, max_iters=12, log_interval=4, eval_interval=12))
     assert sorted(logged) == [4, 8, 12]
     for it, (dt, eta) in logged.items():
         assert dt == pytest.approx(0.01) and eta == pytest.approx((12 - it) * 0.01), it
+    # 4 sequences x 16 tokens in 10 ms, printed and logged
+    out = capsys.readouterr().out
+    assert all(f"iter {it}/12: loss" in out for it in (4, 8, 12)) and out.count(", 10.0 ms/iter, 6,400 tok/s,") == 3
+    _, acc = event_steps(summary["run_dir"])
+    assert [e.value for e in acc.Scalars("tokens_per_sec")] == pytest.approx([6400.0] * 3)
+
+
+def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, tmp_path, monkeypatch):
+    """The same fake clock, and evaluations that take time: 0.5 s the first, 0.2 s each later one. The
+    rate leaves them out; the ETA adds the evaluations still to come at the last one's duration.
+    max_iters 10 with evaluations every 4: at 4, 8 and 10 (the last iteration), after the first at 0."""
+    import inspect
+    import train as train_module
+    now = [0.0]
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def perf_counter():
+            return now[0]
+    monkeypatch.setattr(train_module, "time", Clock())
+    real_fb, real_log, real_eval, logged = (train_module.forward_backward, train_module.log_progress,
+                                            train_module.estimate_loss, {})
+
+    def step(*args, **kwargs):
+        now[0] += 0.01
+        return real_fb(*args, **kwargs)
+
+    def evaluation(*args, **kwargs):
+        now[0] += 0.5 if now[0] == 0.0 else 0.2
+        return real_eval(*args, **kwargs)
+
+    def spy(*args, **kwargs):
+        bound = inspect.signature(real_log).bind(*args, **kwargs).arguments
+        logged[bound["iter_num"]] = (bound["dt"], bound["eta"])
+        return real_log(*args, **kwargs)
+    monkeypatch.setattr(train_module, "forward_backward", step)
+    monkeypatch.setattr(train_module, "estimate_loss", evaluation)
+    monkeypatch.setattr(train_module, "log_progress", spy)
+    summary = train(tiny(char_data, tmp_path, max_iters=10, log_interval=2, eval_interval=4))
+    # at each log step: the steps left at 10 ms, and the evaluations left (4, 8, 10) at the last one's time
+    expected = {2: 8 * 0.01 + 3 * 0.5, 4: 6 * 0.01 + 3 * 0.5, 6: 4 * 0.01 + 2 * 0.2, 8: 2 * 0.01 + 2 * 0.2,
+                10: 1 * 0.2}
+    assert {it: dt for it, (dt, _) in logged.items()} == pytest.approx({it: 0.01 for it in expected})
+    assert {it: eta for it, (_, eta) in logged.items()} == pytest.approx(expected)
+    timing = summary["timing"]
+    assert timing["evaluation"] == pytest.approx(0.5 + 3 * 0.2) and timing["setup"] == pytest.approx(0.0, abs=1e-9)
+    assert timing["first_step"] + timing["steps"] == pytest.approx(10 * 0.01)
+
+
+def test_the_time_split_of_the_last_line():
+    from train import format_timing
+    timing = {"setup": 1.0, "first_step": 2.0, "evaluation": 3.0, "checkpoints": 4.0}
+    assert format_timing(timing, 20.0, compiled=True) == ("setup 1.0 s, first step (compilation) 2.0 s, other steps "
+                                                          "10.0 s, evaluations 3.0 s, checkpoints 4.0 s")
+
+
+def test_the_stop_message_says_how_to_continue(char_data, tmp_path, monkeypatch, capsys):
+    import train as train_module
+    steps, real_fb = [], train_module.forward_backward
+    monkeypatch.setattr(train_module, "forward_backward", lambda *a, **k: steps.append(1) or real_fb(*a, **k))
+    monkeypatch.setattr(train_module, "stop_requested", lambda stop, group=None: len(steps) >= 2)
+    for init_from, again in (("auto", "run the same command again to continue"),
+                             ("scratch", "run it again without --init_from=scratch to continue")):
+        steps.clear()
+        summary = train(tiny(char_data, tmp_path / init_from, max_iters=10, init_from=init_from))
+        out = capsys.readouterr().out
+        assert summary["iter_num"] == 2 and "stopped at iteration 2: saved" in out and again in out
+        assert load_checkpoint(tmp_path / init_from / "ckpt" / "checkpoint.pt")["iter_num"] == 2
 
 
 def test_the_eta_of_the_last_log_step_counts_the_final_evaluation(char_data, tmp_path, monkeypatch):
