@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from conftest import gpt2_encoding
 from data import BatchLoader, DataError, check_vocab, load_data_tokenizer, load_meta, prepare_command
 from prepare_data import (cut_text, piece_units, prepare_documents, prepare_text, split_text_pieces, token_dtype,
                           write_dataset)
-from tokenizer import EOT, BPETokenizer, Tokenizer, TokenizerError, load_tokenizer
+from tokenizer import EOT, BPETokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -236,6 +237,31 @@ def test_openwebtext_reads_upper_case_suffixes(tmp_path):
     (web / "b.TXT").write_text(DOCS[6])
     meta = prepare_documents(tmp_path / "o", str(web), hf_name="", val_fraction=0.25, num_proc=1, command="t")
     assert meta["train_documents"] + meta["val_documents"] == 7
+    # a file named itself, with an upper-case suffix, too
+    meta = prepare_documents(tmp_path / "o2", str(web / "a.JSONL"), hf_name="", val_fraction=0.25, num_proc=1,
+                             command="t")
+    assert meta["train_documents"] + meta["val_documents"] == 6 and meta["source"] == str(web / "a.JSONL")
+
+
+def test_meta_json_records_a_command_that_runs_and_what_it_read(tmp_path):
+    """command: the arguments, quoted so that they split back as given (a folder name with a space and a
+    quote); source: the file read; split: which part went to train."""
+    src = tmp_path / "my text's.txt"
+    src.write_text("to be or not to be\n" * 50)
+    argv = ["--dataset", "custom", "--input", str(src), "--tokenizer", "char", "--output_dir", str(tmp_path / "a b"),
+            "--val_fraction", "0.2"]
+    meta = prepare(*argv)
+    assert shlex.split(meta["command"]) == ["python", "prepare_data.py", *argv]
+    assert meta["source"] == str(src) and meta["val_fraction"] == 0.2
+    assert meta["split"] == "first 0.8 of the characters train, the rest val"
+
+
+def test_gpt2_text_is_cut_into_units_for_the_workers(shakespeare_text):
+    """A long text tokenised with GPT-2 goes to the workers in units of about unit_bytes, as char does."""
+    from prepare_data import can_cut, piece_units
+    data = shakespeare_text[:30000].encode()
+    units = list(piece_units([("train", data, False, len(data), "t", 0)], 10000, can_cut(GPT2Tokenizer())))
+    assert len(units) >= 3 and all(len(b"".join(bytes(p[1]) for p in u[1])) <= 12000 for u, _ in units)
 
 
 def test_the_bpe_line_counts_the_files_in_the_training_split(tmp_path, capsys):
