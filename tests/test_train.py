@@ -683,37 +683,55 @@ def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch
     assert done[0].startswith("done: 13 iterations (3 of them in this run) in "), done
 
 
-def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, monkeypatch, capsys):
-    """Each step takes 10 ms on a fake clock, the first one (compilation) 1 s more; evaluations and
-    everything else take no time. Every logged rate is then exactly 10 ms per step, and the ETA the
-    remaining steps' time."""
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """train.py's perf_counter reads a clock the test moves: each training step adds step_s (the first
+    one first_step_s more, as compiling does), each evaluation eval_s[0] the first time and eval_s[1]
+    after that; nothing else takes time. logged[iter_num] = (dt, eta) of each progress line."""
     import inspect
     import train as train_module
-    now = [0.0]
+    clock = type("FakeClock", (), {})()
+    clock.now, clock.step_s, clock.first_step_s, clock.eval_s, clock.logged = 0.0, 0.01, 0.0, (0.0, 0.0), {}
 
-    class Clock:  # the time module, but perf_counter reads the fake clock
+    class Time:  # the time module, but perf_counter reads the fake clock
         def __getattr__(self, name):
             return getattr(time, name)
 
         @staticmethod
         def perf_counter():
-            return now[0]
-    monkeypatch.setattr(train_module, "time", Clock())
-    real_fb, real_log, logged = train_module.forward_backward, train_module.log_progress, {}
+            return clock.now
+    real_fb, real_log, real_eval = train_module.forward_backward, train_module.log_progress, train_module.estimate_loss
+    steps, evals = [], []
 
     def step(*args, **kwargs):
-        now[0] += 1.01 if now[0] == 0.0 else 0.01
+        clock.now += clock.step_s + (clock.first_step_s if not steps else 0.0)
+        steps.append(1)
         return real_fb(*args, **kwargs)
+
+    def evaluation(*args, **kwargs):
+        clock.now += clock.eval_s[1 if evals else 0]
+        evals.append(1)
+        return real_eval(*args, **kwargs)
 
     def spy(*args, **kwargs):
         bound = inspect.signature(real_log).bind(*args, **kwargs).arguments
-        logged[bound["iter_num"]] = (bound["dt"], bound["eta"])
+        clock.logged[bound["iter_num"]] = (bound["dt"], bound["eta"])
         return real_log(*args, **kwargs)
+    monkeypatch.setattr(train_module, "time", Time())
     monkeypatch.setattr(train_module, "forward_backward", step)
+    monkeypatch.setattr(train_module, "estimate_loss", evaluation)
     monkeypatch.setattr(train_module, "log_progress", spy)
+    return clock
+
+
+def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, fake_clock, capsys):
+    """Each step takes 10 ms on a fake clock, the first one (compilation) 1 s more; evaluations and
+    everything else take no time. Every logged rate is then exactly 10 ms per step, and the ETA the
+    remaining steps' time."""
+    fake_clock.first_step_s = 1.0
     summary = train(tiny(char_data, tmp_path, max_iters=12, log_interval=4, eval_interval=12))
-    assert sorted(logged) == [4, 8, 12]
-    for it, (dt, eta) in logged.items():
+    assert sorted(fake_clock.logged) == [4, 8, 12]
+    for it, (dt, eta) in fake_clock.logged.items():
         assert dt == pytest.approx(0.01) and eta == pytest.approx((12 - it) * 0.01), it
     # 4 sequences x 16 tokens in 10 ms, printed and logged
     out = capsys.readouterr().out
@@ -722,44 +740,16 @@ def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, monkeyp
     assert [e.value for e in acc.Scalars("tokens_per_sec")] == pytest.approx([6400.0] * 3)
 
 
-def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, tmp_path, monkeypatch):
+def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, tmp_path, fake_clock):
     """The same fake clock, and evaluations that take time: 0.5 s the first, 0.2 s each later one. The
     rate leaves them out; the ETA adds the evaluations still to come at the last one's duration.
     max_iters 10 with evaluations every 4: at 4, 8 and 10 (the last iteration), after the first at 0."""
-    import inspect
-    import train as train_module
-    now = [0.0]
-
-    class Clock:
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def perf_counter():
-            return now[0]
-    monkeypatch.setattr(train_module, "time", Clock())
-    real_fb, real_log, real_eval, logged = (train_module.forward_backward, train_module.log_progress,
-                                            train_module.estimate_loss, {})
-
-    def step(*args, **kwargs):
-        now[0] += 0.01
-        return real_fb(*args, **kwargs)
-
-    def evaluation(*args, **kwargs):
-        now[0] += 0.5 if now[0] == 0.0 else 0.2
-        return real_eval(*args, **kwargs)
-
-    def spy(*args, **kwargs):
-        bound = inspect.signature(real_log).bind(*args, **kwargs).arguments
-        logged[bound["iter_num"]] = (bound["dt"], bound["eta"])
-        return real_log(*args, **kwargs)
-    monkeypatch.setattr(train_module, "forward_backward", step)
-    monkeypatch.setattr(train_module, "estimate_loss", evaluation)
-    monkeypatch.setattr(train_module, "log_progress", spy)
+    fake_clock.eval_s = (0.5, 0.2)
     summary = train(tiny(char_data, tmp_path, max_iters=10, log_interval=2, eval_interval=4))
     # at each log step: the steps left at 10 ms, and the evaluations left (4, 8, 10) at the last one's time
     expected = {2: 8 * 0.01 + 3 * 0.5, 4: 6 * 0.01 + 3 * 0.5, 6: 4 * 0.01 + 2 * 0.2, 8: 2 * 0.01 + 2 * 0.2,
                 10: 1 * 0.2}
+    logged = fake_clock.logged
     assert {it: dt for it, (dt, _) in logged.items()} == pytest.approx({it: 0.01 for it in expected})
     assert {it: eta for it, (_, eta) in logged.items()} == pytest.approx(expected)
     timing = summary["timing"]
