@@ -306,8 +306,8 @@ def test_data_dir_times_the_data_sets_batches(tmp_path, monkeypatch):
     from data import BatchLoader
     d = tmp_path / "d"
     d.mkdir()
-    np.arange(3000, dtype=np.uint16).__mod__(300).astype(np.uint16).tofile(d / "train.bin")
-    np.arange(500, dtype=np.uint16).__mod__(300).astype(np.uint16).tofile(d / "val.bin")
+    (np.arange(3000) % 300).astype(np.uint16).tofile(d / "train.bin")
+    (np.arange(500) % 300).astype(np.uint16).tofile(d / "val.bin")
     (d / "meta.json").write_text(json.dumps(dict(tokenizer="char", tokenizer_file="tokenizer.json", vocab_size=300,
                                                  eot_token=None, dtype="uint16", train_tokens=3000, val_tokens=500)))
     drawn, get_batch = [], BatchLoader.get_batch
