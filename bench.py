@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, resolve_device,
-                   resolve_dtype, run_cli)
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
+                   resolve_device, resolve_dtype, run_cli)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -298,6 +298,7 @@ _barrier = None
 def _init_raw_worker(barrier) -> None:
     global _barrier
     _barrier = barrier
+    exit_with_parent()
 
 
 def _raw_encode(text: str) -> tuple[float, float]:

@@ -59,8 +59,8 @@ import numpy as np
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
                        check_bpe_vocab_size, tokenizer_from_dict)
-from utils import (ArgumentParser, Progress, atomic_open, folder_problem, missing_folders, remove_empty_folders,
-                   remove_unfinished_writes, run_cli)
+from utils import (ArgumentParser, Progress, atomic_open, exit_with_parent, folder_problem, missing_folders,
+                   remove_empty_folders, remove_unfinished_writes, run_cli)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -506,6 +506,7 @@ def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -
     # a result would leave the parent reading the rest of it forever
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent()  # and when the parent is killed outright, workers must not outlive it
     tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     _worker = (tokenizer, np.dtype(dtype), val_fraction)
 

@@ -12,6 +12,8 @@ import re
 import shlex
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import IO, Callable, Iterator, Optional
@@ -54,6 +56,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """In a worker process: end it as soon as the process that started it is gone.
+
+    A pool's workers wait for work on a pipe whose writing end every sibling inherited too, so when the
+    parent is killed outright (SIGKILL, the out-of-memory killer) none of them ever reads end-of-file
+    and they would wait forever. An orphan is adopted by init or a subreaper, which changes its
+    parent's pid on Linux and macOS: a daemon thread looks for that change every `interval` seconds.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)  # nothing is left to report to, and the parent's exit already dropped the unit
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def missing_folders(path: Path) -> list[Path]:

@@ -358,6 +358,20 @@ def test_parallel_tiktoken_speed_spans_first_start_to_last_end(monkeypatch):
     assert bench.raw_parallel_speed(text, 2) == pytest.approx(size / 3)  # from 10 s to 13 s
 
 
+def _watcher_threads(_):
+    import threading
+    return [t.name for t in threading.enumerate() if t.daemon]
+
+
+def test_raw_tiktoken_workers_end_with_the_script():
+    """Killed outright, bench.py could not stop its pool; each worker watches for that itself (the
+    watcher is tested in test_data.py's test_workers_end_when_the_script_is_killed_outright)."""
+    import multiprocessing
+    import bench
+    with multiprocessing.Pool(1, bench._init_raw_worker, (None,)) as pool:
+        assert pool.map(_watcher_threads, [0]) == [["exit-with-parent"]]
+
+
 def test_tokenize_refuses_ids_that_differ_from_tiktoken(monkeypatch):
     import numpy as np
 

@@ -644,6 +644,52 @@ def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig
     assert not out.exists()  # the partial .tmp files were removed, and the folder the run made
 
 
+def _running(pid: int) -> bool:
+    """Whether process pid exists and has not ended (a zombie has ended, only its parent has not reaped it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux's /proc")
+def test_workers_end_when_the_script_is_killed_outright(shakespeare_text, tmp_path):
+    """SIGKILL (the out-of-memory killer, kill -9) gives the script no chance to stop its workers: they notice
+    on their own and end, instead of waiting for work forever."""
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text * 3)
+    started = tmp_path / "started"
+    started.mkdir()
+    # a slow encode_unit that leaves its worker's pid behind; forked workers inherit it
+    code = (f"import os, time, prepare_data, utils\n"
+            f"def slow(*args):\n"
+            f"    open(os.path.join({str(started)!r}, str(os.getpid())), 'w').close()\n"
+            f"    time.sleep(1)\n"
+            f"prepare_data.encode_unit = slow\n"
+            f"utils.run_cli(prepare_data.main)\n")
+    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", tmp_path / "out",
+            "--num_proc", 2]
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(started.iterdir())) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.name) for p in started.iterdir()]
+        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no two workers in 60 s"
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 30  # they look once a second; a generous margin for a busy machine
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in workers if _running(pid)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a failure
+    assert left == []
+
+
 def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
     d = write_data_dir(tmp_path / "d", np.arange(100), np.arange(50), vocab_size=100)
     meta = json.loads((d / "meta.json").read_text())
