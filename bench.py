@@ -459,7 +459,7 @@ def model_report(args) -> dict:
         config.block_size = args.block_size
     config.fp8 = args.fp8
     config.validate()
-    from model import fp8_problem
+    from model import attention_kernel, fp8_problem
     problem = fp8_problem(device) if args.fp8 else None
     if problem:
         raise UserError(problem)
@@ -488,9 +488,10 @@ def model_report(args) -> dict:
         torch.backends.cudnn.allow_tf32 = True
 
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
+    attention = attention_kernel(config, config.batch_size, device, dtype)
     report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
                   compile=use_compile, compile_mode=args.compile_mode if use_compile else None,
-                  compile_regional=use_compile and args.compile_regional, fp8=args.fp8,
+                  compile_regional=use_compile and args.compile_regional, fp8=args.fp8, attention=attention,
                   preset=preset,
                   batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
@@ -499,7 +500,7 @@ def model_report(args) -> dict:
     print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}"
           + (f" ({args.compile_mode}{', regional' * args.compile_regional})" if use_compile
              else ", so --compile_regional does nothing" if args.compile_regional else "")
-          + (", fp8 matmuls in training" if args.fp8 else ""))
+          + (", fp8 matmuls in training" if args.fp8 else "") + f", attention {attention}")
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"vocab={config.vocab_size}; batch {config.batch_size} x {config.block_size} tokens; data: {report['data']}")
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
@@ -676,6 +677,27 @@ GPU_PEAK_FLOPS = [
     ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
     ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12),
 ]
+
+
+def attention_kernel(config: GPT2Config, batch_size: int, device, dtype: torch.dtype, training: bool = True) -> str:
+    """The kernel F.scaled_dot_product_attention picks for this model's causal attention: 'flash', 'cudnn',
+    'efficient' or 'math' ('unknown' if this torch cannot say).
+
+    torch chooses by device, dtype, shapes, dropout and the priority order in force (sdpa_kernel), and the
+    choice moves the step time a good deal, so the scripts print it. dtype is what the attention sees:
+    autocast's dtype under mixed precision.
+    """
+    hs = config.n_embd // config.n_head
+    # only the metadata is read, but it must be a real tensor on the device (the rules depend on the GPU)
+    q = torch.empty(batch_size, config.n_head, config.block_size, hs, device=device, dtype=dtype,
+                    requires_grad=training)
+    try:
+        choice = torch._fused_sdp_choice(q, q, q, dropout_p=config.dropout if training else 0.0, is_causal=True)
+        name = SDPBackend(choice).name
+    except (AttributeError, RuntimeError, ValueError):  # a private function, which may change
+        return "unknown"
+    return {"FLASH_ATTENTION": "flash", "CUDNN_ATTENTION": "cudnn", "EFFICIENT_ATTENTION": "efficient"}.get(
+        name, name.lower())
 
 
 def peak_flops(device, dtype=None) -> Optional[float]:

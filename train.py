@@ -37,7 +37,7 @@ import torch
 
 # the command line is parsed in config.py
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
-from model import GPT, GPT2_NAMES, fp8_problem, is_model_folder
+from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
                    format_duration, get_rng_state, load_checkpoint, load_weights, missing_folders,
                    remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype, run_cli,
@@ -719,8 +719,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     compiled = f"compile {compile_model}" + (f" ({config.compile_mode}{', regional' * config.compile_regional})"
                                              if compile_model else ", so compile_regional does nothing"
                                              if config.compile_regional else "")
+    attention = attention_kernel(config, config.batch_size, device, dtype)
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
-              f"{compiled}, data {config.data_dir} ({meta['tokenizer']}), checkpoints {checkpoint_dir}, "
+              f"{compiled}, attention {attention}, data {config.data_dir} ({meta['tokenizer']}), checkpoints {checkpoint_dir}, "
               f"tensorboard {run_dir}")
     if ckpt is not None:
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")

@@ -23,6 +23,7 @@ def test_cpu_smoke_run_writes_consistent_figures(tmp_path):
     assert out.returncode == 0, out.stderr
     r = json.loads((tmp_path / "b.json").read_text())
     assert r["device"] == "cpu" and r["preset"] == "shakespeare-char-cpu" and r["vocab_size"] == 65
+    assert r["attention"] == "flash" and ", attention flash\n" in out.stdout  # the CPU's kernel, without dropout
     t = r["train"]
     assert t["mfu"] is None  # no known peak on a CPU: FLOP/s instead of a percentage
     assert math.isfinite(t["tokens_per_sec"]) and t["tokens_per_sec"] > 0

@@ -8,7 +8,7 @@ import torch
 
 from config import ConfigError, GPT2Config, preset_config
 from conftest import gpt2_encoding
-from model import GPT, CheckpointFormatError, fp8_problem, peak_flops
+from model import GPT, CheckpointFormatError, attention_kernel, fp8_problem, peak_flops
 from utils import UserError
 
 transformers = pytest.importorskip("transformers")
@@ -669,6 +669,21 @@ def test_flops_and_mfu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops("cuda", torch.bfloat16) == peak
     assert peak_flops("cuda", torch.float32) is None
+
+
+def test_attention_kernel_is_the_one_torch_picks():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    config = tiny_config()  # head size 8
+    # what torch's own chooser returns for those shapes, and what the forward pass then runs
+    q = torch.empty(2, config.n_head, config.block_size, config.n_embd // config.n_head, requires_grad=True)
+    assert SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)) == SDPBackend.FLASH_ATTENTION  # on the CPU
+    assert attention_kernel(config, 2, "cpu", torch.float32) == "flash"
+    with sdpa_kernel(SDPBackend.MATH):  # the priority order in force decides
+        assert attention_kernel(config, 2, "cpu", torch.float32) == "math"
+    config.dropout = 0.2  # the CPU's flash kernel has no dropout: training falls back to the math kernel
+    assert SDPBackend(torch._fused_sdp_choice(q, q, q, dropout_p=0.2, is_causal=True)) == SDPBackend.MATH
+    assert attention_kernel(config, 2, "cpu", torch.float32) == "math"
+    assert attention_kernel(config, 2, "cpu", torch.float32, training=False) == "flash"
 
 
 # ---------------------------------------------------------------------------- float8 matmuls
