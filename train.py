@@ -71,7 +71,9 @@ def get_lr(it: int, config: GPT2Config) -> float:
 
 
 # The train split's evaluation batches are numbered from here: training draws batches 0, 1, 2, ..., so the
-# train loss at evaluation is measured on batches the model has not been trained on, as val's are
+# train loss at evaluation comes from fixed windows that are never themselves a training batch. Their text is
+# still the training text, which training windows cover again and again: it measures the fit to that text,
+# and only val's loss is on text the model has never seen
 EVAL_BATCHES = {"train": 2**62, "val": 0}
 
 
