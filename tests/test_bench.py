@@ -6,10 +6,9 @@ import subprocess
 import sys
 
 import pytest
-import tiktoken
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, gpt2_encoding
 
 
 def run_bench(*args, env=None):
@@ -224,7 +223,7 @@ def test_tokenize_benchmark_matches_tiktoken(tmp_path):
     # and every JSON Lines document is followed by end-of-text
     from bench import bench_documents, bench_text
     text = bench_text(2_000_000)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_encoding()
     cut = int(len(text) * 0.9)
     assert r["text_file_tokens"] == len(enc.encode_ordinary(text[:cut])) + len(enc.encode_ordinary(text[cut:]))
     docs = [json.loads(line)["text"] for line in bench_documents(text)]

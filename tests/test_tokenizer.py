@@ -20,6 +20,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import tokenizer
+from conftest import gpt2_encoding
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, TokenizerError,
                        load_tokenizer, tokenizer_from_dict)
 
@@ -52,7 +53,7 @@ texts = st.text() | st.builds(lambda a, b: a + EOT + b, st.text(), st.text())
 
 @pytest.fixture(scope="module")
 def tiktoken_gpt2():
-    return tiktoken.get_encoding("gpt2")
+    return gpt2_encoding()
 
 
 @pytest.fixture(scope="module")
