@@ -298,13 +298,19 @@ def check_folders(config: GPT2Config) -> GPT2Config:
     return config
 
 
-def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, config: GPT2Config) -> None:
-    """A resumed run must read the same kind of tokens as before."""
+def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config: GPT2Config) -> None:
+    """A resumed run must read the same tokens as before: the same kind and size of vocabulary, and the same
+    tokenizer, since two character sets or two BPE merge lists of one size give the same ids to other text."""
     old = ckpt.get("meta") or {}
     if (old.get("tokenizer"), old.get("vocab_size")) != (meta.get("tokenizer"), meta.get("vocab_size")):
         raise CheckpointError(f"{ckpt_path} was trained on data tokenised with {old.get('tokenizer')!r} "
                               f"(vocab {old.get('vocab_size')}), but {config.data_dir} holds {meta.get('tokenizer')!r} "
                               f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
+    if ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != tokenizer.to_dict():
+        raise CheckpointError(f"{ckpt_path} was trained with another {meta.get('tokenizer')} tokenizer than the one "
+                              f"{config.data_dir} was prepared with: the vocabulary size is the same, but the ids stand "
+                              f"for other text. Resume on the data set it was trained on, prepare this text with its "
+                              f"tokenizer, or {start_over(config)}")
 
 
 def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
@@ -603,9 +609,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           f"gradients over {A // world_size} micro-steps per process; use --compile_mode={other}, "
                           f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
     meta = load_meta(config.data_dir)
-    if ckpt is not None:
-        check_same_tokens(ckpt, ckpt_path, meta, config)
     tokenizer = load_data_tokenizer(config.data_dir, meta)
+    if ckpt is not None:
+        check_same_tokens(ckpt, ckpt_path, meta, tokenizer, config)
     prompt = sample_prompt(tokenizer, config.data_dir, meta) if config.sample_tokens else ""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     raw_model = build_model(config, explicit, meta, ckpt, ckpt_path)

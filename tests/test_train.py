@@ -21,7 +21,7 @@ import torch
 from config import ConfigError, GPT2Config
 from data import BatchLoader, DataError
 from model import GPT
-from tokenizer import CharTokenizer
+from tokenizer import CharTokenizer, load_tokenizer
 from train import GracefulStop, TrainingError, estimate_loss, forward_backward, get_lr, main, parse_args, train
 from utils import (CheckpointError, UserError, load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint,
                    save_checkpoint_as)
@@ -1158,6 +1158,23 @@ def test_resuming_on_data_of_another_tokenizer_is_refused(char_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
 
 
+def test_resuming_on_other_characters_of_the_same_count_is_refused(char_data, tmp_path):
+    """Same kind, same vocabulary size, other characters: the ids would stand for other text."""
+    train(tiny(char_data, tmp_path, max_iters=5))
+    chars = "".join(load_tokenizer(char_data / "tokenizer.json").chars)
+    swapped = chars.replace("q", "Q")  # one character of the data set's for a new one
+    assert swapped != chars and len(set(swapped)) == len(chars)
+    other = write_data(tmp_path / "other", CharTokenizer.from_text(swapped), swapped * 200)
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    with pytest.raises(CheckpointError, match=r"was trained with another char tokenizer than the one .*other was "
+                                              r"prepared with: the vocabulary size is the same"):
+        train(tiny(other, tmp_path, max_iters=10))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
+    # the same tokenizer in another folder (the data set prepared again, or copied) resumes
+    shutil.copytree(char_data, tmp_path / "copy")
+    assert train(tiny(tmp_path / "copy", tmp_path, max_iters=10))["resumed_from"] == 5
+
+
 def test_a_resume_with_another_log_dir_logs_there(char_data, tmp_path):
     first = train(tiny(char_data, tmp_path, max_iters=5))
     second = train(tiny(char_data, tmp_path, max_iters=10, log_dir=str(tmp_path / "new_runs")))
@@ -1503,7 +1520,6 @@ def test_sample_without_end_of_text_or_newline(tmp_path, char_data):
     meta = json.loads((data / "meta.json").read_text())
     assert sample_prompt(CharTokenizer.from_text(text), data, meta) == "t"
     char_meta = json.loads((char_data / "meta.json").read_text())  # with '\n': start from nothing
-    from tokenizer import load_tokenizer
     assert sample_prompt(load_tokenizer(char_data / "tokenizer.json"), char_data, char_meta) == ""
     summary = train(tiny(data, tmp_path, max_iters=5, sample_tokens=8))
     assert summary["iter_num"] == 5 and (tmp_path / "ckpt" / "final_checkpoint.pt").is_file()
