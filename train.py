@@ -126,9 +126,12 @@ def resolve_system(config: GPT2Config, local_rank: Optional[int]) -> tuple[torch
     return device, dtype, compile_model
 
 
+SIGPIPE = getattr(signal, "SIGPIPE", 13)  # a run stopped because stdout closed exits with 128 + SIGPIPE, as if killed
+
+
 class GracefulStop:
-    """SIGINT/SIGTERM set a flag that the loop checks after each step and estimate_loss before each batch;
-    a second Ctrl-C aborts at once.
+    """SIGINT/SIGTERM/SIGHUP set a flag that the loop checks after each step and estimate_loss before each
+    batch; a second Ctrl-C aborts at once. request() sets it from inside (stdout closed).
 
     A repeat within REPEAT_S seconds counts as the same request: Ctrl-C reaches torchrun and its workers
     together, and torchrun then forwards the signal to the workers a second time.
@@ -146,17 +149,25 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         import threading
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+            # SIGHUP: the terminal closed or the SSH connection dropped, which otherwise kills at once
+            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def request(self, signum: int, why: str) -> None:
+        """Stop as a signal would, for a reason found inside the process; a repeat does nothing."""
+        if self.signum is None:
+            self.signum, self._first = signum, time.monotonic()
+            if self.verbose:
+                self._say(f"{why}: finishing this step (or evaluation batch), then {self.then}{torchrun_deadline()}")
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum, self._first = signum, time.monotonic()
             if self.verbose:
-                print(f"\n{signal.Signals(signum).name} received: finishing this step (or evaluation batch), then "
-                      f"{self.then} (press Ctrl-C again to abort at once){torchrun_deadline()}",
-                      file=sys.stderr, flush=True)
+                self._say(f"\n{signal.Signals(signum).name} received: finishing this step (or evaluation batch), "
+                          f"then {self.then} (press Ctrl-C again to abort at once){torchrun_deadline()}")
         elif time.monotonic() - self._first > self.REPEAT_S:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -165,6 +176,22 @@ class GracefulStop:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    @staticmethod
+    def _say(message: str) -> None:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except OSError:  # stderr is a closed pipe too (`2>&1 | head`): stopping and saving matter more
+            silence(sys.stderr)
+
+
+def silence(stream) -> None:
+    """Point a closed or failing stream's file descriptor at os.devnull: what it still buffers, and every
+    later write, go nowhere instead of raising again (at exit, say)."""
+    with suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
 
 
 def torchrun_deadline() -> str:
@@ -472,6 +499,11 @@ class Logger:
     def __init__(self, master: bool, run_dir: Optional[Path], purge_step: Optional[int]):
         self.master = master
         self.writer = None
+        # stdout that can no longer be written stops the run like SIGPIPE would, but through `stop` (the
+        # loop's GracefulStop, once it runs), so that checkpoint.pt is saved first
+        self.out = sys.stdout
+        self.stdout_error: Optional[str] = None
+        self.stop: Optional[GracefulStop] = None
         if master and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
             # event files are named after the second they were opened in, and TensorBoard reads a folder's
@@ -486,8 +518,22 @@ class Logger:
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
 
     def print(self, *args, **kwargs) -> None:
-        if self.master:
-            print(*args, **kwargs, flush=True)
+        if not self.master:
+            return
+        if self.out is None:
+            return
+        try:
+            print(*args, **kwargs, file=self.out, flush=True)
+        except OSError as e:  # `| head` ended (BrokenPipeError), or the log file's disk is full
+            failed = self.out
+            # the few lines still to come (where the run stopped) go to stderr, unless that failed too
+            self.out = sys.stderr if failed is sys.stdout else None
+            silence(failed)
+            if self.stdout_error is None:
+                self.stdout_error = ("stdout was closed" if isinstance(e, BrokenPipeError)
+                                     else f"stdout cannot be written ({e.strerror or e})")
+                if self.stop is not None:
+                    self.stop.request(SIGPIPE, self.stdout_error)
 
     def scalars(self, step: int, **values) -> None:
         if self.writer is not None:
@@ -820,7 +866,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                                    progress=progress)
         if losses is None:
             timing["evaluation"] += time.perf_counter() - t0
-            log.print(f"iter {iter_num}: evaluation cut short by the signal")
+            log.print(f"iter {iter_num}: evaluation cut short by the stop request")
             if not initial:
                 eval_owed = True  # a resumed run evaluates this iteration first
                 save(["checkpoint.pt"])
@@ -858,6 +904,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         summary.update(iter_num=iter_num, best_val_loss=best_val_loss, timing=timing)
         return summary
     with GracefulStop(verbose=master) as stop:
+        log.stop = stop
+        if log.stdout_error:  # already during the setup
+            stop.request(SIGPIPE, log.stdout_error)
         # the train loss summed since the last log step; a resumed run starts from the checkpoint's sums,
         # so that it logs the same means as a run that was never stopped. Each process sums its own
         # losses and a log step averages over the processes, so under another number of processes every

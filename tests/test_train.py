@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -1853,21 +1854,46 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(char_data, tmp_pa
     assert steps["train/loss"] == list(range(1, 501))  # the killed run's extra steps were purged
 
 
-def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path):
+# SIGHUP: the terminal was closed, or the SSH connection dropped
+@pytest.mark.parametrize("sig", [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path, sig):
     config = tiny(char_data, tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=1000)
     proc = start(config, tmp_path)
     try:
         lines = read_until(proc, "iter 3/")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out = "".join(lines) + proc.communicate(timeout=60)[0]
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert proc.returncode == 128 + sig, out
+    assert f"{signal.Signals(sig).name} received: finishing this step" in out
     stopped = int(out.split("stopped at iteration ")[1].split(":")[0])
     ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
     assert ckpt["iter_num"] == stopped >= 3
     assert f"iter {stopped}/100000: loss" in out  # the last step completed before saving
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("stderr", ["file", "same pipe"])
+def test_a_closed_stdout_stops_like_a_signal_and_saves(char_data, tmp_path, stderr):
+    """`train.py | head` (or `2>&1 | head`): once stdout is gone the run saves checkpoint.pt and stops, exiting
+    as SIGPIPE would, instead of losing what it trained since the last checkpoint."""
+    config = tiny(char_data, tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=1000)
+    command = shlex.join([sys.executable, str(ROOT / "train.py"), *cli_flags(config)])
+    err = tmp_path / "err"
+    redirect = f"2>{shlex.quote(str(err))}" if stderr == "file" else "2>&1"
+    r = subprocess.run(["bash", "-c", f"{command} {redirect} | head -6; exit ${{PIPESTATUS[0]}}"], cwd=tmp_path,
+                       capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    log = err.read_text() if stderr == "file" else ""
+    assert r.returncode == 128 + 13, r.stdout + r.stderr + log  # 141, as `kill -PIPE` would give
+    assert len(r.stdout.splitlines()) == 6 and "iter 1/100000: loss" in r.stdout  # training had begun
+    stopped = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["iter_num"]
+    assert stopped >= 2 and not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+    if stderr == "file":  # where the run stopped is said on stderr, and nothing else is
+        assert log.splitlines() == [
+            "stdout was closed: finishing this step (or evaluation batch), then saving checkpoint.pt",
+            f"stopped at iteration {stopped}: saved {tmp_path / 'ckpt' / 'checkpoint.pt'}; run the same command "
+            f"again to continue"]
 
 
 def test_a_second_ctrl_c_aborts_at_once():
