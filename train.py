@@ -30,7 +30,7 @@ import sys
 import time
 from contextlib import ExitStack, nullcontext, suppress
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -822,9 +822,20 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         ckpt = make_checkpoint()
         if master:
             log.flush()  # events up to this step reach the disk before the checkpoint that covers them
-            save_checkpoint(checkpoint_dir / names[0], ckpt)
-            for name in names[1:]:  # the same state under another name
-                save_checkpoint_as(checkpoint_dir / name, checkpoint_dir / names[0], ckpt)
+            name = names[0]
+            try:
+                save_checkpoint(checkpoint_dir / name, ckpt)
+                for name in names[1:]:  # the same state under another name
+                    save_checkpoint_as(checkpoint_dir / name, checkpoint_dir / names[0], ckpt)
+            except (OSError, RuntimeError) as e:
+                # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+                cause = next((c for c in exception_chain(e) if isinstance(c, OSError)), None)
+                if cause is None:
+                    raise
+                raise TrainingError(f"cannot write {checkpoint_dir / name} at iteration {iter_num}: "
+                                    f"{cause.strerror or cause}; the checkpoints written before are whole. Make "
+                                    f"room (or fix the folder) and run the same command again to continue from the "
+                                    f"last checkpoint.pt") from None
         timing["checkpoints"] += time.perf_counter() - t0
 
     # non-finite losses and gradient norms are counted on the device and looked at only where the host
@@ -1106,6 +1117,13 @@ def forward_backward(model, get_batch, micro_steps: int, ctx=nullcontext(), scal
             (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
     return step_loss
+
+
+def exception_chain(e: Optional[BaseException]) -> Iterator[BaseException]:
+    """e, then the exceptions it was raised from or while handling, innermost last."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def stop_requested(stop: GracefulStop, group=None) -> bool:
