@@ -927,6 +927,16 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         interval_loss = torch.tensor(own, device=device)
         interval_steps = progress["steps"]
         last_eval_s = progress["eval_s"]  # the last evaluation's duration, for the ETA
+        # the first evaluation in this process also compiles the evaluation graph, which the later ones do not
+        eval_compiles = compile_model and config.compile_eval
+
+        def timed_eval(seconds: float) -> float:
+            """The duration to plan the remaining evaluations with, after one that took `seconds`."""
+            nonlocal eval_compiles
+            if eval_compiles:
+                eval_compiles = False
+                return last_eval_s  # the saved run's figure, or 0 until an evaluation without compiling
+            return seconds
         t0 = time.perf_counter()
         owed = eval_owed  # a stopped run's last evaluation was cut short: it is made up first
 
@@ -959,7 +969,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                               f"owes that evaluation")
                 return finish()
             summary["evals"][iter_num] = losses
-            last_eval_s = time.perf_counter() - t0
+            last_eval_s = timed_eval(time.perf_counter() - t0)
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
         timing["setup"] = t_mark - t_start - timing["evaluation"] - timing["checkpoints"]
         first_in_interval = True  # the first step compiles: its time stays out of the first rate and ETA
@@ -1013,7 +1023,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 eval_cut = losses is None
                 if not eval_cut:
                     summary["evals"][iter_num] = losses
-                    last_eval_s = time.perf_counter() - t0
+                    last_eval_s = timed_eval(time.perf_counter() - t0)
             if config.save_interval and iter_num % config.save_interval == 0:
                 save([f"checkpoint_iter_{iter_num}.pt"])
                 if master and config.keep_last_n:

@@ -760,6 +760,21 @@ def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, 
     assert timing["first_step"] + timing["steps"] == pytest.approx(10 * 0.01)
 
 
+@pytest.mark.parametrize("compile_eval", [True, False])
+def test_the_eta_leaves_out_the_evaluation_that_compiled(char_data, tmp_path, fake_clock, monkeypatch, compile_eval):
+    """Compiled, the first evaluation also compiles the evaluation graph (5 s here, 0.2 s each later one):
+    planning the remaining evaluations with it would overstate the ETA by that much per evaluation, so
+    they count only from the first evaluation that did not compile. Evaluated eagerly, none compiles."""
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # the path, without the wait
+    fake_clock.eval_s = (5.0, 0.2)
+    train(tiny(char_data, tmp_path, max_iters=10, log_interval=2, eval_interval=4, compile=True,
+               compile_eval=compile_eval))
+    first = 0.0 if compile_eval else 5.0
+    expected = {2: 8 * 0.01 + 3 * first, 4: 6 * 0.01 + 3 * first, 6: 4 * 0.01 + 2 * 0.2, 8: 2 * 0.01 + 2 * 0.2,
+                10: 1 * 0.2}
+    assert {it: eta for it, (_, eta) in fake_clock.logged.items()} == pytest.approx(expected)
+
+
 def test_the_time_split_of_the_last_line():
     from train import format_timing
     timing = {"setup": 1.0, "first_step": 2.0, "evaluation": 3.0, "checkpoints": 4.0}
