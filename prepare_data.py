@@ -548,6 +548,11 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
             progress, result = pending.popleft()
             yield progress, result.result()
     except BrokenProcessPool:
+        # The survivors ignore SIGTERM, the only signal the executor sends them, and one may be blocked
+        # writing its result into a pipe that nobody reads any more: shutdown() would wait for it forever.
+        # This process starts no other children while the pool runs.
+        for worker in multiprocessing.active_children():
+            worker.kill()
         raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
                         f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}") from None
     finally:  # an error, Ctrl-C, or the caller stopped: the units not begun are dropped, a unit (~1 MB) each ends

@@ -600,6 +600,39 @@ def test_a_worker_killed_by_the_system_stops_the_run_in_one_line(shakespeare_tex
     assert not out.exists()
 
 
+def test_one_worker_killed_while_another_sends_its_result_stops_the_run(shakespeare_text, tmp_path):
+    """The out-of-memory killer takes one worker while the other has a result of megabytes to send. The
+    pool stops reading results, so that worker blocks in its write, and it ignores the SIGTERM the pool
+    sends: the run must end it and say so in one line, not wait for it forever."""
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text * 3)  # 3 units of about 1 MB; each result is 2 MB of uint16 ids
+    first = tmp_path / "first"
+    code = (f"import os, signal, prepare_data, utils\n"
+            f"real = prepare_data.encode_unit\n"
+            f"def encode_unit(*args):\n"
+            f"    try:  # the first worker to start a unit is killed; the other works on\n"
+            f"        os.close(os.open({str(first)!r}, os.O_CREAT | os.O_EXCL))\n"
+            f"    except FileExistsError:\n"
+            f"        return real(*args)\n"
+            f"    os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"prepare_data.encode_unit = encode_unit\n"
+            f"utils.run_cli(prepare_data.main)\n")
+    out = tmp_path / "out"
+    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what a hang left behind
+        proc.wait()
+    assert proc.returncode == 2 and err.strip().splitlines() == [
+        "error: a tokenising process died (killed by the system: out of memory?); nothing was written. Try again "
+        "with fewer processes, e.g. --num_proc 1"]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("group", [False, True])
 def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig, group):
