@@ -626,8 +626,12 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                 "val_tokens": tokens[1],
                 **(late_meta(documents, digests.hexdigest()) if late_meta else {}),
             }
-            json.dump(meta, meta_file, indent=2, ensure_ascii=False)
-            meta_file.write("\n")
+            text = json.dumps(meta, indent=2, ensure_ascii=False)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # a path or argument in bytes that are not UTF-8 (a GBK file name, say):
+                text = json.dumps(meta, indent=2)  # \u escapes keep its surrogates, which UTF-8 cannot
+            meta_file.write(text + "\n")
             for f in (meta_file, tokenizer_file, *bins):  # a full disk fails here, with the old data set whole
                 f.flush()
                 os.fsync(f.fileno())

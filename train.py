@@ -41,7 +41,7 @@ from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folde
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
                    format_duration, get_rng_state, load_checkpoint, load_weights, missing_folders,
                    remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype, run_cli,
-                   save_checkpoint, save_checkpoint_as, set_rng_state)
+                   save_checkpoint, save_checkpoint_as, set_rng_state, utf8_text)
 
 ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
@@ -322,6 +322,9 @@ def check_folders(config: GPT2Config) -> GPT2Config:
         problem = folder_problem(Path(getattr(config, name)))
         if problem:
             raise ConfigError(f"--{name}={getattr(config, name)} {problem}; give the path of a folder, new or existing")
+    if utf8_text(config.log_dir) != config.log_dir:
+        raise ConfigError(f"--log_dir={utf8_text(config.log_dir)} is not UTF-8 (a name in another encoding, such as "
+                          f"GBK), and TensorBoard writes only UTF-8 paths; give a folder whose path is UTF-8")
     return config
 
 
@@ -482,7 +485,8 @@ def move_back(moved: Path, checkpoint_dir: Path) -> None:
 def new_run_dir(log_dir: str, data_dir: str) -> Path:
     """Make log_dir/<time>_<data>[-N] and return it. Making it claims the name: runs started in the
     same second (a sweep started from a script, say) each get their own TensorBoard run."""
-    base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{Path(data_dir).resolve().name}"
+    # TensorBoard writes only UTF-8 paths: a data folder named in other bytes (GBK) shows U+FFFD instead
+    base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{utf8_text(Path(data_dir).resolve().name)}"
     run_dir, n = base, 1
     while True:
         try:
@@ -549,7 +553,8 @@ class Logger:
     def hparams(self, config: dict) -> None:
         if self.writer is not None:
             from torch.utils.tensorboard.summary import hparams
-            hp = {k: v for k, v in config.items() if isinstance(v, (bool, int, float, str))}
+            hp = {k: utf8_text(v) if isinstance(v, str) else v for k, v in config.items()
+                  if isinstance(v, (bool, int, float, str))}
             # written into the run itself (SummaryWriter.add_hparams would start a second run); the
             # metrics are the val/loss and train/loss curves of this run
             for summary in hparams(hp, {"val/loss": 0.0, "train/loss": 0.0}):

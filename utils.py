@@ -76,6 +76,15 @@ def exit_with_parent(interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def utf8_text(text: str) -> str:
+    """text with each lone surrogate as U+FFFD. A path in bytes that are not UTF-8 (a GBK file name) reaches
+    Python as such surrogates, which libraries that write UTF-8 (TensorBoard) refuse with a traceback."""
+    try:  # the bytes of the file name, each that is not UTF-8 as one U+FFFD
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (a JSON escape)
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def missing_folders(path: Path) -> list[Path]:
     """The folders that path.mkdir(parents=True) would make, deepest first, resolved: those that do not
     exist, also where the path goes through '..' ('missing/../data' makes 'missing', not the existing 'data')."""

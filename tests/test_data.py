@@ -852,6 +852,26 @@ def test_cli_non_utf8_names_file_and_offset(tmp_path):
     assert f"{bad} is not valid UTF-8: byte 0xe9 at byte offset 14" in r.stderr
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in a name")
+@pytest.mark.parametrize("dataset, name", [("custom", "\udcd6\udcd0\udcce\udcc4.txt"),  # 中文.txt in GBK
+                                           ("openwebtext", "\udcd6\udcd0\udcce\udcc4.jsonl")])
+def test_a_file_named_in_gbk_is_prepared(tmp_path, dataset, name):
+    """Names unzipped from a Chinese Windows archive are GBK bytes, which reach Python as lone surrogates;
+    meta.json (source, command) keeps them as \\u escapes instead of failing after all the tokenising."""
+    src = tmp_path / name
+    text = "to be or not to be\n" * 50
+    src.write_text(text if dataset == "custom" else "".join(json.dumps({"text": f"{i} {text}"}) + "\n"
+                                                             for i in range(20)))
+    out = tmp_path / "o"
+    r = run_cli("--dataset", dataset, "--input", src, "--tokenizer", "char" if dataset == "custom" else "gpt2",
+                "--output_dir", out, "--val_fraction", "0.5")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    assert str(src) in meta["command"] and name in json.dumps(meta["source"], ensure_ascii=False)
+    train, val = bins(out)
+    assert meta["train_tokens"] + meta["val_tokens"] == len(train) + len(val) > 0
+
+
 def test_a_utf16_file_is_named_as_such(tmp_path):
     bad = tmp_path / "notepad_unicode.txt"
     bad.write_bytes("床前明月光".encode("utf-16"))  # Notepad's "Unicode": a byte-order mark FF FE first

@@ -1270,6 +1270,22 @@ def test_a_file_where_a_folder_goes_is_refused_before_anything_moves(char_data, 
     assert sorted(os.listdir(tmp_path / "ckpt")) == before  # nothing moved aside
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in a name")
+def test_a_data_folder_named_in_gbk_trains_and_logs(char_data, tmp_path):
+    """A folder name in GBK bytes reaches Python as lone surrogates, which TensorBoard cannot write: the run
+    folder named after the data shows U+FFFD for them, and the hyperparameters too."""
+    data = tmp_path / "\udcd6\udcd0\udcce\udcc4"  # 中文 in GBK
+    shutil.copytree(char_data, data)
+    summary = train(tiny(data, tmp_path, max_iters=5))
+    run_dir = Path(summary["run_dir"])
+    assert run_dir.name.endswith("_\ufffd\ufffd\ufffd\ufffd")
+    steps, acc = event_steps(str(run_dir))
+    assert steps["train/loss"] == [1, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match=r"--log_dir=.*\ufffdruns is not UTF-8 .* TensorBoard writes only UTF-8"):
+        train(tiny(data, tmp_path / "b", log_dir=str(tmp_path / "\udcd6runs")))
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_log_dir_that_cannot_be_made_stops_before_checkpoints_move(char_data, tmp_path):
     train(tiny(char_data, tmp_path, max_iters=2))
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
