@@ -351,12 +351,18 @@ def txt_documents(files: list[Path], val_fraction: float, counts: dict, sha=None
         yield split, text, True, len(data), str(f), skip
 
 
-def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
-    """(text, file bytes it stands for) for each row of a Parquet file's "text" column (needs pyarrow)."""
+def import_parquet(path: Path):
+    """pyarrow.parquet, or a DataError naming the Parquet file that needs it."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"reading {path} needs pyarrow: pip install pyarrow (or convert it to .jsonl)") from None
+    return pq
+
+
+def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
+    """(text, file bytes it stands for) for each row of a Parquet file's "text" column (needs pyarrow)."""
+    pq = import_parquet(path)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
@@ -767,6 +773,10 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
     sha = hashlib.sha256()
     if input_path:
         files = input_files(Path(input_path), DOC_SUFFIXES, out_dir, file_suffixes=DOC_FILE_SUFFIXES)
+        # before any tokenising, not when the first Parquet file comes up, maybe hours into the run
+        parquet = next((f for f in files if f.suffix.lower() == ".parquet"), None)
+        if parquet is not None:
+            import_parquet(parquet)
         units = local_units(files, unit_bytes, val_fraction, sha, txt_counts, can_cut(tok))
         progress = ("bytes", sum(f.stat().st_size for f in files))
         source = str(files[0]) if len(files) == 1 else f"{len(files)} files under {input_path}"

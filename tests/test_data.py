@@ -1016,6 +1016,19 @@ def test_a_jsonl_line_nested_too_deeply_is_one_line_of_error(tmp_path):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
 
 
+def test_a_parquet_file_without_pyarrow_is_named_before_any_tokenising(tmp_path, monkeypatch):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    (docs / "z.parquet").write_bytes(b"PAR1")  # never opened
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setattr(prepare_data, "encode_units", lambda *a, **k: pytest.fail("tokenising began"))
+    with pytest.raises(DataError, match=r"reading .*z.parquet needs pyarrow: pip install pyarrow"):
+        prepare("--dataset", "openwebtext", "--input", docs, "--output_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_which_document_files_are_read(tmp_path, monkeypatch):
     """In a folder .jsonl, .txt and .parquet, through linked folders too; a .json only when named itself
     (in a folder it is more often another data set's meta.json, or a download's dataset_info.json)."""
