@@ -120,11 +120,12 @@ def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = No
     """
     if not path.exists():
         raise DataError(f"--input {str(path)!r} does not exist; pass a file or a folder of {'/'.join(suffixes)} files")
-    if path.is_file():
+    if not path.is_dir():  # a file, or a pipe: <(zcat text.gz) is the natural way to read a compressed file
         if file_suffixes is not None and path.suffix.lower() not in file_suffixes:
             raise DataError(f"--input {str(path)!r} is not a file this reads: expected {'/'.join(file_suffixes)}"
                             + (" (decompress it first)" if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst")
-                               else ""))
+                               else "; a pipe is read by --dataset custom only, so save it as a .jsonl file"
+                               if not path.is_file() else ""))
         return [path]
     own = {(out_dir / name).resolve() for name in DATASET_FILES} if out_dir is not None else set()
     # .TXT as well as .txt: Windows names files in either case

@@ -872,6 +872,29 @@ def test_a_file_named_in_gbk_is_prepared(tmp_path, dataset, name):
     assert meta["train_tokens"] + meta["val_tokens"] == len(train) + len(val) > 0
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_pipe_is_read_as_a_text_file(tmp_path, shakespeare_text):
+    """`--input <(zcat text.gz)` hands over a pipe (/dev/fd/63): custom reads it as the file it streams;
+    openwebtext, which names its formats by suffix, says what to do instead."""
+    import threading
+    text = shakespeare_text[:100_000]
+    (tmp_path / "t.txt").write_text(text)
+    prepare("--dataset", "custom", "--tokenizer", "char", "--input", tmp_path / "t.txt", "--output_dir", tmp_path / "f")
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=(text,))
+    writer.start()
+    try:
+        prepare("--dataset", "custom", "--tokenizer", "char", "--input", pipe, "--output_dir", tmp_path / "p")
+    finally:
+        if writer.is_alive():  # the run failed before it opened the pipe: let the writer finish
+            pipe.read_bytes()
+        writer.join()
+    assert [b.tolist() for b in bins(tmp_path / "p")] == [b.tolist() for b in bins(tmp_path / "f")]
+    with pytest.raises(DataError, match=r"is not a file this reads: .*; a pipe is read by --dataset custom only"):
+        prepare("--dataset", "openwebtext", "--input", pipe, "--output_dir", tmp_path / "o")
+
+
 def test_a_utf16_file_is_named_as_such(tmp_path):
     bad = tmp_path / "notepad_unicode.txt"
     bad.write_bytes("床前明月光".encode("utf-16"))  # Notepad's "Unicode": a byte-order mark FF FE first
