@@ -414,7 +414,7 @@ def main(argv=None) -> dict:
     if args.json:
         try:
             with atomic_open(args.json, "w") as f:
-                json.dump(report, f, indent=2)
+                f.write(json.dumps(report, indent=2) + "\n")
         except OSError as e:  # e.g. the disk filled up while the benchmark ran
             raise UserError(f"cannot write --json {args.json}: {e.strerror or e}; the figures are printed "
                             f"above") from None

@@ -133,7 +133,9 @@ def output_file_problem(path: str | os.PathLike) -> Optional[str]:
     try:
         if path.is_dir():
             return "is a directory"
-        problem = folder_problem(path.parent)
+        if path.exists() and not path.is_file():  # a pipe or a device: written directly (atomic_open)
+            return None if os.access(path, os.W_OK) else "cannot be written: permission denied"
+        problem = folder_problem(Path(os.path.realpath(path)).parent)  # a link's file is written
     except OSError as e:  # a name too long for the file system, say
         return f"cannot be written: {e.strerror or e}"
     return f"cannot be written: its folder {problem}" if problem else None
@@ -167,14 +169,24 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 
     A crash or an exception inside the block leaves `path` as it was (or absent) and
     removes the temporary file, so a half-written file never looks complete.
+
+    A link is followed: the file it points to is replaced and the link stays. A pipe, a terminal or a
+    device (/dev/null, /dev/stdout) is written directly, since renaming over it would put a plain
+    file in its place.
     """
     path = Path(path)
+    encoding = None if "b" in mode else "utf-8"
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, mode, encoding=encoding) as f:
+            yield f
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); give it the permissions open() would have given it
         os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+        with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -966,6 +966,31 @@ def test_checkpoints_are_written_whole_and_readable_as_the_umask_allows(char_dat
     assert (tmp_path / "ckpt" / "checkpoint.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes and symbolic links")
+def test_atomic_open_writes_through_links_and_into_pipes(tmp_path):
+    """An output file given as a link (samples.txt -> runs/samples.txt) or a pipe (bench --json >(jq .)):
+    the link's file gets the data and the link stays; the pipe's reader gets it and the pipe stays."""
+    import stat
+    import threading
+    import utils
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "out.txt").write_text("old")
+    (tmp_path / "out.txt").symlink_to("real/out.txt")
+    with utils.atomic_open(tmp_path / "out.txt", "w") as f:
+        f.write("new")
+    assert (tmp_path / "out.txt").is_symlink() and (tmp_path / "real" / "out.txt").read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["out.txt"]  # no temporary file left
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(pipe.read_text()))
+    reader.start()
+    with utils.atomic_open(pipe, "w") as f:
+        f.write("through the pipe")
+    reader.join(timeout=30)
+    assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
 def test_the_link_a_killed_save_leaves_is_one_the_next_run_removes(tmp_path, monkeypatch):
     import utils
     from train import CHECKPOINT_NAMES
