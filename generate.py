@@ -825,7 +825,7 @@ def get_parser() -> argparse.ArgumentParser:
     src.add_argument("--init_from", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory")
     s = p.add_argument_group("sampling")
     d = SamplingSettings()
-    s.add_argument("--prompt", default="", help="text to continue; empty starts from end-of-text (or a newline)")
+    s.add_argument("--prompt", help="text to continue; empty (the default) starts from end-of-text (or a newline)")
     s.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
     s.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt")
     s.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="tokens per continuation")
@@ -867,14 +867,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GenerationError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    prompt = args.prompt
+    if args.prompt is not None and args.prompt_file:
+        raise GenerationError("give --prompt or --prompt_file, not both")
+    prompt = args.prompt or ""
     if args.prompt_file:
         try:
             # without a byte-order mark; \r\n becomes \n, which a model trained on any text knows
             prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
-    if args.interactive and (args.prompt or args.prompt_file or args.num_samples != 1 or args.batch_size is not None):
+    if args.interactive and (args.prompt is not None or args.prompt_file or args.num_samples != 1
+                             or args.batch_size is not None):
         raise GenerationError("--prompt, --prompt_file, --num_samples and --batch_size do not apply to --interactive, "
                               "which reads its prompts from the terminal one at a time; leave them out, or leave out "
                               "--interactive")

@@ -563,6 +563,9 @@ def test_cli_prompt_file_with_a_byte_order_mark(char_checkpoint, tmp_path):
     r = cli(["--prompt_file", "p.txt", "--max_new_tokens", "10", "--temperature", "0", "--device", "cpu"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "ROMEO:" + expected + "\n"
+    for prompt in ("JULIET:", ""):  # one of the two, even an empty --prompt
+        r = cli(["--prompt_file", "p.txt", "--prompt", prompt, "--device", "cpu"], tmp_path)
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: give --prompt or --prompt_file, not both\n")
 
 
 def test_cli_interactive_through_stdin(char_checkpoint, tmp_path):
