@@ -507,11 +507,12 @@ def model_report(args) -> dict:
     if not args.no_train:
         print(f"training: {args.warmup} warm-up steps (compilation included), then {args.steps} timed ...", flush=True)
         r = bench_train(args, config, device, dtype, use_compile)
+        from train import format_flops
         report["train"] = r
         eff = (f"MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else "MFU n/a (no known peak)")
         mem = f", peak memory {r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else ""
         print(f"  {r['tokens_per_sec']:,.0f} tokens/s | {r['ms_per_iter']:.1f} ms/iter | {eff} | "
-              f"{r['achieved_tflops']:.2f} TFLOP/s achieved{mem} | warm-up {r['warmup_s']:.1f} s")
+              f"{format_flops(r['achieved_tflops'] * 1e12)} achieved{mem} | warm-up {r['warmup_s']:.1f} s")
         if "profile" in r:
             print_profile(r["profile"], r["ms_per_iter"])
     if not args.no_generate:
