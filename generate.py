@@ -593,6 +593,10 @@ def _load_pretrained(name: str):
                                   f"and no {TOOLKIT_TOKENIZER} of this project beside it; export it with "
                                   "model.save_pretrained(directory, tokenizer) so its tokenizer travels along")
         tokenizer = GPT2Tokenizer()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"{tok_file}: its tokenizer has {tokenizer.vocab_size} tokens but the model in {name} "
+                              f"only {model.config.vocab_size}; the folder mixes two exports. Export the model again "
+                              f"with model.save_pretrained(directory, tokenizer)")
     print(f"using {'Hugging Face directory' if is_model_folder(name) else 'pretrained weights'} {name}, "
           f"{tokenizer.kind} tokenizer", file=sys.stderr)
     return model, tokenizer, name

@@ -8,6 +8,7 @@ varied instead of one repeated character and a wrong token shows up.
 """
 import io
 import os
+import shutil
 import string
 import subprocess
 import sys
@@ -719,6 +720,20 @@ def test_a_damaged_tokenizer_file_of_an_export_is_named(tmp_path):
     (tmp_path / "toolkit_tokenizer.json").write_text('{"kind": "gpt2"')  # cut short
     with pytest.raises(UserError, match="toolkit_tokenizer.json"):
         load_model(init_from=str(tmp_path))
+
+
+def test_an_export_whose_tokenizer_outgrows_its_model_is_one_line(tmp_path):
+    """toolkit_tokenizer.json copied in from another export: ids beyond the model's rows would fail deep
+    inside generation."""
+    from tokenizer import CharTokenizer
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=3)).save_pretrained(
+        tmp_path / "small", tokenizer=CharTokenizer("abc"))
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=5)).save_pretrained(
+        tmp_path / "large", tokenizer=CharTokenizer("abcde"))
+    shutil.copy(tmp_path / "large" / "toolkit_tokenizer.json", tmp_path / "small")
+    with pytest.raises(CheckpointError, match=r"toolkit_tokenizer.json: its tokenizer has 5 tokens but the model in "
+                                              r".*small only 3; the folder mixes two exports"):
+        load_model(init_from=str(tmp_path / "small"))
 
 
 @pytest.mark.parametrize("present,expected", [
