@@ -383,6 +383,15 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
         if (d / name).is_file():
             return d / name
     searched = ", ".join(str(d / n) for n in CHECKPOINT_FALLBACK)
+    # what the folder holds instead says more than how to train: a kept step, or a Hugging Face export
+    steps = sorted((p for p in d.glob("checkpoint_iter_*.pt") if p.is_file()),
+                   key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if d.is_dir() else []
+    if steps:
+        raise CheckpointError(f"no checkpoint found (searched {searched}), but {d} holds {len(steps)} kept step(s); "
+                              f"read the newest with --checkpoint {shlex.quote(str(steps[-1]))}")
+    if (d / "config.json").is_file():
+        raise CheckpointError(f"{d} holds no checkpoint of train.py (searched {searched}) but a Hugging Face model "
+                              f"folder; read it with --init_from {shlex.quote(str(d))}")
     # train.py writes into ./checkpoints unless told otherwise: the command must name this folder
     into = "" if d.absolute() == Path("checkpoints").absolute() else f" --checkpoint_dir={shlex.quote(str(d))}"
     raise CheckpointError(f"no checkpoint found (searched {searched}); train one first, e.g. "

@@ -736,6 +736,20 @@ def test_an_export_whose_tokenizer_outgrows_its_model_is_one_line(tmp_path):
         load_model(init_from=str(tmp_path / "small"))
 
 
+def test_a_folder_without_train_pys_checkpoints_says_what_it_holds(tmp_path):
+    tok = char_tokenizer()
+    for step in (5, 20):  # kept steps only (--save_interval): the newest, by number
+        write_checkpoint(tmp_path / "steps" / f"checkpoint_iter_{step}.pt", tiny_model(tok.vocab_size), tok)
+    with pytest.raises(CheckpointError, match=r"holds 2 kept step\(s\); read the newest with --checkpoint "
+                                              r".*steps/checkpoint_iter_20.pt$"):
+        load_model(checkpoint_dir=tmp_path / "steps")
+    tiny_model(tok.vocab_size).save_pretrained(tmp_path / "export", tokenizer=tok)
+    for kw in ({"checkpoint_dir": tmp_path / "export"}, {"checkpoint": str(tmp_path / "export")}):
+        with pytest.raises(CheckpointError, match=r"export holds no checkpoint of train.py .* but a Hugging Face "
+                                                  r"model folder; read it with --init_from .*export$"):
+            load_model(**kw)
+
+
 @pytest.mark.parametrize("present,expected", [
     (CHECKPOINT_FALLBACK, "best_checkpoint.pt"),
     (("checkpoint.pt", "final_checkpoint.pt"), "checkpoint.pt"),
