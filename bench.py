@@ -221,7 +221,9 @@ def bench_generate(args, config, device, dtype, use_compile) -> list[dict]:
     for bs in args.gen_batch_sizes:
         r = benchmark_generation(model, batch_size=bs, prompt_len=PROMPT_TOKENS, new_tokens=args.gen_tokens,
                                  device=device, dtype=dtype, reference_hf=args.hf_reference and bs == 1,
-                                 compile=use_compile)
+                                 compile=use_compile,
+                                 progress=lambda message: print(f"    batch {bs}: {message}", file=sys.stderr,
+                                                                flush=True))
         results.append(dict(batch_size=bs, **r))
     return results
 

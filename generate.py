@@ -647,14 +647,14 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
 
 def benchmark_generation(model, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 200, device="auto",
                          dtype="auto", reference_hf: bool = False, compile: bool = False, cuda_graph: bool = True,
-                         repeats: int = 2) -> dict:
+                         repeats: int = 2, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Greedy decoding speed of `model` (moved and cast in place) on random prompts.
 
     Returns {"tokens_per_sec": generated tokens per second over the whole batch, prefill included,
     "hf_tokens_per_sec": the same for transformers' GPT2LMHeadModel.generate with the same weights
     (exported with model.save_pretrained), or None unless reference_hf, "device": str, "dtype": str}.
     After an untimed warm-up, the two are timed `repeats` times, taking turns, and the best run of
-    each is reported, so that a busy machine slows both alike.
+    each is reported, so that a busy machine slows both alike. progress, if given, hears of each run as it ends.
     """
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -684,9 +684,12 @@ def benchmark_generation(model, batch_size: int = 1, prompt_len: int = 16, new_t
 
     runners["tokens_per_sec"] = run_ours
     best = {"tokens_per_sec": 0.0, "hf_tokens_per_sec": None if not reference_hf else 0.0}
-    for run in runners.values():
+    names = {"tokens_per_sec": "this project", "hf_tokens_per_sec": "transformers"}
+    for key, run in runners.items():
         run(min(new_tokens, 8))  # warm-up: allocations, kernels, compilation, graph capture
-    for _ in range(max(1, repeats)):
+        if progress:
+            progress(f"{names[key]} warmed up")
+    for i in range(max(1, repeats)):
         for key, run in runners.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -694,7 +697,10 @@ def benchmark_generation(model, batch_size: int = 1, prompt_len: int = 16, new_t
             run(new_tokens)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            best[key] = max(best[key], batch_size * new_tokens / (time.perf_counter() - t0))
+            rate = batch_size * new_tokens / (time.perf_counter() - t0)
+            best[key] = max(best[key], rate)
+            if progress:
+                progress(f"run {i + 1}/{max(1, repeats)}, {names[key]}: {rate:,.1f} tokens/s")
     return {**best, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
 
 

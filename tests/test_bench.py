@@ -298,7 +298,7 @@ def test_training_figures_come_from_the_timed_steps_alone(monkeypatch, capsys):
     assert t["mfu"] == pytest.approx(reference.flops_per_token() * 16 / 0.010 / 1e9)
     assert (r["n_head"], r["n_embd"], r["data"], r["device_name"]) == (4, 128, "random tokens", bench.cpu_name())
     printed = capsys.readouterr().out
-    assert (f"  1,600 tokens/s | 10.0 ms/iter | MFU {100 * t['mfu']:.1f}% | {t['achieved_tflops']:.2f} TFLOP/s "
+    assert (f"  1,600 tokens/s | 10.0 ms/iter | MFU {100 * t['mfu']:.1f}% | {t['achieved_tflops'] * 1e3:.1f} GFLOP/s "
             "achieved | warm-up 0.0 s") in printed
 
 

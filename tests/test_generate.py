@@ -211,9 +211,12 @@ def test_generation_speed_reports_the_best_run(monkeypatch):
     """Two timed runs of 8 rows x 5 tokens, 1 s then 2 s: the faster one (40 tokens/s) is reported."""
     clock = iter([100.0, 101.0, 200.0, 202.0])
     monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    said = []
     r = generate.benchmark_generation(tiny_model(20), batch_size=8, prompt_len=3, new_tokens=5, device="cpu",
-                                      dtype="float32", repeats=2)
+                                      dtype="float32", repeats=2, progress=said.append)
     assert r["tokens_per_sec"] == pytest.approx(40.0)
+    assert said == ["this project warmed up", "run 1/2, this project: 40.0 tokens/s",
+                    "run 2/2, this project: 20.0 tokens/s"]
 
 
 def test_sampling_follows_the_distribution():
