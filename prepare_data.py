@@ -67,6 +67,7 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 DEFAULT_VAL_FRACTION = {"shakespeare": 0.1, "custom": 0.1, "openwebtext": 0.0005}
 DEFAULT_BPE_VOCAB = 4096
 UNIT_BYTES = 1 << 20  # text per work unit handed to a worker process
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip")  # not read: their text must be decompressed first
 DOC_SUFFIXES = (".jsonl", ".txt", ".parquet")  # local files --dataset openwebtext reads from a folder
 # also a .json file named itself (JSON Lines): in a folder, .json is more often something else (a data
 # set's meta.json, a Hugging Face download's dataset_info.json)
@@ -123,17 +124,32 @@ def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = No
     if not path.is_dir():  # a file, or a pipe: <(zcat text.gz) is the natural way to read a compressed file
         if file_suffixes is not None and path.suffix.lower() not in file_suffixes:
             raise DataError(f"--input {str(path)!r} is not a file this reads: expected {'/'.join(file_suffixes)}"
-                            + (" (decompress it first)" if path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst")
+                            + (" (decompress it first)" if path.suffix.lower() in COMPRESSED
                                else "; a pipe is read by --dataset custom only, so save it as a .jsonl file"
                                if not path.is_file() else ""))
         return [path]
     own = {(out_dir / name).resolve() for name in DATASET_FILES} if out_dir is not None else set()
-    # .TXT as well as .txt: Windows names files in either case
-    files = sorted(p for p in _walk(path)
-                   if p.is_file() and p.suffix.lower() in suffixes and p.resolve() not in own)
+    files, compressed, broken = [], [], []
+    for p in _walk(path):
+        suffix = p.suffix.lower()  # .TXT as well as .txt: Windows names files in either case
+        if suffix in suffixes and p.is_file() and p.resolve() not in own:
+            files.append(p)
+        elif suffix in suffixes and p.is_symlink() and not p.exists():
+            broken.append(p)
+        elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in suffixes:  # shard.jsonl.gz
+            compressed.append(p)
+    hint = (f"; it holds {len(compressed)} compressed file(s) such as {compressed[0].name}, which must be "
+            f"decompressed first" if compressed else "")
     if not files:
-        raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files; pass a file or another folder")
-    return files
+        raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files{hint}; pass a file or "
+                        f"another folder")
+    if compressed:
+        print(f"note: {len(compressed)} compressed file(s) under {path} are left out, such as {compressed[0].name}: "
+              f"decompress them to read them", file=sys.stderr)
+    if broken:
+        print(f"note: {len(broken)} link(s) under {path} point to nothing and are left out, such as {broken[0]}",
+              file=sys.stderr)
+    return sorted(files)
 
 
 def _walk(folder: Path) -> Iterator[Path]:

@@ -1039,6 +1039,24 @@ def test_a_jsonl_line_nested_too_deeply_is_one_line_of_error(tmp_path):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
 
 
+def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp_path, capsys):
+    import gzip
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in DOCS))
+    (docs / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n'))
+    (docs / "c.txt").symlink_to(tmp_path / "gone.txt")
+    (docs / "notes.gz").write_bytes(gzip.compress(b"not a shard"))  # not a kind of file read here: no word
+    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES) == [docs / "a.jsonl"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: 1 compressed file(s) under {docs} are left out, such as b.jsonl.gz: decompress them to read them",
+        f"note: 1 link(s) under {docs} point to nothing and are left out, such as {docs / 'c.txt'}"]
+    (docs / "a.jsonl").unlink()
+    with pytest.raises(DataError, match=r"holds no .jsonl/.txt/.parquet files; it holds 1 compressed file\(s\) such "
+                                        r"as b.jsonl.gz, which must be decompressed first; pass a file"):
+        prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
+
+
 def test_a_parquet_file_without_pyarrow_is_named_before_any_tokenising(tmp_path, monkeypatch):
     docs = tmp_path / "docs"
     docs.mkdir()
