@@ -788,6 +788,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None
     progress = (ckpt.get("progress") if ckpt is not None else None) or {"loss_sums": [], "steps": 0, "eval_s": 0.0}
+    progress["eval_iters"] = ckpt["config"].get("eval_iters") if ckpt is not None else None  # what eval_s timed
     eval_owed = bool(progress.get("eval_owed", False))
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
 
@@ -932,6 +933,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         interval_loss = torch.tensor(own, device=device)
         interval_steps = progress["steps"]
         last_eval_s = progress["eval_s"]  # the last evaluation's duration, for the ETA
+        if progress.get("eval_iters"):  # a resumed run may evaluate on more or fewer batches than the saved one
+            last_eval_s *= config.eval_iters / progress["eval_iters"]
         # the first evaluation in this process also compiles the evaluation graph, which the later ones do not
         eval_compiles = compile_model and config.compile_eval
 

@@ -775,6 +775,16 @@ def test_the_eta_leaves_out_the_evaluation_that_compiled(char_data, tmp_path, fa
     assert {it: eta for it, (_, eta) in fake_clock.logged.items()} == pytest.approx(expected)
 
 
+def test_a_resume_with_more_evaluation_batches_plans_longer_evaluations(char_data, tmp_path, fake_clock):
+    """The saved run's last evaluation (0.2 s on the fake clock) took eval_iters=2 batches per split; the
+    resumed run evaluates 4, so until it times one of its own it plans each at 0.4 s."""
+    fake_clock.eval_s = (0.2, 0.2)
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=4, eval_iters=2))
+    train(tiny(char_data, tmp_path, max_iters=10, log_interval=2, eval_interval=4, eval_iters=4))
+    # at 6: 4 steps of 10 ms, and the evaluations at 8 and 10
+    assert fake_clock.logged[6][1] == pytest.approx(4 * 0.01 + 2 * 0.4)
+
+
 def test_the_time_split_of_the_last_line():
     from train import format_timing
     timing = {"setup": 1.0, "first_step": 2.0, "evaluation": 3.0, "checkpoints": 4.0}
