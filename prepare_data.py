@@ -168,9 +168,21 @@ def _walk(folder: Path) -> Iterator[Path]:
         yield from (Path(root) / name for name in names)
 
 
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """An OSError while reading an input file (no permission, a disk error) as one line that names it."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}; make it readable, or move it out of --input") from None
+
+
 def read_files(files: list[Path]) -> list[bytes]:
     """The files' bytes. Decoding them is left to the workers."""
-    datas = [f.read_bytes() for f in files]
+    datas = []
+    for f in files:
+        with reading(f):
+            datas.append(f.read_bytes())
     if not any(d.removeprefix(BOM) for d in datas):
         what = f"{files[0]} is" if len(files) == 1 else f"all {len(files)} files under the input folder are"
         size = "empty (0 bytes)" if not any(datas) else "empty (nothing but a byte-order mark)"
@@ -209,7 +221,8 @@ def shakespeare_file(input_arg: str | None, out_dir: Path) -> Path:
             origin = "--input" if input_arg else "SHAKESPEARE"
             raise DataError(f"{origin} points to {str(path)!r}, which is not a file; give the path of "
                             f"tinyshakespeare's input.txt")
-        got = hashlib.sha256(path.read_bytes()).hexdigest()
+        with reading(path):
+            got = hashlib.sha256(path.read_bytes()).hexdigest()
         if got != SHAKESPEARE_SHA256:
             raise DataError(f"{path} is not tinyshakespeare: its sha256 is {got}, expected {SHAKESPEARE_SHA256} "
                             f"(a copy with changed line endings differs too). For other text use "
@@ -341,7 +354,7 @@ def doc_units(docs: Iterable[tuple[str, int]], unit_size: int) -> Iterator[tuple
 def jsonl_units(path: Path, unit_bytes: int, sha) -> Iterator[tuple[tuple, int]]:
     """("jsonl", ...) units of about unit_bytes of whole lines; sha is updated with the file's bytes."""
     lineno, offset = 1, 0
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         while chunk := f.read(unit_bytes):
             chunk += f.readline()  # finish the line the block ends in
             sha.update(chunk)
@@ -355,7 +368,8 @@ def txt_documents(files: list[Path], val_fraction: float, counts: dict, sha=None
 
     sha, if given, hears of the byte-order marks left out (piece_units hashes the text after them)."""
     for f in files:
-        data = f.read_bytes()
+        with reading(f):
+            data = f.read_bytes()
         skip = len(BOM) if data.startswith(BOM) else 0  # a byte-order mark is no text: left out
         if sha is not None:
             sha.update(data[:skip])  # the pieces that follow hash the rest: the file's bytes in order
@@ -380,7 +394,7 @@ def import_parquet(path: Path):
 def parquet_documents(path: Path, sha) -> Iterator[tuple[str, int]]:
     """(text, file bytes it stands for) for each row of a Parquet file's "text" column (needs pyarrow)."""
     pq = import_parquet(path)
-    with open(path, "rb") as f:
+    with reading(path), open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
     import pyarrow as pa

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -1055,6 +1056,29 @@ def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp
     with pytest.raises(DataError, match=r"holds no .jsonl/.txt/.parquet files; it holds 1 compressed file\(s\) such "
                                         r"as b.jsonl.gz, which must be decompressed first; pass a file"):
         prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
+
+
+@pytest.mark.parametrize("dataset, name", [("custom", "a.txt"), ("openwebtext", "a.txt"), ("openwebtext", "a.jsonl")])
+def test_an_input_file_that_cannot_be_read_is_one_line(tmp_path, monkeypatch, dataset, name):
+    """No permission (or a disk error) while reading an input: named as a read, not a traceback, and not as
+    a failure to write the data set."""
+    import builtins
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / name).write_text("to be or not to be\n" if name.endswith(".txt") else json.dumps({"text": "to be"}) + "\n")
+
+    def refuse(path):
+        if Path(path).name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    real_read, real_open = Path.read_bytes, builtins.open
+    monkeypatch.setattr(Path, "read_bytes", lambda self: refuse(self) or real_read(self))
+    monkeypatch.setattr(prepare_data, "open", lambda f, *a, **k: refuse(f) or real_open(f, *a, **k), raising=False)
+    with pytest.raises(DataError, match=rf"^cannot read {re.escape(str(src / name))}: Permission denied; make it "
+                                        r"readable, or move it out of --input$"):
+        prepare("--dataset", dataset, "--input", src, "--tokenizer", "char" if dataset == "custom" else "gpt2",
+                "--output_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_parquet_file_without_pyarrow_is_named_before_any_tokenising(tmp_path, monkeypatch):
