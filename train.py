@@ -338,9 +338,9 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
                               f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
     if ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != tokenizer.to_dict():
         raise CheckpointError(f"{ckpt_path} was trained with another {meta.get('tokenizer')} tokenizer than the one "
-                              f"{config.data_dir} was prepared with: the vocabulary size is the same, but the ids stand "
-                              f"for other text. Resume on the data set it was trained on, prepare this text with its "
-                              f"tokenizer, or {start_over(config)}")
+                              f"{config.data_dir} was prepared with: the vocabulary size is the same, but the ids "
+                              f"stand for other text. Resume on the data set it was trained on, prepare this text "
+                              f"with its tokenizer, or {start_over(config)}")
 
 
 def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
@@ -522,9 +522,7 @@ class Logger:
             self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
 
     def print(self, *args, **kwargs) -> None:
-        if not self.master:
-            return
-        if self.out is None:
+        if not self.master or self.out is None:  # stdout and stderr both failed: nowhere left to say it
             return
         try:
             print(*args, **kwargs, file=self.out, flush=True)
@@ -780,8 +778,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                                              if config.compile_regional else "")
     attention = attention_kernel(config, config.batch_size, device, dtype)
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
-              f"{compiled}, attention {attention}, data {config.data_dir} ({meta['tokenizer']}), checkpoints {checkpoint_dir}, "
-              f"tensorboard {run_dir}")
+              f"{compiled}, attention {attention}, data {config.data_dir} ({meta['tokenizer']}), "
+              f"checkpoints {checkpoint_dir}, tensorboard {run_dir}")
     if ckpt is not None:
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
     elif config.init_from not in ("auto", "scratch", "resume"):
