@@ -149,9 +149,11 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         import threading
         if threading.current_thread() is threading.main_thread():
-            # SIGHUP: the terminal closed or the SSH connection dropped, which otherwise kills at once
-            for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-                if sig is not None:
+            # SIGHUP: the terminal closed or the SSH connection dropped, which otherwise kills at once; unless
+            # it is ignored already, as `nohup` does for a run that is meant to outlive the terminal
+            hup = getattr(signal, "SIGHUP", None)
+            for sig in (signal.SIGINT, signal.SIGTERM, hup):
+                if sig is not None and not (sig == hup and signal.getsignal(sig) is signal.SIG_IGN):
                     self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -189,9 +191,12 @@ def silence(stream) -> None:
     """Point a closed or failing stream's file descriptor at os.devnull: what it still buffers, and every
     later write, go nowhere instead of raising again (at exit, say)."""
     with suppress(OSError, ValueError):
+        fd = stream.fileno()  # first: a stream without one (io.StringIO) has nothing to point elsewhere
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
 
 def torchrun_deadline() -> str:
@@ -336,11 +341,21 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
         raise CheckpointError(f"{ckpt_path} was trained on data tokenised with {old.get('tokenizer')!r} "
                               f"(vocab {old.get('vocab_size')}), but {config.data_dir} holds {meta.get('tokenizer')!r} "
                               f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
-    if ckpt.get("tokenizer") is not None and ckpt["tokenizer"] != tokenizer.to_dict():
+    if ckpt.get("tokenizer") is not None and saved_tokenizer(ckpt["tokenizer"]) not in (None, tokenizer.to_dict()):
         raise CheckpointError(f"{ckpt_path} was trained with another {meta.get('tokenizer')} tokenizer than the one "
                               f"{config.data_dir} was prepared with: the vocabulary size is the same, but the ids "
                               f"stand for other text. Resume on the data set it was trained on, prepare this text "
                               f"with its tokenizer, or {start_over(config)}")
+
+
+def saved_tokenizer(d: dict) -> Optional[dict]:
+    """A checkpoint's tokenizer as today's to_dict() writes it (older files stored a char set as one string),
+    or None if it cannot be read back, which the kind and size checks then have to answer for."""
+    from tokenizer import TokenizerError, tokenizer_from_dict
+    try:
+        return tokenizer_from_dict(d).to_dict()
+    except (TokenizerError, KeyError, TypeError, ValueError):
+        return None
 
 
 def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
@@ -836,10 +851,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 cause = next((c for c in exception_chain(e) if isinstance(c, OSError)), None)
                 if cause is None:
                     raise
+                last = checkpoint_dir / "checkpoint.pt"
+                then = (f"the checkpoints written before are whole. Make room (or fix the folder) and run the same "
+                        f"command again to continue from {last}" if last.is_file() else
+                        "nothing was saved before. Make room (or fix the folder) and run the same command again: "
+                        "it starts over")
                 raise TrainingError(f"cannot write {checkpoint_dir / name} at iteration {iter_num}: "
-                                    f"{cause.strerror or cause}; the checkpoints written before are whole. Make "
-                                    f"room (or fix the folder) and run the same command again to continue from the "
-                                    f"last checkpoint.pt") from None
+                                    f"{cause.strerror or cause}; {then}") from None
         timing["checkpoints"] += time.perf_counter() - t0
 
     # non-finite losses and gradient norms are counted on the device and looked at only where the host

@@ -1243,6 +1243,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(char
                                             r"left on device; the checkpoints written before are whole"):
         train(tiny(char_data, tmp_path, max_iters=20, eval_interval=10))
     assert (tmp_path / "ckpt" / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(TrainingError, match=r"No space left on device; nothing was saved before\. .* it starts over$"):
+        train(tiny(char_data, tmp_path / "new", max_iters=20, eval_interval=10))  # its first save fails
     monkeypatch.setattr(train_module, "save_checkpoint", lambda path, ckpt: 1 / 0)  # not a write error: as it is
     with pytest.raises(ZeroDivisionError):
         train(tiny(char_data, tmp_path, max_iters=20, eval_interval=10))
@@ -1960,6 +1962,42 @@ def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path, sig):
     assert ckpt["iter_num"] == stopped >= 3
     assert f"iter {stopped}/100000: loss" in out  # the last step completed before saving
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
+def test_a_run_started_with_nohup_outlives_the_terminal(char_data, tmp_path):
+    """nohup ignores SIGHUP so that the run goes on after the terminal closes; it must stay ignored."""
+    config = tiny(char_data, tmp_path, max_iters=40, lr_decay_iters=40, eval_interval=20)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        lines = read_until(proc, "iter 3/")
+        proc.send_signal(signal.SIGHUP)
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "SIGHUP" not in out and "done: 40 iterations" in out, out
+
+
+def test_a_stream_without_a_file_descriptor_is_silenced_without_leaking_one():
+    import io
+    from train import silence
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(5):
+        silence(io.StringIO())
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_checkpoint_with_the_older_char_set_string_resumes(char_data, tmp_path):
+    """Char checkpoints once stored their characters as one string; the same characters are the same tokens."""
+    train(tiny(char_data, tmp_path, max_iters=5))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["tokenizer"]["chars"] = "".join(ckpt["tokenizer"]["chars"])
+    save_checkpoint(path, ckpt)
+    assert train(tiny(char_data, tmp_path, max_iters=8))["resumed_from"] == 5
 
 
 @pytest.mark.parametrize("stderr", ["file", "same pipe"])
