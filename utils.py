@@ -133,7 +133,7 @@ def output_file_problem(path: str | os.PathLike) -> Optional[str]:
     try:
         if path.is_dir():
             return "is a directory"
-        if path.exists() and not path.is_file():  # a pipe or a device: written directly (atomic_open)
+        if writes_directly(path) and path.exists():  # a pipe or a device, /dev/stdout: written as it is
             return None if os.access(path, os.W_OK) else "cannot be written: permission denied"
         problem = folder_problem(Path(os.path.realpath(path)).parent)  # a link's file is written
     except OSError as e:  # a name too long for the file system, say
@@ -163,6 +163,23 @@ def run_cli(main: Callable[[], object]) -> None:
         sys.exit(0)
 
 
+def _std_stream(path: Path) -> Optional[IO]:
+    """sys.stdout or sys.stderr if path is where that stream goes (/dev/stdout, or the file it is redirected to)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(stream.fileno())):
+                return stream
+        except (OSError, ValueError, AttributeError):  # no such path; a stream without a descriptor
+            pass
+    return None
+
+
+def writes_directly(path: Path) -> bool:
+    """Whether atomic_open writes into path as it is, rather than replacing it: a pipe, a terminal or a
+    device, and where this process's stdout or stderr goes."""
+    return (path.exists() and not path.is_file() and not path.is_dir()) or _std_stream(path) is not None
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success flush, fsync and rename it over `path`.
@@ -176,7 +193,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     encoding = None if "b" in mode else "utf-8"
-    if path.exists() and not path.is_file() and not path.is_dir():
+    std = _std_stream(path)
+    if std is not None:  # after what the script printed: through the same descriptor, which keeps its offset
+        std.flush()
+        with open(os.dup(std.fileno()), mode.replace("w", "a"), encoding=encoding) as f:
+            yield f
+        return
+    if writes_directly(path):
         with open(path, mode, encoding=encoding) as f:
             yield f
         return

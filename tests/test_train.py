@@ -999,6 +999,12 @@ def test_atomic_open_writes_through_links_and_into_pipes(tmp_path):
         f.write("through the pipe")
     reader.join(timeout=30)
     assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(pipe).st_mode)
+    # /dev/stdout while stdout goes to a file (bench.py --json /dev/stdout > out.txt): after what was printed
+    code = ("import utils\nprint('before')\nwith utils.atomic_open('/dev/stdout', 'w') as f:\n"
+            "    f.write('written\\n')\nprint('after')\n")
+    with open(tmp_path / "out.txt", "w") as out:
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=out, check=True, timeout=60)
+    assert (tmp_path / "out.txt").read_text() == "before\nwritten\nafter\n"
 
 
 def test_the_link_a_killed_save_leaves_is_one_the_next_run_removes(tmp_path, monkeypatch):
