@@ -122,6 +122,9 @@ def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = No
     if not path.exists():
         raise DataError(f"--input {str(path)!r} does not exist; pass a file or a folder of {'/'.join(suffixes)} files")
     if not path.is_dir():  # a file, or a pipe: <(zcat text.gz) is the natural way to read a compressed file
+        if not (path.is_file() or path.is_fifo()):
+            raise DataError(f"--input {str(path)!r} is a device, not a file or a folder; pass a file, a folder or "
+                            f"a pipe")
         if file_suffixes is not None and path.suffix.lower() not in file_suffixes:
             raise DataError(f"--input {str(path)!r} is not a file this reads: expected {'/'.join(file_suffixes)}"
                             + (" (decompress it first)" if path.suffix.lower() in COMPRESSED
@@ -572,6 +575,7 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
     initargs = (tokenizer if fork else tokenizer.to_dict(), dtype.str, val_fraction)
     # an executor, not multiprocessing.Pool: when the system kills a worker (out of memory), the Pool
     # starts another and waits for the lost result forever, where the executor raises BrokenProcessPool
+    others = set(multiprocessing.active_children())  # children that are not the pool's (a caller's)
     pool = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context(), initializer=_init_worker,
                                initargs=initargs)
     try:
@@ -586,9 +590,8 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
             yield progress, result.result()
     except BrokenProcessPool:
         # The survivors ignore SIGTERM, the only signal the executor sends them, and one may be blocked
-        # writing its result into a pipe that nobody reads any more: shutdown() would wait for it forever.
-        # This process starts no other children while the pool runs.
-        for worker in multiprocessing.active_children():
+        # writing its result into a pipe that nobody reads any more: shutdown() would wait for it forever
+        for worker in set(multiprocessing.active_children()) - others:
             worker.kill()
         raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
                         f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}") from None

@@ -601,6 +601,31 @@ def test_a_worker_killed_by_the_system_stops_the_run_in_one_line(shakespeare_tex
     assert not out.exists()
 
 
+def test_a_broken_pool_ends_its_own_workers_only(shakespeare_text, tmp_path, monkeypatch):
+    """prepare_data's functions run inside other programs too (these tests): a child process of the caller's
+    is left alone when the pool's workers are ended."""
+    import multiprocessing
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text * 3)
+    bystander = multiprocessing.Process(target=time.sleep, args=(60,))
+    bystander.start()
+    try:
+        monkeypatch.setattr(prepare_data, "encode_unit", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
+        with pytest.raises(DataError, match="a tokenising process died"):
+            prepare("--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", tmp_path / "o",
+                    "--num_proc", 2)
+        assert bystander.is_alive()
+    finally:
+        bystander.kill()
+        bystander.join()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_is_no_input(tmp_path):
+    with pytest.raises(DataError, match=r"--input '/dev/zero' is a device, not a file or a folder"):
+        prepare("--dataset", "custom", "--input", "/dev/zero", "--tokenizer", "char", "--output_dir", tmp_path / "o")
+
+
 def test_one_worker_killed_while_another_sends_its_result_stops_the_run(shakespeare_text, tmp_path):
     """The out-of-memory killer takes one worker while the other has a result of megabytes to send. The
     pool stops reading results, so that worker blocks in its write, and it ignores the SIGTERM the pool
