@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block_size", type=int, default=None, help="sequence length (default: the preset's)")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="vocabulary of the random tokens (default: 65 for the character-level presets, else 50257)")
-    p.add_argument("--data_dir", default=None, help="time on real batches from this prepared data set")
+    p.add_argument("--data_dir", type=os.path.expanduser, default=None,  # ~ expanded, as train.py does
+                   help="time on real batches from this prepared data set")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 where the GPU has it, float16 on older GPUs, float32 on a CPU")
@@ -71,12 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_generate", action="store_true", help="skip the generation benchmark")
     p.add_argument("--hf_reference", action="store_true",
                    help="also time transformers' GPT2LMHeadModel.generate on the same weights (batch 1)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write the figures to this JSON file")
+    p.add_argument("--json", type=os.path.expanduser, default=None, metavar="FILE",
+                   help="write the figures to this JSON file")
     t = p.add_argument_group("tokenisation benchmark")
     t.add_argument("--tokenize", action="store_true",
                    help="time GPT-2 tokenisation (tiktoken and prepare_data.py's pipeline) instead of the model")
     t.add_argument("--tokenize_mb", type=float, default=100, help="--tokenize: megabytes of generated text")
-    t.add_argument("--input", default=None, metavar="FILE",
+    t.add_argument("--input", type=os.path.expanduser, default=None, metavar="FILE",
                    help="--tokenize: draw the words from this UTF-8 text (default: $SHAKESPEARE if set, "
                         "else made-up words)")
     t.add_argument("--num_proc", type=int, default=None, help="--tokenize: tokenising processes (default: every core)")

@@ -36,6 +36,7 @@ import codecs
 import contextlib
 import dataclasses
 import math
+import os
 import sys
 import tempfile
 import time
@@ -829,14 +830,18 @@ def get_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Sample text from a GPT-2 checkpoint or OpenAI's GPT-2 weights.",
                        formatter_class=HelpFormatter)
     src = p.add_argument_group("model")
-    src.add_argument("--checkpoint", help=f"checkpoint file; default: the first of {', '.join(CHECKPOINT_FALLBACK)} "
-                                          "in --checkpoint_dir")
-    src.add_argument("--checkpoint_dir", default="checkpoints", help="where to look when --checkpoint is not given")
-    src.add_argument("--init_from", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory")
+    # paths: ~ is expanded here too, as train.py does, for --checkpoint_dir=~/runs (which no shell expands)
+    src.add_argument("--checkpoint", type=os.path.expanduser,
+                     help=f"checkpoint file; default: the first of {', '.join(CHECKPOINT_FALLBACK)} in "
+                          "--checkpoint_dir")
+    src.add_argument("--checkpoint_dir", type=os.path.expanduser, default="checkpoints",
+                     help="where to look when --checkpoint is not given")
+    src.add_argument("--init_from", type=os.path.expanduser,
+                     help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory")
     s = p.add_argument_group("sampling")
     d = SamplingSettings()
     s.add_argument("--prompt", help="text to continue; empty (the default) starts from end-of-text (or a newline)")
-    s.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
+    s.add_argument("--prompt_file", type=os.path.expanduser, help="read the prompt from this UTF-8 file instead")
     s.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt")
     s.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="tokens per continuation")
     s.add_argument("--temperature", type=float, default=d.temperature, help="0 means greedy argmax decoding")

@@ -876,11 +876,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2",
                    help="gpt2: tiktoken's GPT-2 BPE; char: one id per character; bpe: train a byte-level BPE "
                         "(default %(default)s)")
-    p.add_argument("--input", default=None,
+    p.add_argument("--input", type=os.path.expanduser, default=None,
                    help="shakespeare: a local input.txt (else $SHAKESPEARE, else download); custom: a text file "
                         "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files (or a .json "
                         "file of JSON Lines) or a folder of them")
-    p.add_argument("--output_dir", default=None,
+    p.add_argument("--output_dir", type=os.path.expanduser, default=None,
                    help="where the data set goes (default: ./data/shakespeare[_char|_bpe], ./data/openwebtext, "
                         "./data/<input name> for custom)")
     p.add_argument("--vocab_size", type=int, default=None,

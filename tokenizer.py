@@ -922,14 +922,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
         epilog="examples:\n  python tokenizer.py --bench input.txt --vocab_size 4096\n"
                "  python tokenizer.py --train input.txt --vocab_size 4096 --special '<|endoftext|>' --out tok.json")
-    parser.add_argument("--bench", metavar="FILE", help="time BPE training and encoding on FILE")
-    parser.add_argument("--train", metavar="FILE", help="train a BPE tokenizer on FILE and save it to --out")
+    # paths: ~ is expanded here too, as train.py does, for --out=~/tok.json (which no shell expands)
+    parser.add_argument("--bench", type=os.path.expanduser, metavar="FILE",
+                        help="time BPE training and encoding on FILE")
+    parser.add_argument("--train", type=os.path.expanduser, metavar="FILE",
+                        help="train a BPE tokenizer on FILE and save it to --out")
     parser.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size, special tokens included")
     parser.add_argument("--special", action="append", default=[], metavar="TOKEN",
                         help="special token to register after the merges (repeatable), e.g. '<|endoftext|>'")
     parser.add_argument("--pattern", default=None,
                         help="regex pre-split pattern (default, or 'gpt2': GPT-2's); it must match every character")
-    parser.add_argument("--out", default="tokenizer.json", help="where --train writes the tokenizer")
+    parser.add_argument("--out", type=os.path.expanduser, default="tokenizer.json",
+                        help="where --train writes the tokenizer")
     return parser
 
 

@@ -209,6 +209,28 @@ def test_string_fields_take_the_flag_as_written_and_paths_expand_home():
     assert parse_args(["--data_dir=~/d"])[0].data_dir == os.path.expanduser("~/d")
 
 
+def test_every_script_expands_home_in_its_paths(tmp_path, monkeypatch):
+    """--checkpoint_dir=~/runs reaches the script unexpanded (no shell expands ~ after '='): train.py expands
+    it, so the other scripts must too, or generate.py would not find what train.py wrote."""
+    import bench
+    import generate
+    import prepare_data
+    import tokenizer
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path)
+    g = generate.get_parser().parse_args(["--checkpoint=~/c.pt", "--checkpoint_dir=~/ck", "--init_from=~/hf",
+                                          "--prompt_file=~/p.txt"])
+    assert (g.checkpoint, g.checkpoint_dir, g.init_from, g.prompt_file) == (
+        f"{home}/c.pt", f"{home}/ck", f"{home}/hf", f"{home}/p.txt")
+    assert generate.get_parser().parse_args(["--init_from=gpt2"]).init_from == "gpt2"
+    d = prepare_data.parse_args(["--dataset=custom", "--input=~/in.txt", "--output_dir=~/data"])
+    assert (d.input, d.output_dir) == (f"{home}/in.txt", f"{home}/data")
+    t = tokenizer.build_parser().parse_args(["--train=~/a.txt", "--bench=~/b.txt", "--out=~/tok.json"])
+    assert (t.train, t.bench, t.out) == (f"{home}/a.txt", f"{home}/b.txt", f"{home}/tok.json")
+    b = bench.parse_args(["--data_dir=~/d", "--json=~/b.json", "--input=~/w.txt"])
+    assert (b.data_dir, b.json, b.input) == (f"{home}/d", f"{home}/b.json", f"{home}/w.txt")
+
+
 def test_a_config_file_may_define_classes_but_must_run(tmp_path):
     ok = tmp_path / "ok.py"
     ok.write_text("class Sizes:\n    width = 256\nn_embd = Sizes.width\n")
