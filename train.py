@@ -387,8 +387,12 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
             raise TrainingError(str(e)) from None
         own_tokenizer = None  # transformers' own tokenizer.json, not this project's: nothing to compare with
     if own_tokenizer is None:
-        if vocab_size == 50257:
-            check_gpt2_data(str(folder), meta, data_dir)
+        if vocab_size != 50257:  # generate.py refuses such a folder too: which text its ids stand for is unknown
+            raise TrainingError(f"{folder} holds a model of {vocab_size} tokens, not GPT-2's 50257, and no "
+                                f"{TOOLKIT_TOKENIZER} of this project beside it, so nothing says which text its "
+                                f"ids stand for; export it with model.save_pretrained(directory, tokenizer), or "
+                                f"fine-tune the folder this project exported")
+        check_gpt2_data(str(folder), meta, data_dir)
         return
     if not theirs.is_file() or load_tokenizer(theirs).to_dict() != own_tokenizer:
         kind = own_tokenizer.get("kind")

@@ -1694,6 +1694,12 @@ def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
     (exported / "toolkit_tokenizer.json").write_text('{"kind": "char", "chars')
     with pytest.raises(TrainingError, match="toolkit_tokenizer.json"):
         train(tiny(other_chars, tmp_path / "damaged", init_from=str(exported), max_iters=2))
+    # nor can none at all (the folder saved again by transformers, say), unless the model is GPT-2's size
+    (exported / "toolkit_tokenizer.json").unlink()
+    with pytest.raises(TrainingError, match=r"holds a model of 20 tokens, not GPT-2's 50257, and no "
+                                            r"toolkit_tokenizer.json of this project beside it"):
+        train(tiny(char_data, tmp_path / "none", init_from=str(exported), max_iters=2))
+    assert not (tmp_path / "none" / "ckpt").exists()
 
 
 def test_repeating_a_fine_tuning_command_continues_its_run(char_data, tmp_path, capsys):
