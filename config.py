@@ -91,7 +91,7 @@ class GPT2Config:
 
     # system
     device = "auto"  # 'auto' picks cuda, then mps, then cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype = "auto"  # 'float32', 'bfloat16', 'float16' or a torch.dtype; 'auto': bf16 (else fp16) on CUDA, fp32 elsewhere
+    dtype = "auto"  # float32, bfloat16, float16 (a config file: or a torch.dtype); auto: bf16/fp16 on CUDA, else fp32
     compile = "auto"  # torch.compile the model; 'auto' is on for CUDA and off elsewhere
     compile_mode = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
     compile_eval = True  # evaluate with the compiled model too; False skips compiling the evaluation graph
@@ -317,6 +317,8 @@ def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
             text = value if isinstance(value, str) else raw
             # the shell leaves ~ alone after --key=, so a folder would be made under the name '~'
             return os.path.expanduser(text) if key in PATH_FIELDS else text
+        if key in PATH_FIELDS and isinstance(value, os.PathLike):  # Path("data") / "mine" in a config file
+            value = os.fspath(value)
         if isinstance(value, str):  # a config file's value, say: '~' means the same as in a flag
             return os.path.expanduser(value) if key in PATH_FIELDS else value
         expected = "a string"
@@ -347,12 +349,21 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[str]]:
         what = "is a directory" if p.is_dir() else "does not exist"
         raise ConfigError(f"config file {path!r} {what}; pass a Python file that assigns config fields, "
                           f"e.g. `n_layer = 4`, or use --key=value flags")
-    namespace: dict[str, Any] = {}
+    # as a script run from its own folder: __file__ is set, and it can import a config file beside it
+    namespace: dict[str, Any] = {"__file__": str(p.absolute()), "__name__": "__config__"}
+    sys.path.insert(0, str(p.absolute().parent))
+    try:
+        return _run_config_file(p, path, namespace)
+    finally:
+        sys.path.remove(str(p.absolute().parent))
+
+
+def _run_config_file(p: Path, path: str, namespace: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     try:
         source = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows Notepad), as Python allows
         tree = ast.parse(source, str(p))
         exec(compile(tree, str(p), "exec"), namespace)
-    except Exception as e:  # a config file can fail in any way; report it as the user's file
+    except (Exception, SystemExit) as e:  # a config file can fail in any way, even exit; it is the user's file
         raise ConfigError(f"config file {path} failed: {type(e).__name__}: {e}") from None
     # imports and functions are allowed in a config file (from math import sqrt, from torch import
     # bfloat16); they are not settings, unless they bind a config field's name (from torch import
@@ -373,7 +384,8 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[str]]:
             continue
         try:
             if name not in fields:
-                raise ConfigError(f"unknown config key {name!r}{suggest(name, fields)}")
+                raise ConfigError(f"unknown config key {name!r}{suggest(name, fields)} (a name of the file's own "
+                                  f"starts with _, e.g. _{name})")
             settings[name] = coerce(name, value)
         except ConfigError as e:
             problems.append(f"config file {path}: {e}")
