@@ -4,6 +4,7 @@
     python prepare_data.py --dataset shakespeare --tokenizer char  # -> ./data/shakespeare_char
     python prepare_data.py --dataset shakespeare --tokenizer bpe --vocab_size 4096  # -> ./data/shakespeare_bpe
     python prepare_data.py --dataset custom --input my.txt --tokenizer char     # -> ./data/my
+    python prepare_data.py --dataset custom --input more.txt --tokenizer_file export/toolkit_tokenizer.json
     python prepare_data.py --dataset openwebtext                   # Hugging Face (pip install datasets)
     python prepare_data.py --dataset openwebtext --input docs/     # local .jsonl / .txt / .parquet files
 
@@ -58,9 +59,9 @@ import numpy as np
 
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
-                       check_bpe_vocab_size, tokenizer_from_dict)
-from utils import (ArgumentParser, Progress, atomic_open, exit_with_parent, folder_problem, missing_folders,
-                   remove_empty_folders, remove_unfinished_writes, run_cli)
+                       check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
+from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_problem,
+                   missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -751,8 +752,37 @@ def _encode_into(bins: list, tokenizer: Tokenizer, dtype, units, num_proc: int, 
     return tokens, documents, digests
 
 
-def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: list[str],
+def load_tokenizer_file(path: str) -> Tokenizer:
+    """--tokenizer_file: a tokenizer this project saved, or a DataError that says what the file is not."""
+    if not Path(path).is_file():
+        raise DataError(f"--tokenizer_file {path!r} is not a file; give a tokenizer.json of a prepared data set, an "
+                        f"export's toolkit_tokenizer.json, or what tokenizer.py --train wrote")
+    try:
+        return load_tokenizer(path)
+    except UserError as e:
+        hint = (" (an export's tokenizer.json is transformers' own: give the toolkit_tokenizer.json beside it)"
+                if Path(path).name == "tokenizer.json" and (Path(path).parent / "config.json").is_file() else "")
+        raise DataError(f"--tokenizer_file {path}: {e}{hint}") from None
+
+
+def check_known_characters(tok: CharTokenizer, pieces: list[tuple]) -> None:
+    """With a given character set, text with a character outside it cannot be encoded: say so before the work."""
+    known = set(tok.chars)
+    for _, d, _, name, offset in pieces:
+        unknown = set(decode_utf8(d, name, offset)) - known
+        if unknown:
+            shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
+            raise DataError(f"{name} has {len(unknown)} character(s) that the given character-level tokenizer "
+                            f"does not know ({shown}{', ...' if len(unknown) > 5 else ''}); its ids cover only "
+                            f"the characters of the text it was made from")
+
+
+def build_tokenizer(kind: str | Tokenizer, datas: list[bytes], pieces: list[tuple], names: list[str],
                     vocab_size: int | None) -> Tokenizer:
+    if isinstance(kind, Tokenizer):  # --tokenizer_file
+        if isinstance(kind, CharTokenizer):
+            check_known_characters(kind, pieces)
+        return kind
     if kind == "gpt2":
         return GPT2Tokenizer()
     # char and bpe need the text here; GPT-2's path leaves decoding to the workers
@@ -771,12 +801,13 @@ def build_tokenizer(kind: str, datas: list[bytes], pieces: list[tuple], names: l
     return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])
 
 
-def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: str, vocab_size: int | None,
+def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: str | Tokenizer, vocab_size: int | None,
                  val_fraction: float, num_proc: int, command: str, unit_bytes: int = UNIT_BYTES,
                  input_path: str | None = None) -> dict:
     """shakespeare and custom: read the files whole, cut at the character fraction, tokenise, write.
 
-    input_path is the folder the files were listed from (--input), named in meta.json's source.
+    input_path is the folder the files were listed from (--input), named in meta.json's source. tokenizer is
+    'gpt2', 'char' or 'bpe', to make one, or a Tokenizer to encode with.
     """
     datas = read_files(files)
     names = [str(f) for f in files]
@@ -873,9 +904,13 @@ def default_num_proc() -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=["shakespeare", "custom", "openwebtext"], help="what to prepare")
-    p.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default="gpt2",
+    p.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default=None,
                    help="gpt2: tiktoken's GPT-2 BPE; char: one id per character; bpe: train a byte-level BPE "
-                        "(default %(default)s)")
+                        "(default gpt2)")
+    p.add_argument("--tokenizer_file", type=os.path.expanduser, default=None, metavar="FILE",
+                   help="encode with this saved tokenizer instead of making one: a data set's tokenizer.json, an "
+                        "export's toolkit_tokenizer.json, or tokenizer.py --train's output (fine-tuning a model "
+                        "on new text needs the model's own tokenizer)")
     p.add_argument("--input", type=os.path.expanduser, default=None,
                    help="shakespeare: a local input.txt (else $SHAKESPEARE, else download); custom: a text file "
                         "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files (or a .json "
@@ -903,7 +938,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.dataset is None:
         raise DataError("say what to prepare: --dataset shakespeare, --dataset custom --input FILE, or "
                         "--dataset openwebtext (python prepare_data.py --help lists the options)")
-    dataset, kind = args.dataset, args.tokenizer
+    if args.tokenizer_file is not None and (args.tokenizer is not None or args.vocab_size is not None):
+        raise DataError("--tokenizer_file brings its own tokenizer: leave out --tokenizer and --vocab_size")
+    given = load_tokenizer_file(args.tokenizer_file) if args.tokenizer_file is not None else None
+    dataset, kind = args.dataset, given.kind if given is not None else args.tokenizer or "gpt2"
     val_fraction = DEFAULT_VAL_FRACTION[dataset] if args.val_fraction is None else args.val_fraction
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; e.g. 0.1")
@@ -912,8 +950,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vocab_size is not None:  # before the text is read
         check_bpe_vocab_size(args.vocab_size, specials=1)  # <|endoftext|>
     if dataset == "openwebtext" and kind != "gpt2":
-        raise DataError(f"--dataset openwebtext is tokenised with GPT-2 only, got --tokenizer {kind}; for "
-                        f"another tokenizer use --dataset custom --input TEXT --tokenizer {kind}")
+        given_as = f"--tokenizer_file {args.tokenizer_file}" if given is not None else f"--tokenizer {kind}"
+        raise DataError(f"--dataset openwebtext is tokenised with GPT-2 only, got {given_as}; for another "
+                        f"tokenizer use --dataset custom --input TEXT {given_as}")
     if dataset == "custom" and not args.input:
         raise DataError("--dataset custom needs --input: a UTF-8 text file, or a folder of .txt files")
     if args.output_dir:
@@ -933,7 +972,7 @@ def main(argv: list[str] | None = None) -> dict:
             files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
                      else input_files(Path(args.input), (".txt",), out_dir))
             vocab_size = DEFAULT_BPE_VOCAB if args.vocab_size is None else args.vocab_size
-            meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=kind, val_fraction=val_fraction,
+            meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=given or kind, val_fraction=val_fraction,
                                 vocab_size=vocab_size if kind == "bpe" else None, num_proc=args.num_proc,
                                 command=command, input_path=args.input)
     print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "

@@ -921,6 +921,46 @@ def test_a_pipe_is_read_as_a_text_file(tmp_path, shakespeare_text):
         prepare("--dataset", "openwebtext", "--input", pipe, "--output_dir", tmp_path / "o")
 
 
+def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):
+    """--tokenizer_file: new text in the ids of a tokenizer made before (a data set's, an export's, or
+    tokenizer.py --train's), so that a model trained on them can be fine-tuned on it."""
+    first, more = shakespeare_text[:200_000], shakespeare_text[-100_000:].replace("X", "")
+    (tmp_path / "first.txt").write_text(first)
+    (tmp_path / "more.txt").write_text(more)
+    prepare("--dataset", "custom", "--input", tmp_path / "first.txt", "--tokenizer", "char", "--output_dir",
+            tmp_path / "a")
+    chars = load_tokenizer(tmp_path / "a" / "tokenizer.json")
+    meta = prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file",
+                   tmp_path / "a" / "tokenizer.json", "--output_dir", tmp_path / "b")
+    assert meta["tokenizer"] == "char" and meta["vocab_size"] == chars.vocab_size
+    assert load_tokenizer(tmp_path / "b" / "tokenizer.json").to_dict() == chars.to_dict()
+    cut = int(len(more) * 0.9)
+    assert [b.tolist() for b in bins(tmp_path / "b")] == [chars.encode(more[:cut]), chars.encode(more[cut:])]
+    # a character it has no id for is named before any work
+    (tmp_path / "x.txt").write_text("ROMEO: \u00e9t\u00e9")
+    with pytest.raises(DataError, match=r"x.txt has 1 character\(s\) that the given character-level tokenizer "
+                                        r"does not know \('\u00e9'\)"):
+        prepare("--dataset", "custom", "--input", tmp_path / "x.txt", "--tokenizer_file",
+                tmp_path / "a" / "tokenizer.json", "--output_dir", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    # a BPE of tokenizer.py --train, with its end-of-text
+    bpe = BPETokenizer().train(first, 300, special_tokens=[EOT])
+    bpe.save(tmp_path / "tok.json")
+    prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json",
+            "--output_dir", tmp_path / "c")
+    assert [b.tolist() for b in bins(tmp_path / "c")] == [bpe.encode(more[:cut]), bpe.encode(more[cut:])]
+    for extra, message in ((["--tokenizer", "char"], "leave out --tokenizer and --vocab_size"),
+                           (["--vocab_size", "300"], "leave out --tokenizer and --vocab_size")):
+        with pytest.raises(DataError, match=message):
+            prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json",
+                    "--output_dir", tmp_path / "d", *extra)
+    with pytest.raises(DataError, match=r"--tokenizer_file .*first.txt: .*first.txt. is not a tokenizer file"):
+        prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "first.txt",
+                "--output_dir", tmp_path / "d")
+    with pytest.raises(DataError, match=r"openwebtext is tokenised with GPT-2 only, got --tokenizer_file .*tok.json"):
+        prepare("--dataset", "openwebtext", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json")
+
+
 def test_a_utf16_file_is_named_as_such(tmp_path):
     bad = tmp_path / "notepad_unicode.txt"
     bad.write_bytes("床前明月光".encode("utf-16"))  # Notepad's "Unicode": a byte-order mark FF FE first

@@ -1681,6 +1681,12 @@ def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
     model_from_checkpoint(ckpt).save_pretrained(str(exported), tokenizer=load_tokenizer(char_data / "tokenizer.json"))
     summary = train(tiny(char_data, tmp_path / "tuned", init_from=str(exported), max_iters=2))
     assert summary["iter_num"] == 2
+    # new text, prepared with the export's own tokenizer, fine-tunes it too
+    import prepare_data
+    (tmp_path / "new.txt").write_text("that is the question to be or not\n" * 300)
+    prepare_data.main(["--dataset", "custom", "--input", str(tmp_path / "new.txt"), "--tokenizer_file",
+                       str(exported / "toolkit_tokenizer.json"), "--output_dir", str(tmp_path / "newdata")])
+    assert train(tiny(tmp_path / "newdata", tmp_path / "tuned_new", init_from=str(exported), max_iters=2))["iter_num"] == 2
     # GPT-2 tokens would index past its 20-row embedding, another char set would mean other letters
     gpt2_data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
     other_chars = write_data(tmp_path / "other", CharTokenizer.from_text("zyxwvu " * 20), "zyxwvu " * 2000)
