@@ -349,16 +349,9 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[str]]:
         what = "is a directory" if p.is_dir() else "does not exist"
         raise ConfigError(f"config file {path!r} {what}; pass a Python file that assigns config fields, "
                           f"e.g. `n_layer = 4`, or use --key=value flags")
-    # as a script run from its own folder: __file__ is set, and it can import a config file beside it
+    # as a script: __file__ is set, for paths next to the config file. Its folder is not put on sys.path: a
+    # file there named like one of this project's modules (data.py) would take that module's place
     namespace: dict[str, Any] = {"__file__": str(p.absolute()), "__name__": "__config__"}
-    sys.path.insert(0, str(p.absolute().parent))
-    try:
-        return _run_config_file(p, path, namespace)
-    finally:
-        sys.path.remove(str(p.absolute().parent))
-
-
-def _run_config_file(p: Path, path: str, namespace: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     try:
         source = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows Notepad), as Python allows
         tree = ast.parse(source, str(p))
