@@ -940,6 +940,9 @@ def main(argv: list[str] | None = None) -> dict:
                         "--dataset openwebtext (python prepare_data.py --help lists the options)")
     if args.tokenizer_file is not None and (args.tokenizer is not None or args.vocab_size is not None):
         raise DataError("--tokenizer_file brings its own tokenizer: leave out --tokenizer and --vocab_size")
+    if args.tokenizer_file is not None and args.output_dir is None:  # the default folders are the made tokenizers'
+        raise DataError("--tokenizer_file needs --output_dir: the default folders (data/shakespeare_char, data/<input "
+                        "name>) belong to data sets whose tokenizer is made from their text, and would be replaced")
     given = load_tokenizer_file(args.tokenizer_file) if args.tokenizer_file is not None else None
     dataset, kind = args.dataset, given.kind if given is not None else args.tokenizer or "gpt2"
     val_fraction = DEFAULT_VAL_FRACTION[dataset] if args.val_fraction is None else args.val_fraction

@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -342,10 +343,12 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
                               f"(vocab {old.get('vocab_size')}), but {config.data_dir} holds {meta.get('tokenizer')!r} "
                               f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
     if ckpt.get("tokenizer") is not None and saved_tokenizer(ckpt["tokenizer"]) not in (None, tokenizer.to_dict()):
+        trained_on = Path((ckpt.get("config") or {}).get("data_dir") or "DATA") / "tokenizer.json"
         raise CheckpointError(f"{ckpt_path} was trained with another {meta.get('tokenizer')} tokenizer than the one "
                               f"{config.data_dir} was prepared with: the vocabulary size is the same, but the ids "
                               f"stand for other text. Resume on the data set it was trained on, prepare this text "
-                              f"with its tokenizer, or {start_over(config)}")
+                              f"with its tokenizer (prepare_data.py --tokenizer_file {shlex.quote(str(trained_on))}), "
+                              f"or {start_over(config)}")
 
 
 def saved_tokenizer(d: dict) -> Optional[dict]:
@@ -397,9 +400,8 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
     if not theirs.is_file() or load_tokenizer(theirs).to_dict() != own_tokenizer:
         kind = own_tokenizer.get("kind")
         how = ("prepare the data with --tokenizer gpt2" if kind == "gpt2" else
-               f"a {kind} tokenizer is built from the text it is prepared from, so only data prepared from the "
-               f"same text (the same characters{', the same merges' if kind == 'bpe' else ''}) fits; fine-tune "
-               f"on that data")
+               f"prepare the text with the model's own tokenizer: python prepare_data.py --dataset custom --input "
+               f"TEXT --tokenizer_file {shlex.quote(str(own))} --output_dir DATA")
         raise TrainingError(f"{data_dir} was not prepared with the tokenizer of {folder} ({own}): the same ids "
                             f"would stand for other text; {how}")
 

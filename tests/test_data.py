@@ -954,11 +954,14 @@ def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):
         with pytest.raises(DataError, match=message):
             prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json",
                     "--output_dir", tmp_path / "d", *extra)
+    with pytest.raises(DataError, match=r"--tokenizer_file needs --output_dir: the default folders"):
+        prepare("--dataset", "shakespeare", "--tokenizer_file", tmp_path / "tok.json")
     with pytest.raises(DataError, match=r"--tokenizer_file .*first.txt: .*first.txt. is not a tokenizer file"):
         prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "first.txt",
                 "--output_dir", tmp_path / "d")
     with pytest.raises(DataError, match=r"openwebtext is tokenised with GPT-2 only, got --tokenizer_file .*tok.json"):
-        prepare("--dataset", "openwebtext", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json")
+        prepare("--dataset", "openwebtext", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json",
+                "--output_dir", tmp_path / "e")
 
 
 def test_a_utf16_file_is_named_as_such(tmp_path):

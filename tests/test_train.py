@@ -1224,7 +1224,8 @@ def test_resuming_on_other_characters_of_the_same_count_is_refused(char_data, tm
     other = write_data(tmp_path / "other", CharTokenizer.from_text(swapped), swapped * 200)
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     with pytest.raises(CheckpointError, match=r"was trained with another char tokenizer than the one .*other was "
-                                              r"prepared with: the vocabulary size is the same"):
+                                              r"prepared with: the vocabulary size is the same, .*--tokenizer_file "
+                                              rf"{re.escape(str(char_data / 'tokenizer.json'))}\)"):
         train(tiny(other, tmp_path, max_iters=10))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
     # the same tokenizer in another folder (the data set prepared again, or copied) resumes
@@ -1691,8 +1692,9 @@ def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
     gpt2_data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
     other_chars = write_data(tmp_path / "other", CharTokenizer.from_text("zyxwvu " * 20), "zyxwvu " * 2000)
     for data, message in ((gpt2_data, "holds a model of 20 tokens, but .* was prepared with the 'gpt2' tokenizer"),
-                          (other_chars, "was not prepared with the tokenizer of .* only data prepared from the "
-                                        "same text \\(the same characters\\) fits")):
+                          (other_chars, "was not prepared with the tokenizer of .* prepare the text with the "
+                                        "model's own tokenizer: python prepare_data.py --dataset custom --input "
+                                        "TEXT --tokenizer_file .*export/toolkit_tokenizer.json --output_dir DATA")):
         with pytest.raises(TrainingError, match=message):
             train(tiny(data, tmp_path / data.name, init_from=str(exported), max_iters=2))
         assert not (tmp_path / data.name / "ckpt").exists()
