@@ -584,17 +584,25 @@ def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path
     assert not fresh.exists()
 
 
+def start_with_encode_unit(encode_unit: str, src: Path, out: Path) -> subprocess.Popen:
+    """prepare_data.py tokenising src (char, 2 worker processes) into out, with the encode_unit that the
+    Python source `encode_unit` defines (forked workers inherit it), in a session of its own: a signal can go
+    to the script alone or to its whole group (as Ctrl-C in a terminal does), and whatever is left of it can
+    be found and killed at the end."""
+    code = (f"import os, signal, time, prepare_data, utils\n{encode_unit}\n"
+            f"prepare_data.encode_unit = encode_unit\nutils.run_cli(prepare_data.main)\n")
+    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 def test_a_worker_killed_by_the_system_stops_the_run_in_one_line(shakespeare_text, tmp_path):
     """The out-of-memory killer takes a worker: a clear error, not a run that waits for its result forever."""
     src = tmp_path / "t.txt"
     src.write_text(shakespeare_text * 3)
-    code = ("import os, signal, prepare_data, utils\n"
-            "prepare_data.encode_unit = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "utils.run_cli(prepare_data.main)\n")
     out = tmp_path / "out"
-    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    proc = start_with_encode_unit("def encode_unit(*args):\n    os.kill(os.getpid(), signal.SIGKILL)", src, out)
+    proc.stderr = proc.communicate(timeout=60)[1]
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: a tokenising process died (killed by the system: out of memory?); nothing was written. Try again "
         "with fewer processes, e.g. --num_proc 1"]
@@ -633,20 +641,14 @@ def test_one_worker_killed_while_another_sends_its_result_stops_the_run(shakespe
     src = tmp_path / "t.txt"
     src.write_text(shakespeare_text * 3)  # 3 units of about 1 MB; each result is 2 MB of uint16 ids
     first = tmp_path / "first"
-    code = (f"import os, signal, prepare_data, utils\n"
-            f"real = prepare_data.encode_unit\n"
-            f"def encode_unit(*args):\n"
-            f"    try:  # the first worker to start a unit is killed; the other works on\n"
-            f"        os.close(os.open({str(first)!r}, os.O_CREAT | os.O_EXCL))\n"
-            f"    except FileExistsError:\n"
-            f"        return real(*args)\n"
-            f"    os.kill(os.getpid(), signal.SIGKILL)\n"
-            f"prepare_data.encode_unit = encode_unit\n"
-            f"utils.run_cli(prepare_data.main)\n")
     out = tmp_path / "out"
-    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_with_encode_unit(f"real = prepare_data.encode_unit\n"
+                                  f"def encode_unit(*args):\n"
+                                  f"    try:  # the first worker to start a unit is killed; the other works on\n"
+                                  f"        os.close(os.open({str(first)!r}, os.O_CREAT | os.O_EXCL))\n"
+                                  f"    except FileExistsError:\n"
+                                  f"        return real(*args)\n"
+                                  f"    os.kill(os.getpid(), signal.SIGKILL)", src, out)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
@@ -667,19 +669,11 @@ def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig
     src = tmp_path / "t.txt"
     src.write_text(shakespeare_text * 3)  # about 3 units of 1 MB, so a pool of worker processes runs
     started = tmp_path / "started"
-    # the script with a slow encode_unit that says when a worker has begun; forked workers inherit it
-    code = (f"import time, prepare_data, utils\n"
-            f"def slow(*args):\n"
-            f"    open({str(started)!r}, 'w').close()\n"
-            f"    time.sleep(1)\n"
-            f"prepare_data.encode_unit = slow\n"
-            f"utils.run_cli(prepare_data.main)\n")
     out = tmp_path / "out"
-    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
-    # a session of its own, so that the signal goes to the script alone or to its whole group (as Ctrl-C
-    # in a terminal does) and so that whatever is left of it can be found and killed at the end
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # a slow encode_unit that says when a worker has begun
+    proc = start_with_encode_unit(f"def encode_unit(*args):\n"
+                                  f"    open({str(started)!r}, 'w').close()\n"
+                                  f"    time.sleep(1)", src, out)
     try:
         deadline = time.monotonic() + 60
         while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -720,17 +714,10 @@ def test_workers_end_when_the_script_is_killed_outright(shakespeare_text, tmp_pa
     src.write_text(shakespeare_text * 3)
     started = tmp_path / "started"
     started.mkdir()
-    # a slow encode_unit that leaves its worker's pid behind; forked workers inherit it
-    code = (f"import os, time, prepare_data, utils\n"
-            f"def slow(*args):\n"
-            f"    open(os.path.join({str(started)!r}, str(os.getpid())), 'w').close()\n"
-            f"    time.sleep(1)\n"
-            f"prepare_data.encode_unit = slow\n"
-            f"utils.run_cli(prepare_data.main)\n")
-    args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", tmp_path / "out",
-            "--num_proc", 2]
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # a slow encode_unit that leaves its worker's pid behind
+    proc = start_with_encode_unit(f"def encode_unit(*args):\n"
+                                  f"    open(os.path.join({str(started)!r}, str(os.getpid())), 'w').close()\n"
+                                  f"    time.sleep(1)", src, tmp_path / "out")
     try:
         deadline = time.monotonic() + 60
         while len(list(started.iterdir())) < 2 and proc.poll() is None and time.monotonic() < deadline:
