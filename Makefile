@@ -3,7 +3,8 @@
 #                cores, plus the installation: torch from PyPI brings several GB of CUDA libraries on Linux)
 #   make test    the whole test suite
 #   make bench   bench.py's default run (a small preset on a CPU, GPT-2 124M on a GPU)
-#   make clean   delete .venv and the prepared data (.bin, meta.json, tokenizer.json); checkpoints/, runs/ stay
+#   make clean   delete .venv and the demo's data set (data/shakespeare_char, except its input.txt); data sets
+#                prepared by hand, checkpoints/ and runs/ stay
 # Offline: make demo SHAKESPEARE=path/to/input.txt, and TIKTOKEN_CACHE_DIR=dir for the GPT-2 tokenizer files.
 # Linux without a GPU: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu installs the small CPU build.
 
@@ -27,15 +28,18 @@ DEMO_DIR ?= checkpoints/demo
 help:
 	@sed -n '1,/^$$/p' Makefile
 
-# the torch that was asked for: installing again when TORCH or TORCH_INDEX change
-$(VENV)/.torch-spec: FORCE
-	@mkdir -p $(VENV)
-	@echo '$(TORCH) $(TORCH_INDEX)' | cmp -s - $@ || echo '$(TORCH) $(TORCH_INDEX)' > $@
+# the torch that was asked for: installing again when TORCH or TORCH_INDEX differ from what was installed.
+# Decided when make reads this file, so that make -n says whether an installation would run.
+TORCH_SPEC = $(strip $(TORCH) $(TORCH_INDEX))
+ifneq ($(TORCH_SPEC),$(strip $(shell cat $(VENV)/.torch-spec 2>/dev/null)))
+$(VENV)/.installed: FORCE
+endif
 
-$(VENV)/.installed: requirements.txt $(VENV)/.torch-spec
+$(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)")
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	echo '$(TORCH_SPEC)' > $(VENV)/.torch-spec
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
@@ -57,5 +61,7 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(PY) bench.py
 
+# the demo's data set only: every other one under data/ (OpenWebText: hours of work) is the user's
+DEMO_DATA = data/shakespeare_char
 clean:
-	rm -rf $(VENV) data/*/train.bin data/*/val.bin data/*/meta.json data/*/tokenizer.json
+	rm -rf $(VENV) $(addprefix $(DEMO_DATA)/,train.bin val.bin meta.json tokenizer.json)

@@ -1687,7 +1687,8 @@ def test_fine_tune_an_exported_char_model_on_its_own_data(char_data, tmp_path):
     (tmp_path / "new.txt").write_text("that is the question to be or not\n" * 300)
     prepare_data.main(["--dataset", "custom", "--input", str(tmp_path / "new.txt"), "--tokenizer_file",
                        str(exported / "toolkit_tokenizer.json"), "--output_dir", str(tmp_path / "newdata")])
-    assert train(tiny(tmp_path / "newdata", tmp_path / "tuned_new", init_from=str(exported), max_iters=2))["iter_num"] == 2
+    tuned_new = train(tiny(tmp_path / "newdata", tmp_path / "tuned_new", init_from=str(exported), max_iters=2))
+    assert tuned_new["iter_num"] == 2
     # GPT-2 tokens would index past its 20-row embedding, another char set would mean other letters
     gpt2_data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
     other_chars = write_data(tmp_path / "other", CharTokenizer.from_text("zyxwvu " * 20), "zyxwvu " * 2000)
@@ -1903,15 +1904,30 @@ def make_dry_run(*args: str) -> str:
     return r.stdout
 
 
-def test_make_clean_removes_meta_json_with_the_bins():
+def test_make_clean_removes_the_demos_data_set_whole_and_nothing_of_the_users():
     # data.py takes a directory with meta.json for a complete data set: it must go with the .bin files
     [command] = [line for line in make_dry_run("clean").splitlines() if line.startswith("rm ")]
-    assert {"data/*/train.bin", "data/*/val.bin", "data/*/meta.json", "data/*/tokenizer.json"} <= set(command.split())
-    assert not {"checkpoints", "runs"} & set(command.split())  # trained models and logs are the user's work
+    demo = {f"data/shakespeare_char/{name}" for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json")}
+    assert set(command.split()) == {"rm", "-rf", ".venv", *demo}  # not data/*: other data sets are the user's
     listed = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
     targets = re.findall(r"^(\w+):", (ROOT / "Makefile").read_text(), re.M)
     assert {"demo", "test", "bench", "clean"} <= set(targets)
     assert all(f"make {t}" in listed for t in targets if t != "help")  # make help lists every target
+
+
+def test_make_dry_run_installs_nothing_when_the_environment_is_up_to_date(tmp_path):
+    """make -n says whether an installation (maybe gigabytes of torch) would run: not when nothing changed,
+    and yes when TORCH or TORCH_INDEX differ from what was installed."""
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".torch-spec").write_text("torch==2.13.0 \n")  # as an earlier version of the Makefile wrote it
+    for name in (".installed", ".installed-dev"):  # newer than the requirements files
+        (venv / name).touch()
+    up_to_date = make_dry_run(f"VENV={venv}", "TORCH=torch==2.13.0", "test")
+    assert "pip install" not in up_to_date and "-m pytest -q tests" in up_to_date
+    index = "https://download.pytorch.org/whl/cpu"
+    other_index = make_dry_run(f"VENV={venv}", "TORCH=torch==2.13.0", f"TORCH_INDEX={index}", "test")
+    assert other_index.count("pip install") == 3 and index in other_index
 
 
 def test_make_torch_index_applies_to_torch_only(tmp_path):
