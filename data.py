@@ -106,10 +106,24 @@ def load_meta(data_dir: str | Path) -> dict:
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; it was not written by this version of "
                         f"prepare_data.py. Prepare the data set again with: {_remake_command(data_dir, meta)}")
+    bad = [k for k in ("vocab_size", "train_tokens", "val_tokens")
+           if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0]
+    bad += [] if isinstance(meta["tokenizer_file"], str) else ["tokenizer_file"]
+    if bad:
+        raise DataError(f"{path} has a bad {', '.join(f'{k} ({meta[k]!r})' for k in bad)}: counts are whole numbers "
+                        f"and tokenizer_file a file name. Prepare the data set again with: "
+                        f"{_remake_command(data_dir, meta)}")
     if meta["dtype"] not in DTYPES:
         raise DataError(f"{path} says dtype {meta['dtype']!r}; expected one of {', '.join(DTYPES)}. "
                         f"Prepare the data set again with: {_remake_command(data_dir, meta)}")
     return meta
+
+
+def _identity(path: Path) -> tuple:
+    """What tells a file from another put in its place (prepare_data.py renames new files over the old), or
+    from itself grown or cut: device, inode and size. Ids written into it in place are the id check's."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size
 
 
 def _remake_command(data_dir: Path, meta: dict) -> str:
@@ -187,15 +201,18 @@ class BatchLoader:
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_tokens = {split: self._check_bin(split) for split in SPLITS}
+        # which files were checked: prepare_data.py replaces them by renaming new ones over them
+        self._files = {split: _identity(self.data_dir / f"{split}.bin") for split in SPLITS}
         for split in SPLITS:  # before a run writes anything: reading 1 GB from memory takes well under a second
             self._check_ids(split)
-        for split, n in self.num_tokens.items():
-            if n < block_size + 1:
-                raise DataError(
-                    f"the {split} split of {self.data_dir} has {n} tokens, but block_size={block_size} needs "
-                    f"at least block_size + 1 = {block_size + 1} per split. "
-                    + (f"Use --block_size={n - 1} or less, or prepare" if n >= 2 else "Prepare")
-                    + " more text (a larger --val_fraction grows the val split).")
+        shortest = min(SPLITS, key=lambda split: self.num_tokens[split])
+        n = self.num_tokens[shortest]
+        if n < block_size + 1:
+            raise DataError(
+                f"the {shortest} split of {self.data_dir} has {n} tokens, but block_size={block_size} needs "
+                f"at least block_size + 1 = {block_size + 1} per split. "
+                + (f"Use --block_size={n - 1} or less, or prepare" if n >= 2 else "Prepare") + " more text"
+                + (" (a larger --val_fraction grows the val split)." if shortest == "val" else "."))
         self._next_index = {split: 0 for split in SPLITS}
         self._stride = {split: 1 for split in SPLITS}
         self.prefetched = 0  # batches served from the background thread (a statistic)
@@ -278,7 +295,12 @@ class BatchLoader:
         T = self.block_size
         # a window starting at s needs tokens s .. s + T, so s ranges over 0 .. n - T - 1
         starts = rng.integers(0, self.num_tokens[split] - T, size=self.batch_size)
-        data = np.memmap(self.data_dir / f"{split}.bin", dtype=self.dtype, mode="r")
+        path = self.data_dir / f"{split}.bin"
+        if _identity(path) != self._files[split]:  # a stat a batch: microseconds
+            raise DamagedBatchError(f"{path} was replaced or changed since the run started (prepared again?), so its "
+                                    f"batches are no longer the ones this run draws. Finish preparing, then run "
+                                    f"the command again: a resumed run checks the data anew")
+        data = np.memmap(path, dtype=self.dtype, mode="r")
         windows = np.stack([data[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
         del data  # drop the mapping now: its pages must not pile up over a long run
         if windows.max() >= self.vocab_size:  # the file changed since it was checked; microseconds a batch

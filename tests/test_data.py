@@ -736,6 +736,32 @@ def test_workers_end_when_the_script_is_killed_outright(shakespeare_text, tmp_pa
     assert left == []
 
 
+def test_a_data_set_prepared_again_during_the_run_stops_it_at_the_next_batch(tmp_path):
+    """prepare_data.py renames new files over the old: batches from a shorter file would crash, from a longer
+    one they would silently be other text."""
+    from data import DamagedBatchError
+    d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
+    with BatchLoader(d, block_size=8, batch_size=2) as loader:
+        loader.get_batch("train", 0)
+        new = tmp_path / "new.bin"
+        (np.arange(100) % 50).astype(np.uint16).tofile(new)  # the same size, even: another file all the same
+        os.replace(new, d / "train.bin")
+        with pytest.raises(DamagedBatchError, match=r"train.bin was replaced or changed since the run started"):
+            loader.get_batch("train", 1)
+        loader.get_batch("val", 1)  # the other split is untouched
+
+
+@pytest.mark.parametrize("field, value", [("train_tokens", None), ("vocab_size", "50"), ("val_tokens", -1),
+                                          ("vocab_size", True), ("tokenizer_file", None)])
+def test_meta_with_a_field_of_the_wrong_type_is_one_line(tmp_path, field, value):
+    d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
+    meta = json.loads((d / "meta.json").read_text())
+    meta[field] = value
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=rf"meta.json has a bad {field} \({re.escape(repr(value))}\)"):
+        load_meta(d)
+
+
 def test_meta_that_does_not_match_the_bins_is_refused(tmp_path):
     d = write_data_dir(tmp_path / "d", np.arange(100), np.arange(50), vocab_size=100)
     meta = json.loads((d / "meta.json").read_text())
@@ -1475,6 +1501,11 @@ def test_split_shorter_than_block_size(tmp_path):
     one = write_data_dir(tmp_path / "one", np.arange(1000) % 50, np.arange(1) % 50, vocab_size=50)
     with pytest.raises(DataError, match=r"has 1 tokens, .* per split. Prepare more text"):
         BatchLoader(one, block_size=8, batch_size=2)  # no block_size fits: none is suggested
+    # both splits too short: the block_size suggested fits both, and a larger --val_fraction is no advice for train
+    short = write_data_dir(tmp_path / "short", np.arange(300) % 50, np.arange(500) % 50, vocab_size=50)
+    with pytest.raises(DataError, match=r"the train split of .* has 300 tokens, .* Use --block_size=299 or less, or "
+                                        r"prepare more text\.$"):
+        BatchLoader(short, block_size=1000, batch_size=2)
 
 
 def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
