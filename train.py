@@ -344,11 +344,17 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
                               f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
     if ckpt.get("tokenizer") is not None and saved_tokenizer(ckpt["tokenizer"]) not in (None, tokenizer.to_dict()):
         trained_on = Path((ckpt.get("config") or {}).get("data_dir") or "DATA") / "tokenizer.json"
+        if trained_on.parent.resolve() == Path(config.data_dir).resolve():
+            # that folder was prepared again since: only the checkpoint still holds the tokenizer it was trained with
+            its_own = ("the checkpoint's own tokenizer, exported with the model (model.save_pretrained(EXPORT, "
+                       "tokenizer_from_dict(ckpt['tokenizer'])), see the README), with prepare_data.py "
+                       "--tokenizer_file EXPORT/toolkit_tokenizer.json")
+        else:
+            its_own = f"its tokenizer (prepare_data.py --tokenizer_file {shlex.quote(str(trained_on))})"
         raise CheckpointError(f"{ckpt_path} was trained with another {meta.get('tokenizer')} tokenizer than the one "
                               f"{config.data_dir} was prepared with: the vocabulary size is the same, but the ids "
                               f"stand for other text. Resume on the data set it was trained on, prepare this text "
-                              f"with its tokenizer (prepare_data.py --tokenizer_file {shlex.quote(str(trained_on))}), "
-                              f"or {start_over(config)}")
+                              f"with {its_own}, or {start_over(config)}")
 
 
 def saved_tokenizer(d: dict) -> Optional[dict]:
@@ -654,7 +660,7 @@ def check_same_start(starts: list, checkpoint_dir: str) -> None:
 
 def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
            cleanup: ExitStack) -> dict:
-    from data import BatchLoader, load_data_tokenizer, load_meta
+    from data import BatchLoader, DataError, load_data_tokenizer, load_meta
     config, ckpt, ckpt_path = plan
     plan.clear()  # no reference is left in train(), so `del ckpt` below frees the checkpoint's tensors
     master = rank == 0
@@ -678,7 +684,14 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         raise ConfigError(f"compile_mode={config.compile_mode} replays CUDA graphs, which cannot accumulate "
                           f"gradients over {A // world_size} micro-steps per process; use --compile_mode={other}, "
                           f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
-    meta = load_meta(config.data_dir)
+    try:
+        meta = load_meta(config.data_dir)
+    except DataError as e:
+        if ckpt is None or "data_dir" in explicit:
+            raise
+        # the folder comes from the checkpoint, not from the command: moved or removed since
+        raise DataError(f"the data set {ckpt_path} was trained on, --data_dir={config.data_dir} (recorded in the "
+                        f"checkpoint), cannot be read: {e} If it moved, give --data_dir=NEW_FOLDER") from None
     tokenizer = load_data_tokenizer(config.data_dir, meta)
     if ckpt is not None:
         check_same_tokens(ckpt, ckpt_path, meta, tokenizer, config)
@@ -803,6 +816,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
               f"checkpoints {checkpoint_dir}, tensorboard {run_dir}")
     if ckpt is not None:
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+        changed = [k for k in ("source_sha256", "train_tokens", "val_tokens")
+                   if k in (ckpt.get("meta") or {}) and ckpt["meta"][k] != meta.get(k)]
+        if changed:
+            log.print(f"note: {config.data_dir} is not the data set the checkpoint was trained on "
+                      f"({', '.join(changed)} differ): training goes on with this one, and its val loss is not "
+                      f"comparable with the best so far ({best_val_loss:.4f}), which best_checkpoint.pt keeps until "
+                      f"a lower one")
     elif config.init_from not in ("auto", "scratch", "resume"):
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None

@@ -1257,6 +1257,47 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(char
         train(tiny(char_data, tmp_path, max_iters=20, eval_interval=10))
 
 
+def test_a_resume_on_a_data_set_prepared_again_says_so(char_data, tmp_path, capsys):
+    """The same tokenizer, other text: the run goes on, and says that its val losses compare with nothing."""
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    train(tiny(data, tmp_path, max_iters=5))
+    assert "note:" not in capsys.readouterr().out
+    shutil.rmtree(data)
+    text = "to be or not to be that is the question\n" * 100
+    chars = load_tokenizer(char_data / "tokenizer.json")
+    write_data(data, chars, text)  # as the helper writes it, meta.json has token counts but no source_sha256
+    assert train(tiny(data, tmp_path, max_iters=8))["resumed_from"] == 5
+    assert re.search(rf"note: {re.escape(str(data))} is not the data set the checkpoint was trained on "
+                     r"\(train_tokens, val_tokens differ\): training goes on", capsys.readouterr().out)
+
+
+def test_a_data_set_prepared_again_with_other_characters_points_to_the_checkpoints_tokenizer(char_data, tmp_path):
+    """Its tokenizer.json is now the other one: the advice is the tokenizer the checkpoint holds."""
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    train(tiny(data, tmp_path, max_iters=5))
+    shutil.rmtree(data)
+    chars = "".join(load_tokenizer(char_data / "tokenizer.json").chars).replace("q", "Q")
+    write_data(data, CharTokenizer.from_text(chars), chars * 200)
+    with pytest.raises(CheckpointError, match=r"prepare this text with the checkpoint's own tokenizer, exported with "
+                                              r"the model .* --tokenizer_file EXPORT/toolkit_tokenizer.json"):
+        train(tiny(data, tmp_path, max_iters=8))
+
+
+def test_a_moved_data_set_is_named_as_the_checkpoints(char_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    train(tiny(data, tmp_path, max_iters=5))
+    data.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match=r"the data set .*checkpoint.pt was trained on, --data_dir=.*data \(recorded in "
+                                        r"the checkpoint\), cannot be read: .* If it moved, give --data_dir=NEW_FOLDER$"):
+        train(*parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=8", "--compile=False"]))
+    config, explicit = parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=8", "--compile=False",
+                                   f"--data_dir={tmp_path / 'moved'}"])
+    assert train(config, explicit)["resumed_from"] == 5
+
+
 def test_a_resume_with_another_log_dir_logs_there(char_data, tmp_path):
     first = train(tiny(char_data, tmp_path, max_iters=5))
     second = train(tiny(char_data, tmp_path, max_iters=10, log_dir=str(tmp_path / "new_runs")))
