@@ -455,6 +455,8 @@ def model_report(args) -> dict:
     config = preset_config(preset, vocab_size=vocab_size, dropout=0.0, device=str(device),
                            dtype=str(dtype).removeprefix("torch."), compile=use_compile)
     if args.data_dir:
+        if args.vocab_size is not None:
+            raise UserError("--vocab_size is the data set's with --data_dir (its meta.json says it): leave it out")
         from data import load_meta
         config.vocab_size = load_meta(args.data_dir)["vocab_size"]
     if args.batch_size is not None:

@@ -745,9 +745,11 @@ def _encode_into(bins: list, tokenizer: Tokenizer, dtype, units, num_proc: int, 
             digests.update(unit_digests)
             bar.update(done)
     for split, n in zip(SPLITS, tokens):
-        if n == 0:  # the temporary files are removed: no empty bin is left behind
+        if n < 2:  # the temporary files are removed: no empty bin is left behind
             more = "smaller" if split == "train" else "larger"
-            raise DataError(f"the {split} split came out empty ({tokens[0]} train / {tokens[1]} val tokens); "
+            # a window needs block_size + 1 tokens: one token holds none, for any block_size
+            what = "came out empty" if n == 0 else "holds a single token, too few for any training window"
+            raise DataError(f"the {split} split {what} ({tokens[0]} train / {tokens[1]} val tokens); "
                             f"give more text or a {more} --val_fraction (now {val_fraction})")
     return tokens, documents, digests
 

@@ -321,6 +321,9 @@ def test_data_dir_times_the_data_sets_batches(tmp_path, monkeypatch):
                     "--block_size", "8", "--data_dir", str(d)])
     assert r["vocab_size"] == 300 and r["data"] == str(d) and drawn == [("train", 0), ("train", 1), ("train", 2)]
     assert abs(r["train"]["final_loss"] - math.log(300)) < 0.5
+    from utils import UserError
+    with pytest.raises(UserError, match=r"--vocab_size is the data set's with --data_dir"):  # not ignored in silence
+        bench.main(["--device", "cpu", "--no_generate", "--data_dir", str(d), "--vocab_size", "100"])
 
 
 def test_gpt2_presets_report_gpt2s_vocabulary_and_no_compile_mode_uncompiled():

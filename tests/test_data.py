@@ -977,6 +977,16 @@ def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):
                 "--output_dir", tmp_path / "e")
 
 
+def test_a_split_of_a_single_token_is_refused(tmp_path):
+    """One token holds no window (a window is block_size + 1 tokens): no training could use such a data set."""
+    (tmp_path / "t.txt").write_text("abcdefghijklmnopqrst")  # 20 characters: 19 train, 1 val at 0.05
+    with pytest.raises(DataError, match=r"the val split holds a single token, too few for any training window "
+                                        r"\(19 train / 1 val tokens\); give more text or a larger --val_fraction"):
+        prepare("--dataset", "custom", "--input", tmp_path / "t.txt", "--tokenizer", "char", "--val_fraction", 0.05,
+                "--output_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_utf16_file_is_named_as_such(tmp_path):
     bad = tmp_path / "notepad_unicode.txt"
     bad.write_bytes("床前明月光".encode("utf-16"))  # Notepad's "Unicode": a byte-order mark FF FE first
