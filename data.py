@@ -105,17 +105,17 @@ def load_meta(data_dir: str | Path) -> dict:
     missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}; it was not written by this version of "
-                        f"prepare_data.py. Prepare the data set again with: {_remake_command(data_dir, meta)}")
+                        f"prepare_data.py. Prepare the data set again with: {remake_command(data_dir, meta)}")
     bad = [k for k in ("vocab_size", "train_tokens", "val_tokens")
            if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 0]
     bad += [] if isinstance(meta["tokenizer_file"], str) else ["tokenizer_file"]
     if bad:
         raise DataError(f"{path} has a bad {', '.join(f'{k} ({meta[k]!r})' for k in bad)}: counts are whole numbers "
                         f"and tokenizer_file a file name. Prepare the data set again with: "
-                        f"{_remake_command(data_dir, meta)}")
+                        f"{remake_command(data_dir, meta)}")
     if meta["dtype"] not in DTYPES:
         raise DataError(f"{path} says dtype {meta['dtype']!r}; expected one of {', '.join(DTYPES)}. "
-                        f"Prepare the data set again with: {_remake_command(data_dir, meta)}")
+                        f"Prepare the data set again with: {remake_command(data_dir, meta)}")
     return meta
 
 
@@ -126,7 +126,7 @@ def _identity(path: Path) -> tuple:
     return st.st_dev, st.st_ino, st.st_size
 
 
-def _remake_command(data_dir: Path, meta: dict) -> str:
+def remake_command(data_dir: Path, meta: dict) -> str:
     """The command recorded in meta.json, writing into data_dir (the data set may have been copied or
     renamed since, and the recorded command names its old folder or none); else the default for data_dir."""
     cmd = meta.get("command") if isinstance(meta, dict) else None
@@ -153,11 +153,11 @@ def load_data_tokenizer(data_dir: str | Path, meta: dict | None = None):
     path = data_dir / meta["tokenizer_file"]
     if not path.is_file():
         raise DataError(f"{path} is missing although meta.json names it. "
-                        f"Prepare the data set again with: {_remake_command(data_dir, meta)}")
+                        f"Prepare the data set again with: {remake_command(data_dir, meta)}")
     tok = load_tokenizer(path)
     if tok.vocab_size != meta["vocab_size"]:
         raise DataError(f"{path} has vocab_size {tok.vocab_size} but meta.json says {meta['vocab_size']}; the "
-                        f"directory mixes two preparations. Prepare it again with: {_remake_command(data_dir, meta)}")
+                        f"directory mixes two preparations. Prepare it again with: {remake_command(data_dir, meta)}")
     return tok
 
 
@@ -230,13 +230,13 @@ class BatchLoader:
             found = "is missing" if size is None else f"has {size} bytes"
             raise DataError(f"{path} {found}, but meta.json promises {expected} {self.dtype.name} tokens "
                             f"({expected * self.dtype.itemsize} bytes). Prepare the data set again with: "
-                            f"{_remake_command(self.data_dir, self.meta)}")
+                            f"{remake_command(self.data_dir, self.meta)}")
         return expected
 
     def _damaged(self, split: str, bad_id: int, what: str) -> str:
         return (f"{self.data_dir / f'{split}.bin'} holds token id {bad_id}{what}, but meta.json's vocab_size is "
                 f"{self.vocab_size}: the file is damaged or belongs to another data set. Prepare it again with: "
-                f"{_remake_command(self.data_dir, self.meta)}")
+                f"{remake_command(self.data_dir, self.meta)}")
 
     def _check_ids(self, split: str) -> None:
         """Every id of the split below vocab_size (on the GPU a bad id is an opaque device-side assert)."""
@@ -298,7 +298,7 @@ class BatchLoader:
         path = self.data_dir / f"{split}.bin"
         if _identity(path) != self._files[split]:  # a stat a batch: microseconds
             raise DamagedBatchError(f"{path} was replaced or changed since the run started (prepared again?), so its "
-                                    f"batches are no longer the ones this run draws. Finish preparing, then run "
+                                    f"batches may no longer be the ones this run draws. Finish preparing, then run "
                                     f"the command again: a resumed run checks the data anew")
         data = np.memmap(path, dtype=self.dtype, mode="r")
         windows = np.stack([data[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)

@@ -344,8 +344,8 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
                               f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
     if ckpt.get("tokenizer") is not None and saved_tokenizer(ckpt["tokenizer"]) not in (None, tokenizer.to_dict()):
         trained_on = Path((ckpt.get("config") or {}).get("data_dir") or "DATA") / "tokenizer.json"
-        if trained_on.parent.resolve() == Path(config.data_dir).resolve():
-            # that folder was prepared again since: only the checkpoint still holds the tokenizer it was trained with
+        if saved_tokenizer(load_tokenizer_dict(trained_on)) != saved_tokenizer(ckpt["tokenizer"]):
+            # that folder is gone or was prepared again: only the checkpoint still holds the tokenizer
             its_own = ("the checkpoint's own tokenizer, exported with the model (model.save_pretrained(EXPORT, "
                        "tokenizer_from_dict(ckpt['tokenizer'])), see the README), with prepare_data.py "
                        "--tokenizer_file EXPORT/toolkit_tokenizer.json")
@@ -357,10 +357,21 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
                               f"with {its_own}, or {start_over(config)}")
 
 
-def saved_tokenizer(d: dict) -> Optional[dict]:
+def load_tokenizer_dict(path: Path) -> Optional[dict]:
+    """The to_dict() of the tokenizer saved at path, or None if there is none to read."""
+    from tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(path).to_dict()
+    except (UserError, OSError):
+        return None
+
+
+def saved_tokenizer(d: Optional[dict]) -> Optional[dict]:
     """A checkpoint's tokenizer as today's to_dict() writes it (older files stored a char set as one string),
     or None if it cannot be read back, which the kind and size checks then have to answer for."""
     from tokenizer import TokenizerError, tokenizer_from_dict
+    if d is None:
+        return None
     try:
         return tokenizer_from_dict(d).to_dict()
     except (TokenizerError, KeyError, TypeError, ValueError):
@@ -660,7 +671,7 @@ def check_same_start(starts: list, checkpoint_dir: str) -> None:
 
 def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
            cleanup: ExitStack) -> dict:
-    from data import BatchLoader, DataError, load_data_tokenizer, load_meta
+    from data import BatchLoader, DataError, load_data_tokenizer, load_meta, remake_command
     config, ckpt, ckpt_path = plan
     plan.clear()  # no reference is left in train(), so `del ckpt` below frees the checkpoint's tensors
     master = rank == 0
@@ -684,14 +695,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         raise ConfigError(f"compile_mode={config.compile_mode} replays CUDA graphs, which cannot accumulate "
                           f"gradients over {A // world_size} micro-steps per process; use --compile_mode={other}, "
                           f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
-    try:
-        meta = load_meta(config.data_dir)
-    except DataError as e:
-        if ckpt is None or "data_dir" in explicit:
-            raise
-        # the folder comes from the checkpoint, not from the command: moved or removed since
+    if ckpt is not None and "data_dir" not in explicit and not (Path(config.data_dir) / "meta.json").is_file():
+        # the folder comes from the checkpoint, not from the command: moved or removed since; the checkpoint
+        # knows how it was prepared
         raise DataError(f"the data set {ckpt_path} was trained on, --data_dir={config.data_dir} (recorded in the "
-                        f"checkpoint), cannot be read: {e} If it moved, give --data_dir=NEW_FOLDER") from None
+                        f"checkpoint), is not there. If it moved, give --data_dir=NEW_FOLDER; else prepare it again "
+                        f"with: {remake_command(Path(config.data_dir), ckpt.get('meta') or {})}")
+    meta = load_meta(config.data_dir)
     tokenizer = load_data_tokenizer(config.data_dir, meta)
     if ckpt is not None:
         check_same_tokens(ckpt, ckpt_path, meta, tokenizer, config)

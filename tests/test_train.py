@@ -1262,12 +1262,14 @@ def test_a_resume_on_a_data_set_prepared_again_says_so(char_data, tmp_path, caps
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
     train(tiny(data, tmp_path, max_iters=5))
-    assert "note:" not in capsys.readouterr().out
+    shutil.copytree(data, tmp_path / "copy")  # the same data set in another folder: nothing to say
+    assert train(tiny(tmp_path / "copy", tmp_path, max_iters=6))["resumed_from"] == 5
+    assert "resuming from" in (out := capsys.readouterr().out) and "note:" not in out
     shutil.rmtree(data)
     text = "to be or not to be that is the question\n" * 100
     chars = load_tokenizer(char_data / "tokenizer.json")
     write_data(data, chars, text)  # as the helper writes it, meta.json has token counts but no source_sha256
-    assert train(tiny(data, tmp_path, max_iters=8))["resumed_from"] == 5
+    assert train(tiny(data, tmp_path, max_iters=8))["resumed_from"] == 6
     assert re.search(rf"note: {re.escape(str(data))} is not the data set the checkpoint was trained on "
                      r"\(train_tokens, val_tokens differ\): training goes on", capsys.readouterr().out)
 
@@ -1283,15 +1285,26 @@ def test_a_data_set_prepared_again_with_other_characters_points_to_the_checkpoin
     with pytest.raises(CheckpointError, match=r"prepare this text with the checkpoint's own tokenizer, exported with "
                                               r"the model .* --tokenizer_file EXPORT/toolkit_tokenizer.json"):
         train(tiny(data, tmp_path, max_iters=8))
+    # the same from another folder: the recorded one no longer holds the checkpoint's tokenizer either
+    data.rename(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match=r"prepare this text with the checkpoint's own tokenizer"):
+        train(tiny(tmp_path / "elsewhere", tmp_path, max_iters=8))
 
 
 def test_a_moved_data_set_is_named_as_the_checkpoints(char_data, tmp_path):
+    """The folder recorded in the checkpoint is gone: say so, how to point to it, and the command the
+    checkpoint recorded for preparing it (a char data set here, not the generic GPT-2 one)."""
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    meta["command"] = "python prepare_data.py --dataset custom --input t.txt --tokenizer char"  # as it records it
+    (data / "meta.json").write_text(json.dumps(meta))
     train(tiny(data, tmp_path, max_iters=5))
     data.rename(tmp_path / "moved")
-    with pytest.raises(DataError, match=r"the data set .*checkpoint.pt was trained on, --data_dir=.*data \(recorded in "
-                                        r"the checkpoint\), cannot be read: .* If it moved, give --data_dir=NEW_FOLDER$"):
+    with pytest.raises(DataError, match=r"the data set .*checkpoint.pt was trained on, --data_dir=.*data \(recorded "
+                                        r"in the checkpoint\), is not there. If it moved, give --data_dir=NEW_FOLDER; "
+                                        r"else prepare it again with: python prepare_data.py --dataset custom --input "
+                                        r"t.txt --tokenizer char --output_dir .*data$"):
         train(*parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=8", "--compile=False"]))
     config, explicit = parse_args([f"--checkpoint_dir={tmp_path / 'ckpt'}", "--max_iters=8", "--compile=False",
                                    f"--data_dir={tmp_path / 'moved'}"])
