@@ -23,7 +23,6 @@ import copy
 import hashlib
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -39,12 +38,11 @@ import torch
 # the command line is parsed in config.py
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder
-from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, CheckpointError, UserError, folder_problem,
-                   format_duration, get_rng_state, load_checkpoint, load_weights, missing_folders,
-                   remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype, run_cli,
-                   save_checkpoint, save_checkpoint_as, set_rng_state, utf8_text)
+from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
+                   folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint, load_weights,
+                   missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype,
+                   run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, utf8_text)
 
-ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
 
@@ -1217,8 +1215,7 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
 
 def prune_iter_checkpoints(checkpoint_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoint_iter_N.pt files."""
-    found = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := ITER_CHECKPOINT.fullmatch(p.name)))
-    for _, p in found[:-keep]:
+    for p in iter_checkpoints(checkpoint_dir)[:-keep]:
         p.unlink()
 
 

@@ -316,6 +316,13 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 CHECKPOINT_VERSION = 1
 # the order generate.py tries them in when no file is named
 CHECKPOINT_FALLBACK = ("best_checkpoint.pt", "checkpoint.pt", "final_checkpoint.pt")
+ITER_CHECKPOINT = re.compile(r"checkpoint_iter_(\d+)\.pt")  # save_interval's kept steps
+
+
+def iter_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint_iter_N.pt files in folder, oldest step first (by N, not by name: 5 before 20)."""
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := ITER_CHECKPOINT.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 class CheckpointError(UserError):
@@ -407,8 +414,7 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
             return d / name
     searched = ", ".join(str(d / n) for n in CHECKPOINT_FALLBACK)
     # what the folder holds instead says more than how to train: a kept step, or a Hugging Face export
-    steps = sorted((p for p in d.glob("checkpoint_iter_*.pt") if p.is_file()),
-                   key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if d.is_dir() else []
+    steps = [p for p in iter_checkpoints(d) if p.is_file()] if d.is_dir() else []
     if steps:
         raise CheckpointError(f"no checkpoint found (searched {searched}), but {d} holds {len(steps)} kept step(s); "
                               f"read the newest with --checkpoint {shlex.quote(str(steps[-1]))}")
