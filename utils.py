@@ -174,10 +174,15 @@ def _std_stream(path: Path) -> Optional[IO]:
     return None
 
 
+def _special_file(path: Path) -> bool:
+    """A pipe, a terminal or a device: something that exists and is neither a file nor a folder."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def writes_directly(path: Path) -> bool:
     """Whether atomic_open writes into path as it is, rather than replacing it: a pipe, a terminal or a
     device, and where this process's stdout or stderr goes."""
-    return (path.exists() and not path.is_file() and not path.is_dir()) or _std_stream(path) is not None
+    return _special_file(path) or _std_stream(path) is not None
 
 
 @contextlib.contextmanager
@@ -199,7 +204,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with open(os.dup(std.fileno()), mode.replace("w", "a"), encoding=encoding) as f:
             yield f
         return
-    if writes_directly(path):
+    if _special_file(path):
         with open(path, mode, encoding=encoding) as f:
             yield f
         return
