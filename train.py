@@ -340,9 +340,10 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
         raise CheckpointError(f"{ckpt_path} was trained on data tokenised with {old.get('tokenizer')!r} "
                               f"(vocab {old.get('vocab_size')}), but {config.data_dir} holds {meta.get('tokenizer')!r} "
                               f"(vocab {meta.get('vocab_size')}); use the same kind of data, or {start_over(config)}")
-    if ckpt.get("tokenizer") is not None and saved_tokenizer(ckpt["tokenizer"]) not in (None, tokenizer.to_dict()):
+    own = saved_tokenizer(ckpt.get("tokenizer"))
+    if own is not None and own != tokenizer.to_dict():
         trained_on = Path((ckpt.get("config") or {}).get("data_dir") or "DATA") / "tokenizer.json"
-        if saved_tokenizer(load_tokenizer_dict(trained_on)) != saved_tokenizer(ckpt["tokenizer"]):
+        if load_tokenizer_dict(trained_on) != own:
             # that folder is gone or was prepared again: only the checkpoint still holds the tokenizer
             its_own = ("the checkpoint's own tokenizer, exported with the model (model.save_pretrained(EXPORT, "
                        "tokenizer_from_dict(ckpt['tokenizer'])), see the README), with prepare_data.py "
