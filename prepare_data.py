@@ -111,14 +111,13 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
                         f"({reason}); {how}") from None
 
 
-def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = None,
-                file_suffixes: tuple[str, ...] | None = None) -> list[Path]:
+def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str, ...] | None = None) -> list[Path]:
     """path itself, or every file under the folder path with one of the suffixes, in sorted order;
     file_suffixes, where given, are those a file named itself may have (any, where not given).
 
-    Folders linked into the input folder are followed. The files of the data set written to out_dir
-    are left out: with --output_dir inside (or equal to) the input folder, a second run would otherwise
-    read the first run's files while it replaces them.
+    Folders linked into the input folder are followed. --output_dir may lie inside the input folder:
+    the data set's own files (DATASET_FILES: .bin and .json) never have one of the suffixes read here,
+    which is also why a folder's .json files are not read as JSON Lines.
     """
     if not path.exists():
         raise DataError(f"--input {str(path)!r} does not exist; pass a file or a folder of {'/'.join(suffixes)} files")
@@ -132,11 +131,10 @@ def input_files(path: Path, suffixes: tuple[str, ...], out_dir: Path | None = No
                                else "; a pipe is read by --dataset custom only, so save it as a .jsonl file"
                                if not path.is_file() else ""))
         return [path]
-    own = {(out_dir / name).resolve() for name in DATASET_FILES} if out_dir is not None else set()
     files, compressed, broken = [], [], []
     for p in _walk(path):
         suffix = p.suffix.lower()  # .TXT as well as .txt: Windows names files in either case
-        if suffix in suffixes and p.is_file() and p.resolve() not in own:
+        if suffix in suffixes and p.is_file():
             files.append(p)
         elif suffix in suffixes and p.is_symlink() and not p.exists():
             broken.append(p)
@@ -839,7 +837,7 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
     txt_counts = {"train": 0, "val": 0, "empty": 0}  # .txt documents are split in this process
     sha = hashlib.sha256()
     if input_path:
-        files = input_files(Path(input_path), DOC_SUFFIXES, out_dir, file_suffixes=DOC_FILE_SUFFIXES)
+        files = input_files(Path(input_path), DOC_SUFFIXES, file_suffixes=DOC_FILE_SUFFIXES)
         # before any tokenising, not when the first Parquet file comes up, maybe hours into the run
         parquet = next((f for f in files if f.suffix.lower() == ".parquet"), None)
         if parquet is not None:
@@ -975,7 +973,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      num_proc=args.num_proc, command=command)
         else:
             files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
-                     else input_files(Path(args.input), (".txt",), out_dir))
+                     else input_files(Path(args.input), (".txt",)))
             vocab_size = DEFAULT_BPE_VOCAB if args.vocab_size is None else args.vocab_size
             meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=given or kind, val_fraction=val_fraction,
                                 vocab_size=vocab_size if kind == "bpe" else None, num_proc=args.num_proc,
