@@ -3,7 +3,7 @@ Tokenizers behind one interface: character-level, trainable byte-level BPE, and 
 
     CharTokenizer.from_text(text)           # ids = index in the sorted set of characters
     BPETokenizer().train(text, 4096)        # byte-level BPE with GPT-2's regex pre-split
-    BPETokenizer.from_gpt2(encoder_json, vocab_bpe)   # OpenAI's files, same ids as tiktoken
+    BPETokenizer.from_gpt2(encoder_json, vocab_bpe)   # OpenAI's files, tiktoken's ids (see from_gpt2)
     GPT2Tokenizer()                         # tiktoken's 'gpt2' encoding (vocab 50257)
 
 All of them have encode(text) -> list[int], encode_ordinary, decode(ids) -> str, decode_bytes,
@@ -17,7 +17,8 @@ Benchmark and training from the command line:
 
 Naming follows minbpe (merges {(int, int): int}, vocab {int: bytes}, special_tokens {str: int},
 encode_ordinary next to encode(allowed_special=...)); GPT-2's split pattern and file formats
-follow OpenAI's gpt-2 release, and BPETokenizer.from_gpt2 reproduces tiktoken's 'gpt2' encoding.
+follow OpenAI's gpt-2 release, and BPETokenizer.from_gpt2 reproduces tiktoken's 'gpt2' encoding
+(except on characters added to Unicode lately, see from_gpt2).
 """
 import argparse
 import heapq
@@ -432,7 +433,7 @@ class BPETokenizer(Tokenizer):
     "ranks" (from_gpt2, tiktoken's definition): any two tokens whose bytes together form a token.
     On vocabularies that BPE training produced, GPT-2's included, the two agreed on every text
     tried; they differ on hand-made ones (merges 'b'+'c', 'a'+'b', 'ab'+'c': "abc" is 'a', 'bc'
-    by pairs but 'abc' by ranks). from_gpt2 uses "ranks", so it equals tiktoken by construction.
+    by pairs but 'abc' by ranks). from_gpt2 uses "ranks", so its merges are tiktoken's by construction.
     """
 
     kind = "bpe"
@@ -696,6 +697,11 @@ class BPETokenizer(Tokenizer):
 
         Both files spell bytes as printable characters (see _gpt2_byte_to_unicode). The ids and the
         encoding equal tiktoken's 'gpt2'; '<|endoftext|>' (50256) is the only special token.
+        One exception: the split pattern's \\p{L} and \\p{N} come from the regex module here and from
+        tiktoken's Rust regex there, and their Unicode tables differ in age. About 17,000 characters added
+        lately (CJK Extension J, new letters of old scripts) are letters or numbers to regex 2026.11 only,
+        so a word that contains one splits, and may encode, differently. Text in any script that Unicode
+        14 already had encodes the same (tests/test_tokenizer.py checks both).
         """
         try:
             with open(encoder_json_path, encoding="utf-8") as f:
