@@ -58,8 +58,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
-from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer,
-                       check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
+from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
+                       Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_problem,
                    missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli)
 
@@ -503,12 +503,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
 
+def pattern_gap(tokenizer: Tokenizer, text: str, pos: int, where: tuple[str, int]) -> DataError:
+    """A --tokenizer_file whose own split pattern misses a character of this piece of a text file: the file
+    and byte offset, and the way out, which is another tokenizer (prepare_data.py has no --pattern)."""
+    name, offset = where
+    return DataError(f"{name} at byte {offset + len(text[:pos].encode('utf-8', 'surrogatepass')):,}: the tokenizer's split pattern {tokenizer.pattern!r} matches nothing at "
+                     f"{text[pos:pos + 20]!r}, so its BPE would leave that text out; train a tokenizer whose "
+                     f"pattern matches every character (`python tokenizer.py --train` without --pattern uses "
+                     f"GPT-2's)")
+
+
 def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction: float) -> tuple:
     """One work unit -> (train ids, val ids, [train, val, empty] document counts, document digests)."""
     kind, *payload = unit
     counts, digests = [0, 0, 0], []
     if kind == "pieces":
-        items = [(split_id, decode_utf8(data, name, offset), eot) for split_id, data, eot, name, offset in payload[0]]
+        items = [(split_id, decode_utf8(data, name, offset), eot, (name, offset))
+                 for split_id, data, eot, name, offset in payload[0]]
     else:
         items = []
         for text in parse_jsonl(*payload) if kind == "jsonl" else payload[0]:
@@ -518,12 +529,17 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
             split_id, digest = doc_split(text, val_fraction)
             counts[split_id] += 1
             digests.append(digest)
-            items.append((split_id, text, True))
+            items.append((split_id, text, True, None))
     parts = ([], [])
     eot = None if tokenizer.eot_token is None else np.array([tokenizer.eot_token])
-    for split_id, text, eot_after in items:
+    for split_id, text, eot_after, where in items:
         if text:
-            parts[split_id].append(encode_ids(tokenizer, text))
+            try:
+                parts[split_id].append(encode_ids(tokenizer, text))
+            except PatternGapError as e:
+                if where is None:  # documents are GPT-2's, whose pattern misses nothing
+                    raise
+                raise pattern_gap(tokenizer, text, e.position, where) from None
         if eot_after and eot is not None:
             parts[split_id].append(eot)
     out = []

@@ -34,7 +34,8 @@ from typing import Iterator
 
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
-from utils import ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, run_cli
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, run_cli,
+                   writes_directly)
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
 # space), and runs of whitespace. A space is kept at the start of the word that follows it, and
@@ -50,8 +51,19 @@ LONG_CHUNK = 12
 ALLOWED_SPECIAL_MODES = ("none", "all", "none_raise")
 
 
+REPORT_EVERY_CHUNKS = 1 << 20  # BPE training looks at the clock this often while it counts chunks (~5 MB of text)
+
+
 class TokenizerError(UserError, ValueError):
     """Bad tokenizer input: an unseen character, an id out of range, a bad training setup or file."""
+
+
+class PatternGapError(TokenizerError):
+    """A BPE split pattern that matches nothing at some character of the text (.position, counted in
+    characters of the text given to encode or train), so that text would be left out. Callers that know
+    where the text came from (prepare_data.py: a file and a byte offset) say so in their own words."""
+
+    position = 0
 
 
 def _utf8(text: str) -> bytes:
@@ -535,10 +547,17 @@ class BPETokenizer(Tokenizer):
         chunk_counts = Counter()
         alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
         parts = re.split("(" + alternatives + ")", text) if names else [text]
+        last_report = [t0]
+
+        def report(pos: int) -> None:  # counting takes about 0.16 s per MB: a GB of text is minutes of it
+            if time.time() - last_report[0] >= 5:
+                last_report[0] = time.time()
+                print(f"counting chunks: {pos / len(text):.0%} of the text, {time.time() - t0:.1f}s", file=sys.stderr)
+
         offset = 0
         for i, part in enumerate(parts):
             if i % 2 == 0:
-                chunk_counts.update(self._iter_split(part, offset))
+                chunk_counts.update(self._iter_split(part, offset, report if verbose else None))
             offset += len(part)
         words, freqs = [], []  # the chunks as lists of token ids, and how often each occurs
         for chunk, n in chunk_counts.items():
@@ -623,24 +642,29 @@ class BPETokenizer(Tokenizer):
             self._not_covered(text, pos, offset)
         return chunks
 
-    def _iter_split(self, text: str, offset: int = 0) -> Iterator[str]:
+    def _iter_split(self, text: str, offset: int = 0, report=None) -> Iterator[str]:
         """_split's chunks one at a time, for counting them: a list of all the chunks of a large text
-        takes ten times the text's memory."""
+        takes ten times the text's memory. report(characters done), if given, is called every
+        REPORT_EVERY_CHUNKS chunks."""
         pos = 0
-        for m in self.compiled_pattern.finditer(text):
+        for n, m in enumerate(self.compiled_pattern.finditer(text), 1):
             if m.start() != pos:
                 break
             pos = m.end()
             yield m.group()
+            if report is not None and n % REPORT_EVERY_CHUNKS == 0:
+                report(offset + pos)
         if pos != len(text):
             self._not_covered(text, pos, offset)
 
     def _not_covered(self, text: str, pos: int, offset: int):
-        raise TokenizerError(
+        e = PatternGapError(
             f"the split pattern {self.pattern!r} does not match the text at character {offset + pos} "
             f"({text[pos:pos + 20]!r}), so BPE would leave that text out; the pattern must match every "
             f"character: end it with a catch-all alternative, |(?s:.), or use GPT-2's (pattern=None; on the "
             f"command line leave out --pattern)")
+        e.position = offset + pos
+        raise e
 
     def encode_ordinary(self, text: str) -> list[int]:
         if not isinstance(text, str):
@@ -950,6 +974,9 @@ def main(argv: list[str] | None = None) -> None:
         args.pattern = None
     if bool(args.bench) == bool(args.train):
         parser.error("give exactly one of --bench FILE or --train FILE")
+    if args.bench and (args.special or args.out != parser.get_default("out")):
+        parser.error("--special and --out apply to --train only; --bench times training and encoding and "
+                     "writes nothing")
     if args.bench:
         bench(args.bench, args.vocab_size, args.pattern)
         return
@@ -964,7 +991,9 @@ def main(argv: list[str] | None = None) -> None:
         tok.save(args.out)
     except OSError as e:  # e.g. a full disk
         raise TokenizerError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
-    print(f"saved a {tok.vocab_size}-token BPE tokenizer to {args.out}")
+    # where the file itself goes to stdout (--out /dev/stdout > tok.json), the line must not join it
+    print(f"saved a {tok.vocab_size}-token BPE tokenizer to {args.out}",
+          file=sys.stderr if writes_directly(Path(args.out)) else sys.stdout)
 
 
 if __name__ == "__main__":

@@ -962,6 +962,18 @@ def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):
     prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json",
             "--output_dir", tmp_path / "c")
     assert [b.tolist() for b in bins(tmp_path / "c")] == [bpe.encode(more[:cut]), bpe.encode(more[cut:])]
+    # a BPE whose own pattern has no place for digits: the file and the byte where they are, not a position
+    # in some piece of it, and no --pattern advice, which prepare_data.py has no flag for
+    BPETokenizer(r"[^\d\s]+|\s+").train(first, 270).save(tmp_path / "pat.json")
+    (tmp_path / "digits.txt").write_text("Hello world. " * 100 + "\u00e9t\u00e9 123 y\n" + "Hello again. " * 40)
+    with pytest.raises(DataError) as e:  # in the val piece, after two 2-byte characters
+        prepare("--dataset", "custom", "--input", tmp_path / "digits.txt", "--tokenizer_file", tmp_path / "pat.json",
+                "--output_dir", tmp_path / "p", "--val_fraction", 0.5)
+    assert str(e.value) == (f"{tmp_path / 'digits.txt'} at byte 1,306: the tokenizer's split pattern "
+                            f"'[^\\\\d\\\\s]+|\\\\s+' matches nothing at '123 y\\nHello again. H', so its BPE "
+                            f"would leave that text out; train a tokenizer whose pattern matches every character "
+                            f"(`python tokenizer.py --train` without --pattern uses GPT-2's)")
+    assert not (tmp_path / "p").exists()
     for extra, message in ((["--tokenizer", "char"], "leave out --tokenizer and --vocab_size"),
                            (["--vocab_size", "300"], "leave out --tokenizer and --vocab_size")):
         with pytest.raises(DataError, match=message):

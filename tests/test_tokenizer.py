@@ -644,6 +644,34 @@ def test_cli_help_and_train(tmp_path):
     assert load_tokenizer(tmp_path / "own.json").pattern == r"\S+|\s+"
 
 
+def test_cli_out_to_stdout_and_flags_bench_ignores(tmp_path):
+    (tmp_path / "in.txt").write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
+    with open(tmp_path / "piped.json", "w") as f:  # --out /dev/stdout > file: the file is the tokenizer alone
+        out = subprocess.run([sys.executable, tokenizer.__file__, "--train", "in.txt", "--vocab_size", "270",
+                              "--out", "/dev/stdout"], cwd=tmp_path, stdout=f, stderr=subprocess.PIPE, text=True)
+    assert out.returncode == 0, out.stderr
+    assert load_tokenizer(tmp_path / "piped.json").vocab_size == 270
+    assert "saved a 270-token BPE tokenizer to /dev/stdout" in out.stderr
+    for extra in (["--special", EOT], ["--out", "b.json"]):  # --bench writes nothing: these would do nothing
+        out = subprocess.run([sys.executable, tokenizer.__file__, "--bench", "in.txt", "--vocab_size", "270", *extra],
+                             cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 2 and out.stdout == "" and "apply to --train only" in out.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_training_reports_while_it_counts_chunks(monkeypatch, capsys):
+    """Counting a large text's chunks takes minutes per GB before the first merge: it says how far it is."""
+    clock = iter(range(0, 10**6, 10))  # 10 s pass between two looks at the clock
+    monkeypatch.setattr(tokenizer.time, "time", lambda: next(clock))
+    monkeypatch.setattr(tokenizer, "REPORT_EVERY_CHUNKS", 100)
+    text = " ab" * 500  # 500 chunks of 3 characters
+    BPETokenizer().train(text, 258, verbose=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("counting chunks")]
+    assert [line.split(",")[0] for line in lines] == [f"counting chunks: {p}% of the text" for p in (20, 40, 60, 80, 100)]
+    BPETokenizer().train(text, 258)  # not verbose: nothing
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_keeps_line_ends(tmp_path):
     """--train keeps CRLF and CR line ends as they are in the file, as prepare_data.py (which reads bytes) does."""
     data = b"to be or not to be\r\n\r\n" * 20 + b"old mac\r\r" * 20
