@@ -1060,15 +1060,17 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 loss_value = interval_loss.item() / interval_steps / world_size  # the only host sync
                 check_finite([loss_value])
                 elapsed, steps = time.perf_counter() - t_mark - eval_time, timed_steps
-                if first_in_interval and steps > 1:
+                if first_in_interval:
                     elapsed, steps = elapsed - timing["first_step"], steps - 1
                 first_in_interval = False
-                dt = elapsed / steps
+                # no rate, no ETA where the first step is the only one timed (--log_interval=1, or a resume
+                # one step before a log step): it compiled, and its time would be planned for every step left
+                dt = elapsed / steps if steps else None
                 # the evaluations after this iteration, and the one right after this line if it falls here
                 evals_left = (config.max_iters // config.eval_interval - iter_num // config.eval_interval
                               + (config.max_iters % config.eval_interval != 0)
                               + (iter_num % config.eval_interval == 0))
-                eta = (config.max_iters - iter_num) * dt + evals_left * last_eval_s
+                eta = (config.max_iters - iter_num) * dt + evals_left * last_eval_s if steps else None
                 log_progress(log, raw_model, iter_num, config.max_iters, loss_value, lr, grad_norm.item(), dt,
                              tokens_per_iter, world_size, eta, device, dtype)
                 summary["losses"][iter_num] = loss_value
@@ -1120,8 +1122,14 @@ def format_timing(timing: dict, total: float, compiled: bool) -> str:
 
 
 def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float, lr: float, grad_norm: float,
-                 dt: float, tokens_per_iter: int, world_size: int, eta: float, device, dtype) -> None:
-    """The progress line and its TensorBoard scalars; dt is seconds per iteration."""
+                 dt: Optional[float], tokens_per_iter: int, world_size: int, eta: Optional[float], device,
+                 dtype) -> None:
+    """The progress line and its TensorBoard scalars; dt is seconds per iteration (None: not known yet)."""
+    if dt is None:
+        log.print(f"iter {iter_num}/{max_iters}: loss {loss:.4f}, lr {lr:.2e}, speed and ETA from the next line "
+                  f"on (this run's first step, which compiles, is left out)")
+        log.scalars(iter_num, **{"train/loss": loss, "lr": lr, "grad_norm": grad_norm})
+        return
     tokens_per_sec = tokens_per_iter / dt
     flops = model.achieved_flops(tokens_per_iter, dt)  # all devices together, like tokens/s
     mfu = model.estimate_mfu(tokens_per_iter // world_size, dt, device=device, dtype=dtype)

@@ -743,6 +743,20 @@ def test_rates_and_eta_on_a_clock_the_test_controls(char_data, tmp_path, fake_cl
     assert [e.value for e in acc.Scalars("tokens_per_sec")] == pytest.approx([6400.0] * 3)
 
 
+def test_no_rate_from_the_first_step_alone(char_data, tmp_path, fake_clock, capsys):
+    """With a log line after every step, the first line has only the first step to time, which compiles
+    (1 s more here): it gives no rate and no ETA rather than planning 1 s for every step left. The same
+    holds for a resume that stops one step before a log step."""
+    fake_clock.first_step_s = 1.0
+    summary = train(tiny(char_data, tmp_path, max_iters=3, log_interval=1, eval_interval=3))
+    assert fake_clock.logged == {1: (None, None), 2: pytest.approx((0.01, 0.01)), 3: pytest.approx((0.01, 0.0))}
+    out = capsys.readouterr().out
+    assert "iter 1/3: loss " in out and ", speed and ETA from the next line on (this run's first step, which " \
+        "compiles, is left out)\n" in out and out.count(", 10.0 ms/iter, 6,400 tok/s,") == 2
+    steps, acc = event_steps(summary["run_dir"])
+    assert [e.step for e in acc.Scalars("tokens_per_sec")] == [2, 3] and [e.step for e in acc.Scalars("lr")] == [1, 2, 3]
+
+
 def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, tmp_path, fake_clock):
     """The same fake clock, and evaluations that take time: 0.5 s the first, 0.2 s each later one. The
     rate leaves them out; the ETA adds the evaluations still to come at the last one's duration.
