@@ -620,6 +620,7 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
     stopped_by (the signal number, or None), resumed_from (the iteration, or None).
     Under torchrun (RANK set) every rank calls it; only rank 0 prints and writes files.
     """
+    t_start = time.perf_counter()  # the last line's setup includes reading the checkpoint, which can take seconds
     config = copy.deepcopy(config)
     explicit = default_explicit(config) if explicit is None else set(explicit)
     config.validate(partial=True)
@@ -646,7 +647,7 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
             dist.all_gather_object(starts, plan[1]["iter_num"] if plan[1] is not None else None)
             check_same_start(starts, config.checkpoint_dir)
         with ExitStack() as cleanup:
-            summary = _train(plan, explicit, rank, world_size, local_rank, cleanup)
+            summary = _train(plan, explicit, rank, world_size, local_rank, cleanup, t_start)
         if ddp:
             # leave together: rank 0 may still be writing the final checkpoint, and a rank that tears
             # down its process group while a peer is still connected can abort at exit
@@ -669,13 +670,12 @@ def check_same_start(starts: list, checkpoint_dir: str) -> None:
 
 
 def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
-           cleanup: ExitStack) -> dict:
+           cleanup: ExitStack, t_start: float) -> dict:
     from data import BatchLoader, DataError, load_data_tokenizer, load_meta, remake_command
     config, ckpt, ckpt_path = plan
     plan.clear()  # no reference is left in train(), so `del ckpt` below frees the checkpoint's tensors
     master = rank == 0
     ddp = world_size > 1
-    t_start = time.perf_counter()
 
     # --- everything that can fail on the user's input happens before anything is written
     A = config.gradient_accumulation_steps

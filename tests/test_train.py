@@ -799,6 +799,21 @@ def test_a_resume_with_more_evaluation_batches_plans_longer_evaluations(char_dat
     assert fake_clock.logged[6][1] == pytest.approx(4 * 0.01 + 2 * 0.4)
 
 
+def test_the_setup_time_of_a_resume_includes_reading_the_checkpoint(char_data, tmp_path, fake_clock, monkeypatch):
+    """Reading a large checkpoint takes seconds (2 s on the fake clock here), before the process group and
+    the model: the last line's setup and total count it."""
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=4))
+    real_load = train_module.load_checkpoint
+
+    def slow_load(*args, **kwargs):
+        fake_clock.now += 2.0
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(train_module, "load_checkpoint", slow_load)
+    timing = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=4))["timing"]
+    assert timing["setup"] == pytest.approx(2.0) and timing["total"] == pytest.approx(2.0 + 2 * 0.01)
+
+
 def test_the_time_split_of_the_last_line():
     from train import format_timing
     timing = {"setup": 1.0, "first_step": 2.0, "evaluation": 3.0, "checkpoints": 4.0}
