@@ -175,6 +175,16 @@ def time_kind(name: str) -> str:
     return next((kind for kind, pattern in TIME_KINDS if pattern.search(name)), "other")
 
 
+def caller_kind(event) -> str:
+    """The TIME_KINDS group of a profiled CPU operator, or else of its nearest caller that has one."""
+    while event is not None:
+        found = time_kind(event.name)
+        if found != "other":
+            return found
+        event = event.cpu_parent
+    return "other"
+
+
 def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict:
     """Run step(first), ..., step(first + n_steps - 1) under torch.profiler.
 
@@ -196,8 +206,15 @@ def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict
     own_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     per_step = lambda us: us / 1000 / n_steps  # noqa: E731  microseconds in all -> ms per step
     kinds = {name: 0.0 for name, _ in TIME_KINDS} | {"other": 0.0}
-    for e in rows:
-        kinds[time_kind(e.key)] += per_step(own_us(e))
+    if cuda:  # a kernel's own name says what it is
+        for e in rows:
+            kinds[time_kind(e.key)] += per_step(own_us(e))
+    else:
+        # an operator's name may not (clipping's aten::linalg_vector_norm and aten::mul_ on a CPU, one per
+        # tensor, under aten::_foreach_norm and aten::_foreach_mul_): the nearest caller whose name does
+        for e in prof.events():
+            if e.device_type == kind and not getattr(e, "is_user_annotation", False):
+                kinds[caller_kind(e)] += per_step(e.self_cpu_time_total)
     rows.sort(key=own_us, reverse=True)
     return dict(steps=n_steps, measured="GPU kernels" if cuda else "CPU operators (self time)",
                 ms_per_step=sum(kinds.values()), kinds=kinds,

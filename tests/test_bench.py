@@ -399,18 +399,24 @@ def test_tokenize_refuses_ids_that_differ_from_tiktoken(monkeypatch):
 
 
 class FakeEvent:
-    def __init__(self, key, self_us, count):
-        self.key, self.self_cpu_time_total, self.count = key, self_us, count
+    def __init__(self, key, self_us, count, parent=None):
+        self.key = self.name = key
+        self.self_cpu_time_total, self.count, self.cpu_parent = self_us, count, parent
         self.cpu_time_total = 3 * self_us  # inclusive time: not what the profile reports
         self.device_type = torch.autograd.DeviceType.CPU
         self.is_user_annotation = False
 
 
 class FakeProfile:
-    """torch.profiler.profile for 2 steps with known operators and self times (microseconds in all)."""
-    events = [FakeEvent("aten::addmm", 3000, 4), FakeEvent("aten::mm", 1000, 2),
-              FakeEvent("aten::_scaled_dot_product_flash_attention_for_cpu", 800, 2),
-              FakeEvent("aten::_fused_adamw_", 500, 2), FakeEvent("aten::add", 200, 4)]
+    """torch.profiler.profile for 2 steps with known operators and self times (microseconds in all).
+    Clipping on a CPU: aten::_foreach_norm calls aten::linalg_vector_norm once per tensor, whose name
+    alone says nothing; aten::mul_ runs in the forward pass too, where it is not clipping."""
+    norm = FakeEvent("aten::_foreach_norm", 40, 2)
+    events_ = [FakeEvent("aten::addmm", 3000, 4), FakeEvent("aten::mm", 1000, 2),
+               FakeEvent("aten::_scaled_dot_product_flash_attention_for_cpu", 800, 2),
+               FakeEvent("aten::_fused_adamw_", 500, 2), FakeEvent("aten::add", 200, 4), norm,
+               FakeEvent("aten::linalg_vector_norm", 160, 8, parent=norm),
+               FakeEvent("aten::mul_", 100, 2, parent=FakeEvent("aten::dropout", 0, 2))]
 
     def __init__(self, *args, **kwargs):
         pass
@@ -421,8 +427,11 @@ class FakeProfile:
     def __exit__(self, *exc):
         return False
 
+    def events(self):
+        return list(self.events_)
+
     def key_averages(self):
-        return list(self.events)
+        return list(self.events_)
 
 
 def test_the_profile_sums_self_time_per_step_by_kind(monkeypatch, capsys):
@@ -431,12 +440,12 @@ def test_the_profile_sums_self_time_per_step_by_kind(monkeypatch, capsys):
     import bench
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
     p = bench.profile_steps(lambda i: torch.zeros(()), 10, 2, torch.device("cpu"))
-    assert p["kinds"] == pytest.approx({"attention": 0.4, "matmul": 2.0, "optimizer and clipping": 0.25,
-                                        "fused elementwise and reductions (Triton)": 0.0, "other": 0.1})
-    assert p["ms_per_step"] == pytest.approx(2.75) and p["steps"] == 2
+    assert p["kinds"] == pytest.approx({"attention": 0.4, "matmul": 2.0, "optimizer and clipping": 0.35,
+                                        "fused elementwise and reductions (Triton)": 0.0, "other": 0.15})
+    assert p["ms_per_step"] == pytest.approx(2.9) and p["steps"] == 2
     assert [(r["name"], r["ms_per_step"], r["calls_per_step"]) for r in p["top"][:2]] == [
         ("aten::addmm", 1.5, 2.0), ("aten::mm", 0.5, 1.0)]
     bench.print_profile(p, step_ms=5.5)
     out = capsys.readouterr().out
-    assert "take 2.75 ms per step (50% of the timed 5.50 ms)" in out and "matmul 2.00 ms" in out
+    assert "take 2.90 ms per step (53% of the timed 5.50 ms)" in out and "matmul 2.00 ms" in out
     assert "   1.500 ms     2.0x  aten::addmm" in out
