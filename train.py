@@ -1001,12 +1001,15 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
         def final_due() -> bool:
             # also when a run that had finished lost its final checkpoint to a crash while writing it: then
-            # final_checkpoint.pt is missing, or older than the checkpoint.pt of the last evaluation
+            # final_checkpoint.pt is missing, or older than the checkpoint.pt of the last evaluation. Never
+            # for a checkpoint past max_iters (a lower --max_iters than the run was stopped at): that run
+            # did not finish, and its final_checkpoint.pt, if any, is another run's end
             final, last = checkpoint_dir / "final_checkpoint.pt", checkpoint_dir / "checkpoint.pt"
-            return (resumed_from is None or iter_num > resumed_from or owed or not final.is_file()
-                    or (last.is_file() and final.stat().st_mtime < last.stat().st_mtime))
+            return iter_num == config.max_iters and (
+                resumed_from is None or iter_num > resumed_from or owed or not final.is_file()
+                or (last.is_file() and final.stat().st_mtime < last.stat().st_mtime))
 
-        if iter_num >= config.max_iters and not owed and not final_due():
+        if iter_num > config.max_iters or (iter_num == config.max_iters and not owed and not final_due()):
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
         elif resumed_from is None or owed:
@@ -1029,6 +1032,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 return finish()
             summary["evals"][iter_num] = losses
             last_eval_s = timed_eval(time.perf_counter() - t0)
+            if owed and config.save_interval and iter_num % config.save_interval == 0:
+                save([f"checkpoint_iter_{iter_num}.pt"])  # the copy kept at the stop still owed this evaluation
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
         timing["setup"] = t_mark - t_start - timing["evaluation"] - timing["checkpoints"]
         first_in_interval = True  # the first step compiles: its time stays out of the first rate and ETA

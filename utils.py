@@ -347,9 +347,10 @@ def save_checkpoint_as(path: str | os.PathLike, saved: str | os.PathLike, checkp
     A hard link under a temporary name, renamed over `path`, costs nothing where writing a large
     checkpoint again would take seconds; `path` is replaced whole or not at all. Later saves replace
     `saved` by renaming a new file over it, so the two names never share a change. Where the file
-    system has no hard links, `checkpoint` is written again.
+    system has no hard links, `checkpoint` is written again. A link at `path` is followed, as
+    atomic_open follows it: the file it points to is replaced and the link stays.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
     try:
         os.link(saved, tmp)

@@ -442,6 +442,25 @@ def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_pat
     assert {**stopped["evals"], **resumed["evals"]} == straight["evals"]  # the cut evaluation is made up
 
 
+def test_the_copy_kept_at_a_cut_evaluation_is_made_good_with_it(char_data, tmp_path, monkeypatch):
+    """save_interval keeps checkpoint_iter_5.pt, written when the evaluation at 5 was cut short: the
+    resumed run makes up that evaluation, and the kept copy then says what an unbroken run's says."""
+    kw = dict(max_iters=10, eval_interval=5, eval_iters=20, save_interval=5)
+    train(tiny(char_data, tmp_path / "straight", **kw))
+    steps = []
+    monkeypatch.setattr("train.optimizer_step",
+                        lambda *a, _real=__import__("train").optimizer_step, **k: steps.append(1) or _real(*a, **k))
+    signal_at_batch(monkeypatch, "val", 3, lambda: len(steps), 5)
+    train(tiny(char_data, tmp_path / "split", **kw))
+    kept = tmp_path / "split" / "ckpt" / "checkpoint_iter_5.pt"
+    assert load_checkpoint(kept)["progress"]["eval_owed"]
+    monkeypatch.undo()
+    train(tiny(char_data, tmp_path / "split", **kw))
+    a, b = (load_checkpoint(d / "ckpt" / "checkpoint_iter_5.pt") for d in (tmp_path / "straight", tmp_path / "split"))
+    assert not b["progress"]["eval_owed"] and b["best_val_loss"] == a["best_val_loss"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_a_signal_during_the_last_evaluation_leaves_it_owed(char_data, tmp_path, monkeypatch):
     kw = dict(max_iters=10, eval_interval=5, eval_iters=20, learning_rate=3e-2)
     straight = train(tiny(char_data, tmp_path / "straight", **kw))
@@ -1077,6 +1096,22 @@ def test_a_second_name_for_a_saved_checkpoint(tmp_path, monkeypatch, links):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]  # no temporary file left
 
 
+def test_a_second_name_that_is_a_link_stays_a_link(tmp_path):
+    """checkpoint.pt linked to a file elsewhere (a bigger disk, say): saving an improved checkpoint under both
+    names replaces the file the link points to, as a plain save does, instead of the link."""
+    from utils import save_checkpoint_as
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "checkpoint.pt").symlink_to(tmp_path / "elsewhere" / "checkpoint.pt")
+    first, second = ({"iter_num": i, "model": {"w": torch.zeros(2)}, "config": {}} for i in (5, 10))
+    save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", first)
+    save_checkpoint(tmp_path / "ckpt" / "best_checkpoint.pt", second)
+    save_checkpoint_as(tmp_path / "ckpt" / "checkpoint.pt", tmp_path / "ckpt" / "best_checkpoint.pt", second)
+    assert (tmp_path / "ckpt" / "checkpoint.pt").is_symlink()
+    assert load_checkpoint(tmp_path / "elsewhere" / "checkpoint.pt")["iter_num"] == 10
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["checkpoint.pt"]
+
+
 def test_training_links_best_checkpoint_instead_of_writing_it_again(char_data, tmp_path, monkeypatch):
     import train as train_module
     written = []
@@ -1144,6 +1179,32 @@ def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_agai
     assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 10
     train(tiny(char_data, tmp_path, max_iters=15, lr_decay_iters=40))
     assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 15
+
+
+def test_a_max_iters_below_a_stopped_run_writes_no_final_checkpoint(char_data, tmp_path, monkeypatch, capsys):
+    """Stopped at iteration 7 of 10, run again with --max_iters=5: that run did not finish, so there is no
+    final checkpoint to write, and a finished run's final_checkpoint.pt is not replaced by a stopped one."""
+    import train as train_module
+    steps, real_fb = [], train_module.forward_backward
+    monkeypatch.setattr(train_module, "forward_backward", lambda *a, **k: steps.append(1) or real_fb(*a, **k))
+    monkeypatch.setattr(train_module, "stop_requested", lambda stop, group=None: len(steps) >= 7)
+    train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5))
+    monkeypatch.undo()
+    capsys.readouterr()
+    summary = train(tiny(char_data, tmp_path, max_iters=5, eval_interval=5))
+    assert summary["iter_num"] == 7 and not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
+    out = capsys.readouterr().out
+    assert "already trained for 7 iterations (max_iters=5); raise --max_iters to continue" in out and "done:" not in out
+    # a run finished at 10, extended to 20 and stopped at 14: the command of the first run changes nothing
+    train(tiny(char_data, tmp_path / "b", max_iters=10, eval_interval=5, lr_decay_iters=40))
+    final = (tmp_path / "b" / "ckpt" / "final_checkpoint.pt").read_bytes()
+    steps.clear()
+    monkeypatch.setattr(train_module, "forward_backward", lambda *a, **k: steps.append(1) or real_fb(*a, **k))
+    monkeypatch.setattr(train_module, "stop_requested", lambda stop, group=None: len(steps) >= 4)
+    assert train(tiny(char_data, tmp_path / "b", max_iters=20, eval_interval=5, lr_decay_iters=40))["iter_num"] == 14
+    monkeypatch.undo()
+    train(tiny(char_data, tmp_path / "b", max_iters=10, eval_interval=5, lr_decay_iters=40))
+    assert (tmp_path / "b" / "ckpt" / "final_checkpoint.pt").read_bytes() == final
 
 
 @pytest.mark.parametrize("resume", [False, True])
