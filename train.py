@@ -1132,7 +1132,7 @@ def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float,
     """The progress line and its TensorBoard scalars; dt is seconds per iteration (None: not known yet)."""
     if dt is None:
         log.print(f"iter {iter_num}/{max_iters}: loss {loss:.4f}, lr {lr:.2e}, speed and ETA from the next line "
-                  f"on (this run's first step, which compiles, is left out)")
+                  f"on (a run's first step, slowed by compiling and warming up, is left out)")
         log.scalars(iter_num, **{"train/loss": loss, "lr": lr, "grad_norm": grad_norm})
         return
     tokens_per_sec = tokens_per_iter / dt
