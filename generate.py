@@ -37,6 +37,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
+import shlex
 import sys
 import tempfile
 import time
@@ -49,7 +51,7 @@ import torch
 from config import DTYPES, suggest
 from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, Progress, UserError,
                    atomic_open, find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem,
-                   resolve_device, resolve_dtype, run_cli)
+                   read_utf8_file, resolve_device, resolve_dtype, run_cli)
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -391,8 +393,11 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     try:
         return tokenizer.encode("\n")
     except UserError:
-        raise GenerationError("the prompt is empty and this tokenizer has neither an end-of-text token nor a "
-                              "newline to start from; give a prompt, e.g. --prompt \"The \"") from None
+        # the example is made of characters it knows: a Chinese text's tokenizer may know no Latin letter
+        known = tokenizer.decode(list(range(min(3, tokenizer.vocab_size))))
+        raise GenerationError(f"the prompt is empty and this tokenizer has neither an end-of-text token nor a "
+                              f"newline to start from; give a prompt of characters it knows, e.g. "
+                              f"--prompt {shlex.quote(known)}") from None
 
 
 class TextStream:
@@ -719,6 +724,7 @@ Type a prompt and press Enter to continue it. Commands, between prompts:
   :settings          show the current settings
   :help              this list
   :quit              exit (Ctrl-D does too)
+The full-width colon and space (：and U+3000) work as well.
 Ctrl-C stops the text being generated and returns to the prompt.
 """
 
@@ -737,11 +743,11 @@ SETTING_PARSERS = {"max_new_tokens": int, "temperature": float, "top_k": _option
 
 def _run_command(line: str, settings: SamplingSettings, out) -> bool:
     """Apply one ':name value' command to settings; False means quit."""
-    name, _, value = line[1:].lstrip().partition(" ")
-    # a stop string may begin or end with spaces (or U+3000, the full-width space); 'none' turns it off
+    # the name ends at a space or at U+3000, the full-width space that a Chinese input method types
+    name, value = re.match(r"(\S*)\s?(.*)", line[1:].lstrip(), re.DOTALL).groups()
+    # a stop string may begin or end with spaces (or U+3000); 'none' turns it off
     if name != "stop" or value.strip().lower() in ("none", "off"):
         value = value.strip()
-    name = name.strip()
     if name in ("quit", "exit", "q"):
         return False
     if name in ("help", "h", "?"):
@@ -810,7 +816,11 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
         except GenerationError as e:
             write(f"error: {e}\n")
             continue
-        if line.startswith(":"):
+        if "\0" in line:  # UTF-16 text read as UTF-8: every other byte of a Latin letter is a NUL
+            write("error: that line holds NUL characters: is the input UTF-16 (what Windows Notepad calls "
+                  "'Unicode')? Convert it with iconv -f utf-16 -t utf-8\n")
+            continue
+        if line[:1] in (":", "\uff1a"):  # also the full-width colon of a Chinese input method
             if not _run_command(line, settings, out):
                 return
             continue
@@ -886,11 +896,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise GenerationError("give --prompt or --prompt_file, not both")
     prompt = args.prompt or ""
     if args.prompt_file:
-        try:
-            # without a byte-order mark; \r\n becomes \n, which a model trained on any text knows
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e}") from None
+        try:  # without a byte-order mark; \r\n and \r become \n, which a model trained on any text knows
+            prompt = read_utf8_file(args.prompt_file, f"--prompt_file {args.prompt_file}", GenerationError)
+        except OSError as e:
+            raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e.strerror or e}") from None
+        prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")
     if args.interactive and (args.prompt is not None or args.prompt_file or args.num_samples != 1
                              or args.batch_size is not None):
         raise GenerationError("--prompt, --prompt_file, --num_samples and --batch_size do not apply to --interactive, "

@@ -60,6 +60,7 @@ import numpy as np
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
+import utils
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_problem,
                    missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli)
 
@@ -94,21 +95,8 @@ Item = tuple[str, bytes, bool, int, str, int]
 
 
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
-    """data as str; invalid UTF-8 is a DataError naming `where` and the byte offset."""
-    try:
-        return str(data, "utf-8")
-    except UnicodeDecodeError as e:
-        # a piece cut out of a file ends where the cut is, so a lead byte before the cut reads as an
-        # "unexpected end of data" even when the file goes on with a byte that cannot continue it
-        reason = "starts a character that is not completed" if e.reason == "unexpected end of data" else e.reason
-        if offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
-            how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
-                   "`iconv -f utf-16 -t utf-8 IN > OUT`")
-        else:
-            how = ("convert the file to UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT` for Chinese text in "
-                   "GBK, `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text")
-        raise DataError(f"{where} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset {offset + e.start} "
-                        f"({reason}); {how}") from None
+    """data as str; invalid UTF-8 is a DataError naming `where` and the byte offset (utils.decode_utf8)."""
+    return utils.decode_utf8(data, where, offset, DataError)
 
 
 def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str, ...] | None = None) -> list[Path]:

@@ -34,8 +34,8 @@ from typing import Iterator
 
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, run_cli,
-                   writes_directly)
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, read_utf8_file,
+                   run_cli, writes_directly)
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
 # space), and runs of whitespace. A space is kept at the start of the word that follows it, and
@@ -909,14 +909,13 @@ def _check_special_tokens(names: list) -> None:
 
 
 def _read_text(path: str) -> str:
-    # newline="" keeps '\r\n' and '\r' as they are (read_text would make them '\n'): prepare_data.py
-    # reads bytes, so a tokenizer trained here must see the same line ends as the text it will encode
+    # the bytes decoded keep '\r\n' and '\r' as they are (read_text would make them '\n'): prepare_data.py
+    # reads bytes, so a tokenizer trained here must see the same line ends as the text it will encode;
+    # a byte-order mark is dropped there as here
     try:
-        # utf-8-sig: a byte-order mark (Windows Notepad writes one) is no text, as in prepare_data.py
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"cannot read the text file {path!r} ({e}); pass a UTF-8 text file") from e
+        return read_utf8_file(path, path, TokenizerError)
+    except OSError as e:
+        raise TokenizerError(f"cannot read the text file {path!r} ({e.strerror or e}); pass a UTF-8 text file") from None
 
 
 def bench(path: str, vocab_size: int, pattern: str | None = None) -> None:

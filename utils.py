@@ -85,6 +85,34 @@ def utf8_text(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: type = None) -> str:
+    """data as str; invalid UTF-8 raises `error` (UserError by default) naming `where`, the byte offset
+    (offset: where data starts in its file) and how to convert the text: GBK and UTF-16 are what Chinese
+    Windows and Notepad write."""
+    try:
+        return str(data, "utf-8")
+    except UnicodeDecodeError as e:
+        # a piece cut out of a file ends where the cut is, so a lead byte before the cut reads as an
+        # "unexpected end of data" even when the file goes on with a byte that cannot continue it
+        reason = "starts a character that is not completed" if e.reason == "unexpected end of data" else e.reason
+        if offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
+            how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
+                   "`iconv -f utf-16 -t utf-8 IN > OUT`")
+        else:
+            how = ("convert the file to UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT` for Chinese text in "
+                   "GBK, `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text")
+        raise (error or UserError)(f"{where} is not valid UTF-8: byte {data[e.start]:#04x} at byte offset "
+                                   f"{offset + e.start} ({reason}); {how}") from None
+
+
+def read_utf8_file(path: str | os.PathLike, where: str, error: type = None) -> str:
+    """A UTF-8 text file's text as it is (line ends included), without a byte-order mark, which Windows
+    Notepad writes and which is no text; decode_utf8's error where it is not UTF-8. OSError as open raises it."""
+    data = Path(path).read_bytes()
+    bom = data.startswith(b"\xef\xbb\xbf")
+    return decode_utf8(memoryview(data)[3:] if bom else data, where, 3 if bom else 0, error)
+
+
 def missing_folders(path: Path) -> list[Path]:
     """The folders that path.mkdir(parents=True) would make, deepest first, resolved: those that do not
     exist, also where the path goes through '..' ('missing/../data' makes 'missing', not the existing 'data')."""

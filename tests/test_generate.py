@@ -8,6 +8,7 @@ varied instead of one repeated character and a wrong token shows up.
 """
 import io
 import os
+import shlex
 import shutil
 import string
 import subprocess
@@ -570,6 +571,52 @@ def test_cli_prompt_file_with_a_byte_order_mark(char_checkpoint, tmp_path):
     for prompt in ("JULIET:", ""):  # one of the two, even an empty --prompt
         r = cli(["--prompt_file", "p.txt", "--prompt", prompt, "--device", "cpu"], tmp_path)
         assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: give --prompt or --prompt_file, not both\n")
+
+
+def test_a_prompt_file_in_another_encoding_is_named_as_prepare_data_names_it(char_checkpoint, tmp_path):
+    """GBK after a byte-order mark: the byte offset counts from the file's start (the mark's 3 bytes
+    included), and the advice says how to convert; UTF-16 is named as such. \r\n and \r become \n."""
+    (tmp_path / "gbk.txt").write_bytes(b"\xef\xbb\xbfabc\xc4\xe3")
+    (tmp_path / "u16.txt").write_bytes("ab\n".encode("utf-16"))
+    for name, message in (("gbk.txt", "byte 0xc4 at byte offset 6 (invalid continuation byte); convert the file to "
+                                      "UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT`"),
+                          ("u16.txt", "byte 0xff at byte offset 0 (invalid start byte); it is UTF-16")):
+        r = cli(["--prompt_file", name, "--device", "cpu"], tmp_path)
+        assert r.returncode == 2 and r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"error: --prompt_file {name} is not valid UTF-8: {message}"), r.stderr
+    _, model, tok = char_checkpoint
+    expected = complete(Generator(model), tok, ["a\nb\nc"], SamplingSettings(temperature=0, max_new_tokens=5))[0]
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb\rc")
+    r = cli(["--prompt_file", "crlf.txt", "--max_new_tokens", "5", "--temperature", "0", "--device", "cpu"], tmp_path)
+    assert r.returncode == 0 and r.stdout == "a\nb\nc" + expected + "\n", r.stderr
+
+
+def test_an_empty_prompt_hint_the_tokenizer_can_encode(tmp_path):
+    """A Chinese text without newlines: its character-level tokenizer knows no newline and no Latin letter,
+    so the example prompt is made of characters it knows."""
+    from generate import encode_prompt
+    tok = CharTokenizer.from_text("床前明月光疑是地上霜")
+    with pytest.raises(GenerationError) as e:
+        encode_prompt(tok, "")
+    example = shlex.split(str(e.value).rpartition("--prompt ")[2])[0]  # as a shell passes it on
+    assert example == tok.decode([0, 1, 2]) and tok.encode(example) == [0, 1, 2]
+
+
+def test_interactive_commands_typed_with_a_chinese_input_method(char_checkpoint):
+    """The full-width colon and space of a Chinese input method work as ':' and ' '; a UTF-16 line (NULs
+    between the letters once read as UTF-8) is refused, not continued, and the loop goes on."""
+    _, model, tok = char_checkpoint
+    settings, out = SamplingSettings(temperature=0, max_new_tokens=10), io.StringIO()
+    generate._run_command("\uff1amax_new_tokens\u30005", settings, out)
+    assert settings.max_new_tokens == 5 and out.getvalue() == "max_new_tokens = 5\n"
+    generate._run_command(":stop\u3000\u3002", settings, out)
+    assert settings.stop == "\u3002"
+    settings.stop = None
+    out = io.StringIO()
+    generate.interactive(Generator(model), tok, settings, stdin=io.StringIO("a\0b\0\nab\n\uff1aquit\nab\n"), stdout=out)
+    expected = complete(Generator(model), tok, ["ab"], settings)[0]
+    assert out.getvalue() == ("> error: that line holds NUL characters: is the input UTF-16 (what Windows Notepad "
+                              f"calls 'Unicode')? Convert it with iconv -f utf-16 -t utf-8\n> {expected}\n> ")
 
 
 def test_cli_interactive_through_stdin(char_checkpoint, tmp_path):

@@ -672,6 +672,19 @@ def test_training_reports_while_it_counts_chunks(monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_cli_names_text_in_another_encoding_as_prepare_data_does(tmp_path):
+    (tmp_path / "gbk.txt").write_bytes(b"\xef\xbb\xbfabc\xc4\xe3")  # a byte-order mark, then GBK
+    (tmp_path / "u16.txt").write_bytes("to be or not to be\n".encode("utf-16"))
+    for name, message in (("gbk.txt", "byte 0xc4 at byte offset 6 (invalid continuation byte); convert the file to "
+                                      "UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT`"),
+                          ("u16.txt", "byte 0xff at byte offset 0 (invalid start byte); it is UTF-16")):
+        out = subprocess.run([sys.executable, tokenizer.__file__, "--train", name, "--out", "t.json"], cwd=tmp_path,
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith(f"error: {name} is not valid UTF-8: {message}"), out.stderr
+    assert not (tmp_path / "t.json").exists()
+
+
 def test_cli_keeps_line_ends(tmp_path):
     """--train keeps CRLF and CR line ends as they are in the file, as prepare_data.py (which reads bytes) does."""
     data = b"to be or not to be\r\n\r\n" * 20 + b"old mac\r\r" * 20
