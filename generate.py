@@ -404,13 +404,16 @@ class TextStream:
     """One row's generated text, built token by token.
 
     Bytes go through an incremental UTF-8 decoder, so a character split across tokens appears whole
-    once its last byte arrives. The text ends at end-of-text or before the stop string; new_text()
-    returns what can be shown so far, holding back a possible beginning of the stop string.
+    once its last byte arrives. The text ends at end-of-text or before the stop string, which may begin
+    in the prompt (as transformers' stop_strings may): then the text is empty. new_text() returns what
+    can be shown so far, holding back a possible beginning of the stop string.
     """
 
-    def __init__(self, tokenizer, stop: Optional[str] = None):
+    def __init__(self, tokenizer, stop: Optional[str] = None, prompt: str = ""):
         self.tokenizer = tokenizer
         self.stop = stop
+        # the end of the prompt that a stop string could begin in: all of it but its last character
+        self._before = prompt[len(prompt) - len(stop) + 1:] if stop and len(stop) > 1 else ""
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
         self.done = False
@@ -436,9 +439,10 @@ class TextStream:
         start = len(self.text)
         self.text += piece
         if self.stop:
-            i = self.text.find(self.stop, max(0, start - len(self.stop) + 1))
+            before = self._before
+            i = (before + self.text).find(self.stop, max(0, len(before) + start - len(self.stop) + 1))
             if i >= 0:
-                self.text = self.text[:i]
+                self.text = self.text[:max(0, i - len(before))]
                 self.done = True
 
     def held_back(self) -> str:
@@ -467,17 +471,26 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     """
     ids = [encode_prompt(tokenizer, p) for p in prompts]
     rng = settings.make_rng(gen.device) if rng is None else rng
-    streams = [TextStream(tokenizer, settings.stop) for _ in prompts]
+    streams = [TextStream(tokenizer, settings.stop, p) for p in prompts]
 
     def sample(logits):
         # a model may have more outputs than its tokenizer has tokens (data.check_vocab allows it); ids
         # without text are never drawn
         logits = logits[:, :tokenizer.vocab_size]
-        return sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
+        # a row of NaN or infinite logits (damaged weights, float16 overflow) comes back as id -1, in the
+        # transfer of the ids that happens anyway: no extra wait for the GPU
+        finite = torch.isfinite(logits).all(dim=-1)
+        ids = sample_logits(torch.where(finite[:, None], logits, 0.0), settings.temperature, settings.top_k,
+                            settings.top_p, rng)
+        return torch.where(finite, ids, -1)
 
     try:
         with contextlib.closing(gen.decode(ids, settings.max_new_tokens, sample)) as steps:
-            for step in steps:
+            for n, step in enumerate(steps, 1):
+                if min(step) < 0:
+                    raise GenerationError(f"the model's output became NaN or infinite at new token {n}: its weights "
+                                          f"are damaged, or float16 overflowed (then try --dtype float32 or "
+                                          f"bfloat16)")
                 for stream, token in zip(streams, step):
                     stream.add(token)  # a finished row keeps being decoded, and ignored
                 if on_step is not None:
@@ -630,10 +643,17 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
         hint = (f"give a file name, e.g. {str(Path(output_file) / 'samples.txt')!r}" if problem == "is a directory"
                 else "give a path you can write to")
         raise GenerationError(f"output_file {str(output_file)!r} {problem}; {hint}")
+    n = len(prompts)
+    for i, p in enumerate(prompts, 1):  # a lone surrogate (os.fsdecode, surrogateescape) could not be written
+        check_utf8(p, f"prompt {i} of {n}")
+    check_utf8(settings.stop, "stop")
     device = resolve_device(device)
     model, tokenizer, _ = load_model(checkpoint, init_from, checkpoint_dir)
-    for p in prompts:
-        encode_prompt(tokenizer, p)  # a prompt the tokenizer cannot encode fails before any generation
+    for i, p in enumerate(prompts, 1):  # a prompt the tokenizer cannot encode fails before any generation
+        try:
+            encode_prompt(tokenizer, p)
+        except UserError as e:
+            raise GenerationError(f"prompt {i} of {n}: {e}") from None
     gen = Generator(model, device, resolve_dtype(dtype, device), compile=compile)
     rng = settings.make_rng(gen.device)
     texts = complete_in_batches(gen, tokenizer, prompts, settings, batch_size, rng)
@@ -857,7 +877,8 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=d.temperature, help="0 means greedy argmax decoding")
     s.add_argument("--top_k", type=int, default=d.top_k, help="sample among the k most likely tokens; 0 disables")
     s.add_argument("--top_p", type=float, default=d.top_p, help="nucleus sampling threshold in (0, 1]; 1 disables")
-    s.add_argument("--seed", type=int, default=None, help="the same seed gives the same text; unset draws a random one")
+    s.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (with the same --num_samples and "
+                   "--batch_size); unset draws a random one")
     s.add_argument("--stop", default=None, help="end each text where this string appears (\\n is a newline)")
     s.add_argument("--interactive", action="store_true", help="prompt loop with streaming output; :help inside")
     sys_ = p.add_argument_group("system")

@@ -458,6 +458,35 @@ def test_stop_string_cuts_text_and_is_never_streamed():
     assert text == free[:free.index(stop)] and "".join(pieces) == text
 
 
+def test_a_stop_string_may_begin_in_the_prompt():
+    """As transformers' stop_strings: a prompt ending in '\n' with --stop '\n\n' stops at a first '\n'. The
+    text is then empty; a stop string that lies wholly inside the prompt does not count."""
+    tok = char_tokenizer()
+    gen = Generator(tiny_model(tok.vocab_size))
+    free = complete(gen, tok, ["hello"], GREEDY)[0]
+    for stop in ("o" + free[:2], "llo" + free[0]):
+        settings = SamplingSettings(temperature=0, max_new_tokens=40, stop=stop)
+        pieces = []
+        assert complete(gen, tok, ["hello"], settings, on_text=pieces.append) == [""] and pieces == []
+    settings = SamplingSettings(temperature=0, max_new_tokens=40, stop="ell")  # only in the prompt
+    assert complete(gen, tok, ["hello"], settings)[0] == (free[:free.index("ell")] if "ell" in free else free)
+    stream = TextStream(tok, stop="xy", prompt="abx")  # the prompt's 'x', then a token 'y'
+    stream.add(tok.encode("y")[0])
+    assert stream.done and stream.text == ""
+
+
+def test_nan_logits_are_one_clear_error(monkeypatch):
+    """Damaged weights: sampling would fail in torch.multinomial with a traceback, greedy decoding would
+    print token 0 over and over; both say what happened instead, at the first token."""
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    for temperature in (0.0, 1.0):
+        with pytest.raises(GenerationError, match=r"^the model's output became NaN or infinite at new token 1: "):
+            complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=temperature, max_new_tokens=5))
+
+
 def test_text_streams_a_token_at_a_time_and_decoding_stops_when_every_row_is_done():
     tok = char_tokenizer()
     gen = Generator(tiny_model(tok.vocab_size))
@@ -728,6 +757,20 @@ def test_batch_generate_into_a_directory_fails_before_generating(char_checkpoint
         batch_generate(["a"], output_file=str(tmp_path / "f" / "s.txt"), checkpoint=str(path))
     with pytest.raises(GenerationError, match=r"cannot be written: File name too long; give a path you can write"):
         batch_generate(["a"], output_file=str(tmp_path / ("a" * 300 + ".txt")), checkpoint=str(path))
+
+
+def test_batch_generate_names_the_prompt_it_cannot_take(char_checkpoint, tmp_path, monkeypatch):
+    """Hundreds of prompts: the error says which one. A lone surrogate (os.fsdecode of a GBK name) is refused
+    before the model is loaded; it would have failed only when the output file was written."""
+    path, _, _ = char_checkpoint
+    with pytest.raises(GenerationError, match=r"^prompt 2 of 3: the text contains 1 character\(s\) .*'\u00e9'"):
+        batch_generate(["ab", "\u00e9", "cd"], output_file=str(tmp_path / "o.txt"), checkpoint=str(path))
+    monkeypatch.setattr(generate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(GenerationError, match=r"^prompt 3 of 3 is not valid UTF-8 \(byte 0x80\)"):
+        batch_generate(["ab", "cd", "a\udc80b"], output_file=str(tmp_path / "o.txt"), checkpoint=str(path))
+    with pytest.raises(GenerationError, match=r"^stop is not valid UTF-8"):
+        batch_generate(["ab"], output_file=str(tmp_path / "o.txt"), checkpoint=str(path), stop="\udc80")
+    assert not (tmp_path / "o.txt").exists()
 
 
 def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
