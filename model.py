@@ -425,7 +425,7 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
         """Load GPT-2 weights from a Hugging Face-format directory (config.json plus model.safetensors
-        or pytorch_model.bin), or by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), which
+        or pytorch_model.bin, either of them possibly sharded), or by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'), which
         downloads through huggingface_hub (installed with transformers) when the network is there.
         """
         path = Path(name_or_dir) if is_model_folder(name_or_dir) else _download_gpt2(name_or_dir)
@@ -599,6 +599,8 @@ def _read_hf_config(path: Path) -> dict:
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict of a Hugging Face folder: model.safetensors, pytorch_model.bin, or either one sharded
+    (an index .json naming each weight's file; transformers 4.x wrote sharded .bin files by default)."""
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         try:
             from safetensors.torch import load_file
@@ -606,28 +608,42 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             raise UserError("loading model.safetensors needs safetensors: pip install safetensors") from None
         if (path / "model.safetensors").is_file():
             return _read_safetensors(load_file, path / "model.safetensors")
-        index_file = path / "model.safetensors.index.json"
-        try:
-            shards = sorted(set(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"].values()))
-            if not all(isinstance(shard, str) for shard in shards):
-                raise TypeError("a shard name that is not a string")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors
-            raise CheckpointFormatError(f"cannot read {index_file} ({type(e).__name__}: {e}); a sharded checkpoint's "
-                                        f"index is a JSON object whose weight_map maps each weight to its file: "
-                                        f"download it again") from None
         sd = {}
-        for shard in shards:
+        for shard in _shards(path / "model.safetensors.index.json"):
             sd.update(_read_safetensors(load_file, path / shard))
         return sd
     if (path / "pytorch_model.bin").is_file():
-        # weights_only: a pickle from an untrusted download must not be able to run code
-        _check_not_lfs_pointer(path / "pytorch_model.bin")
-        sd = load_weights_only(path / "pytorch_model.bin", "weights file")
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointFormatError(f"{path / 'pytorch_model.bin'} is not a state_dict (a dict of tensors)")
+        return _read_bin(path / "pytorch_model.bin")
+    if (path / "pytorch_model.bin.index.json").is_file():
+        sd = {}
+        for shard in _shards(path / "pytorch_model.bin.index.json"):
+            sd.update(_read_bin(path / shard))
         return sd
-    raise CheckpointFormatError(f"{path} has config.json but no weights: expected model.safetensors "
-                                "or pytorch_model.bin")
+    raise CheckpointFormatError(f"{path} has config.json but no weights: expected model.safetensors or "
+                                f"pytorch_model.bin, or a sharded checkpoint's model.safetensors.index.json or "
+                                f"pytorch_model.bin.index.json")
+
+
+def _shards(index_file: Path) -> list[str]:
+    """The files a sharded checkpoint's index names, each once, in order."""
+    try:
+        shards = sorted(set(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"].values()))
+        if not all(isinstance(shard, str) for shard in shards):
+            raise TypeError("a shard name that is not a string")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointFormatError(f"cannot read {index_file} ({type(e).__name__}: {e}); a sharded checkpoint's "
+                                    f"index is a JSON object whose weight_map maps each weight to its file: "
+                                    f"download it again") from None
+    return shards
+
+
+def _read_bin(file: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a pickle from an untrusted download must not be able to run code
+    _check_not_lfs_pointer(file)
+    sd = load_weights_only(file, "weights file")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointFormatError(f"{file} is not a state_dict (a dict of tensors)")
+    return sd
 
 
 def _read_safetensors(load_file, file: Path) -> dict[str, torch.Tensor]:

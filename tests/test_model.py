@@ -68,7 +68,16 @@ def test_causal_mask_buffers_and_shards_of_transformers_checkpoints_load(hf_dir,
     sharded = tmp_path / "sharded"
     hf.save_pretrained(sharded, max_shard_size="40KB")
     assert len(list(sharded.glob("*.safetensors"))) >= 3
-    for folder in (masks, sharded):
+    # sharded pytorch_model.bin, as transformers 4.x wrote large models by default (5.x writes no .bin)
+    sharded_bin = tmp_path / "sharded_bin"
+    sharded_bin.mkdir()
+    (sharded_bin / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    keys, weight_map = sorted(weights), {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
+        torch.save({k: weights[k] for k in part}, sharded_bin / f"pytorch_model-0000{i}-of-00002.bin")
+        weight_map |= {k: f"pytorch_model-0000{i}-of-00002.bin" for k in part}
+    (sharded_bin / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for folder in (masks, sharded, sharded_bin):
         with torch.no_grad():
             torch.testing.assert_close(GPT.from_pretrained(str(folder)).eval()(idx)[0], ref, atol=1e-5, rtol=0)
 
