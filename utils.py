@@ -85,7 +85,7 @@ def utf8_text(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: type = None) -> str:
+def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None) -> str:
     """data as str; invalid UTF-8 raises `error` (UserError by default) naming `where`, the byte offset
     (offset: where data starts in its file) and how to convert the text: GBK and UTF-16 are what Chinese
     Windows and Notepad write."""
@@ -105,7 +105,7 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: ty
                                    f"{offset + e.start} ({reason}); {how}") from None
 
 
-def read_utf8_file(path: str | os.PathLike, where: str, error: type = None) -> str:
+def read_utf8_file(path: str | os.PathLike, where: str, error: Optional[type] = None) -> str:
     """A UTF-8 text file's text as it is (line ends included), without a byte-order mark, which Windows
     Notepad writes and which is no text; decode_utf8's error where it is not UTF-8. OSError as open raises it."""
     data = Path(path).read_bytes()
