@@ -877,8 +877,9 @@ def get_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=d.temperature, help="0 means greedy argmax decoding")
     s.add_argument("--top_k", type=int, default=d.top_k, help="sample among the k most likely tokens; 0 disables")
     s.add_argument("--top_p", type=float, default=d.top_p, help="nucleus sampling threshold in (0, 1]; 1 disables")
-    s.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (with the same --num_samples and "
-                   "--batch_size); unset draws a random one")
+    s.add_argument("--seed", type=int, default=None,
+                   help="the same seed gives the same text (with the same --num_samples and --batch_size); unset "
+                        "draws a random one")
     s.add_argument("--stop", default=None, help="end each text where this string appears (\\n is a newline)")
     s.add_argument("--interactive", action="store_true", help="prompt loop with streaming output; :help inside")
     sys_ = p.add_argument_group("system")

@@ -57,10 +57,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+import utils
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
-import utils
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_problem,
                    missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli)
 
@@ -495,8 +495,9 @@ def pattern_gap(tokenizer: Tokenizer, text: str, pos: int, where: tuple[str, int
     """A --tokenizer_file whose own split pattern misses a character of this piece of a text file: the file
     and byte offset, and the way out, which is another tokenizer (prepare_data.py has no --pattern)."""
     name, offset = where
-    return DataError(f"{name} at byte {offset + len(text[:pos].encode('utf-8', 'surrogatepass')):,}: the tokenizer's split pattern {tokenizer.pattern!r} matches nothing at "
-                     f"{text[pos:pos + 20]!r}, so its BPE would leave that text out; train a tokenizer whose "
+    byte = offset + len(text[:pos].encode("utf-8", "surrogatepass"))
+    return DataError(f"{name} at byte {byte:,}: the tokenizer's split pattern {tokenizer.pattern!r} matches nothing "
+                     f"at {text[pos:pos + 20]!r}, so its BPE would leave that text out; train a tokenizer whose "
                      f"pattern matches every character (`python tokenizer.py --train` without --pattern uses "
                      f"GPT-2's)")
 

@@ -916,7 +916,8 @@ def _read_text(path: str) -> str:
     try:
         return read_utf8_file(path, path, TokenizerError)
     except OSError as e:
-        raise TokenizerError(f"cannot read the text file {path!r} ({e.strerror or e}); pass a UTF-8 text file") from None
+        raise TokenizerError(f"cannot read the text file {path!r} ({e.strerror or e}); pass a UTF-8 text "
+                             f"file") from None
 
 
 def bench(path: str, vocab_size: int, pattern: str | None = None) -> None:
