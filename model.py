@@ -426,7 +426,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_dir: str, dropout: float = 0.0) -> "GPT":
         """Load GPT-2 weights from a Hugging Face-format directory (config.json plus model.safetensors
         or pytorch_model.bin, either of them possibly sharded), or by name ('gpt2', 'gpt2-medium',
-        'gpt2-large', 'gpt2-xl'), which downloads through huggingface_hub (installed with transformers) when the network is there.
+        'gpt2-large', 'gpt2-xl'), which downloads through huggingface_hub (installed with transformers)
+        when the network is there.
         """
         path = Path(name_or_dir) if is_model_folder(name_or_dir) else _download_gpt2(name_or_dir)
         hf = _read_hf_config(path)
