@@ -480,8 +480,9 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
         # a row of NaN or infinite logits (damaged weights, float16 overflow) comes back as id -1, in the
         # transfer of the ids that happens anyway: no extra wait for the GPU
         finite = torch.isfinite(logits).all(dim=-1)
-        ids = sample_logits(torch.where(finite[:, None], logits, 0.0), settings.temperature, settings.top_k,
-                            settings.top_p, rng)
+        if settings.temperature > 0:  # torch.multinomial refuses them (on a GPU with a device-side assert)
+            logits = torch.where(finite[:, None], logits, 0.0)
+        ids = sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
         return torch.where(finite, ids, -1)
 
     try:
