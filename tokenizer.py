@@ -54,6 +54,19 @@ ALLOWED_SPECIAL_MODES = ("none", "all", "none_raise")
 REPORT_EVERY_CHUNKS = 1 << 20  # BPE training looks at the clock this often while it counts chunks (~5 MB of text)
 
 
+class _ChunkReport:
+    """BPE training's progress while it counts chunks, which takes about 0.16 s per MB: a GB of text is
+    minutes of it. Called with the characters done so far; prints at most every 5 seconds."""
+
+    def __init__(self, total_chars: int, t0: float):
+        self.total, self.t0, self.last, self.chunks = total_chars, t0, t0, 0
+
+    def __call__(self, pos: int) -> None:
+        if time.time() - self.last >= 5:
+            self.last = time.time()
+            print(f"counting chunks: {pos / self.total:.0%} of the text, {self.last - self.t0:.1f}s", file=sys.stderr)
+
+
 class TokenizerError(UserError, ValueError):
     """Bad tokenizer input: an unseen character, an id out of range, a bad training setup or file."""
 
@@ -128,13 +141,18 @@ class Tokenizer:
         # split around the allowed special tokens; the capturing group keeps them at odd indices,
         # and the longest alternative goes first so that a special token containing another wins
         split = "(" + "|".join(re.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
-        ids = []
+        ids, offset = [], 0
         for i, part in enumerate(re.split(split, text)):
             if i % 2:
                 ids.append(self.special_tokens[part])
             elif part:
-                ids.extend(self.encode_ordinary(part))
+                ids.extend(self._encode_part(part, offset))
+            offset += len(part)
         return ids
+
+    def _encode_part(self, text: str, offset: int) -> list[int]:
+        """encode_ordinary of text that starts at character `offset` of what encode() was given (for errors)."""
+        return self.encode_ordinary(text)
 
     def encode_ordinary_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         """encode_ordinary of each text. Pure-Python tokenizers hold the GIL, so this runs serially;
@@ -547,18 +565,11 @@ class BPETokenizer(Tokenizer):
         chunk_counts = Counter()
         alternatives = "|".join(map(re.escape, sorted(names, key=len, reverse=True)))
         parts = re.split("(" + alternatives + ")", text) if names else [text]
-        last_report = t0
-
-        def report(pos: int) -> None:  # counting takes about 0.16 s per MB: a GB of text is minutes of it
-            nonlocal last_report
-            if time.time() - last_report >= 5:
-                last_report = time.time()
-                print(f"counting chunks: {pos / len(text):.0%} of the text, {time.time() - t0:.1f}s", file=sys.stderr)
-
+        report = _ChunkReport(len(text), t0) if verbose else None
         offset = 0
         for i, part in enumerate(parts):
             if i % 2 == 0:
-                chunk_counts.update(self._iter_split(part, offset, report if verbose else None))
+                chunk_counts.update(self._iter_split(part, offset, report))
             offset += len(part)
         words, freqs = [], []  # the chunks as lists of token ids, and how often each occurs
         for chunk, n in chunk_counts.items():
@@ -643,18 +654,20 @@ class BPETokenizer(Tokenizer):
             self._not_covered(text, pos, offset)
         return chunks
 
-    def _iter_split(self, text: str, offset: int = 0, report=None) -> Iterator[str]:
+    def _iter_split(self, text: str, offset: int = 0, report: "_ChunkReport | None" = None) -> Iterator[str]:
         """_split's chunks one at a time, for counting them: a list of all the chunks of a large text
         takes ten times the text's memory. report(characters done), if given, is called every
-        REPORT_EVERY_CHUNKS chunks."""
-        pos = 0
-        for n, m in enumerate(self.compiled_pattern.finditer(text), 1):
+        REPORT_EVERY_CHUNKS chunks, counted over all the texts it was given (report.chunks)."""
+        pos, n = 0, report.chunks if report is not None else 0
+        for n, m in enumerate(self.compiled_pattern.finditer(text), n + 1):
             if m.start() != pos:
                 break
             pos = m.end()
             yield m.group()
             if report is not None and n % REPORT_EVERY_CHUNKS == 0:
                 report(offset + pos)
+        if report is not None:
+            report.chunks = n
         if pos != len(text):
             self._not_covered(text, pos, offset)
 
@@ -670,9 +683,12 @@ class BPETokenizer(Tokenizer):
     def encode_ordinary(self, text: str) -> list[int]:
         if not isinstance(text, str):
             self._allowed_special(text, "none")  # raises the type error
+        return self._encode_part(text, 0)
+
+    def _encode_part(self, text: str, offset: int) -> list[int]:
         cache, ranks, byte_ids = self._cache, self._ranks, self.byte_ids
         ids = []
-        for chunk in self._split(text):
+        for chunk in self._split(text, offset):
             tokens = cache.get(chunk)
             if tokens is None:
                 data = _utf8(chunk)

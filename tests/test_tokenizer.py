@@ -7,6 +7,7 @@ tiktoken's 'gpt2' files and OpenAI's encoder.json / vocab.bpe come from ../share
 """
 import functools
 import json
+import os
 import random
 import re
 import subprocess
@@ -670,6 +671,27 @@ def test_training_reports_while_it_counts_chunks(monkeypatch, capsys):
     assert [line.split(",")[0] for line in lines] == [f"counting chunks: {p}% of the text" for p in (20, 40, 60, 80, 100)]
     BPETokenizer().train(text, 258)  # not verbose: nothing
     assert capsys.readouterr().err == ""
+    # chunks are counted across the parts between special tokens (a data set's files): 50 chunks in each of
+    # 10 parts, a report every 100 chunks, where the percentages go on rising
+    text = (" ab" * 50 + EOT) * 10
+    BPETokenizer().train(text, 259, verbose=True, special_tokens=[EOT])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("counting chunks")]
+    assert len(lines) == 5 and lines == sorted(lines, key=lambda line: int(line.split()[2][:-1]))
+    # at most one line in 5 seconds: with 2 s between looks at the clock, every third report prints
+    clock = iter(range(0, 10**6, 2))
+    monkeypatch.setattr(tokenizer.time, "time", lambda: next(clock))
+    BPETokenizer().train(" ab" * 1000, 258, verbose=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("counting chunks")]
+    assert 0 < len(lines) < 10 - 3
+
+
+def test_a_pattern_gap_is_placed_in_the_whole_text_given_to_encode():
+    """encode() with special tokens: the position counts from the start of the text, not of its last part."""
+    tok = BPETokenizer(r"[a-z<|>]+").train("abcdefgh" * 10, 260, special_tokens=[EOT])
+    text = "abcdefgh" + EOT + "ab1"
+    with pytest.raises(tokenizer.PatternGapError, match=r"does not match the text at character 23 \('1'\)") as e:
+        tok.encode(text, allowed_special="all")
+    assert e.value.position == 23 == text.index("1")
 
 
 def test_cli_names_text_in_another_encoding_as_prepare_data_does(tmp_path):
@@ -683,6 +705,22 @@ def test_cli_names_text_in_another_encoding_as_prepare_data_does(tmp_path):
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"error: {name} is not valid UTF-8: {message}"), out.stderr
     assert not (tmp_path / "t.json").exists()
+
+
+def test_cli_expands_a_tilde_in_paths(tmp_path):
+    """--out=~/tok.json reaches the program unexpanded (no shell expands ~ after '='): it means the home folder."""
+    (tmp_path / "in.txt").write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
+    out = subprocess.run([sys.executable, tokenizer.__file__, "--train=~/in.txt", "--vocab_size", "260",
+                          "--out=~/tok.json"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HOME": str(tmp_path / "home")})
+    assert out.returncode == 2 and "'~/in.txt'" not in out.stderr  # the path was expanded, then not found
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "in.txt").write_bytes((tmp_path / "in.txt").read_bytes())
+    out = subprocess.run([sys.executable, tokenizer.__file__, "--train=~/in.txt", "--vocab_size", "260",
+                          "--out=~/tok.json"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HOME": str(tmp_path / "home")})
+    assert out.returncode == 0, out.stderr
+    assert load_tokenizer(tmp_path / "home" / "tok.json").vocab_size == 260 and not (tmp_path / "~").exists()
 
 
 def test_cli_keeps_line_ends(tmp_path):
