@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 
 import prepare_data
 from conftest import gpt2_encoding
-from data import BatchLoader, DataError, check_vocab, load_data_tokenizer, load_meta, prepare_command
+from data import BatchLoader, DataError, check_vocab, custom_data_dir, load_data_tokenizer, load_meta, prepare_command
 from prepare_data import (cut_text, piece_units, prepare_documents, prepare_text, split_text_pieces, token_dtype,
                           write_dataset)
-from tokenizer import EOT, BPETokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, load_tokenizer
+from tokenizer import EOT, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -736,6 +736,62 @@ def test_workers_end_when_the_script_is_killed_outright(shakespeare_text, tmp_pa
     assert left == []
 
 
+def test_a_data_set_rewritten_in_place_during_the_run_stops_it_at_the_next_batch(tmp_path):
+    """`cp other/train.bin data/x/train.bin` keeps the file (its inode) and changes its length."""
+    from data import DamagedBatchError
+    d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
+    with BatchLoader(d, block_size=8, batch_size=2) as loader:
+        loader.get_batch("train", 0)
+        with open(d / "train.bin", "r+b") as f:
+            f.truncate(0)
+            f.write((np.arange(80) % 50).astype(np.uint16).tobytes())
+        with pytest.raises(DamagedBatchError, match=r"train.bin was replaced or changed since the run started"):
+            loader.get_batch("train", 1)
+
+
+def test_the_default_folder_of_a_relative_input_is_named_after_it(tmp_path, monkeypatch):
+    """--input .. from books/sub names the data set after 'books', not '..' (which would put its files here)."""
+    (tmp_path / "books" / "sub").mkdir(parents=True)
+    (tmp_path / "books" / "a.txt").write_text("to be or not to be, that is the question\n" * 20)
+    monkeypatch.chdir(tmp_path / "books" / "sub")
+    assert custom_data_dir("..") == Path("data") / "books" and custom_data_dir(".") == Path("data") / "sub"
+    prepare("--dataset", "custom", "--input", "..", "--tokenizer", "char")
+    assert sorted(p.name for p in (tmp_path / "books" / "sub").iterdir()) == ["data"]
+    assert (tmp_path / "books" / "sub" / "data" / "books" / "train.bin").is_file()
+
+
+def test_units_in_flight_are_bounded(monkeypatch):
+    """At most 2 * num_proc units are handed to the workers before the first result is taken: memory stays
+    bounded whatever the input's size."""
+    taken = []
+
+    def units():
+        for i in range(100):
+            taken.append(i)
+            yield ("texts", [f"text {i}"]), i
+
+    tok = CharTokenizer.from_text("text 0123456789")
+    results = prepare_data.encode_units(tok, units(), num_proc=2, dtype=np.dtype(np.uint16), val_fraction=0.5)
+    next(results)
+    assert len(taken) == 2 * 2
+    assert len(list(results)) == 99 and len(taken) == 100
+
+
+@pytest.mark.parametrize("kind", ["custom", "openwebtext"])
+def test_the_progress_bar_knows_the_input_size(tmp_path, monkeypatch, kind):
+    """A total gives the bar its percentage and ETA: the bytes of the files read."""
+    totals = []
+    real_init = prepare_data.Progress.__init__
+    monkeypatch.setattr(prepare_data.Progress, "__init__",
+                        lambda self, *a, **k: totals.append(k.get("total")) or real_init(self, *a, **k))
+    src = tmp_path / ("in.txt" if kind == "custom" else "in.jsonl")
+    src.write_text("to be or not to be\n" * 50 if kind == "custom" else
+                   "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
+    prepare("--dataset", kind, "--input", src, "--output_dir", tmp_path / "o", "--val_fraction", 0.2,
+            *(["--tokenizer", "char"] if kind == "custom" else []))
+    assert totals == [src.stat().st_size]
+
+
 def test_a_data_set_prepared_again_during_the_run_stops_it_at_the_next_batch(tmp_path):
     """prepare_data.py renames new files over the old: batches from a shorter file would crash, from a longer
     one they would silently be other text."""
@@ -962,6 +1018,13 @@ def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):
     prepare("--dataset", "custom", "--input", tmp_path / "more.txt", "--tokenizer_file", tmp_path / "tok.json",
             "--output_dir", tmp_path / "c")
     assert [b.tolist() for b in bins(tmp_path / "c")] == [bpe.encode(more[:cut]), bpe.encode(more[cut:])]
+    # a BPE with a pattern of its own sees each text whole: a safe cut for GPT-2's pattern may split one of
+    # its chunks (here whole lines), so text longer than one work unit is not cut
+    lines = BPETokenizer(r"[^\n]*\n|[^\n]+").train(first, 300)
+    assert not prepare_data.can_cut(lines) and prepare_data.can_cut(bpe)
+    meta = prepare_text(tmp_path / "l", [tmp_path / "more.txt"], dataset="custom", tokenizer=lines, vocab_size=None,
+                        val_fraction=0.1, num_proc=1, command="t", unit_bytes=10_000)
+    assert [b.tolist() for b in bins(tmp_path / "l")] == [lines.encode(more[:cut]), lines.encode(more[cut:])]
     # a BPE whose own pattern has no place for digits: the file and the byte where they are, not a position
     # in some piece of it, and no --pattern advice, which prepare_data.py has no flag for
     BPETokenizer(r"[^\d\s]+|\s+").train(first, 270).save(tmp_path / "pat.json")
@@ -1123,6 +1186,9 @@ def test_text_files_with_a_byte_order_mark(tmp_path):
     (folder / "b.txt").write_bytes(BOM + b"ab\xffc")  # offsets count the mark's 3 bytes
     with pytest.raises(DataError, match="b.txt is not valid UTF-8: byte 0xff at byte offset 5 .*iconv -f gbk"):
         prepare("--dataset", "custom", "--input", folder, "--tokenizer", "char", "--output_dir", tmp_path / "c2")
+    (web / "05.txt").write_bytes(BOM + b"ab\xffc")  # the same in a document of openwebtext
+    with pytest.raises(DataError, match="05.txt is not valid UTF-8: byte 0xff at byte offset 5 "):
+        prepare_documents(tmp_path / "o2", str(web), hf_name="", val_fraction=0.25, num_proc=1, command="t")
     (folder / "a.txt").write_bytes(BOM)
     (folder / "b.txt").write_bytes(b"")
     with pytest.raises(DataError, match="all 3 files under the input folder are empty \\(nothing but a byte-order"):
