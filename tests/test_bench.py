@@ -37,6 +37,8 @@ def test_cpu_smoke_run_writes_consistent_figures(tmp_path):
     assert abs(t["final_loss"] - math.log(65)) < 0.5  # a freshly initialised model is near uniform
     assert [g["batch_size"] for g in r["generate"]] == [1, 8]
     assert all(g["tokens_per_sec"] > 0 for g in r["generate"])
+    # generation can take minutes: each batch size reports its runs
+    assert "    batch 1: run 1/2, " in out.stderr and "    batch 8: run 2/2, " in out.stderr
     assert "tokens/s" in out.stdout
     # the figure as printed, in GFLOP/s below 1 TFLOP/s (this small model on a CPU) rather than "0.00 TFLOP/s"
     from train import format_flops
@@ -52,6 +54,14 @@ def test_the_tokenisation_text_has_the_size_asked_for(n_bytes, tmp_path):
     (tmp_path / "zh.txt").write_text("床前明月光疑是地上霜举头望明月低头思故乡\n白日依山尽黄河入海流\n" * 3, encoding="utf-8")
     text = bench.bench_text(n_bytes, str(tmp_path / "zh.txt"))
     assert n_bytes - 4 < len(text.encode("utf-8")) <= n_bytes and "\ufffd" not in text
+
+
+def test_the_attention_kernel_reported_is_the_one_the_model_uses(monkeypatch, capsys):
+    import bench
+    import model
+    monkeypatch.setattr(model, "attention_kernel", lambda *args: "math")
+    r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "1"])
+    assert r["attention"] == "math" and ", attention math\n" in capsys.readouterr().out
 
 
 def test_bad_arguments_exit_2():

@@ -709,6 +709,9 @@ def test_a_stop_string_may_begin_and_end_with_spaces():
     assert settings.stop is None
     generate._run_command(":  top_k   5  ", settings, out)  # other settings: spaces around do not matter
     assert settings.top_k == 5
+    out = io.StringIO()
+    generate._run_command(r":stop \n\n", settings, out)  # as :help says, \n is a newline
+    assert settings.stop == "\n\n" and out.getvalue() == "stop = '\\n\\n'\n"
 
 
 def test_interactive_names_an_unknown_character_and_goes_on(char_checkpoint):

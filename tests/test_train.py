@@ -1047,12 +1047,31 @@ def test_atomic_open_writes_through_links_and_into_pipes(tmp_path):
         f.write("through the pipe")
     reader.join(timeout=30)
     assert got == ["through the pipe"] and stat.S_ISFIFO(os.stat(pipe).st_mode)
-    # /dev/stdout while stdout goes to a file (bench.py --json /dev/stdout > out.txt): after what was printed
-    code = ("import utils\nprint('before')\nwith utils.atomic_open('/dev/stdout', 'w') as f:\n"
-            "    f.write('written\\n')\nprint('after')\n")
-    with open(tmp_path / "out.txt", "w") as out:
-        subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=out, check=True, timeout=60)
-    assert (tmp_path / "out.txt").read_text() == "before\nwritten\nafter\n"
+    # /dev/stdout while stdout goes to a file (bench.py --json /dev/stdout > out.txt): after what was printed,
+    # which sits in the stream's buffer unless PYTHONUNBUFFERED is set; the same for /dev/stderr (2> log)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for stream in ("stdout", "stderr"):
+        code = (f"import sys, utils\nprint('before', file=sys.{stream})\n"
+                f"with utils.atomic_open('/dev/{stream}', 'w') as f:\n"
+                f"    f.write('written\\n')\nprint('after', file=sys.{stream})\n")
+        with open(tmp_path / "out.txt", "w") as out:
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60, env=env,
+                           **{stream: out})
+        assert (tmp_path / "out.txt").read_text() == "before\nwritten\nafter\n", stream
+
+
+def test_output_file_problem_follows_links_and_passes_pipes_and_devices(tmp_path, monkeypatch):
+    """Checked before long work: a link whose file's folder is a file fails now; a pipe or /dev/null is written
+    as it is, whatever its folder (/dev is not writable for a user who is not root)."""
+    import utils
+    from utils import output_file_problem
+    (tmp_path / "blocker").write_text("")
+    (tmp_path / "out.json").symlink_to(tmp_path / "blocker" / "out.json")
+    assert output_file_problem(tmp_path / "out.json") == "cannot be written: its folder is a file"
+    os.mkfifo(tmp_path / "pipe")
+    monkeypatch.setattr(utils, "folder_problem", lambda path: "is not writable")
+    assert output_file_problem("/dev/null") is None and output_file_problem(tmp_path / "pipe") is None
+    assert output_file_problem(tmp_path / "plain.json") == "cannot be written: its folder is not writable"
 
 
 def test_the_link_a_killed_save_leaves_is_one_the_next_run_removes(tmp_path, monkeypatch):
