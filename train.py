@@ -973,6 +973,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         return summary
     with GracefulStop(verbose=master) as stop:
         log.stop = stop
+        if resumed_from is None:  # until the first evaluation, which comes before any training
+            stop.then = "stopping: nothing is trained yet, so nothing is saved"
         if log.stdout_error:  # already during the setup
             stop.request(SIGPIPE, log.stdout_error)
         # the train loss summed since the last log step; a resumed run starts from the checkpoint's sums,
@@ -1013,8 +1015,6 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
         elif resumed_from is None or owed:
-            if resumed_from is None:
-                stop.then = "stopping: nothing is trained yet, so nothing is saved"
             losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
             stop.then = GracefulStop.SAVING
             # a signal after the last batch (while the sample is written, say) stops here too, as announced

@@ -833,6 +833,27 @@ def test_the_setup_time_of_a_resume_includes_reading_the_checkpoint(char_data, t
     assert timing["setup"] == pytest.approx(2.0) and timing["total"] == pytest.approx(2.0 + 2 * 0.01)
 
 
+def test_a_save_before_the_first_step_is_counted_once(char_data, tmp_path, fake_clock, monkeypatch):
+    """A resume that makes up an owed evaluation saves checkpoint.pt before its first step (1 s on the fake
+    clock): that second goes to checkpoints, not also to the setup, and the steps keep their own time."""
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=4))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["progress"]["eval_owed"] = True
+    save_checkpoint(path, ckpt)
+    real_save = train_module.save_checkpoint
+
+    def slow_save(*args, **kwargs):
+        fake_clock.now += 1.0
+        return real_save(*args, **kwargs)
+    monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
+    timing = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=10))["timing"]
+    # saves: the owed evaluation's, the last evaluation's (at 6) and final_checkpoint.pt
+    assert timing["setup"] == pytest.approx(0.0, abs=1e-9) and timing["checkpoints"] == pytest.approx(3.0)
+    assert timing["first_step"] + timing["steps"] == pytest.approx(2 * 0.01)
+
+
 def test_the_time_split_of_the_last_line():
     from train import format_timing
     timing = {"setup": 1.0, "first_step": 2.0, "evaluation": 3.0, "checkpoints": 4.0}
@@ -926,10 +947,27 @@ def test_each_rank_resumes_its_own_random_stream():
         assert restore_rng(states, rank, 2, torch.device("cpu"), seed=99)
         assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
     assert not restore_rng(states[:1], 1, 2, torch.device("cpu"), seed=99)  # saved by one process: re-seeded
+    assert not restore_rng(states, 0, 1, torch.device("cpu"), seed=99)  # saved by two, resumed by one
+    assert torch.initial_seed() == 99
     torch.manual_seed(99)
     expected = torch.rand(3)
     restore_rng(states[:1], 1, 2, torch.device("cpu"), seed=99)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_resume_under_another_number_of_processes_reseeds_by_rank_and_step(char_data, tmp_path, monkeypatch):
+    """Each rank its own dropout stream, one that does not repeat the start's: seed + rank + iteration."""
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=5, dropout=0.1))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["rng"] = ckpt["rng"] * 2  # as two processes saved it
+    save_checkpoint(path, ckpt)
+    seeds, real = [], train_module.restore_rng
+    monkeypatch.setattr(train_module, "restore_rng",
+                        lambda *a: real(*a) or seeds.append(torch.initial_seed()))
+    train(tiny(char_data, tmp_path, max_iters=6, dropout=0.1, seed=1337))
+    assert seeds == [1337 + 0 + 5]
 
 
 def test_init_from_resume_without_a_checkpoint_is_refused(char_data, tmp_path):
@@ -1002,9 +1040,10 @@ def test_keep_last_n_keeps_the_highest_iterations_by_number(tmp_path):
     for it in (5, 10, 15, 100):
         (tmp_path / f"checkpoint_iter_{it}.pt").write_bytes(b"")
     (tmp_path / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "checkpoint_iter_5.pt.bak").write_bytes(b"")  # the user's copy: not one of the kept steps
     prune_iter_checkpoints(tmp_path, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint_iter_100.pt",
-                                                          "checkpoint_iter_15.pt"]
+                                                          "checkpoint_iter_15.pt", "checkpoint_iter_5.pt.bak"]
 
 
 def test_checkpoints_are_written_whole_and_readable_as_the_umask_allows(char_data, tmp_path, monkeypatch):
@@ -1369,6 +1408,12 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(char
     with pytest.raises(ZeroDivisionError):
         train(tiny(char_data, tmp_path, max_iters=20, eval_interval=10))
 
+    def torch_error(path, ckpt):  # a RuntimeError with no OSError behind it is no full disk either
+        raise RuntimeError("boom")
+    monkeypatch.setattr(train_module, "save_checkpoint", torch_error)
+    with pytest.raises(RuntimeError, match="^boom$"):
+        train(tiny(char_data, tmp_path, max_iters=20, eval_interval=10))
+
 
 def test_a_resume_on_a_data_set_prepared_again_says_so(char_data, tmp_path, capsys):
     """The same tokenizer, other text: the run goes on, and says that its val losses compare with nothing."""
@@ -1385,6 +1430,12 @@ def test_a_resume_on_a_data_set_prepared_again_says_so(char_data, tmp_path, caps
     assert train(tiny(data, tmp_path, max_iters=8))["resumed_from"] == 6
     assert re.search(rf"note: {re.escape(str(data))} is not the data set the checkpoint was trained on "
                      r"\(train_tokens, val_tokens differ\): training goes on", capsys.readouterr().out)
+    # prepare_data.py records the source's hash: other text of the same token counts is noticed by it
+    for sha, iters in (("a" * 64, 10), ("b" * 64, 12)):
+        meta = json.loads((data / "meta.json").read_text())
+        (data / "meta.json").write_text(json.dumps({**meta, "source_sha256": sha}))
+        train(tiny(data, tmp_path, max_iters=iters))
+    assert "(source_sha256 differ): training goes on" in capsys.readouterr().out
 
 
 def test_a_data_set_prepared_again_with_other_characters_points_to_the_checkpoints_tokenizer(char_data, tmp_path):
@@ -2223,6 +2274,46 @@ def test_a_closed_stdout_stops_like_a_signal_and_saves(char_data, tmp_path, stde
             "stdout was closed: finishing this step (or evaluation batch), then saving checkpoint.pt",
             f"stopped at iteration {stopped}: saved {tmp_path / 'ckpt' / 'checkpoint.pt'}; run the same command "
             f"again to continue"]
+
+
+def test_a_stdout_closed_during_the_setup_stops_before_training(char_data, tmp_path):
+    """`train.py | head -1`: stdout is gone after the first line of the setup; the run stops at the first
+    evaluation, before anything is trained, and says that nothing is saved (not 'then saving checkpoint.pt')."""
+    config = tiny(char_data, tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=1000)
+    command = shlex.join([sys.executable, str(ROOT / "train.py"), *cli_flags(config)])
+    err = tmp_path / "err"
+    r = subprocess.run(["bash", "-c", f"{command} 2>{shlex.quote(str(err))} | head -1; exit ${{PIPESTATUS[0]}}"],
+                       cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    log = err.read_text()
+    assert r.returncode == 128 + 13, r.stdout + r.stderr + log
+    assert log.splitlines()[0] == ("stdout was closed: finishing this step (or evaluation batch), then stopping: "
+                                   "nothing is trained yet, so nothing is saved")
+    assert "stopped during the first evaluation: nothing was trained yet" in log and "iter 1/" not in log
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_stop_requested_after_a_signal_keeps_the_signal(capsys):
+    """SIGTERM, then a closed stdout found while stopping: the run exits as SIGTERM asked (143), said once."""
+    with GracefulStop(verbose=True) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # the handler runs between two bytecodes
+            pass
+        stop.request(13, "stdout was closed")
+        assert stop.signum == signal.SIGTERM
+    assert capsys.readouterr().err.count("finishing this step") == 1
+
+
+def test_graceful_stop_gives_back_every_handler_it_took():
+    """train() in a notebook or a sweep: after it returns, SIGHUP, SIGTERM and SIGINT do what they did before."""
+    handler = lambda signum, frame: None  # noqa: E731
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        with GracefulStop(verbose=False):
+            assert signal.getsignal(signal.SIGHUP) is not handler
+        assert signal.getsignal(signal.SIGHUP) is handler and signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
 
 
 def test_a_second_ctrl_c_aborts_at_once():
