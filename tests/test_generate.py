@@ -836,6 +836,7 @@ def test_a_folder_without_train_pys_checkpoints_says_what_it_holds(tmp_path):
     tok = char_tokenizer()
     for step in (5, 20):  # kept steps only (--save_interval): the newest, by number
         write_checkpoint(tmp_path / "steps" / f"checkpoint_iter_{step}.pt", tiny_model(tok.vocab_size), tok)
+    (tmp_path / "steps" / "checkpoint_iter_90.pt").mkdir()  # a folder of that name is no checkpoint
     with pytest.raises(CheckpointError, match=r"holds 2 kept step\(s\); read the newest with --checkpoint "
                                               r".*steps/checkpoint_iter_20.pt$"):
         load_model(checkpoint_dir=tmp_path / "steps")
