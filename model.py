@@ -649,6 +649,10 @@ def _read_bin(file: Path) -> dict[str, torch.Tensor]:
 
 def _read_safetensors(load_file, file: Path) -> dict[str, torch.Tensor]:
     _check_not_lfs_pointer(file)
+    try:  # safetensors says "No such file or directory" for a file this user may not read
+        open(file, "rb").close()
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot read weights file {file}: {e.strerror or e}") from None
     try:
         return load_file(str(file))
     except Exception as e:  # SafetensorError, OSError, ...: one line, not the library's traceback

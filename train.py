@@ -796,6 +796,12 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     # an error or a second Ctrl-C before then (in the setup, the first evaluation or the first step: out of
     # memory, a compile error) ends a new run that trained nothing
     cleanup.push(lambda error_type, *_: leave_no_trace() if error_type is not None and untrained else None)
+    # a resumed run writes into its run's folder, which --log_dir's check did not see (another user's, say);
+    # TensorBoard's writer thread would also print a traceback of its own
+    problem = folder_problem(run_dir) if master and run_dir is not None else None
+    if problem:
+        raise ConfigError(f"cannot write TensorBoard logs into {run_dir}: it {problem}; make it writable, or give "
+                          f"another --log_dir")
     try:
         log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     except OSError as e:  # a full disk, say

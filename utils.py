@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import shlex
+import stat
 import sys
 import tempfile
 import threading
@@ -161,7 +162,9 @@ def output_file_problem(path: str | os.PathLike) -> Optional[str]:
     try:
         if path.is_dir():
             return "is a directory"
-        if writes_directly(path) and path.exists():  # a pipe or a device, /dev/stdout: written as it is
+        if _std_stream(path) is not None:  # written through the stream's descriptor, which needs no access by name
+            return None
+        if writes_directly(path) and path.exists():  # a pipe or a device: written as it is
             return None if os.access(path, os.W_OK) else "cannot be written: permission denied"
         problem = folder_problem(Path(os.path.realpath(path)).parent)  # a link's file is written
     except OSError as e:  # a name too long for the file system, say
@@ -181,6 +184,13 @@ def run_cli(main: Callable[[], object]) -> None:
         if os.environ.get("LOCAL_RANK", "0") == "0" or e.per_process:
             rank = os.environ.get("RANK", "0")
             print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except PermissionError as e:
+        # a file or folder this user may not read or write (another user's, a mode 000 folder on the path):
+        # the scripts check their outputs up front, while a read anywhere can meet one; root never does
+        names = " and ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        print(f"error: {e.strerror or e}: {names or 'a file'}; check the permissions of that file and of the "
+              f"folders above it", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -240,8 +250,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes the file private (0600); give it the permissions open() would have given it
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        # mkstemp makes the file private (0600); give it the permissions open() would have given it: those of
+        # the file it replaces (a checkpoint made private with chmod 600 stays private), else 0666 less the umask
+        try:
+            permissions = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            permissions = 0o666 & ~_UMASK
+        os.chmod(tmp, permissions)
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()

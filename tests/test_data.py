@@ -807,6 +807,20 @@ def test_a_data_set_prepared_again_during_the_run_stops_it_at_the_next_batch(tmp
         loader.get_batch("val", 1)  # the other split is untouched
 
 
+def test_an_unreadable_meta_json_asks_for_permissions_not_a_new_data_set(tmp_path, monkeypatch):
+    d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "meta.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(DataError, match=rf"^cannot read {re.escape(str(d / 'meta.json'))}: Permission denied; make "
+                                        r"it readable \(and its folder\), e\.g\. chmod a\+r "):
+        load_meta(d)
+
+
 @pytest.mark.parametrize("field, value", [("train_tokens", None), ("vocab_size", "50"), ("val_tokens", -1),
                                           ("vocab_size", True), ("tokenizer_file", None)])
 def test_meta_with_a_field_of_the_wrong_type_is_one_line(tmp_path, field, value):

@@ -82,6 +82,20 @@ def test_causal_mask_buffers_and_shards_of_transformers_checkpoints_load(hf_dir,
             torch.testing.assert_close(GPT.from_pretrained(str(folder)).eval()(idx)[0], ref, atol=1e-5, rtol=0)
 
 
+def test_weights_this_user_may_not_read_are_not_called_missing(hf_dir, monkeypatch):
+    """safetensors reports a file it may not open as "No such file or directory"; the file is there."""
+    import builtins
+
+    import model
+    real = builtins.open
+    monkeypatch.setattr(model, "open", lambda file, *a, **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied", str(file))) if str(file).endswith(".safetensors")
+        else real(file, *a, **k), raising=False)
+    with pytest.raises(CheckpointFormatError, match=r"^cannot read weights file .*model.safetensors: Permission "
+                                                    r"denied$"):
+        GPT.from_pretrained(str(hf_dir))
+
+
 def test_from_pretrained_takes_the_dropout_asked_for(hf_dir):
     model = GPT.from_pretrained(str(hf_dir), dropout=0.1)
     assert model.config.dropout == 0.1 and model.transformer.drop.p == 0.1

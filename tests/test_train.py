@@ -1061,6 +1061,39 @@ def test_checkpoints_are_written_whole_and_readable_as_the_umask_allows(char_dat
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
     train(tiny(char_data, tmp_path, max_iters=5))
     assert (tmp_path / "ckpt" / "checkpoint.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    # a file replaced keeps its own permissions, as open() keeps them: private weights stay private
+    for name in ("checkpoint.pt", "best_checkpoint.pt"):
+        os.chmod(tmp_path / "ckpt" / name, 0o600)
+    train(tiny(char_data, tmp_path, max_iters=10))
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["iter_num"] == 10
+    for name in ("checkpoint.pt", "best_checkpoint.pt"):
+        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_a_permission_error_anywhere_is_one_line(capsys):
+    """A file or folder this user may not read (root never meets one, so the checks up front cannot see it)."""
+    from utils import run_cli
+
+    def main():
+        raise PermissionError(13, "Permission denied", "/data/x/train.bin")
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        "error: Permission denied: '/data/x/train.bin'; check the permissions of that file and of the folders "
+        "above it\n")
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_training(char_data, tmp_path, monkeypatch):
+    """A resumed run writes its TensorBoard events into its own run's folder, which may be another user's."""
+    import train as train_module
+    run_dir = Path(train(tiny(char_data, tmp_path, max_iters=5))["run_dir"])
+    real = train_module.folder_problem
+    monkeypatch.setattr(train_module, "folder_problem",
+                        lambda p: "is not writable" if Path(p) == run_dir else real(p))
+    with pytest.raises(ConfigError, match=rf"^cannot write TensorBoard logs into {re.escape(str(run_dir))}: it is "
+                                          r"not writable; make it writable, or give another --log_dir$"):
+        train(tiny(char_data, tmp_path, max_iters=10))
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["iter_num"] == 5
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes and symbolic links")
@@ -1111,6 +1144,10 @@ def test_output_file_problem_follows_links_and_passes_pipes_and_devices(tmp_path
     monkeypatch.setattr(utils, "folder_problem", lambda path: "is not writable")
     assert output_file_problem("/dev/null") is None and output_file_problem(tmp_path / "pipe") is None
     assert output_file_problem(tmp_path / "plain.json") == "cannot be written: its folder is not writable"
+    # /dev/stdout under `sudo -u alice ... > file`: the name is root's, the descriptor is the process's own
+    monkeypatch.setattr(utils.os, "access", lambda *a, **k: False)
+    assert output_file_problem("/dev/stdout") is None
+    assert output_file_problem(tmp_path / "pipe") == "cannot be written: permission denied"
 
 
 def test_the_link_a_killed_save_leaves_is_one_the_next_run_removes(tmp_path, monkeypatch):
