@@ -61,7 +61,7 @@ import utils
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
-from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_problem,
+from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_lock, folder_problem,
                    missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -691,33 +691,6 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                             + (f" ({e.filename})" if e.filename else "")) from None
         raise
     return meta
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on the folder (flock, released when the process ends however it ends);
-    yields False if another process holds it. Where flock is missing (Windows) it always yields True."""
-    try:
-        import fcntl
-    except ImportError:
-        yield True
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        # a run that failed removed the folder just before it let go of the lock: this lock is on a folder
-        # that is gone (or already made anew by a third run), and guards nothing
-        now = _stat(folder)
-        if now is None or not os.path.samestat(os.fstat(fd), now):
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def _identities(out_dir: Path) -> list:

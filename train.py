@@ -39,9 +39,9 @@ import torch
 from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
-                   folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint, load_weights,
-                   missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype,
-                   run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, utf8_text)
+                   folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
+                   load_weights, missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device,
+                   resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -624,6 +624,28 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
     config = copy.deepcopy(config)
     explicit = default_explicit(config) if explicit is None else set(explicit)
     config.validate(partial=True)
+    with ExitStack() as lock:
+        # the process that writes the checkpoints holds checkpoint_dir from before it reads checkpoint.pt
+        # until it is done; a folder that is not there yet is locked by _train once it has made it
+        later = None
+        if os.environ.get("RANK", "0") == "0":
+            if Path(config.checkpoint_dir).is_dir():
+                hold_checkpoint_dir(lock, Path(config.checkpoint_dir))
+            else:
+                later = lock
+        return _train_locked(config, explicit, t_start, later)
+
+
+def hold_checkpoint_dir(lock: ExitStack, checkpoint_dir: Path) -> None:
+    """Lock checkpoint_dir for this run, or refuse: two runs in one folder overwrite each other's checkpoints,
+    and one's start-up removes the other's checkpoint being written."""
+    if not lock.enter_context(folder_lock(checkpoint_dir)):
+        raise ConfigError(f"another train.py is training with --checkpoint_dir={checkpoint_dir}; wait for it to "
+                          f"finish (or stop it), or give this run another --checkpoint_dir")
+
+
+def _train_locked(config: GPT2Config, explicit: set[str], t_start: float, lock: Optional[ExitStack]) -> dict:
+    """train() with checkpoint_dir locked, or with `lock` to lock it in once _train has made it."""
     # before the process group: a resumed run's backend and device come from its checkpoint
     plan = list(plan_run(config, explicit))
     config = plan[0]
@@ -647,7 +669,7 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
             dist.all_gather_object(starts, plan[1]["iter_num"] if plan[1] is not None else None)
             check_same_start(starts, config.checkpoint_dir)
         with ExitStack() as cleanup:
-            summary = _train(plan, explicit, rank, world_size, local_rank, cleanup, t_start)
+            summary = _train(plan, explicit, rank, world_size, local_rank, cleanup, t_start, lock)
         if ddp:
             # leave together: rank 0 may still be writing the final checkpoint, and a rank that tears
             # down its process group while a peer is still connected can abort at exit
@@ -670,7 +692,7 @@ def check_same_start(starts: list, checkpoint_dir: str) -> None:
 
 
 def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
-           cleanup: ExitStack, t_start: float) -> dict:
+           cleanup: ExitStack, t_start: float, lock: Optional[ExitStack] = None) -> dict:
     from data import BatchLoader, DataError, load_data_tokenizer, load_meta, remake_command
     config, ckpt, ckpt_path = plan
     plan.clear()  # no reference is left in train(), so `del ckpt` below frees the checkpoint's tensors
@@ -769,6 +791,12 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         except OSError as e:
             remove_run_folders(None, made_folders)
             raise ConfigError(f"cannot make --checkpoint_dir folder {checkpoint_dir}: {e.strerror or e}") from None
+        if lock is not None:  # the folder did not exist when train() began
+            try:
+                hold_checkpoint_dir(lock, checkpoint_dir)
+            except ConfigError:
+                made_folders = []  # made by the run that holds the lock, maybe, at the same moment: its own now
+                raise
         try:
             if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
                 run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run

@@ -156,6 +156,42 @@ def folder_problem(path: Path) -> Optional[str]:
     return f"is {what}" if existing == path else f"is inside {str(existing)!r}, which is {what}"
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on the folder (flock, released when the process ends however it ends, so a
+    killed run leaves none behind); yields False if another process holds it. Where flock is missing
+    (Windows) or the file system has no locks (some network file systems) it says so and yields True."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as e:  # ENOLCK, EOPNOTSUPP: nothing can be locked here
+            print(f"note: {folder} cannot be locked ({e.strerror or e}): make sure that no other run writes into "
+                  f"it at the same time", file=sys.stderr)
+            yield True
+            return
+        # a run that failed removed the folder just before it let go of the lock: this lock is on a folder
+        # that is gone (or already made anew by a third run), and guards nothing
+        try:
+            now = os.stat(folder)
+        except FileNotFoundError:
+            now = None
+        if now is None or not os.path.samestat(os.fstat(fd), now):
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
 def output_file_problem(path: str | os.PathLike) -> Optional[str]:
     """Why `path` cannot be written as a file (a folder there, or its folder unusable), or None."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 Everything runs on the CPU with tiny models (2 layers, 32 wide) and data sets built in tmp_path.
 """
+import contextlib
 import json
 import math
 import os
@@ -2311,6 +2312,45 @@ def test_a_closed_stdout_stops_like_a_signal_and_saves(char_data, tmp_path, stde
             "stdout was closed: finishing this step (or evaluation batch), then saving checkpoint.pt",
             f"stopped at iteration {stopped}: saved {tmp_path / 'ckpt' / 'checkpoint.pt'}; run the same command "
             f"again to continue"]
+
+
+def test_a_second_run_in_the_same_checkpoint_folder_is_refused(char_data, tmp_path, monkeypatch):
+    """Two runs in one --checkpoint_dir (two terminals, a sweep) would overwrite each other's checkpoints, and
+    the second one's start-up would remove the first one's checkpoint being written."""
+    import errno
+
+    import fcntl
+    from utils import folder_lock
+    train(tiny(char_data, tmp_path, max_iters=5))
+    ckpt_dir = tmp_path / "ckpt"
+    before = {p.name: p.read_bytes() for p in ckpt_dir.iterdir()}
+    (ckpt_dir / ".checkpoint.pt.abc.tmp").write_bytes(b"the first run's save, being written")
+    with folder_lock(ckpt_dir) as held:  # the first run, still training
+        assert held
+        for overrides in ({}, {"init_from": "scratch"}):
+            with pytest.raises(ConfigError, match=rf"^another train.py is training with --checkpoint_dir="
+                                                  rf"{re.escape(str(ckpt_dir))}; wait for it"):
+                train(tiny(char_data, tmp_path, max_iters=10, **overrides))
+    assert {p.name: p.read_bytes() for p in ckpt_dir.iterdir() if p.name in before} == before
+    assert (ckpt_dir / ".checkpoint.pt.abc.tmp").exists() and len(list(ckpt_dir.iterdir())) == len(before) + 1
+    # a folder that did not exist is locked as soon as it is made: here the other run made it first
+    import train as train_module
+    real = train_module.folder_lock
+
+    @contextlib.contextmanager
+    def taken(folder):
+        with real(folder) as mine:
+            assert mine
+            yield False
+    monkeypatch.setattr(train_module, "folder_lock", taken)
+    with pytest.raises(ConfigError, match="another train.py is training"):
+        train(tiny(char_data, tmp_path / "new", max_iters=5))
+    assert (tmp_path / "new" / "ckpt").is_dir()  # not removed: the other run's, as far as this one knows
+    monkeypatch.undo()
+    # where the file system has no locks, the run says so and goes on
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks "
+                                                                                                    "available")))
+    assert train(tiny(char_data, tmp_path, max_iters=6))["iter_num"] == 6
 
 
 def test_a_stdout_closed_during_the_setup_stops_before_training(char_data, tmp_path):
