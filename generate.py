@@ -413,7 +413,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = stop
         # the end of the prompt that a stop string could begin in: all of it but its last character
-        self._before = prompt[len(prompt) - len(stop) + 1:] if stop and len(stop) > 1 else ""
+        self._before = prompt[max(0, len(prompt) - len(stop) + 1):] if stop and len(stop) > 1 else ""
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""
         self.done = False

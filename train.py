@@ -1009,6 +1009,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.stop = stop
         if resumed_from is None:  # until the first evaluation, which comes before any training
             stop.then = "stopping: nothing is trained yet, so nothing is saved"
+        elif iter_num >= config.max_iters and not eval_owed:  # see "already trained" below
+            stop.then = "stopping: max_iters is reached already, so nothing is left to train"
         if log.stdout_error:  # already during the setup
             stop.request(SIGPIPE, log.stdout_error)
         # the train loss summed since the last log step; a resumed run starts from the checkpoint's sums,

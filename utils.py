@@ -161,33 +161,33 @@ def folder_lock(folder: Path) -> Iterator[bool]:
     """Hold an exclusive lock on the folder (flock, released when the process ends however it ends, so a
     killed run leaves none behind); yields False if another process holds it. Where flock is missing
     (Windows) or the file system has no locks (some network file systems) it says so and yields True."""
+    # every yield is outside the except blocks: an error of the caller's would be chained to a handled one
     try:
         import fcntl
     except ImportError:
+        fcntl = None
+    if fcntl is None:
         yield True
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
+        held = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
-            return
+            held = False
         except OSError as e:  # ENOLCK, EOPNOTSUPP: nothing can be locked here
             print(f"note: {folder} cannot be locked ({e.strerror or e}): make sure that no other run writes into "
                   f"it at the same time", file=sys.stderr)
-            yield True
-            return
-        # a run that failed removed the folder just before it let go of the lock: this lock is on a folder
-        # that is gone (or already made anew by a third run), and guards nothing
-        try:
-            now = os.stat(folder)
-        except FileNotFoundError:
-            now = None
-        if now is None or not os.path.samestat(os.fstat(fd), now):
-            yield False
-            return
-        yield True
+        else:
+            # a run that failed removed the folder just before it let go of the lock: this lock is on a
+            # folder that is gone (or already made anew by a third run), and guards nothing
+            try:
+                now = os.stat(folder)
+            except FileNotFoundError:
+                now = None
+            held = now is not None and os.path.samestat(os.fstat(fd), now)
+        yield held
     finally:
         os.close(fd)
 
@@ -223,10 +223,13 @@ def run_cli(main: Callable[[], object]) -> None:
         sys.exit(2)
     except PermissionError as e:
         # a file or folder this user may not read or write (another user's, a mode 000 folder on the path):
-        # the scripts check their outputs up front, while a read anywhere can meet one; root never does
-        names = " and ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
-        print(f"error: {e.strerror or e}: {names or 'a file'}; check the permissions of that file and of the "
-              f"folders above it", file=sys.stderr)
+        # the scripts check their outputs up front, while a read anywhere can meet one; root never does.
+        # Under torchrun every process meets it: said once per machine, as a UserError is
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            rank = os.environ.get("RANK", "0")
+            names = " and ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e.strerror or e}: {names or 'a file'}; check "
+                  f"the permissions of that file and of the folders above it", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -430,6 +433,13 @@ def save_checkpoint_as(path: str | os.PathLike, saved: str | os.PathLike, checkp
     atomic_open follows it: the file it points to is replaced and the link stays.
     """
     path = Path(os.path.realpath(path))
+    try:  # a link shares `saved`'s permissions: a file made private (chmod 600) is written again, and stays so
+        other_permissions = stat.S_IMODE(os.stat(path).st_mode) != stat.S_IMODE(os.stat(saved).st_mode)
+    except OSError:  # no file at `path` yet
+        other_permissions = False
+    if other_permissions:
+        save_checkpoint(path, checkpoint)
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
     try:
         os.link(saved, tmp)

@@ -473,6 +473,10 @@ def test_a_stop_string_may_begin_in_the_prompt():
     stream = TextStream(tok, stop="xy", prompt="abx")  # the prompt's 'x', then a token 'y'
     stream.add(tok.encode("y")[0])
     assert stream.done and stream.text == ""
+    stream = TextStream(tok, stop="abcde", prompt="abc")  # a prompt shorter than the stop string less one
+    for c in "de fg":
+        stream.add(tok.encode(c)[0])
+    assert stream.done and stream.text == ""
 
 
 def test_nan_logits_are_one_clear_error(monkeypatch):

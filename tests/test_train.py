@@ -1062,16 +1062,19 @@ def test_checkpoints_are_written_whole_and_readable_as_the_umask_allows(char_dat
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
     train(tiny(char_data, tmp_path, max_iters=5))
     assert (tmp_path / "ckpt" / "checkpoint.pt").stat().st_mode & 0o777 == 0o666 & ~umask
-    # a file replaced keeps its own permissions, as open() keeps them: private weights stay private
-    for name in ("checkpoint.pt", "best_checkpoint.pt"):
-        os.chmod(tmp_path / "ckpt" / name, 0o600)
+    # a file replaced keeps its own permissions, as open() keeps them: private weights stay private, also
+    # where checkpoint.pt is a separate file (a copy) that an improved evaluation would make a link of best's
+    (tmp_path / "ckpt" / "copy").write_bytes((tmp_path / "ckpt" / "checkpoint.pt").read_bytes())
+    os.replace(tmp_path / "ckpt" / "copy", tmp_path / "ckpt" / "checkpoint.pt")
+    os.chmod(tmp_path / "ckpt" / "checkpoint.pt", 0o600)
     train(tiny(char_data, tmp_path, max_iters=10))
+    assert load_checkpoint(tmp_path / "ckpt" / "best_checkpoint.pt")["iter_num"] == 10  # improved: both names
     assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["iter_num"] == 10
-    for name in ("checkpoint.pt", "best_checkpoint.pt"):
-        assert (tmp_path / "ckpt" / name).stat().st_mode & 0o777 == 0o600, name
+    assert (tmp_path / "ckpt" / "checkpoint.pt").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ckpt" / "best_checkpoint.pt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_a_permission_error_anywhere_is_one_line(capsys):
+def test_a_permission_error_anywhere_is_one_line(capsys, monkeypatch):
     """A file or folder this user may not read (root never meets one, so the checks up front cannot see it)."""
     from utils import run_cli
 
@@ -1082,6 +1085,14 @@ def test_a_permission_error_anywhere_is_one_line(capsys):
     assert e.value.code == 2 and capsys.readouterr().err == (
         "error: Permission denied: '/data/x/train.bin'; check the permissions of that file and of the folders "
         "above it\n")
+    # under torchrun each machine's first process says it, as for any other error of the user's
+    for local_rank, rank, said in (("1", "1", ""), ("0", "2", "error (rank 2): Permission denied")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit):
+            run_cli(main)
+        err = capsys.readouterr().err
+        assert err.startswith(said) and (err != "") == bool(said)
 
 
 def test_a_run_folder_that_cannot_be_written_is_refused_before_training(char_data, tmp_path, monkeypatch):
@@ -2347,10 +2358,15 @@ def test_a_second_run_in_the_same_checkpoint_folder_is_refused(char_data, tmp_pa
         train(tiny(char_data, tmp_path / "new", max_iters=5))
     assert (tmp_path / "new" / "ckpt").is_dir()  # not removed: the other run's, as far as this one knows
     monkeypatch.undo()
-    # where the file system has no locks, the run says so and goes on
+    # where the file system has no locks, the run says so and goes on; an error of the run's own is not
+    # chained to the lock's (a traceback would begin with "OSError: No locks available")
     monkeypatch.setattr(fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks "
                                                                                                     "available")))
     assert train(tiny(char_data, tmp_path, max_iters=6))["iter_num"] == 6
+    monkeypatch.setattr(train_module, "log_progress", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError) as e:
+        train(tiny(char_data, tmp_path, max_iters=8))
+    assert e.value.__context__ is None
 
 
 def test_a_stdout_closed_during_the_setup_stops_before_training(char_data, tmp_path):
@@ -2368,6 +2384,19 @@ def test_a_stdout_closed_during_the_setup_stops_before_training(char_data, tmp_p
             "so nothing is saved\n") in log and "saving checkpoint.pt" not in log
     assert "stopped during the first evaluation: nothing was trained yet" in log and "iter 1/" not in log
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_stdout_closed_at_a_finished_run_promises_no_save(char_data, tmp_path):
+    """`train.py ... | head -1` on a run at max_iters already: nothing is trained or saved, and it says so."""
+    config = tiny(char_data, tmp_path, max_iters=5)
+    train(config)
+    command = shlex.join([sys.executable, str(ROOT / "train.py"), *cli_flags(config)])
+    err = tmp_path / "err"
+    r = subprocess.run(["bash", "-c", f"{command} 2>{shlex.quote(str(err))} | head -1; exit ${{PIPESTATUS[0]}}"],
+                       cwd=tmp_path, capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    log = err.read_text()
+    assert ("then stopping: max_iters is reached already, so nothing is left to train\n" in log
+            and "saving checkpoint.pt" not in log), r.stdout + log
 
 
 def test_a_stop_requested_after_a_signal_keeps_the_signal(capsys):
