@@ -29,8 +29,10 @@ How the splits are made:
   Every document is followed by end-of-text (50256), as GPT-2's training data was.
 
 Tokenisation runs in --num_proc worker processes (default: every core) on chunks of about 1 MB,
-with a bounded number of chunks in flight, and the results are streamed to disk in order: memory
-stays flat however large the corpus. Long texts are cut only just before a space or newline that
+with a bounded number of chunks in flight, and the results are streamed to disk in order. openwebtext's
+documents are read as they come, so its memory stays flat however large the corpus; shakespeare and
+custom read their files whole first (about the text's size in memory, twice that to train a BPE on it),
+so a text of many GB belongs in JSON Lines documents (--dataset openwebtext --input FOLDER). Long texts are cut only just before a space or newline that
 follows a non-space character; GPT-2's pre-split pattern never joins characters across such a point,
 so the ids are exactly those of encoding the whole text at once (tests/test_data.py checks this).
 `python bench.py --tokenize` measures its speed in MB/s against single-thread tiktoken.
@@ -545,11 +547,12 @@ _worker: tuple | None = None  # (tokenizer, dtype, val_fraction) in a worker pro
 
 def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -> None:
     global _worker
-    # Ctrl-C and SIGTERM (to the whole process group, from a terminal or a scheduler) are the parent's to
-    # handle: it lets each worker finish its unit and then ends the pool. A worker killed while it sends
-    # a result would leave the parent reading the rest of it forever
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C, SIGTERM and SIGHUP (to the whole process group, from a terminal, a scheduler or a dropped SSH
+    # connection) are the parent's to handle: it lets each worker finish its unit and then ends the pool. A
+    # worker killed while it sends a result would leave the parent reading the rest of it forever
+    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
     exit_with_parent()  # and when the parent is killed outright, workers must not outlive it
     tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     _worker = (tokenizer, np.dtype(dtype), val_fraction)
@@ -764,8 +767,11 @@ def build_tokenizer(kind: str | Tokenizer, datas: list[bytes], pieces: list[tupl
     if kind == "gpt2":
         return GPT2Tokenizer()
     # char and bpe need the text here; GPT-2's path leaves decoding to the workers
-    if kind == "char":  # every character of both splits must be known
-        return CharTokenizer.from_text("".join(decode_utf8(d, name, offset) for _, d, _, name, offset in pieces))
+    if kind == "char":  # every character of both splits must be known; a set per piece, not one joined copy
+        chars = set()
+        for _, d, _, name, offset in pieces:
+            chars.update(decode_utf8(d, name, offset))
+        return CharTokenizer.from_text("".join(sorted(chars)))
     # BPE learns from the training split only, so val stays unseen text; all of it is decoded here
     # so that bad UTF-8 is reported before a long training, not after it
     texts = [(split, decode_utf8(d, name, offset), eot) for split, d, eot, name, offset in pieces]
@@ -855,16 +861,20 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside the block SIGTERM (kill, a job scheduler's stop) raises KeyboardInterrupt, so it ends the
-    worker pool and removes the partial files the way Ctrl-C does; the old handler is restored after."""
+    """Inside the block SIGTERM (kill, a job scheduler's stop) and SIGHUP (the terminal closed, SSH dropped)
+    raise KeyboardInterrupt, so they end the worker pool and remove the partial files the way Ctrl-C does;
+    a SIGHUP that is ignored already (nohup) stays ignored. The old handlers are restored after."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt  # run_cli reports it as "interrupted", exit code 130
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    hup = getattr(signal, "SIGHUP", None)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, hup)
+                if sig is not None and not (sig == hup and signal.getsignal(sig) is signal.SIG_IGN)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_output_dir(out_dir: Path) -> None:

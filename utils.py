@@ -231,6 +231,10 @@ def run_cli(main: Callable[[], object]) -> None:
             print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e.strerror or e}: {names or 'a file'}; check "
                   f"the permissions of that file and of the folders above it", file=sys.stderr)
         sys.exit(2)
+    except MemoryError:
+        print("error: out of memory; give the run less to hold at once (a smaller batch or model, or text split "
+              "into JSON Lines documents for prepare_data.py)", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -661,11 +661,12 @@ def test_one_worker_killed_while_another_sends_its_result_stops_the_run(shakespe
     assert not out.exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 @pytest.mark.parametrize("group", [False, True])
 def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig, group):
-    """Ctrl-C or SIGTERM (kill, a scheduler) sent to the script, or to it and its workers as a terminal or a
-    scheduler does: exit code 130, one line, no partial files, no process left."""
+    """Ctrl-C, SIGTERM (kill, a scheduler) or SIGHUP (the terminal closed, SSH dropped) sent to the script, or to
+    it and its workers as a terminal or a scheduler does: exit code 130, one line, no partial files, no process
+    left."""
     src = tmp_path / "t.txt"
     src.write_text(shakespeare_text * 3)  # about 3 units of 1 MB, so a pool of worker processes runs
     started = tmp_path / "started"
@@ -1421,12 +1422,12 @@ def test_workers_leave_ctrl_c_and_sigterm_to_the_parent():
     ctx = multiprocessing.get_context()
     with ctx.Pool(1, prepare_data._init_worker, (prepare_data.CharTokenizer("ab"), "uint16", 0.1)) as pool:
         handlers = pool.apply(_signal_handlers)
-    assert handlers == [sig.SIG_IGN, sig.SIG_IGN]
+    assert handlers == [sig.SIG_IGN, sig.SIG_IGN, sig.SIG_IGN]
 
 
 def _signal_handlers():
     import signal as sig
-    return [sig.getsignal(sig.SIGINT), sig.getsignal(sig.SIGTERM)]
+    return [sig.getsignal(sig.SIGINT), sig.getsignal(sig.SIGTERM), sig.getsignal(sig.SIGHUP)]
 
 
 def test_missing_folders():

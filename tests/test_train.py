@@ -1095,6 +1095,18 @@ def test_a_permission_error_anywhere_is_one_line(capsys, monkeypatch):
         assert err.startswith(said) and (err != "") == bool(said)
 
 
+def test_out_of_memory_is_one_line(capsys):
+    """A text read whole by prepare_data.py, or a model too large for the machine: no traceback."""
+    from utils import run_cli
+
+    def main():
+        raise MemoryError
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: out of memory; ") and len(err.splitlines()) == 1
+
+
 def test_a_run_folder_that_cannot_be_written_is_refused_before_training(char_data, tmp_path, monkeypatch):
     """A resumed run writes its TensorBoard events into its own run's folder, which may be another user's."""
     import train as train_module
