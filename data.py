@@ -17,6 +17,7 @@ batches it would have drawn without the interruption, and each DDP rank draws it
 The bins are memory-mapped afresh for every batch: one long-lived np.memmap makes the process's
 memory grow over a long run, as nanoGPT notes in its get_batch.
 """
+import contextlib
 import json
 import shlex
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import Progress, UserError
 
 SPLITS = ("train", "val")
 SPLIT_IDS = {"train": 0, "val": 1}  # mixed into the batch RNG's seed, so the splits draw independently
@@ -245,9 +246,11 @@ class BatchLoader:
         """Every id of the split below vocab_size (on the GPU a bad id is an opaque device-side assert)."""
         start, path = 0, self.data_dir / f"{split}.bin"
         size = self.num_tokens[split] * self.dtype.itemsize
-        if size > ID_CHECK_NOTE_BYTES and self.rank == 0:
+        bar = None
+        if size > ID_CHECK_NOTE_BYTES and self.rank == 0:  # seconds per GB from disk: say why the start waits
             print(f"checking the token ids of {path} ({size / 1e9:.1f} GB)", file=sys.stderr, flush=True)
-        with open(path, "rb") as f:
+            bar = Progress(total=size, unit="B", unit_scale=True, desc=f"checking {path.name}", delay=2.0)
+        with open(path, "rb") as f, bar if bar is not None else contextlib.nullcontext():
             # 32M tokens at a time: the file is streamed, never held whole
             while (ids := np.fromfile(f, dtype=self.dtype, count=1 << 25)).size:
                 if int(ids.max()) >= self.vocab_size:
@@ -255,6 +258,8 @@ class BatchLoader:
                     raise DataError(self._damaged(split, int(ids[i]), f" at token {start + i:,} (the first id of "
                                                                       f"{self.vocab_size} or more)"))
                 start += ids.size
+                if bar is not None:
+                    bar.update(ids.nbytes)
 
     def get_batch(self, split: str, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (B, T) int64 on the loader's device, with y[:, t] == x[:, t + 1] for t < T - 1.

@@ -906,6 +906,15 @@ def test_checking_large_bins_says_why_the_start_waits(tmp_path, monkeypatch, cap
     assert capsys.readouterr().err == f"checking the token ids of {d / 'train.bin'} (0.0 GB)\n"
     BatchLoader(d, block_size=8, batch_size=2, rank=1, world_size=2)  # one line a run, from rank 0
     assert capsys.readouterr().err == ""
+    # and, over minutes of a large file, how far it is: a line every LINE_INTERVAL seconds in a log
+    from utils import Progress
+    monkeypatch.setattr(Progress, "LINE_INTERVAL", 0)
+    fromfile = np.fromfile
+    monkeypatch.setattr(np, "fromfile", lambda f, dtype, count: fromfile(f, dtype, count=min(count, 25)))
+    BatchLoader(d, block_size=8, batch_size=2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"checking the token ids of {d / 'train.bin'} (0.0 GB)"
+    assert any(line.startswith("checking train.bin:") and "100%" in line for line in lines[1:]), lines
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
