@@ -819,17 +819,20 @@ def test_a_resume_with_more_evaluation_batches_plans_longer_evaluations(char_dat
     assert fake_clock.logged[6][1] == pytest.approx(4 * 0.01 + 2 * 0.4)
 
 
+def taking(clock, seconds: float, fn):
+    """fn, taking `seconds` on the fake clock each time it is called."""
+    def slow(*args, **kwargs):
+        clock.now += seconds
+        return fn(*args, **kwargs)
+    return slow
+
+
 def test_the_setup_time_of_a_resume_includes_reading_the_checkpoint(char_data, tmp_path, fake_clock, monkeypatch):
     """Reading a large checkpoint takes seconds (2 s on the fake clock here), before the process group and
     the model: the last line's setup and total count it."""
     import train as train_module
     train(tiny(char_data, tmp_path, max_iters=4, eval_interval=4))
-    real_load = train_module.load_checkpoint
-
-    def slow_load(*args, **kwargs):
-        fake_clock.now += 2.0
-        return real_load(*args, **kwargs)
-    monkeypatch.setattr(train_module, "load_checkpoint", slow_load)
+    monkeypatch.setattr(train_module, "load_checkpoint", taking(fake_clock, 2.0, train_module.load_checkpoint))
     timing = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=4))["timing"]
     assert timing["setup"] == pytest.approx(2.0) and timing["total"] == pytest.approx(2.0 + 2 * 0.01)
 
@@ -843,12 +846,7 @@ def test_a_save_before_the_first_step_is_counted_once(char_data, tmp_path, fake_
     ckpt = load_checkpoint(path)
     ckpt["progress"]["eval_owed"] = True
     save_checkpoint(path, ckpt)
-    real_save = train_module.save_checkpoint
-
-    def slow_save(*args, **kwargs):
-        fake_clock.now += 1.0
-        return real_save(*args, **kwargs)
-    monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
+    monkeypatch.setattr(train_module, "save_checkpoint", taking(fake_clock, 1.0, train_module.save_checkpoint))
     timing = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=10))["timing"]
     # saves: the owed evaluation's, the last evaluation's (at 6) and final_checkpoint.pt
     assert timing["setup"] == pytest.approx(0.0, abs=1e-9) and timing["checkpoints"] == pytest.approx(3.0)
