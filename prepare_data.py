@@ -32,9 +32,10 @@ Tokenisation runs in --num_proc worker processes (default: every core) on chunks
 with a bounded number of chunks in flight, and the results are streamed to disk in order. openwebtext's
 documents are read as they come, so its memory stays flat however large the corpus; shakespeare and
 custom read their files whole first (about the text's size in memory, twice that to train a BPE on it),
-so a text of many GB belongs in JSON Lines documents (--dataset openwebtext --input FOLDER). Long texts are cut only just before a space or newline that
-follows a non-space character; GPT-2's pre-split pattern never joins characters across such a point,
-so the ids are exactly those of encoding the whole text at once (tests/test_data.py checks this).
+so a text of many GB belongs in JSON Lines documents (--dataset openwebtext --input FOLDER). Long texts
+are cut only just before a space or newline that follows a non-space character; GPT-2's pre-split
+pattern never joins characters across such a point, so the ids are exactly those of encoding the
+whole text at once (tests/test_data.py checks this).
 `python bench.py --tokenize` measures its speed in MB/s against single-thread tiktoken.
 """
 import argparse
