@@ -781,6 +781,7 @@ def build_tokenizer(kind: str | Tokenizer, datas: list[bytes], pieces: list[tupl
     train_text = "".join(text + (EOT if eot else "") for split, text, eot in texts if split == "train")
     markers = sum(eot for split, _, eot in texts if split == "train")
     files = sum(split == "train" for split, _, _ in texts)
+    del texts  # a second copy of the text: training needs only train_text
     print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text) - markers * len(EOT):,} characters"
           + (f" of {files} files" if files > 1 else ""), file=sys.stderr)
     return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])
