@@ -65,7 +65,7 @@ from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_di
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_lock, folder_problem,
-                   missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli)
+                   missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli, stop_signals)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -551,9 +551,8 @@ def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -
     # Ctrl-C, SIGTERM and SIGHUP (to the whole process group, from a terminal, a scheduler or a dropped SSH
     # connection) are the parent's to handle: it lets each worker finish its unit and then ends the pool. A
     # worker killed while it sends a result would leave the parent reading the rest of it forever
-    for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, signal.SIG_IGN)
+    for sig in (signal.SIGINT, *stop_signals()):  # a SIGHUP that nohup ignores, the workers inherit ignored
+        signal.signal(sig, signal.SIG_IGN)
     exit_with_parent()  # and when the parent is killed outright, workers must not outlive it
     tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     _worker = (tokenizer, np.dtype(dtype), val_fraction)
@@ -869,9 +868,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum, frame):
         raise KeyboardInterrupt  # run_cli reports it as "interrupted", exit code 130
 
-    hup = getattr(signal, "SIGHUP", None)
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, hup)
-                if sig is not None and not (sig == hup and signal.getsignal(sig) is signal.SIG_IGN)}
+    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals()}
     try:
         yield
     finally:

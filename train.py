@@ -41,7 +41,8 @@ from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folde
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
                    folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
                    load_weights, missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device,
-                   resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, utf8_text)
+                   resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, stop_signals,
+                   utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -148,12 +149,8 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         import threading
         if threading.current_thread() is threading.main_thread():
-            # SIGHUP: the terminal closed or the SSH connection dropped, which otherwise kills at once; unless
-            # it is ignored already, as `nohup` does for a run that is meant to outlive the terminal
-            hup = getattr(signal, "SIGHUP", None)
-            for sig in (signal.SIGINT, signal.SIGTERM, hup):
-                if sig is not None and not (sig == hup and signal.getsignal(sig) is signal.SIG_IGN):
-                    self._previous[sig] = signal.signal(sig, self._handle)
+            for sig in (signal.SIGINT, *stop_signals()):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def request(self, signum: int, why: str) -> None:

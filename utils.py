@@ -77,6 +77,15 @@ def exit_with_parent(interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def stop_signals() -> list[int]:
+    """The signals besides Ctrl-C that a long run turns into a clean stop: SIGTERM (kill, a scheduler) and
+    SIGHUP (the terminal closed, the SSH connection dropped), which otherwise kill at once. SIGHUP only where
+    it exists and is not ignored already, as `nohup` does for a run that is meant to outlive the terminal."""
+    import signal
+    hup = getattr(signal, "SIGHUP", None)
+    return [signal.SIGTERM] + ([hup] if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN else [])
+
+
 def utf8_text(text: str) -> str:
     """text with each lone surrogate as U+FFFD. A path in bytes that are not UTF-8 (a GBK file name) reaches
     Python as such surrogates, which libraries that write UTF-8 (TensorBoard) refuse with a traceback."""
@@ -200,7 +209,7 @@ def output_file_problem(path: str | os.PathLike) -> Optional[str]:
             return "is a directory"
         if _std_stream(path) is not None:  # written through the stream's descriptor, which needs no access by name
             return None
-        if writes_directly(path) and path.exists():  # a pipe or a device: written as it is
+        if _special_file(path):  # a pipe or a device: written as it is
             return None if os.access(path, os.W_OK) else "cannot be written: permission denied"
         problem = folder_problem(Path(os.path.realpath(path)).parent)  # a link's file is written
     except OSError as e:  # a name too long for the file system, say
@@ -211,30 +220,28 @@ def output_file_problem(path: str | os.PathLike) -> Optional[str]:
 def run_cli(main: Callable[[], object]) -> None:
     """Run a script's main(); turn UserError into one line on stderr and exit code 2, and Ctrl-C into
     "interrupted" and exit code 130 (128 + SIGINT, as the shell reports it), without a traceback."""
-    try:
-        main()
-    except UserError as e:
+    def fail(message: str, per_process: bool = False) -> None:
         # under torchrun every process of a machine meets the same error (its flags, its files): the
         # first process of each machine says it, naming its rank where that is not 0; an error of one
         # process's own work is said by that process
-        if os.environ.get("LOCAL_RANK", "0") == "0" or e.per_process:
+        if os.environ.get("LOCAL_RANK", "0") == "0" or per_process:
             rank = os.environ.get("RANK", "0")
-            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr)
         sys.exit(2)
+
+    try:
+        main()
+    except UserError as e:
+        fail(str(e), e.per_process)
     except PermissionError as e:
         # a file or folder this user may not read or write (another user's, a mode 000 folder on the path):
-        # the scripts check their outputs up front, while a read anywhere can meet one; root never does.
-        # Under torchrun every process meets it: said once per machine, as a UserError is
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            rank = os.environ.get("RANK", "0")
-            names = " and ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
-            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e.strerror or e}: {names or 'a file'}; check "
-                  f"the permissions of that file and of the folders above it", file=sys.stderr)
-        sys.exit(2)
+        # the scripts check their outputs up front, while a read anywhere can meet one; root never does
+        names = " and ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        fail(f"{e.strerror or e}: {names or 'a file'}; check the permissions of that file and of the folders "
+             f"above it")
     except MemoryError:
-        print("error: out of memory; give the run less to hold at once (a smaller batch or model, or text split "
-              "into JSON Lines documents for prepare_data.py)", file=sys.stderr)
-        sys.exit(2)
+        fail("out of memory; give the run less to hold at once (a smaller batch or model, or text split into "
+             "JSON Lines documents for prepare_data.py)", per_process=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
