@@ -30,9 +30,10 @@ How the splits are made:
 
 Tokenisation runs in --num_proc worker processes (default: every core) on chunks of about 1 MB,
 with a bounded number of chunks in flight, and the results are streamed to disk in order. openwebtext's
-documents are read as they come, so its memory stays flat however large the corpus; shakespeare and
-custom read their files whole first (about the text's size in memory, twice that to train a BPE on it),
-so a text of many GB belongs in JSON Lines documents (--dataset openwebtext --input FOLDER). Long texts
+documents are read as they come, so its memory stays flat however large the corpus. shakespeare and
+custom read each file twice in blocks of 16 MB, once to count its characters and find the cut, once to
+tokenise it, so their memory stays flat too; only training a BPE holds the training text in memory, and a
+pipe, which cannot be read twice, is kept in memory whole. Long texts
 are cut only just before a space or newline that follows a non-space character; GPT-2's pre-split
 pattern never joins characters across such a point, so the ids are exactly those of encoding the
 whole text at once (tests/test_data.py checks this).
@@ -41,6 +42,7 @@ whole text at once (tests/test_data.py checks this).
 import argparse
 import contextlib
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -88,6 +90,7 @@ SAFE_CUT = re.compile(rb"(?<=[^\s\x1c-\x1f\x80-\x8a\x8e\x9f\xa0\xa8\xa9\xaf])(?=
 PROGRESS_UNITS = {"bytes": "B", "docs": "doc"}
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
 BLOCK = 1 << 24  # numpy scans of UTF-8 bytes go in blocks of this size, to bound the temporaries
+READ_BYTES = 1 << 24  # shakespeare and custom text files are read in blocks of this size
 
 # (split, UTF-8 text, end_of_text_after, progress it stands for, file name and byte offset for errors)
 Item = tuple[str, bytes, bool, int, str, int]
@@ -170,17 +173,104 @@ def reading(path: Path) -> Iterator[None]:
         raise DataError(f"cannot read {path}: {e.strerror or e}; make it readable, or move it out of --input") from None
 
 
-def read_files(files: list[Path]) -> list[bytes]:
-    """The files' bytes. Decoding them is left to the workers."""
-    datas = []
-    for f in files:
-        with reading(f):
-            datas.append(f.read_bytes())
-    if not any(d.removeprefix(BOM) for d in datas):
+class TextFile:
+    """One text file of shakespeare or custom input. It is read in blocks of READ_BYTES, twice: scan() counts
+    its characters (to find the train/val cut) and hashes it, then blocks() hands its text out again for
+    tokenising, so memory stays flat whatever the file's size. A pipe cannot be read twice: its bytes are
+    kept (data). A file that changes between the two readings is an error, not a mix of two texts."""
+
+    def __init__(self, path: Path | str, data: bytes | None = None):
+        self.path, self.name, self.data = Path(path), str(path), data
+        if data is None and not self.path.is_file():  # a pipe, such as <(zcat text.gz)
+            with reading(self.path):
+                self.data = self.path.read_bytes()
+        self.size = self.skip = self.chars = 0  # bytes; a byte-order mark's bytes; characters, the mark included
+        self.block_chars: list[tuple[int, int]] = []  # (byte offset, characters) of each block scan() read
+        self.charset: set[str] = set()  # its characters, the mark left out, where scan() decoded the text
+        self.digest = b""
+
+    def open(self):
+        return io.BytesIO(self.data) if self.data is not None else open(self.path, "rb")
+
+    def scan(self, sha, decode: bool, progress=lambda n: None) -> None:
+        """Read the file once: size, byte-order mark, characters and sha256 (sha, the hash of all the files in
+        order, is updated too). decode: decode the text as well, so that bad UTF-8 is an error now, before a
+        long training, and gather the character set. progress(bytes) is called after each block."""
+        own, head, carry, offset = hashlib.sha256(), b"", b"", 0
+        with reading(self.path), self.open() as f:
+            while block := f.read(READ_BYTES):
+                own.update(block)
+                sha.update(block)
+                head += block[: len(BOM) - len(head)]
+                self.skip = len(BOM) if head == BOM else 0
+                n = utf8_length(block)  # counts the bytes that begin a character: a block may end inside one
+                self.block_chars.append((offset, n))
+                self.chars += n
+                if decode:  # whole characters only; the rest goes with the next block
+                    data = carry + block
+                    end = complete_utf8(data)
+                    text = decode_utf8(data[:end], self.name, offset - len(carry))
+                    if offset - len(carry) == 0 and self.skip:
+                        text = text[1:]  # the mark is no text
+                    self.charset.update(text)
+                    carry = data[end:]
+                offset += len(block)
+                progress(len(block))
+        if carry:
+            decode_utf8(carry, self.name, offset - len(carry))  # the file ends inside a character: the error
+        self.size, self.digest = offset, own.digest()
+
+    def char_offset(self, k: int) -> int:
+        """Byte offset of character k (the byte-order mark is character 0 where there is one)."""
+        for start, n in self.block_chars:
+            if k < n:
+                with reading(self.path), self.open() as f:
+                    f.seek(start)
+                    return start + utf8_offset(f.read(READ_BYTES), k)
+            k -= n
+        return self.size
+
+    def read(self, start: int, end: int) -> bytes:
+        with reading(self.path), self.open() as f:
+            f.seek(start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise self.changed()
+        return data
+
+    def changed(self) -> DataError:
+        return DataError(f"{self.name} changed while it was being read; run again once nothing writes to it")
+
+
+def complete_utf8(data: bytes) -> int:
+    """Length of data without a character cut off at its end (1 to 3 bytes of a 2- to 4-byte character)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:  # ASCII: nothing is cut off
+            return len(data)
+        if b >= 0xC0:  # the last character's lead byte: how many bytes it needs
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return len(data) - back if back < need else len(data)
+    return len(data)  # continuation bytes only: the decoder says what is wrong
+
+
+def scan_files(files: list[Path], decode: bool) -> tuple[list[TextFile], str]:
+    """Each file read once (TextFile.scan), and the sha256 of all their bytes in order."""
+    sha = hashlib.sha256()
+    texts = [TextFile(f) for f in files]
+    sizes = []
+    for t in texts:
+        with reading(t.path):
+            sizes.append(len(t.data) if t.data is not None else t.path.stat().st_size)
+    with Progress(total=sum(sizes), unit="B", unit_scale=True, file=sys.stderr, desc="reading", mininterval=1.0) as bar:
+        for t in texts:
+            t.scan(sha, decode, bar.update)
+    total = sum(t.size for t in texts)
+    if all(t.size == t.skip for t in texts):
         what = f"{files[0]} is" if len(files) == 1 else f"all {len(files)} files under the input folder are"
-        size = "empty (0 bytes)" if not any(datas) else "empty (nothing but a byte-order mark)"
+        size = "empty (0 bytes)" if total == 0 else "empty (nothing but a byte-order mark)"
         raise DataError(f"{what} {size}: there is nothing to tokenise. Pass a file with text.")
-    return datas
+    return texts, sha.hexdigest()
 
 
 def utf8_length(data: bytes) -> int:
@@ -252,35 +342,33 @@ def shakespeare_file(input_arg: str | None, out_dir: Path) -> Path:
 # the workers, so one main process keeps many of them busy. name and offset locate bad UTF-8.
 
 
-def split_text_pieces(datas: list[bytes], val_fraction: float, names: list[str]) -> list[tuple]:
-    """Cut the concatenated UTF-8 texts after the first (1 - val_fraction) of their characters.
+def split_ranges(texts: list[TextFile], val_fraction: float) -> list[tuple[str, int, int, int, bool]]:
+    """Cut the scanned files' text, taken in order, after the first (1 - val_fraction) of its characters.
 
-    Returns (split, data, end_of_text_after, name, byte offset) in order; end-of-text goes between
-    texts, not after the last. The cut counts characters, as nanoGPT's data[:int(n * 0.9)] does:
-    [b"abcd", b"efgh"], 0.25 -> [("train", b"abcd", True, ..), ("train", b"ef", False, ..), ("val", b"gh", False, ..)]
+    Returns (split, file index, start byte, end byte, end_of_text_after) in order; end-of-text goes between
+    files, not after the last. The cut counts characters, as nanoGPT's data[:int(n * 0.9)] does:
+    files "abcd" and "efgh", 0.25 -> [("train", 0, 0, 4, True), ("train", 1, 0, 2, False), ("val", 1, 2, 4, False)]
     """
     # a byte-order mark (U+FEFF, as Windows Notepad writes) is no text: it is left out, never tokenised
-    files = [(d, name, len(BOM) if d.startswith(BOM) else 0) for d, name in zip(datas, names)]
-    files = [(d, name, skip) for d, name, skip in files if len(d) > skip]
-    lengths = [utf8_length(d) - (skip > 0) for d, _, skip in files]  # the mark is one character
+    files = [(i, t) for i, t in enumerate(texts) if t.size > t.skip]
+    lengths = [t.chars - (t.skip > 0) for _, t in files]
     total = sum(lengths)
     cut = int(total * (1 - val_fraction))
     if cut == 0 or cut == total:
         empty = "train" if cut == 0 else "val"
         raise DataError(f"the input has {total} characters, so --val_fraction {val_fraction} leaves the {empty} "
                         f"split empty; give more text or a val_fraction that leaves both splits non-empty")
-    pieces, start = [], 0
-    for i, ((data, name, skip), n) in enumerate(zip(files, lengths)):
-        eot = i < len(files) - 1
+    ranges, start = [], 0
+    for j, ((i, t), n) in enumerate(zip(files, lengths)):
+        eot = j < len(files) - 1
         k = min(max(cut - start, 0), n)
-        b = utf8_offset(data, k + (skip > 0)) if 0 < k < n else skip if k == 0 else len(data)
-        view = memoryview(data)  # slices of a view share the file's bytes instead of copying them
+        b = t.char_offset(k + (t.skip > 0)) if 0 < k < n else t.skip if k == 0 else t.size
         if k > 0:
-            pieces.append(("train", view[skip:b], eot and k == n, name, skip))
+            ranges.append(("train", i, t.skip, b, eot and k == n))
         if k < n:
-            pieces.append(("val", view[b:], eot, name, b))
+            ranges.append(("val", i, b, t.size, eot))
         start += n
-    return pieces
+    return ranges
 
 
 def can_cut(tokenizer: Tokenizer) -> bool:
@@ -298,6 +386,51 @@ def cut_text(data: bytes | memoryview, max_bytes: int) -> Iterator[bytes]:
         yield bytes(data[start : m.start()])
         start = m.start()
     yield bytes(data[start:])
+
+
+def last_safe_cut(data: bytes | bytearray) -> int:
+    """Offset of the last SAFE_CUT point in data, 0 if there is none. Searched from the end backwards, in
+    windows that grow, since a point near the end is what is wanted and almost every text has one."""
+    end, window = len(data), 1 << 16
+    while end > 0:
+        start = max(0, end - window)
+        last = 0
+        for m in SAFE_CUT.finditer(data, start, end):  # a point needs the byte after it: none is at `end`
+            last = m.start()
+        if last:
+            return last
+        end, window = start, window * 4
+    return 0
+
+
+def text_items(texts: list[TextFile], ranges: list[tuple], cuttable: bool) -> Iterator[Item]:
+    """The ranges' text as items, read again in blocks. Where the tokenizer allows cuts, each block ends at a
+    SAFE_CUT point, so the ids are those of the whole range; otherwise a range is one item. Each file
+    must read back exactly as scanned."""
+    for i, t in enumerate(texts):
+        mine = [r for r in ranges if r[1] == i]
+        if not mine:  # empty, or nothing but a byte-order mark
+            continue
+        own = hashlib.sha256()
+        with reading(t.path), t.open() as f:
+            own.update(f.read(t.skip))
+            for split, _, start, end, eot in mine:
+                pending, at = bytearray(), start  # read but not handed out yet, from byte `at` on
+                while at + len(pending) < end:
+                    want = end - at - len(pending)
+                    block = f.read(min(READ_BYTES, want) if cuttable else want)
+                    if not block:
+                        raise t.changed()
+                    own.update(block)
+                    pending += block
+                    done = at + len(pending) == end
+                    cut = len(pending) if done else last_safe_cut(pending) if cuttable else 0
+                    if cut:
+                        yield split, bytes(pending[:cut]), eot and done, cut, t.name, at
+                        del pending[:cut]
+                        at += cut
+            if f.read(1) or own.digest() != t.digest:
+                raise t.changed()
 
 
 def piece_units(items: Iterable[Item], unit_bytes: int, cuttable: bool, sha=None) -> Iterator[tuple[tuple, int]]:
@@ -746,58 +879,55 @@ def load_tokenizer_file(path: str) -> Tokenizer:
         raise DataError(f"--tokenizer_file {path}: {e}{hint}") from None
 
 
-def check_known_characters(tok: CharTokenizer, pieces: list[tuple]) -> None:
+def check_known_characters(tok: CharTokenizer, texts: list[TextFile]) -> None:
     """With a given character set, text with a character outside it cannot be encoded: say so before the work."""
     known = set(tok.chars)
-    for _, d, _, name, offset in pieces:
-        unknown = set(decode_utf8(d, name, offset)) - known
+    for t in texts:
+        unknown = t.charset - known
         if unknown:
             shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
-            raise DataError(f"{name} has {len(unknown)} character(s) that the given character-level tokenizer "
+            raise DataError(f"{t.name} has {len(unknown)} character(s) that the given character-level tokenizer "
                             f"does not know ({shown}{', ...' if len(unknown) > 5 else ''}); its ids cover only "
                             f"the characters of the text it was made from")
 
 
-def build_tokenizer(kind: str | Tokenizer, datas: list[bytes], pieces: list[tuple], names: list[str],
+def build_tokenizer(kind: str | Tokenizer, texts: list[TextFile], ranges: list[tuple],
                     vocab_size: int | None) -> Tokenizer:
     if isinstance(kind, Tokenizer):  # --tokenizer_file
         if isinstance(kind, CharTokenizer):
-            check_known_characters(kind, pieces)
+            check_known_characters(kind, texts)
         return kind
     if kind == "gpt2":
         return GPT2Tokenizer()
-    # char and bpe need the text here; GPT-2's path leaves decoding to the workers
-    if kind == "char":  # every character of both splits must be known; a set per piece, not one joined copy
-        chars = set()
-        for _, d, _, name, offset in pieces:
-            chars.update(decode_utf8(d, name, offset))
-        return CharTokenizer.from_text("".join(sorted(chars)))
-    # BPE learns from the training split only, so val stays unseen text; all of it is decoded here
-    # so that bad UTF-8 is reported before a long training, not after it
-    texts = [(split, decode_utf8(d, name, offset), eot) for split, d, eot, name, offset in pieces]
-    # end-of-text between files, as in the encoded data: the trainer splits the text there, so no merge
-    # joins the end of one file to the start of the next
-    train_text = "".join(text + (EOT if eot else "") for split, text, eot in texts if split == "train")
-    markers = sum(eot for split, _, eot in texts if split == "train")
-    files = sum(split == "train" for split, _, _ in texts)
-    del texts  # a second copy of the text: training needs only train_text
+    if kind == "char":  # every character of both splits must be known: scan() gathered them
+        return CharTokenizer.from_text("".join(sorted(set().union(*(t.charset for t in texts)))))
+    # BPE learns from the training split only, so val stays unseen text. scan() has decoded all of it
+    # already, so bad UTF-8 anywhere is reported before a long training, not after it. End-of-text goes
+    # between files, as in the encoded data: the trainer splits the text there, so no merge joins the end
+    # of one file to the start of the next
+    train = [(texts[i], start, end, eot) for split, i, start, end, eot in ranges if split == "train"]
+    train_text = "".join(decode_utf8(t.read(start, end), t.name, start) + (EOT if eot else "")
+                         for t, start, end, eot in train)
+    markers = sum(eot for *_, eot in train)
     print(f"training a BPE tokenizer, vocab_size {vocab_size}, on {len(train_text) - markers * len(EOT):,} characters"
-          + (f" of {files} files" if files > 1 else ""), file=sys.stderr)
+          + (f" of {len(train)} files" if len(train) > 1 else ""), file=sys.stderr)
     return BPETokenizer().train(train_text, vocab_size, verbose=True, special_tokens=[EOT])
 
 
 def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: str | Tokenizer, vocab_size: int | None,
                  val_fraction: float, num_proc: int, command: str, unit_bytes: int = UNIT_BYTES,
                  input_path: str | None = None) -> dict:
-    """shakespeare and custom: read the files whole, cut at the character fraction, tokenise, write.
+    """shakespeare and custom: count the files' characters, cut at the character fraction, tokenise, write.
 
     input_path is the folder the files were listed from (--input), named in meta.json's source. tokenizer is
     'gpt2', 'char' or 'bpe', to make one, or a Tokenizer to encode with.
     """
-    datas = read_files(files)
-    names = [str(f) for f in files]
-    pieces = split_text_pieces(datas, val_fraction, names)
-    tok = build_tokenizer(tokenizer, datas, pieces, names, vocab_size)
+    # the text is decoded in this process only where the tokenizer is made from it or must know every character
+    decode = tokenizer in ("char", "bpe") or isinstance(tokenizer, CharTokenizer)
+    texts, sha256 = scan_files(files, decode)
+    ranges = split_ranges(texts, val_fraction)
+    tok = build_tokenizer(tokenizer, texts, ranges, vocab_size)
+    names = [t.name for t in texts]
     meta = {
         "dataset": dataset,
         "source": names[0] if len(files) == 1 else
@@ -806,13 +936,11 @@ def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: s
         "split": f"first {1 - val_fraction:.6g} of the characters train, the rest val",
         "command": command,
     }
-    items = [(split, data, eot, len(data), name, offset) for split, data, eot, name, offset in pieces]
-    sha = hashlib.sha256()  # of the files' bytes in order, byte-order marks included
-    for data in datas:
-        sha.update(data)
-    return write_dataset(out_dir, tok, piece_units(items, unit_bytes, can_cut(tok)), num_proc=num_proc,
-                         val_fraction=val_fraction, progress=("bytes", sum(item[3] for item in items)), meta=meta,
-                         late_meta=lambda *_: {"source_sha256": sha.hexdigest()})
+    cuttable = can_cut(tok)
+    return write_dataset(out_dir, tok, piece_units(text_items(texts, ranges, cuttable), unit_bytes, cuttable),
+                         num_proc=num_proc, val_fraction=val_fraction,
+                         progress=("bytes", sum(end - start for _, _, start, end, _ in ranges)), meta=meta,
+                         late_meta=lambda *_: {"source_sha256": sha256})
 
 
 def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, val_fraction: float, num_proc: int,

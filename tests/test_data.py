@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import prepare_data
 from conftest import gpt2_encoding
 from data import BatchLoader, DataError, check_vocab, custom_data_dir, load_data_tokenizer, load_meta, prepare_command
-from prepare_data import (cut_text, piece_units, prepare_documents, prepare_text, split_text_pieces, token_dtype,
+from prepare_data import (TextFile, cut_text, piece_units, prepare_documents, prepare_text, split_ranges, token_dtype,
                           write_dataset)
 from tokenizer import EOT, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, load_tokenizer
 
@@ -295,7 +295,7 @@ def test_custom_bpe_learns_no_merge_across_files(tmp_path):
 def test_a_bpe_vocab_size_too_small_is_refused_before_the_text_is_read(tmp_path, monkeypatch, vocab_size, message):
     src = tmp_path / "t.txt"
     src.write_text("some text to train on\n" * 10)
-    monkeypatch.setattr(prepare_data, "read_files", lambda *a: pytest.fail("the text was read"))
+    monkeypatch.setattr(prepare_data, "scan_files", lambda *a: pytest.fail("the text was read"))
     with pytest.raises(TokenizerError, match=message):
         prepare("--dataset", "custom", "--input", src, "--tokenizer", "bpe", "--vocab_size", vocab_size,
                 "--output_dir", tmp_path / "o")
@@ -305,24 +305,127 @@ def test_a_bpe_vocab_size_too_small_is_refused_before_the_text_is_read(tmp_path,
                    "--output_dir", tmp_path / "o")["vocab_size"] == 257
 
 
-def test_split_text_pieces():
+def scanned(*datas: bytes) -> list[TextFile]:
+    """TextFiles a.txt, b.txt, ... holding datas, read once as prepare_text reads them."""
+    texts = [TextFile(f"{chr(97 + i)}.txt", data=d) for i, d in enumerate(datas)]
+    for t in texts:
+        t.scan(hashlib.sha256(), decode=True)
+    return texts
+
+
+def split_pieces(datas: list[bytes], val_fraction: float) -> list[tuple]:
+    """split_ranges' ranges as (split, bytes, end_of_text_after, file name, byte offset)."""
+    texts = scanned(*datas)
+    return [(split, datas[i][start:end], eot, texts[i].name, start)
+            for split, i, start, end, eot in split_ranges(texts, val_fraction)]
+
+
+def test_split_ranges():
     # the cut is int(characters * (1 - val_fraction)), as nanoGPT's data[:int(n * 0.9)]
-    names = ["a.txt", "b.txt"]
-    assert split_text_pieces([b"abcd", b"efgh"], 0.25, names) == [
+    assert split_pieces([b"abcd", b"efgh"], 0.25) == [
         ("train", b"abcd", True, "a.txt", 0), ("train", b"ef", False, "b.txt", 0), ("val", b"gh", False, "b.txt", 2)]
-    assert split_text_pieces([b"abcd", b"efgh"], 0.5, names) == [
+    assert split_pieces([b"abcd", b"efgh"], 0.5) == [
         ("train", b"abcd", True, "a.txt", 0), ("val", b"efgh", False, "b.txt", 0)]
-    assert split_text_pieces([b"", b"abc"], 0.1, names) == [("train", b"ab", False, "b.txt", 0),
-                                                            ("val", b"c", False, "b.txt", 2)]
+    assert split_pieces([b"", b"abc"], 0.1) == [("train", b"ab", False, "b.txt", 0), ("val", b"c", False, "b.txt", 2)]
     # a cut inside a file that is not the last: end-of-text comes only after the whole file, in val
-    assert split_text_pieces([b"abcd", b"efgh"], 0.75, names) == [
+    assert split_pieces([b"abcd", b"efgh"], 0.75) == [
         ("train", b"ab", False, "a.txt", 0), ("val", b"cd", True, "a.txt", 2), ("val", b"efgh", False, "b.txt", 0)]
     # characters, not bytes: 'é' is 2 bytes, '€' 3, '😀' 4
     text = "aé€😀bcdefghij"  # 13 characters, 20 bytes
-    (_, train, *_), (_, val, _, _, offset) = split_text_pieces([text.encode()], 0.2, ["u.txt"])
-    assert (bytes(train).decode(), bytes(val).decode(), offset) == (text[:10], text[10:], len(text[:10].encode()))
+    (_, train, *_), (_, val, _, _, offset) = split_pieces([text.encode()], 0.2)
+    assert (train.decode(), val.decode(), offset) == (text[:10], text[10:], len(text[:10].encode()))
     with pytest.raises(DataError, match="has 1 characters.*leaves the train split empty"):
-        split_text_pieces([b"a"], 0.1, names)
+        split_pieces([b"a"], 0.1)
+
+
+@pytest.mark.parametrize("read_bytes", [1, 2, 5, 64])
+def test_the_cut_is_found_when_the_file_is_read_in_small_blocks(monkeypatch, read_bytes):
+    monkeypatch.setattr(prepare_data, "READ_BYTES", read_bytes)
+    text = "héllo wörld, 床前明月光 😀 ok\n" * 9  # 225 characters
+    data = BOM + text.encode()
+    for fraction in (0.01, 0.1, 0.37, 0.5, 0.99):
+        cut = int(len(text) * (1 - fraction))
+        (_, train, *_), (_, val, _, _, offset) = split_pieces([data], fraction)
+        assert (train.decode(), val.decode(), offset) == (text[:cut], text[cut:], len(BOM + text[:cut].encode()))
+
+
+MIXED = "Hello wörld, 床前明月光，疑是地上霜。 😀 ok\n  spaced   out\n\nend. " * 40
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char", "bpe"])
+def test_text_read_in_small_blocks_gives_the_same_data_set(tmp_path, monkeypatch, tokenizer):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(BOM + MIXED.encode())
+    (folder / "b.txt").write_bytes(MIXED[::-1].encode())
+    (folder / "c.txt").write_bytes(b"")
+
+    def run(out: str, unit_bytes: int) -> tuple:
+        prepare_text(tmp_path / out, sorted(folder.iterdir()), dataset="custom", tokenizer=tokenizer,
+                     vocab_size=300 if tokenizer == "bpe" else None, val_fraction=0.3, num_proc=1, command="t",
+                     unit_bytes=unit_bytes)
+        meta = load_meta(tmp_path / out)
+        meta.pop("command")
+        return bins(tmp_path / out), (tmp_path / out / "tokenizer.json").read_text(), meta
+
+    whole = run("whole", 1 << 20)
+    reads = []
+    real_open = TextFile.open
+
+    def spied(self):
+        f = real_open(self)
+        read = f.read
+        f.read = lambda n=-1: reads.append(n) or read(n)
+        return f
+
+    monkeypatch.setattr(TextFile, "open", spied)
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 7)
+    blocks = run("blocks", 16)
+    for a, b in zip(blocks[0], whole[0]):
+        np.testing.assert_array_equal(a, b)
+    assert blocks[1:] == whole[1:]
+    b_train = MIXED[::-1][: int(2 * len(MIXED) * 0.7) - len(MIXED)]  # the cut counts the characters of both
+    # never a whole file at once; only BPE training reads its text whole: a.txt, and the train part of b.txt
+    assert [n for n in reads if not 0 <= n <= 7] == ([len(MIXED.encode()), len(b_train.encode())]
+                                                     if tokenizer == "bpe" else [])
+    if tokenizer == "gpt2":  # the ids of the whole texts
+        train, val = whole[0]
+        assert train.tolist() == gpt2_encoding().encode_ordinary(MIXED) + [50256] + \
+            gpt2_encoding().encode_ordinary(b_train)
+        assert val.tolist() == gpt2_encoding().encode_ordinary(MIXED[::-1][len(b_train):])
+
+
+def test_a_file_that_changes_while_it_is_prepared_is_an_error(tmp_path, monkeypatch):
+    src = tmp_path / "t.txt"
+    src.write_text(MIXED)
+    real = prepare_data.split_ranges
+
+    def edited(texts, val_fraction):
+        ranges = real(texts, val_fraction)
+        src.write_text(MIXED.replace("ok", "no"))  # the same size, other text
+        return ranges
+
+    monkeypatch.setattr(prepare_data, "split_ranges", edited)
+    for name, text in (("same size", MIXED.replace("ok", "no")), ("longer", MIXED + "x"), ("shorter", MIXED[:-9])):
+        src.write_text(MIXED)
+        monkeypatch.setattr(prepare_data, "split_ranges", lambda texts, f: (src.write_text(text), real(texts, f))[1])
+        with pytest.raises(DataError, match=f"{re.escape(str(src))} changed while it was being read; run again"):
+            prepare_text(tmp_path / "o", [src], dataset="custom", tokenizer="gpt2", vocab_size=None, val_fraction=0.1,
+                         num_proc=1, command="t", unit_bytes=1000)
+        assert not (tmp_path / "o").exists(), name
+
+
+@pytest.mark.parametrize("read_bytes", [3, 4, 1 << 24])
+def test_bad_utf8_is_located_across_blocks(tmp_path, monkeypatch, read_bytes):
+    monkeypatch.setattr(prepare_data, "READ_BYTES", read_bytes)
+    src = tmp_path / "t.txt"
+    for data, offset, reason in ((BOM + "床前".encode() + b"\xff ok", 9, "invalid start byte"),
+                                 ("abc床".encode() + "前".encode()[:2], 6, "starts a character that is not"),
+                                 ("床".encode()[:2] + b"x", 0, "invalid continuation byte")):
+        src.write_bytes(data)
+        with pytest.raises(DataError, match=f"byte 0x{data[offset]:02x} at byte offset {offset} \\({reason}"):
+            prepare_text(tmp_path / "o", [src], dataset="custom", tokenizer="char", vocab_size=None,
+                         val_fraction=0.1, num_proc=1, command="t")
 
 
 # -----------------------------------------------------------------------------
@@ -780,7 +883,7 @@ def test_units_in_flight_are_bounded(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["custom", "openwebtext"])
 def test_the_progress_bar_knows_the_input_size(tmp_path, monkeypatch, kind):
-    """A total gives the bar its percentage and ETA: the bytes of the files read."""
+    """A total gives each bar its percentage and ETA: the bytes of the files read."""
     totals = []
     real_init = prepare_data.Progress.__init__
     monkeypatch.setattr(prepare_data.Progress, "__init__",
@@ -790,7 +893,8 @@ def test_the_progress_bar_knows_the_input_size(tmp_path, monkeypatch, kind):
                    "".join(json.dumps({"text": d}) + "\n" for d in DOCS[:20]))
     prepare("--dataset", kind, "--input", src, "--output_dir", tmp_path / "o", "--val_fraction", 0.2,
             *(["--tokenizer", "char"] if kind == "custom" else []))
-    assert totals == [src.stat().st_size]
+    # custom text is read twice: once to count its characters, once to tokenise it
+    assert totals == [src.stat().st_size] * (2 if kind == "custom" else 1)
 
 
 def test_a_data_set_prepared_again_during_the_run_stops_it_at_the_next_batch(tmp_path):
@@ -1153,12 +1257,11 @@ BOM = "\ufeff".encode()
 
 
 def test_the_cut_counts_characters_of_text_not_byte_order_marks():
-    from prepare_data import split_text_pieces
-    pieces = split_text_pieces([BOM + b"aaaa", BOM + b"bbbbbb"], 0.25, ["a", "b"])  # 10 characters: 7 train
-    assert [(split, bytes(d), eot, off) for split, d, eot, _, off in pieces] == [
+    pieces = split_pieces([BOM + b"aaaa", BOM + b"bbbbbb"], 0.25)  # 10 characters: 7 train
+    assert [(split, d, eot, off) for split, d, eot, _, off in pieces] == [
         ("train", b"aaaa", True, 3), ("train", b"bbb", False, 3), ("val", b"bbb", False, 6)]
-    pieces = split_text_pieces([BOM + "αβγδεζηθικ".encode()], 0.1, ["a"])
-    assert [bytes(d).decode() for _, d, _, _, _ in pieces] == ["αβγδεζηθι", "κ"]
+    pieces = split_pieces([BOM + "αβγδεζηθικ".encode()], 0.1)
+    assert [d.decode() for _, d, _, _, _ in pieces] == ["αβγδεζηθι", "κ"]
 
 
 @pytest.mark.parametrize("block", [4, 7, 1 << 24])
