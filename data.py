@@ -17,6 +17,8 @@ batches it would have drawn without the interruption, and each DDP rank draws it
 The bins are memory-mapped afresh for every batch: one long-lived np.memmap makes the process's
 memory grow over a long run, as nanoGPT notes in its get_batch.
 """
+from __future__ import annotations  # torch's types in signatures stay names: this module imports torch late
+
 import contextlib
 import json
 import shlex
@@ -25,7 +27,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from utils import Progress, UserError
 
@@ -202,6 +203,10 @@ class BatchLoader:
         self.vocab_size = int(self.meta["vocab_size"])
         self.dtype = np.dtype(self.meta["dtype"])
         self.block_size, self.batch_size = block_size, batch_size
+        # torch is imported here, not at the top: prepare_data.py uses this module's constants, and each
+        # of its worker processes would load torch (1-2 s, 200 MB) for nothing where workers are spawned
+        # (macOS, Windows) instead of forked
+        import torch
         self.device = torch.device(device)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_tokens = {split: self._check_bin(split) for split in SPLITS}
@@ -314,6 +319,7 @@ class BatchLoader:
         if windows.max() >= self.vocab_size:  # the file changed since it was checked; microseconds a batch
             raise DamagedBatchError(self._damaged(split, int(windows.max()),
                                                   " (it changed after the loader checked it)"))
+        import torch  # loaded by __init__ already
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
         if self._pin:

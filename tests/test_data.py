@@ -1888,3 +1888,11 @@ def test_cli_end_to_end(shakespeare_text, tmp_path):
     assert meta["command"] == "python prepare_data.py --dataset custom --input verse.txt --tokenizer char"
     assert sorted(p.name for p in (tmp_path / "data" / "verse").iterdir()) == [
         "meta.json", "tokenizer.json", "train.bin", "val.bin"]
+
+
+def test_preparing_data_does_not_load_torch():
+    """Worker processes that are spawned (macOS, Windows) import prepare_data.py afresh: torch would cost each
+    of them 1-2 s and 200 MB for nothing."""
+    code = "import sys, prepare_data; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
