@@ -35,7 +35,7 @@ import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
-                   resolve_device, resolve_dtype, run_cli)
+                   resolve_device, resolve_dtype, run_cli, start_process_helpers)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -429,6 +429,7 @@ def main(argv=None) -> dict:
                 else "give a path you can write to")
         raise UserError(f"--json {args.json} {problem}; {hint}")
     if args.tokenize:
+        start_process_helpers()
         report = tokenize_report(args)
     else:
         report = model_report(args)

@@ -734,7 +734,9 @@ def benchmark_generation(model, batch_size: int = 1, prompt_len: int = 16, new_t
 # ---------------------------------------------------------------------------- interactive
 
 
-INTERACTIVE_HELP = """\
+# the key that ends input at a terminal
+EOF_KEYS = "Ctrl-Z then Enter" if sys.platform == "win32" else "Ctrl-D"
+INTERACTIVE_HELP = f"""\
 Type a prompt and press Enter to continue it. Commands, between prompts:
   :temperature X     0 is greedy argmax decoding
   :top_k N           sample among the N most likely tokens; 0 or none disables
@@ -744,7 +746,7 @@ Type a prompt and press Enter to continue it. Commands, between prompts:
   :stop STRING       end the text where STRING appears, spaces included (\\n is a newline); 'none' disables
   :settings          show the current settings
   :help              this list
-  :quit              exit (Ctrl-D does too)
+  :quit              exit ({EOF_KEYS} does too)
 The full-width colon and space (：and U+3000) work as well.
 Ctrl-C stops the text being generated and returns to the prompt.
 """
@@ -804,7 +806,7 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
             # bytes that are not UTF-8 (a terminal set to GBK) arrive as lone surrogates, which check_utf8
             # names, instead of an error that takes the rest of the buffered input with it
             sys.stdin.reconfigure(errors="surrogateescape")
-    print("interactive mode: type a prompt and press Enter; :help lists the commands, Ctrl-D exits",
+    print(f"interactive mode: type a prompt and press Enter; :help lists the commands, {EOF_KEYS} exits",
           file=sys.stderr)
 
     def write(piece):

@@ -67,7 +67,8 @@ from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_di
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_lock, folder_problem,
-                   missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli, stop_signals)
+                   missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli, start_process_helpers,
+                   stop_signals)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -712,6 +713,8 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
     # a forked worker inherits the tokenizer as it is (loading tiktoken's files takes ~0.5 s); other
     # start methods pickle the arguments, so they get the plain-data description instead
     fork = multiprocessing.get_start_method() == "fork"
+    if sys.platform == "win32":  # Windows waits on at most 63 handles at once: its executors take 61 workers
+        num_proc = min(num_proc, 61)
     initargs = (tokenizer if fork else tokenizer.to_dict(), dtype.str, val_fraction)
     # an executor, not multiprocessing.Pool: when the system kills a worker (out of memory), the Pool
     # starts another and waits for the lost result forever, where the executor raises BrokenProcessPool
@@ -1048,6 +1051,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    start_process_helpers()
     if args.num_proc < 1:
         raise DataError(f"--num_proc must be at least 1, got {args.num_proc}")
     if args.dataset is None:

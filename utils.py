@@ -7,6 +7,8 @@ of a traceback.
 """
 import argparse
 import contextlib
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import shlex
@@ -68,13 +70,44 @@ def exit_with_parent(interval: float = 1.0) -> None:
     parent's pid on Linux and macOS: a daemon thread looks for that change every `interval` seconds.
     """
     parent = os.getppid()
+    # Windows keeps an orphan's parent pid as it was; there the parent's sentinel (a process handle; a pipe
+    # that only the parent writes to, under spawn) says it is gone. A forked worker's sentinel pipe is held
+    # open by the siblings forked after it too, so the pid stays the test that works everywhere else
+    sentinel = getattr(multiprocessing.parent_process(), "sentinel", None)
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(interval)
+            if sentinel is None:
+                time.sleep(interval)
+            elif multiprocessing.connection.wait([sentinel], timeout=interval):
+                break
         os._exit(1)  # nothing is left to report to, and the parent's exit already dropped the unit
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def start_process_helpers() -> None:
+    """Start multiprocessing's helper processes now, with SIGHUP ignored; for a script that will use worker
+    processes, before anything makes a lock or a pool (tqdm makes a lock).
+
+    Where workers are spawned (macOS, Windows) or come from a fork server (Python 3.14's default on Linux),
+    multiprocessing starts a resource tracker, and maybe the fork server, the first time it needs them. A
+    SIGHUP to the process group (the terminal closed) would kill them, with a screen of tracebacks, while
+    the script itself stops cleanly. Started here, they inherit SIGHUP ignored; they ignore Ctrl-C already.
+    """
+    import signal
+    hup = getattr(signal, "SIGHUP", None)  # none on Windows
+    method = multiprocessing.get_start_method()
+    if hup is None or method == "fork":  # forked workers need neither helper
+        return
+    previous = signal.signal(hup, signal.SIG_IGN)
+    try:
+        from multiprocessing import forkserver, resource_tracker
+        resource_tracker.ensure_running()
+        if method == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        signal.signal(hup, previous)
 
 
 def stop_signals() -> list[int]:
@@ -176,6 +209,8 @@ def folder_lock(folder: Path) -> Iterator[bool]:
     except ImportError:
         fcntl = None
     if fcntl is None:
+        print(f"note: {folder} cannot be locked on this system (no flock): make sure that no other run writes "
+              f"into it at the same time", file=sys.stderr)
         yield True
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -229,6 +264,10 @@ def run_cli(main: Callable[[], object]) -> None:
             print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr)
         sys.exit(2)
 
+    # a redirected stdout on Chinese Windows writes GBK: a character it lacks (the ñ of a file name, an emoji)
+    # is shown escaped instead of ending the script with a traceback after its work is done
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         main()
     except UserError as e:

@@ -840,6 +840,40 @@ def test_workers_end_when_the_script_is_killed_outright(shakespeare_text, tmp_pa
     assert left == []
 
 
+def test_a_spawned_worker_ends_with_its_parent_where_its_parent_pid_never_changes(tmp_path):
+    """Windows keeps an orphan's parent pid as it was, so a worker there must see its parent's end another way."""
+    script = tmp_path / "parent.py"
+    script.write_text(f"""import multiprocessing, os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+
+def worker():
+    os.getppid = lambda: 1  # as on Windows: the parent pid the worker sees never changes
+    import utils
+    utils.exit_with_parent(interval=0.1)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=worker)
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(60)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    try:
+        time.sleep(0.5)
+        assert _running(worker)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(worker)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_a_data_set_rewritten_in_place_during_the_run_stops_it_at_the_next_batch(tmp_path):
     """`cp other/train.bin data/x/train.bin` keeps the file (its inode) and changes its length."""
     from data import DamagedBatchError
@@ -1620,6 +1654,26 @@ def test_a_lock_on_a_folder_removed_meanwhile_is_no_lock(tmp_path, monkeypatch, 
         assert held
 
 
+def test_without_flock_the_lock_says_it_guards_nothing(tmp_path, monkeypatch, capsys):
+    """Windows has no fcntl: two runs in one folder cannot be kept apart there, and the user is told so."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    with prepare_data.folder_lock(tmp_path) as held:
+        assert held
+    assert capsys.readouterr().err == (f"note: {tmp_path} cannot be locked on this system (no flock): make sure "
+                                       f"that no other run writes into it at the same time\n")
+
+
+def test_a_stdout_without_a_character_escapes_it_instead_of_failing(tmp_path):
+    """A redirected stdout on Chinese Windows is GBK, which has no 'ñ': the data set's line must still come."""
+    src = tmp_path / "España_ñ.txt"
+    src.write_text("abc\n" * 50)
+    r = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--dataset", "custom", "--input", str(src),
+                        "--tokenizer", "char", "--output_dir", str(tmp_path / "o_ñ")], cwd=ROOT, capture_output=True,
+                       timeout=120, env={**os.environ, "PYTHONIOENCODING": "gbk"})
+    assert r.returncode == 0, r.stderr.decode("gbk", "replace")
+    assert r.stdout.decode("gbk").startswith(f"wrote {tmp_path}/o_\\xf1: 180 train and 20 val tokens")
+
+
 def test_a_failed_run_removes_its_folder_before_it_releases_the_lock(tmp_path, monkeypatch):
     """Otherwise a run that starts in between could begin writing into the folder about to be removed."""
     (tmp_path / "a.txt").write_text("abc\n" * 50)
@@ -1896,3 +1950,28 @@ def test_preparing_data_does_not_load_torch():
     code = "import sys, prepare_data; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc")
+def test_spawned_workers_prepare_the_same_data_and_helpers_ignore_hangups(tmp_path, shakespeare_path):
+    """macOS and Windows spawn worker processes instead of forking them. multiprocessing's resource tracker, which
+    spawning needs, must ignore SIGHUP as the workers do: a closed terminal would kill it with tracebacks."""
+    script = tmp_path / "spawned.py"
+    script.write_text(f"""import multiprocessing, sys
+sys.path.insert(0, {str(ROOT)!r})
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    import prepare_data
+    from multiprocessing import resource_tracker
+    prepare_data.main(["--dataset", "custom", "--input", {str(shakespeare_path)!r}, "--tokenizer", "char",
+                       "--num_proc", "2", "--output_dir", {str(tmp_path / "spawned")!r}])
+    status = open(f"/proc/{{resource_tracker._resource_tracker._pid}}/status").read()
+    print(int(status.split("SigIgn:")[1].split()[0], 16) & 1)  # bit 0: SIGHUP, signal 1
+""")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "1"
+    prepare("--dataset", "custom", "--input", shakespeare_path, "--tokenizer", "char", "--num_proc", 2,
+            "--output_dir", tmp_path / "forked")
+    for a, b in zip(bins(tmp_path / "spawned"), bins(tmp_path / "forked")):
+        np.testing.assert_array_equal(a, b)
