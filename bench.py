@@ -35,7 +35,7 @@ import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
-                   resolve_device, resolve_dtype, run_cli, start_process_helpers)
+                   resolve_device, resolve_dtype, run_cli, start_process_helpers, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -126,10 +126,6 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
         optimizer_step(model, optimizer, scaler, config.grad_clip)
         return loss
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     try:
         t0 = time.perf_counter()
         for i in range(args.warmup):
@@ -138,7 +134,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
         warmup_s = time.perf_counter() - t0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         for i in range(args.steps):
             loss = step(args.warmup + i)

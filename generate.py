@@ -51,7 +51,7 @@ import torch
 from config import DTYPES, suggest
 from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, Progress, UserError,
                    atomic_open, find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem,
-                   read_utf8_file, resolve_device, resolve_dtype, run_cli)
+                   read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize)
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -718,12 +718,10 @@ def benchmark_generation(model, batch_size: int = 1, prompt_len: int = 16, new_t
             progress(f"{names[key]} warmed up")
     for i in range(max(1, repeats)):
         for key, run in runners.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             run(new_tokens)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             rate = batch_size * new_tokens / (time.perf_counter() - t0)
             best[key] = max(best[key], rate)
             if progress:

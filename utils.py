@@ -384,6 +384,15 @@ class DeviceError(UserError, ValueError):
     """A device that does not exist or is not available here, or an unknown dtype name."""
 
 
+def synchronize(device: "torch.device") -> None:
+    """Wait for the work queued on a GPU (CUDA or Apple's MPS), so that a timer reads the time it took."""
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def resolve_device(name: str = "auto") -> "torch.device":
     """'auto' -> cuda if available, then mps, then cpu; otherwise the named device, which must exist here.
 

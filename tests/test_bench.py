@@ -459,3 +459,14 @@ def test_the_profile_sums_self_time_per_step_by_kind(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "take 2.90 ms per step (53% of the timed 5.50 ms)" in out and "matmul 2.00 ms" in out
     assert "   1.500 ms     2.0x  aten::addmm" in out
+
+
+def test_timers_wait_for_apple_gpus_too(monkeypatch):
+    """MPS queues its work as CUDA does: a timer that does not wait for it times only the queueing."""
+    import utils
+    waited = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(str(device)))
+    for name in ("cpu", "mps", "cuda:1"):
+        utils.synchronize(torch.device(name))
+    assert waited == ["mps", "cuda:1"]
