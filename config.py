@@ -141,8 +141,8 @@ class GPT2Config:
         """Check every field; raise one ConfigError listing all problems, or return self.
 
         partial=True checks each field alone but not the rules between fields (min_lr <= learning_rate,
-        lr_decay_iters > warmup_iters, n_embd divisible by n_head): for the flags of a command that may
-        resume a run, whose checkpoint supplies the fields the command leaves out.
+        lr_decay_iters > warmup_iters, n_embd divisible by n_head, fp8's sizes divisible by 16): for the
+        flags of a command that may resume a run, whose checkpoint supplies the fields the command leaves out.
         """
         problems = []
 

@@ -180,10 +180,12 @@ class BatchLoader:
     """Random windows of block_size + 1 tokens from a prepared data set, as (x, y) batches.
 
     get_batch(split, index) is a pure function of (seed, split, rank, index). The caller numbers
-    the batches: train.py passes the global micro-batch number while training and k for the k-th
-    batch of an evaluation, so a resumed run draws the same batches and every evaluation sees the
-    same fixed set. DDP ranks draw different windows through `rank`, or through disjoint indices
-    (train.py's way, which makes W ranks draw what one process would).
+    the batches: train.py passes the global micro-batch number while training and EVAL_BATCHES[split]
+    + k for the k-th batch of an evaluation (for train, numbers that no training step reaches), so a
+    resumed run draws the same batches and every evaluation sees the same fixed set. DDP ranks draw
+    different windows through `rank`, or through disjoint indices (train.py's way, which makes W ranks
+    draw what one process would). verbose=False leaves the note and progress bar of the start-up id
+    check to another process (train.py: rank 0's).
 
     On CUDA the batch goes through pinned memory with a non-blocking copy, and a background
     thread prepares the next batch while the GPU works: the one for index + stride, where stride
@@ -192,7 +194,8 @@ class BatchLoader:
     """
 
     def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, device: str | torch.device = "cpu",
-                 seed: int = 1337, rank: int = 0, world_size: int = 1, prefetch: bool | None = None):
+                 seed: int = 1337, rank: int = 0, world_size: int = 1, prefetch: bool | None = None,
+                 verbose: bool = True):
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be positive, got {block_size} and {batch_size}")
         if seed < 0 or not 0 <= rank < world_size:
@@ -208,7 +211,7 @@ class BatchLoader:
         # (macOS, Windows) instead of forked
         import torch
         self.device = torch.device(device)
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.verbose = seed, rank, world_size, verbose
         self.num_tokens = {split: self._check_bin(split) for split in SPLITS}
         # which files were checked: prepare_data.py replaces them by renaming new ones over them
         self._files = {split: _identity(self.data_dir / f"{split}.bin") for split in SPLITS}
@@ -252,7 +255,7 @@ class BatchLoader:
         start, path = 0, self.data_dir / f"{split}.bin"
         size = self.num_tokens[split] * self.dtype.itemsize
         bar = None
-        if size > ID_CHECK_NOTE_BYTES and self.rank == 0:  # seconds per GB from disk: say why the start waits
+        if size > ID_CHECK_NOTE_BYTES and self.verbose:  # seconds per GB from disk: say why the start waits
             print(f"checking the token ids of {path} ({size / 1e9:.1f} GB)", file=sys.stderr, flush=True)
             bar = Progress(total=size, unit="B", unit_scale=True, desc=f"checking {path.name}", delay=2.0)
         with open(path, "rb") as f, bar if bar is not None else contextlib.nullcontext():

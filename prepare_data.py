@@ -4,7 +4,8 @@
     python prepare_data.py --dataset shakespeare --tokenizer char  # -> ./data/shakespeare_char
     python prepare_data.py --dataset shakespeare --tokenizer bpe --vocab_size 4096  # -> ./data/shakespeare_bpe
     python prepare_data.py --dataset custom --input my.txt --tokenizer char     # -> ./data/my
-    python prepare_data.py --dataset custom --input more.txt --tokenizer_file export/toolkit_tokenizer.json
+    python prepare_data.py --dataset custom --input more.txt --output_dir data/more \
+        --tokenizer_file export/toolkit_tokenizer.json
     python prepare_data.py --dataset openwebtext                   # Hugging Face (pip install datasets)
     python prepare_data.py --dataset openwebtext --input docs/     # local .jsonl / .txt / .parquet files
 
@@ -646,7 +647,7 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
     if kind == "pieces":
         items = [(split_id, decode_utf8(data, name, offset), eot, (name, offset))
                  for split_id, data, eot, name, offset in payload[0]]
-    else:
+    elif kind in ("jsonl", "docs"):
         items = []
         for text in parse_jsonl(*payload) if kind == "jsonl" else payload[0]:
             if not text:
@@ -656,6 +657,8 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
             counts[split_id] += 1
             digests.append(digest)
             items.append((split_id, text, True, None))
+    else:
+        raise ValueError(f"unknown work unit kind {kind!r}")
     parts = ([], [])
     eot = None if tokenizer.eot_token is None else np.array([tokenizer.eot_token])
     for split_id, text, eot_after, where in items:

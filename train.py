@@ -10,9 +10,10 @@
 Settings are applied in this order: --preset=NAME (a GPT2_CONFIGS entry), the config file (plain Python
 assigning field names), then --key=value flags (Python literals; bare strings are fine); config.py's
 parse_args reads them, and `--help` lists every field. If checkpoint_dir holds checkpoint.pt the run
-continues from it (--init_from=scratch starts over and moves the old files aside). Ctrl-C or SIGTERM
-finishes the current step (or evaluation batch), saves checkpoint.pt and exits (before the first step
-there is nothing to save); a second Ctrl-C, more than a second later, aborts at once.
+continues from it (--init_from=scratch starts over and moves the old files aside). Ctrl-C, SIGTERM or
+SIGHUP (unless nohup ignores it) finishes the current step (or evaluation batch), saves checkpoint.pt
+and exits (before the first step there is nothing to save); a second Ctrl-C, more than a second later,
+aborts at once.
 `tensorboard --logdir runs` shows the curves and text samples.
 
 The loop follows nanoGPT's train.py: AdamW, linear warmup then cosine decay, gradient accumulation,
@@ -344,9 +345,10 @@ def check_same_tokens(ckpt: dict, ckpt_path: Path, meta: dict, tokenizer, config
             # that folder is gone or was prepared again: only the checkpoint still holds the tokenizer
             its_own = ("the checkpoint's own tokenizer, exported with the model (model.save_pretrained(EXPORT, "
                        "tokenizer_from_dict(ckpt['tokenizer'])), see the README), with prepare_data.py "
-                       "--tokenizer_file EXPORT/toolkit_tokenizer.json")
+                       "--tokenizer_file EXPORT/toolkit_tokenizer.json --output_dir NEW_FOLDER")
         else:
-            its_own = f"its tokenizer (prepare_data.py --tokenizer_file {shlex.quote(str(trained_on))})"
+            its_own = (f"its tokenizer (prepare_data.py --tokenizer_file {shlex.quote(str(trained_on))} "
+                       f"--output_dir NEW_FOLDER)")
         raise CheckpointError(f"{ckpt_path} was trained with another {meta.get('tokenizer')} tokenizer than the one "
                               f"{config.data_dir} was prepared with: the vocabulary size is the same, but the ids "
                               f"stand for other text. Resume on the data set it was trained on, prepare this text "
@@ -732,7 +734,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     run_fingerprint = ckpt.get("started_from_fingerprint") if ckpt is not None else folder_fingerprint(config.init_from)
     # rank 0 and world size 1 on every rank: batch_index() below gives each rank its own windows
     loader = cleanup.enter_context(BatchLoader(config.data_dir, config.block_size, config.batch_size, device=device,
-                                               seed=config.seed))
+                                               seed=config.seed, verbose=master))
     micro_steps = A // world_size  # per rank, per optimizer step
     tokens_per_iter = A * config.batch_size * config.block_size
 

@@ -448,8 +448,9 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 #   optimizer   optimizer.state_dict()            scaler     GradScaler state_dict() or None
 #   iter_num    optimizer steps completed         best_val_loss  float
 #   config      GPT2Config.to_dict()              meta       the data set's meta.json
-#   tokenizer   tokenizer.to_dict()               rng        python/numpy/torch/cuda(/mps) RNG states
-#   run_dir     the TensorBoard run directory     version    CHECKPOINT_VERSION
+#   tokenizer   tokenizer.to_dict()               version    CHECKPOINT_VERSION
+#   run_dir     the TensorBoard run directory
+#   rng         a list, by rank: each process's python/numpy/torch/cuda(/mps) RNG states
 #   progress    {"loss_sums": each process's train-loss sum since the last log step, "steps": steps in
 #               it, "eval_s": seconds the last evaluation took, "eval_owed": whether a signal cut short
 #               the evaluation at iter_num}: a resumed run logs, estimates and evaluates as before

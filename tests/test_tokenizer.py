@@ -281,7 +281,7 @@ def test_from_gpt2_equals_tiktoken_on_arbitrary_text(gpt2_bpe, tiktoken_gpt2, te
 
 
 def test_from_gpt2_differs_from_tiktoken_only_on_characters_newer_than_its_unicode(gpt2_bpe, tiktoken_gpt2):
-    """What from_gpt2's docstring says: the difference is a few thousand recent additions to Unicode,
+    """What from_gpt2's docstring says: the difference is about 17,000 recent additions to Unicode,
     each a letter or number to the regex module only, and it shows where such a character meets a word."""
     newer = newer_letters_and_numbers()
     assert 0 < len(newer) < 30_000  # 17,480 with regex 2026.11.19 and tiktoken 0.14

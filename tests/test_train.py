@@ -2474,11 +2474,15 @@ def test_ddp_two_processes_match_one(char_data, tmp_path):
     kw = dict(gradient_accumulation_steps=4, batch_size=2, max_iters=6, eval_interval=3, backend="gloo")
     single = train(tiny(char_data, tmp_path / "single", **kw))
     config = tiny(char_data, tmp_path / "ddp", **kw)
+    noting = tmp_path / "train_noting.py"  # train.py, with a note for the id check of every .bin however small
+    noting.write_text(f"import runpy, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport data\n"
+                      f"data.ID_CHECK_NOTE_BYTES = 0\nrunpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path, capture_output=True, text=True,
+                        str(noting), *cli_flags(config)], cwd=tmp_path, capture_output=True, text=True,
                        env=subprocess_env(tmp_path), timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "over 2 processes" in r.stdout and r.stdout.count("tokens per step") == 1  # rank 0 alone prints
+    assert r.stderr.count("checking the token ids of") == 2  # train.bin and val.bin, by rank 0 alone
     ddp_losses = {int(line.split()[1].split("/")[0]): float(line.split("loss ")[1].split(",")[0])
                   for line in r.stdout.splitlines() if line.startswith("iter ") and "/6:" in line}
     assert ddp_losses == pytest.approx(single["losses"], abs=2e-4)  # printed with 4 decimals
