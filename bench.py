@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
+from tokenizer import GPT2_VOCAB_SIZE
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
                    resolve_device, resolve_dtype, run_cli, start_process_helpers, synchronize)
 
@@ -465,7 +466,7 @@ def model_report(args) -> dict:
     if args.vocab_size is not None:
         vocab_size = args.vocab_size
     else:
-        vocab_size = 65 if preset.startswith("shakespeare-char") else 50257
+        vocab_size = 65 if preset.startswith("shakespeare-char") else GPT2_VOCAB_SIZE
     config = preset_config(preset, vocab_size=vocab_size, dropout=0.0, device=str(device),
                            dtype=str(dtype).removeprefix("torch."), compile=use_compile)
     if args.data_dir:

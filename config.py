@@ -40,6 +40,8 @@ class ConfigError(UserError, ValueError):
 # resuming with an override that contradicts one of them is an error
 MODEL_SHAPE_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")
 
+# paths: '~' is expanded, and a config file may give them as pathlib paths
+PATH_FIELDS = ("data_dir", "checkpoint_dir", "log_dir", "init_from")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # torch.compile's modes: 'reduce-overhead' replays the compiled graphs as CUDA graphs (less launch overhead
 # for small models), the max-autotune ones benchmark kernel choices while compiling (slower to start)
@@ -120,11 +122,6 @@ class GPT2Config:
         """vocab_size rounded up to a multiple of 64: the embedding matrix's rows, for faster matmuls."""
         return math.ceil(self.vocab_size / 64) * 64
 
-    @property
-    def torch_dtype(self) -> torch.dtype | None:
-        """The dtype as a torch.dtype, or None for 'auto'."""
-        return None if self.dtype == "auto" else DTYPES[self.dtype]
-
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain Python data (dtype as a string), for checkpoints and TensorBoard."""
         return {k: getattr(self, k) for k in field_names()}
@@ -133,9 +130,6 @@ class GPT2Config:
     def from_dict(cls, d: dict[str, Any]) -> "GPT2Config":
         # keys this version does not know are ignored, so older or newer checkpoints still load
         return cls(**{k: v for k, v in d.items() if k in field_names()})
-
-    def model_shape(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in MODEL_SHAPE_KEYS}
 
     def validate(self, partial: bool = False) -> "GPT2Config":
         """Check every field; raise one ConfigError listing all problems, or return self.
@@ -200,7 +194,7 @@ class GPT2Config:
             problems.append(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.backend not in ("nccl", "gloo"):
             problems.append(f"backend must be 'nccl' or 'gloo', got {self.backend!r}")
-        for name in ("data_dir", "checkpoint_dir", "log_dir", "init_from"):
+        for name in PATH_FIELDS:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 problems.append(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         # the data loader needs seed >= 0; seed + rank + iteration must stay within torch's 64 bits
@@ -327,9 +321,6 @@ def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
     else:
         example = f"--{key}={default!r}" if not isinstance(default, str) else f"--{key}={default}"
     raise ConfigError(f"{key} must be {expected}, got {value!r} ({type(value).__name__}); e.g. {example}")
-
-
-PATH_FIELDS = ("data_dir", "checkpoint_dir", "log_dir", "init_from")
 
 
 def parse_value(key: str, text: str) -> Any:

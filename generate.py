@@ -53,8 +53,6 @@ from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFor
                    atomic_open, find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem,
                    read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize)
 
-GPT2_VOCAB_SIZE = 50257
-
 
 class GenerationError(UserError, ValueError):
     """A sampling setting, prompt or generation option that cannot work."""
@@ -596,7 +594,7 @@ def _checkpoint_tokenizer(ckpt: dict, path: Path):
 
 def _load_pretrained(name: str):
     from model import GPT, TOOLKIT_TOKENIZER, exported_tokenizer_file, is_model_folder
-    from tokenizer import GPT2Tokenizer, TokenizerError, load_tokenizer
+    from tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer, TokenizerError, load_tokenizer
     model = GPT.from_pretrained(name)
     tok_file = exported_tokenizer_file(Path(name)) if is_model_folder(name) else None
     tokenizer = None

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
+from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
 from utils import UserError, load_weights_only
 
 
@@ -514,7 +515,7 @@ class GPT(nn.Module):
                     name = k[: -len("weight")] + "bias"
                     sd[name] = torch.zeros(sd[k].shape[-1] if k.endswith(CONV1D_WEIGHTS) else sd[k].shape[0])
         eot = getattr(tokenizer, "eot_token", None) if tokenizer is not None else (
-            50256 if cfg.vocab_size == 50257 else None)
+            GPT2_EOT_TOKEN if cfg.vocab_size == GPT2_VOCAB_SIZE else None)
         hf_config = {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,

@@ -42,6 +42,7 @@ from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output
 # BPE never merges across two of these chunks.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
+GPT2_VOCAB_SIZE, GPT2_EOT_TOKEN = 50257, 50256  # what OpenAI's GPT-2 reads: its ids and end-of-text's
 # merged chunks are cached by encode_ordinary; the cache is emptied when it reaches this size
 CHUNK_CACHE_SIZE = 1 << 18
 # chunks of more bytes than this are merged with a heap (n log n) instead of repeated scans (n^2); the

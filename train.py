@@ -377,7 +377,8 @@ def saved_tokenizer(d: Optional[dict]) -> Optional[dict]:
 
 
 def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
-    if meta.get("vocab_size") != 50257 or meta.get("eot_token") != 50256:
+    from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
+    if meta.get("vocab_size") != GPT2_VOCAB_SIZE or meta.get("eot_token") != GPT2_EOT_TOKEN:
         raise TrainingError(
             f"--init_from={init_from} fine-tunes OpenAI's GPT-2, which reads GPT-2 tokens (vocab 50257, "
             f"end-of-text 50256), but {data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer "
@@ -392,7 +393,7 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
     data set's tokenizer. A folder without one and GPT-2's 50,257 tokens is taken for OpenAI's GPT-2.
     """
     from model import TOOLKIT_TOKENIZER, exported_tokenizer_file
-    from tokenizer import load_tokenizer
+    from tokenizer import GPT2_VOCAB_SIZE, load_tokenizer
     if meta["vocab_size"] > vocab_size:
         raise TrainingError(f"{folder} holds a model of {vocab_size} tokens, but {data_dir} was prepared with the "
                             f"{meta.get('tokenizer')!r} tokenizer ({meta['vocab_size']} tokens); prepare the data "
@@ -405,7 +406,7 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
             raise TrainingError(str(e)) from None
         own_tokenizer = None  # transformers' own tokenizer.json, not this project's: nothing to compare with
     if own_tokenizer is None:
-        if vocab_size != 50257:  # generate.py refuses such a folder too: which text its ids stand for is unknown
+        if vocab_size != GPT2_VOCAB_SIZE:  # generate.py refuses such a folder too: what its ids stand for is unknown
             raise TrainingError(f"{folder} holds a model of {vocab_size} tokens, not GPT-2's 50257, and no "
                                 f"{TOOLKIT_TOKENIZER} of this project beside it, so nothing says which text its "
                                 f"ids stand for; export it with model.save_pretrained(directory, tokenizer), or "
