@@ -1436,7 +1436,7 @@ def test_resuming_on_other_characters_of_the_same_count_is_refused(char_data, tm
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     with pytest.raises(CheckpointError, match=r"was trained with another char tokenizer than the one .*other was "
                                               r"prepared with: the vocabulary size is the same, .*--tokenizer_file "
-                                              rf"{re.escape(str(char_data / 'tokenizer.json'))}\)"):
+                                              rf"{re.escape(str(char_data / 'tokenizer.json'))} --output_dir NEW_FOLDER\)"):
         train(tiny(other, tmp_path, max_iters=10))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
     # the same tokenizer in another folder (the data set prepared again, or copied) resumes
