@@ -529,15 +529,14 @@ def complete_in_batches(gen: Generator, tokenizer, prompts: list[str], settings:
     return texts
 
 
-def sample_text(model, tokenizer, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
-                top_k: Optional[int] = 200, seed: Optional[int] = None) -> str:
-    """prompt + a sampled continuation, from `model` as it is (its device and dtype, eager decoding).
+def sample_text(model, tokenizer, prompt: str = "", **sampling) -> str:
+    """prompt + a sampled continuation, from `model` as it is (its device and dtype, eager decoding);
+    sampling: SamplingSettings' fields, their defaults where not given.
 
     For samples during training: the global RNG is not touched (a seeded torch.Generator draws), and the
     model's train/eval mode is restored and its KV cache removed afterwards.
     """
-    settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                seed=seed).validate()
+    settings = SamplingSettings(**sampling).validate()
     raw = getattr(model, "_orig_mod", model)
     was_training = raw.training
     try:
