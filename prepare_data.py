@@ -177,8 +177,8 @@ def reading(path: Path) -> Iterator[None]:
 
 class TextFile:
     """One text file of shakespeare or custom input. It is read in blocks of READ_BYTES, twice: scan() counts
-    its characters (to find the train/val cut) and hashes it, then blocks() hands its text out again for
-    tokenising, so memory stays flat whatever the file's size. A pipe cannot be read twice: its bytes are
+    its characters (to find the train/val cut) and hashes it, then text_items() hands its text out again
+    for tokenising, so memory stays flat whatever the file's size. A pipe cannot be read twice: its bytes are
     kept (data). A file that changes between the two readings is an error, not a mix of two texts."""
 
     def __init__(self, path: Path | str, data: bytes | None = None):
@@ -929,7 +929,7 @@ def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: s
     'gpt2', 'char' or 'bpe', to make one, or a Tokenizer to encode with.
     """
     # the text is decoded in this process only where the tokenizer is made from it or must know every character
-    decode = tokenizer in ("char", "bpe") or isinstance(tokenizer, CharTokenizer)
+    decode = tokenizer in ("char", "bpe") if isinstance(tokenizer, str) else isinstance(tokenizer, CharTokenizer)
     texts, sha256 = scan_files(files, decode)
     ranges = split_ranges(texts, val_fraction)
     tok = build_tokenizer(tokenizer, texts, ranges, vocab_size)
