@@ -228,7 +228,10 @@ class TextFile:
             if k < n:
                 with reading(self.path), self.open() as f:
                     f.seek(start)
-                    return start + utf8_offset(f.read(READ_BYTES), k)
+                    block = f.read(READ_BYTES)
+                if len(block) != min(READ_BYTES, self.size - start) or utf8_length(block) != n:
+                    raise self.changed()
+                return start + utf8_offset(block, k)
             k -= n
         return self.size
 

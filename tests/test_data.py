@@ -31,6 +31,7 @@ from prepare_data import (TextFile, cut_text, piece_units, prepare_documents, pr
 from tokenizer import EOT, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+BOM = "\ufeff".encode()  # the UTF-8 byte-order mark, as Windows Notepad writes
 
 
 def prepare(*args: str) -> dict:
@@ -426,6 +427,75 @@ def test_bad_utf8_is_located_across_blocks(tmp_path, monkeypatch, read_bytes):
         with pytest.raises(DataError, match=f"byte 0x{data[offset]:02x} at byte offset {offset} \\({reason}"):
             prepare_text(tmp_path / "o", [src], dataset="custom", tokenizer="char", vocab_size=None,
                          val_fraction=0.1, num_proc=1, command="t")
+    # GPT-2's path leaves decoding to the workers: the offset of a late block's bad byte is still the file's
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 64)
+    src.write_bytes(b"hello world " * 100 + b"\xff and more text " * 10)
+    with pytest.raises(DataError, match="byte 0xff at byte offset 1200 "):
+        prepare_text(tmp_path / "o", [src], dataset="custom", tokenizer="gpt2", vocab_size=None,
+                     val_fraction=0.1, num_proc=1, command="t")
+
+
+def test_complete_utf8_keeps_whole_characters_only():
+    for ch in "aé€😀ส":  # lead bytes 61, c3, e2, f0 and e0 (Thai)
+        data = ch.encode()
+        assert prepare_data.complete_utf8(b"x" + data) == 1 + len(data)  # a whole last character stays
+        for cut in range(1, len(data)):
+            assert prepare_data.complete_utf8(b"x" + data[:cut]) == 1  # a cut one goes to the next block
+
+
+@pytest.mark.parametrize("read_bytes", [1, 2, 3, 5, 8, 1 << 24])
+@pytest.mark.parametrize("bom", [b"", BOM])
+def test_scanning_in_any_block_size_finds_exactly_the_characters(read_bytes, bom, monkeypatch):
+    monkeypatch.setattr(prepare_data, "READ_BYTES", read_bytes)
+    for text in ("Zabcde สวัสดี ภาษาไทย 床前明月光。 é 😀, Z and the last one: 。",
+                 "a U+FEFF inside the text is text: \ufeff"):
+        (t,) = scanned(bom + text.encode())
+        assert (t.charset, t.chars, t.skip, t.size) == (set(text), len(text) + bool(bom), len(bom),
+                                                        len(bom + text.encode()))
+
+
+@pytest.mark.parametrize("how", ["ends inside a character", "shrinks before the cut is found",
+                                 "shrinks after the cut is found"])
+def test_bad_text_for_bpe_is_found_before_the_training(tmp_path, monkeypatch, capsys, how):
+    src = tmp_path / "t.txt"
+    src.write_bytes(MIXED.encode() + ("。".encode()[:2] if how == "ends inside a character" else b""))
+    real = prepare_data.split_ranges
+    if how == "shrinks before the cut is found":
+        monkeypatch.setattr(prepare_data, "split_ranges",
+                            lambda texts, f: (src.write_bytes(MIXED.encode()[:1000]), real(texts, f))[1])
+    if how == "shrinks after the cut is found":
+        monkeypatch.setattr(prepare_data, "split_ranges",
+                            lambda texts, f: (real(texts, f), src.write_bytes(MIXED.encode()[:1000]))[0])
+    match = "starts a character that is not completed" if how == "ends inside a character" else "changed while"
+    with pytest.raises(DataError, match=match):
+        prepare_text(tmp_path / "o", [src], dataset="custom", tokenizer="bpe", vocab_size=300, val_fraction=0.1,
+                     num_proc=1, command="t")
+    assert "training a BPE" not in capsys.readouterr().err
+
+
+def test_both_progress_bars_count_every_byte(tmp_path, monkeypatch):
+    """The bar of the first reading counts the files' bytes, the tokenising one the text's (no byte-order mark)."""
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 64)
+    done = {}
+    real_update = prepare_data.Progress.update
+    monkeypatch.setattr(prepare_data.Progress, "update",
+                        lambda self, n=1: done.update({self.desc: done.get(self.desc, 0) + n}) or real_update(self, n))
+    (tmp_path / "a.txt").write_bytes(BOM + MIXED.encode())
+    (tmp_path / "b.txt").write_bytes(MIXED[:500].encode())
+    prepare_text(tmp_path / "o", [tmp_path / "a.txt", tmp_path / "b.txt"], dataset="custom", tokenizer="char",
+                 vocab_size=None, val_fraction=0.1, num_proc=1, command="t", unit_bytes=256)
+    text_bytes = len(MIXED.encode()) + len(MIXED[:500].encode())
+    assert done == {"reading": text_bytes + len(BOM), "tokenising (char)": text_bytes}
+
+
+def test_an_unknown_character_in_any_file_is_named_before_the_work(tmp_path):
+    (tmp_path / "a.txt").write_text("abc abc\n")
+    (tmp_path / "b.txt").write_text("abc é\n")
+    with pytest.raises(DataError, match=r"b.txt has 1 character\(s\) that the given character-level tokenizer does "
+                                        r"not know \('é'\)"):
+        prepare_text(tmp_path / "o", [tmp_path / "a.txt", tmp_path / "b.txt"], dataset="custom",
+                     tokenizer=CharTokenizer.from_text("abc \n"), vocab_size=None, val_fraction=0.1, num_proc=1,
+                     command="t")
 
 
 # -----------------------------------------------------------------------------
@@ -1141,9 +1211,16 @@ def test_a_pipe_is_read_as_a_text_file(tmp_path, shakespeare_text):
     os.mkfifo(pipe)
     writer = threading.Thread(target=pipe.write_text, args=(text,))
     writer.start()
+
+    def hung(*_):
+        raise TimeoutError("prepare_data.py waited 60 s for the pipe: it opened it a second time")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
     try:
         prepare("--dataset", "custom", "--tokenizer", "char", "--input", pipe, "--output_dir", tmp_path / "p")
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
         if writer.is_alive():  # the run failed before it opened the pipe: let the writer finish
             pipe.read_bytes()
         writer.join()
@@ -1184,9 +1261,14 @@ def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):
     # its chunks (here whole lines), so text longer than one work unit is not cut
     lines = BPETokenizer(r"[^\n]*\n|[^\n]+").train(first, 300)
     assert not prepare_data.can_cut(lines) and prepare_data.can_cut(bpe)
-    meta = prepare_text(tmp_path / "l", [tmp_path / "more.txt"], dataset="custom", tokenizer=lines, vocab_size=None,
-                        val_fraction=0.1, num_proc=1, command="t", unit_bytes=10_000)
-    assert [b.tolist() for b in bins(tmp_path / "l")] == [lines.encode(more[:cut]), lines.encode(more[cut:])]
+    for read_bytes in (1 << 24, 4096):  # nor cut where the file is read in blocks
+        prepare_data.READ_BYTES = read_bytes
+        try:
+            meta = prepare_text(tmp_path / "l", [tmp_path / "more.txt"], dataset="custom", tokenizer=lines,
+                                vocab_size=None, val_fraction=0.1, num_proc=1, command="t", unit_bytes=10_000)
+        finally:
+            prepare_data.READ_BYTES = 1 << 24
+        assert [b.tolist() for b in bins(tmp_path / "l")] == [lines.encode(more[:cut]), lines.encode(more[cut:])]
     # a BPE whose own pattern has no place for digits: the file and the byte where they are, not a position
     # in some piece of it, and no --pattern advice, which prepare_data.py has no flag for
     BPETokenizer(r"[^\d\s]+|\s+").train(first, 270).save(tmp_path / "pat.json")
@@ -1286,8 +1368,6 @@ def test_jsonl_with_a_byte_order_mark(tmp_path):
     got = bins(tmp_path / "o")
     assert got[0].tolist() == train and got[1].tolist() == val
 
-
-BOM = "\ufeff".encode()
 
 
 def test_the_cut_counts_characters_of_text_not_byte_order_marks():
@@ -1953,24 +2033,28 @@ def test_preparing_data_does_not_load_torch():
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc")
-def test_spawned_workers_prepare_the_same_data_and_helpers_ignore_hangups(tmp_path, shakespeare_path):
-    """macOS and Windows spawn worker processes instead of forking them. multiprocessing's resource tracker, which
-    spawning needs, must ignore SIGHUP as the workers do: a closed terminal would kill it with tracebacks."""
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_spawned_workers_prepare_the_same_data_and_helpers_ignore_hangups(tmp_path, shakespeare_path, method):
+    """macOS and Windows spawn worker processes instead of forking them; Python 3.14 on Linux takes them from a
+    fork server. multiprocessing's helper processes (its resource tracker, the fork server) must ignore SIGHUP
+    as the workers do: a closed terminal would kill them with tracebacks."""
     script = tmp_path / "spawned.py"
     script.write_text(f"""import multiprocessing, sys
 sys.path.insert(0, {str(ROOT)!r})
 if __name__ == "__main__":
-    multiprocessing.set_start_method("spawn")
+    multiprocessing.set_start_method({method!r})
     import prepare_data
-    from multiprocessing import resource_tracker
+    from multiprocessing import forkserver, resource_tracker
     prepare_data.main(["--dataset", "custom", "--input", {str(shakespeare_path)!r}, "--tokenizer", "char",
                        "--num_proc", "2", "--output_dir", {str(tmp_path / "spawned")!r}])
-    status = open(f"/proc/{{resource_tracker._resource_tracker._pid}}/status").read()
-    print(int(status.split("SigIgn:")[1].split()[0], 16) & 1)  # bit 0: SIGHUP, signal 1
+    helpers = [resource_tracker._resource_tracker._pid, forkserver._forkserver._forkserver_pid]
+    for pid in helpers[: 2 if {method!r} == "forkserver" else 1]:
+        status = open(f"/proc/{{pid}}/status").read()
+        print(int(status.split("SigIgn:")[1].split()[0], 16) & 1)  # bit 0: SIGHUP, signal 1
 """)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == "1"
+    assert r.stdout.splitlines()[-(1 + (method == "forkserver")):] == ["1"] * (1 + (method == "forkserver"))
     prepare("--dataset", "custom", "--input", shakespeare_path, "--tokenizer", "char", "--num_proc", 2,
             "--output_dir", tmp_path / "forked")
     for a, b in zip(bins(tmp_path / "spawned"), bins(tmp_path / "forked")):
