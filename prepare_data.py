@@ -55,6 +55,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -189,7 +190,7 @@ class TextFile:
         self.size = self.skip = self.chars = 0  # bytes; a byte-order mark's bytes; characters, the mark included
         self.block_chars: list[tuple[int, int]] = []  # (byte offset, characters) of each block scan() read
         self.charset: set[str] = set()  # its characters, the mark left out, where scan() decoded the text
-        self.digest = b""
+        self.crc = 0  # CRC-32 of its bytes: whether the second reading reads what the first one did
 
     def open(self):
         return io.BytesIO(self.data) if self.data is not None else open(self.path, "rb")
@@ -198,10 +199,10 @@ class TextFile:
         """Read the file once: size, byte-order mark, characters and sha256 (sha, the hash of all the files in
         order, is updated too). decode: decode the text as well, so that bad UTF-8 is an error now, before a
         long training, and gather the character set. progress(bytes) is called after each block."""
-        own, head, carry, offset = hashlib.sha256(), b"", b"", 0
+        head, carry, offset, crc = b"", b"", 0, 0
         with reading(self.path), self.open() as f:
             while block := f.read(READ_BYTES):
-                own.update(block)
+                crc = zlib.crc32(block, crc)  # twice as fast as a second sha256
                 sha.update(block)
                 head += block[: len(BOM) - len(head)]
                 self.skip = len(BOM) if head == BOM else 0
@@ -220,7 +221,7 @@ class TextFile:
                 progress(len(block))
         if carry:
             decode_utf8(carry, self.name, offset - len(carry))  # the file ends inside a character: the error
-        self.size, self.digest = offset, own.digest()
+        self.size, self.crc = offset, crc
 
     def char_offset(self, k: int) -> int:
         """Byte offset of character k (the byte-order mark is character 0 where there is one)."""
@@ -416,9 +417,8 @@ def text_items(texts: list[TextFile], ranges: list[tuple], cuttable: bool) -> It
         mine = [r for r in ranges if r[1] == i]
         if not mine:  # empty, or nothing but a byte-order mark
             continue
-        own = hashlib.sha256()
         with reading(t.path), t.open() as f:
-            own.update(f.read(t.skip))
+            crc = zlib.crc32(f.read(t.skip))
             for split, _, start, end, eot in mine:
                 pending, at = bytearray(), start  # read but not handed out yet, from byte `at` on
                 while at + len(pending) < end:
@@ -426,7 +426,7 @@ def text_items(texts: list[TextFile], ranges: list[tuple], cuttable: bool) -> It
                     block = f.read(min(READ_BYTES, want) if cuttable else want)
                     if not block:
                         raise t.changed()
-                    own.update(block)
+                    crc = zlib.crc32(block, crc)
                     pending += block
                     done = at + len(pending) == end
                     cut = len(pending) if done else last_safe_cut(pending) if cuttable else 0
@@ -434,7 +434,7 @@ def text_items(texts: list[TextFile], ranges: list[tuple], cuttable: bool) -> It
                         yield split, bytes(pending[:cut]), eot and done, cut, t.name, at
                         del pending[:cut]
                         at += cut
-            if f.read(1) or own.digest() != t.digest:
+            if f.read(1) or crc != t.crc:
                 raise t.changed()
 
 
