@@ -33,8 +33,9 @@ Tokenisation runs in --num_proc worker processes (default: every core) on chunks
 with a bounded number of chunks in flight, and the results are streamed to disk in order. openwebtext's
 documents are read as they come, so its memory stays flat however large the corpus. shakespeare and
 custom read each file twice in blocks of 16 MB, once to count its characters and find the cut, once to
-tokenise it, so their memory stays flat too; only training a BPE holds the training text in memory, and a
-pipe, which cannot be read twice, is kept in memory whole. Long texts
+tokenise it, so their memory stays flat too. Held whole in memory are only: the training text while a BPE
+is trained on it, each split's text for a --tokenizer_file BPE with a split pattern of its own (no cut
+point is known to be safe for it), and a pipe, which cannot be read twice. Long texts
 are cut only just before a space or newline that follows a non-space character; GPT-2's pre-split
 pattern never joins characters across such a point, so the ids are exactly those of encoding the
 whole text at once (tests/test_data.py checks this).
@@ -86,10 +87,12 @@ DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")  # what 
 # A safe cut is a point in UTF-8 text just before a space or newline that follows a character that is
 # not whitespace: no pre-token of GPT-2's pattern crosses it (words, numbers and symbols stop at
 # whitespace, and a whitespace run starting there is matched the same way with or without the text
-# before it). Every Unicode whitespace character (and U+001C..U+001F, U+180E) ends in an ASCII
-# whitespace byte or in one of the bytes 80-8A 8E 9F A0 A8 A9 AF, so a character ending in any other
-# byte is not whitespace; excluding a few others too only costs cut points.
-SAFE_CUT = re.compile(rb"(?<=[^\s\x1c-\x1f\x80-\x8a\x8e\x9f\xa0\xa8\xa9\xaf])(?=[ \n])")
+# before it). The character before is checked by its UTF-8 bytes: none of the Unicode whitespace characters
+# (U+0009..000D, 001C..001F, 0020, 0085, 00A0, 1680, 180E, 2000..200A, 2028, 2029, 202F, 205F, 3000) may
+# end there. Matching their whole encodings, not just last bytes they share with others, keeps the cut
+# points after CJK punctuation such as 。！？ (E3 80 82, EF BC 81, EF BC 9F), where Chinese lines end.
+SAFE_CUT = re.compile(rb"(?=[ \n])(?<![\s\x1c-\x1f])(?<!\xc2\x85)(?<!\xc2\xa0)(?<!\xe1\x9a\x80)(?<!\xe1\xa0\x8e)"
+                      rb"(?<!\xe2\x80[\x80-\x8a\xa8\xa9\xaf])(?<!\xe2\x81\x9f)(?<!\xe3\x80\x80)")
 PROGRESS_UNITS = {"bytes": "B", "docs": "doc"}
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
 BLOCK = 1 << 24  # numpy scans of UTF-8 bytes go in blocks of this size, to bound the temporaries
@@ -377,6 +380,12 @@ def split_ranges(texts: list[TextFile], val_fraction: float) -> list[tuple[str, 
     return ranges
 
 
+def cut_kind(tokenizer: Tokenizer) -> str | None:
+    """Where text may be cut without changing this tokenizer's ids: after any character (char), at SAFE_CUT
+    points (GPT-2's pattern), or nowhere (a BPE with a pattern of its own)."""
+    return "chars" if tokenizer.kind == "char" else "safe" if can_cut(tokenizer) else None
+
+
 def can_cut(tokenizer: Tokenizer) -> bool:
     """Whether cutting text at SAFE_CUT points leaves this tokenizer's ids unchanged."""
     return tokenizer.kind in ("char", "gpt2") or getattr(tokenizer, "pattern", None) == GPT2_SPLIT_PATTERN
@@ -394,12 +403,13 @@ def cut_text(data: bytes | memoryview, max_bytes: int) -> Iterator[bytes]:
     yield bytes(data[start:])
 
 
-def last_safe_cut(data: bytes | bytearray) -> int:
-    """Offset of the last SAFE_CUT point in data, 0 if there is none. Searched from the end backwards, in
-    windows that grow, since a point near the end is what is wanted and almost every text has one."""
+def last_safe_cut(data: bytes | bytearray, since: int = 0) -> int:
+    """Offset of the last SAFE_CUT point in data at or after `since` (where the search of a shorter data ended),
+    0 if there is none. Searched from the end backwards, in windows that grow, since a point near the end is
+    what is wanted and almost every text has one."""
     end, window = len(data), 1 << 16
-    while end > 0:
-        start = max(0, end - window)
+    while end > since:
+        start = max(since, end - window)
         last = 0
         for m in SAFE_CUT.finditer(data, start, end):  # a point needs the byte after it: none is at `end`
             last = m.start()
@@ -409,27 +419,38 @@ def last_safe_cut(data: bytes | bytearray) -> int:
     return 0
 
 
-def text_items(texts: list[TextFile], ranges: list[tuple], cuttable: bool) -> Iterator[Item]:
-    """The ranges' text as items, read again in blocks. Where the tokenizer allows cuts, each block ends at a
-    SAFE_CUT point, so the ids are those of the whole range; otherwise a range is one item. Each file
-    must read back exactly as scanned."""
+def text_items(texts: list[TextFile], ranges: list[tuple], cuts: str | None) -> Iterator[Item]:
+    """The ranges' text as items, read again in blocks. Each block ends where the tokenizer allows a cut
+    (cuts, from cut_kind), so the ids are those of the whole range: at a SAFE_CUT point ('safe'), or after
+    any character ('chars'); where it allows none (None), a range is one item. Each file must read back exactly
+    as scanned."""
     for i, t in enumerate(texts):
         mine = [r for r in ranges if r[1] == i]
         if not mine:  # empty, or nothing but a byte-order mark
             continue
         with reading(t.path), t.open() as f:
+            if t.data is None and os.fstat(f.fileno()).st_size != t.size:  # a log being written, say: say so now
+                raise t.changed()
             crc = zlib.crc32(f.read(t.skip))
             for split, _, start, end, eot in mine:
                 pending, at = bytearray(), start  # read but not handed out yet, from byte `at` on
                 while at + len(pending) < end:
                     want = end - at - len(pending)
-                    block = f.read(min(READ_BYTES, want) if cuttable else want)
+                    block = f.read(min(READ_BYTES, want) if cuts else want)
                     if not block:
                         raise t.changed()
                     crc = zlib.crc32(block, crc)
+                    searched = len(pending)  # no cut point lies before this: the last search looked there
                     pending += block
                     done = at + len(pending) == end
-                    cut = len(pending) if done else last_safe_cut(pending) if cuttable else 0
+                    if done:
+                        cut = len(pending)
+                    elif cuts == "safe":
+                        cut = last_safe_cut(pending, searched)
+                    elif cuts == "chars":
+                        cut = complete_utf8(pending)
+                    else:
+                        cut = 0
                     if cut:
                         yield split, bytes(pending[:cut]), eot and done, cut, t.name, at
                         del pending[:cut]
@@ -945,10 +966,10 @@ def prepare_text(out_dir: Path, files: list[Path], *, dataset: str, tokenizer: s
         "split": f"first {1 - val_fraction:.6g} of the characters train, the rest val",
         "command": command,
     }
-    cuttable = can_cut(tok)
-    return write_dataset(out_dir, tok, piece_units(text_items(texts, ranges, cuttable), unit_bytes, cuttable),
-                         num_proc=num_proc, val_fraction=val_fraction,
-                         progress=("bytes", sum(end - start for _, _, start, end, _ in ranges)), meta=meta,
+    items = text_items(texts, ranges, cut_kind(tok))
+    text_bytes = sum(end - start for _, _, start, end, _ in ranges)
+    return write_dataset(out_dir, tok, piece_units(items, unit_bytes, can_cut(tok)), num_proc=num_proc,
+                         val_fraction=val_fraction, progress=("bytes", text_bytes), meta=meta,
                          late_meta=lambda *_: {"source_sha256": sha256})
 
 

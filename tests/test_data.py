@@ -5,6 +5,7 @@ pipeline against single-thread tiktoken, atomic writes, bad input, and determini
 """
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -396,24 +397,59 @@ def test_text_read_in_small_blocks_gives_the_same_data_set(tmp_path, monkeypatch
         assert val.tolist() == gpt2_encoding().encode_ordinary(MIXED[::-1][len(b_train):])
 
 
-def test_a_file_that_changes_while_it_is_prepared_is_an_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["before the cut is found", "after the cut is found"])
+def test_a_file_that_changes_while_it_is_prepared_is_an_error(tmp_path, monkeypatch, when):
     src = tmp_path / "t.txt"
-    src.write_text(MIXED)
-    real = prepare_data.split_ranges
-
-    def edited(texts, val_fraction):
-        ranges = real(texts, val_fraction)
-        src.write_text(MIXED.replace("ok", "no"))  # the same size, other text
-        return ranges
-
-    monkeypatch.setattr(prepare_data, "split_ranges", edited)
+    real, encode_unit = prepare_data.split_ranges, prepare_data.encode_unit
+    encoded = []
+    monkeypatch.setattr(prepare_data, "encode_unit", lambda *a: encoded.append(1) or encode_unit(*a))
     for name, text in (("same size", MIXED.replace("ok", "no")), ("longer", MIXED + "x"), ("shorter", MIXED[:-9])):
         src.write_text(MIXED)
-        monkeypatch.setattr(prepare_data, "split_ranges", lambda texts, f: (src.write_text(text), real(texts, f))[1])
+        encoded.clear()
+        if when == "before the cut is found":
+            edit = lambda texts, f: (src.write_text(text), real(texts, f))[1]  # noqa: E731
+        else:
+            edit = lambda texts, f: (real(texts, f), src.write_text(text))[0]  # noqa: E731
+        monkeypatch.setattr(prepare_data, "split_ranges", edit)
         with pytest.raises(DataError, match=f"{re.escape(str(src))} changed while it was being read; run again"):
             prepare_text(tmp_path / "o", [src], dataset="custom", tokenizer="gpt2", vocab_size=None, val_fraction=0.1,
                          num_proc=1, command="t", unit_bytes=1000)
         assert not (tmp_path / "o").exists(), name
+        if name == "longer":  # a file being written to (a log) is refused before any tokenising
+            assert encoded == [], when
+
+
+def test_safe_cuts_follow_every_character_but_whitespace():
+    """A cut before a space or newline is safe after any character that is not whitespace to GPT-2's pattern
+    (U+180E was whitespace in older Unicode). CJK punctuation such as 。！？ ends lines in Chinese text: a cut
+    point must follow it, or such text is never cut."""
+    import regex
+    blocked = set()
+    for c in map(chr, itertools.chain(range(0xD800), range(0xE000, 0x110000))):
+        for after in (b" ", b"\n"):
+            data = b"x" + c.encode() + after
+            m = prepare_data.SAFE_CUT.search(data, 1)
+            if m is None or m.start() != len(data) - 1:
+                blocked.add(c)
+    whitespace = {c for c in map(chr, range(0x3001)) if c.isspace() or regex.fullmatch(r"\s", c)}
+    assert blocked == whitespace | {"\u180e"}
+
+
+@pytest.mark.parametrize("cuts, text", [("safe", "床前明月光，疑是地上霜。\n举头望明月！低头思故乡？\n" * 40),
+                                        ("chars", "床前明月光疑是地上霜举头望明月低头思故乡" * 40)])
+def test_chinese_text_is_read_in_blocks(monkeypatch, cuts, text):
+    """Lines that end in 。！？, and for a char tokenizer text without any space or newline, are cut near
+    each block's end: memory holds a block, not the whole text."""
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 256)
+    (t,) = scanned(text.encode())
+    ranges = [("train", 0, 0, t.size, False)]
+    items = list(prepare_data.text_items([t], ranges, cuts))
+    assert b"".join(data for _, data, *_ in items).decode() == text
+    # a block, and what was left after the last cut in the one before
+    assert len(items) >= 8 and max(len(data) for _, data, *_ in items) <= 2 * 256
+    if cuts == "safe":  # and GPT-2's ids are those of the whole text
+        assert sum((gpt2_encoding().encode_ordinary(data.decode()) for _, data, *_ in items), []) == \
+            gpt2_encoding().encode_ordinary(text)
 
 
 @pytest.mark.parametrize("read_bytes", [3, 4, 1 << 24])
