@@ -248,7 +248,8 @@ class TextFile:
         return data
 
     def changed(self) -> DataError:
-        return DataError(f"{self.name} changed while it was being read; run again once nothing writes to it")
+        return DataError(f"{self.name} changed while it was being read; run again once nothing writes to it (a "
+                         f"file that keeps growing, such as a log: prepare a copy of it)")
 
 
 def complete_utf8(data: bytes) -> int:
