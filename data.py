@@ -25,10 +25,14 @@ import shlex
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from utils import Progress, UserError
+
+if TYPE_CHECKING:  # for the annotations only: torch itself is imported where batches are made
+    import torch
 
 SPLITS = ("train", "val")
 SPLIT_IDS = {"train": 0, "val": 1}  # mixed into the batch RNG's seed, so the splits draw independently
