@@ -579,14 +579,16 @@ class BPETokenizer(Tokenizer):
                 words.append(w)
                 freqs.append(n)
 
-        # pair counts, and for each pair the set of words that may contain it (entries can go stale)
+        # pair counts, and for each pair the words that may contain it: a list, which may name a word twice
+        # or name one that lost the pair since (the merge skips both), as a set per pair would take about
+        # five times the memory: Chinese text, whose chunks are whole phrases, has tens of millions of entries
         stats = defaultdict(int)
-        where = defaultdict(set)
+        where = defaultdict(list)
         for wi, w in enumerate(words):
             f = freqs[wi]
             for pair in zip(w, w[1:]):
                 stats[pair] += f
-                where[pair].add(wi)
+                where[pair].append(wi)
         # max-heap via (-count, pair): the smallest pair wins a tie. A pair's count only grows in the
         # step that creates it and only shrinks later, so an entry is never below the true count;
         # a popped entry that is too high is pushed back with the true count (lazy invalidation).
@@ -615,14 +617,14 @@ class BPETokenizer(Tokenizer):
             new_pairs = set()
             for wi in where.pop(pair):
                 new, gone, came = _merge_pair_everywhere(words[wi], pair, idx)
-                if new is None:  # stale index entry: the pair left this word earlier
+                if new is None:  # named twice, or stale: the pair left this word earlier
                     continue
                 f = freqs[wi]
                 for p in gone:
                     stats[p] -= f
                 for p in came:  # each holds idx
                     stats[p] += f
-                    where[p].add(wi)
+                    where[p].append(wi)
                     new_pairs.add(p)
                 words[wi] = new
             del stats[pair]  # now 0
