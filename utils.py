@@ -203,14 +203,17 @@ def folder_lock(folder: Path) -> Iterator[bool]:
     """Hold an exclusive lock on the folder (flock, released when the process ends however it ends, so a
     killed run leaves none behind); yields False if another process holds it. Where flock is missing
     (Windows) or the file system has no locks (some network file systems) it says so and yields True."""
+    def unguarded(why: str) -> None:
+        print(f"note: {folder} cannot be locked {why}: make sure that no other run writes into it at the same "
+              f"time", file=sys.stderr)
+
     # every yield is outside the except blocks: an error of the caller's would be chained to a handled one
     try:
         import fcntl
     except ImportError:
         fcntl = None
     if fcntl is None:
-        print(f"note: {folder} cannot be locked on this system (no flock): make sure that no other run writes "
-              f"into it at the same time", file=sys.stderr)
+        unguarded("on this system (no flock)")
         yield True
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -221,8 +224,7 @@ def folder_lock(folder: Path) -> Iterator[bool]:
         except BlockingIOError:
             held = False
         except OSError as e:  # ENOLCK, EOPNOTSUPP: nothing can be locked here
-            print(f"note: {folder} cannot be locked ({e.strerror or e}): make sure that no other run writes into "
-                  f"it at the same time", file=sys.stderr)
+            unguarded(f"({e.strerror or e})")
         else:
             # a run that failed removed the folder just before it let go of the lock: this lock is on a
             # folder that is gone (or already made anew by a third run), and guards nothing
