@@ -427,7 +427,8 @@ def resolve_device(name: str = "auto") -> "torch.device":
 
 
 def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
-    """'auto' -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere.
+    """'auto' -> bfloat16 on CUDA GPUs from Ampere on (compute capability 8.0), float16 on older ones,
+    float32 elsewhere.
 
     name: 'auto', 'float32', 'bfloat16', 'float16', or a torch.dtype (returned as it is).
     """
@@ -437,7 +438,9 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
         return name
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # not torch.cuda.is_bf16_supported(): it also says yes where bf16 is only emulated (V100, T4),
+            # which runs without tensor cores and flash attention, several times slower than float16
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.float32
     if name not in DTYPES:
         raise DeviceError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {name!r}")

@@ -96,6 +96,21 @@ def test_dtype_accepts_torch_dtypes_and_strings():
         c.dtype = torch.int32
 
 
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16),
+                                                  ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_is_float16_before_ampere(monkeypatch, capability, expected):
+    # V100 (7.0) and T4 (7.5) only emulate bfloat16, which torch.cuda.is_bf16_supported() still calls
+    # supported; the capability is asked of the GPU that will run, not of the current one
+    from utils import resolve_dtype
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    device = torch.device("cuda", 1)
+    assert resolve_dtype("auto", device) == expected
+    assert asked == [device]
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
 def test_validate_reports_every_problem_at_once():
     c = GPT2Config(n_embd=100, n_head=3, min_lr=1.0, block_size=0, dropout=1.5)
     with pytest.raises(ConfigError) as e:
