@@ -134,7 +134,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
         loss.item()
         warmup_s = time.perf_counter() - t0
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(device)  # not the current GPU: --device may name another
         synchronize(device)
         t0 = time.perf_counter()
         for i in range(args.steps):
