@@ -275,7 +275,9 @@ class Generator:
         try:
             with warnings.catch_warnings():  # a failed capture also warns "The CUDA Graph is empty"
                 warnings.filterwarnings("ignore", message="The CUDA Graph is empty")
-                with torch.cuda.graph(graph):
+                # on the model's GPU: without stream=, the capture runs on a stream of the current GPU,
+                # and with --device cuda:1 it would capture nothing
+                with torch.cuda.graph(graph, stream=stream):
                     logits = self.step_fn(**static)  # (B, 1, vocab_size), rewritten by every replay
         except RuntimeError as e:
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
