@@ -43,7 +43,7 @@ from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, Che
                    folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
                    load_weights, missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device,
                    resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, stop_signals,
-                   utf8_text)
+                   synchronize, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -1082,7 +1082,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log_step = (iter_num + 1) % config.log_interval == 0
             # the norm is always measured on log steps, which are the only ones that read it
             grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
-            if "first_step" not in timing:  # the host's time: compiling, then queueing the kernels
+            if "first_step" not in timing:  # compiling and running it: wait for the GPU, or the step's
+                synchronize(device)         # queued kernels would count in the rate of the steps after it
                 timing["first_step"] = time.perf_counter() - t_mark
             nonfinite += (~torch.isfinite(step_loss)).int()
             if grad_norm is not None and not scaler.is_enabled():
@@ -1118,9 +1119,12 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 interval_loss.zero_()
                 interval_steps, timed_steps, t_mark, eval_time = 0, 0, time.perf_counter(), 0.0
 
+            evaluating = iter_num % config.eval_interval == 0 or iter_num == config.max_iters
+            if evaluating or (config.save_interval and iter_num % config.save_interval == 0):
+                synchronize(device)  # the training steps still queued are timed as training, not as this
             t0 = time.perf_counter()
             eval_cut = False  # by a signal: then this iteration stops, whether or not it is the last
-            if iter_num % config.eval_interval == 0 or iter_num == config.max_iters:
+            if evaluating:
                 losses = evaluate()
                 eval_cut = losses is None
                 if not eval_cut:
