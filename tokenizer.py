@@ -655,7 +655,7 @@ class BPETokenizer(Tokenizer):
                         listed.append(wi)
                     new_pairs.add(p)
                 words[wi] = new
-            stats.pop(key, None)  # now 0, and already gone where it overlapped itself ((1, 1) in [1, 1, 1])
+            del stats[key]  # its merged occurrences were not subtracted one by one
             for p in new_pairs:
                 heapq.heappush(heap, -stats[p] << shift2 | p)
             if verbose and ((step + 1) % report_every == 0 or step + 1 == num_merges):
