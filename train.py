@@ -119,6 +119,10 @@ def resolve_system(config: GPT2Config, local_rank: Optional[int]) -> tuple[torch
     device = resolve_device(config.device)
     if device.type == "cuda":
         if local_rank is not None:
+            if device.index is not None:  # every process would take it, or else cuda:LOCAL_RANK without a word
+                raise ConfigError(f"--device={config.device} names one GPU, but under torchrun each process takes "
+                                  f"cuda:LOCAL_RANK; give --device=cuda and choose the GPUs with CUDA_VISIBLE_DEVICES, "
+                                  f"e.g. CUDA_VISIBLE_DEVICES=2,3 torchrun --nproc_per_node=2 ...")
             device = torch.device("cuda", local_rank)
         elif device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

@@ -608,6 +608,19 @@ def test_training_and_evaluation_leave_the_id_check_to_the_loader(char_data, tmp
     assert checks.count(False) == 4 + 3 * 2 * 2 and 0 < samples
 
 
+def test_torchrun_refuses_a_device_with_an_index(monkeypatch):
+    # under torchrun each process takes cuda:LOCAL_RANK; --device=cuda:1 used to be dropped without a word
+    from train import resolve_system
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES") as e:
+        resolve_system(GPT2Config(device="cuda:1"), local_rank=1)
+    assert "\n" not in str(e.value)
+    assert resolve_system(GPT2Config(device="cuda"), local_rank=1)[:2] == (torch.device("cuda", 1), torch.bfloat16)
+    assert resolve_system(GPT2Config(device="cuda:2"), local_rank=None)[0] == torch.device("cuda", 2)
+
+
 @pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
                                                    ("reduce-overhead", 1, False), ("default", 2, False),
                                                    ("max-autotune-no-cudagraphs", 2, False)])
