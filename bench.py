@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time on real batches from this prepared data set")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 where the GPU has it, float16 on older GPUs, float32 on a CPU")
+                   help="auto: bfloat16 on CUDA GPUs from Ampere on, float16 on older ones, float32 on a CPU")
     p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                    help="torch.compile the model; auto: on CUDA only")
     p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")

@@ -885,7 +885,7 @@ def get_parser() -> argparse.ArgumentParser:
     sys_ = p.add_argument_group("system")
     sys_.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     sys_.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                      help="auto: bfloat16 on CUDA (float16 without bf16 support), float32 elsewhere")
+                      help="auto: bfloat16 on CUDA GPUs from Ampere on, float16 on older ones, float32 elsewhere")
     sys_.add_argument("--compile", action="store_true",
                       help="torch.compile the decoding step (faster on CUDA, slower than eager on a CPU)")
     sys_.add_argument("--no_cuda_graph", action="store_true", help="decode eagerly on CUDA (slower)")

@@ -17,7 +17,7 @@ aborts at once.
 `tensorboard --logdir runs` shows the curves and text samples.
 
 The loop follows nanoGPT's train.py: AdamW, linear warmup then cosine decay, gradient accumulation,
-gradient clipping, autocast with bfloat16 (float16 plus a GradScaler where bf16 is missing), and
+gradient clipping, autocast with bfloat16 (float16 plus a GradScaler on GPUs before Ampere), and
 torch.compile, with DDP through torch.distributed when launched by torchrun.
 """
 import copy
