@@ -654,6 +654,8 @@ def _train_locked(config: GPT2Config, explicit: set[str], t_start: float, lock: 
     plan = list(plan_run(config, explicit))
     config = plan[0]
     torchrun = int(os.environ.get("RANK", -1)) != -1
+    if torchrun and "device" not in explicit and config.device.startswith("cuda:"):
+        config.device = "cuda"  # a checkpoint's own, from a run in one process: here each takes cuda:LOCAL_RANK
     rank, world_size, local_rank = 0, 1, None
     if torchrun:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

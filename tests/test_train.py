@@ -621,6 +621,37 @@ def test_torchrun_refuses_a_device_with_an_index(monkeypatch):
     assert resolve_system(GPT2Config(device="cuda:2"), local_rank=None)[0] == torch.device("cuda", 2)
 
 
+@pytest.mark.parametrize("given", [None, "cuda:1"])
+def test_torchrun_resumes_a_run_made_on_cuda_n_on_each_local_rank(char_data, tmp_path, monkeypatch, given):
+    # the checkpoint keeps the device of a run in one process; only a --device given now is refused
+    import train as train_module
+    config = tiny(char_data, tmp_path, max_iters=2, eval_interval=2)
+    train(config)
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["config"]["device"] = "cuda:1"
+    torch.save(ckpt, path)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(config, local_rank):
+        seen.append((config.device, local_rank))
+        raise Stop
+    monkeypatch.setattr(train_module, "resolve_system", record)
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    again = GPT2Config(checkpoint_dir=config.checkpoint_dir, max_iters=4)
+    explicit = {"checkpoint_dir", "max_iters"}
+    if given:
+        again.device = given
+        explicit.add("device")
+    with pytest.raises(Stop):
+        train(again, explicit)
+    assert seen == [(given or "cuda", 0)]
+
+
 @pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
                                                    ("reduce-overhead", 1, False), ("default", 2, False),
                                                    ("max-autotune-no-cudagraphs", 2, False)])
