@@ -590,9 +590,10 @@ class BPETokenizer(Tokenizer):
         # which makes millions of distinct pairs (two characters side by side), nearly all of them rare.
         shift = vocab_size.bit_length()
         low = (1 << shift) - 1
-        # pair counts, and for each pair the words that may contain it: one word index, or a list of them,
-        # which may name a word twice or name one that lost the pair since (the merge skips both). A set
-        # per pair would take about five times the memory, and most pairs are in one word only.
+        # pair counts, and for each pair the words that may contain it: a list, which may name a word twice
+        # or name one that lost the pair since (the merge skips both), or, for a pair that a merge made and
+        # one word holds, that word's index alone. A set per pair would take about five times the memory,
+        # and most pairs that merges make are in one word only.
         stats = defaultdict(int)
         where = {}
         for wi, w in enumerate(words):
