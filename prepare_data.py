@@ -764,6 +764,12 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
         # writing its result into a pipe that nobody reads any more: shutdown() would wait for it forever
         for worker in set(multiprocessing.active_children()) - others:
             worker.kill()
+        if sys.version_info < (3, 11, 5):  # Debian 12's python3 is 3.11.2
+            # the executor's own thread may be blocked writing the next unit for the dead workers, and
+            # shutdown() would wait for it forever; closing the reading end makes that write fail, as
+            # Python does itself from 3.11.5 on (CPython issue 94777)
+            with contextlib.suppress(Exception):
+                pool._call_queue._reader.close()
         raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
                         f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}") from None
     finally:  # an error, Ctrl-C, or the caller stopped: the units not begun are dropped, a unit (~1 MB) each ends
