@@ -793,6 +793,20 @@ def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path
     assert not fresh.exists()
 
 
+@contextlib.contextmanager
+def deadline(seconds: int, what: str):
+    """Fail with TimeoutError after `seconds` instead of hanging the whole test session (main thread only)."""
+    def hung(*_):
+        raise TimeoutError(f"{what} took over {seconds} s: it hangs")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def start_with_encode_unit(encode_unit: str, src: Path, out: Path) -> subprocess.Popen:
     """prepare_data.py tokenising src (char, 2 worker processes) into out, with the encode_unit that the
     Python source `encode_unit` defines (forked workers inherit it), in a session of its own: a signal can go
@@ -811,7 +825,11 @@ def test_a_worker_killed_by_the_system_stops_the_run_in_one_line(shakespeare_tex
     src.write_text(shakespeare_text * 3)
     out = tmp_path / "out"
     proc = start_with_encode_unit("def encode_unit(*args):\n    os.kill(os.getpid(), signal.SIGKILL)", src, out)
-    proc.stderr = proc.communicate(timeout=60)[1]
+    try:
+        proc.stderr = proc.communicate(timeout=60)[1]
+    finally:  # a run that hangs (Python before 3.11.5 did, without a fix) must not outlive the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: a tokenising process died (killed by the system: out of memory?); nothing was written. Try again "
         "with fewer processes, e.g. --num_proc 1"]
@@ -828,7 +846,7 @@ def test_a_broken_pool_ends_its_own_workers_only(shakespeare_text, tmp_path, mon
     bystander.start()
     try:
         monkeypatch.setattr(prepare_data, "encode_unit", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
-        with pytest.raises(DataError, match="a tokenising process died"):
+        with pytest.raises(DataError, match="a tokenising process died"), deadline(60, "prepare_data"):
             prepare("--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", tmp_path / "o",
                     "--num_proc", 2)
         assert bystander.is_alive()
@@ -1248,15 +1266,10 @@ def test_a_pipe_is_read_as_a_text_file(tmp_path, shakespeare_text):
     writer = threading.Thread(target=pipe.write_text, args=(text,))
     writer.start()
 
-    def hung(*_):
-        raise TimeoutError("prepare_data.py waited 60 s for the pipe: it opened it a second time")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
     try:
-        prepare("--dataset", "custom", "--tokenizer", "char", "--input", pipe, "--output_dir", tmp_path / "p")
+        with deadline(60, "reading the pipe (opened a second time?)"):
+            prepare("--dataset", "custom", "--tokenizer", "char", "--input", pipe, "--output_dir", tmp_path / "p")
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
         if writer.is_alive():  # the run failed before it opened the pipe: let the writer finish
             pipe.read_bytes()
         writer.join()
