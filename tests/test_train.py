@@ -1654,11 +1654,14 @@ def test_a_data_folder_named_in_gbk_trains_and_logs(char_data, tmp_path):
 def test_a_log_dir_that_cannot_be_made_stops_before_checkpoints_move(char_data, tmp_path):
     train(tiny(char_data, tmp_path, max_iters=2))
     before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    # /proc takes no new folders; root may pass the permission check, so the mkdir itself fails
-    with pytest.raises(ConfigError, match=r"cannot make --log_dir folder /proc/no_runs|log_dir=/proc/no_runs is not"):
+    # /proc takes no new folders: root passes the permission check, so the mkdir itself fails; another user
+    # is stopped by the check
+    refused = (r"cannot make --log_dir folder /proc/no_runs|log_dir=/proc/no_runs is not|"
+               r"--log_dir=/proc/no_runs would be made inside '/proc', which is not writable")
+    with pytest.raises(ConfigError, match=refused):
         train(tiny(char_data, tmp_path, max_iters=2, init_from="scratch", log_dir="/proc/no_runs"))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before  # nothing moved aside
-    with pytest.raises(ConfigError, match=r"cannot make --log_dir folder /proc/no_runs"):  # nor left behind
+    with pytest.raises(ConfigError, match=refused):  # nor left behind
         train(tiny(char_data, tmp_path, max_iters=2, log_dir="/proc/no_runs", checkpoint_dir=str(tmp_path / "n" / "c")))
     assert not (tmp_path / "n").exists()
 
