@@ -898,10 +898,13 @@ def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig
     src.write_text(shakespeare_text * 3)  # about 3 units of 1 MB, so a pool of worker processes runs
     started = tmp_path / "started"
     out = tmp_path / "out"
-    # a slow encode_unit that says when a worker has begun
+    # a slow encode_unit that says when a worker has begun; its result is that of an empty unit, so that
+    # a signal that comes late on a busy machine still finds the run going, not a traceback
     proc = start_with_encode_unit(f"def encode_unit(*args):\n"
                                   f"    open({str(started)!r}, 'w').close()\n"
-                                  f"    time.sleep(1)", src, out)
+                                  f"    time.sleep(2)\n"
+                                  f"    empty = prepare_data.np.zeros(0, prepare_data.np.uint16)\n"
+                                  f"    return empty, empty, (0, 0, 0), b''", src, out)
     try:
         deadline = time.monotonic() + 60
         while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -1695,8 +1698,14 @@ def test_workers_leave_ctrl_c_and_sigterm_to_the_parent():
     import multiprocessing
     import signal as sig
     ctx = multiprocessing.get_context()
-    with ctx.Pool(1, prepare_data._init_worker, (prepare_data.CharTokenizer("ab"), "uint16", 0.1)) as pool:
+    pool = ctx.Pool(1, prepare_data._init_worker, (prepare_data.CharTokenizer("ab"), "uint16", 0.1))
+    try:
         handlers = pool.apply(_signal_handlers)
+    finally:
+        # not terminate() (what `with Pool` does): it ends workers by SIGTERM, which this worker ignores, and
+        # it may hold the task queue's lock that the worker needs to see that it should end: a hang
+        pool.close()
+        pool.join()
     assert handlers == [sig.SIG_IGN, sig.SIG_IGN, sig.SIG_IGN]
 
 
