@@ -811,8 +811,10 @@ def start_with_encode_unit(encode_unit: str, src: Path, out: Path) -> subprocess
     """prepare_data.py tokenising src (char, 2 worker processes) into out, with the encode_unit that the
     Python source `encode_unit` defines (forked workers inherit it), in a session of its own: a signal can go
     to the script alone or to its whole group (as Ctrl-C in a terminal does), and whatever is left of it can
-    be found and killed at the end."""
+    be found and killed at the end. Ctrl-C raises KeyboardInterrupt in it, as in a terminal, also where these
+    tests run as a background job, which starts with SIGINT ignored and would pass that on."""
     code = (f"import os, signal, time, prepare_data, utils\n{encode_unit}\n"
+            f"signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             f"prepare_data.encode_unit = encode_unit\nutils.run_cli(prepare_data.main)\n")
     args = ["--dataset", "custom", "--input", src, "--tokenizer", "char", "--output_dir", out, "--num_proc", 2]
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
@@ -898,11 +900,11 @@ def test_signal_while_workers_tokenise_cleans_up(shakespeare_text, tmp_path, sig
     src.write_text(shakespeare_text * 3)  # about 3 units of 1 MB, so a pool of worker processes runs
     started = tmp_path / "started"
     out = tmp_path / "out"
-    # a slow encode_unit that says when a worker has begun; its result is that of an empty unit, so that
-    # a signal that comes late on a busy machine still finds the run going, not a traceback
+    # a slow encode_unit that says when a worker has begun; its result is that of an empty unit, so that a
+    # signal the run does not act on fails this test by its exit code, not by a traceback about the result
     proc = start_with_encode_unit(f"def encode_unit(*args):\n"
                                   f"    open({str(started)!r}, 'w').close()\n"
-                                  f"    time.sleep(2)\n"
+                                  f"    time.sleep(1)\n"
                                   f"    empty = prepare_data.np.zeros(0, prepare_data.np.uint16)\n"
                                   f"    return empty, empty, (0, 0, 0), b''", src, out)
     try:
