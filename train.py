@@ -523,6 +523,10 @@ def move_back(moved: Path, checkpoint_dir: Path) -> None:
     moved.rmdir()
 
 
+def same_folder(a: str, b: Optional[str]) -> bool:
+    return b is not None and Path(a).resolve() == Path(b).resolve()
+
+
 def new_run_dir(log_dir: str, data_dir: str) -> Path:
     """Make log_dir/<time>_<data>[-N] and return it. Making it claims the name: runs started in the
     same second (a sweep started from a script, say) each get their own TensorBoard run."""
@@ -589,8 +593,13 @@ class Logger:
             # markdown: indent by four spaces so line breaks and spacing survive
             self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
-    def hparams(self, config: dict) -> None:
+    def hparams(self, config: dict, layout: bool = False) -> None:
+        """config's plain values on the HPARAMS page; layout: also a chart with the train and val losses together
+        (CUSTOM SCALARS page), where overfitting shows as the two curves part."""
         if self.writer is not None:
+            if layout:
+                self.writer.add_custom_scalars(
+                    {"loss": {"train and val": ["Multiline", ["train/loss", "train/eval_loss", "val/loss"]]}})
             from torch.utils.tensorboard.summary import hparams
             hp = {k: utf8_text(v) if isinstance(v, str) else v for k, v in config.items()
                   if isinstance(v, (bool, int, float, str))}
@@ -788,6 +797,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     checkpoint_dir = Path(config.checkpoint_dir)
     run_dir = None
     made_folders = []  # by this run: a run stopped before it trained anything takes them away again
+    new_run = False  # whether run_dir is a new TensorBoard run, rather than one this run continues
     if master:
         # both folders first: one that cannot be made (a read-only or virtual file system) stops the run
         # before the previous checkpoints are moved aside
@@ -804,11 +814,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 made_folders = []  # made by the run that holds the lock, maybe, at the same moment: its own now
                 raise
         try:
-            if ckpt is not None and ckpt.get("run_dir") and config.log_dir == ckpt["config"].get("log_dir"):
+            # the same folder however it is written (runs, ./runs, its absolute path) continues the same run
+            if ckpt is not None and ckpt.get("run_dir") and same_folder(config.log_dir, ckpt["config"].get("log_dir")):
                 run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run
+                new_run = not run_dir.is_dir()
                 run_dir.mkdir(parents=True, exist_ok=True)
             else:
-                run_dir = new_run_dir(config.log_dir, config.data_dir)
+                run_dir, new_run = new_run_dir(config.log_dir, config.data_dir), True
         except OSError as e:
             remove_run_folders(None, made_folders)  # the checkpoint folder just made, say
             raise ConfigError(f"cannot make --log_dir folder {config.log_dir}: {e.strerror or e}") from None
@@ -847,8 +859,15 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         moved = move_aside(checkpoint_dir)
         if moved:
             log.print(f"starting a new run: the previous checkpoints in {checkpoint_dir} were moved to {moved}")
-    if ckpt is None:
-        log.hparams(config.to_dict())
+    if new_run:  # TensorBoard keeps the first hyperparameters a run folder gets, so only a new one gets them
+        log.hparams({**config.to_dict(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                     "compile": compile_model}, layout=True)
+    elif ckpt is not None:  # a resumed run whose command changed settings says so on its TEXT page
+        before = ckpt["config"]
+        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
+                   if k in before and before[k] != v]
+        if changed:
+            log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(changed), iter_num)
 
     n_params = raw_model.get_num_params()
     log.print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, {config.n_head} heads, "

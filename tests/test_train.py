@@ -362,7 +362,7 @@ def test_a_ctrl_c_during_a_new_runs_setup_leaves_no_trace(char_data, tmp_path, m
     train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     runs_before = sorted((tmp_path / "runs").iterdir())
-    monkeypatch.setattr(train_module.Logger, "hparams", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train_module.Logger, "hparams", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
@@ -379,7 +379,7 @@ def test_the_undo_of_a_new_run_finishes_when_closing_its_log_fails(char_data, tm
     train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     runs_before = sorted((tmp_path / "runs").iterdir())
-    monkeypatch.setattr(train_module.Logger, "hparams", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(train_module.Logger, "hparams", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     monkeypatch.setattr(train_module.Logger, "close", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
@@ -1408,6 +1408,37 @@ def test_tensorboard_events_of_a_resumed_run(resume_runs):
     assert max(e.value for e in acc.Scalars("grad_norm")) > config.grad_clip  # the norm before clipping
     assert [e.step for e in acc.Tensors("sample/text_summary")] == [0, 10, 20, 30, 40]
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+
+
+def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_data, tmp_path, monkeypatch):
+    """--log_dir=runs after the default ./runs continues the same run; another folder starts a run with its
+    own HPARAMS; settings a resumed command changed are listed on the TEXT page."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+
+    def plugins(run_dir):
+        acc = EventAccumulator(run_dir)
+        acc.Reload()
+        return acc
+
+    monkeypatch.chdir(tmp_path)
+    first = train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2, log_dir="./runs"))
+    second = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2, log_dir="runs", learning_rate=5e-3))
+    assert second["run_dir"] == first["run_dir"] and len(list((tmp_path / "runs").iterdir())) == 1
+    acc = plugins(first["run_dir"])
+    hp = metadata.parse_session_start_info_plugin_data(
+        acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).hparams
+    assert (hp["device"].string_value, hp["dtype"].string_value, hp["compile"].bool_value) == ("cpu", "float32", False)
+    assert hp["learning_rate"].number_value == 1e-2  # TensorBoard keeps a run's first hyperparameters
+    assert "custom_scalars" in acc.ActivePlugins()  # the train and val losses on one chart
+    changes = acc.Tensors("config_changes/text_summary")
+    assert [e.step for e in changes] == [4]
+    text = changes[0].tensor_proto.string_val[0].decode()
+    assert "resumed at iteration 4 with:" in text and "learning_rate: 0.01 -> 0.005" in text
+    assert "max_iters: 4 -> 6" in text and "log_dir: './runs' -> 'runs'" in text
+    third = train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, log_dir="other_runs"))
+    assert Path(third["run_dir"]).resolve().parent == tmp_path / "other_runs"
+    assert "hparams" in plugins(third["run_dir"]).ActivePlugins()  # a run of its own, listed on HPARAMS
 
 
 def test_runs_started_in_the_same_second_get_their_own_tensorboard_run(tmp_path, monkeypatch):
