@@ -604,8 +604,10 @@ class Logger:
             hp = {k: utf8_text(v) if isinstance(v, str) else v for k, v in config.items()
                   if isinstance(v, (bool, int, float, str))}
             # written into the run itself (SummaryWriter.add_hparams would start a second run); the
-            # metrics are the val/loss and train/loss curves of this run
-            for summary in hparams(hp, {"val/loss": 0.0, "train/loss": 0.0}):
+            # metrics are the val/loss and train/loss curves of this run. Not the third summary, the session's
+            # end, which says "success" before the run has even begun
+            experiment, session_start, _ = hparams(hp, {"val/loss": 0.0, "train/loss": 0.0})
+            for summary in (experiment, session_start):
                 self.writer.file_writer.add_summary(summary)
 
     def flush(self) -> None:

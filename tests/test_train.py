@@ -1408,6 +1408,7 @@ def test_tensorboard_events_of_a_resumed_run(resume_runs):
     assert max(e.value for e in acc.Scalars("grad_norm")) > config.grad_clip  # the norm before clipping
     assert [e.step for e in acc.Tensors("sample/text_summary")] == [0, 10, 20, 30, 40]
     assert "_hparams_/experiment" in acc.PluginTagToContent("hparams")
+    assert "_hparams_/session_end_info" not in acc.PluginTagToContent("hparams")  # no "success" before the end
 
 
 def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_data, tmp_path, monkeypatch):
