@@ -254,6 +254,23 @@ def output_file_problem(path: str | os.PathLike) -> Optional[str]:
     return f"cannot be written: its folder {problem}" if problem else None
 
 
+OUT_OF_MEMORY = ("out of memory{}; give the run less to hold at once (a smaller batch or model, or text split "
+                 "into JSON Lines documents for prepare_data.py)")
+
+
+def _out_of_memory(e: RuntimeError) -> Optional[str]:
+    """For PyTorch failing to allocate (torch.OutOfMemoryError on a GPU, a plain RuntimeError on a CPU): how
+    much it tried to allocate, or '' where it does not say; None for any other error."""
+    text = str(e)
+    first = text.splitlines()[0].lower() if text else ""
+    if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in first and "out of memory" not in first:
+        return None
+    asked = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ ?[KMGT]i?B)", text, re.IGNORECASE)
+    if asked is None:
+        return ""
+    return f": tried to allocate {f'{int(asked[1]) / 1e9:.1f} GB' if asked[1] else asked[2]}"
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a script's main(); turn UserError into one line on stderr and exit code 2, and Ctrl-C into
     "interrupted" and exit code 130 (128 + SIGINT, as the shell reports it), without a traceback."""
@@ -281,8 +298,12 @@ def run_cli(main: Callable[[], object]) -> None:
         fail(f"{e.strerror or e}: {names or 'a file'}; check the permissions of that file and of the folders "
              f"above it")
     except MemoryError:
-        fail("out of memory; give the run less to hold at once (a smaller batch or model, or text split into "
-             "JSON Lines documents for prepare_data.py)", per_process=True)
+        fail(OUT_OF_MEMORY.format(""), per_process=True)
+    except RuntimeError as e:  # PyTorch's allocators raise these (torch.OutOfMemoryError is one), not MemoryError
+        asked = _out_of_memory(e)
+        if asked is None:
+            raise
+        fail(OUT_OF_MEMORY.format(asked), per_process=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1137,16 +1137,34 @@ def test_a_permission_error_anywhere_is_one_line(capsys, monkeypatch):
         assert err.startswith(said) and (err != "") == bool(said)
 
 
-def test_out_of_memory_is_one_line(capsys):
-    """A text read whole by prepare_data.py, or a model too large for the machine: no traceback."""
+@pytest.mark.parametrize("error, said", [
+    (MemoryError(), "error: out of memory; "),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB"),
+     "error: out of memory: tried to allocate 2.00 GiB; "),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "error: out of memory: tried to allocate 128.0 GB; "),
+    (RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"), "error: out of memory; ")])
+def test_out_of_memory_is_one_line(capsys, error, said):
+    """A text read whole by prepare_data.py, or a model or batch too large for the machine (PyTorch's
+    allocators raise RuntimeError, not MemoryError): no traceback."""
     from utils import run_cli
 
     def main():
-        raise MemoryError
+        raise error
     with pytest.raises(SystemExit) as e:
         run_cli(main)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: out of memory; ") and len(err.splitlines()) == 1
+    assert e.value.code == 2 and err.startswith(said) and len(err.splitlines()) == 1
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from utils import run_cli
+
+    def main():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        run_cli(main)
 
 
 def test_a_run_folder_that_cannot_be_written_is_refused_before_training(char_data, tmp_path, monkeypatch):
