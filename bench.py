@@ -448,8 +448,9 @@ def tokenize_report(args) -> dict:
     words_file = args.input or os.environ.get("SHAKESPEARE")
     if num_proc < 1:
         raise UserError(f"--num_proc must be at least 1, got {num_proc}")
-    if not args.tokenize_mb > 0:
-        raise UserError(f"--tokenize_mb must be above 0, got {args.tokenize_mb:g}; e.g. --tokenize_mb 100")
+    if not 0.05 <= args.tokenize_mb < float("inf"):  # less makes too few documents for both splits
+        raise UserError(f"--tokenize_mb must be a number of megabytes, at least 0.05, got {args.tokenize_mb:g}; "
+                        "e.g. --tokenize_mb 100")
     if words_file and not Path(words_file).is_file():
         raise UserError(f"the word source {words_file!r} (--input, else $SHAKESPEARE) is not a file; give a UTF-8 "
                         "text file, or neither to use made-up words")
@@ -501,9 +502,11 @@ def model_report(args) -> dict:
         except ImportError:
             raise UserError("--hf_reference needs transformers: pip install transformers") from None
         if PROMPT_TOKENS + args.gen_tokens > config.block_size:
+            fewer = config.block_size - PROMPT_TOKENS
             raise UserError(f"--hf_reference: the {PROMPT_TOKENS}-token prompt and {args.gen_tokens} new tokens exceed "
-                            f"block_size {config.block_size}, which transformers cannot go past; use --gen_tokens "
-                            f"{config.block_size - PROMPT_TOKENS} or less, or a larger --preset")
+                            f"block_size {config.block_size}, which transformers cannot go past; use "
+                            + (f"--gen_tokens {fewer} or less, or " if fewer >= 1 else "")
+                            + f"--block_size {PROMPT_TOKENS + args.gen_tokens} or more (or a larger --preset)")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

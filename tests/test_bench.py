@@ -83,7 +83,10 @@ def one_line_error(argv, capsys) -> str:
     (["--batch_size", "0"], "batch_size must be an integer > 0, got 0"),
     (["--block_size", "0"], "block_size must be an integer > 0, got 0"),
     (["--vocab_size", "0"], "vocab_size must be an integer > 0, got 0"),
-    (["--no_train", "--hf_reference", "--gen_tokens", "50"], "exceed block_size 64"),
+    (["--no_train", "--hf_reference", "--gen_tokens", "50"], "exceed block_size 64, which transformers cannot go "
+                                                              "past; use --gen_tokens 48 or less, or --block_size 66"),
+    (["--no_train", "--hf_reference", "--block_size", "16"], "exceed block_size 16, which transformers cannot go "
+                                                             "past; use --block_size 66 or more (or a larger --preset)"),
     (["--stpes", "3"], "unrecognized arguments: --stpes 3; see"),
     (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
     (["--profile", "-1"], "--profile profiles training steps: give a number of steps, at least 1"),
@@ -181,7 +184,7 @@ def test_compile_regional_times_the_compiled_regions(monkeypatch, capsys, compil
 
 def test_tokenize_from_a_file_without_words(tmp_path):
     (tmp_path / "empty.txt").write_text(" \n")
-    out = run_bench("--tokenize", "--tokenize_mb", "0.01", "--num_proc", "1", "--input", str(tmp_path / "empty.txt"))
+    out = run_bench("--tokenize", "--tokenize_mb", "0.05", "--num_proc", "1", "--input", str(tmp_path / "empty.txt"))
     assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ")  # after a progress line
     assert "holds no words" in out.stderr and "Traceback" not in out.stderr
 
@@ -254,16 +257,19 @@ def test_tokenize_small_sizes(capsys):
     r = bench.main(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", "1"])["tokenize"]
     assert r["mb"] == 0.1 and r["documents"] >= 2
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: bench.main(["--tokenize", "--tokenize_mb", "0.001", "--num_proc", "1"]))
-    last = capsys.readouterr().err.splitlines()[-1]  # after the lines that say what is being timed
-    assert exit_info.value.code == 2 and last.startswith("error: --tokenize_mb 0.001 makes 1 document")
+    from utils import UserError
+    with pytest.raises(UserError, match=r"--tokenize_mb 0.001 makes 1 document, and both splits need one"):
+        bench.bench_tokenize(0.001, 1, None)
+    r = bench.main(["--tokenize", "--tokenize_mb", "0.05", "--num_proc", "1"])["tokenize"]  # the least it takes
+    assert r["documents"] >= 2
 
 
-def test_tokenize_bad_size_exits_2():
-    out = run_bench("--tokenize", "--tokenize_mb", "0")
+@pytest.mark.parametrize("mb", ["0", "0.01", "inf", "nan"])
+def test_tokenize_bad_size_exits_2(mb):
+    out = run_bench("--tokenize", "--tokenize_mb", mb)  # refused before any text is made
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: --tokenize_mb must be above 0, got 0; e.g. --tokenize_mb 100"
+    assert out.stderr == (f"error: --tokenize_mb must be a number of megabytes, at least 0.05, got {float(mb):g}; "
+                          "e.g. --tokenize_mb 100\n")
 
 
 class FakeClock:
