@@ -47,6 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # for small models), the max-autotune ones benchmark kernel choices while compiling (slower to start)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs on a GPU
+MAX_SAMPLE_TOKENS = 10_000  # the longest text sample train.py writes at an evaluation
 
 
 class GPT2Config:
@@ -86,7 +87,8 @@ class GPT2Config:
     log_interval = 10  # print and log a training line every N steps
     save_interval = 0  # write checkpoint_iter_N.pt every N steps; 0 disables
     keep_last_n = 0  # keep only the newest K checkpoint_iter_N.pt files; 0 keeps all
-    sample_tokens = 200  # length of the text sample logged to TensorBoard at each evaluation; 0 disables
+    sample_tokens = 200  # length of the text sample logged to TensorBoard at each evaluation (at most
+    # MAX_SAMPLE_TOKENS: a signal stops the run only once the sample is written); 0 disables
     checkpoint_dir = "./checkpoints"  # where checkpoint.pt, best_checkpoint.pt, ... are written
     log_dir = "./runs"  # TensorBoard logs: tensorboard --logdir runs
     init_from = "auto"  # 'auto' resumes checkpoint.pt if present; 'scratch', 'resume', 'gpt2*' or a HF dir
@@ -152,6 +154,9 @@ class GPT2Config:
             "max_iters", "eval_interval", "eval_iters", "log_interval")}
         ok.update({name: positive_int(name, allow_zero=True) for name in (
             "warmup_iters", "lr_decay_iters", "save_interval", "keep_last_n", "sample_tokens")})
+        if ok["sample_tokens"] and self.sample_tokens > MAX_SAMPLE_TOKENS:  # written at each evaluation, unstoppable
+            problems.append(f"sample_tokens is the length of the text sample written at each evaluation: at most "
+                            f"{MAX_SAMPLE_TOKENS:,}, got {self.sample_tokens:,}; for long texts use generate.py")
         if not partial and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
             if self.n_embd % self.n_head:
                 problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
