@@ -21,6 +21,7 @@ follow OpenAI's gpt-2 release, and BPETokenizer.from_gpt2 reproduces tiktoken's 
 (except on characters added to Unicode lately, see from_gpt2).
 """
 import argparse
+import contextlib
 import heapq
 import json
 import operator
@@ -1034,6 +1035,10 @@ def main(argv: list[str] | None = None) -> None:
         hint = (f"--out is the file to write, e.g. --out {os.path.join(args.out, 'tokenizer.json')}"
                 if problem == "is a directory" else "give a path you can write to")
         raise TokenizerError(f"--out {args.out!r} {problem}; {hint}")
+    with contextlib.suppress(OSError):  # a missing --out, or a missing --train that _read_text reports
+        if os.path.samefile(args.out, args.train):
+            raise TokenizerError(f"--out {args.out!r} is the training text itself, which writing the tokenizer "
+                                 f"would destroy; give another file, e.g. --out tokenizer.json")
     text = _read_text(args.train)
     tok = BPETokenizer(args.pattern).train(text, args.vocab_size, verbose=True, special_tokens=args.special)
     try:

@@ -622,6 +622,11 @@ def test_cli_help_and_train(tmp_path):
     out = cli("--train", "in.txt", "--out", "in.txt/tok.json")  # before training, not after it
     assert out.returncode == 2 and out.stderr.splitlines() == [
         "error: --out 'in.txt/tok.json' cannot be written: its folder is a file; give a path you can write to"]
+    before = (tmp_path / "in.txt").read_bytes()
+    out = cli("--train", "in.txt", "--out", "./in.txt")  # the text itself: refused, and the text stays
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "error: --out './in.txt' is the training text itself, which writing the tokenizer would destroy; give "
+        "another file, e.g. --out tokenizer.json"] and (tmp_path / "in.txt").read_bytes() == before
     (tmp_path / "zh.txt").write_text("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 30, encoding="utf-8")
     out = cli("--bench", "zh.txt", "--vocab_size", "280")
     assert out.returncode == 0, out.stderr
