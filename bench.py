@@ -36,7 +36,7 @@ import torch
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
-                   resolve_device, resolve_dtype, run_cli, start_process_helpers, synchronize)
+                   path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block_size", type=int, default=None, help="sequence length (default: the preset's)")
     p.add_argument("--vocab_size", type=int, default=None,
                    help="vocabulary of the random tokens (default: 65 for the character-level presets, else 50257)")
-    p.add_argument("--data_dir", type=os.path.expanduser, default=None,  # ~ expanded, as train.py does
+    p.add_argument("--data_dir", type=path_arg, default=None,  # ~ expanded, as train.py does
                    help="time on real batches from this prepared data set")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -73,13 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_generate", action="store_true", help="skip the generation benchmark")
     p.add_argument("--hf_reference", action="store_true",
                    help="also time transformers' GPT2LMHeadModel.generate on the same weights (batch 1)")
-    p.add_argument("--json", type=os.path.expanduser, default=None, metavar="FILE",
+    p.add_argument("--json", type=path_arg, default=None, metavar="FILE",
                    help="write the figures to this JSON file")
     t = p.add_argument_group("tokenisation benchmark")
     t.add_argument("--tokenize", action="store_true",
                    help="time GPT-2 tokenisation (tiktoken and prepare_data.py's pipeline) instead of the model")
     t.add_argument("--tokenize_mb", type=float, default=100, help="--tokenize: megabytes of generated text")
-    t.add_argument("--input", type=os.path.expanduser, default=None, metavar="FILE",
+    t.add_argument("--input", type=path_arg, default=None, metavar="FILE",
                    help="--tokenize: draw the words from this UTF-8 text (default: $SHAKESPEARE if set, "
                         "else made-up words)")
     t.add_argument("--num_proc", type=int, default=None, help="--tokenize: tokenising processes (default: every core)")

@@ -51,7 +51,7 @@ import torch
 from config import DTYPES, suggest
 from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, Progress, UserError,
                    atomic_open, find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem,
-                   read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize)
+                   path_arg, read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize)
 
 
 class GenerationError(UserError, ValueError):
@@ -861,17 +861,17 @@ def get_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     src = p.add_argument_group("model")
     # paths: ~ is expanded here too, as train.py does, for --checkpoint_dir=~/runs (which no shell expands)
-    src.add_argument("--checkpoint", type=os.path.expanduser,
+    src.add_argument("--checkpoint", type=path_arg,
                      help=f"checkpoint file; default: the first of {', '.join(CHECKPOINT_FALLBACK)} in "
                           "--checkpoint_dir")
-    src.add_argument("--checkpoint_dir", type=os.path.expanduser, default="checkpoints",
+    src.add_argument("--checkpoint_dir", type=path_arg, default="checkpoints",
                      help="where to look when --checkpoint is not given")
-    src.add_argument("--init_from", type=os.path.expanduser,
+    src.add_argument("--init_from", type=path_arg,
                      help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory")
     s = p.add_argument_group("sampling")
     d = SamplingSettings()
     s.add_argument("--prompt", help="text to continue; empty (the default) starts from end-of-text (or a newline)")
-    s.add_argument("--prompt_file", type=os.path.expanduser, help="read the prompt from this UTF-8 file instead")
+    s.add_argument("--prompt_file", type=path_arg, help="read the prompt from this UTF-8 file instead")
     s.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt")
     s.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="tokens per continuation")
     s.add_argument("--temperature", type=float, default=d.temperature, help="0 means greedy argmax decoding")

@@ -70,8 +70,8 @@ from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_di
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_lock, folder_problem,
-                   missing_folders, remove_empty_folders, remove_unfinished_writes, run_cli, start_process_helpers,
-                   stop_signals)
+                   missing_folders, path_arg, remove_empty_folders, remove_unfinished_writes, run_cli,
+                   start_process_helpers, stop_signals)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -1059,15 +1059,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", choices=["gpt2", "char", "bpe"], default=None,
                    help="gpt2: tiktoken's GPT-2 BPE; char: one id per character; bpe: train a byte-level BPE "
                         "(default gpt2)")
-    p.add_argument("--tokenizer_file", type=os.path.expanduser, default=None, metavar="FILE",
+    p.add_argument("--tokenizer_file", type=path_arg, default=None, metavar="FILE",
                    help="encode with this saved tokenizer instead of making one: a data set's tokenizer.json, an "
                         "export's toolkit_tokenizer.json, or tokenizer.py --train's output (fine-tuning a model "
                         "on new text needs the model's own tokenizer)")
-    p.add_argument("--input", type=os.path.expanduser, default=None,
+    p.add_argument("--input", type=path_arg, default=None,
                    help="shakespeare: a local input.txt (else $SHAKESPEARE, else download); custom: a text file "
                         "or a folder of .txt files; openwebtext: local .jsonl/.txt/.parquet files (or a .json "
                         "file of JSON Lines) or a folder of them")
-    p.add_argument("--output_dir", type=os.path.expanduser, default=None,
+    p.add_argument("--output_dir", type=path_arg, default=None,
                    help="where the data set goes (default: ./data/shakespeare[_char|_bpe], ./data/openwebtext, "
                         "./data/<input name> for custom)")
     p.add_argument("--vocab_size", type=int, default=None,

@@ -36,7 +36,7 @@ from typing import Iterator
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, read_utf8_file,
-                   run_cli, writes_directly)
+                   path_arg, run_cli, writes_directly)
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
 # space), and runs of whitespace. A space is kept at the start of the word that follows it, and
@@ -1003,16 +1003,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python tokenizer.py --bench input.txt --vocab_size 4096\n"
                "  python tokenizer.py --train input.txt --vocab_size 4096 --special '<|endoftext|>' --out tok.json")
     # paths: ~ is expanded here too, as train.py does, for --out=~/tok.json (which no shell expands)
-    parser.add_argument("--bench", type=os.path.expanduser, metavar="FILE",
+    parser.add_argument("--bench", type=path_arg, metavar="FILE",
                         help="time BPE training and encoding on FILE")
-    parser.add_argument("--train", type=os.path.expanduser, metavar="FILE",
+    parser.add_argument("--train", type=path_arg, metavar="FILE",
                         help="train a BPE tokenizer on FILE and save it to --out")
     parser.add_argument("--vocab_size", type=int, default=4096, help="BPE vocabulary size, special tokens included")
     parser.add_argument("--special", action="append", default=[], metavar="TOKEN",
                         help="special token to register after the merges (repeatable), e.g. '<|endoftext|>'")
     parser.add_argument("--pattern", default=None,
                         help="regex pre-split pattern (default, or 'gpt2': GPT-2's); it must match every character")
-    parser.add_argument("--out", type=os.path.expanduser, default="tokenizer.json",
+    parser.add_argument("--out", type=path_arg, default="tokenizer.json",
                         help="where --train writes the tokenizer")
     return parser
 

@@ -51,6 +51,14 @@ class ArgumentParser(argparse.ArgumentParser):
         raise self.error_type(f"{message}; see {self.prog} --help")
 
 
+def path_arg(value: str) -> str:
+    """argparse type of a file or folder flag: ~ expanded, and an empty value (a shell variable that was not
+    set: --json "$OUT") refused instead of read as the flag left out."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; give the name of a file or folder")
+    return os.path.expanduser(value)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows each option's default, except where there is none (None) or the help text already
     says what it is; descriptions and epilogs keep their line breaks."""

@@ -1158,6 +1158,23 @@ def test_out_of_memory_is_one_line(capsys, error, said):
     assert e.value.code == 2 and err.startswith(said) and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("script, flag", [
+    ("bench", "--data_dir"), ("bench", "--json"), ("bench", "--input"), ("generate", "--checkpoint"),
+    ("generate", "--checkpoint_dir"), ("generate", "--init_from"), ("generate", "--prompt_file"),
+    ("prepare_data", "--tokenizer_file"), ("prepare_data", "--input"), ("prepare_data", "--output_dir"),
+    ("tokenizer", "--bench"), ("tokenizer", "--train"), ("tokenizer", "--out")])
+def test_an_empty_path_flag_is_refused(script, flag):
+    # --json "$OUT" with OUT unset: refused, not read as the flag left out (no file, the default folder)
+    import importlib
+    from utils import UserError
+    module = importlib.import_module(script)
+    parser = {"generate": "get_parser", "tokenizer": "build_parser"}.get(script)
+    parse = getattr(module, parser)().parse_args if parser else module.parse_args
+    with pytest.raises(UserError, match=f"argument {flag}: an empty path; give the name of a file or folder"):
+        parse([flag, " "])
+    assert getattr(parse([flag, "~/x"]), flag[2:]) == os.path.expanduser("~/x")
+
+
 def test_other_runtime_errors_keep_their_traceback():
     from utils import run_cli
 
