@@ -911,7 +911,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed,
                                 stop=None if args.stop is None else _unescape(args.stop)).validate()
-    for name in ("num_samples", "batch_size"):
+    for name in ("num_samples", "batch_size", "window"):  # before the model loads (its block_size bounds --window)
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GenerationError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.prompt is not None and args.prompt_file:

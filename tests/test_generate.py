@@ -937,6 +937,7 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--interactive", "--batch_size", "4"], "do not apply to --interactive"),
     (["--batch_size", "0", "--num_samples", "2"], "--batch_size must be >= 1, got 0"),
     (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+    (["--window", "0", "--checkpoint", "missing.pt"], "--window must be >= 1, got 0"),  # before the model loads
     (["--top_k", "-5"], "top_k must be a positive integer, or 0 / None to disable it, got -5"),
     (["--stop", ""], "stop must be a non-empty string or None"),
     (["--stop", "\udcbd"], "--stop is not valid UTF-8 (byte 0xbd)"),
