@@ -523,10 +523,6 @@ def move_back(moved: Path, checkpoint_dir: Path) -> None:
     moved.rmdir()
 
 
-def same_folder(a: str, b: Optional[str]) -> bool:
-    return b is not None and Path(a).resolve() == Path(b).resolve()
-
-
 def new_run_dir(log_dir: str, data_dir: str) -> Path:
     """Make log_dir/<time>_<data>[-N] and return it. Making it claims the name: runs started in the
     same second (a sweep started from a script, say) each get their own TensorBoard run."""
@@ -816,10 +812,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 made_folders = []  # made by the run that holds the lock, maybe, at the same moment: its own now
                 raise
         try:
-            # the same folder however it is written (runs, ./runs, its absolute path) continues the same run
-            if ckpt is not None and ckpt.get("run_dir") and same_folder(config.log_dir, ckpt["config"].get("log_dir")):
-                run_dir = Path(ckpt["run_dir"])  # continue the same TensorBoard run
-                new_run = not run_dir.is_dir()
+            # a resume continues the same TensorBoard run where --log_dir holds it, however the folder is
+            # written (runs, ./runs, a path from another working folder), or where --log_dir is unchanged
+            continued = Path(config.log_dir) / Path(ckpt["run_dir"]).name if ckpt and ckpt.get("run_dir") else None
+            if continued and (continued.is_dir() or config.log_dir == ckpt["config"].get("log_dir")):
+                run_dir, new_run = continued, not continued.is_dir()  # a deleted run folder starts again
                 run_dir.mkdir(parents=True, exist_ok=True)
             else:
                 run_dir, new_run = new_run_dir(config.log_dir, config.data_dir), True

@@ -1472,9 +1472,15 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
     text = changes[0].tensor_proto.string_val[0].decode()
     assert "resumed at iteration 4 with:" in text and "learning_rate: 0.01 -> 0.005" in text
     assert "max_iters: 4 -> 6" in text and "log_dir: './runs' -> 'runs'" in text
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")  # the same folder named from another working folder
+    again = train(tiny(char_data, tmp_path, max_iters=7, eval_interval=2, log_dir="../runs"))
+    assert Path(again["run_dir"]).resolve() == Path(tmp_path / first["run_dir"]).resolve()
+    monkeypatch.chdir(tmp_path)
     third = train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, log_dir="other_runs"))
     assert Path(third["run_dir"]).resolve().parent == tmp_path / "other_runs"
     assert "hparams" in plugins(third["run_dir"]).ActivePlugins()  # a run of its own, listed on HPARAMS
+    assert len(list((tmp_path / "runs").iterdir())) == 1 and list((tmp_path / "sub").iterdir()) == []
 
 
 def test_runs_started_in_the_same_second_get_their_own_tensorboard_run(tmp_path, monkeypatch):
