@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 # the command line is parsed in config.py
-from config import CUDA_GRAPH_MODES, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
+from config import CUDA_GRAPH_MODES, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
                    folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
@@ -660,6 +660,11 @@ def _train_locked(config: GPT2Config, explicit: set[str], t_start: float, lock: 
     # before the process group: a resumed run's backend and device come from its checkpoint
     plan = list(plan_run(config, explicit))
     config = plan[0]
+    if config.sample_tokens > MAX_SAMPLE_TOKENS:  # drawn at each evaluation, and a signal waits for it
+        given = "" if "sample_tokens" in explicit or plan[1] is None else " (the checkpoint's setting)"
+        raise ConfigError(f"--sample_tokens={config.sample_tokens:,}{given} is the length of the text sample written "
+                          f"at each evaluation: at most {MAX_SAMPLE_TOKENS:,}; give --sample_tokens=200, say, and "
+                          f"use generate.py for long texts")
     torchrun = int(os.environ.get("RANK", -1)) != -1
     if torchrun and "device" not in explicit and config.device.startswith("cuda:"):
         config.device = "cuda"  # a checkpoint's own, from a run in one process: here each takes cuda:LOCAL_RANK

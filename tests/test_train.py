@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import ConfigError, GPT2Config
+from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config
 from data import BatchLoader, DataError
 from model import GPT
 from tokenizer import CharTokenizer, load_tokenizer
@@ -652,6 +652,24 @@ def test_torchrun_resumes_a_run_made_on_cuda_n_on_each_local_rank(char_data, tmp
     assert seen == [(given or "cuda", 0)]
 
 
+def test_sample_tokens_has_a_ceiling_in_training_only(char_data, tmp_path):
+    # the sample is drawn at each evaluation and a signal waits for it: 10**12 tokens hung the run
+    with pytest.raises(ConfigError, match=r"--sample_tokens=1,000,000,000,000 is the length .* at most 10,000; give"):
+        train(tiny(char_data, tmp_path, sample_tokens=10**12))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2, sample_tokens=4))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["config"]["sample_tokens"] = 20_000  # allowed before the ceiling
+    torch.save(ckpt, path)
+    assert GPT(GPT2Config(**{k: ckpt["config"][k] for k in MODEL_SHAPE_KEYS}, sample_tokens=20_000))  # still a model
+    with pytest.raises(ConfigError, match=r"--sample_tokens=20,000 \(the checkpoint's setting\) is the length"):
+        train(GPT2Config(checkpoint_dir=str(tmp_path / "ckpt"), max_iters=4), {"checkpoint_dir", "max_iters"})
+    summary = train(GPT2Config(checkpoint_dir=str(tmp_path / "ckpt"), max_iters=4, sample_tokens=4),
+                    {"checkpoint_dir", "max_iters", "sample_tokens"})
+    assert summary["iter_num"] == 4
+
+
 @pytest.mark.parametrize("mode, steps, refused", [("reduce-overhead", 2, True), ("max-autotune", 3, True),
                                                    ("reduce-overhead", 1, False), ("default", 2, False),
                                                    ("max-autotune-no-cudagraphs", 2, False)])
@@ -1144,6 +1162,8 @@ def test_a_permission_error_anywhere_is_one_line(capsys, monkeypatch):
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
                   "tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)"),
      "error: out of memory: tried to allocate 128.0 GB; "),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000 bytes."),
+     "error: out of memory: tried to allocate 40.0 MB; "),
     (RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"), "error: out of memory; ")])
 def test_out_of_memory_is_one_line(capsys, error, said):
     """A text read whole by prepare_data.py, or a model or batch too large for the machine (PyTorch's
