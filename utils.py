@@ -276,7 +276,11 @@ def _out_of_memory(e: RuntimeError) -> Optional[str]:
     asked = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ ?[KMGT]i?B)", text, re.IGNORECASE)
     if asked is None:
         return ""
-    return f": tried to allocate {f'{int(asked[1]) / 1e9:.1f} GB' if asked[1] else asked[2]}"
+    if asked[2]:
+        return f": tried to allocate {asked[2]}"
+    n = int(asked[1])
+    size = f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n:,} bytes"
+    return f": tried to allocate {size}"
 
 
 def run_cli(main: Callable[[], object]) -> None:
