@@ -210,6 +210,8 @@ def test_unknown_preset():
     (["--n_lay=4"], "unknown config key 'n_lay'; did you mean 'n_layer'?"),  # no abbreviations: a typo is no flag
     (["--learning=1e-3"], "unknown config key 'learning'"),
     (["a.py", "b.py"], "unexpected argument 'b.py': give at most one config file"),
+    ([""], "config file '' is empty; pass a Python file"),  # "$CFG" with CFG unset
+    (["missing.py"], "config file 'missing.py' does not exist; pass a Python file"),
 ])
 def test_what_the_command_line_refuses(argv, problem):
     with pytest.raises(ConfigError, match=re.escape(problem)):
