@@ -269,6 +269,9 @@ OUT_OF_MEMORY = ("out of memory{}; give the run less to hold at once (a smaller 
 def _out_of_memory(e: RuntimeError) -> Optional[str]:
     """For PyTorch failing to allocate (torch.OutOfMemoryError on a GPU, a plain RuntimeError on a CPU): how
     much it tried to allocate, or '' where it does not say; None for any other error."""
+    # torch.compile wraps an error in its compiler (it measures kernels, which allocates) in BackendCompilerFailed
+    while getattr(e, "inner_exception", None) is not None or e.__cause__ is not None:
+        e = getattr(e, "inner_exception", None) or e.__cause__
     text = str(e)
     first = text.splitlines()[0].lower() if text else ""
     if type(e).__name__ != "OutOfMemoryError" and "can't allocate memory" not in first and "out of memory" not in first:

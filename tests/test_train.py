@@ -1195,6 +1195,19 @@ def test_an_empty_path_flag_is_refused(script, flag):
     assert getattr(parse([flag, "~/x"]), flag[2:]) == os.path.expanduser("~/x")
 
 
+def test_out_of_memory_inside_torch_compile_is_one_line(capsys):
+    from torch._dynamo.exc import BackendCompilerFailed
+    from utils import run_cli
+
+    def main():
+        raise BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
+                                                                         "1.50 GiB. GPU 0 has ..."), None) from None
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: out of memory: tried to allocate 1.50 GiB; ")
+
+
 def test_other_runtime_errors_keep_their_traceback():
     from utils import run_cli
 
