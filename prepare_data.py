@@ -70,7 +70,7 @@ from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_di
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_lock, folder_problem,
-                   missing_folders, path_arg, remove_empty_folders, remove_unfinished_writes, run_cli,
+                   lock_holder, missing_folders, path_arg, remove_empty_folders, remove_unfinished_writes, run_cli,
                    start_process_helpers, stop_signals)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -803,8 +803,8 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         with contextlib.ExitStack() as stack:
             if not stack.enter_context(folder_lock(out_dir)):
                 made = []  # the other run's folders, not this one's
-                raise DataError(f"another prepare_data.py is writing into {out_dir}; wait for it to finish, or "
-                                f"give another --output_dir")
+                raise DataError(f"another prepare_data.py{lock_holder(out_dir)} is writing into {out_dir}; wait for it "
+                                f"to finish, or give another --output_dir")
 
             def settle(error_type, *_) -> None:
                 """Runs after the files below are renamed or removed, and before the lock is released: a run

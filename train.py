@@ -41,9 +41,9 @@ from config import CUDA_GRAPH_MODES, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, Config
 from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
                    folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
-                   load_weights, missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device,
-                   resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, stop_signals,
-                   synchronize, utf8_text)
+                   load_weights, lock_holder, missing_folders, remove_empty_folders, remove_unfinished_writes,
+                   resolve_device, resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state,
+                   stop_signals, synchronize, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -651,8 +651,9 @@ def hold_checkpoint_dir(lock: ExitStack, checkpoint_dir: Path) -> None:
     """Lock checkpoint_dir for this run, or refuse: two runs in one folder overwrite each other's checkpoints,
     and one's start-up removes the other's checkpoint being written."""
     if not lock.enter_context(folder_lock(checkpoint_dir)):
-        raise ConfigError(f"another train.py is training with --checkpoint_dir={checkpoint_dir}; wait for it to "
-                          f"finish (or stop it), or give this run another --checkpoint_dir")
+        raise ConfigError(f"another train.py{lock_holder(checkpoint_dir)} is training with --checkpoint_dir="
+                          f"{checkpoint_dir}; wait for it to finish (or stop it), or give this run another "
+                          f"--checkpoint_dir")
 
 
 def _train_locked(config: GPT2Config, explicit: set[str], t_start: float, lock: Optional[ExitStack]) -> dict:

@@ -246,6 +246,24 @@ def folder_lock(folder: Path) -> Iterator[bool]:
         os.close(fd)
 
 
+def lock_holder(folder: Path) -> str:
+    """' (pid N)' for another process that holds folder_lock on `folder`, where Linux's /proc/locks names it
+    (not where the holder is in another pid namespace, a container, which shows as pid 0); '' otherwise."""
+    try:
+        st = os.stat(folder)
+        table = Path("/proc/locks").read_text()
+    except OSError:  # not Linux, or the folder just went away
+        return ""
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 4942 fe:00:3186912 0 EOF"; a lock still waited for has "->" after the "1:"
+        fields = line.split()
+        if fields[1:4] == ["FLOCK", "ADVISORY", "WRITE"] and len(fields) > 5 and fields[5] == where:
+            pid = int(fields[4])
+            return f" (pid {pid})" if pid > 0 and pid != os.getpid() else ""
+    return ""
+
+
 def output_file_problem(path: str | os.PathLike) -> Optional[str]:
     """Why `path` cannot be written as a file (a folder there, or its folder unusable), or None."""
     path = Path(path)

@@ -1772,6 +1772,29 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
         assert held
 
 
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="the lock's holder is found in Linux's /proc/locks")
+def test_the_refusal_names_the_process_that_holds_the_folder(tmp_path):
+    """Which run holds the folder (a forgotten one in another terminal, say) is what the user needs to know."""
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    (tmp_path / "unlocked").mkdir()
+    assert prepare_data.lock_holder(tmp_path / "unlocked") == ""
+    with prepare_data.folder_lock(tmp_path) as held:  # this process's own lock names no other process
+        assert held and prepare_data.lock_holder(tmp_path) == ""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; from utils import "
+                               "folder_lock\nwith folder_lock(Path(sys.argv[1])) as held:\n print(held, flush=True); "
+                               "sys.stdin.read()", str(tmp_path)],
+                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "True\n"
+        assert prepare_data.lock_holder(tmp_path / "unlocked") == ""  # another folder's lock is not this one's
+        with pytest.raises(DataError, match=rf"^another prepare_data.py \(pid {holder.pid}\) is writing into "):
+            prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir",
+                    tmp_path)
+    finally:
+        holder.communicate("", timeout=60)
+    assert prepare_data.lock_holder(tmp_path) == ""  # gone with its process
+
+
 @pytest.mark.parametrize("made_anew", [False, True])
 def test_a_lock_on_a_folder_removed_meanwhile_is_no_lock(tmp_path, monkeypatch, made_anew):
     """A run that opened the folder just as a failing run removed it locks a folder that is gone."""
