@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from utils import ArgumentParser, UserError
+from utils import ArgumentParser, UserError, device_name_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -192,8 +192,8 @@ class GPT2Config:
             problems.append(f"compile must be True, False or 'auto', got {self.compile!r}")
         if self.compile_mode not in COMPILE_MODES:
             problems.append(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
-            problems.append(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        if problem := device_name_problem(self.device):
+            problems.append(problem)
         if self.backend not in ("nccl", "gloo"):
             problems.append(f"backend must be 'nccl' or 'gloo', got {self.backend!r}")
         for name in PATH_FIELDS:

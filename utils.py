@@ -449,6 +449,14 @@ def synchronize(device: "torch.device") -> None:
         torch.mps.synchronize()
 
 
+def device_name_problem(name) -> Optional[str]:
+    """Why `name` is no --device value, or None. train.py and generate.py take the same names: torch.device
+    would also take 'cpu:0' or 'cuda:0 ' and train.py's config file would not."""
+    if isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        return None
+    return f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}"
+
+
 def resolve_device(name: str = "auto") -> "torch.device":
     """'auto' -> cuda if available, then mps, then cpu; otherwise the named device, which must exist here.
 
@@ -461,12 +469,10 @@ def resolve_device(name: str = "auto") -> "torch.device":
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise DeviceError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+    problem = device_name_problem(name)
+    if problem:
+        raise DeviceError(problem)
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"--device={name} was asked for, but this PyTorch sees no CUDA GPU; "

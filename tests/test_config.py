@@ -135,6 +135,18 @@ def test_values_of_the_wrong_kind_are_problems_too(overrides, problem):
     GPT2Config(device="cuda:1", compile=True).validate()
 
 
+@pytest.mark.parametrize("name", ["cpu:0", "mps:0", "cuda:x", "cuda ", "cuda:-1", "gpu", "meta", ""])
+def test_generate_and_bench_refuse_the_device_names_that_train_refuses(name):
+    """torch.device takes 'cpu:0', 'cuda ' and 'meta'; a name that one script takes and another refuses is a trap."""
+    from utils import UserError, resolve_device
+    message = f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GPT2Config(device=name).validate()
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        resolve_device(name)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_every_unknown_key_is_named():
     with pytest.raises(ConfigError, match="unknown config key 'n_layers'; did you mean 'n_layer'.*; unknown config "
                                           "key 'n_heads'; did you mean 'n_head'"):
