@@ -546,6 +546,8 @@ def model_report(args) -> dict:
             ref = (f" | transformers generate {g['hf_tokens_per_sec']:.1f} tokens/s "
                    f"(x{g['tokens_per_sec'] / g['hf_tokens_per_sec']:.2f})" if g.get("hf_tokens_per_sec") else "")
             print(f"  batch {g['batch_size']}: {g['tokens_per_sec']:,.1f} tokens/s{ref}")
+    if args.no_train and args.no_generate:
+        print("nothing measured: --no_train and --no_generate leave only the settings above")
     return report
 
 

@@ -342,10 +342,13 @@ def test_data_dir_times_the_data_sets_batches(tmp_path, monkeypatch):
         bench.main(["--device", "cpu", "--no_generate", "--data_dir", str(d), "--vocab_size", "100"])
 
 
-def test_gpt2_presets_report_gpt2s_vocabulary_and_no_compile_mode_uncompiled():
+def test_gpt2_presets_report_gpt2s_vocabulary_and_no_compile_mode_uncompiled(capsys):
     import bench
     r = bench.main(["--device", "cpu", "--preset", "gpt2", "--no_train", "--no_generate"])
     assert (r["vocab_size"], r["compile"], r["compile_mode"], r["compile_regional"]) == (50257, False, None, False)
+    assert "train" not in r and "generate" not in r
+    assert capsys.readouterr().out.splitlines()[-1] == ("nothing measured: --no_train and --no_generate leave only "
+                                                        "the settings above")  # not a silent success
     r = bench.main(["--device", "cpu", "--preset", "gpt2-medium", "--no_train", "--no_generate"])
     assert (r["n_layer"], r["n_head"], r["n_embd"], r["block_size"]) == (24, 16, 1024, 1024)
 
