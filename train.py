@@ -549,7 +549,15 @@ class Logger:
         self.out = sys.stdout
         self.stdout_error: Optional[str] = None
         self.stop: Optional[GracefulStop] = None
-        if master and run_dir is not None:
+        # the event file is opened at the first value written: a resumed run that has nothing left to train
+        # leaves no empty file in the run's folder
+        self.pending = (run_dir, purge_step) if master and run_dir is not None else None
+
+    def open_writer(self):
+        """The SummaryWriter, opened now if it is not yet; None on other ranks, without a log_dir, or closed."""
+        if self.pending is not None:
+            run_dir, purge_step = self.pending
+            self.pending = None
             from torch.utils.tensorboard import SummaryWriter
             # event files are named after the second they were opened in, and TensorBoard reads a folder's
             # files in name order: a resumed run's file must not sort before the one it continues
@@ -560,7 +568,11 @@ class Logger:
                 time.sleep(wait)
             # purge_step hides events a killed run wrote after its last checkpoint, so a resumed run
             # shows no duplicated steps
-            self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+            try:
+                self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+            except OSError as e:  # a full disk, say
+                raise ConfigError(f"cannot write TensorBoard logs into {run_dir}: {e.strerror or e}") from None
+        return self.writer
 
     def print(self, *args, **kwargs) -> None:
         if not self.master or self.out is None:  # stdout and stderr both failed: nowhere left to say it
@@ -579,20 +591,20 @@ class Logger:
                     self.stop.request(SIGPIPE, self.stdout_error)
 
     def scalars(self, step: int, **values) -> None:
-        if self.writer is not None:
+        if any(v is not None for v in values.values()) and self.open_writer() is not None:
             for tag, v in values.items():
                 if v is not None:
                     self.writer.add_scalar(tag, v, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.writer is not None:
+        if self.open_writer() is not None:
             # markdown: indent by four spaces so line breaks and spacing survive
             self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
     def hparams(self, config: dict, layout: bool = False) -> None:
         """config's plain values on the HPARAMS page; layout: also a chart with the train and val losses together
         (CUSTOM SCALARS page), where overfitting shows as the two curves part."""
-        if self.writer is not None:
+        if self.open_writer() is not None:
             if layout:
                 self.writer.add_custom_scalars(
                     {"loss": {"train and val": ["Multiline", ["train/loss", "train/eval_loss", "val/loss"]]}})
@@ -611,6 +623,7 @@ class Logger:
             self.writer.flush()
 
     def close(self) -> None:
+        self.pending = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -853,10 +866,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if problem:
         raise ConfigError(f"cannot write TensorBoard logs into {run_dir}: it {problem}; make it writable, or give "
                           f"another --log_dir")
-    try:
-        log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
-    except OSError as e:  # a full disk, say
-        raise ConfigError(f"cannot write TensorBoard logs into {run_dir}: {e.strerror or e}") from None
+    log = Logger(master, run_dir, purge_step=iter_num + 1 if ckpt is not None else None)
     cleanup.callback(log.close)
     if master:
         remove_unfinished_writes(checkpoint_dir, CHECKPOINT_NAMES)
@@ -872,7 +882,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
                    if k in before and before[k] != v]
         if changed:
-            log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(changed), iter_num)
+            # at the first step this run trains, which a rerun after a crash before its first checkpoint purges
+            # (purge_step): listed once, not once per try
+            log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(changed),
+                     iter_num + 1)
 
     n_params = raw_model.get_num_params()
     log.print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, {config.n_head} heads, "

@@ -1398,8 +1398,10 @@ def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_agai
     assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 10
     out = capsys.readouterr().out  # not "already trained ... raise --max_iters", then "done"
     assert "already trained" not in out and "done: 10 iterations (0 of them in this run)" in out
+    events = sorted((tmp_path / "runs").rglob("events.out.tfevents.*"))
     train(tiny(char_data, tmp_path, max_iters=10))  # now it is complete
     assert "already trained for 10 iterations (max_iters=10); raise --max_iters" in capsys.readouterr().out
+    assert sorted((tmp_path / "runs").rglob("events.out.tfevents.*")) == events  # no empty event file
     # an earlier, shorter run's final checkpoint left in place by the crash is replaced too
     monkeypatch.setattr(train_module, "save_checkpoint", crash_on_final)
     with pytest.raises(Crash):
@@ -1501,7 +1503,7 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
     assert hp["learning_rate"].number_value == 1e-2  # TensorBoard keeps a run's first hyperparameters
     assert "custom_scalars" in acc.ActivePlugins()  # the train and val losses on one chart
     changes = acc.Tensors("config_changes/text_summary")
-    assert [e.step for e in changes] == [4]
+    assert [e.step for e in changes] == [5]  # the first step of the resumed run
     text = changes[0].tensor_proto.string_val[0].decode()
     assert "resumed at iteration 4 with:" in text and "learning_rate: 0.01 -> 0.005" in text
     assert "max_iters: 4 -> 6" in text and "log_dir: './runs' -> 'runs'" in text
@@ -1514,6 +1516,27 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
     assert Path(third["run_dir"]).resolve().parent == tmp_path / "other_runs"
     assert "hparams" in plugins(third["run_dir"]).ActivePlugins()  # a run of its own, listed on HPARAMS
     assert len(list((tmp_path / "runs").iterdir())) == 1 and list((tmp_path / "sub").iterdir()) == []
+
+
+def test_a_resume_run_again_after_a_crash_lists_its_changed_settings_once(char_data, tmp_path, monkeypatch):
+    """A resumed run with changed settings that crashes before its first checkpoint, run again: one entry on
+    the TEXT page, not one per try."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    import train as train_module
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))
+
+    def crash(*args, **kwargs):
+        raise Crash
+    monkeypatch.setattr(train_module, "forward_backward", crash)
+    with pytest.raises(Crash):
+        train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2, learning_rate=5e-3))
+    monkeypatch.undo()
+    summary = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2, learning_rate=5e-3))
+    acc = EventAccumulator(summary["run_dir"])
+    acc.Reload()
+    changes = acc.Tensors("config_changes/text_summary")
+    assert [e.step for e in changes] == [5]
+    assert "learning_rate: 0.01 -> 0.005" in changes[0].tensor_proto.string_val[0].decode()
 
 
 def test_runs_started_in_the_same_second_get_their_own_tensorboard_run(tmp_path, monkeypatch):
@@ -1537,8 +1560,13 @@ def test_a_resumed_runs_event_file_sorts_after_the_one_it_continues(tmp_path):
     # a file from a clock an hour ahead (another machine) is not waited for
     (tmp_path / f"events.out.tfevents.{int(time.time()) + 3600}.other.1.0").write_bytes(b"")
     t0 = time.monotonic()
-    Logger(True, tmp_path, purge_step=None).close()
+    log = Logger(True, tmp_path, purge_step=None)
+    log.scalars(1, x=1.0)  # the event file is opened here
+    log.close()
     assert time.monotonic() - t0 < 1.5
+    assert len(list(tmp_path.iterdir())) == 5
+    Logger(True, tmp_path, purge_step=None).close()  # nothing written: no empty event file either
+    assert len(list(tmp_path.iterdir())) == 5
 
 
 def test_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
