@@ -523,11 +523,15 @@ def move_back(moved: Path, checkpoint_dir: Path) -> None:
     moved.rmdir()
 
 
-def new_run_dir(log_dir: str, data_dir: str) -> Path:
-    """Make log_dir/<time>_<data>[-N] and return it. Making it claims the name: runs started in the
-    same second (a sweep started from a script, say) each get their own TensorBoard run."""
-    # TensorBoard writes only UTF-8 paths: a data folder named in other bytes (GBK) shows U+FFFD instead
-    base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{utf8_text(Path(data_dir).resolve().name)}"
+def new_run_dir(log_dir: str, data_dir: str, checkpoint_dir: str) -> Path:
+    """Make log_dir/<time>_<data>[_<checkpoint folder>][-N] and return it. Making it claims the name: runs
+    started in the same second (a sweep started from a script, say) each get their own TensorBoard run."""
+    # a sweep's runs differ in their checkpoint folders (checkpoints/lr3e-4, ...): their names tell the runs
+    # apart in TensorBoard's list, where the default folder's name would say nothing
+    checkpoints = Path(checkpoint_dir).resolve().name
+    name = Path(data_dir).resolve().name + ("" if checkpoints in ("checkpoints", "") else f"_{checkpoints}")
+    # TensorBoard writes only UTF-8 paths: a folder named in other bytes (GBK) shows U+FFFD instead
+    base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{utf8_text(name)}"
     run_dir, n = base, 1
     while True:
         try:
@@ -838,7 +842,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 run_dir, new_run = continued, not continued.is_dir()  # a deleted run folder starts again
                 run_dir.mkdir(parents=True, exist_ok=True)
             else:
-                run_dir, new_run = new_run_dir(config.log_dir, config.data_dir), True
+                run_dir, new_run = new_run_dir(config.log_dir, config.data_dir, config.checkpoint_dir), True
         except OSError as e:
             remove_run_folders(None, made_folders)  # the checkpoint folder just made, say
             raise ConfigError(f"cannot make --log_dir folder {config.log_dir}: {e.strerror or e}") from None

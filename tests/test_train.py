@@ -1543,9 +1543,13 @@ def test_runs_started_in_the_same_second_get_their_own_tensorboard_run(tmp_path,
     from train import new_run_dir
     import train as train_module
     monkeypatch.setattr(train_module.time, "strftime", lambda fmt: "20261126-120000")
-    made = [new_run_dir(str(tmp_path / "runs"), str(tmp_path / "data" / "char")) for _ in range(3)]
+    made = [new_run_dir(str(tmp_path / "runs"), str(tmp_path / "data" / "char"), "./checkpoints") for _ in range(3)]
     assert [p.name for p in made] == ["20261126-120000_char", "20261126-120000_char-1", "20261126-120000_char-2"]
     assert all(p.is_dir() for p in made)
+    # a sweep's runs are told apart by their checkpoint folders, in TensorBoard's list of runs too
+    made = [new_run_dir(str(tmp_path / "runs"), str(tmp_path / "data" / "char"), f"checkpoints/lr{lr}/")
+            for lr in ("1e-3", "3e-4")]
+    assert [p.name for p in made] == ["20261126-120000_char_lr1e-3", "20261126-120000_char_lr3e-4"]
 
 
 def test_a_resumed_runs_event_file_sorts_after_the_one_it_continues(tmp_path):
@@ -1777,7 +1781,7 @@ def test_a_data_folder_named_in_gbk_trains_and_logs(char_data, tmp_path):
     shutil.copytree(char_data, data)
     summary = train(tiny(data, tmp_path, max_iters=5))
     run_dir = Path(summary["run_dir"])
-    assert run_dir.name.endswith("_\ufffd\ufffd\ufffd\ufffd")
+    assert run_dir.name.endswith("_\ufffd\ufffd\ufffd\ufffd_ckpt")  # and the checkpoint folder's name
     steps, acc = event_steps(str(run_dir))
     assert steps["train/loss"] == [1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match=r"--log_dir=.*\ufffdruns is not UTF-8 .* TensorBoard writes only UTF-8"):
