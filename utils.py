@@ -452,7 +452,8 @@ def synchronize(device: "torch.device") -> None:
 def device_name_problem(name) -> Optional[str]:
     """Why `name` is no --device value, or None. train.py and generate.py take the same names: torch.device
     would also take 'cpu:0' or 'cuda:0 ' and train.py's config file would not."""
-    if isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+    # ASCII digits without a leading zero, at most nine: torch.device refuses 'cuda:01', 'cuda:١' and 20 digits
+    if isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]{0,8}))?", name):
         return None
     return f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}"
 
@@ -463,6 +464,8 @@ def resolve_device(name: str = "auto") -> "torch.device":
     'cuda' keeps no index (the current GPU); 'cuda:1' on a machine with one GPU is a DeviceError.
     """
     import torch
+    if isinstance(name, torch.device):  # batch_generate(..., device=torch.device("cuda", 0)), say
+        name = str(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -472,15 +475,19 @@ def resolve_device(name: str = "auto") -> "torch.device":
     problem = device_name_problem(name)
     if problem:
         raise DeviceError(problem)
-    device = torch.device(name)
+    device = torch.device(name.partition(":")[0])
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"--device={name} was asked for, but this PyTorch sees no CUDA GPU; "
                               "use --device=cpu (or --device=auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        # the index is checked before torch.device sees it, which keeps only its low 8 bits: 'cuda:128' would
+        # be cuda:-128, and 'cuda:255' the current GPU
+        index = int(name.partition(":")[2]) if ":" in name else None
+        if index is not None and index >= torch.cuda.device_count():
             raise DeviceError(f"--device={name} was asked for, but this machine has {torch.cuda.device_count()} "
                               f"CUDA GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; use one of them, "
                               "or --device=cuda")
+        device = torch.device("cuda", index)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"--device={name} was asked for, but MPS is not available here; use --device=cpu")
     return device

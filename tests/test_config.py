@@ -135,7 +135,8 @@ def test_values_of_the_wrong_kind_are_problems_too(overrides, problem):
     GPT2Config(device="cuda:1", compile=True).validate()
 
 
-@pytest.mark.parametrize("name", ["cpu:0", "mps:0", "cuda:x", "cuda ", "cuda:-1", "gpu", "meta", ""])
+@pytest.mark.parametrize("name", ["cpu:0", "mps:0", "cuda:x", "cuda ", "cuda:-1", "gpu", "meta", "", "cuda:01",
+                                  "cuda:\u0661", "cuda:" + "9" * 20])
 def test_generate_and_bench_refuse_the_device_names_that_train_refuses(name):
     """torch.device takes 'cpu:0', 'cuda ' and 'meta'; a name that one script takes and another refuses is a trap."""
     from utils import UserError, resolve_device
@@ -144,7 +145,18 @@ def test_generate_and_bench_refuse_the_device_names_that_train_refuses(name):
         GPT2Config(device=name).validate()
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         resolve_device(name)
-    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("index", [2, 128, 255, 256, 999999999])
+def test_a_gpu_index_past_the_machines_gpus_is_refused_not_wrapped(monkeypatch, index):
+    """torch.device keeps an index's low 8 bits: 'cuda:255' is the current GPU, 'cuda:128' is cuda:-128."""
+    from utils import DeviceError, resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DeviceError, match=rf"^--device=cuda:{index} was asked for, but this machine has 2 CUDA GPU"):
+        resolve_device(f"cuda:{index}")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda")
 
 
 def test_every_unknown_key_is_named():
