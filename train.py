@@ -530,8 +530,10 @@ def new_run_dir(log_dir: str, data_dir: str, checkpoint_dir: str) -> Path:
     # apart in TensorBoard's list, where the default folder's name would say nothing
     checkpoints = Path(checkpoint_dir).resolve().name
     name = Path(data_dir).resolve().name + ("" if checkpoints in ("checkpoints", "") else f"_{checkpoints}")
-    # TensorBoard writes only UTF-8 paths: a folder named in other bytes (GBK) shows U+FFFD instead
-    base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{utf8_text(name)}"
+    # TensorBoard writes only UTF-8 paths: a folder named in other bytes (GBK) shows U+FFFD instead. Cut to
+    # whole characters so that the name, with its time and a "-N", stays within the 255 bytes of a file name
+    name = utf8_text(name).encode()[:200].decode("utf-8", "ignore")
+    base = Path(log_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{name}"
     run_dir, n = base, 1
     while True:
         try:

@@ -1550,6 +1550,12 @@ def test_runs_started_in_the_same_second_get_their_own_tensorboard_run(tmp_path,
     made = [new_run_dir(str(tmp_path / "runs"), str(tmp_path / "data" / "char"), f"checkpoints/lr{lr}/")
             for lr in ("1e-3", "3e-4")]
     assert [p.name for p in made] == ["20261126-120000_char_lr1e-3", "20261126-120000_char_lr3e-4"]
+    # a long folder name (here 3-byte characters) is cut to whole characters, so that the run can still start
+    long = new_run_dir(str(tmp_path / "runs"), str(tmp_path / "data" / ("字" * 60)), "checkpoints/" + "x" * 250)
+    assert long.is_dir() and long.name == "20261126-120000_" + "字" * 60 + "_" + "x" * 19
+    long = new_run_dir(str(tmp_path / "runs"), str(tmp_path / "data" / ("字" * 84)), "checkpoints/" + "x" * 250)
+    assert long.is_dir() and long.name == "20261126-120000_" + "字" * 66  # not the half of the 67th
+    assert len(long.name.encode()) <= 255 - len("-999")
 
 
 def test_a_resumed_runs_event_file_sorts_after_the_one_it_continues(tmp_path):
