@@ -567,18 +567,32 @@ class Logger:
             from torch.utils.tensorboard import SummaryWriter
             # event files are named after the second they were opened in, and TensorBoard reads a folder's
             # files in name order: a resumed run's file must not sort before the one it continues
-            opened = [int(p.name.split(".")[3]) for p in run_dir.glob("events.out.tfevents.*")
-                      if p.name.split(".")[3].isdigit()]
+            before = set(run_dir.glob("events.out.tfevents.*"))
+            opened = [int(p.name.split(".")[3]) for p in before if p.name.split(".")[3].isdigit()]
             wait = max(opened) + 1 - time.time() if opened else 0
             if 0 < wait <= 2:  # a larger gap is another machine's clock, not this second: do not hang on it
                 time.sleep(wait)
+            quiet_tensorboard_threads()
             # purge_step hides events a killed run wrote after its last checkpoint, so a resumed run
             # shows no duplicated steps
             try:
                 self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
-            except OSError as e:  # a full disk, say
+            except OSError as e:  # a full disk, say: the file was made, its first event could not be written
+                for p in set(run_dir.glob("events.out.tfevents.*")) - before:
+                    with suppress(OSError):
+                        if p.stat().st_size == 0:
+                            p.unlink()
                 raise ConfigError(f"cannot write TensorBoard logs into {run_dir}: {e.strerror or e}") from None
         return self.writer
+
+    def write_failed(self, e: OSError) -> None:
+        """A write into the open event file failed (the disk filled up during the run): say so once and train on
+        without TensorBoard, rather than lose the steps since the last checkpoint over a log."""
+        writer, self.writer = self.writer, None
+        with suppress(OSError):
+            writer.close()
+        print(f"warning: TensorBoard logs can no longer be written into {writer.log_dir} ({e.strerror or e}); "
+              f"training goes on without them", file=sys.stderr, flush=True)
 
     def print(self, *args, **kwargs) -> None:
         if not self.master or self.out is None:  # stdout and stderr both failed: nowhere left to say it
@@ -598,14 +612,20 @@ class Logger:
 
     def scalars(self, step: int, **values) -> None:
         if any(v is not None for v in values.values()) and self.open_writer() is not None:
-            for tag, v in values.items():
-                if v is not None:
-                    self.writer.add_scalar(tag, v, step)
+            try:
+                for tag, v in values.items():
+                    if v is not None:
+                        self.writer.add_scalar(tag, v, step)
+            except OSError as e:
+                self.write_failed(e)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.open_writer() is not None:
-            # markdown: indent by four spaces so line breaks and spacing survive
-            self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+            try:
+                # markdown: indent by four spaces so line breaks and spacing survive
+                self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+            except OSError as e:
+                self.write_failed(e)
 
     def hparams(self, config: dict, layout: bool = False) -> None:
         """config's plain values on the HPARAMS page; layout: also a chart with the train and val losses together
@@ -621,18 +641,46 @@ class Logger:
             # metrics are the val/loss and train/loss curves of this run. Not the third summary, the session's
             # end, which says "success" before the run has even begun
             experiment, session_start, _ = hparams(hp, {"val/loss": 0.0, "train/loss": 0.0})
-            for summary in (experiment, session_start):
-                self.writer.file_writer.add_summary(summary)
+            try:
+                for summary in (experiment, session_start):
+                    self.writer.file_writer.add_summary(summary)
+            except OSError as e:
+                self.write_failed(e)
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            try:
+                self.writer.flush()
+            except OSError as e:
+                self.write_failed(e)
 
     def close(self) -> None:
         self.pending = None
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                self.write_failed(e)
             self.writer = None
+
+
+def quiet_tensorboard_threads() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails (a full disk): the error
+    is raised again in the thread that writes next, where Logger says it in one line."""
+    import threading
+    try:  # a private class: a TensorBoard without it only prints the traceback again
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:
+        return
+    if getattr(threading.excepthook, "quiet_tensorboard", False):
+        return
+    default = threading.excepthook
+
+    def hook(args) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            default(args)
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 def format_flops(flops: float) -> str:

@@ -400,6 +400,39 @@ def test_a_log_folder_that_cannot_be_written_stops_the_run_and_leaves_nothing(ch
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # pytest's catch of a traceback
+@pytest.mark.parametrize("writes_that_work", [0, 40])
+def test_a_full_disk_under_tensorboard_is_one_line(char_data, tmp_path, monkeypatch, capsys, writes_that_work):
+    """The event file cannot be written from the start: a one-line error, and no empty event file left. It fills
+    up during the run: one warning, and the training goes on (no traceback from TensorBoard's thread either)."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+    real, calls = gfile.LocalFileSystem._write, []
+
+    def write(self, filename, content, mode):  # every write of the event file opens it anew
+        calls.append(1)
+        if len(calls) > writes_that_work:
+            open(filename, mode).close()  # the file is made, but its bytes do not fit
+            raise OSError(28, "No space left on device")
+        real(self, filename, content, mode)
+    if writes_that_work == 0:
+        train(tiny(char_data, tmp_path, max_iters=4))  # a run to resume: its folder holds an event file already
+        monkeypatch.setattr(gfile.LocalFileSystem, "_write", write)
+        run_dir = Path(next((tmp_path / "runs").iterdir()))
+        events = sorted(run_dir.iterdir())
+        with pytest.raises(ConfigError, match=rf"^cannot write TensorBoard logs into {re.escape(str(run_dir))}: No "
+                                              rf"space left on device$"):
+            train(tiny(char_data, tmp_path, max_iters=8))
+        assert sorted(run_dir.iterdir()) == events  # no empty event file
+    else:
+        monkeypatch.setattr(gfile.LocalFileSystem, "_write", write)
+        summary = train(tiny(char_data, tmp_path, max_iters=30))
+        assert summary["iter_num"] == 30 and len(calls) > writes_that_work
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err
+    warnings = [line for line in err.splitlines() if "TensorBoard logs can no longer be written" in line]
+    assert len(warnings) == (writes_that_work > 0)
+
+
 @pytest.mark.parametrize("failing_step, trace_left", [(1, False), (2, True)])
 def test_a_new_run_whose_first_step_fails_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys, failing_step,
                                                           trace_left):
