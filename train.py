@@ -1167,6 +1167,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             last_eval_s = timed_eval(time.perf_counter() - t0)
             if owed and config.save_interval and iter_num % config.save_interval == 0:
                 save([f"checkpoint_iter_{iter_num}.pt"])  # the copy kept at the stop still owed this evaluation
+        if iter_num < config.max_iters:
+            log.open_writer()  # a resumed run's, here, where it counts as setup and not in the first rate
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
         timing["setup"] = t_mark - t_start - timing["evaluation"] - timing["checkpoints"]
         first_in_interval = True  # the first step compiles: its time stays out of the first rate and ETA
