@@ -130,9 +130,9 @@ def load_meta(data_dir: str | Path) -> dict:
 
 def _identity(path: Path) -> tuple:
     """What tells a file from another put in its place (prepare_data.py renames new files over the old), or
-    from itself grown or cut: device, inode and size. Ids written into it in place are the id check's."""
+    from itself grown, cut or written over in place: device, inode, size and modification time."""
     st = path.stat()
-    return st.st_dev, st.st_ino, st.st_size
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def remake_command(data_dir: Path, meta: dict) -> str:

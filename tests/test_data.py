@@ -1014,6 +1014,16 @@ def test_a_data_set_rewritten_in_place_during_the_run_stops_it_at_the_next_batch
             f.write((np.arange(80) % 50).astype(np.uint16).tobytes())
         with pytest.raises(DamagedBatchError, match=r"train.bin was replaced or changed since the run started"):
             loader.get_batch("train", 1)
+    # the same length written over in place, with ids that are all valid: only the time tells
+    d = write_data_dir(tmp_path / "e", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
+    with BatchLoader(d, block_size=8, batch_size=2) as loader:
+        loader.get_batch("train", 0)
+        before = (d / "train.bin").stat().st_mtime_ns
+        with open(d / "train.bin", "r+b") as f:
+            f.write((np.arange(100) % 49).astype(np.uint16).tobytes())
+        os.utime(d / "train.bin", ns=(before + 10**9, before + 10**9))  # a later write, on a coarse clock too
+        with pytest.raises(DamagedBatchError, match=r"train.bin was replaced or changed since the run started"):
+            loader.get_batch("train", 1)
 
 
 def test_the_default_folder_of_a_relative_input_is_named_after_it(tmp_path, monkeypatch):
