@@ -124,7 +124,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
 
     def step(i):
         loss = forward_backward(step_model, lambda m: next_batch(i), 1, ctx, scaler)
-        optimizer_step(model, optimizer, scaler, config.grad_clip)
+        optimizer_step(optimizer, scaler, config.grad_clip)
         return loss
 
     try:
@@ -195,9 +195,11 @@ def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
         for i in range(n_steps):
             loss = step(first + i)
         loss.item()  # waits for the last kernels
+        wall = time.perf_counter() - t0
     kind = DeviceType.CUDA if cuda else DeviceType.CPU
     rows = [e for e in prof.key_averages() if e.device_type == kind and not getattr(e, "is_user_annotation", False)]
     own_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
@@ -215,6 +217,7 @@ def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict
     rows.sort(key=own_us, reverse=True)
     return dict(steps=n_steps, measured="GPU kernels" if cuda else "CPU operators (self time)",
                 ms_per_step=sum(kinds.values()), kinds=kinds,
+                wall_ms_per_step=1000 * wall / n_steps,  # of these steps, the profiler's own cost included
                 top=[dict(name=e.key, ms_per_step=per_step(own_us(e)), calls_per_step=e.count / n_steps)
                      for e in rows[:top]])
 

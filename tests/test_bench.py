@@ -102,9 +102,9 @@ def test_profile_accounts_for_the_step(capsys):
     p = r["train"]["profile"]
     assert p["steps"] == 2 and p["measured"] == "CPU operators (self time)"
     assert math.isclose(sum(p["kinds"].values()), p["ms_per_step"], rel_tol=1e-9)
-    # the operators run inside the step, so they cannot take longer than it does (give or take the
-    # profiler's own overhead), and most of a float32 CPU step is spent in them
-    assert 0 < p["ms_per_step"] < 3 * r["train"]["ms_per_iter"]
+    # the operators run inside the steps, so they cannot take longer than those same steps do (timed with the
+    # profiler on, so a busy machine slows both), and most of a float32 CPU step is spent in them
+    assert 0.3 * p["wall_ms_per_step"] < p["ms_per_step"] <= p["wall_ms_per_step"]
     assert p["kinds"]["matmul"] > 0 and p["kinds"]["attention"] > 0 and p["kinds"]["optimizer and clipping"] > 0
     names = [row["name"] for row in p["top"]]
     assert len(names) == 12 and "aten::mm" in names
