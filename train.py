@@ -1180,7 +1180,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                                          micro_steps, ctx, scaler)
             log_step = (iter_num + 1) % config.log_interval == 0
             # the norm is always measured on log steps, which are the only ones that read it
-            grad_norm = optimizer_step(raw_model, optimizer, scaler, config.grad_clip, measure_norm=log_step)
+            grad_norm = optimizer_step(optimizer, scaler, config.grad_clip, measure_norm=log_step)
             if "first_step" not in timing:  # compiling and running it: wait for the GPU, or the step's
                 synchronize(device)         # queued kernels would count in the rate of the steps after it
                 timing["first_step"] = time.perf_counter() - t_mark
@@ -1301,7 +1301,7 @@ def autocast_context(device_type: str, dtype: torch.dtype):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
 
 
-def optimizer_step(model, optimizer, scaler, grad_clip: float, measure_norm: bool = False) -> Optional[torch.Tensor]:
+def optimizer_step(optimizer, scaler, grad_clip: float, measure_norm: bool = False) -> Optional[torch.Tensor]:
     """Unscale, clip at grad_clip (0: no clipping), step, update the scaler and zero the gradients.
 
     Returns the gradient norm before clipping as a device tensor when clipping or measure_norm asks for
@@ -1310,7 +1310,10 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float, measure_norm: boo
     norm = None
     if grad_clip > 0 or measure_norm:
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        # the optimizer's flat lists of parameters, not model.parameters(), which walks the module tree at every
+        # step (about 0.1 ms of host time for 6 layers, which a GPU bound by its host waits for)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
