@@ -411,6 +411,61 @@ def _merge_pair_everywhere(ids: list[int], a: int, b: int, idx: int, shift: int)
             [new[j] << shift | new[j + 1] for j in sorted(came)])
 
 
+# BPE training tracks the pairs that occur at least 1 / 2**TRACK_SHIFT times as often as the best pair when
+# it counts them (see BPETokenizer.train). A larger shift tracks more pairs, a smaller one counts more often
+TRACK_SHIFT = 6
+
+
+def _track_pairs(words: list[list[int]], freqs: list[int], shift: int):
+    """Count every pair of the words (as keys a << shift | b), and track those of count >= threshold, a
+    fraction of the best count: -> (stats, where, heap, threshold), see BPETokenizer.train.
+
+    stats: pair -> count. where: pair -> the words that may hold it, as the one word's index or a list
+    (a set per pair would take about five times the memory); a list may later name a word twice, or one
+    that lost the pair since, which the merge skips. heap: -count << 2 * shift | pair, a min-heap: the
+    highest count first, and the smallest pair among equal counts.
+    """
+    counts = defaultdict(int)
+    for w, f in zip(words, freqs):
+        for a, b in zip(w, w[1:]):
+            counts[a << shift | b] += f
+    best = max(counts.values(), default=0)
+    threshold = max(1, best >> TRACK_SHIFT)
+    stats = {p: c for p, c in counts.items() if c >= threshold}
+    del counts
+    where = {}
+    for wi, w in enumerate(words):
+        for a, b in zip(w, w[1:]):
+            key = a << shift | b
+            if key in stats:
+                listed = where.get(key)
+                if listed is None:
+                    where[key] = wi
+                elif listed.__class__ is int:
+                    where[key] = [listed, wi]
+                elif listed[-1] != wi:
+                    listed.append(wi)
+    shift2 = 2 * shift
+    heap = [-c << shift2 | p for p, c in stats.items()]
+    heapq.heapify(heap)
+    return stats, where, heap, threshold
+
+
+def _pop_best(heap: list[int], stats: dict[int, int], shift2: int) -> tuple[int, int]:
+    """Take the tracked pair of the highest count (the smallest among equal counts) off the heap: -> (pair,
+    count), or (0, 0) when none is left. An entry is never below its pair's count, which only shrinks
+    after it is pushed; one that is too high is pushed back with the true count (lazy invalidation)."""
+    while heap:
+        entry = heapq.heappop(heap)
+        key = entry & ((1 << shift2) - 1)
+        count = stats.get(key, 0)
+        if count == -(entry >> shift2):
+            return key, count
+        if count:
+            heapq.heappush(heap, -count << shift2 | key)
+    return 0, 0
+
+
 def _bpe(ids: list[int], ranks: dict[tuple[int, int], int]) -> list[int]:
     """Merge adjacent pairs, lowest-ranked first and leftmost among equals, until none is in ranks.
 
@@ -586,44 +641,30 @@ class BPETokenizer(Tokenizer):
                 freqs.append(n)
         del chunk_counts  # the chunks' text is not needed again
 
-        # A pair (a, b) is kept as the one int a << shift | b, which orders as the tuple does. With the index
-        # below, this takes a fifth less time and a third less memory than tuples on 10 MB of Chinese text,
-        # which makes millions of distinct pairs (two characters side by side), nearly all of them rare.
+        # A pair (a, b) is kept as the one int a << shift | b, which orders as the tuple does: a fifth less
+        # time and a third less memory than tuples.
         shift = vocab_size.bit_length()
         low = (1 << shift) - 1
-        # pair counts, and for each pair the words that may contain it: a list, which may name a word twice
-        # or name one that lost the pair since (the merge skips both), or, for a pair that a merge made and
-        # one word holds, that word's index alone. A set per pair would take about five times the memory,
-        # and most pairs that merges make are in one word only.
-        stats = defaultdict(int)
-        where = {}
-        for wi, w in enumerate(words):
-            f = freqs[wi]
-            for a, b in zip(w, w[1:]):
-                key = a << shift | b
-                stats[key] += f
-                where.setdefault(key, []).append(wi)
-        # a min-heap of -count << 2 * shift | key: the highest count first, and the smallest pair among
-        # equal counts. A pair's count only grows in the step that creates it and only shrinks later, so an
-        # entry is never below the true count; a popped entry that is too high is pushed back with the true
-        # count (lazy invalidation).
         shift2 = 2 * shift
-        heap = [-c << shift2 | key for key, c in stats.items()]
-        heapq.heapify(heap)
+        # Only the pairs that occur at least `threshold` times are tracked (counts, words, heap; see
+        # _track_pairs). Chinese text makes millions of distinct pairs (two characters side by side), nearly
+        # all rare, and tracking them all took about 85 bytes of memory per byte of text. It is exact: a
+        # pair's count only grows in the step that creates it (it holds the new token) and only shrinks
+        # later, so a pair below the threshold when counted, or when created, stays below it. Every pair at
+        # or above it is tracked, so the best tracked pair is the best of all, ties included. A tracked pair
+        # that falls below it is dropped; when none is left, all pairs are counted again with a lower
+        # threshold, a fixed fraction of the best count then: a few times in a training run.
+        stats, where, heap, threshold = _track_pairs(words, freqs, shift)
 
         merges = []
         vocab = {i: bytes([i]) for i in range(256)}
         report_every = max(1, num_merges // 20)
         for step in range(num_merges):
-            while heap:
-                entry = heapq.heappop(heap)
-                key = entry & ((1 << shift2) - 1)
-                count = stats.get(key, 0)
-                if count == -(entry >> shift2):
-                    break
-                if count > 0:
-                    heapq.heappush(heap, -count << shift2 | key)
-            else:
+            key, count = _pop_best(heap, stats, shift2)
+            if not count and threshold > 1:  # untracked pairs may be left
+                stats, where, heap, threshold = _track_pairs(words, freqs, shift)
+                key, count = _pop_best(heap, stats, shift2)
+            if not count:
                 print(f"BPE training stopped after {step} of {num_merges} merges: every chunk of the text is a "
                       f"single token; vocab_size is {256 + step + len(names)} instead of {vocab_size}",
                       file=sys.stderr)
@@ -632,34 +673,40 @@ class BPETokenizer(Tokenizer):
             pair = (key >> shift, key & low)
             merges.append(pair)
             vocab[idx] = vocab[pair[0]] + vocab[pair[1]]
-            new_pairs = set()
+            # the new pairs (each holds idx) and their words, tracked at the end if frequent enough
+            fresh, fresh_where = defaultdict(int), {}
             found = where.pop(key)
+            del stats[key]  # its merged occurrences are not subtracted one by one
             for wi in (found,) if found.__class__ is int else found:
                 new, gone, came = _merge_pair_everywhere(words[wi], pair[0], pair[1], idx, shift)
                 if new is None:  # named twice, or stale: the pair left this word earlier
                     continue
                 f = freqs[wi]
                 for p in gone:
-                    c = stats[p] - f
-                    if c:
+                    c = stats.get(p)
+                    if c is None:  # untracked, or the merged pair itself (in 'aaa', merging 'aa')
+                        continue
+                    c -= f
+                    if c >= threshold:
                         stats[p] = c
-                    else:  # gone from every word, for good: a new pair always holds the new token
+                    else:  # below the threshold for good: stop tracking it
                         del stats[p]
-                        where.pop(p, None)
-                for p in came:  # each holds idx
-                    stats[p] += f
-                    listed = where.get(p)
+                        del where[p]
+                for p in came:
+                    fresh[p] += f
+                    listed = fresh_where.get(p)
                     if listed is None:
-                        where[p] = wi
+                        fresh_where[p] = wi
                     elif listed.__class__ is int:
-                        where[p] = [listed, wi]
+                        fresh_where[p] = [listed, wi]
                     else:
                         listed.append(wi)
-                    new_pairs.add(p)
                 words[wi] = new
-            del stats[key]  # its merged occurrences were not subtracted one by one
-            for p in new_pairs:
-                heapq.heappush(heap, -stats[p] << shift2 | p)
+            for p, c in fresh.items():
+                if c >= threshold:
+                    stats[p] = c
+                    where[p] = fresh_where[p]
+                    heapq.heappush(heap, -c << shift2 | p)
             if verbose and ((step + 1) % report_every == 0 or step + 1 == num_merges):
                 print(f"merge {step + 1}/{num_merges}: {pair} -> {idx} {vocab[idx]!r} ({count} occurrences), "
                       f"{time.time() - t0:.1f}s", file=sys.stderr)
