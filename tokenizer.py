@@ -22,6 +22,7 @@ follow OpenAI's gpt-2 release, and BPETokenizer.from_gpt2 reproduces tiktoken's 
 """
 import argparse
 import contextlib
+from array import array
 import heapq
 import json
 import operator
@@ -356,9 +357,10 @@ class CharTokenizer(Tokenizer):
 # byte-level BPE
 
 
-def _merge_pair_everywhere(ids: list[int], a: int, b: int, idx: int, shift: int):
-    """Replace every occurrence of the pair (a, b), left to right, by idx; also say which adjacent pairs
-    left and which came, which are only those next to a merge: (None, (), ()) when the pair does not occur.
+def _merge_pair_everywhere(ids, a: int, b: int, idx: int, shift: int):
+    """Replace every occurrence of the pair (a, b) in ids (a list or an array of ids), left to right, by idx;
+    also say which adjacent pairs left and which came, which are only those next to a merge: (None, (), ())
+    when the pair does not occur. The new ids are of the same type as ids.
 
     Pairs are given as keys a << shift | b (see BPETokenizer.train). With shift 8, as keys (a, b):
     [5, 1, 2, 7, 1, 2], 1, 2, 9 -> ([5, 9, 7, 9], [(5, 1), (2, 7), (7, 1)], [(5, 9), (9, 7), (7, 9)])
@@ -399,7 +401,7 @@ def _merge_pair_everywhere(ids: list[int], a: int, b: int, idx: int, shift: int)
             gone.append(b << shift | y)
             came.append(idx << shift | y)
         return new, gone, came
-    new, start = [], 0
+    new, start = ids[:0], 0  # a list or an array, as ids is
     for s in sites:
         new += ids[start:s]
         new.append(idx)
@@ -416,7 +418,7 @@ def _merge_pair_everywhere(ids: list[int], a: int, b: int, idx: int, shift: int)
 TRACK_SHIFT = 6
 
 
-def _track_pairs(words: list[list[int]], freqs: list[int], shift: int):
+def _track_pairs(words: list, freqs: list[int], shift: int):
     """Count every pair of the words (as keys a << shift | b), and track those of count >= threshold, a
     fraction of the best count: -> (stats, where, heap, threshold), see BPETokenizer.train.
 
@@ -633,9 +635,13 @@ class BPETokenizer(Tokenizer):
             if i % 2 == 0:
                 chunk_counts.update(self._iter_split(part, offset, report))
             offset += len(part)
-        words, freqs = [], []  # the chunks as lists of token ids, and how often each occurs
+        # the chunks as arrays of token ids, and how often each occurs. An array of 2-byte ids takes a
+        # quarter of a list's memory (a list holds an 8-byte pointer per id), and Chinese text, which has
+        # nearly no repeated chunks, makes about as many ids as it has bytes
+        typecode = "H" if vocab_size <= 1 << 16 else "I"
+        words, freqs = [], []
         for chunk, n in chunk_counts.items():
-            w = list(_utf8(chunk))
+            w = array(typecode, iter(_utf8(chunk)))  # iter: the bytes are the ids, not the array's memory
             if len(w) > 1:  # a single byte has no pair to count
                 words.append(w)
                 freqs.append(n)
