@@ -22,7 +22,6 @@ follow OpenAI's gpt-2 release, and BPETokenizer.from_gpt2 reproduces tiktoken's 
 """
 import argparse
 import contextlib
-from array import array
 import heapq
 import json
 import operator
@@ -30,10 +29,12 @@ import os
 import re
 import sys
 import time
+from array import array
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, read_utf8_file,
@@ -413,28 +414,28 @@ def _merge_pair_everywhere(ids, a: int, b: int, idx: int, shift: int):
             [new[j] << shift | new[j + 1] for j in sorted(came)])
 
 
-# BPE training tracks the pairs that occur at least 1 / 2**TRACK_SHIFT times as often as the best pair when
-# it counts them (see BPETokenizer.train). A larger shift tracks more pairs, a smaller one counts more often
+# When BPE training counts the pairs, it tracks fewer than TRACK_MOST of them, and none below 1 / 2**TRACK_SHIFT
+# of the best pair's count (see BPETokenizer.train): more pairs take more memory, fewer make it count more often
+TRACK_MOST = 1 << 16
 TRACK_SHIFT = 6
+# Counting every pair of the words is done with numpy, over blocks of about COUNT_BLOCK ids, and in parts
+# of about COUNT_PART distinct pairs (a pair's part is its key modulo the number of parts), one part after
+# another: Chinese text has about as many distinct pairs as ids, and counting them takes about 60 bytes a
+# pair at once (a dict: 75). Each part reads all the words again
+COUNT_BLOCK = 1 << 18
+COUNT_PART = 1 << 19
 
 
 def _track_pairs(words: list, freqs: list[int], shift: int):
     """Count every pair of the words (as keys a << shift | b), and track those of count >= threshold, a
     fraction of the best count: -> (stats, where, heap, threshold), see BPETokenizer.train.
 
-    stats: pair -> count. where: pair -> the words that may hold it, as the one word's index or a list
-    (a set per pair would take about five times the memory); a list may later name a word twice, or one
-    that lost the pair since, which the merge skips. heap: -count << 2 * shift | pair, a min-heap: the
+    stats: pair -> count. where: pair -> the words that may hold it, as the one word's index or an array
+    or list of them (a set per pair would take about ten times the memory); it may later name a word twice,
+    or one that lost the pair since, which the merge skips. heap: -count << 2 * shift | pair, a min-heap: the
     highest count first, and the smallest pair among equal counts.
     """
-    counts = defaultdict(int)
-    for w, f in zip(words, freqs):
-        for a, b in zip(w, w[1:]):
-            counts[a << shift | b] += f
-    best = max(counts.values(), default=0)
-    threshold = max(1, best >> TRACK_SHIFT)
-    stats = {p: c for p, c in counts.items() if c >= threshold}
-    del counts
+    stats, threshold = _frequent_pairs(words, freqs, shift)
     where = {}
     for wi, w in enumerate(words):
         for a, b in zip(w, w[1:]):
@@ -444,13 +445,89 @@ def _track_pairs(words: list, freqs: list[int], shift: int):
                 if listed is None:
                     where[key] = wi
                 elif listed.__class__ is int:
-                    where[key] = [listed, wi]
+                    if listed != wi:
+                        where[key] = array("i", (listed, wi))  # 4 bytes a word, where a list takes 8
                 elif listed[-1] != wi:
                     listed.append(wi)
     shift2 = 2 * shift
     heap = [-c << shift2 | p for p, c in stats.items()]
     heapq.heapify(heap)
     return stats, where, heap, threshold
+
+
+def _frequent_pairs(words: list, freqs: list[int], shift: int) -> tuple[dict[int, int], int]:
+    """-> ({pair: count} of the pairs of count >= threshold, threshold); pairs as keys a << shift | b.
+
+    The threshold is at least best >> TRACK_SHIFT (best: the highest count), so that the next count comes
+    when the counts have fallen by as much, and above the count of the TRACK_MOST-th pair, so that the
+    pairs tracked stay few when the best count is low; but never above best."""
+    if not words:
+        return {}, 1
+    blocks, start, size = [], 0, 0  # (start, stop) of consecutive words with about COUNT_BLOCK ids
+    for i, w in enumerate(words):
+        size += len(w)
+        if size >= COUNT_BLOCK or i == len(words) - 1:
+            blocks.append((start, i + 1))
+            start, size = i + 1, 0
+    # about as many distinct pairs in each block as in the first (more, if anything, at the start of a text)
+    start, stop = blocks[0]
+    distinct = len(np.unique(_block_pairs(words[start:stop], freqs[start:stop], shift)[0]))
+    parts = 1 + distinct * len(blocks) // COUNT_PART
+    best, found, tops = 0, [], []
+    for part in range(parts):
+        keys, counts = _part_pair_counts(words, freqs, shift, blocks, part, parts)
+        part_best = int(counts.max(initial=0))
+        best = max(best, part_best)
+        top = np.partition(counts, -TRACK_MOST)[-TRACK_MOST:] if len(counts) > TRACK_MOST else counts
+        tops.append(top)
+        # keep what the threshold below can keep: it is at least best >> TRACK_SHIFT (with the final best),
+        # and above the TRACK_MOST-th count of all, which is at least this part's, unless it is best itself
+        cut = max(best >> TRACK_SHIFT, int(top.min()) + 1 if len(counts) > TRACK_MOST else 0)
+        frequent = (counts >= cut) | (counts == part_best)
+        found.append((keys[frequent], counts[frequent]))
+    tops = np.concatenate(tops)
+    most = int(np.partition(tops, -TRACK_MOST)[-TRACK_MOST]) + 1 if len(tops) >= TRACK_MOST else 1
+    threshold = max(1, min(best, max(best >> TRACK_SHIFT, most)))
+    stats = {}
+    for keys, counts in found:
+        frequent = counts >= threshold
+        stats.update(zip(keys[frequent].tolist(), counts[frequent].tolist()))
+    return stats, threshold
+
+
+def _part_pair_counts(words: list, freqs: list[int], shift: int, blocks: list[tuple[int, int]], part: int,
+                      parts: int) -> tuple[np.ndarray, np.ndarray]:
+    """The count of every pair of key % parts == part in the words, as numpy arrays: (keys sorted, counts)."""
+    sums = []
+    for start, stop in blocks:
+        keys, weights = _block_pairs(words[start:stop], freqs[start:stop], shift)
+        if parts > 1:
+            mine = keys % parts == part
+            keys, weights = keys[mine], weights[mine]
+        sums.append(_sum_by_key(keys, weights))
+    return _sum_by_key(np.concatenate([k for k, _ in sums]), np.concatenate([c for _, c in sums]))
+
+
+def _block_pairs(words: list, freqs: list[int], shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of adjacent ids inside each of the words (arrays of one typecode), as int64 numpy arrays:
+    the keys a << shift | b, and the count of the word each is in."""
+    ids = np.frombuffer(b"".join(words), dtype=words[0].typecode).astype(np.int64)
+    lengths = np.fromiter(map(len, words), np.int64, len(words))
+    keys = ids[:-1] << shift | ids[1:]
+    weights = np.repeat(np.asarray(freqs, np.int64), lengths)[:-1]
+    inside = np.ones(len(keys), bool)
+    inside[np.cumsum(lengths)[:-1] - 1] = False  # a word's last id and the next word's first
+    return keys[inside], weights[inside]
+
+
+def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """-> (the distinct keys, sorted, and the sum of the weights of each)."""
+    if not len(keys):
+        return keys, weights
+    order = np.argsort(keys)
+    keys = keys[order]
+    firsts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    return keys[firsts], np.add.reduceat(weights[order], firsts)
 
 
 def _pop_best(heap: list[int], stats: dict[int, int], shift2: int) -> tuple[int, int]:
@@ -659,7 +736,7 @@ class BPETokenizer(Tokenizer):
         # later, so a pair below the threshold when counted, or when created, stays below it. Every pair at
         # or above it is tracked, so the best tracked pair is the best of all, ties included. A tracked pair
         # that falls below it is dropped; when none is left, all pairs are counted again with a lower
-        # threshold, a fixed fraction of the best count then: a few times in a training run.
+        # threshold (see _frequent_pairs): 3 times for 10 MB of Chinese text at vocab_size 4096.
         stats, where, heap, threshold = _track_pairs(words, freqs, shift)
 
         merges = []

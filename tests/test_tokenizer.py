@@ -172,6 +172,26 @@ def test_trainer_equals_naive_reference_on_chinese():
     assert tok.encode(sample) == naive_encode(sample, ref) and tok.decode(tok.encode(sample)) == sample
 
 
+@pytest.mark.parametrize("track_shift, track_most, count_block, count_part",
+                         [(0, 1, 40, 100), (0, 2, 200, 30), (1, 3, 1 << 18, 1 << 19), (2, 30, 1 << 18, 1 << 19)])
+def test_trainer_tracking_few_pairs_equals_naive_reference(monkeypatch, track_shift, track_most, count_block,
+                                                          count_part):
+    """The trainer tracks only the pairs above a threshold and counts them all again, in blocks of words and
+    parts of the pairs, when none is left: tiny settings make it count again at nearly every merge."""
+    for name, value in [("TRACK_SHIFT", track_shift), ("TRACK_MOST", track_most), ("COUNT_BLOCK", count_block),
+                        ("COUNT_PART", count_part)]:
+        monkeypatch.setattr(tokenizer, name, value)
+    rng = random.Random(2)
+    chars = [chr(0x4e00 + i) for i in range(30)]
+    chinese = "".join("".join(rng.choices(chars, k=rng.randint(2, 30))) + rng.choice(["，", "。", " aaaa ", "\n"])
+                      for _ in range(100)) + EOT + "abab aaaaa abab " * 20
+    ab = "".join(rng.choice(["a", "b", "ab", "aaa", " "]) for _ in range(1500))  # many ties, overlapping pairs
+    for text, merges in [(chinese, 300), (ab, 100)]:
+        tok = BPETokenizer().train(text, 256 + merges + 1, special_tokens=[EOT])
+        ref = naive_train(text, 256 + merges + 1, specials=[EOT])
+        assert list(tok.merges.items()) == list(ref.items())
+
+
 def test_textbook_example():
     tok = BPETokenizer().train("aaabdaaabac", 256 + 3)
     assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
