@@ -736,7 +736,7 @@ class BPETokenizer(Tokenizer):
         # later, so a pair below the threshold when counted, or when created, stays below it. Every pair at
         # or above it is tracked, so the best tracked pair is the best of all, ties included. A tracked pair
         # that falls below it is dropped; when none is left, all pairs are counted again with a lower
-        # threshold (see _frequent_pairs): 3 times for 10 MB of Chinese text at vocab_size 4096.
+        # threshold (see _frequent_pairs): 3 times for 10 MB of Chinese text (BENCHMARKS.md) at vocab 4096.
         stats, where, heap, threshold = _track_pairs(words, freqs, shift)
 
         merges = []
