@@ -777,12 +777,13 @@ class BPETokenizer(Tokenizer):
                         del where[p]
                 for p in came:
                     fresh[p] += f
-                    listed = fresh_where.get(p)
+                    listed = fresh_where.get(p)  # each word once: a long chunk makes a new pair many times
                     if listed is None:
                         fresh_where[p] = wi
                     elif listed.__class__ is int:
-                        fresh_where[p] = [listed, wi]
-                    else:
+                        if listed != wi:
+                            fresh_where[p] = [listed, wi]
+                    elif listed[-1] != wi:
                         listed.append(wi)
                 words[wi] = new
             for p, c in fresh.items():

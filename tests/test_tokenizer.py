@@ -192,6 +192,18 @@ def test_trainer_tracking_few_pairs_equals_naive_reference(monkeypatch, track_sh
         assert list(tok.merges.items()) == list(ref.items())
 
 
+def test_a_long_chunk_is_merged_once_per_merge_not_once_per_occurrence(monkeypatch):
+    """A pair that a merge makes many times in one long chunk lists the chunk once: each listing is a scan of
+    the whole chunk at the pair's own merge (quadratic time: 'ab' * 20,000 took 5 s for 6 merges)."""
+    scans = []
+    real = tokenizer._merge_pair_everywhere
+    monkeypatch.setattr(tokenizer, "_merge_pair_everywhere", lambda ids, *a: scans.append(len(ids)) or real(ids, *a))
+    text = "ab" * 2000 + " ab ba"
+    tok = BPETokenizer().train(text, 262)
+    assert list(tok.merges.items()) == list(naive_train(text, 262).items())
+    assert len(scans) <= 6 * 3  # the long chunk, " ab" and " ba", at most, for each of the 6 merges
+
+
 def test_textbook_example():
     tok = BPETokenizer().train("aaabdaaabac", 256 + 3)
     assert tok.encode("aaabdaaabac") == [258, 100, 258, 97, 99]
