@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -585,14 +585,18 @@ class Logger:
                 raise ConfigError(f"cannot write TensorBoard logs into {run_dir}: {e.strerror or e}") from None
         return self.writer
 
-    def write_failed(self, e: OSError) -> None:
-        """A write into the open event file failed (the disk filled up during the run): say so once and train on
-        without TensorBoard, rather than lose the steps since the last checkpoint over a log."""
-        writer, self.writer = self.writer, None
-        with suppress(OSError):
-            writer.close()
-        print(f"warning: TensorBoard logs can no longer be written into {writer.log_dir} ({e.strerror or e}); "
-              f"training goes on without them", file=sys.stderr, flush=True)
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Around each use of the open event file: a write that fails (the disk filled up during the run) is said
+        once, and the run trains on without TensorBoard rather than lose the steps since its last checkpoint."""
+        try:
+            yield
+        except OSError as e:
+            writer, self.writer = self.writer, None
+            with suppress(OSError):
+                writer.close()
+            print(f"warning: TensorBoard logs can no longer be written into {writer.log_dir} ({e.strerror or e}); "
+                  f"training goes on without them", file=sys.stderr, flush=True)
 
     def print(self, *args, **kwargs) -> None:
         if not self.master or self.out is None:  # stdout and stderr both failed: nowhere left to say it
@@ -612,20 +616,16 @@ class Logger:
 
     def scalars(self, step: int, **values) -> None:
         if any(v is not None for v in values.values()) and self.open_writer() is not None:
-            try:
+            with self.writing():
                 for tag, v in values.items():
                     if v is not None:
                         self.writer.add_scalar(tag, v, step)
-            except OSError as e:
-                self.write_failed(e)
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.open_writer() is not None:
-            try:
+            with self.writing():
                 # markdown: indent by four spaces so line breaks and spacing survive
                 self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
-            except OSError as e:
-                self.write_failed(e)
 
     def hparams(self, config: dict, layout: bool = False) -> None:
         """config's plain values on the HPARAMS page; layout: also a chart with the train and val losses together
@@ -641,32 +641,26 @@ class Logger:
             # metrics are the val/loss and train/loss curves of this run. Not the third summary, the session's
             # end, which says "success" before the run has even begun
             experiment, session_start, _ = hparams(hp, {"val/loss": 0.0, "train/loss": 0.0})
-            try:
+            with self.writing():
                 for summary in (experiment, session_start):
                     self.writer.file_writer.add_summary(summary)
-            except OSError as e:
-                self.write_failed(e)
 
     def flush(self) -> None:
         if self.writer is not None:
-            try:
+            with self.writing():
                 self.writer.flush()
-            except OSError as e:
-                self.write_failed(e)
 
     def close(self) -> None:
         self.pending = None
         if self.writer is not None:
-            try:
+            with self.writing():
                 self.writer.close()
-            except OSError as e:
-                self.write_failed(e)
             self.writer = None
 
 
 def quiet_tensorboard_threads() -> None:
     """Keep TensorBoard's writer thread from printing a traceback when a write fails (a full disk): the error
-    is raised again in the thread that writes next, where Logger says it in one line."""
+    is raised again in the thread that writes next, where Logger.writing says it in one line."""
     import threading
     try:  # a private class: a TensorBoard without it only prints the traceback again
         from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
