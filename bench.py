@@ -106,6 +106,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
     model = GPT(config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate,
                                            (config.beta1, config.beta2), device.type)
+    params = list(model.parameters())  # listed once, as train.py does
     # as train.py builds them: autocast for every dtype but float32 (bfloat16 on a CPU included)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ctx = autocast_context(device.type, dtype)
@@ -124,7 +125,7 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
 
     def step(i):
         loss = forward_backward(step_model, lambda m: next_batch(i), 1, ctx, scaler)
-        optimizer_step(optimizer, scaler, config.grad_clip)
+        optimizer_step(params, optimizer, scaler, config.grad_clip)
         return loss
 
     try:

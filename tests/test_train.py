@@ -180,14 +180,14 @@ def test_optimizer_step_clips_the_gradient_norm():
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     model.p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: scaled down to norm 1
-    assert optimizer_step(opt, scaler, grad_clip=1.0).item() == pytest.approx(5.0)
+    assert optimizer_step([model.p], opt, scaler, grad_clip=1.0).item() == pytest.approx(5.0)
     torch.testing.assert_close(model.p.detach(), torch.tensor([-0.6, -0.8, 0.0, 0.0]))
     assert model.p.grad is None
     model.p.grad = torch.tensor([0.3, 0.4, 0.0, 0.0])  # norm 0.5: left as it is
-    assert optimizer_step(opt, scaler, grad_clip=1.0).item() == pytest.approx(0.5)
+    assert optimizer_step([model.p], opt, scaler, grad_clip=1.0).item() == pytest.approx(0.5)
     torch.testing.assert_close(model.p.detach(), torch.tensor([-0.9, -1.2, 0.0, 0.0]))
     model.p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # grad_clip=0: no clipping, no norm
-    assert optimizer_step(opt, scaler, grad_clip=0.0) is None
+    assert optimizer_step([model.p], opt, scaler, grad_clip=0.0) is None
     torch.testing.assert_close(model.p.detach(), torch.tensor([-3.9, -5.2, 0.0, 0.0]))
 
 
@@ -208,10 +208,10 @@ def test_the_lr_each_step_uses_follows_the_schedule(char_data, tmp_path, monkeyp
     import train as train_module
     used, clips, real = [], set(), train_module.optimizer_step
 
-    def spy(optimizer, scaler, grad_clip, **kwargs):
+    def spy(params, optimizer, scaler, grad_clip, **kwargs):
         used.append([group["lr"] for group in optimizer.param_groups])
         clips.add(grad_clip)
-        return real(optimizer, scaler, grad_clip, **kwargs)
+        return real(params, optimizer, scaler, grad_clip, **kwargs)
 
     monkeypatch.setattr(train_module, "optimizer_step", spy)
     config = tiny(char_data, tmp_path, max_iters=12, warmup_iters=4, lr_decay_iters=10, grad_clip=0.25)
@@ -1856,9 +1856,9 @@ def test_infinite_gradients_with_a_finite_loss_stop_training(char_data, tmp_path
     import train as train_module
     real = train_module.optimizer_step
 
-    def poisoned(optimizer, *args, **kwargs):
-        optimizer.param_groups[0]["params"][0].grad.fill_(float("inf"))
-        return real(optimizer, *args, **kwargs)
+    def poisoned(params, *args, **kwargs):
+        params[0].grad.fill_(float("inf"))
+        return real(params, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "optimizer_step", poisoned)
     with pytest.raises(TrainingError, match="the gradient norm or the weights became NaN or infinite by iteration 1;"):
@@ -1869,10 +1869,10 @@ def test_no_checkpoint_is_written_with_non_finite_weights(char_data, tmp_path, m
     import train as train_module
     real = train_module.optimizer_step
 
-    def poisoned(optimizer, *args, **kwargs):
+    def poisoned(params, optimizer, *args, **kwargs):
         if optimizer.state and next(iter(optimizer.state.values()))["step"] == 4:  # the 5th step
-            optimizer.param_groups[0]["params"][0].grad.fill_(float("inf"))
-        return real(optimizer, *args, **kwargs)
+            params[0].grad.fill_(float("inf"))
+        return real(params, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "optimizer_step", poisoned)
     # no clipping: the gradient norm is measured on log steps only, and the save comes first
