@@ -631,9 +631,6 @@ class Logger:
         """config's plain values on the HPARAMS page; layout: also a chart with the train and val losses together
         (CUSTOM SCALARS page), where overfitting shows as the two curves part."""
         if self.open_writer() is not None:
-            if layout:
-                self.writer.add_custom_scalars(
-                    {"loss": {"train and val": ["Multiline", ["train/loss", "train/eval_loss", "val/loss"]]}})
             from torch.utils.tensorboard.summary import hparams
             hp = {k: utf8_text(v) if isinstance(v, str) else v for k, v in config.items()
                   if isinstance(v, (bool, int, float, str))}
@@ -642,6 +639,9 @@ class Logger:
             # end, which says "success" before the run has even begun
             experiment, session_start, _ = hparams(hp, {"val/loss": 0.0, "train/loss": 0.0})
             with self.writing():
+                if layout:
+                    self.writer.add_custom_scalars(
+                        {"loss": {"train and val": ["Multiline", ["train/loss", "train/eval_loss", "val/loss"]]}})
                 for summary in (experiment, session_start):
                     self.writer.file_writer.add_summary(summary)
 

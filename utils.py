@@ -464,8 +464,9 @@ def resolve_device(name: str = "auto") -> "torch.device":
     'cuda' keeps no index (the current GPU); 'cuda:1' on a machine with one GPU is a DeviceError.
     """
     import torch
-    if isinstance(name, torch.device):  # batch_generate(..., device=torch.device("cuda", 0)), say
-        name = str(name)
+    if isinstance(name, torch.device):  # batch_generate(..., device=next(model.parameters()).device), say
+        # torch names its own devices 'cpu:0' or 'mps:0', which the flag refuses: only a GPU's index matters
+        name = name.type if name.type != "cuda" or name.index is None else f"cuda:{name.index}"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -146,6 +146,7 @@ def test_generate_and_bench_refuse_the_device_names_that_train_refuses(name):
     with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
         resolve_device(name)
     assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(torch.device("cpu", 0)) == torch.device("cpu")  # what torch may give out itself
 
 
 @pytest.mark.parametrize("index", [2, 128, 255, 256, 999999999])
@@ -157,6 +158,7 @@ def test_a_gpu_index_past_the_machines_gpus_is_refused_not_wrapped(monkeypatch, 
     with pytest.raises(DeviceError, match=rf"^--device=cuda:{index} was asked for, but this machine has 2 CUDA GPU"):
         resolve_device(f"cuda:{index}")
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
 
 
 def test_every_unknown_key_is_named():
