@@ -77,33 +77,54 @@ def get_lr(it: int, config: GPT2Config) -> float:
 # and only val's loss is on text the model has never seen
 EVAL_BATCHES = {"train": 2**62, "val": 0}
 
+# an evaluation forward pass takes several fixed batches at once, up to this many bytes in its largest
+# activation (tokens x the wider of the MLP's hidden layer and the padded vocabulary): a small model's eager
+# passes are bound by their host, about 5 ms each for shakespeare-char on an H200 whatever the batch, so 100
+# passes of one batch took 0.5 s per evaluation. GPT-2's 50,304-wide logits exceed it with one batch: unchanged.
+EVAL_PASS_BYTES = 2**29
+
+
+def eval_batches_per_pass(config: GPT2Config, world_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """How many fixed batches one evaluation forward pass takes: as many as EVAL_PASS_BYTES allows in dtype,
+    cut to a number that divides each rank's share, so that every pass has the same shape (a compiled
+    evaluation graph would be compiled again for a smaller last pass)."""
+    widest = max(4 * config.n_embd, config.padded_vocab_size)
+    most = max(1, EVAL_PASS_BYTES // (config.batch_size * config.block_size * widest * dtype.itemsize))
+    return max(d for d in range(1, min(most, config.eval_iters) + 1)
+               if d == 1 or config.eval_iters % (d * world_size) == 0)
+
 
 @torch.no_grad()
 def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size: int = 1,
-                  should_stop=None, progress=None) -> Optional[dict[str, float]]:
+                  should_stop=None, progress=None, per_pass: int = 1) -> Optional[dict[str, float]]:
     """Mean loss over the fixed batches EVAL_BATCHES[split] + 0 .. eval_iters - 1 of each split, shared
-    out over the ranks.
+    out over the ranks, per_pass batches to a forward pass.
 
-    should_stop() is asked before each round of batches (one per rank; every rank asks equally often,
-    so it may be a collective); when it says yes the evaluation is abandoned and None returned.
-    progress(done, total) hears of the batches evaluated so far, counted over all ranks.
+    Batches are dealt out in rounds of world_size * per_pass: rank r takes the r-th run of per_pass of
+    each round. should_stop() is asked before each round (every rank asks equally often, so it may be a
+    collective); when it says yes the evaluation is abandoned and None returned. progress(done, total)
+    hears of the batches evaluated so far, counted over all ranks.
     """
     was_training = model.training
     model.eval()
     out = {}
+    per_round = world_size * per_pass
     try:
         for i, split in enumerate(("train", "val")):
             total = torch.zeros((), device=loader.device)
-            for first in range(0, eval_iters, world_size):
+            for first in range(0, eval_iters, per_round):
                 if should_stop is not None and should_stop():
                     return None
-                if first + rank < eval_iters:
-                    x, y = loader.get_batch(split, EVAL_BATCHES[split] + first + rank)
+                mine = range(first + rank * per_pass, min(first + (rank + 1) * per_pass, eval_iters))
+                if mine:
+                    xs, ys = zip(*(loader.get_batch(split, EVAL_BATCHES[split] + j) for j in mine))
                     with ctx:
-                        _, loss = model(x, y)
-                    total += loss.float()
+                        # every batch has B x T targets and none is ignored, so the mean over the joined
+                        # batches is the mean of their means
+                        _, loss = model(torch.cat(xs), torch.cat(ys))
+                    total += loss.float() * len(mine)
                 if progress is not None:
-                    progress(i * eval_iters + min(first + world_size, eval_iters), 2 * eval_iters)
+                    progress(i * eval_iters + min(first + per_round, eval_iters), 2 * eval_iters)
             if world_size > 1:
                 torch.distributed.all_reduce(total)
             out[split] = total.item() / eval_iters
@@ -818,6 +839,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                                                seed=config.seed, verbose=master))
     micro_steps = A // world_size  # per rank, per optimizer step
     tokens_per_iter = A * config.batch_size * config.block_size
+    eval_per_pass = eval_batches_per_pass(config, world_size, dtype)  # dtype: what the activations are in
 
     device_type = device.type
     if device_type == "cuda":
@@ -1056,7 +1078,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         with eval_stance():
             losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size,
                                    should_stop=lambda: stop_requested(stop, stop_group if ddp else None),
-                                   progress=progress)
+                                   progress=progress, per_pass=eval_per_pass)
         if losses is None:
             timing["evaluation"] += time.perf_counter() - t0
             log.print(f"iter {iter_num}: evaluation cut short by the stop request")

@@ -166,6 +166,21 @@ def test_loss_ignores_minus_one_and_padding_columns():
     torch.testing.assert_close(loss, manual)
 
 
+def test_padding_columns_take_no_part_in_the_gradients():
+    """The loss runs over the padded rows with -inf in the padding columns: the gradients are those of the
+    cross-entropy over the vocab_size columns alone, and the padding rows of lm_head get none."""
+    torch.manual_seed(3)
+    model = GPT(tiny_config(vocab_size=70)).eval()
+    idx = torch.randint(0, 70, (2, 8))
+    model(idx, idx)[1].backward()
+    ours = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits, _ = model(idx)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 70), idx.reshape(-1)).backward()
+    assert ours[:70].abs().max() > 0 and ours[70:].abs().max() == 0
+    torch.testing.assert_close(ours, model.lm_head.weight.grad)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_kv_cache_matches_uncached(batch):
     torch.manual_seed(4)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config
+from config import MODEL_SHAPE_KEYS, ConfigError, GPT2Config, preset_config
 from data import BatchLoader, DataError
 from model import GPT
 from tokenizer import CharTokenizer, load_tokenizer
@@ -200,6 +200,52 @@ def test_estimate_loss_is_the_mean_loss_of_the_fixed_batches(char_data):
             for split, first in (("train", 2**62), ("val", 0)):  # train: batches that training never draws
                 losses = [model(*loader.get_batch(split, first + i))[1].item() for i in range(3)]
                 assert got[split] == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("per_pass", [2, 3])
+def test_an_evaluation_pass_can_take_several_batches(char_data, per_pass):
+    """per_pass batches joined into one forward pass: the same mean (each batch has as many targets), fewer
+    passes; 2 of 3 leaves a last pass of one batch."""
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
+    plain = torch.autocast("cpu", enabled=False)
+    with BatchLoader(char_data, 16, 2) as loader:
+        one = estimate_loss(model, loader, 3, plain)
+        shapes, forward = [], model.forward
+        model.forward = lambda x, y: shapes.append(tuple(x.shape)) or forward(x, y)
+        joined = estimate_loss(model, loader, 3, plain, per_pass=per_pass)
+    assert shapes == 2 * ([(6, 16)] if per_pass == 3 else [(4, 16), (2, 16)])
+    assert joined == pytest.approx(one, rel=1e-6)
+
+
+def test_ranks_take_their_own_runs_of_batches_for_a_pass(char_data, monkeypatch):
+    """5 batches, 2 ranks, 2 batches a pass: rank 1 takes batches 2 and 3, then nothing; progress counts every
+    rank's batches."""
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: None)
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
+    with BatchLoader(char_data, 16, 2) as loader:
+        drawn, reports, get_batch = [], [], loader.get_batch
+        loader.get_batch = lambda split, index: drawn.append((split, index)) or get_batch(split, index)
+        got = estimate_loss(model, loader, 5, torch.autocast("cpu", enabled=False), rank=1, world_size=2,
+                            per_pass=2, progress=lambda *a: reports.append(a))
+        assert drawn == [("train", 2**62 + 2), ("train", 2**62 + 3), ("val", 2), ("val", 3)]
+        assert reports == [(4, 10), (5, 10), (9, 10), (10, 10)]
+        with torch.no_grad():
+            x, y = zip(get_batch("val", 2), get_batch("val", 3))
+            assert got["val"] == pytest.approx(2 * model(torch.cat(x), torch.cat(y))[1].item() / 5, rel=1e-6)
+
+
+def test_evaluation_passes_stay_under_their_size_and_divide_the_batches():
+    from train import eval_batches_per_pass
+    char = preset_config("shakespeare-char", vocab_size=65)
+    assert eval_batches_per_pass(preset_config("gpt2")) == 1  # 50,304-wide logits: one batch is past the limit
+    assert eval_batches_per_pass(char) == 10  # 64 x 256 tokens x 1,536 wide in bfloat16: 10 fit in 512 MB
+    assert eval_batches_per_pass(char, dtype=torch.float32) == 5  # twice the bytes
+    assert eval_batches_per_pass(char, world_size=2) == 5  # 50 = 5 rounds of 2 ranks x 5
+    assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, eval_iters=49)) == 7
+    assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, eval_iters=11)) == 1
+    assert eval_batches_per_pass(preset_config("shakespeare-char-cpu", vocab_size=65), dtype=torch.float32) == 50
 
 
 def test_the_lr_each_step_uses_follows_the_schedule(char_data, tmp_path, monkeypatch):
@@ -733,18 +779,20 @@ def test_cuda_graph_modes_refuse_gradient_accumulation(char_data, tmp_path, monk
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path):
-    """compile_mode=reduce-overhead replays the same kernels as CUDA graphs: the same losses, step by step;
-    so do regional compilation's graphs, one for each region, with and without CUDA graphs."""
+    """compile_mode=reduce-overhead replays the same kernels as CUDA graphs: the same losses, step by step,
+    whole or by regions. Regional compilation fuses less across the blocks' boundaries, so float32 rounds
+    differently there and its curve drifts from the whole model's a little (on an H200: 3.9e-4 at most, a
+    relative 1.6e-4, over these 20 steps); lost or mixed-up gradients would move it by far more."""
     def curve(mode, regional=False):
         r = train(tiny(char_data, tmp_path / f"{mode}{regional}", device="cuda", dtype="float32", compile=True,
                        compile_mode=mode, compile_regional=regional, max_iters=20, eval_interval=10))
         assert list(r["losses"]) == list(range(1, 21)) and list(r["evals"]) == [0, 10, 20]
         return torch.tensor(list(r["losses"].values()) + [e[s] for e in r["evals"].values() for s in ("train", "val")])
 
-    plain = curve("default")
+    plain, regional = curve("default"), curve("default", regional=True)
     torch.testing.assert_close(curve("reduce-overhead"), plain, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(curve("default", regional=True), plain, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(curve("reduce-overhead", regional=True), plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(curve("reduce-overhead", regional=True), regional, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(regional, plain, rtol=2e-3, atol=0)
 
 
 def test_float8_on_an_older_gpu_is_refused_before_anything_is_written(char_data, tmp_path, monkeypatch):
