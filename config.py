@@ -253,9 +253,9 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
         eval_interval=250, eval_iters=50, log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
         # its evaluations are a few eager forward passes; compiling a graph for them costs more than it saves
         compile_eval=False,
-        # a step of this small model is mostly kernel launches: CUDA graphs replay them (on an H200 6.4-7.6 ms
-        # a step instead of 9.2), and compiling one block for all six takes 15 s where the whole model took 23
-        compile_mode="reduce-overhead", compile_regional=True,
+        # a step of this small model is mostly kernel launches: CUDA graphs replay them, 6.4 ms a step on an
+        # H200 instead of 9.2 (compiled by regions: 7.6-8.8 ms, and torch warns of a slower path)
+        compile_mode="reduce-overhead",
     ),
     # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.75 in about 100 s on
     # 2 cores; small models take a higher learning rate (1e-3 gives ~1.89 in the same 2000 steps)

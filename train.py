@@ -817,6 +817,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         raise ConfigError(f"compile_mode={config.compile_mode} replays CUDA graphs, which cannot accumulate "
                           f"gradients over {A // world_size} micro-steps per process; use --compile_mode={other}, "
                           f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
+    if compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES and config.compile_regional \
+            and config.compile_eval:
+        # without gradients, each region's CUDA graph starts a new round of torch's graph trees, whose replay
+        # overwrites the output the next region is about to read (seen on an H200 with torch 2.11)
+        raise ConfigError(f"compile_regional with compile_mode={config.compile_mode} cannot evaluate through the "
+                          f"compiled regions: one region's CUDA graph overwrites the output the next one reads; add "
+                          f"--compile_eval=False (evaluations run eagerly) or drop --compile_regional")
     if ckpt is not None and "data_dir" not in explicit and not (Path(config.data_dir) / "meta.json").is_file():
         # the folder comes from the checkpoint, not from the command: moved or removed since; the checkpoint
         # knows how it was prepared

@@ -803,17 +803,46 @@ def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path)
     """compile_mode=reduce-overhead replays the same kernels as CUDA graphs: the same losses, step by step,
     whole or by regions. Regional compilation fuses less across the blocks' boundaries, so float32 rounds
     differently there and its curve drifts from the whole model's a little (on an H200: 3.9e-4 at most, a
-    relative 1.6e-4, over these 20 steps); lost or mixed-up gradients would move it by far more."""
-    def curve(mode, regional=False):
+    relative 1.6e-4, over these 20 steps); lost or mixed-up gradients would move it by far more. CUDA graphs of
+    regions evaluate eagerly (compile_eval=False; evaluating through them is refused)."""
+    def curve(mode, regional=False, compile_eval=True):
         r = train(tiny(char_data, tmp_path / f"{mode}{regional}", device="cuda", dtype="float32", compile=True,
-                       compile_mode=mode, compile_regional=regional, max_iters=20, eval_interval=10))
+                       compile_mode=mode, compile_regional=regional, compile_eval=compile_eval, max_iters=20,
+                       eval_interval=10))
         assert list(r["losses"]) == list(range(1, 21)) and list(r["evals"]) == [0, 10, 20]
         return torch.tensor(list(r["losses"].values()) + [e[s] for e in r["evals"].values() for s in ("train", "val")])
 
     plain, regional = curve("default"), curve("default", regional=True)
     torch.testing.assert_close(curve("reduce-overhead"), plain, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(curve("reduce-overhead", regional=True), regional, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(curve("reduce-overhead", regional=True, compile_eval=False), regional, rtol=1e-4,
+                               atol=1e-5)
     torch.testing.assert_close(regional, plain, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("mode, compile_eval, refused", [("reduce-overhead", True, True), ("max-autotune", True, True),
+                                                          ("reduce-overhead", False, False), ("default", True, False)])
+def test_regional_cuda_graphs_refuse_compiled_evaluation(char_data, tmp_path, monkeypatch, mode, compile_eval,
+                                                         refused):
+    import train as train_module
+
+    class Stop(Exception):
+        pass
+
+    def no_data(data_dir):  # the first thing after the check
+        raise Stop
+
+    monkeypatch.setattr(train_module, "resolve_system",
+                        lambda config, rank: (torch.device("cuda", 0), torch.bfloat16, True))
+    monkeypatch.setattr("data.load_meta", no_data)
+    config = tiny(char_data, tmp_path, compile=True, compile_mode=mode, compile_regional=True,
+                  compile_eval=compile_eval)
+    with pytest.raises(ConfigError if refused else Stop) as e:
+        train(config)
+    if refused:
+        assert str(e.value) == (f"compile_regional with compile_mode={mode} cannot evaluate through the compiled "
+                                f"regions: one region's CUDA graph overwrites the output the next one reads; add "
+                                f"--compile_eval=False (evaluations run eagerly) or drop --compile_regional")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
 
 
 def test_float8_on_an_older_gpu_is_refused_before_anything_is_written(char_data, tmp_path, monkeypatch):
