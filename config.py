@@ -246,14 +246,14 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # Shakespeare at character level on one GPU: ~10.8M parameters; best val loss ~1.46 around step 2000,
-    # after which the model overfits (best_checkpoint.pt keeps the best); ~90 s on an H200
+    # after which the model overfits (best_checkpoint.pt keeps the best); 80-90 s on an H200
     "shakespeare-char": dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
         learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
         eval_interval=250, eval_iters=50, log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
         # its evaluations are a few eager forward passes; compiling a graph for them costs more than it saves
         compile_eval=False,
-        # a step of this small model is mostly kernel launches: CUDA graphs replay them, 6.4 ms a step on an
+        # a step of this small model is mostly kernel launches: CUDA graphs replay them, 6.3 ms a step on an
         # H200 instead of 9.2 (compiled by regions: 7.6-8.8 ms, and torch warns of a slower path)
         compile_mode="reduce-overhead",
     ),
