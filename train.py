@@ -77,19 +77,20 @@ def get_lr(it: int, config: GPT2Config) -> float:
 # and only val's loss is on text the model has never seen
 EVAL_BATCHES = {"train": 2**62, "val": 0}
 
-# an evaluation forward pass takes several fixed batches at once, up to this many bytes in its largest
-# activation (tokens x the wider of the MLP's hidden layer and the padded vocabulary): a small model's eager
-# passes are bound by their host, about 5 ms each for shakespeare-char on an H200 whatever the batch, so 100
-# passes of one batch took 0.5 s per evaluation. GPT-2's 50,304-wide logits exceed it with one batch: unchanged.
-EVAL_PASS_BYTES = 2**29
+# an evaluation forward pass takes several fixed batches at once, up to about this many bytes in its largest
+# tensors: a small model's eager passes are bound by their host, about 5 ms each for shakespeare-char on an H200
+# whatever their size, so 100 passes of one batch took 0.5 s per evaluation. Counted per token: the MLP's hidden
+# layer in the activations' dtype, or the logits at 16 bytes each (the loss makes float32 copies of them),
+# whichever is more. GPT-2's 50,304-wide logits exceed it with one batch: its evaluation is unchanged.
+EVAL_PASS_BYTES = 2**28
 
 
 def eval_batches_per_pass(config: GPT2Config, world_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
-    """How many fixed batches one evaluation forward pass takes: as many as EVAL_PASS_BYTES allows in dtype,
-    cut to a number that divides each rank's share, so that every pass has the same shape (a compiled
-    evaluation graph would be compiled again for a smaller last pass)."""
-    widest = max(4 * config.n_embd, config.padded_vocab_size)
-    most = max(1, EVAL_PASS_BYTES // (config.batch_size * config.block_size * widest * dtype.itemsize))
+    """How many fixed batches one evaluation forward pass takes: as many as EVAL_PASS_BYTES allows, cut to a
+    number that divides each rank's share, so that every pass has the same shape (a compiled evaluation graph
+    would be compiled again for a smaller last pass)."""
+    per_token = max(4 * config.n_embd * dtype.itemsize, 16 * config.padded_vocab_size)
+    most = max(1, EVAL_PASS_BYTES // (config.batch_size * config.block_size * per_token))
     return max(d for d in range(1, min(most, config.eval_iters) + 1)
                if d == 1 or config.eval_iters % (d * world_size) == 0)
 
