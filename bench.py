@@ -187,9 +187,9 @@ def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict
     """Run step(first), ..., step(first + n_steps - 1) under torch.profiler.
 
     On CUDA it sums the GPU kernels' time, on a CPU the operators' own (self) time, per step: the
-    total, the share of each TIME_KINDS group, and the `top` biggest entries. A GPU total well below
-    the timed step says the GPU waits for the host (launch overhead), one close to it that the
-    kernels themselves are the cost.
+    total, the share of each TIME_KINDS group, and every entry, biggest first ("entries", for --json; the
+    `top` first ones are printed). A GPU total well below the timed step says the GPU waits for the host
+    (launch overhead), one close to it that the kernels themselves are the cost.
     """
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -216,11 +216,11 @@ def profile_steps(step, first: int, n_steps: int, device, top: int = 12) -> dict
             if e.device_type == kind and not getattr(e, "is_user_annotation", False):
                 kinds[caller_kind(e)] += per_step(e.self_cpu_time_total)
     rows.sort(key=own_us, reverse=True)
+    entries = [dict(name=e.key, ms_per_step=per_step(own_us(e)), calls_per_step=e.count / n_steps) for e in rows]
     return dict(steps=n_steps, measured="GPU kernels" if cuda else "CPU operators (self time)",
                 ms_per_step=sum(kinds.values()), kinds=kinds,
                 wall_ms_per_step=1000 * wall / n_steps,  # of these steps, the profiler's own cost included
-                top=[dict(name=e.key, ms_per_step=per_step(own_us(e)), calls_per_step=e.count / n_steps)
-                     for e in rows[:top]])
+                top=entries[:top], entries=entries)
 
 
 def print_profile(p: dict, step_ms: float) -> None:

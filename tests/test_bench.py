@@ -464,6 +464,11 @@ def test_the_profile_sums_self_time_per_step_by_kind(monkeypatch, capsys):
     assert p["ms_per_step"] == pytest.approx(2.9) and p["steps"] == 2
     assert [(r["name"], r["ms_per_step"], r["calls_per_step"]) for r in p["top"][:2]] == [
         ("aten::addmm", 1.5, 2.0), ("aten::mm", 0.5, 1.0)]
+    # every entry for --json, biggest first; the first 12 are the printed top
+    assert [r["name"] for r in p["entries"]][-2:] == ["aten::mul_", "aten::_foreach_norm"]
+    assert len(p["entries"]) == len(FakeProfile.events_) and p["top"] == p["entries"][:12]
+    few = bench.profile_steps(lambda i: torch.zeros(()), 10, 2, torch.device("cpu"), top=3)
+    assert few["top"] == few["entries"][:3] and len(few["entries"]) == len(FakeProfile.events_)
     bench.print_profile(p, step_ms=5.5)
     out = capsys.readouterr().out
     assert "take 2.90 ms per step (53% of the timed 5.50 ms)" in out and "matmul 2.00 ms" in out
