@@ -246,7 +246,8 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # Shakespeare at character level on one GPU: ~10.8M parameters; best val loss ~1.46 around step 2000,
-    # after which the model overfits (best_checkpoint.pt keeps the best); 80-90 s on an H200
+    # after which the model overfits (best_checkpoint.pt keeps the best); 80-90 s on an H200 with settings close
+    # to these (BENCHMARKS.md)
     "shakespeare-char": dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
         learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,

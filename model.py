@@ -265,7 +265,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
 
-    def _check_input(self, idx: torch.Tensor, ids: bool = True) -> None:
+    def _check_input(self, idx: torch.Tensor, ids: bool = True, targets: Optional[torch.Tensor] = None) -> None:
         if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise ValueError(f"idx must be a (B, T) tensor of integer token ids, got shape {tuple(idx.shape)} "
                              f"and dtype {idx.dtype}; a single sequence is idx[None]")
@@ -283,6 +283,12 @@ class GPT(nn.Module):
             bad = idx[(idx < 0) | (idx >= self.config.vocab_size)][:5].tolist()
             raise ValueError(f"token ids {bad} are outside the vocabulary [0, {self.config.vocab_size}); "
                              "was the data prepared with a different tokenizer than this model's?")
+        # a target among the padding columns would meet -inf there and give an infinite loss, not an error
+        if targets is not None and targets.numel() and (int(targets.min()) < -1
+                                                        or int(targets.max()) >= self.config.vocab_size):
+            bad = targets[(targets < -1) | (targets >= self.config.vocab_size)][:5].tolist()
+            raise ValueError(f"targets {bad} are outside the vocabulary [0, {self.config.vocab_size}) "
+                             "(-1 marks a position the loss ignores)")
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets given.
@@ -290,7 +296,7 @@ class GPT(nn.Module):
         Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut
         off before anything sees them, so they are never sampled and never enter the softmax.
         """
-        self._check_input(idx, ids=self.check_ids)
+        self._check_input(idx, ids=self.check_ids, targets=targets)
         embed, blocks, head = self._regions or (self._embed, self.transformer.h, self._head)
         x = embed(idx)  # (B, T, C)
         for block in blocks:

@@ -77,22 +77,24 @@ def get_lr(it: int, config: GPT2Config) -> float:
 # and only val's loss is on text the model has never seen
 EVAL_BATCHES = {"train": 2**62, "val": 0}
 
-# an evaluation forward pass takes several fixed batches at once, up to about this many bytes in its largest
-# tensors: a small model's eager passes are bound by their host, about 5 ms each for shakespeare-char on an H200
-# whatever their size, so 100 passes of one batch took 0.5 s per evaluation. Counted per token: the MLP's hidden
-# layer in the activations' dtype, or the logits at 16 bytes each (the loss makes float32 copies of them),
-# whichever is more. GPT-2's 50,304-wide logits exceed it with one batch: its evaluation is unchanged.
+# an eager evaluation forward pass on a GPU takes several fixed batches at once, up to about this many bytes in
+# its largest tensor (2-3 times that in all): a small model's eager passes are bound by their host, about 5 ms
+# each for shakespeare-char on an H200 whatever their size, so 100 passes of one batch took 0.5 s per evaluation.
+# Counted per token: the MLP's hidden layer in the activations' dtype, or the logits at 16 bytes each (the loss
+# makes float32 copies of them), whichever is more. GPT-2's 50,304-wide logits exceed it with one batch.
 EVAL_PASS_BYTES = 2**28
 
 
-def eval_batches_per_pass(config: GPT2Config, world_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
-    """How many fixed batches one evaluation forward pass takes: as many as EVAL_PASS_BYTES allows, cut to a
-    number that divides each rank's share, so that every pass has the same shape (a compiled evaluation graph
-    would be compiled again for a smaller last pass)."""
+def eval_batches_per_pass(config: GPT2Config, device: torch.device, compile_model: bool,
+                          dtype: torch.dtype = torch.bfloat16) -> int:
+    """How many fixed batches one evaluation forward pass takes: as many as EVAL_PASS_BYTES allows where the
+    evaluation runs eagerly on a GPU, else 1. A CPU computes one big pass no faster than small ones (slower at
+    50 batches), and a compiled evaluation graph of another batch size would make torch.compile treat the batch
+    size as dynamic in the training graph too. dtype is what the activations are in."""
+    if device.type == "cpu" or (compile_model and config.compile_eval):
+        return 1
     per_token = max(4 * config.n_embd * dtype.itemsize, 16 * config.padded_vocab_size)
-    most = max(1, EVAL_PASS_BYTES // (config.batch_size * config.block_size * per_token))
-    return max(d for d in range(1, min(most, config.eval_iters) + 1)
-               if d == 1 or config.eval_iters % (d * world_size) == 0)
+    return max(1, min(config.eval_iters, EVAL_PASS_BYTES // (config.batch_size * config.block_size * per_token)))
 
 
 @torch.no_grad()
@@ -847,7 +849,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                                                seed=config.seed, verbose=master))
     micro_steps = A // world_size  # per rank, per optimizer step
     tokens_per_iter = A * config.batch_size * config.block_size
-    eval_per_pass = eval_batches_per_pass(config, world_size, dtype)  # dtype: what the activations are in
+    eval_per_pass = eval_batches_per_pass(config, device, compile_model, dtype)
 
     device_type = device.type
     if device_type == "cuda":

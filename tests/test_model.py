@@ -166,6 +166,17 @@ def test_loss_ignores_minus_one_and_padding_columns():
     torch.testing.assert_close(loss, manual)
 
 
+@pytest.mark.parametrize("bad", [70, 127, 128, -2])
+def test_targets_outside_the_vocabulary_are_refused(bad):
+    """70 and 127 are padding columns (vocab 70, padded to 128), where the loss would be infinite."""
+    model = GPT(tiny_config(vocab_size=70)).eval()
+    idx = torch.randint(0, 70, (2, 8))
+    targets = idx.clone()
+    targets[1, 4] = bad
+    with pytest.raises(ValueError, match=rf"^targets \[{bad}\] are outside the vocabulary \[0, 70\) \(-1 marks"):
+        model(idx, targets)
+
+
 def test_padding_columns_take_no_part_in_the_gradients():
     """The loss runs over the padded rows with -inf in the padding columns: the gradients are those of the
     cross-entropy over the vocab_size columns alone, and the padding rows of lm_head get none."""

@@ -238,17 +238,36 @@ def test_ranks_take_their_own_runs_of_batches_for_a_pass(char_data, monkeypatch)
             assert got["val"] == pytest.approx(2 * model(torch.cat(x), torch.cat(y))[1].item() / 5, rel=1e-6)
 
 
-def test_evaluation_passes_stay_under_their_size_and_divide_the_batches():
+def test_evaluation_passes_stay_under_their_size_and_join_only_eagerly_on_a_gpu():
     from train import eval_batches_per_pass
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")  # only compared, never used
     char = preset_config("shakespeare-char", vocab_size=65)
-    assert eval_batches_per_pass(preset_config("gpt2")) == 1  # 50,304-wide logits: one batch is past the limit
-    assert eval_batches_per_pass(preset_config("gpt2", vocab_size=4096, batch_size=12)) == 1  # logits still
-    assert eval_batches_per_pass(char) == 5  # 64 x 256 tokens x 1,536 wide in bfloat16: 5 fit in 256 MB
-    assert eval_batches_per_pass(char, dtype=torch.float32) == 2  # twice the bytes
-    assert eval_batches_per_pass(char, world_size=2) == 5  # 50 = 5 rounds of 2 ranks x 5
-    assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, eval_iters=48)) == 4
-    assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, eval_iters=11)) == 1
-    assert eval_batches_per_pass(preset_config("shakespeare-char-cpu", vocab_size=65), dtype=torch.float32) == 50
+    assert eval_batches_per_pass(char, gpu, compile_model=True) == 5  # 64 x 256 x 1,536 in bfloat16: 5 in 256 MB
+    assert eval_batches_per_pass(char, gpu, compile_model=True, dtype=torch.float32) == 2  # twice the bytes
+    assert eval_batches_per_pass(preset_config("gpt2"), gpu, True) == 1  # 50,304-wide logits: past the limit
+    assert eval_batches_per_pass(preset_config("gpt2", vocab_size=4096, batch_size=12), gpu, True) == 1
+    assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, eval_iters=3), gpu, True) == 3
+    assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, compile_eval=True), gpu, True) == 1
+    assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, compile_eval=True), gpu, False) == 5
+    assert eval_batches_per_pass(char, cpu, compile_model=False) == 1
+    assert eval_batches_per_pass(preset_config("shakespeare-char-cpu", vocab_size=65), cpu, False, torch.float32) == 1
+
+
+def test_training_on_a_cpu_evaluates_one_batch_a_pass(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    chosen = []
+
+    class Stop(Exception):
+        pass
+
+    def first_evaluation(*args, per_pass=1, **kwargs):
+        chosen.append(per_pass)
+        raise Stop
+
+    monkeypatch.setattr(train_module, "estimate_loss", first_evaluation)
+    with pytest.raises(Stop):
+        train(tiny(char_data, tmp_path))
+    assert chosen == [1]
 
 
 def test_the_lr_each_step_uses_follows_the_schedule(char_data, tmp_path, monkeypatch):
