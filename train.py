@@ -822,8 +822,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
     if compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES and config.compile_regional \
             and config.compile_eval:
-        # without gradients, each region's CUDA graph starts a new round of torch's graph trees, whose replay
-        # overwrites the output the next region is about to read (seen on an H200 with torch 2.11)
+        # on an H200 with torch 2.11 the first compiled evaluation failed: torch's CUDA graph trees had overwritten
+        # the embedding region's output before the first block read it. Eager evaluation of the regions is fine.
         raise ConfigError(f"compile_regional with compile_mode={config.compile_mode} cannot evaluate through the "
                           f"compiled regions: one region's CUDA graph overwrites the output the next one reads; add "
                           f"--compile_eval=False (evaluations run eagerly) or drop --compile_regional")
