@@ -169,7 +169,8 @@ def test_compile_regional_times_the_compiled_regions(monkeypatch, capsys, compil
         return fn
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    monkeypatch.setattr(GPT, "_check_input", lambda self, idx, ids=True: checks.append(ids) or check(self, idx, ids))
+    monkeypatch.setattr(GPT, "_check_input",
+                        lambda self, idx, ids=True, **kw: checks.append(ids) or check(self, idx, ids, **kw))
     report = bench.main(["--device", "cpu", "--compile", compile_, "--compile_mode", "max-autotune", "--warmup", "1",
                          "--steps", "1", "--no_generate", "--batch_size", "2", "--block_size", "8"]
                         + ["--compile_regional"] * regional)

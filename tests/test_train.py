@@ -362,18 +362,8 @@ def test_estimate_loss_reports_progress_and_can_be_stopped(char_data):
         assert len(asked) == 4 and model.training  # stopped before the first val batch, train mode restored
 
 
-@pytest.fixture
-def one_batch_passes():
-    """Evaluation passes of one batch each, for tests that stop or count between batches. Its own patch, which
-    a test's monkeypatch.undo() leaves in place, so that all runs of a test evaluate alike."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("train.EVAL_PASS_BYTES", 1)
-        yield
-
-
 def signal_at_batch(monkeypatch, split: str, index: int, iteration_of, when: int):
-    """SIGTERM to this process as the evaluation at iteration `when` draws its batch `index` of `split` (with
-    one_batch_passes, the stop then comes before the next batch)."""
+    """SIGTERM to this process as the evaluation at iteration `when` draws its batch `index` of `split`."""
     from train import EVAL_BATCHES
     real = BatchLoader.get_batch
 
@@ -385,7 +375,6 @@ def signal_at_batch(monkeypatch, split: str, index: int, iteration_of, when: int
     monkeypatch.setattr(BatchLoader, "get_batch", get_batch)
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 def test_a_signal_during_the_first_evaluation_stops_at_once(char_data, tmp_path, monkeypatch, capsys):
     signal_at_batch(monkeypatch, "train", 0, lambda: 0, 0)
     (tmp_path / "runs").mkdir()  # was there before: stays
@@ -400,7 +389,6 @@ def test_a_signal_during_the_first_evaluation_stops_at_once(char_data, tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and not list((tmp_path / "runs").iterdir())
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 def test_a_signal_after_the_first_evaluations_last_batch_stops_too(char_data, tmp_path, monkeypatch, capsys):
     """The message said nothing would be saved: a signal while the sample is written, or during the last
     batch, also stops before the first step."""
@@ -410,7 +398,6 @@ def test_a_signal_after_the_first_evaluations_last_batch_stops_too(char_data, tm
     assert "stopped during the first evaluation" in capsys.readouterr().out and not (tmp_path / "new").exists()
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 def test_a_new_run_stopped_before_training_puts_the_old_checkpoints_back(char_data, tmp_path, monkeypatch, capsys):
     train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
@@ -541,7 +528,6 @@ def test_a_new_run_whose_first_step_fails_leaves_no_trace(char_data, tmp_path, m
     assert (sorted((tmp_path / "runs").iterdir()) == runs_before) != trace_left
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_path, monkeypatch):
     straight = train(tiny(char_data, tmp_path / "straight", max_iters=10, eval_interval=5, eval_iters=20))
     steps = []
@@ -558,7 +544,6 @@ def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_pat
     assert {**stopped["evals"], **resumed["evals"]} == straight["evals"]  # the cut evaluation is made up
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 def test_the_copy_kept_at_a_cut_evaluation_is_made_good_with_it(char_data, tmp_path, monkeypatch):
     """save_interval keeps checkpoint_iter_5.pt, written when the evaluation at 5 was cut short: the
     resumed run makes up that evaluation, and the kept copy then says what an unbroken run's says."""
@@ -578,7 +563,6 @@ def test_the_copy_kept_at_a_cut_evaluation_is_made_good_with_it(char_data, tmp_p
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 def test_a_signal_during_the_last_evaluation_leaves_it_owed(char_data, tmp_path, monkeypatch):
     kw = dict(max_iters=10, eval_interval=5, eval_iters=20, learning_rate=3e-2)
     straight = train(tiny(char_data, tmp_path / "straight", **kw))
@@ -612,7 +596,6 @@ def test_compile_gets_the_compile_mode(char_data, tmp_path, monkeypatch):
     assert modes == ["reduce-overhead"]
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 @pytest.mark.parametrize("compile_eval", [True, False])
 def test_compile_eval_picks_the_model_evaluations_run(char_data, tmp_path, monkeypatch, compile_eval):
     calls = []
@@ -633,7 +616,6 @@ def test_compile_eval_picks_the_model_evaluations_run(char_data, tmp_path, monke
     assert calls.count(True) == 4 and calls.count(False) == (evaluations if compile_eval else 0)
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 @pytest.mark.parametrize("compile_eval", [True, False])
 def test_compile_regional_compiles_the_regions_and_evaluates_eagerly_when_asked(char_data, tmp_path, monkeypatch,
                                                                                 compile_eval):
@@ -716,12 +698,12 @@ def test_a_damaged_data_set_stops_the_run_before_anything_is_written(char_data, 
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.usefixtures("one_batch_passes")
 def test_training_and_evaluation_leave_the_id_check_to_the_loader(char_data, tmp_path, monkeypatch):
     """The model's id check waits for the GPU at every forward pass; the loader has checked the batches."""
     from model import GPT
     checks, check = [], GPT._check_input
-    monkeypatch.setattr(GPT, "_check_input", lambda self, idx, ids=True: checks.append(ids) or check(self, idx, ids))
+    monkeypatch.setattr(GPT, "_check_input",
+                        lambda self, idx, ids=True, **kw: checks.append(ids) or check(self, idx, ids, **kw))
     train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2, eval_iters=2, sample_tokens=4))
     assert len(checks) > 4 + 3 * 2 * 2  # training steps, evaluations, and the samples' decoding steps
     samples = checks.count(True)  # sampling's prompts come from the tokenizer, not the loader: still checked
