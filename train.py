@@ -813,15 +813,15 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     problem = fp8_problem(device) if config.fp8 else None
     if problem:
         raise ConfigError(f"{problem}; drop --fp8")
-    if compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES and A > world_size:
+    cuda_graphs = compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES
+    if cuda_graphs and A > world_size:
         # A CUDA graph's backward hands its gradient buffers to .grad and overwrites them on the next
         # replay, so a second micro-step would corrupt the first one's gradients (pytorch/pytorch#169545)
         other = "default" if config.compile_mode == "reduce-overhead" else "max-autotune-no-cudagraphs"
         raise ConfigError(f"compile_mode={config.compile_mode} replays CUDA graphs, which cannot accumulate "
                           f"gradients over {A // world_size} micro-steps per process; use --compile_mode={other}, "
                           f"or --gradient_accumulation_steps={world_size} with a larger --batch_size")
-    if compile_model and device.type == "cuda" and config.compile_mode in CUDA_GRAPH_MODES and config.compile_regional \
-            and config.compile_eval:
+    if cuda_graphs and config.compile_regional and config.compile_eval:
         # on an H200 with torch 2.11 the first compiled evaluation failed: torch's CUDA graph trees had overwritten
         # the embedding region's output before the first block read it. Eager evaluation of the regions is fine.
         raise ConfigError(f"compile_regional with compile_mode={config.compile_mode} cannot evaluate through the "
