@@ -35,6 +35,7 @@ import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
+from train import GRAPH_WARMUP_STEPS
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
                    path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers, synchronize)
 
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_regional", action="store_true",
                    help="compile the embedding, one block (shared by all blocks) and the head apart (train.py's "
                         "--compile_regional): faster to compile, maybe slower to run")
+    p.add_argument("--cuda_graph", action="store_true",
+                   help="replay each training step (forward, backward, clipping, AdamW) as one CUDA graph, after "
+                        f"{GRAPH_WARMUP_STEPS} plain steps (train.py's --cuda_graph); CUDA only")
     p.add_argument("--fp8", action="store_true",
                    help="train the blocks' matmuls in float8 (train.py's --fp8; GPUs of compute capability 8.9+)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
@@ -101,7 +105,7 @@ def cpu_name() -> str:
 def bench_train(args, config, device, dtype, use_compile) -> dict:
     """Time train.py's optimizer step: its forward_backward, then clipping, optimizer and scaler as its loop does."""
     from model import GPT
-    from train import autocast_context, forward_backward, optimizer_step, training_model
+    from train import GraphedStep, autocast_context, forward_backward, optimizer_step, training_model
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.learning_rate,
@@ -123,7 +127,11 @@ def bench_train(args, config, device, dtype, use_compile) -> dict:
         pool = [torch.randint(0, config.vocab_size, (B, T + 1), device=device) for _ in range(4)]
         next_batch = lambda i: (pool[i % 4][:, :-1], pool[i % 4][:, 1:])  # noqa: E731
 
+    graphed = GraphedStep(step_model, params, optimizer, config.grad_clip, ctx, device) if args.cuda_graph else None
+
     def step(i):
+        if graphed is not None:
+            return graphed(*next_batch(i), config.learning_rate)[0]
         loss = forward_backward(step_model, lambda m: next_batch(i), 1, ctx, scaler)
         optimizer_step(params, optimizer, scaler, config.grad_clip)
         return loss
@@ -495,6 +503,15 @@ def model_report(args) -> dict:
     args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else (500 if cuda else 50)
     if args.warmup < 1 or args.steps < 1 or args.gen_tokens < 1:
         raise UserError("--warmup, --steps and --gen_tokens must be at least 1")
+    if args.cuda_graph and not args.no_train and args.warmup <= GRAPH_WARMUP_STEPS:
+        raise UserError(f"--cuda_graph captures the step after {GRAPH_WARMUP_STEPS} plain ones: give --warmup "
+                        f"{GRAPH_WARMUP_STEPS + 1} or more, so that the timed steps only replay it")
+    if args.cuda_graph:
+        from train import cuda_graph_problem
+        config.compile_mode = args.compile_mode
+        problem = cuda_graph_problem(config, device, dtype, use_compile)
+        if problem:
+            raise UserError(f"{problem.replace('cuda_graph', '--cuda_graph', 1)}; or drop --cuda_graph")
     if args.profile < 0 or (args.profile and args.no_train):
         raise UserError(f"--profile profiles training steps: give a number of steps, at least 1, and leave out "
                         f"--no_train (got --profile {args.profile}{' --no_train' if args.no_train else ''})")
@@ -519,7 +536,8 @@ def model_report(args) -> dict:
     attention = attention_kernel(config, config.batch_size, device, dtype)
     report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
                   compile=use_compile, compile_mode=args.compile_mode if use_compile else None,
-                  compile_regional=use_compile and args.compile_regional, fp8=args.fp8, attention=attention,
+                  compile_regional=use_compile and args.compile_regional, cuda_graph=args.cuda_graph, fp8=args.fp8,
+                  attention=attention,
                   preset=preset,
                   batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
@@ -528,6 +546,7 @@ def model_report(args) -> dict:
     print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}"
           + (f" ({args.compile_mode}{', regional' * args.compile_regional})" if use_compile
              else ", so --compile_regional does nothing" if args.compile_regional else "")
+          + (", each training step one CUDA graph" if args.cuda_graph else "")
           + (", fp8 matmuls in training" if args.fp8 else "") + f", attention {attention}")
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"vocab={config.vocab_size}; batch {config.batch_size} x {config.block_size} tokens; data: {report['data']}")

@@ -47,6 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # for small models), the max-autotune ones benchmark kernel choices while compiling (slower to start)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs on a GPU
+AUTO_FIELDS = ("compile", "cuda_graph")  # True, False or 'auto'
 MAX_SAMPLE_TOKENS = 10_000  # the longest text sample train.py writes at an evaluation (a model keeps any value)
 
 
@@ -100,6 +101,7 @@ class GPT2Config:
     compile_mode = "default"  # torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs), 'max-autotune', ...
     compile_eval = True  # evaluate with the compiled model too; False skips compiling the evaluation graph
     compile_regional = False  # compile embedding, one block (shared by all blocks) and head apart: faster compiling
+    cuda_graph = False  # replay each step (forward, backward, clipping, AdamW) as one CUDA graph; 'auto': where it can
     seed = 1337  # seeds weights, batches and dropout; a resumed run continues the same streams
     backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' for CPU
 
@@ -188,8 +190,10 @@ class GPT2Config:
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.dtype, str) or (self.dtype != "auto" and self.dtype not in DTYPES):
             problems.append(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {self.dtype!r}")
-        if not (self.compile is True or self.compile is False or self.compile == "auto"):  # 1 == True
-            problems.append(f"compile must be True, False or 'auto', got {self.compile!r}")
+        for name in AUTO_FIELDS:
+            v = getattr(self, name)
+            if not (v is True or v is False or v == "auto"):  # 1 == True
+                problems.append(f"{name} must be True, False or 'auto', got {v!r}")
         if self.compile_mode not in COMPILE_MODES:
             problems.append(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         if problem := device_name_problem(self.device):
@@ -254,9 +258,10 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
         eval_interval=250, eval_iters=50, log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
         # its evaluations are a few eager forward passes; compiling a graph for them costs more than it saves
         compile_eval=False,
-        # a step of this small model is mostly kernel launches: CUDA graphs replay them, 6.3 ms a step on an
-        # H200 instead of 9.2 (compiled by regions: 7.6-8.8 ms, and torch warns of a slower path)
-        compile_mode="reduce-overhead",
+        # a step of this small model is mostly kernel launches, so each step is replayed as one CUDA graph
+        # (train.py's GraphedStep). On an H200, compile_mode=reduce-overhead, which graphs the forward and
+        # backward only, took 6.3 ms a step against 9.2 without graphs; the step's kernels take about 4.6 ms
+        cuda_graph="auto",
     ),
     # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.75 in about 100 s on
     # 2 cores; small models take a higher learning rate (1e-3 gives ~1.89 in the same 2000 steps)
@@ -291,13 +296,13 @@ def coerce(key: str, value: Any, raw: Optional[str] = None) -> Any:
     """
     default = getattr(GPT2Config, key)
     # --bias=false, --compile=TRUE: any case, as on most command lines (compile's default is 'auto')
-    if raw is not None and (isinstance(default, bool) or key == "compile") and raw.lower() in ("true", "false"):
+    if raw is not None and (isinstance(default, bool) or key in AUTO_FIELDS) and raw.lower() in ("true", "false"):
         value = raw.lower() == "true"
-    if key == "compile":
+    if key in AUTO_FIELDS:
         if isinstance(value, bool) or value == "auto":
             return value
-        example = "--compile=False" if raw is not None else "compile = False"
-        raise ConfigError(f"compile must be True, False or 'auto', got {value!r} (e.g. {example})")
+        example = f"--{key}=False" if raw is not None else f"{key} = False"
+        raise ConfigError(f"{key} must be True, False or 'auto', got {value!r} (e.g. {example})")
     if key == "dtype" and isinstance(value, torch.dtype):
         return value  # GPT2Config turns it into its name; validate() checks it is supported
     if isinstance(default, bool):

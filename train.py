@@ -29,9 +29,11 @@ import shutil
 import signal
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -827,6 +829,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         raise ConfigError(f"compile_regional with compile_mode={config.compile_mode} cannot evaluate through the "
                           f"compiled regions: one region's CUDA graph overwrites the output the next one reads; add "
                           f"--compile_eval=False (evaluations run eagerly) or drop --compile_regional")
+    graph_problem = cuda_graph_problem(config, device, dtype, compile_model, world_size) if config.cuda_graph else None
+    if config.cuda_graph is True and graph_problem:
+        raise ConfigError(f"{graph_problem}; or drop --cuda_graph")
+    graph_step = bool(config.cuda_graph) and graph_problem is None  # 'auto' captures where it can
     if ckpt is not None and "data_dir" not in explicit and not (Path(config.data_dir) / "meta.json").is_file():
         # the folder comes from the checkpoint, not from the command: moved or removed since; the checkpoint
         # knows how it was prepared
@@ -976,6 +982,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     compiled = f"compile {compile_model}" + (f" ({config.compile_mode}{', regional' * config.compile_regional})"
                                              if compile_model else ", so compile_regional does nothing"
                                              if config.compile_regional else "")
+    compiled += ", each step one CUDA graph" if graph_step else ""
     attention = attention_kernel(config, config.batch_size, device, dtype)
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
               f"{compiled}, attention {attention}, data {config.data_dir} ({meta['tokenizer']}), "
@@ -1024,32 +1031,47 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     # happen, setup and the first step (torch.compile's compilation) are timed once, steps are the rest
     timing = {"evaluation": 0.0, "checkpoints": 0.0}
 
-    def save(names: list[str]) -> None:
+    writer = CheckpointWriter()
+    # on an error elsewhere the write under way is finished (a whole file), and its own error, if any, stays behind
+    cleanup.push(lambda error_type, *_: writer.close(raise_error=error_type is None))
+
+    def write(names: list[str], at: int, prune: bool, ckpt: dict) -> None:
         """Write names[0], then give the other names the same state. A crash in between leaves the
         others at an older state, so names[0] is the one that must not lag (best_checkpoint.pt: a
-        checkpoint.pt left behind only makes the resumed run repeat those steps, exactly)."""
+        checkpoint.pt left behind only makes the resumed run repeat those steps, exactly). On the
+        writer's thread, mostly: `at` is the iteration the state is from."""
+        name = names[0]
+        try:
+            save_checkpoint(checkpoint_dir / name, ckpt)
+            for name in names[1:]:  # the same state under another name
+                save_checkpoint_as(checkpoint_dir / name, checkpoint_dir / names[0], ckpt)
+        except (OSError, RuntimeError) as e:
+            # torch.save reports a full disk as a RuntimeError raised while handling the OSError
+            cause = next((c for c in exception_chain(e) if isinstance(c, OSError)), None)
+            if cause is None:
+                raise
+            last = checkpoint_dir / "checkpoint.pt"
+            then = (f"the checkpoints written before are whole. Make room (or fix the folder) and run the same "
+                    f"command again to continue from {last}" if last.is_file() else
+                    "nothing was saved before. Make room (or fix the folder) and run the same command again: "
+                    "it starts over")
+            raise TrainingError(f"cannot write {checkpoint_dir / name} at iteration {at}: "
+                                f"{cause.strerror or cause}; {then}") from None
+        if prune:
+            prune_iter_checkpoints(checkpoint_dir, config.keep_last_n)
+
+    def save(names: list[str], wait: bool = False) -> None:
+        """Save the state under names (see write), while training goes on; wait: until the files are written."""
         t0 = time.perf_counter()
         check_finite(weights=True)
         ckpt = make_checkpoint()
         if master:
             log.flush()  # events up to this step reach the disk before the checkpoint that covers them
-            name = names[0]
-            try:
-                save_checkpoint(checkpoint_dir / name, ckpt)
-                for name in names[1:]:  # the same state under another name
-                    save_checkpoint_as(checkpoint_dir / name, checkpoint_dir / names[0], ckpt)
-            except (OSError, RuntimeError) as e:
-                # torch.save reports a full disk as a RuntimeError raised while handling the OSError
-                cause = next((c for c in exception_chain(e) if isinstance(c, OSError)), None)
-                if cause is None:
-                    raise
-                last = checkpoint_dir / "checkpoint.pt"
-                then = (f"the checkpoints written before are whole. Make room (or fix the folder) and run the same "
-                        f"command again to continue from {last}" if last.is_file() else
-                        "nothing was saved before. Make room (or fix the folder) and run the same command again: "
-                        "it starts over")
-                raise TrainingError(f"cannot write {checkpoint_dir / name} at iteration {iter_num}: "
-                                    f"{cause.strerror or cause}; {then}") from None
+            prune = bool(config.keep_last_n) and ITER_CHECKPOINT.fullmatch(names[0]) is not None
+            writer.submit(partial(write, names, iter_num, prune), ckpt)
+            if wait:
+                writer.wait()
+        # the training thread's share: the state's copy (and the wait for the write before, if it is still going)
         timing["checkpoints"] += time.perf_counter() - t0
 
     # non-finite losses and gradient norms are counted on the device and looked at only where the host
@@ -1063,6 +1085,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if ddp:
             torch.distributed.all_reduce(bad)
         if bad.item() or not all(math.isfinite(v) for v in losses):
+            writer.wait()  # the write under way is among the saved files below
             saved = [p for p in checkpoint_dir.glob("*.pt")
                      if p.name == "checkpoint.pt" or ITER_CHECKPOINT.fullmatch(p.name)]
             last = max(saved, key=lambda p: p.stat().st_mtime, default=None)
@@ -1124,6 +1147,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                "run_dir": str(run_dir) if run_dir else None}
 
     def finish() -> dict:
+        writer.wait()
         total = time.perf_counter() - t_start
         timing.update(steps=total - sum(timing.values()), total=total)
         summary.update(iter_num=iter_num, best_val_loss=best_val_loss, timing=timing)
@@ -1165,6 +1189,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             # final_checkpoint.pt is missing, or older than the checkpoint.pt of the last evaluation. Never
             # for a checkpoint past max_iters (a lower --max_iters than the run was stopped at): that run
             # did not finish, and its final_checkpoint.pt, if any, is another run's end
+            writer.wait()  # the files as they will be
             final, last = checkpoint_dir / "final_checkpoint.pt", checkpoint_dir / "checkpoint.pt"
             return iter_num == config.max_iters and (
                 resumed_from is None or iter_num > resumed_from or owed or not final.is_file()
@@ -1201,15 +1226,19 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # clipped in the model's order, listed once: model.parameters() walks the module tree, about 0.1 ms of host
         # time a step for 6 layers, which a GPU bound by its host waits for
         params = list(raw_model.parameters())
+        graphed = GraphedStep(model, params, optimizer, config.grad_clip, ctx, device) if graph_step else None
         while iter_num < config.max_iters:
             lr = get_lr(iter_num, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
-                                         micro_steps, ctx, scaler)
             log_step = (iter_num + 1) % config.log_interval == 0
-            # the norm is always measured on log steps, which are the only ones that read it
-            grad_norm = optimizer_step(params, optimizer, scaler, config.grad_clip, measure_norm=log_step)
+            if graphed is not None:
+                step_loss, grad_norm = graphed(*loader.get_batch("train", batch_index(iter_num, 0)), lr)
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
+                                             micro_steps, ctx, scaler)
+                # the norm is always measured on log steps, which are the only ones that read it
+                grad_norm = optimizer_step(params, optimizer, scaler, config.grad_clip, measure_norm=log_step)
             if "first_step" not in timing:  # compiling and running it: wait for the GPU, or the step's
                 synchronize(device)         # queued kernels would count in the rate of the steps after it
                 timing["first_step"] = time.perf_counter() - t_mark
@@ -1260,14 +1289,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     last_eval_s = timed_eval(time.perf_counter() - t0)
             if config.save_interval and iter_num % config.save_interval == 0:
                 save([f"checkpoint_iter_{iter_num}.pt"])
-                if master and config.keep_last_n:
-                    prune_iter_checkpoints(checkpoint_dir, config.keep_last_n)
             eval_time += time.perf_counter() - t0
 
             # eval_cut is the same on every rank (estimate_loss agreed on it), so all skip the collective
             if eval_cut or (stop_requested(stop, stop_group if ddp else None) and iter_num < config.max_iters):
                 if iter_num % config.eval_interval and iter_num != config.max_iters:  # else evaluate() saved it
                     save(["checkpoint.pt"])
+                writer.wait()  # saved, before it says so
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
                 again = ("run the same command again" if config.init_from != "scratch"
                          else "run it again without --init_from=scratch")  # which would start over
@@ -1276,7 +1304,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 break
         else:
             if final_due():
-                save(["final_checkpoint.pt"])
+                save(["final_checkpoint.pt"], wait=True)
                 total = time.perf_counter() - t_start
                 this_run = f" ({iter_num - resumed_from} of them in this run)" if resumed_from is not None else ""
                 log.print(f"done: {iter_num} iterations{this_run} in {format_duration(total)} "
@@ -1348,6 +1376,111 @@ def optimizer_step(params: list, optimizer, scaler, grad_clip: float, measure_no
     return norm
 
 
+def cuda_graph_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype, compile_model: bool,
+                       world_size: int = 1) -> Optional[str]:
+    """Why this run's training step cannot be captured as one CUDA graph (GraphedStep), as advice, or None."""
+    if device.type != "cuda":
+        return f"cuda_graph captures the training step on a CUDA GPU, and this run's device is {device.type}"
+    if world_size > 1:
+        return "cuda_graph captures the step of one process, without DDP's gradient all-reduce; not under torchrun"
+    if config.gradient_accumulation_steps > 1:
+        return (f"cuda_graph captures a step of one micro-batch, not {config.gradient_accumulation_steps}: use "
+                f"--gradient_accumulation_steps=1 with a larger --batch_size")
+    if dtype == torch.float16:
+        return ("cuda_graph cannot capture float16's GradScaler, which decides on the host whether to take a step: "
+                "use --dtype=bfloat16 or float32")
+    if compile_model and config.compile_mode in CUDA_GRAPH_MODES:
+        return (f"cuda_graph captures the whole step itself, and compile_mode={config.compile_mode} would replay "
+                f"CUDA graphs of its own inside it: use --compile_mode=default (or max-autotune-no-cudagraphs)")
+    if config.gradient_checkpointing:
+        # torch.utils.checkpoint reads and sets the GPU's random state on the host (pytorch/pytorch#162504)
+        return "cuda_graph cannot capture gradient_checkpointing's recomputation: drop --gradient_checkpointing"
+    return None
+
+
+GRAPH_WARMUP_STEPS = 3  # plain steps before the capture: compilation, AdamW's moments, the libraries' workspaces
+
+
+class GraphedStep:
+    """The whole training step, forward, backward, gradient clipping and AdamW, captured once as a CUDA graph and
+    then replayed (config.cuda_graph).
+
+    A small model's step is some hundreds of short kernels, and the GPU waits while the host launches them;
+    torch.compile's reduce-overhead mode replays the forward and backward as CUDA graphs but leaves clipping and
+    the optimizer to the host, with Python bookkeeping of its own at every replay. Here the first
+    GRAPH_WARMUP_STEPS steps run as usual, the next one is captured, and from then on a step is three small
+    copies (batch, targets, learning rate) into the graph's input tensors and one replay. The graph holds the
+    kernels the plain step launches, so the numbers are the same. Warm-up and capture run on one side stream,
+    as torch's CUDA graph notes ask: libraries set up per-stream workspaces on first use, which a capture
+    cannot. cuda_graph_problem() says what cannot be captured.
+    """
+
+    def __init__(self, model, params: list, optimizer, grad_clip: float, ctx, device: torch.device):
+        self.model, self.params, self.optimizer, self.grad_clip, self.ctx = model, params, optimizer, grad_clip, ctx
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.warmup_left = GRAPH_WARMUP_STEPS
+        # the graph's inputs and outputs, fixed tensors that each replay reads and writes
+        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        self.x = self.y = self.loss = self.norm = None
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.ctx:
+            _, loss = self.model(x, y)
+        loss.backward()
+        # the norm is measured at every step (a graph has no branches); max_norm=inf only measures
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        return loss.detach(), norm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on the batch (x, y) at learning rate lr: (loss, gradient norm before clipping) as device
+        tensors. After the warm-up they are the graph's outputs, which the next step overwrites."""
+        current = torch.cuda.current_stream(self.device)
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.stream.wait_stream(current)  # the batch was copied on the current stream
+            with torch.cuda.stream(self.stream):
+                loss, norm = self._step(x, y)
+                self.optimizer.zero_grad(set_to_none=True)
+            current.wait_stream(self.stream)
+            return loss, norm
+        if self.graph is None:
+            self._capture(x, y)
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.lr.fill_(lr)
+        for group in self.optimizer.param_groups:  # what a checkpoint saves; the graph reads self.lr
+            group["lr"] = lr
+        self.graph.replay()
+        return self.loss, self.norm
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        # with the batch's own strides: torch.compile's guards on them would otherwise compile anew inside the capture
+        self.x, self.y = (torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device) for t in (x, y))
+        groups = self.optimizer.param_groups
+        # AdamW reads the rate from a tensor, which each step fills; a float would be a constant of the graph.
+        # capturable=True only passes the optimizer's check (the fused kernels ignore it); both are put back
+        # after the capture, so checkpoints keep plain settings
+        for group in groups:
+            group["lr"], group["capturable"] = self.lr, True
+        # gradients start as None: the graph's backward writes them afresh at every replay instead of adding
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            # thread_local: the loader's thread may pin memory meanwhile, which a global capture would forbid
+            with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+                self.loss, self.norm = self._step(self.x, self.y)
+        finally:
+            for group in groups:
+                group["lr"], group["capturable"] = 0.0, False
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
 def forward_backward(model, get_batch, micro_steps: int, ctx=nullcontext(), scaler=None) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step over micro_steps micro-batches.
 
@@ -1395,6 +1528,88 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
         if stop.verbose:  # rank 0 says why the run stops; the signalled rank said it for itself
             print("another process received a signal: stopping with it", file=sys.stderr, flush=True)
     return bool(flag.item())
+
+
+# a checkpoint up to this size is copied into memory and written by a background thread; a larger one (GPT-2 medium
+# and up with AdamW's moments) is written by the training thread, as the copy would double its footprint in memory
+ASYNC_CHECKPOINT_BYTES = 2**30
+
+
+def cpu_copy(obj, storages: Optional[dict] = None):
+    """obj (dicts, lists and tuples of tensors and plain values) with every tensor copied into CPU memory. Tensors
+    that share memory share it in the copy too, as torch.save keeps them (the tied embedding and lm_head)."""
+    storages = {} if storages is None else storages
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        if key not in storages:
+            storages[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+        return torch.empty(0, dtype=obj.dtype).set_(storages[key], obj.storage_offset(), obj.size(), obj.stride())
+    if isinstance(obj, dict):  # a state_dict is an OrderedDict, whose _metadata load_state_dict reads
+        copied = type(obj)((k, cpu_copy(v, storages)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            copied._metadata = obj._metadata
+        return copied
+    if type(obj) in (list, tuple):
+        return type(obj)(cpu_copy(v, storages) for v in obj)
+    return obj
+
+
+def tensor_bytes(obj, seen: Optional[set] = None) -> int:
+    """The bytes of the distinct tensor memory in obj, which cpu_copy would copy."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+class CheckpointWriter:
+    """Writes checkpoints one at a time on a background thread, while training goes on.
+
+    Writing a checkpoint, fsync included, takes a small model longer than hundreds of its training steps on a GPU
+    (0.22-0.25 s for the 130 MB of shakespeare-char on an H200, against 6 ms a step). submit() copies the state
+    into CPU memory (it changes with the next step) and returns; the write's error, if any, is raised in the
+    training thread by the next submit() or wait().
+    """
+
+    def __init__(self, max_copy_bytes: Optional[int] = None):
+        self.max_copy_bytes = ASYNC_CHECKPOINT_BYTES if max_copy_bytes is None else max_copy_bytes
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Optional[Future] = None
+
+    def submit(self, write: Callable[[dict], None], ckpt: dict) -> None:
+        """write(ckpt) on the writer's thread, from a copy in memory; here and now where that copy would be larger
+        than max_copy_bytes. Waits for the write before first."""
+        self.wait()
+        if tensor_bytes(ckpt) > self.max_copy_bytes:
+            write(ckpt)
+        else:
+            self._pending = self._pool.submit(write, cpu_copy(ckpt))
+
+    def wait(self) -> None:
+        """Until the write under way is done; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, raise_error: bool = True) -> None:
+        try:
+            if raise_error:
+                self.wait()
+            elif self._pending is not None:
+                with suppress(Exception):
+                    self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def prune_iter_checkpoints(checkpoint_dir: Path, keep: int) -> None:

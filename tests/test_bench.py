@@ -79,6 +79,15 @@ def one_line_error(argv, capsys) -> str:
     return err
 
 
+def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture(capsys):
+    err = one_line_error(["--device", "cpu", "--cuda_graph", "--no_generate", "--warmup", "5"], capsys)
+    assert err == ("error: --cuda_graph captures the training step on a CUDA GPU, and this run's device is cpu; or "
+                   "drop --cuda_graph\n")
+    err = one_line_error(["--device", "cpu", "--cuda_graph", "--no_generate", "--warmup", "3"], capsys)
+    assert err == ("error: --cuda_graph captures the step after 3 plain ones: give --warmup 4 or more, so that the "
+                   "timed steps only replay it\n")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--batch_size", "0"], "batch_size must be an integer > 0, got 0"),
     (["--block_size", "0"], "block_size must be an integer > 0, got 0"),

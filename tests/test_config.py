@@ -127,6 +127,8 @@ def test_validate_reports_every_problem_at_once():
     (dict(device="cudafoo"), "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'cudafoo'"),
     (dict(device="cuda:x"), "got 'cuda:x'"),
     (dict(compile=1), "compile must be True, False or 'auto', got 1"),  # 1 == True, but is not True
+    (dict(cuda_graph="yes"), "cuda_graph must be True, False or 'auto', got 'yes'"),
+    (dict(cuda_graph=0), "cuda_graph must be True, False or 'auto', got 0"),
     (dict(compile_mode=["default"]), "compile_mode must be one of"),
 ])
 def test_values_of_the_wrong_kind_are_problems_too(overrides, problem):

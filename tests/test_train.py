@@ -821,6 +821,37 @@ def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path)
     torch.testing.assert_close(regional, plain, rtol=2e-3, atol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("compile_model", [True, False])
+def test_graphed_steps_follow_plain_steps_and_resume(char_data, tmp_path, compile_model):
+    """cuda_graph replays the kernels of the plain step, forward, backward, clipping and AdamW: the same losses and
+    evaluations step by step, with dropout drawing in the graph. A run stopped and resumed (warm-up and capture
+    again) ends where the straight one does, and its checkpoints keep AdamW's plain settings. float32, with the
+    tolerance of the test above: the embedding's backward adds with atomics, in an order that varies."""
+    kw = dict(device="cuda", dtype="float32", compile=compile_model, dropout=0.1, max_iters=20, eval_interval=10)
+
+    def curve(r):
+        assert list(r["losses"]) == list(range(1, 21)) and list(r["evals"]) == [0, 10, 20]
+        return torch.tensor(list(r["losses"].values()) + [e[s] for e in r["evals"].values() for s in ("train", "val")])
+
+    plain = train(tiny(char_data, tmp_path / "plain", **kw))
+    graphed = train(tiny(char_data, tmp_path / "graphed", cuda_graph=True, **kw))
+    torch.testing.assert_close(curve(graphed), curve(plain), rtol=1e-4, atol=1e-5)
+    assert graphed["losses"][20] < graphed["losses"][1] - 0.5  # it learns: the replays step the weights
+    first = train(tiny(char_data, tmp_path / "split", cuda_graph=True, **{**kw, "max_iters": 10}))
+    second = train(tiny(char_data, tmp_path / "split", cuda_graph=True, **kw))
+    assert first["iter_num"] == 10 and second["resumed_from"] == 10
+    torch.testing.assert_close(torch.tensor([second["losses"][i] for i in range(11, 21)]),
+                               torch.tensor([graphed["losses"][i] for i in range(11, 21)]), rtol=1e-4, atol=1e-5)
+    ckpt = load_checkpoint(tmp_path / "split" / "ckpt" / "checkpoint.pt")
+    straight = load_checkpoint(tmp_path / "graphed" / "ckpt" / "checkpoint.pt")
+    for name, w in straight["model"].items():
+        torch.testing.assert_close(ckpt["model"][name], w, rtol=1e-3, atol=1e-5)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert all(type(g["lr"]) is float and g["capturable"] is False for g in groups)
+    assert groups[0]["lr"] == pytest.approx(get_lr(19, tiny(char_data, tmp_path, **kw)))  # the last step's
+
+
 @pytest.mark.parametrize("mode, compile_eval, refused", [("reduce-overhead", True, True), ("max-autotune", True, True),
                                                           ("reduce-overhead", False, False), ("default", True, False)])
 def test_regional_cuda_graphs_refuse_compiled_evaluation(char_data, tmp_path, monkeypatch, mode, compile_eval,
@@ -845,6 +876,45 @@ def test_regional_cuda_graphs_refuse_compiled_evaluation(char_data, tmp_path, mo
                                 f"regions: one region's CUDA graph overwrites the output the next one reads; add "
                                 f"--compile_eval=False (evaluations run eagerly) or drop --compile_regional")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("device, dtype, overrides, problem", [
+    ("cpu", torch.float32, {}, "cuda_graph captures the training step on a CUDA GPU, and this run's device is cpu"),
+    ("cuda", torch.bfloat16, dict(gradient_accumulation_steps=2),
+     "cuda_graph captures a step of one micro-batch, not 2: use --gradient_accumulation_steps=1 with a larger "
+     "--batch_size"),
+    ("cuda", torch.float16, {}, "cuda_graph cannot capture float16's GradScaler, which decides on the host whether "
+                                "to take a step: use --dtype=bfloat16 or float32"),
+    ("cuda", torch.bfloat16, dict(compile_mode="reduce-overhead"),
+     "cuda_graph captures the whole step itself, and compile_mode=reduce-overhead would replay CUDA graphs of its "
+     "own inside it: use --compile_mode=default (or max-autotune-no-cudagraphs)"),
+    ("cuda", torch.bfloat16, dict(gradient_checkpointing=True),
+     "cuda_graph cannot capture gradient_checkpointing's recomputation: drop --gradient_checkpointing"),
+])
+def test_a_step_that_cannot_be_graphed_is_refused_or_left_plain(char_data, tmp_path, monkeypatch, device, dtype,
+                                                                overrides, problem):
+    """cuda_graph=True refuses, before anything is written; 'auto' trains without the graph instead."""
+    import train as train_module
+
+    class Stop(Exception):
+        pass
+
+    def no_data(data_dir):  # the first thing after the checks
+        raise Stop
+
+    monkeypatch.setattr(train_module, "resolve_system",
+                        lambda config, rank: (torch.device(device, 0 if device == "cuda" else None), dtype, True))
+    monkeypatch.setattr("data.load_meta", no_data)
+    with pytest.raises(ConfigError) as e:
+        train(tiny(char_data, tmp_path, cuda_graph=True, **overrides))
+    assert str(e.value) == f"{problem}; or drop --cuda_graph"
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+    with pytest.raises(Stop):  # 'auto' goes on
+        train(tiny(char_data, tmp_path, cuda_graph="auto", **overrides))
+    if device == "cpu":  # and trains, plainly (a GraphedStep needs CUDA), where it can run here
+        monkeypatch.undo()
+        r = train(tiny(char_data, tmp_path / "auto", cuda_graph="auto", max_iters=3))
+        assert r["iter_num"] == 3 and r["losses"]
 
 
 def test_float8_on_an_older_gpu_is_refused_before_anything_is_written(char_data, tmp_path, monkeypatch):
@@ -875,6 +945,67 @@ def test_exact_resume(resume_runs):
     assert a["best_val_loss"] == b["best_val_loss"] == min(e["val"] for i, e in straight["evals"].items() if i)
 
 
+def test_a_checkpoint_holds_its_iteration_while_training_goes_on(char_data, tmp_path, monkeypatch):
+    """Checkpoints are written by a background thread from a copy of the state: a slow write still saves the
+    iteration it was asked for, not what the training thread has made of the weights since."""
+    import threading
+    import train as train_module
+    writers = []
+
+    def slow_save(path, ckpt):
+        writers.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.3)  # meanwhile the training thread takes its next steps
+        save_checkpoint(path, ckpt)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
+    kw = dict(dropout=0.1, eval_interval=100, save_interval=5)
+    summary = train(tiny(char_data, tmp_path / "slow", max_iters=15, **kw))
+    assert summary["iter_num"] == 15 and writers and not any(writers)
+    monkeypatch.undo()
+    train(tiny(char_data, tmp_path / "short", max_iters=5, **kw))
+    saved = load_checkpoint(tmp_path / "slow" / "ckpt" / "checkpoint_iter_5.pt")
+    straight = load_checkpoint(tmp_path / "short" / "ckpt" / "final_checkpoint.pt")
+    assert saved["iter_num"] == straight["iter_num"] == 5
+    assert all(torch.equal(saved["model"][k], w) for k, w in straight["model"].items())
+    for a, b in zip(saved["optimizer"]["state"].values(), straight["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_checkpoint_writer_copies_shared_memory_once_and_raises_later():
+    import threading
+    from train import CheckpointWriter, cpu_copy, tensor_bytes
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=65, block_size=8))
+    state = {"model": model.state_dict(), "steps": (3, [torch.arange(4)])}
+    copy = cpu_copy(state)
+    tied = ("transformer.wte.weight", "lm_head.weight")
+    assert copy["model"][tied[0]].data_ptr() == copy["model"][tied[1]].data_ptr()  # still tied, as torch.save keeps it
+    assert copy["model"][tied[0]].data_ptr() != state["model"][tied[0]].data_ptr()
+    assert copy["model"]._metadata == state["model"]._metadata and copy["steps"][0] == 3
+    assert tensor_bytes(copy) == tensor_bytes(state) == sum(p.nbytes for p in model.parameters()) + 32
+    with torch.no_grad():
+        model.lm_head.weight.add_(1)
+    assert not torch.equal(copy["model"][tied[1]], state["model"][tied[1]])
+
+    threads = []
+
+    def write(ckpt):
+        threads.append(threading.current_thread() is threading.main_thread())
+        if ckpt["steps"][0] == 4:
+            raise OSError(28, "No space left on device")
+
+    writer = CheckpointWriter()
+    writer.submit(write, state)
+    writer.submit(write, {"steps": (4, [])})
+    with pytest.raises(OSError, match="No space"):  # raised in the training thread, at the next wait
+        writer.wait()
+    writer.wait()  # once
+    big = CheckpointWriter(max_copy_bytes=tensor_bytes(state) - 1)  # written here and now: no copy
+    big.submit(write, state)
+    big.close()
+    writer.close()
+    assert threads == [False, False, True]
+
+
 def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch, capsys):
     import train as train_module
     writes = []
@@ -889,8 +1020,9 @@ def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch
     t = summary["timing"]
     assert set(t) == {"setup", "first_step", "steps", "evaluation", "checkpoints", "total"}
     assert all(v >= 0 for v in t.values())
-    # evaluations at 0, 5 and 10; at 5 and 10 checkpoint.pt (+ best), then final_checkpoint.pt
-    assert len(writes) >= 3 and t["checkpoints"] >= 0.1 * len(writes)
+    # evaluations at 0, 5 and 10; at 5 and 10 checkpoint.pt (+ best), then final_checkpoint.pt. A background thread
+    # writes them, and the training thread waits for the last one: the final checkpoint is whole when it says done
+    assert len(writes) >= 3 and t["checkpoints"] >= 0.1
     assert t["evaluation"] < 0.1 * len(writes)  # the writes after an evaluation are not counted in it
     done = [line for line in capsys.readouterr().out.splitlines() if line.startswith("done:")]
     assert len(done) == 1 and re.search(r"\(setup [\d.]+ s, first step [\d.]+ s, other steps [\d.]+ s, "
@@ -1034,8 +1166,10 @@ def test_the_setup_time_of_a_resume_includes_reading_the_checkpoint(char_data, t
 
 def test_a_save_before_the_first_step_is_counted_once(char_data, tmp_path, fake_clock, monkeypatch):
     """A resume that makes up an owed evaluation saves checkpoint.pt before its first step (1 s on the fake
-    clock): that second goes to checkpoints, not also to the setup, and the steps keep their own time."""
+    clock): that second goes to checkpoints, not also to the setup, and the steps keep their own time. The
+    training thread writes them all here: a background thread would move the fake clock at any moment."""
     import train as train_module
+    monkeypatch.setattr(train_module, "ASYNC_CHECKPOINT_BYTES", -1)
     train(tiny(char_data, tmp_path, max_iters=4, eval_interval=4))
     path = tmp_path / "ckpt" / "checkpoint.pt"
     ckpt = load_checkpoint(path)
@@ -2444,6 +2578,7 @@ def test_flags_file_and_preset_apply_in_order(tmp_path):
     (["--max_iters=1.5"], "max_iters must be an integer, got 1.5"),
     (["--learning_rate=fast"], "learning_rate must be a number, got 'fast'"),
     (["--compile=yes"], "compile must be True, False or 'auto'"),
+    (["--cuda_graph=1"], "cuda_graph must be True, False or 'auto', got 1 (e.g. --cuda_graph=False)"),
     (["--compile_mode=fast"], "compile_mode must be one of default, reduce-overhead, max-autotune"),
     (["--seed=-1"], "seed must be an integer from 0 to 2**63 - 1, got -1"),
     (["--seed=99999999999999999999999"], "seed must be an integer from 0 to 2**63 - 1"),
