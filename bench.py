@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"{GRAPH_WARMUP_STEPS} plain steps (train.py's --cuda_graph); CUDA only")
     p.add_argument("--fp8", action="store_true",
                    help="train the blocks' matmuls in float8 (train.py's --fp8; GPUs of compute capability 8.9+)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout while training (default 0; train.py's shakespeare-char preset trains with 0.2, which "
+                        "adds random numbers and masks to the step's kernels)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--gen_tokens", type=int, default=None, help="new tokens per generation run (default 500 on CUDA, 50 on CPU)")
@@ -480,7 +483,9 @@ def model_report(args) -> dict:
         vocab_size = args.vocab_size
     else:
         vocab_size = 65 if preset.startswith("shakespeare-char") else GPT2_VOCAB_SIZE
-    config = preset_config(preset, vocab_size=vocab_size, dropout=0.0, device=str(device),
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout:g}")
+    config = preset_config(preset, vocab_size=vocab_size, dropout=args.dropout, device=str(device),
                            dtype=str(dtype).removeprefix("torch."), compile=use_compile)
     if args.data_dir:
         if args.vocab_size is not None:
@@ -538,7 +543,7 @@ def model_report(args) -> dict:
                   compile=use_compile, compile_mode=args.compile_mode if use_compile else None,
                   compile_regional=use_compile and args.compile_regional, cuda_graph=args.cuda_graph, fp8=args.fp8,
                   attention=attention,
-                  preset=preset,
+                  preset=preset, dropout=config.dropout,
                   batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
                   data=args.data_dir or "random tokens", date=time.strftime("%Y-%m-%d"),
@@ -549,7 +554,8 @@ def model_report(args) -> dict:
           + (", each training step one CUDA graph" if args.cuda_graph else "")
           + (", fp8 matmuls in training" if args.fp8 else "") + f", attention {attention}")
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
-          f"vocab={config.vocab_size}; batch {config.batch_size} x {config.block_size} tokens; data: {report['data']}")
+          f"vocab={config.vocab_size}{f' dropout={config.dropout:g}' if config.dropout else ''}; batch "
+          f"{config.batch_size} x {config.block_size} tokens; data: {report['data']}")
 
     if not args.no_train:
         print(f"training: {args.warmup} warm-up steps (compilation included), then {args.steps} timed ...", flush=True)

@@ -79,6 +79,14 @@ def one_line_error(argv, capsys) -> str:
     return err
 
 
+def test_dropout_is_on_only_when_asked_for(capsys):
+    import bench
+    r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "1", "--dropout", "0.2"])
+    assert r["dropout"] == 0.2 and " dropout=0.2; batch " in capsys.readouterr().out
+    assert bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "1"])["dropout"] == 0.0
+    assert one_line_error(["--device", "cpu", "--dropout", "1"], capsys) == "error: --dropout must be in [0, 1), got 1\n"
+
+
 def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture(capsys):
     err = one_line_error(["--device", "cpu", "--cuda_graph", "--no_generate", "--warmup", "5"], capsys)
     assert err == ("error: --cuda_graph captures the training step on a CUDA GPU, and this run's device is cpu; or "
