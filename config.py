@@ -250,18 +250,18 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # Shakespeare at character level on one GPU: ~10.8M parameters; best val loss ~1.46 around step 2000,
-    # after which the model overfits (best_checkpoint.pt keeps the best); 80-90 s on an H200 with settings close
-    # to these (BENCHMARKS.md)
+    # after which the model overfits (best_checkpoint.pt keeps the best); 72 s on an H200, start to exit, on an
+    # installation that compiles Python's byte code at every start (BENCHMARKS.md)
     "shakespeare-char": dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
         learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,
         eval_interval=250, eval_iters=50, log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
         # its evaluations are a few eager forward passes; compiling a graph for them costs more than it saves
         compile_eval=False,
-        # a step of this small model is mostly kernel launches, so each step is replayed as one CUDA graph
-        # (train.py's GraphedStep). On an H200, compile_mode=reduce-overhead, which graphs the forward and
-        # backward only, took 6.3 ms a step against 9.2 without graphs; the step's kernels take about 4.6 ms
-        cuda_graph="auto",
+        # CUDA graphs replay the forward and backward: 6.2-6.4 ms a step on an H200 instead of 9.2. The step's
+        # kernels then take 5.9 ms with this dropout, so replaying the whole step as one graph (--cuda_graph)
+        # gains nothing more here, and by regions compiling was no faster (BENCHMARKS.md)
+        compile_mode="reduce-overhead",
     ),
     # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.75 in about 100 s on
     # 2 cores; small models take a higher learning rate (1e-3 gives ~1.89 in the same 2000 steps)

@@ -826,9 +826,13 @@ def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path)
 def test_graphed_steps_follow_plain_steps_and_resume(char_data, tmp_path, compile_model, regional):
     """cuda_graph replays the kernels of the plain step, forward, backward, clipping and AdamW: the same losses and
     evaluations step by step, with dropout drawing in the graph. A run stopped and resumed (warm-up and capture
-    again) ends where the straight one does, and its checkpoints keep AdamW's plain settings. float32, with the
-    tolerance of the test above: the embedding's backward adds with atomics, in an order that varies (on an H200
-    the weights of the resumed run differed from the straight one's by up to 4.5e-5 after 20 steps)."""
+    again) ends where the straight one does, and its checkpoints keep AdamW's plain settings.
+
+    float32. The embedding's backward adds with atomics, in an order that varies from run to run, so the curves
+    agree closely but not bit for bit. On an H200 the resumed run's losses differed from the straight one's by a
+    relative 1.3e-4 at most by regions, and some weights differed far more: the key projection's bias gets a
+    gradient that is rounding noise (attention does not depend on it), which AdamW scales up to full-size steps
+    of either sign. So the two checkpoints are compared by what their models compute."""
     kw = dict(device="cuda", dtype="float32", compile=compile_model, compile_regional=regional, dropout=0.1,
               max_iters=20, eval_interval=10)
 
@@ -838,18 +842,21 @@ def test_graphed_steps_follow_plain_steps_and_resume(char_data, tmp_path, compil
 
     plain = train(tiny(char_data, tmp_path / "plain", **kw))
     graphed = train(tiny(char_data, tmp_path / "graphed", cuda_graph=True, **kw))
-    torch.testing.assert_close(curve(graphed), curve(plain), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(curve(graphed), curve(plain), rtol=1e-4, atol=1e-5)  # held on an H200, all three
     assert graphed["losses"][20] < graphed["losses"][1] - 0.5  # it learns: the replays step the weights
     first = train(tiny(char_data, tmp_path / "split", cuda_graph=True, **{**kw, "max_iters": 10}))
     second = train(tiny(char_data, tmp_path / "split", cuda_graph=True, **kw))
     assert first["iter_num"] == 10 and second["resumed_from"] == 10
-    torch.testing.assert_close(torch.tensor([second["losses"][i] for i in range(11, 21)]),
-                               torch.tensor([graphed["losses"][i] for i in range(11, 21)]), rtol=1e-4, atol=1e-5)
-    ckpt = load_checkpoint(tmp_path / "split" / "ckpt" / "checkpoint.pt")
-    straight = load_checkpoint(tmp_path / "graphed" / "ckpt" / "checkpoint.pt")
-    for name, w in straight["model"].items():
-        torch.testing.assert_close(ckpt["model"][name], w, rtol=1e-2, atol=2e-4)  # one step moves them by ~1e-2
-    groups = ckpt["optimizer"]["param_groups"]
+    resumed = [second["losses"][i] for i in range(11, 21)] + [second["evals"][20][s] for s in ("train", "val")]
+    straight = [graphed["losses"][i] for i in range(11, 21)] + [graphed["evals"][20][s] for s in ("train", "val")]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(straight), rtol=1e-3, atol=1e-5)
+    ckpts = [load_checkpoint(tmp_path / run / "ckpt" / "checkpoint.pt") for run in ("split", "graphed")]
+    assert [c["iter_num"] for c in ckpts] == [20, 20]
+    x = torch.randint(0, ckpts[0]["config"]["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [model_from_checkpoint(c).eval()(x)[0] for c in ckpts]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
+    groups = ckpts[0]["optimizer"]["param_groups"]
     assert all(type(g["lr"]) is float and g["capturable"] is False for g in groups)
     assert groups[0]["lr"] == pytest.approx(get_lr(19, tiny(char_data, tmp_path, **kw)))  # the last step's
 
