@@ -106,7 +106,8 @@ def cpu_name() -> str:
 
 
 def bench_train(args, config, device, dtype, use_compile) -> dict:
-    """Time train.py's optimizer step: its forward_backward, then clipping, optimizer and scaler as its loop does."""
+    """Time train.py's optimizer step: its forward_backward, then clipping, optimizer and scaler as its loop does
+    (with --cuda_graph: train.py's GraphedStep, the same step replayed as one CUDA graph)."""
     from model import GPT
     from train import GraphedStep, autocast_context, forward_backward, optimizer_step, training_model
     torch.manual_seed(0)
