@@ -830,7 +830,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                           f"compiled regions: one region's CUDA graph overwrites the output the next one reads; add "
                           f"--compile_eval=False (evaluations run eagerly) or drop --compile_regional")
     graph_problem = cuda_graph_problem(config, device, dtype, compile_model, world_size) if config.cuda_graph else None
-    if config.cuda_graph is True and graph_problem:
+    # a resumed run whose command does not say --cuda_graph takes the checkpoint's True as 'auto': a GPU run
+    # continued on a CPU, say, trains without the graph rather than refusing a flag the command did not give
+    if config.cuda_graph is True and graph_problem and (ckpt is None or "cuda_graph" in explicit):
         raise ConfigError(f"{graph_problem}; or drop --cuda_graph")
     graph_step = bool(config.cuda_graph) and graph_problem is None  # 'auto' captures where it can
     if ckpt is not None and "data_dir" not in explicit and not (Path(config.data_dir) / "meta.json").is_file():
@@ -1252,6 +1254,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             timed_steps += 1
             iter_num += 1
             untrained = False
+            writer.check()
 
             if log_step:
                 if ddp:  # the mean over all ranks (gloo has no AVG)
@@ -1530,29 +1533,35 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
     return bool(flag.item())
 
 
-# a checkpoint up to this size is copied into memory and written by a background thread; a larger one (GPT-2 medium
-# and up with AdamW's moments) is written by the training thread, as the copy would double its footprint in memory
-ASYNC_CHECKPOINT_BYTES = 2**30
+# a checkpoint up to this size is copied into CPU memory and written by a background thread (GPT-2 124M with AdamW's
+# moments: 1.4 GiB, GPT-2 medium 4.0 GiB); a larger one (GPT-2 large and up) is written by the training thread, as the
+# copy would take as much host memory again
+ASYNC_CHECKPOINT_BYTES = 5 * 2**30
 
 
-def cpu_copy(obj, storages: Optional[dict] = None):
-    """obj (dicts, lists and tuples of tensors and plain values) with every tensor copied into CPU memory. Tensors
-    that share memory share it in the copy too, as torch.save keeps them (the tied embedding and lm_head)."""
-    storages = {} if storages is None else storages
+def cpu_copy(obj, memo: Optional[dict] = None):
+    """obj (dicts, lists and tuples of tensors and plain values) with every tensor copied into CPU memory. What is
+    shared stays shared, as torch.save keeps it: tensors on one storage (the tied embedding and lm_head) and
+    objects met twice (AdamW's betas in both parameter groups), so the file is the one obj itself would give."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
-        key = (storage.device, storage.data_ptr(), storage.nbytes())
-        if key not in storages:
-            storages[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
-        return torch.empty(0, dtype=obj.dtype).set_(storages[key], obj.storage_offset(), obj.size(), obj.stride())
-    if isinstance(obj, dict):  # a state_dict is an OrderedDict, whose _metadata load_state_dict reads
-        copied = type(obj)((k, cpu_copy(v, storages)) for k, v in obj.items())
+        key = ("storage", storage.device, storage.data_ptr(), storage.nbytes())
+        if key not in memo:
+            memo[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+        copied = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
+    elif isinstance(obj, dict):  # a state_dict is an OrderedDict, whose _metadata load_state_dict reads
+        copied = type(obj)((k, cpu_copy(v, memo)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):
             copied._metadata = obj._metadata
-        return copied
-    if type(obj) in (list, tuple):
-        return type(obj)(cpu_copy(v, storages) for v in obj)
-    return obj
+    elif type(obj) in (list, tuple):
+        copied = type(obj)(cpu_copy(v, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = copied
+    return copied
 
 
 def tensor_bytes(obj, seen: Optional[set] = None) -> int:
@@ -1594,6 +1603,13 @@ class CheckpointWriter:
             write(ckpt)
         else:
             self._pending = self._pool.submit(write, cpu_copy(ckpt))
+
+    def check(self) -> None:
+        """Raise the error of a write that has ended in one, at once, without waiting for one still going: the
+        training thread calls it at every step, so that a full disk stops the run before it trains on for
+        nothing until the next save."""
+        if self._pending is not None and self._pending.done():
+            self.wait()
 
     def wait(self) -> None:
         """Until the write under way is done; raises its error."""

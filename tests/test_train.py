@@ -3,6 +3,7 @@
 Everything runs on the CPU with tiny models (2 layers, 32 wide) and data sets built in tmp_path.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -980,17 +981,53 @@ def test_a_checkpoint_holds_its_iteration_while_training_goes_on(char_data, tmp_
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_failed_background_write_stops_the_run_at_the_next_step(char_data, tmp_path, monkeypatch):
+    import errno
+    import train as train_module
+    steps, real_fb = [], train_module.forward_backward
+    monkeypatch.setattr(train_module, "forward_backward", lambda *a, **k: steps.append(1) or real_fb(*a, **k))
+
+    def full_disk(path, ckpt):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train_module, "save_checkpoint", full_disk)
+    with pytest.raises(TrainingError, match=r"^cannot write .*ckpt/(best_)?checkpoint.pt at iteration 100: No space"):
+        train(tiny(char_data, tmp_path, max_iters=200, lr_decay_iters=200, eval_interval=100, log_interval=100))
+    assert 100 <= len(steps) < 190  # not trained on until the next save, at 200
+
+
+def test_a_resume_takes_a_saved_cuda_graph_as_auto(char_data, tmp_path):
+    """A checkpoint of a GPU run with cuda_graph=True continues on a CPU without the graph; only a command that
+    asks for it again is refused."""
+    train(tiny(char_data, tmp_path, max_iters=5))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["config"]["cuda_graph"] = True
+    save_checkpoint(path, ckpt)
+    with pytest.raises(ConfigError, match="this run's device is cpu; or drop --cuda_graph$"):
+        train(tiny(char_data, tmp_path, max_iters=8, cuda_graph=True))
+    r = train(tiny(char_data, tmp_path, max_iters=8))
+    assert r["resumed_from"] == 5 and r["iter_num"] == 8
+
+
 def test_the_checkpoint_writer_copies_shared_memory_once_and_raises_later():
     import threading
     from train import CheckpointWriter, cpu_copy, tensor_bytes
     model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=65, block_size=8))
-    state = {"model": model.state_dict(), "steps": (3, [torch.arange(4)])}
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "steps": (3, [torch.arange(4)])}
     copy = cpu_copy(state)
+    direct, copied = io.BytesIO(), io.BytesIO()
+    torch.save(state, direct)
+    torch.save(copy, copied)
+    assert copied.getvalue() == direct.getvalue()  # the same file: betas shared by both groups are pickled once
     tied = ("transformer.wte.weight", "lm_head.weight")
     assert copy["model"][tied[0]].data_ptr() == copy["model"][tied[1]].data_ptr()  # still tied, as torch.save keeps it
     assert copy["model"][tied[0]].data_ptr() != state["model"][tied[0]].data_ptr()
     assert copy["model"]._metadata == state["model"]._metadata and copy["steps"][0] == 3
-    assert tensor_bytes(copy) == tensor_bytes(state) == sum(p.nbytes for p in model.parameters()) + 32
+    moments = sum(t.nbytes for group in optimizer.state.values() for t in group.values())
+    assert tensor_bytes(copy) == tensor_bytes(state) == sum(p.nbytes for p in model.parameters()) + moments + 32
     with torch.no_grad():
         model.lm_head.weight.add_(1)
     assert not torch.equal(copy["model"][tied[1]], state["model"][tied[1]])
@@ -2707,7 +2744,12 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(char_data, tmp_pa
     config = tiny(char_data, tmp_path, max_iters=500, lr_decay_iters=500, eval_interval=20, log_interval=1)
     proc = start(config, tmp_path)
     try:
-        read_until(proc, "iter 25/")  # checkpoint.pt of iteration 20 is on disk
+        read_until(proc, "iter 25/")
+        # checkpoint.pt of iteration 20 is written by a background thread while the steps go on: killed before it
+        # lands, the run would start over, which is right but not what this test is about
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ckpt" / "checkpoint.pt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
         proc.kill()
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
