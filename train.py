@@ -1429,13 +1429,11 @@ class GraphedStep:
         self.x = self.y = self.loss = self.norm = None
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.ctx:
-            _, loss = self.model(x, y)
-        loss.backward()
+        loss = forward_backward(self.model, lambda m: (x, y), 1, self.ctx)  # the plain step's, one micro-batch
         # the norm is measured at every step (a graph has no branches); max_norm=inf only measures
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
         self.optimizer.step()
-        return loss.detach(), norm
+        return loss, norm
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on the batch (x, y) at learning rate lr: (loss, gradient norm before clipping) as device
@@ -1539,6 +1537,12 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
 ASYNC_CHECKPOINT_BYTES = 5 * 2**30
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """What identifies the memory under t: tensors with the same key share it."""
+    storage = t.untyped_storage()
+    return ("storage", storage.device, storage.data_ptr(), storage.nbytes())
+
+
 def cpu_copy(obj, memo: Optional[dict] = None):
     """obj (dicts, lists and tuples of tensors and plain values) with every tensor copied into CPU memory. What is
     shared stays shared, as torch.save keeps it: tensors on one storage (the tied embedding and lm_head) and
@@ -1547,9 +1551,9 @@ def cpu_copy(obj, memo: Optional[dict] = None):
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        key = ("storage", storage.device, storage.data_ptr(), storage.nbytes())
+        key = storage_key(obj)
         if key not in memo:
+            storage = obj.untyped_storage()
             memo[key] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
         copied = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
     elif isinstance(obj, dict):  # a state_dict is an OrderedDict, whose _metadata load_state_dict reads
@@ -1568,12 +1572,11 @@ def tensor_bytes(obj, seen: Optional[set] = None) -> int:
     """The bytes of the distinct tensor memory in obj, which cpu_copy would copy."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        key = (storage.device, storage.data_ptr(), storage.nbytes())
+        key = storage_key(obj)
         if key in seen:
             return 0
         seen.add(key)
-        return storage.nbytes()
+        return key[-1]
     if isinstance(obj, dict):
         return sum(tensor_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
