@@ -2787,6 +2787,39 @@ def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path, sig):
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
 
 
+def run_script_with_exit_handler(config: GPT2Config, cwd: Path, watch: str = "") -> subprocess.CompletedProcess:
+    """train.py as a script, in a process that registered an exit handler printing "teardown ran" first;
+    `watch` is Python run before train.py starts (a tracer, as debuggers and coverage tools set)."""
+    code = (f"import atexit, runpy, sys\natexit.register(lambda: print('teardown ran'))\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\nsys.argv = {[str(ROOT / 'train.py'), *cli_flags(config)]!r}\n{watch}\n"
+            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    # stdout buffered, as into a pipe or file, so that output lost at exit would show
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_finished_run_ends_without_the_teardown_and_loses_nothing(char_data, tmp_path):
+    config = tiny(char_data, tmp_path, max_iters=6, lr_decay_iters=6, eval_interval=3, sample_tokens=20)
+    r = run_script_with_exit_handler(config, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "teardown ran" not in r.stdout  # the process ended at once
+    # what the run printed, wrote and logged is all there: stdout was flushed, TensorBoard closed
+    assert r.stdout.rstrip().splitlines()[-1].startswith("done: 6 iterations")
+    assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 6
+    [run_dir] = (tmp_path / "runs").iterdir()
+    steps, acc = event_steps(str(run_dir))
+    assert steps["train/loss"] == list(range(1, 7)) and steps["val/loss"] == [0, 3, 6]
+    assert acc.Tags()["tensors"]  # the text sample, written last
+
+
+def test_a_traced_run_keeps_the_teardown_for_the_tracer(char_data, tmp_path):
+    """A debugger, coverage tool or profiler writes its results at exit: that process ends the normal way."""
+    config = tiny(char_data, tmp_path, max_iters=2, eval_interval=2)
+    r = run_script_with_exit_handler(config, tmp_path, watch="import torch\nsys.settrace(lambda *a: None)")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "done: 2 iterations" in r.stdout and r.stdout.rstrip().endswith("teardown ran")
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
 def test_a_run_started_with_nohup_outlives_the_terminal(char_data, tmp_path):
     """nohup ignores SIGHUP so that the run goes on after the terminal closes; it must stay ignored."""
