@@ -2820,6 +2820,15 @@ def test_a_traced_run_keeps_the_teardown_for_the_tracer(char_data, tmp_path):
     assert "done: 2 iterations" in r.stdout and r.stdout.rstrip().endswith("teardown ran")
 
 
+def test_exit_at_once_keeps_the_run_s_code_when_stdout_cannot_be_flushed():
+    """A reader that went away after the run's last line (`train.py | head`): the exit code is still the run's."""
+    code = (f"import io, sys\nsys.path.insert(0, {str(ROOT)!r})\nimport train\n"
+            f"class Gone(io.StringIO):\n    def flush(self):\n        raise BrokenPipeError(32, 'Broken pipe')\n"
+            f"sys.stdout = Gone()\ntrain.exit_at_once(141)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=60)
+    assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP here")
 def test_a_run_started_with_nohup_outlives_the_terminal(char_data, tmp_path):
     """nohup ignores SIGHUP so that the run goes on after the terminal closes; it must stay ignored."""
