@@ -1639,9 +1639,12 @@ def prune_iter_checkpoints(checkpoint_dir: Path, keep: int) -> None:
 
 
 def observed() -> bool:
-    """Whether a debugger, profiler or coverage tool watches this process: those write their results at the
-    interpreter's exit (`python -m cProfile train.py`), so the process must end the normal way."""
+    """Whether a debugger, profiler or coverage tool watches this process, which write their results at the
+    interpreter's exit (`python -m cProfile train.py`), or `python -i` waits to take over after the run: then
+    the process must end the normal way."""
     if sys.gettrace() is not None or sys.getprofile() is not None:
+        return True
+    if sys.flags.inspect or os.environ.get("PYTHONINSPECT"):
         return True
     monitoring = getattr(sys, "monitoring", None)  # Python 3.12+: cProfile and coverage use it
     return monitoring is not None and any(monitoring.get_tool(i) is not None for i in range(6))

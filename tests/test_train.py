@@ -2787,7 +2787,8 @@ def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path, sig):
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
 
 
-def run_script_with_exit_handler(config: GPT2Config, cwd: Path, watch: str = "") -> subprocess.CompletedProcess:
+def run_script_with_exit_handler(config: GPT2Config, cwd: Path, watch: str = "",
+                                 python_flags: tuple = ()) -> subprocess.CompletedProcess:
     """train.py as a script, in a process that registered an exit handler printing "teardown ran" first;
     `watch` is Python run before train.py starts (a tracer, as debuggers and coverage tools set)."""
     code = (f"import atexit, runpy, sys\natexit.register(lambda: print('teardown ran'))\n"
@@ -2795,7 +2796,8 @@ def run_script_with_exit_handler(config: GPT2Config, cwd: Path, watch: str = "")
             f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
     # stdout buffered, as into a pipe or file, so that output lost at exit would show
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONUNBUFFERED"}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([sys.executable, *python_flags, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env=env, stdin=subprocess.DEVNULL, timeout=120)
 
 
 def test_a_finished_run_ends_without_the_teardown_and_loses_nothing(char_data, tmp_path):
@@ -2812,10 +2814,13 @@ def test_a_finished_run_ends_without_the_teardown_and_loses_nothing(char_data, t
     assert acc.Tags()["tensors"]  # the text sample, written last
 
 
-def test_a_traced_run_keeps_the_teardown_for_the_tracer(char_data, tmp_path):
-    """A debugger, coverage tool or profiler writes its results at exit: that process ends the normal way."""
+@pytest.mark.parametrize("watch, python_flags", [("import torch\nsys.settrace(lambda *a: None)", ()), ("", ("-i",))],
+                         ids=["tracer", "python -i"])
+def test_a_watched_run_keeps_the_teardown(char_data, tmp_path, watch, python_flags):
+    """A debugger, coverage tool or profiler writes its results at exit, and `python -i` hands over to its prompt
+    after the run: such a process ends the normal way."""
     config = tiny(char_data, tmp_path, max_iters=2, eval_interval=2)
-    r = run_script_with_exit_handler(config, tmp_path, watch="import torch\nsys.settrace(lambda *a: None)")
+    r = run_script_with_exit_handler(config, tmp_path, watch, python_flags)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "done: 2 iterations" in r.stdout and r.stdout.rstrip().endswith("teardown ran")
 
