@@ -1638,23 +1638,37 @@ def prune_iter_checkpoints(checkpoint_dir: Path, keep: int) -> None:
         p.unlink()
 
 
-def observed() -> bool:
-    """Whether a debugger, profiler or coverage tool watches this process, which write their results at the
-    interpreter's exit (`python -m cProfile train.py`), or `python -i` waits to take over after the run: then
-    the process must end the normal way."""
+def owns_the_process() -> bool:
+    """Whether train.py is this process's program (`python train.py`, `python -m train`) and nothing needs the
+    interpreter's normal exit after it: a program that runs train.py inside it goes on after it (pdb,
+    runpy.run_path, IPython's %run) or writes its results at exit (cProfile, coverage), so do a tracer or
+    profiler, torch's own reports under TORCH_LOGS, and `python -i` gives its prompt after the run."""
+    stack = []
+    frame = sys._getframe()
+    while frame is not None:
+        stack.append(frame)
+        frame = frame.f_back
+    # `python -m train` starts in runpy; so does `python -m cProfile train.py`, whose next frame is cProfile's
+    outermost = next((f for f in reversed(stack)
+                      if os.path.basename(f.f_code.co_filename) not in ("runpy.py", "<frozen runpy>")), None)
+    # the code of this very file, not only its globals: `python -m pdb train.py` runs train.py in pdb's own
+    # __main__ namespace
+    if outermost is None or outermost.f_globals is not globals() or \
+            os.path.realpath(outermost.f_code.co_filename) != os.path.realpath(__file__):
+        return False
     if sys.gettrace() is not None or sys.getprofile() is not None:
-        return True
-    if sys.flags.inspect or os.environ.get("PYTHONINSPECT"):
-        return True
+        return False
+    if sys.flags.inspect or os.environ.get("PYTHONINSPECT") or os.environ.get("TORCH_LOGS"):
+        return False
     monitoring = getattr(sys, "monitoring", None)  # Python 3.12+: cProfile and coverage use it
-    return monitoring is not None and any(monitoring.get_tool(i) is not None for i in range(6))
+    return monitoring is None or all(monitoring.get_tool(i) is None for i in range(6))
 
 
 def exit_at_once(code: int) -> None:
     """End the process now, without the interpreter's teardown. Everything train() wrote is on disk by now
     (checkpoints fsynced and renamed, TensorBoard closed, the writer thread joined); what is left is Python
     unloading two thousand modules and more, torch's exit handlers, the compile workers and the CUDA
-    context: 0.7 s on a CPU and 3.1 s on an H200 after the run's last line (BENCHMARKS.md). The compile
+    context: 0.77 s on 2 CPU cores and 3.1 s on an H200 after the run's last line (BENCHMARKS.md). The compile
     workers see their pipe close and exit by themselves."""
     logging.shutdown()  # TORCH_TRACE and other logging files
     for stream in (sys.stdout, sys.stderr):
@@ -1663,9 +1677,7 @@ def exit_at_once(code: int) -> None:
     os._exit(code)
 
 
-def main(argv: Optional[list[str]] = None, as_script: bool = False) -> None:
-    """train.py's command line. as_script: this is the process's whole work, so a finished run ends the
-    process at once (exit_at_once) unless a profiler or debugger watches it."""
+def main(argv: Optional[list[str]] = None) -> None:
     config, explicit = parse_args(argv)
     summary = train(config, explicit)  # a second Ctrl-C raises KeyboardInterrupt: run_cli exits with 130
     code = 128 + int(summary["stopped_by"]) if summary["stopped_by"] else 0
@@ -1674,11 +1686,11 @@ def main(argv: Optional[list[str]] = None, as_script: bool = False) -> None:
         # threads can still abort the process ("terminate called without an active exception") while C++
         # objects are destroyed at exit, turning a finished run into a failed one.
         exit_at_once(code)
-    if as_script and not observed():
+    if owns_the_process():
         exit_at_once(code)
     if code:
         sys.exit(code)
 
 
 if __name__ == "__main__":
-    run_cli(lambda: main(as_script=True))
+    run_cli(main)

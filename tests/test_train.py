@@ -2787,42 +2787,58 @@ def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path, sig):
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
 
 
-def run_script_with_exit_handler(config: GPT2Config, cwd: Path, watch: str = "",
-                                 python_flags: tuple = ()) -> subprocess.CompletedProcess:
-    """train.py as a script, in a process that registered an exit handler printing "teardown ran" first;
-    `watch` is Python run before train.py starts (a tracer, as debuggers and coverage tools set)."""
-    code = (f"import atexit, runpy, sys\natexit.register(lambda: print('teardown ran'))\n"
-            f"sys.path.insert(0, {str(ROOT)!r})\nsys.argv = {[str(ROOT / 'train.py'), *cli_flags(config)]!r}\n{watch}\n"
-            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
-    # stdout buffered, as into a pipe or file, so that output lost at exit would show
-    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONUNBUFFERED"}
-    return subprocess.run([sys.executable, *python_flags, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          env=env, stdin=subprocess.DEVNULL, timeout=120)
+def run_with_exit_handler(cwd: Path, command: list[str], site: str = "", stdin: str = "",
+                          env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python *command` in a process whose sitecustomize registers an exit handler printing "teardown ran",
+    then runs `site` (Python, before any other code). stdout is buffered, as into a pipe or a file, so that
+    output lost at the exit would show."""
+    (cwd / "site").mkdir(exist_ok=True)
+    (cwd / "site" / "sitecustomize.py").write_text(f"import atexit\natexit.register(print, 'teardown ran')\n{site}\n")
+    env = {k: v for k, v in {**subprocess_env(), **(env or {})}.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = os.pathsep.join([str(cwd / "site"), str(ROOT)])
+    return subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, env=env, input=stdin,
+                          timeout=120)
 
 
 def test_a_finished_run_ends_without_the_teardown_and_loses_nothing(char_data, tmp_path):
     config = tiny(char_data, tmp_path, max_iters=6, lr_decay_iters=6, eval_interval=3, sample_tokens=20)
-    r = run_script_with_exit_handler(config, tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "teardown ran" not in r.stdout  # the process ended at once
-    # what the run printed, wrote and logged is all there: stdout was flushed, TensorBoard closed
-    assert r.stdout.rstrip().splitlines()[-1].startswith("done: 6 iterations")
-    assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 6
-    [run_dir] = (tmp_path / "runs").iterdir()
-    steps, acc = event_steps(str(run_dir))
-    assert steps["train/loss"] == list(range(1, 7)) and steps["val/loss"] == [0, 3, 6]
-    assert acc.Tags()["tensors"]  # the text sample, written last
+    for command in ([str(ROOT / "train.py")], ["-m", "train"]):
+        shutil.rmtree(tmp_path / "ckpt", ignore_errors=True)
+        shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+        r = run_with_exit_handler(tmp_path, command + cli_flags(config))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "teardown ran" not in r.stdout  # the process ended at once
+        # what the run printed, wrote and logged is all there: stdout was flushed, TensorBoard closed
+        assert r.stdout.rstrip().splitlines()[-1].startswith("done: 6 iterations")
+        assert load_checkpoint(tmp_path / "ckpt" / "final_checkpoint.pt")["iter_num"] == 6
+        [run_dir] = (tmp_path / "runs").iterdir()
+        steps, acc = event_steps(str(run_dir))
+        assert steps["train/loss"] == list(range(1, 7)) and steps["val/loss"] == [0, 3, 6]
+        assert acc.Tags()["tensors"]  # the text sample, written last
 
 
-@pytest.mark.parametrize("watch, python_flags", [("import torch\nsys.settrace(lambda *a: None)", ()), ("", ("-i",))],
-                         ids=["tracer", "python -i"])
-def test_a_watched_run_keeps_the_teardown(char_data, tmp_path, watch, python_flags):
-    """A debugger, coverage tool or profiler writes its results at exit, and `python -i` hands over to its prompt
-    after the run: such a process ends the normal way."""
+RUNS_TRAIN_PY = "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+
+
+@pytest.mark.parametrize("how", ["tracer", "python -i", "program around it", "pdb", "TORCH_LOGS"])
+def test_a_run_inside_something_else_keeps_the_normal_exit(char_data, tmp_path, how):
+    """What runs train.py and goes on after it, or writes its results at exit, must get control back: a tracer
+    (debuggers, coverage), `python -i`'s prompt, a program around train.py (runpy.run_path, IPython's %run,
+    cProfile), pdb's "continue" without breakpoints (pdb then stops tracing), torch's reports under TORCH_LOGS."""
     config = tiny(char_data, tmp_path, max_iters=2, eval_interval=2)
-    r = run_script_with_exit_handler(config, tmp_path, watch, python_flags)
+    train_py = [str(ROOT / "train.py"), *cli_flags(config)]
+    r = {"tracer": lambda: run_with_exit_handler(tmp_path, train_py, site="import sys\nsys.settrace(lambda *a: None)"),
+         "python -i": lambda: run_with_exit_handler(tmp_path, ["-i", *train_py]),
+         "program around it": lambda: run_with_exit_handler(
+             tmp_path, ["-c", RUNS_TRAIN_PY + "print('the program goes on')", *train_py]),
+         "pdb": lambda: run_with_exit_handler(tmp_path, ["-m", "pdb", *train_py], stdin="c\nq\n"),
+         "TORCH_LOGS": lambda: run_with_exit_handler(tmp_path, train_py, env={"TORCH_LOGS": "graph_breaks"})}[how]()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "done: 2 iterations" in r.stdout and r.stdout.rstrip().endswith("teardown ran")
+    assert "done: 2 iterations" in r.stdout and r.stdout.rstrip().endswith("teardown ran"), r.stdout
+    if how == "program around it":
+        assert "the program goes on\nteardown ran" in r.stdout
+    if how == "pdb":
+        assert "The program finished and will be restarted" in r.stdout
 
 
 def test_exit_at_once_keeps_the_run_s_code_when_stdout_cannot_be_flushed():
