@@ -1639,10 +1639,10 @@ def prune_iter_checkpoints(checkpoint_dir: Path, keep: int) -> None:
 
 
 def owns_the_process() -> bool:
-    """Whether train.py is this process's program (`python train.py`, `python -m train`) and nothing needs the
-    interpreter's normal exit after it: a program that runs train.py inside it goes on after it (pdb,
-    runpy.run_path, IPython's %run) or writes its results at exit (cProfile, coverage), so do a tracer or
-    profiler, torch's own reports under TORCH_LOGS, and `python -i` gives its prompt after the run."""
+    """Whether train.py is this process's own program (`python train.py`, `python -m train`) and nothing needs
+    the interpreter's normal exit. What does: a program that runs train.py inside it and goes on afterwards
+    (pdb, runpy.run_path, IPython's %run); tools that write their results at exit (cProfile, coverage, any
+    tracer or profiler); torch's reports under TORCH_LOGS; `python -i`, whose prompt comes after the run."""
     stack = []
     frame = sys._getframe()
     while frame is not None:
