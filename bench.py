@@ -5,6 +5,7 @@ GPT-2 tokenisation speed of prepare_data.py (MB/s).
     python bench.py                                                     # a small preset on CPU (smoke test)
     python bench.py --data_dir data/shakespeare --json bench.json       # real data; keep the figures
     python bench.py --tokenize --tokenize_mb 100                        # tokenisation only, on every core
+    python bench.py --whole_run --preset shakespeare-char               # a whole train.py run, start to exit
 
 Training is timed after a warm-up that covers torch.compile, with one host synchronisation at the
 end of the timed window. Generation is timed for batch 1 and batch 8 through generate.py's decoder
@@ -16,6 +17,11 @@ where no peak is known (CPU, float32, an unlisted GPU) the achieved FLOP/s is pr
 $SHAKESPEARE, when given): single-thread tiktoken, tiktoken alone in --num_proc processes (the
 machine's best), and prepare_data.py's parallel pipeline from file to .bin for one text file and
 for JSON Lines documents, against a target of 0.7 x single-thread x processes.
+
+--whole_run times `python train.py --preset=PRESET` in a new process from its start to its exit, with
+empty compile caches (as a first run) unless --warm_cache: the time until its first line (imports), its
+own split of the run (setup, first step with compilation, other steps, evaluations, checkpoints), the
+exit after its last line, and the best val loss. It needs the preset's prepared data.
 """
 import argparse
 import json
@@ -24,6 +30,8 @@ import os
 import platform
 import random
 import re
+import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,7 +98,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="--tokenize: draw the words from this UTF-8 text (default: $SHAKESPEARE if set, "
                         "else made-up words)")
     t.add_argument("--num_proc", type=int, default=None, help="--tokenize: tokenising processes (default: every core)")
-    return p.parse_args(argv)
+    w = p.add_argument_group("whole training run")
+    w.add_argument("--whole_run", action="store_true",
+                   help="time `python train.py --preset=PRESET` from its start to its exit instead (default preset: "
+                        "shakespeare-char on CUDA, shakespeare-char-cpu elsewhere), with train.py's flags after "
+                        "`--`, e.g. `--whole_run -- --max_iters=500`; checkpoints and logs go to a temporary folder, "
+                        "removed afterwards")
+    w.add_argument("--warm_cache", action="store_true",
+                   help="--whole_run: keep torch.compile's usual cache folders (a repeated run compiles faster); "
+                        "default: empty ones, as a first run")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --whole_run: what follows `--` is train.py's
+    argv, train_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = p.parse_args(argv)
+    args.given = {name for name, value in vars(args).items() if value != p.get_default(name)}
+    args.train_flags = train_flags
+    if train_flags and not args.whole_run:
+        p.error(f"flags after `--` ({shlex.join(train_flags)}) are train.py's, for --whole_run")
+    return args
 
 
 def cpu_name() -> str:
@@ -441,7 +466,9 @@ def main(argv=None) -> dict:
         hint = (f"give a file name, e.g. --json {Path(args.json) / 'bench.json'}" if problem == "is a directory"
                 else "give a path you can write to")
         raise UserError(f"--json {args.json} {problem}; {hint}")
-    if args.tokenize:
+    if args.whole_run:
+        report = whole_run_report(args)
+    elif args.tokenize:
         start_process_helpers()
         report = tokenize_report(args)
     else:
@@ -472,6 +499,86 @@ def tokenize_report(args) -> dict:
                         "text file, or neither to use made-up words")
     return dict(device_name=cpu_name(), date=time.strftime("%Y-%m-%d"),
                 tokenize=bench_tokenize(args.tokenize_mb, num_proc, words_file))
+
+
+# the issue's targets for a whole run, on one H100 or H200 in bfloat16: (seconds from start to exit, best val loss)
+WHOLE_RUN_TARGETS = {"shakespeare-char": (60.0, 1.47)}
+WHOLE_RUN_FLAGS = {"whole_run", "preset", "warm_cache", "json"}
+DEVICE_LINE = re.compile(r"device: (\S+), dtype (\w+)")  # "device: cuda, dtype bfloat16, compile True, ..."
+# train.py's last line: "done: 5000 iterations in 1m09s (setup 8.7 s, first step (compilation) 17.7 s, other
+# steps 32.0 s, evaluations 4.3 s, checkpoints 0.9 s), best val loss 1.4625; checkpoints in ..."
+DONE_LINE = re.compile(r"done: (\d+) iterations.* in \S+ \((.*)\), best val loss (\S+);")
+
+
+def whole_run_target(preset: str, flags: list[str], wall: float, best_val_loss: float) -> dict | None:
+    """The target of a preset run as it stands (no train.py flags), and whether this run met it."""
+    if preset not in WHOLE_RUN_TARGETS or flags:
+        return None
+    seconds, loss = WHOLE_RUN_TARGETS[preset]
+    return dict(seconds=seconds, best_val_loss=loss, met=wall <= seconds and best_val_loss <= loss)
+
+
+def whole_run_report(args) -> dict:
+    """--whole_run: train.py in a new process, timed from its start to its exit, its output passed through."""
+    others = sorted(args.given - WHOLE_RUN_FLAGS)
+    if others:
+        raise UserError(f"--whole_run times train.py as it runs: {', '.join('--' + o for o in others)} "
+                        f"{'is' if len(others) == 1 else 'are'} bench.py's own; give train.py's flags after `--`, "
+                        f"e.g. --whole_run -- --batch_size=32 --compile=False")
+    flags = args.train_flags
+    preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "shakespeare-char-cpu")
+    with tempfile.TemporaryDirectory(prefix="bench_whole_run_") as tmp:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as printed, to stamp it
+        if not args.warm_cache:
+            env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+                       TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
+        command = [sys.executable, str(Path(__file__).with_name("train.py")), f"--preset={preset}",
+                   f"--checkpoint_dir={Path(tmp) / 'checkpoints'}", f"--log_dir={Path(tmp) / 'runs'}", *flags]
+        print(f"whole run: python {shlex.join(command[1:])}, compile caches "
+              f"{'as they are' if args.warm_cache else 'empty'}", flush=True)
+        done_at = done = None
+        device, dtype = "cpu", "unknown"
+        last_lines: list[str] = []
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                encoding="utf-8", errors="replace", env=env)
+        try:
+            for line in proc.stdout:
+                now = time.perf_counter() - t0
+                print(f"  {line}", end="", flush=True)
+                last_lines = (last_lines + [line.rstrip()])[-3:]
+                if DONE_LINE.match(line):
+                    done_at, done = now, DONE_LINE.match(line)
+                elif DEVICE_LINE.match(line):
+                    device, dtype = DEVICE_LINE.match(line).groups()
+            code = proc.wait()
+        finally:  # Ctrl-C reached train.py too; it saves into the folder about to be removed: do not wait for that
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        wall = time.perf_counter() - t0
+    if code != 0 or done is None:
+        said = next((line for line in reversed(last_lines) if line), "no output").removeprefix("error: ")
+        raise UserError(f"train.py {'exited with code ' + str(code) if code else 'did not finish'}: {said}")
+    split = {name: float(seconds) for name, seconds in re.findall(r"([a-z][a-z ()]*?) ([\d.]+) s", done.group(2))}
+    # wall = start-up (the interpreter, imports, the command line) + train.py's own clock + the exit after its last line
+    startup = max(0.0, done_at - sum(split.values()))
+    r = dict(preset=preset, command=shlex.join(command[1:]), warm_cache=args.warm_cache, wall_s=round(wall, 2),
+             startup_s=round(startup, 2), split_s=split, exit_s=round(wall - done_at, 2),
+             iterations=int(done.group(1)), best_val_loss=float(done.group(3)))
+    print(f"whole run: {wall:.1f} s from start to exit = start-up {startup:.1f} s (imports, command line) + "
+          f"{', '.join(f'{k} {v:.1f} s' for k, v in split.items())} + exit {r['exit_s']:.1f} s after the last line; "
+          f"best val loss {r['best_val_loss']:.4f}")
+    target = whole_run_target(preset, flags, wall, r["best_val_loss"])
+    if target:
+        r["target"] = target
+        print(f"target for one H100 or H200 in bfloat16: at most {target['seconds']:.0f} s with best val loss at most "
+              f"{target['best_val_loss']}: {'met' if target['met'] else 'NOT met'} here")
+    # named after the run, so that this process does not hold the GPU while train.py starts
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else cpu_name()
+    return dict(device=device, device_name=name, dtype=dtype, torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                whole_run=r)
 
 
 def model_report(args) -> dict:

@@ -502,3 +502,85 @@ def test_timers_wait_for_apple_gpus_too(monkeypatch):
     for name in ("cpu", "mps", "cuda:1"):
         utils.synchronize(torch.device(name))
     assert waited == ["mps", "cuda:1"]
+
+
+# ----------------------------------------------------------------------------- --whole_run
+
+@pytest.fixture(scope="module")
+def tiny_char_data(tmp_path_factory, shakespeare_text):
+    import prepare_data
+    folder = tmp_path_factory.mktemp("whole_run")
+    (folder / "input.txt").write_text(shakespeare_text[:60_000], encoding="utf-8")
+    prepare_data.main(["--dataset", "custom", "--input", str(folder / "input.txt"), "--tokenizer", "char",
+                       "--output_dir", str(folder / "char")])
+    return folder / "char"
+
+
+TINY_RUN = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--max_iters=6",
+            "--eval_interval=3", "--eval_iters=1", "--warmup_iters=1"]
+
+
+def test_whole_run_splits_train_py_s_wall_time_and_leaves_nothing(tiny_char_data, tmp_path, monkeypatch, capsys):
+    import tempfile
+    import bench
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    envs = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **kw: envs.append(kw["env"]) or real_popen(*a, **kw))
+    report = bench.main(["--whole_run", "--preset", "shakespeare-char-cpu", "--json", str(tmp_path / "w.json"), "--",
+                         f"--data_dir={tiny_char_data}", *TINY_RUN])
+    out = capsys.readouterr().out
+    r = report["whole_run"]
+    assert json.loads((tmp_path / "w.json").read_text()) == report
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and r["iterations"] == 6
+    # train.py's own split, as its last line printed it, and the best val loss it printed
+    [done] = [line for line in out.splitlines() if line.startswith("  done: 6 iterations")]
+    assert list(r["split_s"]) == ["setup", "first step", "other steps", "evaluations", "checkpoints"]
+    assert ", ".join(f"{k} {v:.1f} s" for k, v in r["split_s"].items()) in done
+    assert f"best val loss {r['best_val_loss']:.4f};" in done
+    # wall time = start-up + train.py's clock + exit; start-up is the interpreter and its imports, most of a second
+    assert r["wall_s"] == pytest.approx(r["startup_s"] + sum(r["split_s"].values()) + r["exit_s"], abs=0.2)
+    assert 0.2 < r["startup_s"] < r["wall_s"] and 0 <= r["exit_s"] < 0.5
+    assert "target" not in r  # a preset changed by flags is not the preset a target is for
+    # checkpoints, logs and compile caches went to one temporary folder, now gone
+    [env] = envs
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path / "tmp" / "bench_whole_run_"))
+    assert env["TRITON_CACHE_DIR"].startswith(str(tmp_path / "tmp" / "bench_whole_run_"))
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_whole_run_keeps_the_compile_caches_when_asked(tiny_char_data, monkeypatch, capsys):
+    import bench
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    envs = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **kw: envs.append(kw["env"]) or real_popen(*a, **kw))
+    report = bench.main(["--whole_run", "--warm_cache", "--", f"--data_dir={tiny_char_data}", *TINY_RUN])
+    assert report["whole_run"]["warm_cache"] and "TORCHINDUCTOR_CACHE_DIR" not in envs[0]
+    assert "compile caches as they are" in capsys.readouterr().out
+
+
+def test_whole_run_target_only_for_the_preset_as_it_stands():
+    import bench
+    assert bench.whole_run_target("shakespeare-char", [], 59.9, 1.47) == dict(seconds=60.0, best_val_loss=1.47,
+                                                                              met=True)
+    assert not bench.whole_run_target("shakespeare-char", [], 60.1, 1.40)["met"]
+    assert not bench.whole_run_target("shakespeare-char", [], 50.0, 1.4701)["met"]
+    assert bench.whole_run_target("shakespeare-char", ["--max_iters=100"], 5.0, 2.0) is None
+    assert bench.whole_run_target("shakespeare-char-cpu", [], 5.0, 2.0) is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--whole_run", "--batch_size", "4"], "--batch_size is bench.py's own; give train.py's flags after `--`"),
+    (["--whole_run", "--steps", "4", "--tokenize"], "--steps, --tokenize are bench.py's own"),
+    (["--", "--max_iters=4"], "flags after `--` (--max_iters=4) are train.py's, for --whole_run"),
+    (["--whole_run", "--json", "W.json", "--", "--max_iters=x"],
+     "train.py exited with code 2: max_iters must be an integer, got 'x'"),
+])
+def test_whole_run_errors_are_one_line_and_write_nothing(args, message, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == []
