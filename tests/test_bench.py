@@ -563,12 +563,14 @@ def test_whole_run_keeps_the_compile_caches_when_asked(tiny_char_data, monkeypat
 
 def test_whole_run_target_only_for_the_preset_as_it_stands():
     import bench
-    assert bench.whole_run_target("shakespeare-char", [], 59.9, 1.47) == dict(seconds=60.0, best_val_loss=1.47,
-                                                                              met=True)
+    assert bench.whole_run_target("shakespeare-char", [], 59.9, 1.47) == dict(
+        seconds=60.0, best_val_loss=1.47, machine="one H100 or H200 in bfloat16", met=True)
     assert not bench.whole_run_target("shakespeare-char", [], 60.1, 1.40)["met"]
     assert not bench.whole_run_target("shakespeare-char", [], 50.0, 1.4701)["met"]
+    assert bench.whole_run_target("shakespeare-char-cpu", [], 139.0, 1.75)["met"]
+    assert not bench.whole_run_target("shakespeare-char-cpu", [], 141.0, 1.75)["met"]
     assert bench.whole_run_target("shakespeare-char", ["--max_iters=100"], 5.0, 2.0) is None
-    assert bench.whole_run_target("shakespeare-char-cpu", [], 5.0, 2.0) is None
+    assert bench.whole_run_target("gpt2", [], 5.0, 2.0) is None
 
 
 @pytest.mark.parametrize("args, message", [
