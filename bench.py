@@ -1,5 +1,5 @@
-"""Benchmark: training throughput (tokens/s, ms/iter, MFU, peak memory), generation speed, and
-GPT-2 tokenisation speed of prepare_data.py (MB/s).
+"""Benchmark: training throughput (tokens/s, ms/iter, MFU, peak memory), generation speed, GPT-2
+tokenisation speed of prepare_data.py (MB/s), and the time of a whole train.py run.
 
     python bench.py --preset gpt2 --batch_size 16 --block_size 1024     # GPT-2 124M on a GPU
     python bench.py                                                     # a small preset on CPU (smoke test)
@@ -25,12 +25,14 @@ exit after its last line, and the best val loss. It needs the preset's prepared 
 """
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,10 +53,11 @@ PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                       formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                       usage="%(prog)s [options] [-- TRAIN_FLAGS (with --whole_run)]")
     p.add_argument("--preset", default=None, choices=list(GPT2_CONFIGS),
-                   help="model preset; default gpt2 on CUDA, shakespeare-char-cpu elsewhere")
+                   help="model preset; default gpt2 on CUDA, shakespeare-char-cpu elsewhere (--whole_run: "
+                        "shakespeare-char on CUDA)")
     p.add_argument("--batch_size", type=int, default=None, help="micro-batch in sequences (default: the preset's)")
     p.add_argument("--block_size", type=int, default=None, help="sequence length (default: the preset's)")
     p.add_argument("--vocab_size", type=int, default=None,
@@ -115,6 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.train_flags = train_flags
     if train_flags and not args.whole_run:
         p.error(f"flags after `--` ({shlex.join(train_flags)}) are train.py's, for --whole_run")
+    if args.warm_cache and not args.whole_run:
+        p.error("--warm_cache is for --whole_run")
     return args
 
 
@@ -506,17 +511,32 @@ WHOLE_RUN_TARGETS = {"shakespeare-char": (60.0, 1.47, "one H100 or H200 in bfloa
                      "shakespeare-char-cpu": (140.0, 1.90, "a laptop CPU")}
 WHOLE_RUN_FLAGS = {"whole_run", "preset", "warm_cache", "json"}
 DEVICE_LINE = re.compile(r"device: (\S+), dtype (\w+)")  # "device: cuda, dtype bfloat16, compile True, ..."
-# train.py's last line: "done: 5000 iterations in 1m09s (setup 8.7 s, first step (compilation) 17.7 s, other
+# train.py's done_line: "done: 5000 iterations in 1m09s (setup 8.7 s, first step (compilation) 17.7 s, other
 # steps 32.0 s, evaluations 4.3 s, checkpoints 0.9 s), best val loss 1.4625; checkpoints in ..."
-DONE_LINE = re.compile(r"done: (\d+) iterations.* in \S+ \((.*)\), best val loss (\S+);")
+DONE_LINE = re.compile(r"done: (\d+) iterations(?: \((\d+) of them in this run\))? in \S+ \((.*)\), "
+                       r"best val loss (\S+);")
 
 
-def whole_run_target(preset: str, flags: list[str], wall: float, best_val_loss: float) -> dict | None:
+def parse_done_line(line: str) -> dict | None:
+    """train.py's last line as figures: iterations (this run's), train.py's split in seconds, best val loss
+    (None where no evaluation ran); None for any other line."""
+    m = DONE_LINE.match(line)
+    if m is None:
+        return None
+    iterations, this_run, split, best = m.groups()
+    best = float(best)
+    return dict(iterations=int(iterations), iterations_this_run=int(this_run or iterations),
+                split_s={name: float(sec) for name, sec in re.findall(r"([a-z][a-z ()]*?) ([\d.]+) s", split)},
+                best_val_loss=best if math.isfinite(best) else None)
+
+
+def whole_run_target(preset: str, flags: list[str], wall: float, best_val_loss: float | None) -> dict | None:
     """The target of a preset run as it stands (no train.py flags), and whether this run met it."""
     if preset not in WHOLE_RUN_TARGETS or flags:
         return None
     seconds, loss, machine = WHOLE_RUN_TARGETS[preset]
-    return dict(seconds=seconds, best_val_loss=loss, machine=machine, met=wall <= seconds and best_val_loss <= loss)
+    met = wall <= seconds and best_val_loss is not None and best_val_loss <= loss
+    return dict(seconds=seconds, best_val_loss=loss, machine=machine, met=met)
 
 
 def whole_run_report(args) -> dict:
@@ -527,7 +547,33 @@ def whole_run_report(args) -> dict:
                         f"{'is' if len(others) == 1 else 'are'} bench.py's own; give train.py's flags after `--`, "
                         f"e.g. --whole_run -- --batch_size=32 --compile=False")
     flags = args.train_flags
+    if "-h" in flags or "--help" in flags:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), "--help"])
+        raise SystemExit(0)
     preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "shakespeare-char-cpu")
+    # SIGTERM (timeout, docker stop, a scheduler) and SIGHUP end this like Ctrl-C: the child killed, the folder removed
+    stops = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    before = {s: signal.signal(s, stop_by_signal) for s in stops}
+    try:
+        return _whole_run(args, preset, flags)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def signal_name(signum: int) -> str | None:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return None
+
+
+def stop_by_signal(signum, frame) -> None:
+    print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def _whole_run(args, preset: str, flags: list[str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_whole_run_") as tmp:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # each line as printed, to stamp it
         if not args.warm_cache:
@@ -548,8 +594,8 @@ def whole_run_report(args) -> dict:
                 now = time.perf_counter() - t0
                 print(f"  {line}", end="", flush=True)
                 last_lines = (last_lines + [line.rstrip()])[-3:]
-                if DONE_LINE.match(line):
-                    done_at, done = now, DONE_LINE.match(line)
+                if parse_done_line(line):
+                    done_at, done = now, parse_done_line(line)
                 elif DEVICE_LINE.match(line):
                     device, dtype = DEVICE_LINE.match(line).groups()
             code = proc.wait()
@@ -559,18 +605,23 @@ def whole_run_report(args) -> dict:
                 proc.wait()
             proc.stdout.close()
         wall = time.perf_counter() - t0
+    by_signal = signal_name(-code if code < 0 else code - 128 if code > 128 else 0)
+    if by_signal:  # its own "saved checkpoint.pt; run it again" went with the temporary folder
+        raise UserError(f"train.py was {'killed' if code < 0 else 'stopped'} by {by_signal}, so the run was not timed")
     if code != 0 or done is None:
         said = next((line for line in reversed(last_lines) if line), "no output").removeprefix("error: ")
         raise UserError(f"train.py {'exited with code ' + str(code) if code else 'did not finish'}: {said}")
-    split = {name: float(seconds) for name, seconds in re.findall(r"([a-z][a-z ()]*?) ([\d.]+) s", done.group(2))}
-    # wall = start-up (the interpreter, imports, the command line) + train.py's own clock + the exit after its last line
+    split = done["split_s"]
+    # wall = start-up (the interpreter, imports, the command line) + train.py's own clock + the exit after its
+    # last line; the split is printed to 0.1 s, so the start-up carries up to about 0.25 s of that rounding
     startup = max(0.0, done_at - sum(split.values()))
-    r = dict(preset=preset, command=shlex.join(command[1:]), warm_cache=args.warm_cache, wall_s=round(wall, 2),
-             startup_s=round(startup, 2), split_s=split, exit_s=round(wall - done_at, 2),
-             iterations=int(done.group(1)), best_val_loss=float(done.group(3)))
+    r = dict(preset=preset, command="python " + shlex.join(command[1:]), warm_cache=args.warm_cache,
+             wall_s=round(wall, 2), startup_s=round(startup, 2), split_s=split, exit_s=round(wall - done_at, 2),
+             **{k: done[k] for k in ("iterations", "iterations_this_run", "best_val_loss")})
+    best = "none (no evaluation)" if r["best_val_loss"] is None else f"{r['best_val_loss']:.4f}"
     print(f"whole run: {wall:.1f} s from start to exit = start-up {startup:.1f} s (imports, command line) + "
           f"{', '.join(f'{k} {v:.1f} s' for k, v in split.items())} + exit {r['exit_s']:.1f} s after the last line; "
-          f"best val loss {r['best_val_loss']:.4f}")
+          f"best val loss {best}")
     target = whole_run_target(preset, flags, wall, r["best_val_loss"])
     if target:
         r["target"] = target

@@ -1310,11 +1310,18 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             if final_due():
                 save(["final_checkpoint.pt"], wait=True)
                 total = time.perf_counter() - t_start
-                this_run = f" ({iter_num - resumed_from} of them in this run)" if resumed_from is not None else ""
-                log.print(f"done: {iter_num} iterations{this_run} in {format_duration(total)} "
-                          f"({format_timing(timing, total, compile_model)}), best val loss {best_val_loss:.4f}; "
-                          f"checkpoints in {checkpoint_dir}")
+                log.print(done_line(iter_num, resumed_from, total, timing, compile_model, best_val_loss,
+                                    checkpoint_dir))
     return finish()
+
+
+def done_line(iter_num: int, resumed_from: Optional[int], total: float, timing: dict, compiled: bool,
+              best_val_loss: float, checkpoint_dir: Path) -> str:
+    """A finished run's last line, which bench.py --whole_run reads too."""
+    this_run = f" ({iter_num - resumed_from} of them in this run)" if resumed_from is not None else ""
+    return (f"done: {iter_num} iterations{this_run} in {format_duration(total)} "
+            f"({format_timing(timing, total, compiled)}), best val loss {best_val_loss:.4f}; "
+            f"checkpoints in {checkpoint_dir}")
 
 
 def format_timing(timing: dict, total: float, compiled: bool) -> str:

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -573,8 +574,77 @@ def test_whole_run_target_only_for_the_preset_as_it_stands():
     assert bench.whole_run_target("gpt2", [], 5.0, 2.0) is None
 
 
+def test_whole_run_reads_every_form_of_train_py_s_last_line():
+    from pathlib import Path
+    import bench
+    from train import done_line
+    timing = {"setup": 1.25, "first_step": 17.7, "evaluation": 4.3, "checkpoints": 0.9}
+    plain = bench.parse_done_line(done_line(5000, None, 62.0, timing, True, 1.46251, Path("ck")))
+    assert plain == dict(iterations=5000, iterations_this_run=5000, best_val_loss=1.4625,
+                         split_s={"setup": 1.2, "first step (compilation)": 17.7, "other steps": 37.9,
+                                  "evaluations": 4.3, "checkpoints": 0.9})
+    resumed = bench.parse_done_line(done_line(5000, 3000, 30.0, timing, False, 1.5, Path("ck")))
+    assert resumed["iterations"] == 5000 and resumed["iterations_this_run"] == 2000
+    assert list(resumed["split_s"]) == ["setup", "first step", "other steps", "evaluations", "checkpoints"]
+    no_step = {k: v for k, v in timing.items() if k != "first_step"}  # no step ran in this process
+    no_evaluation = bench.parse_done_line(done_line(10, None, 10.0, no_step, False, float("inf"), Path("ck")))
+    assert no_evaluation["best_val_loss"] is None and "first step" not in no_evaluation["split_s"]
+    assert bench.parse_done_line("iter 10/20: loss 2.5, lr 1e-3") is None
+
+
+def whole_run_children(folder) -> list[int]:
+    """The pids of processes whose command line names `folder` (train.py, started with its temporary paths)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(folder).encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the child through /proc")
+@pytest.mark.parametrize("to, sig, code, says", [("bench", "SIGINT", 130, "interrupted"),
+                                                 ("bench", "SIGTERM", 143, "stopped by SIGTERM"),
+                                                 ("train.py", "SIGKILL", 2, "error: train.py was killed by SIGKILL"),
+                                                 ("train.py", "SIGTERM", 2, "error: train.py was stopped by SIGTERM")])
+def test_whole_run_stopped_by_a_signal_leaves_no_folder_and_no_child(tiny_char_data, tmp_path, to, sig, code, says):
+    import signal
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), "--whole_run", "--json", str(tmp_path / "w.json"),
+                             "--", f"--data_dir={tiny_char_data}", *TINY_RUN, "--max_iters=1000000",
+                             "--lr_decay_iters=1000000", "--log_interval=1"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
+    deadline = threading.Timer(120, proc.kill)  # a run that never prints the line fails instead of hanging
+    deadline.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("  iter 3/"):
+                break
+        [child] = whole_run_children(tmp_path / "tmp")
+        os.kill(proc.pid if to == "bench" else child, getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        deadline.cancel()
+        proc.kill()
+        for pid in whole_run_children(tmp_path / "tmp"):
+            os.kill(pid, 9)
+    assert proc.returncode == code and len(err.strip().splitlines()) == 1 and err.startswith(says), err
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "w.json").exists()
+    assert whole_run_children(tmp_path / "tmp") == []
+
+
+def test_whole_run_passes_help_on_to_train_py():
+    out = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--whole_run", "--", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--preset NAME" in out.stdout and "whole run:" not in out.stdout, out.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--whole_run", "--batch_size", "4"], "--batch_size is bench.py's own; give train.py's flags after `--`"),
+    (["--warm_cache"], "--warm_cache is for --whole_run"),
     (["--whole_run", "--steps", "4", "--tokenize"], "--steps, --tokenize are bench.py's own"),
     (["--", "--max_iters=4"], "flags after `--` (--max_iters=4) are train.py's, for --whole_run"),
     (["--whole_run", "--json", "W.json", "--", "--max_iters=x"],
