@@ -19,9 +19,10 @@ machine's best), and prepare_data.py's parallel pipeline from file to .bin for o
 for JSON Lines documents, against a target of 0.7 x single-thread x processes.
 
 --whole_run times `python train.py --preset=PRESET` in a new process from its start to its exit, with
-empty compile caches (as a first run) unless --warm_cache: the time until its first line (imports), its
-own split of the run (setup, first step with compilation, other steps, evaluations, checkpoints), the
-exit after its last line, and the best val loss. It needs the preset's prepared data.
+empty compile caches (as a first run) unless --warm_cache, split into its start-up (the interpreter,
+imports, the command line), train.py's own split of the run (setup, first step with compilation, other
+steps, evaluations, checkpoints) and the exit after its last line; and the best val loss. It needs the
+preset's prepared data.
 """
 import argparse
 import json
@@ -594,10 +595,11 @@ def _whole_run(args, preset: str, flags: list[str]) -> dict:
                 now = time.perf_counter() - t0
                 print(f"  {line}", end="", flush=True)
                 last_lines = (last_lines + [line.rstrip()])[-3:]
-                if parse_done_line(line):
-                    done_at, done = now, parse_done_line(line)
-                elif DEVICE_LINE.match(line):
-                    device, dtype = DEVICE_LINE.match(line).groups()
+                parsed, named = parse_done_line(line), DEVICE_LINE.match(line)
+                if parsed:
+                    done_at, done = now, parsed
+                elif named:
+                    device, dtype = named.groups()
             code = proc.wait()
         finally:  # Ctrl-C reached train.py too; it saves into the folder about to be removed: do not wait for that
             if proc.poll() is None:
