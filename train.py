@@ -1688,12 +1688,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     config, explicit = parse_args(argv)
     summary = train(config, explicit)  # a second Ctrl-C raises KeyboardInterrupt: run_cli exits with 130
     code = 128 + int(summary["stopped_by"]) if summary["stopped_by"] else 0
-    if "RANK" in os.environ:
-        # Under torchrun always: the process group is destroyed and every file is closed, but gloo's worker
-        # threads can still abort the process ("terminate called without an active exception") while C++
-        # objects are destroyed at exit, turning a finished run into a failed one.
-        exit_at_once(code)
-    if owns_the_process():
+    # Under torchrun always: the process group is destroyed and every file is closed, but gloo's worker threads
+    # can still abort the process ("terminate called without an active exception") while C++ objects are
+    # destroyed at exit, turning a finished run into a failed one.
+    if "RANK" in os.environ or owns_the_process():
         exit_at_once(code)
     if code:
         sys.exit(code)
