@@ -836,6 +836,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if config.cuda_graph is True and graph_problem and (ckpt is None or "cuda_graph" in explicit):
         raise ConfigError(f"{graph_problem}; or drop --cuda_graph")
     graph_step = bool(config.cuda_graph) and graph_problem is None  # 'auto' captures where it can
+    start_compile_workers(device, compile_model)
     if ckpt is not None and "data_dir" not in explicit and not (Path(config.data_dir) / "meta.json").is_file():
         # the folder comes from the checkpoint, not from the command: moved or removed since; the checkpoint
         # knows how it was prepared
@@ -1350,6 +1351,24 @@ def log_progress(log: Logger, model, iter_num: int, max_iters: int, loss: float,
               f"{tokens_per_sec:,.0f} tok/s, {speed}, ETA {format_duration(eta)}")
     log.scalars(iter_num, **{"train/loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
                              "mfu": mfu, "flops_per_sec": flops if mfu is None else None})
+
+
+def start_compile_workers(device: torch.device, compile_model: bool) -> None:
+    """Starts inductor's pool of Triton compile workers now, while the data, the model and the optimizer are
+    set up, where torch.compile would start it only in the first step, once the model is traced.
+
+    The pool is a helper process that imports torch and Triton and then forks the workers: seconds of work
+    where Python has no byte code to read. On an H200 the first step's profile spent about 4 s waiting for
+    these workers (BENCHMARKS.md). Only for compiled CUDA runs: a CPU compiles C++ in threads of its own.
+    torch keeps one pool per process, so compilation later uses this one; TORCH_WARM_POOL=0 still keeps it
+    from starting early.
+    """
+    if not (compile_model and device.type == "cuda"):
+        return
+    from torch._inductor import async_compile
+    warm = getattr(async_compile, "maybe_warm_pool", None)  # what torch.compile itself calls, later
+    if warm is not None:
+        warm()
 
 
 def training_model(raw_model, compile_model: bool, mode: str, regional: bool):

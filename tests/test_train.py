@@ -125,6 +125,27 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight():
     assert max(p.grad.abs().max() for p in a.parameters()) > 1e-3  # the gradients are not trivially zero
 
 
+def test_compile_workers_start_for_compiled_cuda_runs_only_before_the_model_is_built(char_data, tmp_path,
+                                                                                      monkeypatch):
+    """torch.compile on a GPU starts its pool of Triton compile workers in the first step; train.py starts it
+    before the data, the model and the optimizer are set up, so that their set-up hides the pool's."""
+    import torch._inductor.async_compile as async_compile
+
+    import train as train_module
+    warmed = []
+    monkeypatch.setattr(async_compile, "maybe_warm_pool", lambda: warmed.append(True), raising=False)
+    for device, compiled in [("cpu", True), ("cpu", False), ("cuda", False), ("cuda", True)]:
+        warmed.clear()
+        train_module.start_compile_workers(torch.device(device), compiled)
+        assert warmed == [True] * (device == "cuda" and compiled), (device, compiled)
+
+    events, build_model = [], train_module.build_model
+    monkeypatch.setattr(train_module, "start_compile_workers", lambda device, compiled: events.append("workers"))
+    monkeypatch.setattr(train_module, "build_model", lambda *a: events.append("model") or build_model(*a))
+    train(tiny(char_data, tmp_path, max_iters=1, eval_interval=1))
+    assert events == ["workers", "model"]
+
+
 # ----------------------------------------------------------------------------- exact resume, checkpoints, TensorBoard
 
 @pytest.fixture(scope="module")
