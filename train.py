@@ -1691,11 +1691,12 @@ def owns_the_process() -> bool:
 
 
 def exit_at_once(code: int) -> None:
-    """End the process now, without the interpreter's teardown. Everything train() wrote is on disk by now
-    (checkpoints fsynced and renamed, TensorBoard closed, the writer thread joined); what is left is Python
-    unloading two thousand modules and more, torch's exit handlers, the compile workers and the CUDA
-    context: 0.77 s on 2 CPU cores and 3.1 s on an H200 after the run's last line (BENCHMARKS.md). The compile
-    workers see their pipe close and exit by themselves."""
+    """End the process now, without the interpreter's teardown. train() has returned or raised by now, so all
+    it wrote is on disk (checkpoints fsynced and renamed, TensorBoard closed, the writer thread joined) or,
+    after an error in a new run, undone. What is left is Python unloading two thousand modules and more,
+    torch's exit handlers, the compile workers and the CUDA context: 0.77 s on 2 CPU cores and 3.1 s on an
+    H200 after the run's last line (BENCHMARKS.md). The compile workers see their pipe close and exit by
+    themselves, also a pool still starting (it reads the closed pipe once it is up)."""
     logging.shutdown()  # TORCH_TRACE and other logging files
     for stream in (sys.stdout, sys.stderr):
         with suppress(OSError, ValueError):  # a reader that went away, a closed stream: the code still stands
@@ -1717,4 +1718,12 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    try:
+        run_cli(main)
+    except SystemExit as stop:
+        # an error said in one line (2), Ctrl-C (130), --help (0): train() has undone or closed all it began by
+        # now, and the interpreter's teardown would still wait for the compile workers, whose pool starts
+        # before the data and the model are set up and can take seconds to come up only to be shut down
+        if (stop.code is None or isinstance(stop.code, int)) and owns_the_process():
+            exit_at_once(stop.code or 0)
+        raise

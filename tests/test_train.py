@@ -2841,6 +2841,25 @@ def test_a_finished_run_ends_without_the_teardown_and_loses_nothing(char_data, t
 RUNS_TRAIN_PY = "import runpy, sys\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
 
 
+def test_an_error_or_help_ends_the_process_at_once_too(char_data, tmp_path):
+    """train.py's own exits (an error in one line, --help) skip the teardown as a finished run does: it would
+    wait for the compile workers that start before the data and the model are set up; a program around
+    train.py still gets control back."""
+    flags = cli_flags(tiny(tmp_path / "missing", tmp_path))
+    r = run_with_exit_handler(tmp_path, [str(ROOT / "train.py"), *flags])
+    assert r.returncode == 2 and "teardown ran" not in r.stdout, r.stdout + r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith("error: data directory") and "missing" in line
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+
+    r = run_with_exit_handler(tmp_path, ["-c", RUNS_TRAIN_PY, str(ROOT / "train.py"), *flags])
+    assert r.returncode == 2 and r.stdout.rstrip().endswith("teardown ran"), r.stdout + r.stderr
+
+    r = run_with_exit_handler(tmp_path, [str(ROOT / "train.py"), "--help"])
+    assert r.returncode == 0 and "teardown ran" not in r.stdout, r.stdout + r.stderr
+    assert "usage: train.py" in r.stdout and "--checkpoint_dir" in r.stdout and r.stdout.endswith("\n")
+
+
 @pytest.mark.parametrize("how", ["tracer", "python -i", "program around it", "pdb", "TORCH_LOGS"])
 def test_a_run_inside_something_else_keeps_the_normal_exit(char_data, tmp_path, how):
     """What runs train.py and goes on after it, or writes its results at exit, must get control back: a tracer
