@@ -109,7 +109,7 @@ def load_meta(data_dir: str | Path) -> dict:
     except PermissionError as e:  # the data set is fine: this user may not read it
         raise DataError(f"cannot read {path}: {e.strerror}; make it readable (and its folder), e.g. chmod a+r "
                         f"{shlex.quote(str(path))}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an integer too long
         raise DataError(f"cannot read {path}: {e}. Prepare the data set again with: {prepare_command(data_dir)}") from e
     missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:

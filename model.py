@@ -582,7 +582,7 @@ def _read_hf_config(path: Path) -> dict:
                                     "and model.safetensors (or pytorch_model.bin) in it")
     try:
         hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply, an integer too long
         raise CheckpointFormatError(f"{cfg_file} is not valid JSON ({e}); re-download the checkpoint, or "
                                     "export it again with GPT.save_pretrained") from None
     if not isinstance(hf, dict):
@@ -644,7 +644,7 @@ def _shards(index_file: Path) -> list[str]:
         shards = sorted(set(json.loads(index_file.read_text(encoding="utf-8"))["weight_map"].values()))
         if not all(isinstance(shard, str) for shard in shards):
             raise TypeError("a shard name that is not a string")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # JSON and UTF-8 errors are ValueErrors
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8: ValueError
         raise CheckpointFormatError(f"cannot read {index_file} ({type(e).__name__}: {e}); a sharded checkpoint's "
                                     f"index is a JSON object whose weight_map maps each weight to its file: "
                                     f"download it again") from None

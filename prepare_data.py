@@ -626,7 +626,8 @@ def parse_jsonl(where: str, lineno: int, offset: int, chunk: bytes) -> list[str]
             continue
         try:
             obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deeply
+        # ValueError: JSONDecodeError, or an integer of more than 4,300 digits; RecursionError: nested too deeply
+        except (ValueError, RecursionError) as e:
             raise DataError(f"{here} is not JSON ({e}); expected JSON Lines: one object with a "
                             f"\"text\" string per line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):

@@ -276,7 +276,7 @@ def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     except OSError as e:
         raise TokenizerError(f"cannot read the tokenizer file {str(path)!r} ({e.strerror or e}); "
                              f"pass the tokenizer.json written beside the data set or checkpoint") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply, an integer too long
         raise TokenizerError(f"{str(path)!r} is not a tokenizer file (invalid JSON: {e}); "
                              f"write one with Tokenizer.save(path)") from e
     return tokenizer_from_dict(d)
@@ -913,7 +913,7 @@ class BPETokenizer(Tokenizer):
                 encoder = json.load(f)
             with open(vocab_bpe_path, encoding="utf-8") as f:
                 lines = f.read().split("\n")
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON, an integer too long
             raise TokenizerError(f"cannot read GPT-2's encoder.json / vocab.bpe ({e}); pass the paths of the two "
                                  f"files of OpenAI's GPT-2 release") from e
         byte_to_char = _gpt2_byte_to_unicode()

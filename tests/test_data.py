@@ -1512,11 +1512,22 @@ def test_jsonl_without_text_field(tmp_path):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
 
 
-def test_a_jsonl_line_nested_too_deeply_is_one_line_of_error(tmp_path):
+@pytest.mark.parametrize("value, reason", [("[" * 100_000 + "]" * 100_000, "maximum recursion depth"),
+                                           ("1" * 5000, "Exceeds the limit")])
+def test_a_jsonl_line_nested_too_deeply_or_with_a_huge_number_is_one_line_of_error(tmp_path, value, reason):
     src = tmp_path / "d.jsonl"
-    src.write_text('{"text": "ok"}\n{"text": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
-    with pytest.raises(DataError, match=r"d.jsonl line 2 is not JSON \(maximum recursion depth"):
+    src.write_text('{"text": "ok"}\n{"text": "b", "x": ' + value + "}\n")
+    with pytest.raises(DataError, match=rf"d.jsonl line 2 is not JSON \({reason}"):
         prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_meta_json_that_python_cannot_read_asks_for_a_new_preparation(tmp_path):
+    d = write_data_dir(tmp_path / "d", np.arange(100), np.arange(50), vocab_size=100)
+    for broken in ['{"vocab_size": ' + "1" * 5000 + "}", "[" * 100_000, b"\xff\xfe{}"]:
+        (d / "meta.json").write_bytes(broken if isinstance(broken, bytes) else broken.encode())
+        with pytest.raises(DataError, match=r"cannot read .*meta.json: .* Prepare the data set again with: "):
+            BatchLoader(d, block_size=8, batch_size=2)
 
 
 def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp_path, capsys):

@@ -460,6 +460,8 @@ def test_a_pickled_object_in_pytorch_model_bin_is_refused(hf_dir, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ('{"model_type": "gpt2", "n_embd": 8,', "is not valid JSON"),
     ("\xff\xfe not text", "is not valid JSON"),
+    ('{"model_type": "gpt2", "n_embd": ' + "1" * 5000 + "}", "is not valid JSON"),  # Python's digit limit
+    ("[" * 100_000, "is not valid JSON"),  # nested too deeply
     ('["gpt2"]', "holds a JSON list"),
     ('{"model_type": "gpt2", "n_embd": 8, "n_head": 2}', "lacks the GPT-2 fields n_layer, n_positions, vocab_size"),
 ])

@@ -611,9 +611,10 @@ def test_bad_allowed_special():
 def test_load_rejects_bad_files(tmp_path):
     with pytest.raises(TokenizerError, match="cannot read the tokenizer file"):
         load_tokenizer(tmp_path / "missing.json")
-    (tmp_path / "bad.json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(TokenizerError, match="invalid JSON"):
-        load_tokenizer(tmp_path / "bad.json")
+    for bad in ["{not json", '{"kind": "char", "n": ' + "1" * 5000 + "}", "[" * 100_000]:
+        (tmp_path / "bad.json").write_text(bad, encoding="utf-8")
+        with pytest.raises(TokenizerError, match="invalid JSON"):
+            load_tokenizer(tmp_path / "bad.json")
     with pytest.raises(TokenizerError, match="kind"):
         tokenizer_from_dict({"kind": "sentencepiece"})
     assert tokenizer_from_dict(CharTokenizer("bca").to_dict()).chars == ["a", "b", "c"]
@@ -805,3 +806,11 @@ def test_gpt2s_files_from_tiktoken_name_its_special_token():
     config = json.loads(GPT2Tokenizer().hf_files()["tokenizer_config.json"])
     assert config["eos_token"] == config["bos_token"] == EOT
     assert config["added_tokens_decoder"]["50256"]["content"] == EOT and config["clean_up_tokenization_spaces"] is False
+
+
+def test_gpt2_files_python_cannot_read_are_one_clear_error(tmp_path):
+    (tmp_path / "vocab.bpe").write_text("#version: 0.2\n", encoding="utf-8")
+    for bad in ['{"!": ' + "1" * 5000 + "}", "[" * 100_000, "{not json"]:
+        (tmp_path / "encoder.json").write_text(bad, encoding="utf-8")
+        with pytest.raises(TokenizerError, match="cannot read GPT-2's encoder.json / vocab.bpe"):
+            BPETokenizer.from_gpt2(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
