@@ -1296,6 +1296,11 @@ def test_a_pipe_is_read_as_a_text_file(tmp_path, shakespeare_text):
     assert [b.tolist() for b in bins(tmp_path / "p")] == [b.tolist() for b in bins(tmp_path / "f")]
     with pytest.raises(DataError, match=r"is not a file this reads: .*; a pipe is read by --dataset custom only"):
         prepare("--dataset", "openwebtext", "--input", pipe, "--output_dir", tmp_path / "o")
+    # without --output_dir the folder would be named after the pipe: /dev/fd/63 is pipe:[137773], anew each run
+    with pytest.raises(DataError, match=r"^--input .*pipe is a pipe, .*; say where the data set goes, e.g. "
+                                        r"--output_dir data/mine$"), deadline(60, "reading the pipe, with no writer"):
+        prepare("--dataset", "custom", "--tokenizer", "char", "--input", pipe)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "p", "pipe", "t.txt"]
 
 
 def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):
