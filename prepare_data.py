@@ -894,6 +894,9 @@ def _encode_into(bins: list, tokenizer: Tokenizer, dtype, units, num_proc: int, 
             documents = [a + b for a, b in zip(documents, counts)]
             digests.update(unit_digests)
             bar.update(done)
+    if tokens == [0, 0]:  # no --val_fraction helps here
+        empty = f" ({documents[2]:,} document(s), all empty)" if documents[2] else ""
+        raise DataError(f"the input holds no text to train on{empty}; check that --input is the text you meant")
     for split, n in zip(SPLITS, tokens):
         if n < 2:  # the temporary files are removed: no empty bin is left behind
             more = "smaller" if split == "train" else "larger"

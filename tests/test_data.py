@@ -1535,6 +1535,15 @@ def test_a_meta_json_that_python_cannot_read_asks_for_a_new_preparation(tmp_path
             BatchLoader(d, block_size=8, batch_size=2)
 
 
+def test_documents_that_are_all_empty_are_no_text_not_a_val_fraction_to_change(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text('{"text": ""}\n{"text": ""}\n{"text": ""}\n')
+    with pytest.raises(DataError, match=r"^the input holds no text to train on \(3 document\(s\), all empty\); check "):
+        prepare("--dataset", "openwebtext", "--input", src, "--output_dir", tmp_path / "o", "--num_proc", 1,
+                "--val_fraction", 0.3)
+    assert not (tmp_path / "o").exists()
+
+
 def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp_path, capsys):
     import gzip
     docs = tmp_path / "docs"
