@@ -1019,9 +1019,10 @@ class GPT2Tokenizer(Tokenizer):
         except Exception as e:  # tiktoken fetches its files over the network, errors vary by version
             raise TokenizerError(
                 f"tiktoken could not load its 'gpt2' files ({type(e).__name__}: {e}). It downloads them on first "
-                f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them, or use "
-                f"BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe') with local copies of OpenAI's files, "
-                f"which gives the same ids") from e
+                f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them. With local copies "
+                f"of OpenAI's encoder.json and vocab.bpe, BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe')"
+                f".save('gpt2.json') in Python writes a tokenizer with the same ids, which prepare_data.py "
+                f"--dataset custom takes as --tokenizer_file gpt2.json") from e
         self.eot_token = self.enc.eot_token
         self.special_tokens = {EOT: self.enc.eot_token}
 

@@ -364,15 +364,29 @@ def test_gpt2_tokenizer_matches_tiktoken(tiktoken_gpt2):
     assert tok.encode_ordinary_batch(texts, num_threads=2) == [tiktoken_gpt2.encode_ordinary(t) for t in texts]
 
 
-def test_gpt2_tokenizer_explains_how_to_work_offline(monkeypatch):
+def test_gpt2_tokenizer_explains_how_to_work_offline(monkeypatch, tmp_path, gpt2_files):
     def offline(name):
         raise ConnectionError("could not reach openaipublic.blob.core.windows.net")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     with pytest.raises(TokenizerError) as e:
         GPT2Tokenizer()
-    assert "TIKTOKEN_CACHE_DIR" in str(e.value) and "BPETokenizer.from_gpt2" in str(e.value)
-    assert "ConnectionError" in str(e.value)
+    assert "TIKTOKEN_CACHE_DIR" in str(e.value) and "ConnectionError" in str(e.value)
+    # the way without tiktoken's files, as the message gives it, prepares text with GPT-2's ids
+    assert ("BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe').save('gpt2.json') in Python" in str(e.value)
+            and "prepare_data.py --dataset custom takes as --tokenizer_file gpt2.json" in str(e.value))
+    BPETokenizer.from_gpt2(*gpt2_files).save(tmp_path / "gpt2.json")
+    text = "Hello world, it's 2026! 東京 😀\n" * 40
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    import prepare_data
+    prepare_data.main(["--dataset", "custom", "--input", str(tmp_path / "t.txt"), "--tokenizer_file",
+                       str(tmp_path / "gpt2.json"), "--output_dir", str(tmp_path / "offline")])
+    monkeypatch.undo()  # tiktoken back: the same text through --tokenizer gpt2
+    prepare_data.main(["--dataset", "custom", "--input", str(tmp_path / "t.txt"), "--tokenizer", "gpt2",
+                       "--output_dir", str(tmp_path / "tiktoken")])
+    for split in ("train.bin", "val.bin"):
+        ids = np.fromfile(tmp_path / "offline" / split, dtype=np.uint16)
+        assert ids.size and ids.tolist() == np.fromfile(tmp_path / "tiktoken" / split, dtype=np.uint16).tolist()
 
 
 def test_from_gpt2_rejects_mismatched_files(tmp_path, gpt2_files):
