@@ -400,6 +400,16 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
                               f"--prompt {shlex.quote(known)}") from None
 
 
+def check_stop(tokenizer, stop: Optional[str], where: str) -> None:
+    """A stop string the model can write: a character-level tokenizer writes no character it does not know,
+    so such a stop string would never end a text (nor begin in a prompt, which the tokenizer refuses too)."""
+    if stop:
+        try:
+            tokenizer.encode(stop)
+        except UserError as e:
+            raise GenerationError(f"{where} {stop!r} could never end a text: {e}") from None
+
+
 class TextStream:
     """One row's generated text, built token by token.
 
@@ -470,6 +480,7 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     decoding step (a token for every row). rng defaults to settings.make_rng().
     """
     ids = [encode_prompt(tokenizer, p) for p in prompts]
+    check_stop(tokenizer, settings.stop, "the stop string")  # interactive's :stop, set after the model loaded
     rng = settings.make_rng(gen.device) if rng is None else rng
     streams = [TextStream(tokenizer, settings.stop, p) for p in prompts]
 
@@ -654,6 +665,7 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
             encode_prompt(tokenizer, p)
         except UserError as e:
             raise GenerationError(f"prompt {i} of {n}: {e}") from None
+    check_stop(tokenizer, settings.stop, "stop")
     gen = Generator(model, device, resolve_dtype(dtype, device), compile=compile)
     rng = settings.make_rng(gen.device)
     texts = complete_in_batches(gen, tokenizer, prompts, settings, batch_size, rng)
@@ -923,6 +935,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         except OSError as e:
             raise GenerationError(f"cannot read --prompt_file {args.prompt_file}: {e.strerror or e}") from None
         prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")
+        if "\0" in prompt:  # UTF-16 without a byte-order mark reads as UTF-8, a NUL after each Latin letter
+            raise GenerationError(f"--prompt_file {args.prompt_file} holds NUL characters: is it UTF-16 (what Windows "
+                                  f"Notepad calls 'Unicode')? Convert it with iconv -f utf-16 -t utf-8")
     if args.interactive and (args.prompt is not None or args.prompt_file or args.num_samples != 1
                              or args.batch_size is not None):
         raise GenerationError("--prompt, --prompt_file, --num_samples and --batch_size do not apply to --interactive, "
@@ -943,6 +958,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         interactive(gen, tokenizer, settings)
         return
     encode_prompt(tokenizer, prompt)  # an unknown character fails before anything is printed
+    check_stop(tokenizer, settings.stop, "--stop")
     out = sys.stdout
     if args.num_samples == 1:  # stream it
         out.write(prompt)

@@ -611,6 +611,11 @@ def test_a_prompt_file_in_another_encoding_is_named_as_prepare_data_names_it(cha
     included), and the advice says how to convert; UTF-16 is named as such. \r\n and \r become \n."""
     (tmp_path / "gbk.txt").write_bytes(b"\xef\xbb\xbfabc\xc4\xe3")
     (tmp_path / "u16.txt").write_bytes("ab\n".encode("utf-16"))
+    (tmp_path / "u16le.txt").write_bytes("ab\n".encode("utf-16-le"))  # no byte-order mark: valid UTF-8, NULs
+    r = cli(["--prompt_file", "u16le.txt", "--device", "cpu"], tmp_path)
+    assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: --prompt_file u16le.txt holds NUL characters: is it "
+                                                         "UTF-16 (what Windows Notepad calls 'Unicode')? Convert it "
+                                                         "with iconv -f utf-16 -t utf-8\n")
     for name, message in (("gbk.txt", "byte 0xc4 at byte offset 6 (invalid continuation byte); convert the file to "
                                       "UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT`"),
                           ("u16.txt", "byte 0xff at byte offset 0 (invalid start byte); it is UTF-16")):
@@ -777,7 +782,28 @@ def test_batch_generate_names_the_prompt_it_cannot_take(char_checkpoint, tmp_pat
         batch_generate(["ab", "cd", "a\udc80b"], output_file=str(tmp_path / "o.txt"), checkpoint=str(path))
     with pytest.raises(GenerationError, match=r"^stop is not valid UTF-8"):
         batch_generate(["ab"], output_file=str(tmp_path / "o.txt"), checkpoint=str(path), stop="\udc80")
+    monkeypatch.undo()
+    monkeypatch.setattr(generate, "Generator", lambda *a, **k: pytest.fail("generation began"))
+    with pytest.raises(GenerationError, match=r"^stop 'a\u00e9' could never end a text: .*'\u00e9'"):
+        batch_generate(["ab"], output_file=str(tmp_path / "o.txt"), checkpoint=str(path), stop="a\u00e9")
     assert not (tmp_path / "o.txt").exists()
+
+
+def test_a_stop_string_the_tokenizer_cannot_write_is_refused(char_checkpoint, tmp_path):
+    """A character-level model writes only the characters it knows: a stop string with another could never
+    end a text, and the run would go on to max_new_tokens without a word."""
+    r = cli(["--stop", "\u4f60", "--prompt", "ab", "--device", "cpu"], tmp_path)
+    using, error = r.stderr.splitlines()  # the checkpoint's line, then one line of error
+    assert r.returncode == 2 and r.stdout == "" and using.startswith("using checkpoint"), r.stderr
+    assert error.startswith("error: --stop '\u4f60' could never end a text: the text contains 1 character(s)")
+    _, model, tok = char_checkpoint
+    out = io.StringIO()
+    settings = SamplingSettings(temperature=0, max_new_tokens=5)
+    generate.interactive(Generator(model), tok, settings, stdin=io.StringIO(":stop \u4f60\nab\n:stop none\nab\n"),
+                         stdout=out)
+    expected = complete(Generator(model), tok, ["ab"], settings)[0]
+    assert "> error: the stop string '\u4f60' could never end a text: " in out.getvalue()
+    assert out.getvalue().endswith(f"> {expected}\n> \n")
 
 
 def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
