@@ -643,9 +643,13 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     sampling: the SamplingSettings fields (max_new_tokens, temperature, top_k, top_p, seed, stop).
     output_file (None: not written) receives each prompt and its text, written atomically.
     """
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise GenerationError(f"prompts must be a non-empty list of strings, got {type(prompts).__name__} "
-                              f"{str(prompts)[:60]!r}")
+    given = prompts
+    if not isinstance(prompts, str):  # any iterable of strings (a generator, lines of a file) is read once
+        with contextlib.suppress(TypeError):
+            prompts = list(prompts)
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise GenerationError(f"prompts must be a non-empty list of strings, got {type(given).__name__} "
+                              f"{str(given)[:60]!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     settings = SamplingSettings.from_kwargs(**sampling)

@@ -7,6 +7,7 @@ of a traceback.
 """
 import argparse
 import contextlib
+import errno
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -316,6 +317,13 @@ def run_cli(main: Callable[[], object]) -> None:
             print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr)
         sys.exit(2)
 
+    # a stream closed by the shell (`2>&-`, `<&-`) is None in Python, and print(file=None) writes to stdout:
+    # messages would mix into the output. Nothing is read or shown there, as with /dev/null
+    for name, mode in (("stdin", "r"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))
+    if sys.stdout is None:  # `>&-`: the output itself would be lost
+        fail("the standard output is closed (>&-); send it to a file, or to /dev/null to discard it")
     # a redirected stdout on Chinese Windows writes GBK: a character it lacks (the ñ of a file name, an emoji)
     # is shown escaped instead of ending the script with a traceback after its work is done
     if hasattr(sys.stdout, "reconfigure"):
@@ -344,6 +352,14 @@ def run_cli(main: Callable[[], object]) -> None:
         # `python generate.py ... | head` closes stdout early; that is not an error
         sys.stderr.close()
         sys.exit(0)
+    except OSError as e:
+        # a path the system refuses (a name over 255 bytes, a file where a folder should be, a loop of links),
+        # or a full disk under the output (`> out.txt`): the user's to fix, as the errors above
+        if e.filename is None and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        names = " and ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        fail(f"{e.strerror or e}: {names}; check that path" if names else
+             f"{e.strerror or e} while writing; free some space and run the command again")
 
 
 def _std_stream(path: Path) -> Optional[IO]:

@@ -830,6 +830,12 @@ def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
     assert not (tmp_path / "bad.txt").exists()
     with pytest.raises(GenerationError, match="did you mean 'temperature'"):
         batch_generate(["ok"], output_file=None, checkpoint=str(path), temprature=0)
+    # any iterable of prompts, a generator too (read once); a string or no prompt at all is refused
+    assert batch_generate((p for p in prompts[:2]), output_file=None, checkpoint=str(path), device="cpu",
+                          temperature=0, max_new_tokens=20) == texts[:2]
+    for bad in ("ROMEO:", [], iter([]), ["ok", 3], 42):
+        with pytest.raises(GenerationError, match="^prompts must be a non-empty list of strings, got "):
+            batch_generate(bad, output_file=None, checkpoint=str(path))
 
 
 def test_a_checkpoint_folder_given_as_checkpoint_is_searched(char_checkpoint, capsys):
@@ -1064,3 +1070,41 @@ def test_a_checkpoint_whose_tokenizer_outgrows_its_model_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=f"its tokenizer has {tok.vocab_size} tokens but the model only "
                                               f"{tok.vocab_size - 5}; the checkpoint mixes two runs"):
         load_model(checkpoint=str(path))
+
+
+def test_paths_the_system_refuses_and_a_full_disk_are_one_line_of_error(char_checkpoint, tmp_path):
+    long = "a" * 300  # over the 255 bytes a file name may have: is_file() raises instead of saying False
+    for flags in (["--checkpoint_dir", long], ["--checkpoint", long + ".pt"], ["--init_from", long]):
+        r = cli([*flags, "--device", "cpu"], tmp_path)
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr == f"error: File name too long: '{flags[1]}'; check that path\n"
+    if not Path("/dev/full").exists():
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "w") as full:  # every write fails: No space left on device
+        r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--prompt", "ab", "--max_new_tokens", "3",
+                            "--device", "cpu"], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True,
+                           env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == ("error: No space left on device while writing; free some space and run the "
+                                         "command again")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="closes a standard descriptor before Python starts")
+@pytest.mark.parametrize("closed", [0, 1, 2])
+def test_a_closed_standard_stream_is_no_traceback_and_no_mixed_output(char_checkpoint, tmp_path, closed):
+    """`<&-`, `>&-`, `2>&-`: Python starts with that sys stream None."""
+    args = ["--interactive"] if closed == 0 else ["--prompt", "ab", "--max_new_tokens", "5", "--temperature", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), *args, "--device", "cpu"], cwd=tmp_path,
+                       capture_output=True, text=True, env=env, timeout=120, preexec_fn=lambda: os.close(closed))
+    assert "Traceback" not in r.stderr + r.stdout
+    if closed == 0:  # nothing to read: the loop ends as at the end of a piped file
+        assert r.returncode == 0 and r.stdout == "> \n" and "interactive mode" in r.stderr, r.stdout + r.stderr
+    elif closed == 1:  # the output would be lost
+        assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+            "error: the standard output is closed (>&-); send it to a file, or to /dev/null to discard it")
+    else:  # the output alone, without the checkpoint's line
+        _, model, tok = char_checkpoint
+        expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=5))[0]
+        assert r.returncode == 0 and r.stdout == "ab" + expected + "\n"
