@@ -88,8 +88,8 @@ class GPT2Config:
     log_interval = 10  # print and log a training line every N steps
     save_interval = 0  # write checkpoint_iter_N.pt every N steps; 0 disables
     keep_last_n = 0  # keep only the newest K checkpoint_iter_N.pt files; 0 keeps all
-    sample_tokens = 200  # length of the text sample logged to TensorBoard at each evaluation (at most
-    # MAX_SAMPLE_TOKENS: a signal stops the run only once the sample is written); 0 disables
+    # bounded by MAX_SAMPLE_TOKENS: a signal stops the run only once the sample is written
+    sample_tokens = 200  # length of the TensorBoard text sample written at each evaluation, at most 10,000; 0 disables
     checkpoint_dir = "./checkpoints"  # where checkpoint.pt, best_checkpoint.pt, ... are written
     log_dir = "./runs"  # TensorBoard logs: tensorboard --logdir runs
     init_from = "auto"  # 'auto' resumes checkpoint.pt if present; 'scratch', 'resume', 'gpt2*' or a HF dir

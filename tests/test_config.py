@@ -314,7 +314,12 @@ def test_a_config_file_runs_as_a_script(tmp_path, monkeypatch):
 
 
 def test_help_gives_each_fields_meaning_and_default():
-    from config import build_parser
+    from config import MAX_SAMPLE_TOKENS, build_parser, field_comments
+    comments = field_comments()
+    assert set(comments) == set(GPT2Config().to_dict())
+    for field, comment in comments.items():  # a comment cut where it went on to a second line
+        assert comment.count("(") == comment.count(")") and not comment.endswith((",", "(", " at most")), field
+    assert f"at most {MAX_SAMPLE_TOKENS:,};" in comments["sample_tokens"]
     text = " ".join(build_parser().format_help().split())
     assert "--block_size V context length in tokens (default: 1024)" in text
     assert "--weight_decay V applied to 2-D tensors only (matmul weights, embeddings) (default: 0.1)" in text
