@@ -338,6 +338,9 @@ def shakespeare_file(input_arg: str | None, out_dir: Path) -> Path:
                         f"try again, or give a local copy with --input or SHAKESPEARE")
     with atomic_open(path, "wb") as f:
         f.write(data)
+    made = _claimed.get(out_dir.resolve(), [])
+    if out_dir.resolve() in made:  # the folder holds the download now, which a run that fails later keeps
+        made.remove(out_dir.resolve())
     return path
 
 
@@ -780,6 +783,35 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
 # -----------------------------------------------------------------------------
 # writing a data set
 
+_claimed: dict[Path, list[Path]] = {}  # output folder (resolved) -> the folders its claim made, while held
+
+
+@contextlib.contextmanager
+def claim_output_dir(out_dir: Path) -> Iterator[None]:
+    """Make out_dir and hold its lock for the whole run, from before the input is read: a second run into the
+    same folder is refused at once, not after minutes of reading or BPE training, only for the first run to
+    replace its data set later. write_dataset then works under this lock. A run that fails takes away the
+    folders it made, where they are empty, before it lets go of the lock."""
+    made = missing_folders(out_dir)  # deepest first
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        remove_empty_folders(made)
+        raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}") from None
+    key = out_dir.resolve()
+    with folder_lock(out_dir) as held:
+        if not held:
+            raise DataError(f"another prepare_data.py{lock_holder(out_dir)} is writing into {out_dir}; wait for it "
+                            f"to finish, or give another --output_dir")  # its folders, maybe: none removed
+        _claimed[key] = made
+        try:
+            yield
+        except BaseException:
+            remove_empty_folders(made)  # what write_dataset has not removed already
+            raise
+        finally:
+            del _claimed[key]
+
 
 def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], *, num_proc: int,
                   val_fraction: float, progress: tuple[str, int | None], meta: dict, late_meta=None) -> dict:
@@ -793,16 +825,17 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
 
     Every file is written and synced under a temporary name first; the old data set is touched only
     then, by renames, meta.json last. A run that fails before keeps the old data set whole, and takes
-    away the folders it made.
+    away the folders it made. Under claim_output_dir the folder is made and locked already.
     """
-    made = missing_folders(out_dir)  # deepest first
+    claimed = _claimed.get(out_dir.resolve())
+    made = missing_folders(out_dir) if claimed is None else claimed  # deepest first
     dtype = token_dtype(tokenizer.vocab_size)
     retired = out_dir / ".meta.json.replaced"
     bins_before = None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
-            if not stack.enter_context(folder_lock(out_dir)):
+            if claimed is None and not stack.enter_context(folder_lock(out_dir)):
                 made = []  # the other run's folders, not this one's
                 raise DataError(f"another prepare_data.py{lock_holder(out_dir)} is writing into {out_dir}; wait for it "
                                 f"to finish, or give another --output_dir")
@@ -1129,7 +1162,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_output_dir(out_dir)
     command = shlex.join(["python", "prepare_data.py", *argv])
 
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt(), claim_output_dir(out_dir):
         if dataset == "openwebtext":
             meta = prepare_documents(out_dir, args.input, hf_name=args.hf_dataset, val_fraction=val_fraction,
                                      num_proc=args.num_proc, command=command)

@@ -1812,6 +1812,37 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
         assert held
 
 
+def test_the_folder_is_held_from_before_the_input_is_read(tmp_path, shakespeare_path, monkeypatch):
+    """Reading a large text or training a BPE takes minutes before the first token is written; a second run
+    into the folder meanwhile is refused then, not let through only to have its data set replaced."""
+    (tmp_path / "a.txt").write_text("abc\n" * 50)
+    out = tmp_path / "new" / "o"
+    seen, input_files = [], prepare_data.input_files
+
+    def reading(*args, **kwargs):
+        with prepare_data.folder_lock(out) as held:  # what a second run would find
+            seen.append(held)
+        return input_files(*args, **kwargs)
+    monkeypatch.setattr(prepare_data, "input_files", reading)
+    prepare("--dataset", "custom", "--input", tmp_path / "a.txt", "--tokenizer", "char", "--output_dir", out)
+    assert seen == [False] and (out / "meta.json").is_file()
+    monkeypatch.setattr(prepare_data, "input_files", input_files)
+    # a run that fails while reading takes away the folders it made
+    with pytest.raises(DataError, match="missing.txt"):
+        prepare("--dataset", "custom", "--input", tmp_path / "missing.txt", "--tokenizer", "char", "--output_dir",
+                tmp_path / "new2" / "o")
+    assert not (tmp_path / "new2").exists()
+    # but keeps a download of tinyshakespeare it made there, when the tokenising fails after it
+    import io
+    monkeypatch.delenv("SHAKESPEARE", raising=False)
+    monkeypatch.setattr(prepare_data.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(
+        shakespeare_path.read_bytes()))
+    monkeypatch.setattr(prepare_data, "_encode_into", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare("--dataset", "shakespeare", "--tokenizer", "char", "--output_dir", tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["input.txt"]
+
+
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="the lock's holder is found in Linux's /proc/locks")
 def test_the_refusal_names_the_process_that_holds_the_folder(tmp_path):
     """Which run holds the folder (a forgotten one in another terminal, say) is what the user needs to know."""
