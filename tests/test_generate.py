@@ -1046,9 +1046,10 @@ def test_stop_and_window_flags_reach_the_generator(char_checkpoint, tmp_path, mo
     assert capsys.readouterr().out == "ab" + narrow + "\n"
     seen = []
     monkeypatch.setattr(generate, "complete", lambda gen, tok, prompts, settings, **k: seen.append(settings.stop) or [""])
-    for flag, stop in (("\\n", "\n"), ("\\t.", "\t."), ("ab", "ab")):
+    for flag, stop in (("\\n", "\n"), ("\\n.", "\n."), ("ab", "ab")):  # characters the char model knows
         main(["--device", "cpu", "--prompt", "ab", "--max_new_tokens", "3", "--stop", flag])
-    assert seen == ["\n", "\t.", "ab"]
+    assert seen == ["\n", "\n.", "ab"]
+    assert generate._unescape("a\\tb\\nc") == "a\tb\nc"  # the tab, which the char model above does not know
 
 
 def test_a_stop_string_fills_the_progress_bar(char_checkpoint, tmp_path, monkeypatch, capsys):
