@@ -637,11 +637,11 @@ def test_from_pretrained_refuses_weights_config_json_does_not_describe(tmp_path)
     weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
     cfg = json.loads((tmp_path / "config.json").read_text())
     # a layer more than config.json says
-    json.dump({**cfg, "n_layer": 1}, open(tmp_path / "config.json", "w"))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_layer": 1}))
     with pytest.raises(CheckpointFormatError, match=r"no place for: \['h\.1\."):
         GPT.from_pretrained(str(tmp_path))
     # an untied lm_head stored beside a config.json that claims tying
-    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     key = next(k for k in weights if k.endswith("wte.weight"))
     safetensors.torch.save_file({**weights, "lm_head.weight": torch.randn_like(weights[key])},
                                 tmp_path / "model.safetensors")
