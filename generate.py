@@ -958,11 +958,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     model, tokenizer, _ = load_model(args.checkpoint, args.init_from, args.checkpoint_dir)
     gen = Generator(model, device, dtype, compile=args.compile, cuda_graph=not args.no_cuda_graph,
                     window=args.window)
+    check_stop(tokenizer, settings.stop, "--stop")
     if args.interactive:
         interactive(gen, tokenizer, settings)
         return
     encode_prompt(tokenizer, prompt)  # an unknown character fails before anything is printed
-    check_stop(tokenizer, settings.stop, "--stop")
     out = sys.stdout
     if args.num_samples == 1:  # stream it
         out.write(prompt)
@@ -976,4 +976,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, output_on_stdout=True)

@@ -1151,11 +1151,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_dir:
         out_dir = Path(args.output_dir)
     elif dataset == "custom":
-        source = Path(args.input).expanduser()
-        if source.exists() and not (source.is_file() or source.is_dir()):
-            # <(zcat a.gz) is /dev/fd/63 -> pipe:[137773]: a new folder each run, named so that shells trip on it
-            raise DataError(f"--input {args.input} is a pipe, whose name says nothing of the text and changes from "
-                            f"run to run; say where the data set goes, e.g. --output_dir data/mine")
+        # <(zcat a.gz) is /dev/fd/63 -> pipe:[137773]: a new folder each run, named so that shells trip on it
+        # (a named pipe, made by mkfifo, keeps its name; a device goes on to input_files' message)
+        if Path(args.input).expanduser().resolve().name.startswith(("pipe:", "socket:")):
+            raise DataError(f"--input {args.input} is an unnamed pipe, whose name says nothing of the text and "
+                            f"changes from run to run; say where the data set goes, e.g. --output_dir data/mine")
         out_dir = custom_data_dir(args.input)
     else:
         out_dir = Path(DEFAULT_DATA_DIRS[dataset, kind])

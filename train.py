@@ -1699,7 +1699,8 @@ def exit_at_once(code: int) -> None:
     themselves, also a pool still starting (it reads the closed pipe once it is up)."""
     logging.shutdown()  # TORCH_TRACE and other logging files
     for stream in (sys.stdout, sys.stderr):
-        with suppress(OSError, ValueError):  # a reader that went away, a closed stream: the code still stands
+        # a reader that went away, a closed stream (None where the shell closed it): the code still stands
+        with suppress(OSError, ValueError, AttributeError):
             stream.flush()
     os._exit(code)
 

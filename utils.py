@@ -305,9 +305,10 @@ def _out_of_memory(e: RuntimeError) -> Optional[str]:
     return f": tried to allocate {size}"
 
 
-def run_cli(main: Callable[[], object]) -> None:
+def run_cli(main: Callable[[], object], output_on_stdout: bool = False) -> None:
     """Run a script's main(); turn UserError into one line on stderr and exit code 2, and Ctrl-C into
-    "interrupted" and exit code 130 (128 + SIGINT, as the shell reports it), without a traceback."""
+    "interrupted" and exit code 130 (128 + SIGINT, as the shell reports it), without a traceback.
+    output_on_stdout: stdout carries the script's product (generate.py's text), so a closed one is an error."""
     def fail(message: str, per_process: bool = False) -> None:
         # under torchrun every process of a machine meets the same error (its flags, its files): the
         # first process of each machine says it, naming its rank where that is not 0; an error of one
@@ -317,13 +318,14 @@ def run_cli(main: Callable[[], object]) -> None:
             print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr)
         sys.exit(2)
 
-    # a stream closed by the shell (`2>&-`, `<&-`) is None in Python, and print(file=None) writes to stdout:
-    # messages would mix into the output. Nothing is read or shown there, as with /dev/null
-    for name, mode in (("stdin", "r"), ("stderr", "w")):
+    # a stream closed by the shell (`2>&-`, `<&-`, `>&-`) is None in Python, and print(file=None) writes to
+    # stdout: messages would mix into the output. Nothing is read or shown there, as with /dev/null
+    if sys.stdout is None and output_on_stdout:  # the product itself would be lost
+        sys.stderr = sys.stderr or open(os.devnull, "w")
+        fail("the standard output is closed (>&-); send it to a file, or to /dev/null to discard it")
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, mode))
-    if sys.stdout is None:  # `>&-`: the output itself would be lost
-        fail("the standard output is closed (>&-); send it to a file, or to /dev/null to discard it")
     # a redirected stdout on Chinese Windows writes GBK: a character it lacks (the ñ of a file name, an emoji)
     # is shown escaped instead of ending the script with a traceback after its work is done
     if hasattr(sys.stdout, "reconfigure"):
@@ -359,7 +361,7 @@ def run_cli(main: Callable[[], object]) -> None:
             raise
         names = " and ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
         fail(f"{e.strerror or e}: {names}; check that path" if names else
-             f"{e.strerror or e} while writing; free some space and run the command again")
+             f"{e.strerror or e} while writing the output; free some space there")
 
 
 def _std_stream(path: Path) -> Optional[IO]:

@@ -1296,11 +1296,34 @@ def test_a_pipe_is_read_as_a_text_file(tmp_path, shakespeare_text):
     assert [b.tolist() for b in bins(tmp_path / "p")] == [b.tolist() for b in bins(tmp_path / "f")]
     with pytest.raises(DataError, match=r"is not a file this reads: .*; a pipe is read by --dataset custom only"):
         prepare("--dataset", "openwebtext", "--input", pipe, "--output_dir", tmp_path / "o")
-    # without --output_dir the folder would be named after the pipe: /dev/fd/63 is pipe:[137773], anew each run
-    with pytest.raises(DataError, match=r"^--input .*pipe is a pipe, .*; say where the data set goes, e.g. "
-                                        r"--output_dir data/mine$"), deadline(60, "reading the pipe, with no writer"):
-        prepare("--dataset", "custom", "--tokenizer", "char", "--input", pipe)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "p", "pipe", "t.txt"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="an unnamed pipe as /dev/fd/N resolving to pipe:[...], as on Linux")
+def test_an_unnamed_pipe_needs_an_output_dir_and_a_named_one_names_its_folder(tmp_path, monkeypatch):
+    """bash's <(zcat a.gz) is /dev/fd/63, which resolves to pipe:[137773]: a default folder named after it would
+    be a new one at every run. A named pipe (mkfifo) keeps its name, and its default folder."""
+    import threading
+    monkeypatch.chdir(tmp_path)
+    r, w = os.pipe()
+    try:
+        with pytest.raises(DataError, match=r"^--input /dev/fd/\d+ is an unnamed pipe, .*; say where the data set "
+                                            r"goes, e.g. --output_dir data/mine$"):
+            prepare("--dataset", "custom", "--tokenizer", "char", "--input", f"/dev/fd/{r}")
+    finally:
+        os.close(r)
+        os.close(w)
+    assert not (tmp_path / "data").exists()
+    os.mkfifo(tmp_path / "corpus")
+    writer = threading.Thread(target=(tmp_path / "corpus").write_text, args=("to be or not to be\n" * 100,))
+    writer.start()
+    try:
+        with deadline(60, "reading the named pipe"):
+            prepare("--dataset", "custom", "--tokenizer", "char", "--input", "corpus")
+    finally:
+        if writer.is_alive():
+            (tmp_path / "corpus").read_bytes()
+        writer.join()
+    assert (tmp_path / "data" / "corpus" / "meta.json").is_file()
 
 
 def test_a_given_tokenizer_file_encodes_new_text(tmp_path, shakespeare_text):

@@ -796,6 +796,8 @@ def test_a_stop_string_the_tokenizer_cannot_write_is_refused(char_checkpoint, tm
     using, error = r.stderr.splitlines()  # the checkpoint's line, then one line of error
     assert r.returncode == 2 and r.stdout == "" and using.startswith("using checkpoint"), r.stderr
     assert error.startswith("error: --stop '\u4f60' could never end a text: the text contains 1 character(s)")
+    r = cli(["--stop", "\u4f60", "--interactive", "--device", "cpu"], tmp_path, stdin="ab\n")  # before the loop
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines()[-1] == error, r.stderr
     _, model, tok = char_checkpoint
     out = io.StringIO()
     settings = SamplingSettings(temperature=0, max_new_tokens=5)
@@ -1081,14 +1083,14 @@ def test_paths_the_system_refuses_and_a_full_disk_are_one_line_of_error(char_che
         assert r.stderr == f"error: File name too long: '{flags[1]}'; check that path\n"
     if not Path("/dev/full").exists():
         return
+    # the text could not be written: the message says where the space is missing, not what else to do
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open("/dev/full", "w") as full:  # every write fails: No space left on device
         r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--prompt", "ab", "--max_new_tokens", "3",
                             "--device", "cpu"], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True,
                            env=env, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.splitlines()[-1] == ("error: No space left on device while writing; free some space and run the "
-                                         "command again")
+    assert r.stderr.splitlines()[-1] == "error: No space left on device while writing the output; free some space there"
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="closes a standard descriptor before Python starts")

@@ -2858,6 +2858,11 @@ def test_an_error_or_help_ends_the_process_at_once_too(char_data, tmp_path):
     r = run_with_exit_handler(tmp_path, [str(ROOT / "train.py"), "--help"])
     assert r.returncode == 0 and "teardown ran" not in r.stdout, r.stdout + r.stderr
     assert "usage: train.py" in r.stdout and "--checkpoint_dir" in r.stdout and r.stdout.endswith("\n")
+    if sys.platform != "win32":  # `>&-`: sys.stdout is None, which the exit must not trip over
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags], cwd=tmp_path, stdout=None,
+                           stderr=subprocess.PIPE, text=True, env=subprocess_env(), timeout=120,
+                           preexec_fn=lambda: os.close(1))
+        assert r.returncode == 2 and r.stderr.startswith("error: data directory"), r.stderr
 
 
 @pytest.mark.parametrize("how", ["tracer", "python -i", "program around it", "pdb", "TORCH_LOGS"])
