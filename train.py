@@ -1006,6 +1006,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     progress = (ckpt.get("progress") if ckpt is not None else None) or {"loss_sums": [], "steps": 0, "eval_s": 0.0}
     progress["eval_iters"] = ckpt["config"].get("eval_iters") if ckpt is not None else None  # what eval_s timed
     eval_owed = bool(progress.get("eval_owed", False))
+    # the iteration of the last whole evaluation (older checkpoints: taken as this one). A run stopped between
+    # evaluations and resumed with --max_iters at that iteration evaluates it first, as a run that ended there did
+    evaluated_at = progress.get("evaluated_at", iter_num) if ckpt is not None else None
+    if ckpt is not None and iter_num == config.max_iters and evaluated_at != iter_num:
+        eval_owed = True
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
 
     def make_checkpoint() -> dict:
@@ -1028,7 +1033,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
                 "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s,
-                             "eval_owed": eval_owed},
+                             "eval_owed": eval_owed, "evaluated_at": evaluated_at},
                 "started_from": run_origin, "started_from_fingerprint": run_fingerprint, "version": CHECKPOINT_VERSION}
 
     # where the run's time goes, for the last line: evaluations and checkpoint writes are summed as they
@@ -1103,7 +1108,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     def evaluate(initial: bool = False) -> Optional[dict[str, float]]:
         """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same,
         except for the initial evaluation, before anything was trained)."""
-        nonlocal best_val_loss, eval_owed
+        nonlocal best_val_loss, eval_owed, evaluated_at
         t0 = last_report = time.perf_counter()
 
         def progress(done: int, total: int) -> None:  # a line every 30 s when an evaluation takes long
@@ -1123,7 +1128,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 eval_owed = True  # a resumed run evaluates this iteration first
                 save(["checkpoint.pt"])
             return None
-        eval_owed = False
+        eval_owed, evaluated_at = False, iter_num
         check_finite(losses.values())
         # the starting point is only reported: best_checkpoint.pt is the best the training produced
         improved = not initial and losses["val"] < best_val_loss

@@ -566,6 +566,30 @@ def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_pat
     assert {**stopped["evals"], **resumed["evals"]} == straight["evals"]  # the cut evaluation is made up
 
 
+def test_a_run_stopped_between_evaluations_and_finished_there_evaluates_that_iteration(char_data, tmp_path,
+                                                                                      monkeypatch):
+    """Stopped at iteration 6 of 20 (evaluations every 100), then given --max_iters=6: the run ends at 6 as one
+    that was never stopped does, with the evaluation at its last iteration and best_checkpoint.pt."""
+    straight = train(tiny(char_data, tmp_path / "straight", max_iters=6, eval_interval=100))
+    steps, real = [], __import__("train").optimizer_step
+
+    def stop_at_6(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr("train.optimizer_step", stop_at_6)
+    stopped = train(tiny(char_data, tmp_path / "split", max_iters=20, eval_interval=100))
+    assert stopped["stopped_by"] == signal.SIGTERM and stopped["iter_num"] == 6 and list(stopped["evals"]) == [0]
+    monkeypatch.undo()
+    finished = train(tiny(char_data, tmp_path / "split", max_iters=6, eval_interval=100))
+    assert finished["resumed_from"] == 6 and finished["evals"] == {6: straight["evals"][6]}
+    for name in ("best_checkpoint.pt", "final_checkpoint.pt"):
+        assert load_checkpoint(tmp_path / "split" / "ckpt" / name)["iter_num"] == 6
+    again = train(tiny(char_data, tmp_path / "split", max_iters=6, eval_interval=100))
+    assert again["evals"] == {}  # done: nothing owed any more
+
+
 def test_the_copy_kept_at_a_cut_evaluation_is_made_good_with_it(char_data, tmp_path, monkeypatch):
     """save_interval keeps checkpoint_iter_5.pt, written when the evaluation at 5 was cut short: the
     resumed run makes up that evaluation, and the kept copy then says what an unbroken run's says."""
