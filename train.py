@@ -215,6 +215,26 @@ class GracefulStop:
             silence(sys.stderr)
 
 
+@contextmanager
+def signals_abort_setup() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) inside the block, as Ctrl-C raises KeyboardInterrupt,
+    instead of ending the process where it stands: the setup's cleanup then runs. GracefulStop, entered for
+    the training itself, takes the signals over and gives them back to this block's handler."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+
+    def abort(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = {sig: signal.signal(sig, abort) for sig in stop_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def silence(stream) -> None:
     """Point a closed or failing stream's file descriptor at os.devnull: what it still buffers, and every
     later write, go nowhere instead of raising again (at exit, say)."""
@@ -900,7 +920,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     eval_model = (model.module if ddp else model) if config.compile_eval else raw_model
     eval_stance = nullcontext if config.compile_eval else lambda: torch.compiler.set_stance("force_eager")
 
-    # --- from here on files are written (rank 0 only)
+    # --- from here on files are written (rank 0 only); until GracefulStop takes over, a signal ends the run
+    # with an exception, so that a new run that trained nothing puts the old checkpoints back
+    cleanup.enter_context(signals_abort_setup())
     checkpoint_dir = Path(config.checkpoint_dir)
     run_dir = None
     made_folders = []  # by this run: a run stopped before it trained anything takes them away again

@@ -445,17 +445,35 @@ def test_an_abort_during_the_first_evaluation_leaves_no_trace_either(char_data, 
     assert sorted((tmp_path / "runs").iterdir()) == runs_before
 
 
-def test_a_ctrl_c_during_a_new_runs_setup_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys):
-    """Before the signal handler is in place Ctrl-C raises KeyboardInterrupt: after the checkpoints were moved
-    aside and the TensorBoard run was made, say while the hyperparameters are written."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_ctrl_c_during_a_new_runs_setup_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys, sig):
+    """Before the training's signal handler is in place Ctrl-C raises KeyboardInterrupt, and SIGTERM and SIGHUP
+    SystemExit(143, 129): after the checkpoints were moved aside and the TensorBoard run was made, say while
+    the hyperparameters are written."""
     import train as train_module
+    if not hasattr(signal, sig):
+        pytest.skip(f"no {sig} here")
     train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     runs_before = sorted((tmp_path / "runs").iterdir())
-    monkeypatch.setattr(train_module.Logger, "hparams", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    signum = getattr(signal, sig)
+
+    def signal_now(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        for _ in range(100):  # the handler runs between two bytecodes
+            pass
+    def as_by_default(*args):  # what the signal's own default would do, without ending the tests with it
+        raise AssertionError(f"{sig} reached the handler the run started with: the process would have ended")
+    monkeypatch.setattr(train_module.Logger, "hparams", signal_now)
+    previous = signal.signal(signum, as_by_default) if sig != "SIGINT" else None
     capsys.readouterr()
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
+    try:
+        with pytest.raises(KeyboardInterrupt if sig == "SIGINT" else SystemExit) as e:
+            train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
+        assert sig == "SIGINT" or (e.value.code == 128 + signum and signal.getsignal(signum) is as_by_default)
+    finally:
+        if previous is not None:
+            signal.signal(signum, previous)
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == before
     assert sorted((tmp_path / "runs").iterdir()) == runs_before
     out = capsys.readouterr().out
