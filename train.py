@@ -285,12 +285,19 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     field that contradicts the checkpoint is an error. Nothing is written here.
     """
     ckpt_path = Path(config.checkpoint_dir) / "checkpoint.pt"
-    if config.init_from == "resume" and not ckpt_path.is_file():
+    # --save_interval's copies are whole checkpoints too: after a crash between two evaluations the newest of
+    # them can be ahead of checkpoint.pt, or the only checkpoint there is
+    folder = Path(config.checkpoint_dir)
+    kept = iter_checkpoints(folder) if config.init_from != "scratch" and folder.is_dir() else []
+    if config.init_from == "resume" and not ckpt_path.is_file() and not kept:
         raise CheckpointError(f"--init_from=resume but {ckpt_path} does not exist; train first (python train.py "
                               f"...), point --checkpoint_dir at a run, or use --init_from=scratch")
-    if config.init_from == "scratch" or not ckpt_path.is_file():
+    if config.init_from == "scratch" or not (ckpt_path.is_file() or kept):
         return check_folders(config.validate()), None, None
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    newest = int(ITER_CHECKPOINT.fullmatch(kept[-1].name).group(1)) if kept else -1
+    if ckpt is None or newest > ckpt.get("iter_num", newest):
+        ckpt_path, ckpt = kept[-1], load_checkpoint(kept[-1])
     # fine-tuning (--init_from=gpt2 or a folder) continues a run that started from the same weights; a
     # checkpoint of another start is moved aside like --init_from=scratch does
     if config.init_from not in ("auto", "resume") and not same_start(ckpt, config.init_from):

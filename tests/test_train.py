@@ -608,6 +608,33 @@ def test_a_run_stopped_between_evaluations_and_finished_there_evaluates_that_ite
     assert again["evals"] == {}  # done: nothing owed any more
 
 
+def test_after_a_crash_between_evaluations_the_newest_kept_copy_is_resumed(char_data, tmp_path, monkeypatch, capsys):
+    """--save_interval's copies are whole checkpoints: a crash at step 13, with evaluations every 100 and copies
+    every 5, resumes from checkpoint_iter_10.pt and goes on exactly, where it used to start over. With a
+    checkpoint.pt older than the copy (evaluations every 8) the copy is taken too."""
+    settings = dict(max_iters=20, eval_interval=100, save_interval=5, log_interval=1)
+    straight = train(tiny(char_data, tmp_path / "straight", **settings))
+    for eval_interval in (100, 8):
+        steps, real = [], __import__("train").optimizer_step
+
+        def crash_at_13(*args, **kwargs):
+            steps.append(1)
+            if len(steps) == 13:
+                raise RuntimeError("the machine went down")
+            return real(*args, **kwargs)
+        monkeypatch.setattr("train.optimizer_step", crash_at_13)
+        out = tmp_path / f"crashed_{eval_interval}"
+        with pytest.raises(RuntimeError, match="went down"):
+            train(tiny(char_data, out, **{**settings, "eval_interval": eval_interval}))
+        assert (out / "ckpt" / "checkpoint.pt").exists() == (eval_interval == 8)
+        monkeypatch.undo()
+        capsys.readouterr()
+        resumed = train(tiny(char_data, out, **{**settings, "eval_interval": eval_interval}))
+        assert resumed["resumed_from"] == 10, eval_interval
+        assert f"resuming from {out / 'ckpt' / 'checkpoint_iter_10.pt'} at iteration 10" in capsys.readouterr().out
+        assert {i: v for i, v in resumed["losses"].items()} == {i: straight["losses"][i] for i in range(11, 21)}
+
+
 def test_the_copy_kept_at_a_cut_evaluation_is_made_good_with_it(char_data, tmp_path, monkeypatch):
     """save_interval keeps checkpoint_iter_5.pt, written when the evaluation at 5 was cut short: the
     resumed run makes up that evaluation, and the kept copy then says what an unbroken run's says."""
