@@ -36,7 +36,6 @@ import codecs
 import contextlib
 import dataclasses
 import math
-import os
 import re
 import shlex
 import sys

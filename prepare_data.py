@@ -71,7 +71,7 @@ from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
 from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_lock, folder_problem,
                    lock_holder, missing_folders, path_arg, remove_empty_folders, remove_unfinished_writes, run_cli,
-                   start_process_helpers, stop_signals)
+                   start_process_helpers, stop_signals, stop_signals_raise)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -1067,15 +1067,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
     """Inside the block SIGTERM (kill, a job scheduler's stop) and SIGHUP (the terminal closed, SSH dropped)
     raise KeyboardInterrupt, so they end the worker pool and remove the partial files the way Ctrl-C does;
     a SIGHUP that is ignored already (nohup) stays ignored. The old handlers are restored after."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt  # run_cli reports it as "interrupted", exit code 130
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals()}
-    try:
+    with stop_signals_raise(lambda signum: KeyboardInterrupt()):  # run_cli: "interrupted", exit code 130
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def check_output_dir(out_dir: Path) -> None:

@@ -46,7 +46,7 @@ from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, Che
                    folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
                    load_weights, lock_holder, missing_folders, remove_empty_folders, remove_unfinished_writes,
                    resolve_device, resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state,
-                   stop_signals, synchronize, utf8_text)
+                   stop_signals, stop_signals_raise, synchronize, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -213,26 +213,6 @@ class GracefulStop:
             print(message, file=sys.stderr, flush=True)
         except OSError:  # stderr is a closed pipe too (`2>&1 | head`): stopping and saving matter more
             silence(sys.stderr)
-
-
-@contextmanager
-def signals_abort_setup() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise SystemExit(128 + signal) inside the block, as Ctrl-C raises KeyboardInterrupt,
-    instead of ending the process where it stands: the setup's cleanup then runs. GracefulStop, entered for
-    the training itself, takes the signals over and gives them back to this block's handler."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():  # signal handlers are the main thread's
-        yield
-        return
-
-    def abort(signum, frame):
-        raise SystemExit(128 + signum)
-    previous = {sig: signal.signal(sig, abort) for sig in stop_signals()}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def silence(stream) -> None:
@@ -929,7 +909,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
     # --- from here on files are written (rank 0 only); until GracefulStop takes over, a signal ends the run
     # with an exception, so that a new run that trained nothing puts the old checkpoints back
-    cleanup.enter_context(signals_abort_setup())
+    # (GracefulStop, entered for the training itself, takes the signals over and gives them back to this)
+    cleanup.enter_context(stop_signals_raise(lambda signum: SystemExit(128 + signum)))
     checkpoint_dir = Path(config.checkpoint_dir)
     run_dir = None
     made_folders = []  # by this run: a run stopped before it trained anything takes them away again

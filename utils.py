@@ -119,6 +119,26 @@ def start_process_helpers() -> None:
         signal.signal(hup, previous)
 
 
+@contextlib.contextmanager
+def stop_signals_raise(exception: Callable[[int], BaseException]) -> Iterator[None]:
+    """Inside the block, each of stop_signals() raises exception(signum) where the main thread stands, as Ctrl-C
+    raises KeyboardInterrupt, instead of ending the process at once: cleanups run. The handlers that were there
+    are given back after (a handler installed inside the block in turn gives this one back)."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's to set
+        yield
+        return
+
+    def handle(signum, frame):
+        raise exception(signum)
+    previous = {sig: signal.signal(sig, handle) for sig in stop_signals()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def stop_signals() -> list[int]:
     """The signals besides Ctrl-C that a long run turns into a clean stop: SIGTERM (kill, a scheduler) and
     SIGHUP (the terminal closed, the SSH connection dropped), which otherwise kill at once. SIGHUP only where
