@@ -786,6 +786,11 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
 _claimed: dict[Path, list[Path]] = {}  # output folder (resolved) -> the folders its claim made, while held
 
 
+def busy(out_dir: Path) -> DataError:
+    return DataError(f"another prepare_data.py{lock_holder(out_dir)} is writing into {out_dir}; wait for it to finish, "
+                     f"or give another --output_dir")
+
+
 @contextlib.contextmanager
 def claim_output_dir(out_dir: Path) -> Iterator[None]:
     """Make out_dir and hold its lock for the whole run, from before the input is read: a second run into the
@@ -801,8 +806,7 @@ def claim_output_dir(out_dir: Path) -> Iterator[None]:
     key = out_dir.resolve()
     with folder_lock(out_dir) as held:
         if not held:
-            raise DataError(f"another prepare_data.py{lock_holder(out_dir)} is writing into {out_dir}; wait for it "
-                            f"to finish, or give another --output_dir")  # its folders, maybe: none removed
+            raise busy(out_dir)  # its folders, maybe: none removed
         _claimed[key] = made
         try:
             yield
@@ -837,8 +841,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
         with contextlib.ExitStack() as stack:
             if claimed is None and not stack.enter_context(folder_lock(out_dir)):
                 made = []  # the other run's folders, not this one's
-                raise DataError(f"another prepare_data.py{lock_holder(out_dir)} is writing into {out_dir}; wait for it "
-                                f"to finish, or give another --output_dir")
+                raise busy(out_dir)
 
             def settle(error_type, *_) -> None:
                 """Runs after the files below are renamed or removed, and before the lock is released: a run
