@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from config import GPT2Config
 from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
-from utils import UserError, load_weights_only
+from utils import UserError, load_weights_only, utf8_text
 
 
 class CheckpointFormatError(UserError, ValueError):
@@ -655,8 +655,8 @@ def _read_bin(file: Path) -> dict[str, torch.Tensor]:
     # weights_only: a pickle from an untrusted download must not be able to run code
     _check_not_lfs_pointer(file)
     sd = load_weights_only(file, "weights file")
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointFormatError(f"{file} is not a state_dict (a dict of tensors)")
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointFormatError(f"{file} is not a state_dict (a dict of tensors by name)")
     return sd
 
 
@@ -667,6 +667,10 @@ def _read_safetensors(load_file, file: Path) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise CheckpointFormatError(f"cannot read weights file {file}: {e.strerror or e}") from None
     try:
+        # a folder named in another encoding (GBK): safetensors opens UTF-8 paths only
+        if utf8_text(str(file)) != str(file):
+            from safetensors.torch import load
+            return load(file.read_bytes())
         return load_file(str(file))
     except Exception as e:  # SafetensorError, OSError, ...: one line, not the library's traceback
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -1,7 +1,9 @@
 """model.py against transformers' GPT2LMHeadModel: logits, loss, weights in and out, KV cache."""
 import json
 import math
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -452,9 +454,23 @@ def test_a_pickled_object_in_pytorch_model_bin_is_refused(hf_dir, tmp_path):
     torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError, match="refusing to load .*pytorch_model.bin: it holds pickled objects"):
         GPT.from_pretrained(str(tmp_path))
-    torch.save({"wte": [1, 2]}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointFormatError, match="is not a state_dict"):
-        GPT.from_pretrained(str(tmp_path))
+    for not_a_state_dict in ({"wte": [1, 2]}, {0: torch.zeros(1)}):  # a tensor that is no one's
+        torch.save(not_a_state_dict, tmp_path / "pytorch_model.bin")
+        with pytest.raises(CheckpointFormatError, match="is not a state_dict"):
+            GPT.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name in bytes that are not UTF-8, as Linux keeps them")
+def test_an_export_into_a_folder_named_in_gbk_loads_back(tmp_path):
+    """safetensors opens UTF-8 paths only; a Chinese folder name from a GBK system arrives as other bytes."""
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=50))
+    folder = os.fsdecode(os.fsencode(tmp_path) + "/导出".encode("gbk"))
+    model.save_pretrained(folder)
+    assert os.path.isfile(os.path.join(folder, "model.safetensors"))
+    loaded = GPT.from_pretrained(folder)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        rows = 50 if name in ("transformer.wte.weight", "lm_head.weight") else None  # padding rows are not exported
+        assert torch.equal(a[:rows], b[:rows]), name
 
 
 @pytest.mark.parametrize("text, message", [
