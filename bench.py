@@ -14,8 +14,8 @@ where no peak is known (CPU, float32, an unlisted GPU) the achieved FLOP/s is pr
 --profile N then runs N more steps under torch.profiler and prints where a step's time goes.
 
 --tokenize times GPT-2 tokenisation alone, on generated text (the words of --input, or of
-$SHAKESPEARE, when given): single-thread tiktoken, tiktoken alone in --num_proc processes (the
-machine's best), and prepare_data.py's parallel pipeline from file to .bin for one text file and
+$SHAKESPEARE, when given): single-thread tiktoken, tiktoken's encode_to_numpy (what prepare_data.py's
+workers call) alone in --num_proc processes (the machine's best), and prepare_data.py's parallel pipeline from file to .bin for one text file and
 for JSON Lines documents, against a target of 0.7 x single-thread x processes.
 
 --whole_run times `python train.py --preset=PRESET` in a new process from its start to its exit, with
@@ -38,6 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterator
 
@@ -48,7 +50,8 @@ from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
-                   path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers, synchronize)
+                   path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers, stop_signals,
+                   stop_signals_raise, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -363,17 +366,21 @@ _barrier = None
 def _init_raw_worker(barrier) -> None:
     global _barrier
     _barrier = barrier
+    # Ctrl-C, SIGTERM, SIGHUP are the parent's: it ends the workers (no traceback from each of them)
+    for sig in (signal.SIGINT, *stop_signals()):
+        signal.signal(sig, signal.SIG_IGN)
     exit_with_parent()
 
 
 def _raw_encode(text: str) -> tuple[float, float]:
-    """Encode text with tiktoken alone, after every worker has its text: (start, end) times."""
+    """Encode text with tiktoken alone, as prepare_data.py's workers do (encode_to_numpy), after every worker
+    has its text: (start, end) times."""
     from tokenizer import GPT2Tokenizer
     tok = GPT2Tokenizer()
-    tok.encode_ordinary("warm up")
-    _barrier.wait()
+    tok.enc.encode_to_numpy("warm up", disallowed_special=())
+    _barrier.wait(timeout=600)  # a worker that died before it: the others give up instead of waiting forever
     t0 = time.time()
-    tok.encode_ordinary(text)
+    tok.enc.encode_to_numpy(text, disallowed_special=())
     return t0, time.time()
 
 
@@ -383,8 +390,23 @@ def raw_parallel_speed(text: str, num_proc: int) -> float:
     from prepare_data import cut_text
     data = text.encode("utf-8")
     shares = [share.decode("utf-8") for share in cut_text(data, len(data) // num_proc + 1)]
-    with multiprocessing.Pool(len(shares), _init_raw_worker, (multiprocessing.Barrier(len(shares)),)) as pool:
-        times = pool.map(_raw_encode, shares, chunksize=1)
+    context = multiprocessing.get_context()
+    others = set(multiprocessing.active_children())  # a caller's children, not the pool's
+    # an executor, not multiprocessing.Pool, which would start another worker for one the system killed (out of
+    # memory) and wait for its result forever
+    pool = ProcessPoolExecutor(len(shares), mp_context=context, initializer=_init_raw_worker,
+                               initargs=(context.Barrier(len(shares)),))
+    try:
+        times = list(pool.map(_raw_encode, shares))
+    except BaseException as e:  # a worker died, Ctrl-C, SIGTERM: the others go too, not after their share
+        for worker in set(multiprocessing.active_children()) - others:
+            worker.kill()
+        if isinstance(e, BrokenProcessPool):
+            raise UserError(f"a tokenising process died (killed by the system: out of memory?); try a smaller "
+                            f"--tokenize_mb or fewer processes, e.g. --num_proc {max(1, num_proc // 2)}") from None
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return len(data) / 1e6 / (max(t for _, t in times) - min(t for t, _ in times))
 
 
@@ -412,7 +434,7 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
     tok.enc.encode_to_numpy(text, disallowed_special=())
     single_np = size / (time.perf_counter() - t0)
     print(f"single-thread tiktoken: {single:.2f} MB/s", file=sys.stderr)
-    ceiling = raw_parallel_speed(text, num_proc) if num_proc > 1 else single
+    ceiling = raw_parallel_speed(text, num_proc) if num_proc > 1 else single_np
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "bench.txt").write_text(text, encoding="utf-8")
@@ -442,10 +464,10 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
                                  num_proc=num_proc, command="bench")
         docs_speed = size / (time.perf_counter() - t0)
     target = 0.7 * single * num_proc
-    print(f"text: {size:.1f} MB; documents: {meta['train_documents'] + meta['val_documents']:,}; processes: {num_proc}")
+    print(f"text: {size:.3g} MB; documents: {meta['train_documents'] + meta['val_documents']:,}; processes: {num_proc}")
     print(f"single-thread tiktoken encode_ordinary:         {single:8.2f} MB/s")
     print(f"single-thread tiktoken encode_to_numpy:         {single_np:8.2f} MB/s (what the workers call)")
-    print(f"tiktoken alone in {num_proc:2d} processes (machine's best): {ceiling:8.2f} MB/s = "
+    print(f"encode_to_numpy alone in {num_proc:2d} processes (best): {ceiling:8.2f} MB/s = "
           f"{ceiling / single:.2f} x single")
     print(f"pipeline, one text file (file to .bin):        {text_speed:8.2f} MB/s = "
           f"{text_speed / single:.2f} x single; ids identical to single-thread tiktoken: {'yes' if same else 'NO'}")
@@ -456,7 +478,7 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
           f"{docs_speed / target * single / single_np:.2f}")
     if not same:
         raise RuntimeError("the parallel pipeline's ids differ from single-thread tiktoken's")
-    return dict(mb=round(size, 1), num_proc=num_proc, single_thread_mb_s=round(single, 2),
+    return dict(mb=round(size, 3), num_proc=num_proc, single_thread_mb_s=round(single, 2),
                 single_thread_numpy_mb_s=round(single_np, 2),
                 tiktoken_parallel_mb_s=round(ceiling, 2), text_file_mb_s=round(text_speed, 2),
                 documents_mb_s=round(docs_speed, 2), target_mb_s=round(target, 2),
@@ -476,7 +498,9 @@ def main(argv=None) -> dict:
         report = whole_run_report(args)
     elif args.tokenize:
         start_process_helpers()
-        report = tokenize_report(args)
+        # SIGTERM, SIGHUP: the temporary folder (hundreds of MB of text and .bin files) goes, as after Ctrl-C
+        with stop_signals_raise(lambda signum: SystemExit(128 + signum)):
+            report = tokenize_report(args)
     else:
         report = model_report(args)
     if args.json:
@@ -551,6 +575,13 @@ def whole_run_report(args) -> dict:
     if "-h" in flags or "--help" in flags:
         subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), "--help"])
         raise SystemExit(0)
+    # bench.py sets these itself: the preset it reports and compares with its target, and the temporary folder
+    # that is removed after the run (a checkpoint left elsewhere would be resumed by the next run)
+    owned = [f for f in flags if f.split("=", 1)[0] in ("--preset", "--checkpoint_dir", "--log_dir", "--init_from")]
+    if owned:
+        raise UserError(f"{' '.join(owned)} after `--` would change what --whole_run sets itself: the preset "
+                        f"(give --preset before `--`) and the temporary folders for checkpoints and logs, removed "
+                        f"after the run; leave {'it' if len(owned) == 1 else 'them'} out")
     preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "shakespeare-char-cpu")
     # SIGTERM (timeout, docker stop, a scheduler) and SIGHUP end this like Ctrl-C: the child killed, the folder removed
     stops = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
@@ -683,6 +714,9 @@ def model_report(args) -> dict:
         raise UserError(f"--profile profiles training steps: give a number of steps, at least 1, and leave out "
                         f"--no_train (got --profile {args.profile}{' --no_train' if args.no_train else ''})")
     args.gen_batch_sizes = parse_batch_sizes(args.gen_batch_sizes)
+    if args.hf_reference and not args.no_generate and 1 not in args.gen_batch_sizes:
+        raise UserError(f"--hf_reference times transformers' generate at batch 1, which --gen_batch_sizes "
+                        f"{','.join(map(str, args.gen_batch_sizes))} leaves out; add 1 to it")
     if args.hf_reference and not args.no_generate:
         # checked before the training benchmark, not after it
         try:

@@ -105,6 +105,8 @@ def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture
                                                               "past; use --gen_tokens 48 or less, or --block_size 66"),
     (["--no_train", "--hf_reference", "--block_size", "16"], "exceed block_size 16, which transformers cannot go "
                                                              "past; use --block_size 66 or more (or a larger --preset)"),
+    (["--no_train", "--hf_reference", "--gen_batch_sizes", "8"], "--hf_reference times transformers' generate at "
+                                                                 "batch 1, which --gen_batch_sizes 8 leaves out; add 1"),
     (["--stpes", "3"], "unrecognized arguments: --stpes 3; see"),
     (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
     (["--profile", "-1"], "--profile profiles training steps: give a number of steps, at least 1"),
@@ -403,6 +405,55 @@ def test_parallel_tiktoken_speed_spans_first_start_to_last_end(monkeypatch):
     assert bench.raw_parallel_speed(text, 2) == pytest.approx(size / 3)  # from 10 s to 13 s
 
 
+def dying_encode(text):
+    """_raw_encode's stand-in whose worker the system kills (out of memory, say) on the share with the NUL."""
+    if "\x00" in text:
+        os._exit(1)
+    return (10.0, 12.0)
+
+
+def test_a_tiktoken_worker_that_dies_is_one_line_of_error_not_a_wait_forever(monkeypatch):
+    import bench
+    from utils import UserError
+    monkeypatch.setattr(bench, "_raw_encode", dying_encode)
+    import signal
+    text = "a b c d " * 1000 + "\x00 e f " * 1000
+
+    def hung(*_):
+        raise TimeoutError("the benchmark waits forever for the dead worker's result")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with pytest.raises(UserError, match=r"^a tokenising process died \(killed by the system: out of memory\?\); "
+                                            r"try a smaller --tokenize_mb or fewer processes, e.g. --num_proc 1$"):
+            bench.raw_parallel_speed(text, 2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="signals to a process group")
+def test_sigterm_during_tokenize_removes_its_temporary_folder(tmp_path):
+    """The folder holds the text and the data sets made from it, hundreds of MB at the default size."""
+    import signal
+    import time
+    (tmp_path / "tmp").mkdir()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench.py"), "--tokenize", "--tokenize_mb", "3",
+                             "--num_proc", "2"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "tmp").glob("*/bench.txt")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the temporary folder never came"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler or `kill` sends it, to the whole group
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def _watcher_threads(_):
     import threading
     return [t.name for t in threading.enumerate() if t.daemon]
@@ -647,6 +698,8 @@ def test_whole_run_passes_help_on_to_train_py():
     (["--warm_cache"], "--warm_cache is for --whole_run"),
     (["--whole_run", "--steps", "4", "--tokenize"], "--steps, --tokenize are bench.py's own"),
     (["--", "--max_iters=4"], "flags after `--` (--max_iters=4) are train.py's, for --whole_run"),
+    (["--whole_run", "--", "--max_iters=4", "--preset=shakespeare-char", "--checkpoint_dir=ck"],
+     "--preset=shakespeare-char --checkpoint_dir=ck after `--` would change what --whole_run sets itself"),
     (["--whole_run", "--json", "W.json", "--", "--max_iters=x"],
      "train.py exited with code 2: max_iters must be an integer, got 'x'"),
 ])
