@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -410,8 +410,10 @@ def raw_parallel_speed(text: str, num_proc: int) -> float:
     return len(data) / 1e6 / (max(t for _, t in times) - min(t for t, _ in times))
 
 
-def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
+def bench_tokenize(mb: float, num_proc: int, words_file: str | None, between: Callable[[], None] = lambda: None
+                   ) -> dict:
     """Time single-thread tiktoken and prepare_data.py's parallel pipeline on the same generated text.
+    between() is called between the stages (a stop request that an exception could not deliver ends it there).
 
     Prints MB/s and returns the figures, with the token counts the pipeline wrote (text_file_tokens:
     train + val of the text file; documents_tokens: those of the JSON Lines documents, end-of-text
@@ -435,6 +437,7 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
     single_np = size / (time.perf_counter() - t0)
     print(f"single-thread tiktoken: {single:.2f} MB/s", file=sys.stderr)
     ceiling = raw_parallel_speed(text, num_proc) if num_proc > 1 else single_np
+    between()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "bench.txt").write_text(text, encoding="utf-8")
@@ -442,6 +445,7 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
         text_meta = prepare_text(tmp / "text", [tmp / "bench.txt"], dataset="custom", tokenizer="gpt2",
                                  vocab_size=None, val_fraction=0.1, num_proc=num_proc, command="bench")
         text_speed = size / (time.perf_counter() - t0)
+        between()
         same = all(np.array_equal(np.fromfile(tmp / "text" / f"{split}.bin", dtype=np.uint16), ids)
                    for split, ids in zip(SPLITS, ref))
         del ref
@@ -463,6 +467,7 @@ def bench_tokenize(mb: float, num_proc: int, words_file: str | None) -> dict:
         meta = prepare_documents(tmp / "docs", str(tmp / "bench.jsonl"), hf_name="", val_fraction=val_fraction,
                                  num_proc=num_proc, command="bench")
         docs_speed = size / (time.perf_counter() - t0)
+        between()
     target = 0.7 * single * num_proc
     print(f"text: {size:.3g} MB; documents: {meta['train_documents'] + meta['val_documents']:,}; processes: {num_proc}")
     print(f"single-thread tiktoken encode_ordinary:         {single:8.2f} MB/s")
@@ -499,8 +504,8 @@ def main(argv=None) -> dict:
     elif args.tokenize:
         start_process_helpers()
         # SIGTERM, SIGHUP: the temporary folder (hundreds of MB of text and .bin files) goes, as after Ctrl-C
-        with stop_signals_raise(lambda signum: SystemExit(128 + signum)):
-            report = tokenize_report(args)
+        with stop_signals_raise(lambda signum: SystemExit(128 + signum)) as stopped:
+            report = tokenize_report(args, between=stopped)
     else:
         report = model_report(args)
     if args.json:
@@ -514,7 +519,7 @@ def main(argv=None) -> dict:
     return report
 
 
-def tokenize_report(args) -> dict:
+def tokenize_report(args, between: Callable[[], None] = lambda: None) -> dict:
     """The --tokenize run: tokenisation figures only, no model."""
     from prepare_data import default_num_proc
     num_proc = default_num_proc() if args.num_proc is None else args.num_proc
@@ -528,7 +533,7 @@ def tokenize_report(args) -> dict:
         raise UserError(f"the word source {words_file!r} (--input, else $SHAKESPEARE) is not a file; give a UTF-8 "
                         "text file, or neither to use made-up words")
     return dict(device_name=cpu_name(), date=time.strftime("%Y-%m-%d"),
-                tokenize=bench_tokenize(args.tokenize_mb, num_proc, words_file))
+                tokenize=bench_tokenize(args.tokenize_mb, num_proc, words_file, between))
 
 
 # the issues' targets for a whole run of a preset: (seconds from start to exit, best val loss, the machine)

@@ -910,7 +910,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     # --- from here on files are written (rank 0 only); until GracefulStop takes over, a signal ends the run
     # with an exception, so that a new run that trained nothing puts the old checkpoints back
     # (GracefulStop, entered for the training itself, takes the signals over and gives them back to this)
-    cleanup.enter_context(stop_signals_raise(lambda signum: SystemExit(128 + signum)))
+    setup_stopped = cleanup.enter_context(stop_signals_raise(lambda signum: SystemExit(128 + signum)))
     checkpoint_dir = Path(config.checkpoint_dir)
     run_dir = None
     made_folders = []  # by this run: a run stopped before it trained anything takes them away again
@@ -1171,6 +1171,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         timing.update(steps=total - sum(timing.values()), total=total)
         summary.update(iter_num=iter_num, best_val_loss=best_val_loss, timing=timing)
         return summary
+    setup_stopped()  # a signal whose exception Python dropped (raised inside a fork's callbacks, say) ends it here
     with GracefulStop(verbose=master) as stop:
         log.stop = stop
         if resumed_from is None:  # until the first evaluation, which comes before any training

@@ -120,20 +120,29 @@ def start_process_helpers() -> None:
 
 
 @contextlib.contextmanager
-def stop_signals_raise(exception: Callable[[int], BaseException]) -> Iterator[None]:
+def stop_signals_raise(exception: Callable[[int], BaseException]) -> Iterator[Callable[[], None]]:
     """Inside the block, each of stop_signals() raises exception(signum) where the main thread stands, as Ctrl-C
     raises KeyboardInterrupt, instead of ending the process at once: cleanups run. The handlers that were there
-    are given back after (a handler installed inside the block in turn gives this one back)."""
+    are given back after (a handler installed inside the block in turn gives this one back).
+
+    Yields check(), which raises the exception again if a signal came: Python drops an exception raised where it
+    cannot go on (in a fork's own callbacks, a __del__), so a long job calls it between its stages."""
     import signal
+    received: list[int] = []
+
+    def check() -> None:
+        if received:
+            raise exception(received[0])
     if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's to set
-        yield
+        yield check
         return
 
     def handle(signum, frame):
+        received.append(signum)
         raise exception(signum)
     previous = {sig: signal.signal(sig, handle) for sig in stop_signals()}
     try:
-        yield
+        yield check
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

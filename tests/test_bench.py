@@ -450,7 +450,9 @@ def test_sigterm_during_tokenize_removes_its_temporary_folder(tmp_path):
         err = proc.communicate(timeout=120)[1]
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    # a signal that lands in a fork's own callbacks is printed as "Exception ignored" (with its traceback) by
+    # Python, and the stage that follows stops instead
+    assert proc.returncode == 128 + signal.SIGTERM and err.count("Traceback") == err.count("Exception ignored"), err
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

@@ -3100,6 +3100,23 @@ def test_a_stdout_closed_at_a_finished_run_promises_no_save(char_data, tmp_path)
             and "saving checkpoint.pt" not in r.stderr), r.stderr
 
 
+def test_a_signal_whose_exception_python_dropped_is_raised_again_at_the_next_check():
+    """An exception from a signal handler that runs inside a fork's callbacks or a __del__ is printed as
+    "Exception ignored" and lost; the stage that follows must still stop."""
+    from utils import stop_signals_raise
+    with stop_signals_raise(lambda signum: SystemExit(128 + signum)) as check:
+        check()  # nothing received: nothing raised
+        try:  # where Python would drop it
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):  # the handler runs between two bytecodes
+                pass
+        except SystemExit:
+            pass
+        with pytest.raises(SystemExit) as e:
+            check()
+    assert e.value.code == 128 + signal.SIGTERM
+
+
 def test_a_stop_requested_after_a_signal_keeps_the_signal(capsys):
     """SIGTERM, then a closed stdout found while stopping: the run exits as SIGTERM asked (143), said once."""
     with GracefulStop(verbose=True) as stop:
