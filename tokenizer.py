@@ -56,17 +56,18 @@ ALLOWED_SPECIAL_MODES = ("none", "all", "none_raise")
 
 
 REPORT_EVERY_CHUNKS = 1 << 20  # BPE training looks at the clock this often while it counts chunks (~5 MB of text)
+REPORT_S = 5.0  # BPE training's progress lines come at least this often
 
 
 class _ChunkReport:
     """BPE training's progress while it counts chunks, which takes about 0.16 s per MB: a GB of text is
-    minutes of it. Called with the characters done so far; prints at most every 5 seconds."""
+    minutes of it. Called with the characters done so far; prints at most every REPORT_S seconds."""
 
     def __init__(self, total_chars: int, t0: float):
         self.total, self.t0, self.last, self.chunks = total_chars, t0, t0, 0
 
     def __call__(self, pos: int) -> None:
-        if time.time() - self.last >= 5:
+        if time.time() - self.last >= REPORT_S:
             self.last = time.time()
             print(f"counting chunks: {pos / self.total:.0%} of the text, {self.last - self.t0:.1f}s", file=sys.stderr)
 
@@ -742,6 +743,7 @@ class BPETokenizer(Tokenizer):
         merges = []
         vocab = {i: bytes([i]) for i in range(256)}
         report_every = max(1, num_merges // 20)
+        last_report = time.time()  # and at least every REPORT_S: the first merges of Chinese text take seconds each
         for step in range(num_merges):
             key, count = _pop_best(heap, stats, shift2)
             if not count and threshold > 1:  # untracked pairs may be left
@@ -791,9 +793,11 @@ class BPETokenizer(Tokenizer):
                     stats[p] = c
                     where[p] = fresh_where[p]
                     heapq.heappush(heap, -c << shift2 | p)
-            if verbose and ((step + 1) % report_every == 0 or step + 1 == num_merges):
+            if verbose and ((step + 1) % report_every == 0 or step + 1 == num_merges
+                            or time.time() - last_report >= REPORT_S):
+                last_report = time.time()
                 print(f"merge {step + 1}/{num_merges}: {pair} -> {idx} {vocab[idx]!r} ({count} occurrences), "
-                      f"{time.time() - t0:.1f}s", file=sys.stderr)
+                      f"{last_report - t0:.1f}s", file=sys.stderr)
 
         specials = {s: 256 + len(merges) + i for i, s in enumerate(names)}
         self._set(merges, specials)
@@ -1172,6 +1176,14 @@ def main(argv: list[str] | None = None) -> None:
             raise TokenizerError(f"--out {args.out!r} is the training text itself, which writing the tokenizer "
                                  f"would destroy; give another file, e.g. --out tokenizer.json")
     text = _read_text(args.train)
+    for token in args.special:
+        # training cuts the text at each occurrence, while prepare_data.py encodes the text as ordinary bytes: a
+        # marker the text uses as text (a space, a letter, a word) leaves it out of every merge
+        n = text.count(token) if token != EOT else 0
+        if n:
+            print(f"note: --special {token!r} occurs {n:,} times in {args.train}; training leaves those places out "
+                  f"of every merge, while prepare_data.py encodes them as ordinary text: a marker that never "
+                  f"occurs as text (such as {EOT!r}) does not cost merges", file=sys.stderr)
     tok = BPETokenizer(args.pattern).train(text, args.vocab_size, verbose=True, special_tokens=args.special)
     try:
         tok.save(args.out)

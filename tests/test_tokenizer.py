@@ -738,6 +738,29 @@ def test_training_reports_while_it_counts_chunks(monkeypatch, capsys):
     assert 0 < len(lines) < 10 - 3
 
 
+def test_merges_report_at_least_every_few_seconds(monkeypatch, capsys, shakespeare_text):
+    """The first merges of a Chinese text take seconds each: a line comes by the clock too, not only every
+    twentieth of the merges."""
+    clock = iter(range(0, 10**6, 10))  # 10 s pass between two looks at the clock
+    monkeypatch.setattr(tokenizer.time, "time", lambda: next(clock))
+    BPETokenizer().train(shakespeare_text[:20_000], 256 + 60, verbose=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("merge ")]
+    assert [line.split(":")[0] for line in lines] == [f"merge {i}/60" for i in range(1, 61)]
+
+
+def test_cli_notes_a_special_token_that_the_text_uses_as_text(tmp_path):
+    """Training cuts the text at each special token, prepare_data.py encodes it as text: --special ' ' would
+    keep the space out of every merge, in silence."""
+    (tmp_path / "in.txt").write_text(f"to be or not to be{EOT}that is the question\n" * 20, encoding="utf-8")
+    for special, note in ((" ", "note: --special ' ' occurs 160 times in in.txt; training leaves those places out "
+                                "of every merge, while prepare_data.py encodes them as ordinary text"),
+                          (EOT, None)):  # the end-of-text marker is meant to be in the text
+        out = subprocess.run([sys.executable, tokenizer.__file__, "--train", "in.txt", "--vocab_size", "270",
+                              "--special", special, "--out", "tok.json"], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert (note in out.stderr) if note else "note:" not in out.stderr, out.stderr
+
+
 def test_a_pattern_gap_is_placed_in_the_whole_text_given_to_encode():
     """encode() with special tokens: the position counts from the start of the text, not of its last part."""
     tok = BPETokenizer(r"[a-z<|>]+").train("abcdefgh" * 10, 260, special_tokens=[EOT])
