@@ -15,8 +15,9 @@ where no peak is known (CPU, float32, an unlisted GPU) the achieved FLOP/s is pr
 
 --tokenize times GPT-2 tokenisation alone, on generated text (the words of --input, or of
 $SHAKESPEARE, when given): single-thread tiktoken, tiktoken's encode_to_numpy (what prepare_data.py's
-workers call) alone in --num_proc processes (the machine's best), and prepare_data.py's parallel pipeline from file to .bin for one text file and
-for JSON Lines documents, against a target of 0.7 x single-thread x processes.
+workers call) alone in --num_proc processes (the machine's best), and prepare_data.py's parallel pipeline
+from file to .bin for one text file and for JSON Lines documents, against a target of 0.7 x single-thread
+x processes.
 
 --whole_run times `python train.py --preset=PRESET` in a new process from its start to its exit, with
 empty compile caches (as a first run) unless --warm_cache, split into its start-up (the interpreter,

@@ -105,8 +105,8 @@ def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture
                                                               "past; use --gen_tokens 48 or less, or --block_size 66"),
     (["--no_train", "--hf_reference", "--block_size", "16"], "exceed block_size 16, which transformers cannot go "
                                                              "past; use --block_size 66 or more (or a larger --preset)"),
-    (["--no_train", "--hf_reference", "--gen_batch_sizes", "8"], "--hf_reference times transformers' generate at "
-                                                                 "batch 1, which --gen_batch_sizes 8 leaves out; add 1"),
+    (["--no_train", "--hf_reference", "--gen_batch_sizes", "8"],
+     "--hf_reference times transformers' generate at batch 1, which --gen_batch_sizes 8 leaves out; add 1"),
     (["--stpes", "3"], "unrecognized arguments: --stpes 3; see"),
     (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
     (["--profile", "-1"], "--profile profiles training steps: give a number of steps, at least 1"),
