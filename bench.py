@@ -590,13 +590,8 @@ def whole_run_report(args) -> dict:
                         f"after the run; leave {'it' if len(owned) == 1 else 'them'} out")
     preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "shakespeare-char-cpu")
     # SIGTERM (timeout, docker stop, a scheduler) and SIGHUP end this like Ctrl-C: the child killed, the folder removed
-    stops = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
-    before = {s: signal.signal(s, stop_by_signal) for s in stops}
-    try:
+    with stop_signals_raise(stopped_by):
         return _whole_run(args, preset, flags)
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
 
 
 def signal_name(signum: int) -> str | None:
@@ -606,9 +601,9 @@ def signal_name(signum: int) -> str | None:
         return None
 
 
-def stop_by_signal(signum, frame) -> None:
+def stopped_by(signum: int) -> SystemExit:
     print(f"stopped by {signal.Signals(signum).name}", file=sys.stderr)
-    raise SystemExit(128 + signum)
+    return SystemExit(128 + signum)
 
 
 def _whole_run(args, preset: str, flags: list[str]) -> dict:
