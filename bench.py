@@ -86,6 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0,
                    help="dropout while training (default 0; train.py's shakespeare-char preset trains with 0.2, which "
                         "adds random numbers and masks to the step's kernels)")
+    p.add_argument("--loss_chunk_rows", type=int, default=0, metavar="R",
+                   help="compute the output layer and loss R tokens at a time, gradients included (train.py's "
+                        "--loss_chunk_rows); 0: all at once")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--gen_tokens", type=int, default=None, help="new tokens per generation run (default 500 on CUDA, 50 on CPU)")
@@ -691,6 +694,7 @@ def model_report(args) -> dict:
     if args.block_size is not None:
         config.block_size = args.block_size
     config.fp8 = args.fp8
+    config.loss_chunk_rows = args.loss_chunk_rows
     config.validate()
     from model import attention_kernel, fp8_problem
     problem = fp8_problem(device) if args.fp8 else None
@@ -739,6 +743,7 @@ def model_report(args) -> dict:
     report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
                   compile=use_compile, compile_mode=args.compile_mode if use_compile else None,
                   compile_regional=use_compile and args.compile_regional, cuda_graph=args.cuda_graph, fp8=args.fp8,
+                  loss_chunk_rows=config.loss_chunk_rows,
                   attention=attention,
                   preset=preset, dropout=config.dropout,
                   batch_size=config.batch_size, block_size=config.block_size,
@@ -749,7 +754,9 @@ def model_report(args) -> dict:
           + (f" ({args.compile_mode}{', regional' * args.compile_regional})" if use_compile
              else ", so --compile_regional does nothing" if args.compile_regional else "")
           + (", each training step one CUDA graph" if args.cuda_graph else "")
-          + (", fp8 matmuls in training" if args.fp8 else "") + f", attention {attention}")
+          + (", fp8 matmuls in training" if args.fp8 else "")
+          + (f", loss {config.loss_chunk_rows} tokens at a time" if config.loss_chunk_rows else "")
+          + f", attention {attention}")
     print(f"model {preset}: n_layer={config.n_layer} n_head={config.n_head} n_embd={config.n_embd} "
           f"vocab={config.vocab_size}{f' dropout={config.dropout:g}' if config.dropout else ''}; batch "
           f"{config.batch_size} x {config.block_size} tokens; data: {report['data']}")

@@ -61,6 +61,7 @@ class GPT2Config:
     dropout = 0.0  # 0 for pretraining; 0.1+ helps fine-tuning and small data sets
     bias = True  # biases in Linear and LayerNorm, as GPT-2 has them
     gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+    loss_chunk_rows = 0  # > 0: output layer and loss this many tokens at a time, never all logits at once (memory)
     fp8 = False  # train the blocks' matmuls in float8 (GPUs of compute capability 8.9+, e.g. H100); eval unchanged
 
     # data and batches
@@ -155,7 +156,7 @@ class GPT2Config:
             "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "batch_size", "gradient_accumulation_steps",
             "max_iters", "eval_interval", "eval_iters", "log_interval")}
         ok.update({name: positive_int(name, allow_zero=True) for name in (
-            "warmup_iters", "lr_decay_iters", "save_interval", "keep_last_n", "sample_tokens")})
+            "warmup_iters", "lr_decay_iters", "save_interval", "keep_last_n", "sample_tokens", "loss_chunk_rows")})
         if not partial and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
             if self.n_embd % self.n_head:
                 problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

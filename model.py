@@ -118,6 +118,86 @@ def fp8_problem(device: torch.device) -> Optional[str]:
     return None if device.type == "cpu" else f"fp8 runs on CUDA GPUs and CPUs, not on {device.type}"
 
 
+# ----------------------------------------------------------------------------- the loss in chunks (opt-in)
+# With config.loss_chunk_rows = R > 0 the output matmul and the cross-entropy run R rows (tokens) at a time,
+# and the forward pass computes their gradients too, chunk by chunk. The plain loss keeps all B*T rows of
+# logits for the backward pass, B*T x padded vocab, plus float32 copies while it runs: for GPT-2 at 16 x 1024
+# tokens, 1.6 GB of bf16 logits and several GB more for the copies in eager mode. Here only one chunk's logits
+# exist at a time; the backward pass scales the two gradients kept from the forward pass, x's (B*T x n_embd)
+# and the output weight's (padded vocab x n_embd, float32). The matmuls are the same in number and size.
+
+def _rows_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, grad: bool):
+    """The summed cross-entropy of one chunk's rows whose target is not -1 (float32), and, if grad, its
+    gradient with respect to the logits: softmax - one_hot(target), zero on the ignored rows."""
+    z = logits.float()
+    cols = torch.arange(z.size(-1), device=z.device)
+    if z.size(-1) > vocab_size:  # the padding columns: exp(-inf) is exactly 0, as in the plain loss
+        z = z.masked_fill(cols >= vocab_size, float("-inf"))
+    lse = torch.logsumexp(z, dim=-1)  # (R,)
+    valid = targets != -1
+    safe = targets.clamp(min=0)  # an ignored row's -1 would be no column to gather
+    loss_sum = torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
+    if not grad:
+        return loss_sum, None
+    p = torch.exp(z - lse[:, None])
+    # a comparison with the column index instead of a scatter: one elementwise pass the compiler can fuse
+    g = torch.where(cols[None, :] == safe[:, None], p - 1.0, p)
+    return loss_sum, torch.where(valid[:, None], g, 0.0)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """mean cross-entropy of (x @ weight.T) against targets, R rows at a time; gradients made in forward().
+
+    x (N, C) is already in the matmul dtype; weight is the parameter (float32 under autocast). The gradients
+    are kept unnormalised (|softmax - one_hot| <= 1) and divided by the number of counted rows in backward(),
+    together with the incoming gradient: a float16 run's loss scale then applies to them as it would to the
+    plain loss's, and nothing underflows on the way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size: int, rows: int):
+        dtype = x.dtype
+        w = weight.to(dtype)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_xs = []
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes here are chosen, not autocast's
+            for i in range(0, x.size(0), rows):
+                xc = x[i:i + rows]
+                loss_c, g = _rows_loss(xc @ w.t(), targets[i:i + rows], vocab_size, grad=True)
+                loss_sum = loss_sum + loss_c
+                g = g.to(dtype)
+                grad_xs.append(g @ w)
+                # float16 sums up to R products per element: too many for its range, so float32 there
+                grad_w += (g.t() @ xc).float() if dtype != torch.float16 else g.t().float() @ xc.float()
+        n = (targets != -1).sum()
+        ctx.save_for_backward(torch.cat(grad_xs), grad_w, n)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum / n  # no counted row: 0 / 0 = nan, as F.cross_entropy gives
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, n = ctx.saved_tensors
+        scale = grad_loss.float() / n
+        return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
+
+
+def chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                 rows: int) -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T over the first vocab_size columns, targets, ignore_index=-1), computed
+    `rows` rows at a time; x (N, C), targets (N,). The matmul runs in autocast's dtype where it is on."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(x, weight, targets, vocab_size, rows)
+    w = weight.to(x.dtype)
+    with torch.autocast(device_type, enabled=False):
+        loss_sum = sum(_rows_loss(x[i:i + rows] @ w.t(), targets[i:i + rows], vocab_size, grad=False)[0]
+                       for i in range(0, x.size(0), rows))
+    return loss_sum / (targets != -1).sum()
+
+
 class KVCache(nn.Module):
     """Static, preallocated keys and values of one attention layer: (B, nh, max_seq_len, hs) each.
 
@@ -295,6 +375,8 @@ class GPT(nn.Module):
 
         Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut
         off before anything sees them, so they are never sampled and never enter the softmax.
+        With config.loss_chunk_rows > 0 and targets given, the logits are None: the loss is computed a
+        chunk of rows at a time (chunked_loss) and the whole logits are never made.
         """
         self._check_input(idx, ids=self.check_ids, targets=targets)
         embed, blocks, head = self._regions or (self._embed, self.transformer.h, self._head)
@@ -313,6 +395,10 @@ class GPT(nn.Module):
 
     def _head(self, x: torch.Tensor, targets: Optional[torch.Tensor]):
         x = self.transformer.ln_f(x)
+        if targets is not None and self.config.loss_chunk_rows:
+            loss = chunked_loss(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                self.config.vocab_size, self.config.loss_chunk_rows)
+            return None, loss  # no logits: only one chunk of them ever existed
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         loss = None
         if targets is not None:

@@ -88,6 +88,21 @@ def test_dropout_is_on_only_when_asked_for(capsys):
     assert one_line_error(["--device", "cpu", "--dropout", "1"], capsys) == "error: --dropout must be in [0, 1), got 1\n"
 
 
+def test_the_loss_in_chunks_is_timed_when_asked_for(monkeypatch, capsys):
+    import bench
+    import model
+    calls = []
+    real = model.chunked_loss
+    monkeypatch.setattr(model, "chunked_loss", lambda *a: calls.append(a[-1]) or real(*a))
+    r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "1", "--loss_chunk_rows", "100"])
+    assert r["loss_chunk_rows"] == 100 and ", loss 100 tokens at a time, " in capsys.readouterr().out
+    assert calls == [100, 100]  # the warm-up step and the timed one
+    assert bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "1"])["loss_chunk_rows"] == 0
+    assert calls == [100, 100]
+    assert "loss_chunk_rows must be an integer >= 0, got -1" in one_line_error(
+        ["--device", "cpu", "--loss_chunk_rows", "-1"], capsys)
+
+
 def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture(capsys):
     err = one_line_error(["--device", "cpu", "--cuda_graph", "--no_generate", "--warmup", "5"], capsys)
     assert err == ("error: --cuda_graph captures the training step on a CUDA GPU, and this run's device is cpu; or "

@@ -194,6 +194,151 @@ def test_padding_columns_take_no_part_in_the_gradients():
     torch.testing.assert_close(ours, model.lm_head.weight.grad)
 
 
+def chunked_copy(model, rows):
+    """The same weights with the loss computed `rows` tokens at a time."""
+    other = GPT(GPT2Config(**{**model.config.to_dict(), "loss_chunk_rows": rows}))
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 1000])  # one row; a last chunk shorter than the others; one chunk
+def test_the_chunked_loss_has_the_loss_and_gradients_of_transformers(hf_dir, rows):
+    """Against GPT2LMHeadModel's loss and the gradients of every weight, with ignored targets and 27 padding
+    columns (vocab 101, padded to 128), in float32."""
+    torch.manual_seed(5)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).train()
+    model = chunked_copy(GPT.from_pretrained(str(hf_dir)), rows).train()
+    idx = torch.randint(0, 101, (3, 32))
+    labels = idx.clone()
+    labels[0, :9] = -100  # transformers' ignored label; ours is -1
+    ref = hf(idx, labels=labels)
+    ref.loss.backward()
+    targets = labels[:, 1:].masked_fill(labels[:, 1:] == -100, -1)
+    logits, loss = model(idx[:, :-1], targets)
+    assert logits is None  # no logits were made for the whole batch
+    loss.backward()
+    torch.testing.assert_close(loss, ref.loss, atol=1e-5, rtol=0)
+    theirs = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        grad = theirs[name].grad  # the same names; the tied lm_head.weight is listed once, as wte
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            grad = grad.t()  # GPT-2's Conv1D keeps (in, out)
+        if name == "transformer.wte.weight":
+            assert p.grad[101:].abs().max() == 0  # the padding rows take no part
+            p_grad = p.grad[:101]
+        else:
+            p_grad = p.grad
+        torch.testing.assert_close(p_grad, grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def bf16_gradient_error(model, idx, targets, reference):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, targets)
+    loss.backward()
+    return loss.detach(), max(((p.grad - r).abs().max() / r.abs().max()).item()
+                              for p, r in zip(model.parameters(), reference))
+
+
+def test_the_chunked_loss_under_bfloat16_autocast_is_as_close_to_float32_as_the_plain_loss():
+    torch.manual_seed(6)
+    model = GPT(tiny_config(vocab_size=70)).train()
+    idx = torch.randint(0, 70, (4, 32))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -1] = -1
+    model(idx, targets)[1].backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    plain_loss, plain_error = bf16_gradient_error(model, idx, targets, reference)
+    chunked_loss, chunked_error = bf16_gradient_error(chunked_copy(model, 40), idx, targets, reference)
+    torch.testing.assert_close(chunked_loss, plain_loss, atol=1e-4, rtol=0)
+    assert plain_error < 0.03 and chunked_error < 2 * plain_error, (plain_error, chunked_error)
+
+
+def test_the_chunked_loss_keeps_small_gradients_under_float16_loss_scaling():
+    """float16 with a loss scale, as train.py's GradScaler runs it: unscaled, the gradients are float32's. The
+    output rows of tokens that are never a target get only softmax probabilities of ~1e-5 and less; divided by
+    the number of tokens before the loss scale applies, they would fall into float16's subnormals (5% off)."""
+    torch.manual_seed(7)
+    model = GPT(tiny_config(vocab_size=70)).train()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked softmax rows
+    idx = torch.randint(0, 35, (4, 32))  # tokens 35-69 never occur
+    model(idx, idx)[1].backward()
+    reference = model.lm_head.weight.grad.clone()
+    chunked = chunked_copy(model, 48)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, loss = chunked(idx, idx)
+    (loss * 2.0 ** 14).backward()
+    assert all(torch.isfinite(p.grad).all() for p in chunked.parameters())
+    grad = chunked.lm_head.weight.grad / 2.0 ** 14
+    torch.testing.assert_close(grad[:35], reference[:35], atol=0.01 * reference[:35].abs().max().item(), rtol=0)
+    rows = (grad[35:70] - reference[35:70]).norm(dim=1) / reference[35:70].norm(dim=1)
+    assert rows.max() < 0.01, rows.max()
+
+
+def test_the_chunked_loss_sums_the_output_weights_gradient_in_float32_under_float16():
+    """One chunk's share of lm_head's gradient sums a product per row: 64 rows of the same target with
+    activations of ~3000 make -1.9e5 in that token's row, beyond float16's 65,504."""
+    torch.manual_seed(10)
+    model = GPT(tiny_config(vocab_size=70)).train()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.fill_(3000.0)
+        model.lm_head.weight.mul_(1e-4)  # logits stay moderate
+    idx = torch.full((2, 32), 5)
+    model(idx, idx)[1].backward()
+    reference = model.lm_head.weight.grad.clone()
+    chunked = chunked_copy(model, 64)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, loss = chunked(idx, idx)
+    loss.backward()
+    assert reference.abs().max() * 64 > 65504  # what one chunk's sum would be before the division
+    torch.testing.assert_close(chunked.lm_head.weight.grad, reference, atol=0.01 * reference.abs().max().item(),
+                               rtol=0)
+
+
+def test_the_chunked_loss_without_gradients_and_with_every_target_ignored():
+    torch.manual_seed(8)
+    model = GPT(tiny_config(vocab_size=70)).eval()
+    idx = torch.randint(0, 70, (2, 16))
+    chunked = chunked_copy(model, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(idx, idx)[1], model(idx, idx)[1], atol=1e-6, rtol=0)
+        nothing = torch.full_like(idx, -1)
+        assert model(idx, nothing)[1].isnan() and chunked(idx, nothing)[1].isnan()  # 0 / 0, as F.cross_entropy
+    assert chunked(idx)[0].shape == (2, 16, 70)  # without targets: the logits, as ever
+
+
+def test_the_chunked_loss_compiles_without_graph_breaks_to_what_eager_computes():
+    torch.manual_seed(9)
+    model = GPT(tiny_config(vocab_size=70, loss_chunk_rows=24)).train()
+    idx = torch.randint(0, 70, (2, 32))
+    explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    with torch.no_grad():  # evaluation's path, without the gradients
+        explanation = torch._dynamo.explain(model)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    _, eager_loss, eager_grads = loss_and_grads_of(model, idx)
+    torch._dynamo.reset()
+    model.check_ids = False  # as train.py runs it compiled
+    _, loss, grads = loss_and_grads_of(torch.compile(model), idx, params=model)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def loss_and_grads_of(model, idx, params=None):
+    (params or model).zero_grad(set_to_none=True)
+    logits, loss = model(idx, idx)
+    loss.backward()
+    return logits, loss.detach(), {n: p.grad.clone() for n, p in (params or model).named_parameters()}
+
+
+def test_loss_chunk_rows_must_be_a_count():
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ConfigError, match=r"loss_chunk_rows must be an integer >= 0"):
+            tiny_config(loss_chunk_rows=bad).validate()
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_kv_cache_matches_uncached(batch):
     torch.manual_seed(4)
@@ -854,6 +999,34 @@ def test_float8_needs_dimensions_divisible_by_16():
         GPT(tiny_config(n_embd=40, n_head=4, batch_size=3, block_size=32, fp8=True))
     assert fp8_problem(torch.device("cpu")) is None
     assert fp8_problem(torch.device("mps")) == "fp8 runs on CUDA GPUs and CPUs, not on mps"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(),
+                    reason="compiled bfloat16 training as train.py runs it needs a CUDA GPU with bfloat16")
+def test_the_chunked_loss_compiled_in_bfloat16_on_the_gpu_follows_the_plain_loss():
+    """GPT-2's 50,257-wide vocabulary, three chunks of which the last is shorter, compiled as train.py compiles."""
+    def losses(rows: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = GPT(tiny_config(vocab_size=50257, n_embd=128, block_size=64, loss_chunk_rows=rows)).cuda()
+        model.check_ids = False
+        step_model = torch.compile(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        data = torch.randint(0, 50257, (8, 65), generator=torch.Generator().manual_seed(0)).cuda()
+        out = []
+        for _ in range(20):  # learn one batch by heart
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = step_model(data[:, :-1], data[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    plain, chunked = losses(0), losses(192)
+    assert chunked[-1] < 0.5 * chunked[0]
+    # the same body on a CPU, eager, data seeds 0-3: the first 10 losses within a relative 0.8% of the plain
+    # loss's; later the two runs drift apart (by up to 0.55 at step 20) as bfloat16 rounds differently
+    torch.testing.assert_close(chunked[:10], plain[:10], rtol=0.02, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),

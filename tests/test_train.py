@@ -268,6 +268,8 @@ def test_evaluation_passes_stay_under_their_size_and_join_only_eagerly_on_a_gpu(
     assert eval_batches_per_pass(char, gpu, compile_model=True, dtype=torch.float32) == 2  # twice the bytes
     assert eval_batches_per_pass(preset_config("gpt2"), gpu, True) == 1  # 50,304-wide logits: past the limit
     assert eval_batches_per_pass(preset_config("gpt2", vocab_size=4096, batch_size=12), gpu, True) == 1
+    # the loss in chunks: 12 x 1024 x 3,072 bfloat16 activations make 3 batches in 256 MB
+    assert eval_batches_per_pass(preset_config("gpt2", loss_chunk_rows=4096, compile_eval=False), gpu, True) == 3
     assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, eval_iters=3), gpu, True) == 3
     assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, compile_eval=True), gpu, True) == 1
     assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, compile_eval=True), gpu, False) == 5
