@@ -650,6 +650,10 @@ def encode_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
             return enc.encode_to_numpy(text, disallowed_special=())
         except UnicodeEncodeError:  # a lone surrogate (a JSON escape can make one): encode_ordinary copes
             pass
+    if isinstance(tokenizer, BPETokenizer) and _stop is not None:
+        # a BPE with a pattern of its own gets a whole split as one unit: minutes of encoding for a large
+        # text, which the worker cuts short once the run stops
+        return np.array(tokenizer.encode_ordinary(text, check=_check_stop), dtype=np.int64)
     return np.array(tokenizer.encode_ordinary(text), dtype=np.int64)
 
 
@@ -710,10 +714,20 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
 
 
 _worker: tuple | None = None  # (tokenizer, dtype, val_fraction) in a worker process
+_stop = None  # in a worker process: the pool's event, set once the parent stops taking results
 
 
-def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -> None:
-    global _worker
+class UnitAbandoned(Exception):
+    """A worker's unit cut short because the run stopped; nobody reads its result."""
+
+
+def _check_stop() -> None:
+    if _stop is not None and _stop.is_set():
+        raise UnitAbandoned
+
+
+def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float, stop=None) -> None:
+    global _worker, _stop
     # Ctrl-C, SIGTERM and SIGHUP (to the whole process group, from a terminal, a scheduler or a dropped SSH
     # connection) are the parent's to handle: it lets each worker finish its unit and then ends the pool. A
     # worker killed while it sends a result would leave the parent reading the rest of it forever
@@ -721,7 +735,7 @@ def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float) -
         signal.signal(sig, signal.SIG_IGN)
     exit_with_parent()  # and when the parent is killed outright, workers must not outlive it
     tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
-    _worker = (tokenizer, np.dtype(dtype), val_fraction)
+    _worker, _stop = (tokenizer, np.dtype(dtype), val_fraction), stop
 
 
 def _encode_in_worker(unit: tuple) -> tuple:
@@ -747,7 +761,8 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
     fork = multiprocessing.get_start_method() == "fork"
     if sys.platform == "win32":  # Windows waits on at most 63 handles at once: its executors take 61 workers
         num_proc = min(num_proc, 61)
-    initargs = (tokenizer if fork else tokenizer.to_dict(), dtype.str, val_fraction)
+    stop = multiprocessing.get_context().Event()
+    initargs = (tokenizer if fork else tokenizer.to_dict(), dtype.str, val_fraction, stop)
     # an executor, not multiprocessing.Pool: when the system kills a worker (out of memory), the Pool
     # starts another and waits for the lost result forever, where the executor raises BrokenProcessPool
     others = set(multiprocessing.active_children())  # children that are not the pool's (a caller's)
@@ -776,7 +791,8 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
                 pool._call_queue._reader.close()
         raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
                         f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}") from None
-    finally:  # an error, Ctrl-C, or the caller stopped: the units not begun are dropped, a unit (~1 MB) each ends
+    finally:  # an error, Ctrl-C, or the caller stopped: the units not begun are dropped, a unit (~1 MB) each ends,
+        stop.set()  # and a whole split for a BPE with a pattern of its own stops at its next check
         pool.shutdown(wait=True, cancel_futures=True)
 
 

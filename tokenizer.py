@@ -32,7 +32,7 @@ import time
 from array import array
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
@@ -57,6 +57,7 @@ ALLOWED_SPECIAL_MODES = ("none", "all", "none_raise")
 
 REPORT_EVERY_CHUNKS = 1 << 20  # BPE training looks at the clock this often while it counts chunks (~5 MB of text)
 REPORT_S = 5.0  # BPE training's progress lines come at least this often
+CHECK_EVERY_CHUNKS = 1 << 16  # encode_ordinary(text, check) calls check this often (~300 KB of English text)
 
 
 class _ChunkReport:
@@ -848,15 +849,30 @@ class BPETokenizer(Tokenizer):
         e.position = offset + pos
         raise e
 
-    def encode_ordinary(self, text: str) -> list[int]:
+    def encode_ordinary(self, text: str, check: Callable[[], None] | None = None) -> list[int]:
+        """text -> ids, special-token text encoded as ordinary text.
+
+        check, if given, is called before each CHECK_EVERY_CHUNKS chunks are merged: it may raise to end a
+        long encoding early (prepare_data.py's workers stop this way when the run is interrupted). The split
+        into chunks comes first and runs whole (findall: about 15 MB/s of English on one core).
+        """
         if not isinstance(text, str):
             self._allowed_special(text, "none")  # raises the type error
-        return self._encode_part(text, 0)
+        if check is None:
+            return self._encode_part(text, 0)
+        chunks, ids = self._split(text), []
+        for i in range(0, len(chunks), CHECK_EVERY_CHUNKS):
+            check()
+            ids += self._encode_chunks(chunks[i:i + CHECK_EVERY_CHUNKS])
+        return ids
 
     def _encode_part(self, text: str, offset: int) -> list[int]:
+        return self._encode_chunks(self._split(text, offset))
+
+    def _encode_chunks(self, chunks: list[str]) -> list[int]:
         cache, ranks, byte_ids = self._cache, self._ranks, self.byte_ids
         ids = []
-        for chunk in self._split(text, offset):
+        for chunk in chunks:
             tokens = cache.get(chunk)
             if tokens is None:
                 data = _utf8(chunk)

@@ -1759,6 +1759,40 @@ def test_a_failed_run_leaves_a_data_set_written_beside_it_meanwhile(tmp_path, mo
     assert (tmp_path / "data" / "a" / "meta.json").exists()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="counts the workers' checks through forked copies of this module")
+def test_a_whole_split_in_a_worker_stops_when_the_run_stops(monkeypatch, shakespeare_text):
+    """A BPE with a split pattern of its own gets each split whole, one unit each: Ctrl-C (here the units' source
+    raising KeyboardInterrupt, as Ctrl-C in the parent does) must not wait for the workers to encode them to the
+    end. Without the stop, each worker makes every one of its checks."""
+    import multiprocessing
+    import tokenizer as tokenizer_module
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda *a: "fork")
+    ctx = multiprocessing.get_context("fork")
+    monkeypatch.setattr(multiprocessing, "get_context", lambda *a: ctx)
+    monkeypatch.setattr(tokenizer_module, "CHECK_EVERY_CHUNKS", 1000)  # the forked workers inherit both
+    checks = ctx.Value("i", 0)
+    real_check = prepare_data._check_stop
+
+    def counted_check():
+        with checks.get_lock():
+            checks.value += 1
+        real_check()
+
+    monkeypatch.setattr(prepare_data, "_check_stop", counted_check)
+    tok = BPETokenizer(r"\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+").train(shakespeare_text[:20_000], 300)
+    text = shakespeare_text * 3
+    per_unit = -(-len(tok._split(text)) // 1000)
+
+    def units():
+        yield ("docs", [text]), 0
+        yield ("docs", [text + "!"]), 1
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        list(prepare_data.encode_units(tok, units(), num_proc=2, dtype=np.dtype(np.uint16), val_fraction=0.5))
+    assert per_unit > 500 and checks.value < per_unit, (checks.value, per_unit)
+
+
 def test_workers_leave_ctrl_c_and_sigterm_to_the_parent():
     import multiprocessing
     import signal as sig

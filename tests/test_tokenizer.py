@@ -578,6 +578,32 @@ def test_pattern_that_skips_text_is_refused(pattern, text, where):
         BPETokenizer(f"({pattern})")
 
 
+def test_encode_ordinary_with_a_check_gives_the_same_ids_and_stops_where_it_raises(monkeypatch, shakespeare_text):
+    import tokenizer as tokenizer_module
+    monkeypatch.setattr(tokenizer_module, "CHECK_EVERY_CHUNKS", 1000)
+    tok = BPETokenizer(r"\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+").train(shakespeare_text[:50_000], 400)
+    text = shakespeare_text[:100_000]
+    chunks = len(tok._split(text))
+    calls = []
+    assert tok.encode_ordinary(text, check=lambda: calls.append(1)) == tok.encode_ordinary(text)
+    assert len(calls) == -(-chunks // 1000) > 10  # before each 1,000 chunks
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_third():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop):
+        tok.encode_ordinary(text, check=stop_at_the_third)
+    assert len(calls) == 3
+    with pytest.raises(TokenizerError, match=r"does not match the text at character 5 \(', world!'\)"):
+        BPETokenizer(r"\w+").encode_ordinary("hello, world!", check=lambda: None)  # a gap: the same error
+
+
 @pytest.mark.parametrize("make", [lambda: CharTokenizer.from_text("abc"), lambda: BPETokenizer().train("abab", 258),
                                   GPT2Tokenizer])
 def test_decode_rejects_ids_out_of_range(make):
