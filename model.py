@@ -128,21 +128,29 @@ def fp8_problem(device: torch.device) -> Optional[str]:
 
 def _rows_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, grad: bool):
     """The summed cross-entropy of one chunk's rows whose target is not -1 (float32), and, if grad, its
-    gradient with respect to the logits: softmax - one_hot(target), zero on the ignored rows."""
+    gradient with respect to the logits: softmax - one_hot(target), zero on the ignored rows.
+
+    logits is the chunk's matmul output, which nothing else holds: it may be changed in place.
+    """
     z = logits.float()
-    cols = torch.arange(z.size(-1), device=z.device)
     if z.size(-1) > vocab_size:  # the padding columns: exp(-inf) is exactly 0, as in the plain loss
-        z = z.masked_fill(cols >= vocab_size, float("-inf"))
+        z[:, vocab_size:] = float("-inf")
     lse = torch.logsumexp(z, dim=-1)  # (R,)
     valid = targets != -1
-    safe = targets.clamp(min=0)  # an ignored row's -1 would be no column to gather
+    safe = torch.where(valid, targets, 0)  # an ignored row's -1 is no column to gather; other ids stay (checked)
     loss_sum = torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
     if not grad:
         return loss_sum, None
-    p = torch.exp(z - lse[:, None])
-    # a comparison with the column index instead of a scatter: one elementwise pass the compiler can fuse
-    g = torch.where(cols[None, :] == safe[:, None], p - 1.0, p)
-    return loss_sum, torch.where(valid[:, None], g, 0.0)
+    lse = torch.where(valid, lse, float("inf"))[:, None]  # an ignored row: exp(z - inf) = 0 all along
+    if torch.compiler.is_compiling():
+        # one elementwise pass that inductor fuses with the reduction: the one-hot as a comparison with the
+        # column index, not a scatter, which would make it write the float32 probabilities and read them again
+        cols = torch.arange(z.size(-1), device=z.device)
+        p = torch.exp(z - lse)
+        return loss_sum, torch.where(cols[None, :] == targets[:, None], p - 1.0, p)
+    # eager, op by op: in place, so that no op makes another tensor of the chunk's size
+    p = z.sub_(lse).exp_()
+    return loss_sum, p.scatter_add_(1, safe[:, None], -valid[:, None].to(p.dtype))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -164,12 +172,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # the dtypes here are chosen, not autocast's
             for i in range(0, x.size(0), rows):
                 xc = x[i:i + rows]
-                loss_c, g = _rows_loss(xc @ w.t(), targets[i:i + rows], vocab_size, grad=True)
+                loss_c, g32 = _rows_loss(xc @ w.t(), targets[i:i + rows], vocab_size, grad=True)
                 loss_sum = loss_sum + loss_c
-                g = g.to(dtype)
+                g = g32.to(dtype)
                 grad_xs.append(g @ w)
-                # float16 sums up to R products per element: too many for its range, so float32 there
-                grad_w += (g.t() @ xc).float() if dtype != torch.float16 else g.t().float() @ xc.float()
+                if dtype == torch.bfloat16:  # its matmul at full speed, the chunks' sum in float32
+                    grad_w += (g.t() @ xc).float()
+                else:  # float32 in place; float16 sums R products per element, too many for its range
+                    grad_w.addmm_(g32.t(), xc.float())
         n = (targets != -1).sum()
         ctx.save_for_backward(torch.cat(grad_xs), grad_w, n)
         ctx.weight_dtype = weight.dtype

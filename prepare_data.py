@@ -729,8 +729,9 @@ def _check_stop() -> None:
 def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float, stop=None) -> None:
     global _worker, _stop
     # Ctrl-C, SIGTERM and SIGHUP (to the whole process group, from a terminal, a scheduler or a dropped SSH
-    # connection) are the parent's to handle: it lets each worker finish its unit and then ends the pool. A
-    # worker killed while it sends a result would leave the parent reading the rest of it forever
+    # connection) are the parent's to handle: it lets each worker finish its unit (or stop it at a check, see
+    # encode_ids) and then ends the pool. A worker killed while it sends a result would leave the parent
+    # reading the rest of it forever
     for sig in (signal.SIGINT, *stop_signals()):  # a SIGHUP that nohup ignores, the workers inherit ignored
         signal.signal(sig, signal.SIG_IGN)
     exit_with_parent()  # and when the parent is killed outright, workers must not outlive it

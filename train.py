@@ -84,8 +84,9 @@ EVAL_BATCHES = {"train": 2**62, "val": 0}
 # its largest tensor (2-3 times that in all): a small model's eager passes are bound by their host, about 5 ms
 # each for shakespeare-char on an H200 whatever their size, so 100 passes of one batch took 0.5 s per evaluation.
 # Counted per token: the MLP's hidden layer in the activations' dtype, or the logits at 16 bytes each (the loss
-# makes float32 copies of them), whichever is more. GPT-2's 50,304-wide logits exceed it with one batch; with
-# loss_chunk_rows only one chunk of logits exists, whatever the pass's size, and the MLP's layer counts alone.
+# makes float32 copies of them), whichever is more. GPT-2's 50,304-wide logits exceed it with one batch. With
+# loss_chunk_rows no more than a batch's tokens, a pass of any size makes the same chunks of logits as a training
+# step, and the MLP's layer counts alone; a larger chunk would grow with the pass, and counts as whole logits.
 EVAL_PASS_BYTES = 2**28
 
 
@@ -97,7 +98,8 @@ def eval_batches_per_pass(config: GPT2Config, device: torch.device, compile_mode
     size as dynamic in the training graph too. dtype is what the activations are in."""
     if device.type == "cpu" or (compile_model and config.compile_eval):
         return 1
-    per_token = max(4 * config.n_embd * dtype.itemsize, 0 if config.loss_chunk_rows else 16 * config.padded_vocab_size)
+    chunked = 0 < config.loss_chunk_rows <= config.batch_size * config.block_size
+    per_token = max(4 * config.n_embd * dtype.itemsize, 0 if chunked else 16 * config.padded_vocab_size)
     return max(1, min(config.eval_iters, EVAL_PASS_BYTES // (config.batch_size * config.block_size * per_token)))
 
 

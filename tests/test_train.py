@@ -270,6 +270,9 @@ def test_evaluation_passes_stay_under_their_size_and_join_only_eagerly_on_a_gpu(
     assert eval_batches_per_pass(preset_config("gpt2", vocab_size=4096, batch_size=12), gpu, True) == 1
     # the loss in chunks: 12 x 1024 x 3,072 bfloat16 activations make 3 batches in 256 MB
     assert eval_batches_per_pass(preset_config("gpt2", loss_chunk_rows=4096, compile_eval=False), gpu, True) == 3
+    # but a chunk larger than a batch would grow with the pass: one batch a pass, as with the whole logits
+    assert eval_batches_per_pass(preset_config("gpt2", loss_chunk_rows=12289, compile_eval=False), gpu, True) == 1
+    assert eval_batches_per_pass(preset_config("gpt2", loss_chunk_rows=12288, compile_eval=False), gpu, True) == 3
     assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, eval_iters=3), gpu, True) == 3
     assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, compile_eval=True), gpu, True) == 1
     assert eval_batches_per_pass(preset_config("shakespeare-char", vocab_size=65, compile_eval=True), gpu, False) == 5
