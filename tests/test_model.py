@@ -1001,6 +1001,20 @@ def test_float8_needs_dimensions_divisible_by_16():
     assert fp8_problem(torch.device("mps")) == "fp8 runs on CUDA GPUs and CPUs, not on mps"
 
 
+def learn_one_batch_on_the_gpu(model, data, steps: int, step_model=None) -> torch.Tensor:
+    """The losses of `steps` AdamW steps (lr 3e-3) on one batch under bfloat16 autocast: it learns the batch by heart."""
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    out = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = (step_model or model)(data[:, :-1], data[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        out.append(loss.item())
+    return torch.tensor(out)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(),
                     reason="compiled bfloat16 training as train.py runs it needs a CUDA GPU with bfloat16")
 def test_the_chunked_loss_compiled_in_bfloat16_on_the_gpu_follows_the_plain_loss():
@@ -1009,18 +1023,8 @@ def test_the_chunked_loss_compiled_in_bfloat16_on_the_gpu_follows_the_plain_loss
         torch.manual_seed(0)
         model = GPT(tiny_config(vocab_size=50257, n_embd=128, block_size=64, loss_chunk_rows=rows)).cuda()
         model.check_ids = False
-        step_model = torch.compile(model)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         data = torch.randint(0, 50257, (8, 65), generator=torch.Generator().manual_seed(0)).cuda()
-        out = []
-        for _ in range(20):  # learn one batch by heart
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = step_model(data[:, :-1], data[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            out.append(loss.item())
-        return torch.tensor(out)
+        return learn_one_batch_on_the_gpu(model, data, 20, step_model=torch.compile(model))
 
     plain, chunked = losses(0), losses(192)
     assert chunked[-1] < 0.5 * chunked[0]
@@ -1032,22 +1036,13 @@ def test_the_chunked_loss_compiled_in_bfloat16_on_the_gpu_follows_the_plain_loss
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="float8 matmuls need a CUDA GPU of compute capability 8.9+")
 def test_float8_training_on_the_gpu_follows_bfloat16():
-    def losses(fp8: bool) -> list[float]:
+    def losses(fp8: bool) -> torch.Tensor:
         torch.manual_seed(0)
         model = GPT(tiny_config(vocab_size=128, n_embd=128, block_size=64, fp8=fp8)).cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         data = torch.randint(0, 128, (8, 65), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-        out = []
-        for _ in range(30):  # learn one batch by heart
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                _, loss = model(data[:, :-1], data[:, 1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            out.append(loss.item())
-        return out
+        return learn_one_batch_on_the_gpu(model, data, 30)
 
-    bf16, fp8 = torch.tensor(losses(False)), torch.tensor(losses(True))
+    bf16, fp8 = losses(False), losses(True)
     assert fp8[-1] < 0.2 * fp8[0]
     # the same body on a CPU (bf16 autocast, data seeds 0-5): the first 10 losses within 2.6% of bf16's,
     # all 30 within 0.094, as the two runs drift apart while learning the batch by heart
