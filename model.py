@@ -188,7 +188,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w, n = ctx.saved_tensors
-        scale = grad_loss.float() / n
+        scale = grad_loss.float() / n.clamp(min=1)  # no counted row: zero gradients, as the plain loss gives
         return (grad_x * scale).to(grad_x.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None, None
 
 

@@ -714,7 +714,7 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
 
 
 _worker: tuple | None = None  # (tokenizer, dtype, val_fraction) in a worker process
-_stop = None  # in a worker process: the pool's event, set once the parent stops taking results
+_stop = None  # in a worker process: the pool's flag (a shared byte), 1 once the parent stops taking results
 
 
 class UnitAbandoned(Exception):
@@ -722,7 +722,7 @@ class UnitAbandoned(Exception):
 
 
 def _check_stop() -> None:
-    if _stop is not None and _stop.is_set():
+    if _stop is not None and _stop.value:
         raise UnitAbandoned
 
 
@@ -762,7 +762,9 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
     fork = multiprocessing.get_start_method() == "fork"
     if sys.platform == "win32":  # Windows waits on at most 63 handles at once: its executors take 61 workers
         num_proc = min(num_proc, 61)
-    stop = multiprocessing.get_context().Event()
+    # a plain shared byte, not an Event: reading an Event takes its lock, which a worker killed meanwhile (by the
+    # system, or below after another died) would keep forever, and the parent's set() would wait for it
+    stop = multiprocessing.get_context().RawValue("b", 0)
     initargs = (tokenizer if fork else tokenizer.to_dict(), dtype.str, val_fraction, stop)
     # an executor, not multiprocessing.Pool: when the system kills a worker (out of memory), the Pool
     # starts another and waits for the lost result forever, where the executor raises BrokenProcessPool
@@ -793,7 +795,7 @@ def encode_units(tokenizer: Tokenizer, units: Iterable[tuple[tuple, int]], num_p
         raise DataError(f"a tokenising process died (killed by the system: out of memory?); nothing was "
                         f"written. Try again with fewer processes, e.g. --num_proc {max(1, num_proc // 2)}") from None
     finally:  # an error, Ctrl-C, or the caller stopped: the units not begun are dropped, a unit (~1 MB) each ends,
-        stop.set()  # and a whole split for a BPE with a pattern of its own stops at its next check
+        stop.value = 1  # and a whole split for a BPE with a pattern of its own stops at its next check
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -303,8 +303,11 @@ def test_the_chunked_loss_without_gradients_and_with_every_target_ignored():
     chunked = chunked_copy(model, 5)
     with torch.no_grad():
         torch.testing.assert_close(chunked(idx, idx)[1], model(idx, idx)[1], atol=1e-6, rtol=0)
-        nothing = torch.full_like(idx, -1)
-        assert model(idx, nothing)[1].isnan() and chunked(idx, nothing)[1].isnan()  # 0 / 0, as F.cross_entropy
+    nothing = torch.full_like(idx, -1)
+    for m in (model, chunked):  # 0 / 0 = nan, as F.cross_entropy gives, but zero gradients, as its backward gives
+        loss = m(idx, nothing)[1]
+        loss.backward()
+        assert loss.isnan() and all(p.grad.abs().max() == 0 for p in m.parameters())
     assert chunked(idx)[0].shape == (2, 16, 70)  # without targets: the logits, as ever
 
 
@@ -312,23 +315,25 @@ def test_the_chunked_loss_compiles_without_graph_breaks_to_what_eager_computes()
     torch.manual_seed(9)
     model = GPT(tiny_config(vocab_size=70, loss_chunk_rows=24)).train()
     idx = torch.randint(0, 70, (2, 32))
-    explanation = torch._dynamo.explain(model)(idx, idx)
+    targets = idx.clone()
+    targets[0, :5] = -1  # ignored rows take the compiled form's own way to a zero row
+    explanation = torch._dynamo.explain(model)(idx, targets)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     with torch.no_grad():  # evaluation's path, without the gradients
-        explanation = torch._dynamo.explain(model)(idx, idx)
+        explanation = torch._dynamo.explain(model)(idx, targets)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    _, eager_loss, eager_grads = loss_and_grads_of(model, idx)
+    _, eager_loss, eager_grads = loss_and_grads_of(model, idx, targets)
     torch._dynamo.reset()
     model.check_ids = False  # as train.py runs it compiled
-    _, loss, grads = loss_and_grads_of(torch.compile(model), idx, params=model)
+    _, loss, grads = loss_and_grads_of(torch.compile(model), idx, targets, params=model)
     torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def loss_and_grads_of(model, idx, params=None):
+def loss_and_grads_of(model, idx, targets, params=None):
     (params or model).zero_grad(set_to_none=True)
-    logits, loss = model(idx, idx)
+    logits, loss = model(idx, targets)
     loss.backward()
     return logits, loss.detach(), {n: p.grad.clone() for n, p in (params or model).named_parameters()}
 
