@@ -50,9 +50,9 @@ import torch
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, exit_with_parent, output_file_problem,
-                   path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers, stop_signals,
-                   stop_signals_raise, synchronize)
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, output_file_problem,
+                   path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers, stop_signals_raise,
+                   synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -370,10 +370,7 @@ _barrier = None
 def _init_raw_worker(barrier) -> None:
     global _barrier
     _barrier = barrier
-    # Ctrl-C, SIGTERM, SIGHUP are the parent's: it ends the workers (no traceback from each of them)
-    for sig in (signal.SIGINT, *stop_signals()):
-        signal.signal(sig, signal.SIG_IGN)
-    exit_with_parent()
+    become_pool_worker()  # the parent ends the workers on Ctrl-C: no traceback from each of them
 
 
 def _raw_encode(text: str) -> tuple[float, float]:

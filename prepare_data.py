@@ -52,7 +52,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import sys
 import urllib.error
 import urllib.request
@@ -69,9 +68,9 @@ import utils
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
-from utils import (ArgumentParser, Progress, UserError, atomic_open, exit_with_parent, folder_lock, folder_problem,
+from utils import (ArgumentParser, Progress, UserError, atomic_open, become_pool_worker, folder_lock, folder_problem,
                    lock_holder, missing_folders, path_arg, remove_empty_folders, remove_unfinished_writes, run_cli,
-                   start_process_helpers, stop_signals, stop_signals_raise)
+                   start_process_helpers, stop_signals_raise)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -728,13 +727,9 @@ def _check_stop() -> None:
 
 def _init_worker(tokenizer: Tokenizer | dict, dtype: str, val_fraction: float, stop=None) -> None:
     global _worker, _stop
-    # Ctrl-C, SIGTERM and SIGHUP (to the whole process group, from a terminal, a scheduler or a dropped SSH
-    # connection) are the parent's to handle: it lets each worker finish its unit (or stop it at a check, see
-    # encode_ids) and then ends the pool. A worker killed while it sends a result would leave the parent
-    # reading the rest of it forever
-    for sig in (signal.SIGINT, *stop_signals()):  # a SIGHUP that nohup ignores, the workers inherit ignored
-        signal.signal(sig, signal.SIG_IGN)
-    exit_with_parent()  # and when the parent is killed outright, workers must not outlive it
+    # the parent lets each worker finish its unit (or stop it at a check, see encode_ids) and then ends the pool:
+    # a worker killed by Ctrl-C while it sends a result would leave the parent reading the rest of it forever
+    become_pool_worker()
     tokenizer = tokenizer_from_dict(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     _worker, _stop = (tokenizer, np.dtype(dtype), val_fraction), stop
 

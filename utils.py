@@ -148,6 +148,16 @@ def stop_signals_raise(exception: Callable[[int], BaseException]) -> Iterator[Ca
             signal.signal(sig, handler)
 
 
+def become_pool_worker() -> None:
+    """In a pool's worker process: Ctrl-C, SIGTERM and SIGHUP (sent to the whole process group by a terminal, a
+    scheduler or a dropped SSH connection) are left to the parent, which ends the pool its own way, and the worker
+    ends when the parent is gone (exit_with_parent). A SIGHUP that nohup ignores stays ignored."""
+    import signal
+    for sig in (signal.SIGINT, *stop_signals()):
+        signal.signal(sig, signal.SIG_IGN)
+    exit_with_parent()
+
+
 def stop_signals() -> list[int]:
     """The signals besides Ctrl-C that a long run turns into a clean stop: SIGTERM (kill, a scheduler) and
     SIGHUP (the terminal closed, the SSH connection dropped), which otherwise kill at once. SIGHUP only where
