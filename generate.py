@@ -45,6 +45,11 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from utils import quiet_ctrl_c_while_starting
+
+if __name__ == "__main__":  # before torch's import: a second or more in which Ctrl-C would print a traceback
+    quiet_ctrl_c_while_starting()
+
 import torch
 
 from config import DTYPES, suggest

@@ -36,6 +36,11 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from utils import quiet_ctrl_c_while_starting
+
+if __name__ == "__main__":  # before torch's import: a second or more in which Ctrl-C would print a traceback
+    quiet_ctrl_c_while_starting()
+
 import numpy as np
 import torch
 

@@ -167,6 +167,21 @@ def stop_signals() -> list[int]:
     return [signal.SIGTERM] + ([hup] if hup is not None and signal.getsignal(hup) is not signal.SIG_IGN else [])
 
 
+def _interrupted_while_starting(signum, frame) -> None:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def quiet_ctrl_c_while_starting() -> None:
+    """Until run_cli starts main(), Ctrl-C ends the script as run_cli would: "interrupted" on stderr and exit
+    code 130, instead of a traceback from the middle of `import torch` (a second, several on a cold disk). The
+    scripts that import torch call it before that import, when run as programs. A Ctrl-C that is ignored (a job
+    that a shell script started with `&`) stays ignored."""
+    import signal
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
 def utf8_text(text: str) -> str:
     """text with each lone surrogate as U+FFFD. A path in bytes that are not UTF-8 (a GBK file name) reaches
     Python as such surrogates, which libraries that write UTF-8 (TensorBoard) refuse with a traceback."""
@@ -369,6 +384,9 @@ def run_cli(main: Callable[[], object], output_on_stdout: bool = False) -> None:
     # is shown escaped instead of ending the script with a traceback after its work is done
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    import signal
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # from here Ctrl-C raises KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except UserError as e:

@@ -2484,6 +2484,39 @@ def test_run_cli_turns_ctrl_c_into_exit_130():
     assert (r.returncode, r.stderr) == (130, "interrupted\n")  # no traceback
 
 
+@pytest.mark.parametrize("script", ["train.py", "generate.py", "bench.py"])
+def test_ctrl_c_while_torch_imports_ends_the_script_without_a_traceback(script):
+    # a Ctrl-C that arrives while the script imports torch, made certain by an import hook that sends it then;
+    # the script runs as a program would (runpy, __name__ == "__main__")
+    code = ("import os, runpy, signal, sys\n"
+            "class Interrupt:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return None\n"
+            "sys.meta_path.insert(0, Interrupt())\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            f"runpy.run_path({script!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr, r.stdout) == (130, "interrupted\n", "")
+
+
+def test_run_cli_gives_ctrl_c_back_to_python_and_leaves_an_ignored_one_ignored():
+    from utils import quiet_ctrl_c_while_starting
+    handlers = []
+    try:
+        quiet_ctrl_c_while_starting()
+        handlers.append(signal.getsignal(signal.SIGINT))
+        run_cli(lambda: handlers.append(signal.getsignal(signal.SIGINT)))  # KeyboardInterrupt for main's cleanups
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started with & by a shell script
+        quiet_ctrl_c_while_starting()
+        handlers.append(signal.getsignal(signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert handlers[0] not in (signal.default_int_handler, signal.SIG_IGN)
+    assert handlers[1:] == [signal.default_int_handler, signal.SIG_IGN]
+
+
 def test_sample_without_end_of_text_or_newline(tmp_path, char_data):
     # a character set without '\n': the TensorBoard sample starts from the val split's first character
     from train import sample_prompt
