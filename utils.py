@@ -178,7 +178,8 @@ def quiet_ctrl_c_while_starting() -> None:
     scripts that import torch call it before that import, when run as programs. A Ctrl-C that is ignored (a job
     that a shell script started with `&`) stays ignored."""
     import signal
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if (threading.current_thread() is threading.main_thread()  # handlers are the main thread's to set
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
