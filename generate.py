@@ -303,6 +303,12 @@ class Generator:
         pad = [L - len(r) for r in rows]
         idx = torch.tensor([[0] * p + r for p, r in zip(pad, rows)], dtype=torch.long, device=self.device)  # (B, L)
         self.pad = torch.tensor(pad, dtype=torch.long, device=self.device)
+        if self.compiled or self._graph is not None:
+            # these steps attend over every slot, masked or not, and 0 * NaN is NaN: the slots past the prompt
+            # may hold a non-finite value from an earlier generation that overflowed (float16) and stopped
+            for block in self.model.transformer.h:
+                block.attn.kv_cache.k[:, :, L:].zero_()
+                block.attn.kv_cache.v[:, :, L:].zero_()
         logits = self.model.forward_cached(idx, torch.arange(L, device=self.device), self.pad, kv_len=L,
                                            last_only=True)
         self.pos = L
@@ -864,13 +870,19 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
             if not _run_command(line, settings, out):
                 return
             continue
+        streamed = []
+
+        def stream(piece):
+            streamed.append(piece)
+            write(piece)
         try:
-            complete(gen, tokenizer, [line], settings, on_text=write)
+            complete(gen, tokenizer, [line], settings, on_text=stream)
             write("\n")
         except KeyboardInterrupt:
             write("\n[stopped]\n")
         except UserError as e:  # e.g. characters a character-level tokenizer does not know
-            write(f"error: {e}\n")
+            # on a line of its own, not glued to the text streamed before a failure (a non-finite output)
+            write(f"{chr(10) if any(streamed) else ''}error: {e}\n")
 
 
 # ---------------------------------------------------------------------------- command line

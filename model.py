@@ -356,9 +356,11 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward passes
 
     def _check_input(self, idx: torch.Tensor, ids: bool = True, targets: Optional[torch.Tensor] = None) -> None:
-        if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise ValueError(f"idx must be a (B, T) tensor of integer token ids, got shape {tuple(idx.shape)} "
-                             f"and dtype {idx.dtype}; a single sequence is idx[None]")
+        # the embedding takes int64 and int32 ids only: uint16 ids, as a memmapped .bin holds them, need .long()
+        if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"idx must be a (B, T) tensor of integer token ids (torch.long or torch.int32), got "
+                             f"shape {tuple(idx.shape)} and dtype {idx.dtype}; a single sequence is idx[None], "
+                             f"and idx.long() converts other integer types")
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the model's block_size "

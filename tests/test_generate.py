@@ -8,6 +8,7 @@ varied instead of one repeated character and a wrong token shows up.
 """
 import io
 import os
+import re
 import shlex
 import shutil
 import string
@@ -731,6 +732,24 @@ def test_interactive_names_an_unknown_character_and_goes_on(char_checkpoint):
     expected = complete(Generator(model), tok, ["ab"], settings)[0]
     text = out.getvalue()
     assert "error: " in text and "'é'" in text and text.index("error: ") < text.index(f"> {expected}\n")
+
+
+def test_a_generation_that_overflowed_leaves_nothing_behind_for_the_next():
+    # inf at position 12 stands for an activation that overflows in float16; the compiled step attends over
+    # every cache slot, so a non-finite value left in a slot past the next prompt would spoil it too
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=16)
+    with torch.no_grad():
+        model.transformer.wpe.weight[12] = float("inf")
+    expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=3))[0]
+    for gen in (Generator(model), Generator(model, compile=True)):
+        out = io.StringIO()
+        lines = ":max_new_tokens 12\nabcdef\n:max_new_tokens 3\nab\n"
+        generate.interactive(gen, tok, SamplingSettings(temperature=0), stdin=io.StringIO(lines), stdout=out)
+        text = out.getvalue()
+        # the error on a line of its own after the text streamed so far, then the next prompt as if alone
+        assert re.search(r"\n> [^\n]{7}\nerror: the model's output became NaN or infinite at new token 8", text), text
+        assert text.endswith(f"> {expected}\n> \n"), (gen.compiled, text)
 
 
 def test_interactive_ctrl_c_stops_only_that_generation(char_checkpoint, monkeypatch):

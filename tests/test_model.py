@@ -5,6 +5,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -528,15 +529,24 @@ def test_sequence_longer_than_block_size():
 
 
 @pytest.mark.parametrize("idx", [torch.zeros(5, dtype=torch.long), torch.zeros(1, 2, 5, dtype=torch.long),
-                                 torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.bool)])
+                                 torch.zeros(1, 5), torch.zeros(1, 5, dtype=torch.bool),
+                                 torch.zeros(1, 5, dtype=torch.uint8), torch.zeros(1, 5, dtype=torch.int16),
+                                 torch.from_numpy(np.zeros((1, 5), np.uint16))])  # as a memmapped .bin holds ids
 def test_input_that_is_not_a_batch_of_token_ids(idx):
     model = GPT(tiny_config())
-    with pytest.raises(ValueError, match=r"idx must be a \(B, T\) tensor of integer token ids, got shape "
-                                         rf"{re.escape(str(tuple(idx.shape)))} and dtype {idx.dtype}"):
+    with pytest.raises(ValueError, match=r"idx must be a \(B, T\) tensor of integer token ids \(torch.long or "
+                                         rf"torch.int32\), got shape {re.escape(str(tuple(idx.shape)))} and dtype "
+                                         rf"{idx.dtype}; .* idx.long\(\) converts"):
         model(idx)
     model.setup_kv_cache(1, 8)
     with pytest.raises(ValueError, match=r"idx must be a \(B, T\) tensor"):
         model.forward_cached(idx, torch.tensor([0]))
+
+
+def test_int32_token_ids_give_what_int64_ids_give():
+    model = GPT(tiny_config()).eval()
+    idx = torch.tensor([[1, 2, 3, 100]])
+    torch.testing.assert_close(model(idx.int())[0], model(idx)[0], atol=0, rtol=0)
 
 
 def test_token_ids_outside_the_vocabulary():
