@@ -1087,6 +1087,9 @@ def _check_training_text(text, what: str) -> None:
                              f"empty and was read as text")
 
 
+MAX_BPE_VOCAB_SIZE = 2 ** 31 - 1  # ids of 31 bits: two of them, a << 31 | b, fit numpy's int64 (train's pair keys)
+
+
 def check_bpe_vocab_size(vocab_size, specials: int) -> None:
     """A byte-level BPE's vocabulary holds the 256 byte tokens and the special tokens at least."""
     if not isinstance(vocab_size, int):
@@ -1096,6 +1099,10 @@ def check_bpe_vocab_size(vocab_size, specials: int) -> None:
             f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 byte tokens plus "
             f"{specials} special token(s), so at least {256 + specials}; typical values are 512 to "
             f"50257, e.g. vocab_size=4096")
+    if vocab_size > MAX_BPE_VOCAB_SIZE:
+        raise TokenizerError(f"vocab_size {vocab_size} is too large: training keeps a pair of ids in one 64-bit "
+                             f"integer, so at most {MAX_BPE_VOCAB_SIZE:,}; typical values are 512 to 50257, "
+                             f"e.g. vocab_size=4096")
 
 
 def _check_special_tokens(names: list) -> None:
@@ -1192,6 +1199,7 @@ def main(argv: list[str] | None = None) -> None:
             raise TokenizerError(f"--out {args.out!r} is the training text itself, which writing the tokenizer "
                                  f"would destroy; give another file, e.g. --out tokenizer.json")
     text = _read_text(args.train)
+    _check_special_tokens(args.special)  # before the notes below, which would count '' everywhere
     for token in args.special:
         # training cuts the text at each occurrence, while prepare_data.py encodes the text as ordinary bytes: a
         # marker the text uses as text (a space, a letter, a word) leaves it out of every merge

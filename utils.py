@@ -192,6 +192,12 @@ def utf8_text(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+# the first bytes of compressed files, which no UTF-8 text starts with (0x8b, 0xfd and 0xb5 cannot start a character;
+# 'BZh' and 'PK' can, so those signatures are longer)
+COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+                    (b"PK\x03\x04", "zip"))
+
+
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None) -> str:
     """data as str; invalid UTF-8 raises `error` (UserError by default) naming `where`, the byte offset
     (offset: where data starts in its file) and how to convert the text: GBK and UTF-16 are what Chinese
@@ -202,7 +208,10 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
         # a piece cut out of a file ends where the cut is, so a lead byte before the cut reads as an
         # "unexpected end of data" even when the file goes on with a byte that cannot continue it
         reason = "starts a character that is not completed" if e.reason == "unexpected end of data" else e.reason
-        if offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
+        packed = next((kind for magic, kind in COMPRESSED_MAGIC if bytes(data[:len(magic)]) == magic), None)
+        if offset == 0 and packed:
+            how = f"it is compressed ({packed}): decompress it first"
+        elif offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
             how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
                    "`iconv -f utf-16 -t utf-8 IN > OUT`")
         else:

@@ -3,7 +3,9 @@ pipeline against single-thread tiktoken, atomic writes, bad input, and determini
 
     python -m pytest -q tests/test_data.py
 """
+import bz2
 import contextlib
+import gzip
 import hashlib
 import itertools
 import json
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -756,6 +759,18 @@ def test_uint32_written_and_loaded(tmp_path):
 
 # -----------------------------------------------------------------------------
 # atomic writes
+
+
+def test_a_compressed_file_is_named_so_not_taken_for_another_encoding(shakespeare_text, tmp_path):
+    text = shakespeare_text[:2000].encode()
+    with zipfile.ZipFile(tmp_path / "in.zip", "w") as z:
+        z.writestr("in.txt", text)
+    files = {"gzip": gzip.compress(text), "bzip2": bz2.compress(text), "zip": (tmp_path / "in.zip").read_bytes()}
+    for kind, data in files.items():
+        (tmp_path / "in.txt").write_bytes(data)  # a name that does not say it
+        r = run_cli("--dataset", "custom", "--input", tmp_path / "in.txt", "--output_dir", tmp_path / kind)
+        assert r.returncode == 2 and r.stderr.endswith(f"it is compressed ({kind}): decompress it first\n"), r.stderr
+        assert not (tmp_path / kind).exists()
 
 
 def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path, monkeypatch):

@@ -686,6 +686,13 @@ def test_cli_help_and_train(tmp_path):
     assert tok.vocab_size == 280 and tok.eot_token == 279
     out = cli("--train", "in.txt", "--vocab_size", "10")
     assert out.returncode == 2 and out.stderr.startswith("error: vocab_size 10 is too small")
+    for size in (2 ** 31, 2 ** 54):  # pairs of ids would overflow 64 bits: wrong merges, or a KeyError
+        out = cli("--train", "in.txt", "--vocab_size", str(size))
+        assert out.returncode == 2 and out.stderr.startswith(f"error: vocab_size {size} is too large"), out.stderr
+    for size in (4096, 2 ** 31 - 1):  # the largest: both stop when every chunk is one token, with the same merges
+        out = cli("--train", "in.txt", "--vocab_size", str(size), "--out", f"{size}.json")
+        assert out.returncode == 0, out.stderr
+    assert load_tokenizer(tmp_path / f"{2 ** 31 - 1}.json").merges == load_tokenizer(tmp_path / "4096.json").merges
     out = cli("--train", "missing.txt")
     assert out.returncode == 2 and "cannot read the text file 'missing.txt'" in out.stderr
     (tmp_path / "outdir").mkdir()
@@ -785,6 +792,12 @@ def test_cli_notes_a_special_token_that_the_text_uses_as_text(tmp_path):
                               "--special", special, "--out", "tok.json"], cwd=tmp_path, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert (note in out.stderr) if note else "note:" not in out.stderr, out.stderr
+    for specials in ([""], ["a", "a"]):  # refused in one line, without notes that count '' everywhere first
+        out = subprocess.run([sys.executable, tokenizer.__file__, "--train", "in.txt", "--out", "tok.json",
+                              *[arg for s in specials for arg in ("--special", s)]],
+                             cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 2 and out.stderr.splitlines() == [
+            f"error: special tokens must be distinct non-empty strings of valid Unicode, got {specials!r}"]
 
 
 def test_a_pattern_gap_is_placed_in_the_whole_text_given_to_encode():
