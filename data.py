@@ -128,6 +128,9 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+CHANGED = "was replaced or changed since the run started (prepared again?)"
+
+
 def _identity(path: Path) -> tuple:
     """What tells a file from another put in its place (prepare_data.py renames new files over the old), or
     from itself grown, cut or written over in place: device, inode, size and modification time."""
@@ -298,6 +301,19 @@ class BatchLoader:
             return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
 
+    def changed_file(self) -> str | None:
+        """Why the batches to come may not be drawn from the data the run started with, or None: a .bin file
+        replaced, changed or removed since it was checked (prepare_data.py run again into the folder). train.py
+        looks after each step, and then saves and stops before a batch meets it; a stat per split."""
+        for split in SPLITS:
+            path = self.data_dir / f"{split}.bin"
+            try:
+                if _identity(path) != self._files[split]:
+                    return f"{path} {CHANGED}"
+            except OSError as e:
+                return f"{path} cannot be read any more ({e.strerror or e})"
+        return None
+
     def _take_prepared(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         pending, self._pending = self._pending, None
         if pending is None:
@@ -317,9 +333,8 @@ class BatchLoader:
         starts = rng.integers(0, self.num_tokens[split] - T, size=self.batch_size)
         path = self.data_dir / f"{split}.bin"
         if _identity(path) != self._files[split]:  # a stat a batch: microseconds
-            raise DamagedBatchError(f"{path} was replaced or changed since the run started (prepared again?), so its "
-                                    f"batches may no longer be the ones this run draws. Finish preparing, then run "
-                                    f"the command again: a resumed run checks the data anew")
+            raise DamagedBatchError(f"{path} {CHANGED}, so its batches may no longer be the ones this run draws. "
+                                    f"Finish preparing, then run the command again: a resumed run checks the data anew")
         data = np.memmap(path, dtype=self.dtype, mode="r")
         # one gather for all B windows: a stack of B slices costs several times as long in Python, on the thread
         # that shares the interpreter with the training loop

@@ -1183,8 +1183,8 @@ def main(argv: list[str] | None = None) -> dict:
             meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=given or kind, val_fraction=val_fraction,
                                 vocab_size=vocab_size if kind == "bpe" else None, num_proc=args.num_proc,
                                 command=command, input_path=args.input)
-    print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
-          f"({meta['tokenizer']}, vocab_size {meta['vocab_size']}, {meta['dtype']})")
+    utils.print_result(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+                       f"({meta['tokenizer']}, vocab_size {meta['vocab_size']}, {meta['dtype']})")
     return meta
 
 

@@ -37,8 +37,8 @@ from typing import Callable, Iterator
 import numpy as np
 import regex  # unlike re, it knows the Unicode classes \p{L} and \p{N} of GPT-2's pattern
 
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, read_utf8_file,
-                   path_arg, run_cli, writes_directly)
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output_file_problem, path_arg, print_result,
+                   read_utf8_file, run_cli, writes_directly)
 
 # GPT-2's pre-split: contractions, letters, digits, other symbols (each with at most one leading
 # space), and runs of whitespace. A space is kept at the start of the word that follows it, and
@@ -1214,8 +1214,8 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # e.g. a full disk
         raise TokenizerError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
     # where the file itself goes to stdout (--out /dev/stdout > tok.json), the line must not join it
-    print(f"saved a {tok.vocab_size}-token BPE tokenizer to {args.out}",
-          file=sys.stderr if writes_directly(Path(args.out)) else sys.stdout)
+    print_result(f"saved a {tok.vocab_size}-token BPE tokenizer to {args.out}",
+                 sys.stderr if writes_directly(Path(args.out)) else sys.stdout)
 
 
 if __name__ == "__main__":

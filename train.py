@@ -51,7 +51,7 @@ from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, Che
                    folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
                    load_weights, lock_holder, missing_folders, remove_empty_folders, remove_unfinished_writes,
                    resolve_device, resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as, set_rng_state,
-                   stop_signals, stop_signals_raise, synchronize, utf8_text)
+                   silence, stop_signals, stop_signals_raise, synchronize, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -221,18 +221,6 @@ class GracefulStop:
             print(message, file=sys.stderr, flush=True)
         except OSError:  # stderr is a closed pipe too (`2>&1 | head`): stopping and saving matter more
             silence(sys.stderr)
-
-
-def silence(stream) -> None:
-    """Point a closed or failing stream's file descriptor at os.devnull: what it still buffers, and every
-    later write, go nowhere instead of raising again (at exit, say)."""
-    with suppress(OSError, ValueError):
-        fd = stream.fileno()  # first: a stream without one (io.StringIO) has nothing to point elsewhere
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, fd)
-        finally:
-            os.close(devnull)
 
 
 def torchrun_deadline() -> str:
@@ -1281,6 +1269,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             iter_num += 1
             untrained = False
             writer.check()
+            changed = loader.changed_file()  # the data prepared again: save this step's state before a batch meets it
+            if changed and "data_changed" not in summary:
+                summary["data_changed"] = changed
+                stop.request(signal.SIGTERM, changed)
 
             if log_step:
                 if ddp:  # the mean over all ranks (gloo has no AVG)
@@ -1732,6 +1724,10 @@ def exit_at_once(code: int) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     config, explicit = parse_args(argv)
     summary = train(config, explicit)  # a second Ctrl-C raises KeyboardInterrupt: run_cli exits with 130
+    if summary.get("data_changed"):  # saved and stopped: the error says what happened, and run_cli exits with 2
+        from data import DataError
+        raise DataError(f"{summary['data_changed']}: finish preparing, then run the same command again; it goes on "
+                        f"from the checkpoint just saved and checks the data anew")
     code = 128 + int(summary["stopped_by"]) if summary["stopped_by"] else 0
     # Under torchrun always: the process group is destroyed and every file is closed, but gloo's worker threads
     # can still abort the process ("terminate called without an active exception") while C++ objects are

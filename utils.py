@@ -431,6 +431,32 @@ def run_cli(main: Callable[[], object], output_on_stdout: bool = False) -> None:
              f"{e.strerror or e} while writing the output; free some space there")
 
 
+def silence(stream) -> None:
+    """Point a closed or failing stream's file descriptor at os.devnull: what it still buffers, and every
+    later write, go nowhere instead of raising again (at exit, say)."""
+    with contextlib.suppress(OSError, ValueError):
+        fd = stream.fileno()  # first: a stream without one (io.StringIO) has nothing to point elsewhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
+def print_result(line: str, stream: Optional[IO] = None) -> None:
+    """A script's last line, said once its product is complete on disk (prepare_data.py's data set, tokenizer.py's
+    file). A stdout that cannot take it (`> log.txt` on a full disk, /dev/full) does not make the finished work a
+    failure with exit code 2: the line goes to stderr instead, and the script ends as it would have."""
+    stream = stream or sys.stdout
+    try:
+        print(line, file=stream, flush=True)
+    except OSError as e:
+        silence(stream)  # the line it still buffers would fail again at exit
+        if stream is not sys.stderr:
+            with contextlib.suppress(OSError):
+                print(f"{line} (stdout could not take this line: {e.strerror or e})", file=sys.stderr, flush=True)
+
+
 def _std_stream(path: Path) -> Optional[IO]:
     """sys.stdout or sys.stderr if path is where that stream goes (/dev/stdout, or the file it is redirected to)."""
     for stream in (sys.stdout, sys.stderr):

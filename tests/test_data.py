@@ -773,6 +773,18 @@ def test_a_compressed_file_is_named_so_not_taken_for_another_encoding(shakespear
         assert not (tmp_path / kind).exists()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
+def test_a_finished_data_set_is_no_failure_when_stdout_cannot_take_the_last_line(shakespeare_text, tmp_path):
+    (tmp_path / "in.txt").write_text(shakespeare_text[:5000], encoding="utf-8")
+    with open("/dev/full", "w") as full:  # `> log.txt` on a full disk
+        r = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--dataset", "custom", "--input",
+                            tmp_path / "in.txt", "--output_dir", tmp_path / "o", "--tokenizer", "char"],
+                           stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.endswith(" (stdout could not take this line: No space left on device)\n")
+    assert f"wrote {tmp_path / 'o'}: 4,500 train and 500 val tokens" in r.stderr
+    assert sum(np.fromfile(tmp_path / "o" / f"{s}.bin", np.uint16).size for s in ("train", "val")) == 5000
+
+
 def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path, monkeypatch):
     src = tmp_path / "t.txt"
     src.write_text(shakespeare_text[:50_000])

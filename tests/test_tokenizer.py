@@ -781,6 +781,17 @@ def test_merges_report_at_least_every_few_seconds(monkeypatch, capsys, shakespea
     assert [line.split(":")[0] for line in lines] == [f"merge {i}/60" for i in range(1, 61)]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
+def test_cli_saved_tokenizer_is_no_failure_when_stdout_cannot_take_the_last_line(tmp_path):
+    (tmp_path / "in.txt").write_text("to be or not to be, that is the question\n" * 20, encoding="utf-8")
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, tokenizer.__file__, "--train", "in.txt", "--vocab_size", "270", "--out",
+                              "tok.json"], cwd=tmp_path, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert out.returncode == 0 and out.stderr.endswith(
+        "saved a 270-token BPE tokenizer to tok.json (stdout could not take this line: No space left on device)\n")
+    assert load_tokenizer(tmp_path / "tok.json").vocab_size == 270
+
+
 def test_cli_notes_a_special_token_that_the_text_uses_as_text(tmp_path):
     """Training cuts the text at each special token, prepare_data.py encodes it as text: --special ' ' would
     keep the space out of every merge, in silence."""

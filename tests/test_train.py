@@ -2517,6 +2517,33 @@ def test_run_cli_gives_ctrl_c_back_to_python_and_leaves_an_ignored_one_ignored()
     assert handlers[1:] == [signal.default_int_handler, signal.SIG_IGN]
 
 
+def test_data_prepared_again_during_a_run_stops_it_with_its_last_step_saved(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    step, calls = train_module.optimizer_step, []
+
+    def step_then_touch(*args, **kwargs):  # after the third step, as prepare_data.py rewriting the same data would
+        calls.append(1)
+        if len(calls) == 3:
+            st = (data / "train.bin").stat()
+            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "optimizer_step", step_then_touch)
+    config = tiny(data, tmp_path / "run", max_iters=10, eval_interval=5)
+    with pytest.raises(DataError, match=r"train.bin was replaced or changed since the run started \(prepared again\?\): "
+                                        r"finish preparing, then run the same command again; it goes on from the "
+                                        r"checkpoint just saved"):
+        main(cli_flags(config))
+    assert load_checkpoint(tmp_path / "run" / "ckpt" / "checkpoint.pt")["iter_num"] == 3
+    # the same bytes: the resumed run ends where a run that was never stopped ends
+    resumed = train(config)
+    straight = train(tiny(char_data, tmp_path / "straight", max_iters=10, eval_interval=5))
+    assert resumed["resumed_from"] == 3 and resumed["iter_num"] == 10
+    assert {i: resumed["losses"][i] for i in range(4, 11)} == {i: straight["losses"][i] for i in range(4, 11)}
+    assert resumed["evals"][10] == straight["evals"][10]
+
+
 def test_sample_without_end_of_text_or_newline(tmp_path, char_data):
     # a character set without '\n': the TensorBoard sample starts from the val split's first character
     from train import sample_prompt
@@ -3020,7 +3047,7 @@ def test_a_run_started_with_nohup_outlives_the_terminal(char_data, tmp_path):
 
 def test_a_stream_without_a_file_descriptor_is_silenced_without_leaking_one():
     import io
-    from train import silence
+    from utils import silence
     before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     for _ in range(5):
         silence(io.StringIO())
