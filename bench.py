@@ -708,15 +708,15 @@ def model_report(args) -> dict:
     args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else (500 if cuda else 50)
     if args.warmup < 1 or args.steps < 1 or args.gen_tokens < 1:
         raise UserError("--warmup, --steps and --gen_tokens must be at least 1")
-    if args.cuda_graph and not args.no_train and args.warmup <= GRAPH_WARMUP_STEPS:
-        raise UserError(f"--cuda_graph captures the step after {GRAPH_WARMUP_STEPS} plain ones: give --warmup "
-                        f"{GRAPH_WARMUP_STEPS + 1} or more, so that the timed steps only replay it")
-    if args.cuda_graph:
+    if args.cuda_graph:  # first whether it can run here at all, then how many steps it needs
         from train import cuda_graph_problem
         config.compile_mode = args.compile_mode
         problem = cuda_graph_problem(config, device, dtype, use_compile)
         if problem:
             raise UserError(f"{problem.replace('cuda_graph', '--cuda_graph', 1)}; or drop --cuda_graph")
+    if args.cuda_graph and not args.no_train and args.warmup <= GRAPH_WARMUP_STEPS:
+        raise UserError(f"--cuda_graph captures the step after {GRAPH_WARMUP_STEPS} plain ones: give --warmup "
+                        f"{GRAPH_WARMUP_STEPS + 1} or more, so that the timed steps only replay it")
     if args.profile < 0 or (args.profile and args.no_train):
         raise UserError(f"--profile profiles training steps: give a number of steps, at least 1, and leave out "
                         f"--no_train (got --profile {args.profile}{' --no_train' if args.no_train else ''})")
