@@ -973,15 +973,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if new_run:  # TensorBoard keeps the first hyperparameters a run folder gets, so only a new one gets them
         log.hparams({**config.to_dict(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                      "compile": compile_model}, layout=True)
-    elif ckpt is not None:  # a resumed run whose command changed settings says so on its TEXT page
+    config_changes = []  # a resumed run whose command changed settings says so on its TEXT page (below)
+    if ckpt is not None and not new_run:
         before = ckpt["config"]
-        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
-                   if k in before and before[k] != v]
-        if changed:
-            # at the first step this run trains, which a rerun after a crash before its first checkpoint purges
-            # (purge_step): listed once, not once per try
-            log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(changed),
-                     iter_num + 1)
+        config_changes = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
+                          if k in before and before[k] != v]
 
     n_params = raw_model.get_num_params()
     log.print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, {config.n_head} heads, "
@@ -1017,6 +1013,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     evaluated_at = progress.get("evaluated_at", iter_num) if ckpt is not None else None
     if ckpt is not None and iter_num == config.max_iters and evaluated_at != iter_num:
         eval_owed = True
+    if config_changes and (iter_num < config.max_iters or eval_owed):  # not for a finished run that trains no more
+        # at the first step this run trains, which a rerun after a crash before its first checkpoint purges
+        # (purge_step): listed once, not once per try
+        log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(config_changes),
+                 iter_num + 1)
     del ckpt  # the optimizer and model hold copies; free the checkpoint's tensors
 
     def make_checkpoint() -> dict:

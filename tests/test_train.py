@@ -1810,6 +1810,9 @@ def test_a_crash_while_writing_the_final_checkpoint_is_made_good_by_running_agai
     train(tiny(char_data, tmp_path, max_iters=10))  # now it is complete
     assert "already trained for 10 iterations (max_iters=10); raise --max_iters" in capsys.readouterr().out
     assert sorted((tmp_path / "runs").rglob("events.out.tfevents.*")) == events  # no empty event file
+    train(tiny(char_data, tmp_path, max_iters=10, eval_iters=3))  # nor one of changed settings that were not used
+    assert "already trained for 10 iterations (max_iters=10); raise --max_iters" in capsys.readouterr().out
+    assert sorted((tmp_path / "runs").rglob("events.out.tfevents.*")) == events
     # an earlier, shorter run's final checkpoint left in place by the crash is replaced too
     monkeypatch.setattr(train_module, "save_checkpoint", crash_on_final)
     with pytest.raises(Crash):
