@@ -339,7 +339,7 @@ def test_split_ranges():
     text = "aé€😀bcdefghij"  # 13 characters, 20 bytes
     (_, train, *_), (_, val, _, _, offset) = split_pieces([text.encode()], 0.2)
     assert (train.decode(), val.decode(), offset) == (text[:10], text[10:], len(text[:10].encode()))
-    with pytest.raises(DataError, match="has 1 characters.*leaves the train split empty"):
+    with pytest.raises(DataError, match="has 1 character,.*leaves the train split empty"):
         split_pieces([b"a"], 0.1)
 
 
