@@ -1271,7 +1271,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             untrained = False
             writer.check()
             changed = loader.changed_file()  # the data prepared again: save this step's state before a batch meets it
-            if changed and "data_changed" not in summary:
+            if changed and not summary.get("data_changed"):
                 summary["data_changed"] = changed
                 stop.request(signal.SIGTERM, changed)
 
@@ -1319,6 +1319,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     save(["checkpoint.pt"])
                 writer.wait()  # saved, before it says so
                 summary["stopped_by"] = stop.signum or signal.SIGTERM
+                # under torchrun another rank may have seen the change first: every rank that sees it says why
+                summary["data_changed"] = summary.get("data_changed") or loader.changed_file()
                 again = ("run the same command again" if config.init_from != "scratch"
                          else "run it again without --init_from=scratch")  # which would start over
                 log.print(f"stopped at iteration {iter_num}: saved {checkpoint_dir / 'checkpoint.pt'}; {again} "
