@@ -193,12 +193,14 @@ class GracefulStop:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def request(self, signum: int, why: str) -> None:
-        """Stop as a signal would, for a reason found inside the process; a repeat does nothing."""
+    def request(self, signum: int, why: str, between_steps: bool = False) -> None:
+        """Stop as a signal would, for a reason found inside the process; a repeat does nothing. between_steps: the
+        reason was found where no step or evaluation batch is under way, and no signal reached torchrun."""
         if self.signum is None:
             self.signum, self._first = signum, time.monotonic()
             if self.verbose:
-                self._say(f"{why}: finishing this step (or evaluation batch), then {self.then}{torchrun_deadline()}")
+                self._say(f"{why}: {self.then}" if between_steps else
+                          f"{why}: finishing this step (or evaluation batch), then {self.then}{torchrun_deadline()}")
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
@@ -1013,7 +1015,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     evaluated_at = progress.get("evaluated_at", iter_num) if ckpt is not None else None
     if ckpt is not None and iter_num == config.max_iters and evaluated_at != iter_num:
         eval_owed = True
-    if config_changes and (iter_num < config.max_iters or eval_owed):  # not for a finished run that trains no more
+    if config_changes and (iter_num < config.max_iters or (iter_num == config.max_iters and eval_owed)):  # it works
         # at the first step this run trains, which a rerun after a crash before its first checkpoint purges
         # (purge_step): listed once, not once per try
         log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(config_changes),
@@ -1124,10 +1126,12 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 last_report = time.perf_counter()
                 log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s]")
 
+        def should_stop() -> bool:  # before each evaluation batch
+            look_at_data()
+            return stop_requested(stop, stop_group if ddp else None)
         with eval_stance():
             losses = estimate_loss(eval_model, loader, config.eval_iters, ctx, rank, world_size,
-                                   should_stop=lambda: stop_requested(stop, stop_group if ddp else None),
-                                   progress=progress, per_pass=eval_per_pass)
+                                   should_stop=should_stop, progress=progress, per_pass=eval_per_pass)
         if losses is None:
             timing["evaluation"] += time.perf_counter() - t0
             log.print(f"iter {iter_num}: evaluation cut short by the stop request")
@@ -1161,6 +1165,14 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
     summary = {"losses": {}, "evals": {}, "stopped_by": None, "resumed_from": resumed_from,
                "run_dir": str(run_dir) if run_dir else None}
+
+    def look_at_data() -> None:
+        """The data prepared again (a .bin replaced, changed or removed): stop, saving the state of the last step,
+        before a batch meets the change. After each step and before each evaluation batch; a stat per split."""
+        changed = loader.changed_file()
+        if changed and not summary.get("data_changed"):
+            summary["data_changed"] = changed
+            stop.request(signal.SIGTERM, changed, between_steps=True)
 
     def finish() -> dict:
         writer.wait()
@@ -1270,10 +1282,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             iter_num += 1
             untrained = False
             writer.check()
-            changed = loader.changed_file()  # the data prepared again: save this step's state before a batch meets it
-            if changed and not summary.get("data_changed"):
-                summary["data_changed"] = changed
-                stop.request(signal.SIGTERM, changed)
+            look_at_data()
 
             if log_step:
                 if ddp:  # the mean over all ranks (gloo has no AVG)
@@ -1573,7 +1582,8 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
         # the same request, not as a second one that aborts without saving
         stop.signum, stop._first = signal.SIGTERM, time.monotonic()
         if stop.verbose:  # rank 0 says why the run stops; the signalled rank said it for itself
-            print("another process received a signal: stopping with it", file=sys.stderr, flush=True)
+            print("another process is stopping (a signal, or its data changed): stopping with it", file=sys.stderr,
+                  flush=True)
     return bool(flag.item())
 
 
@@ -1727,10 +1737,12 @@ def exit_at_once(code: int) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     config, explicit = parse_args(argv)
     summary = train(config, explicit)  # a second Ctrl-C raises KeyboardInterrupt: run_cli exits with 130
-    if summary.get("data_changed"):  # saved and stopped: the error says what happened, and run_cli exits with 2
+    if summary.get("data_changed"):  # stopped (the lines before say what was saved); run_cli exits with 2
         from data import DataError
-        raise DataError(f"{summary['data_changed']}: finish preparing, then run the same command again; it goes on "
-                        f"from the checkpoint just saved and checks the data anew")
+        error = DataError(f"{summary['data_changed']}: finish preparing, then run the same command again; it checks "
+                          f"the data anew")
+        error.per_process = True  # under torchrun, said by each process that saw it, on whichever machine
+        raise error
     code = 128 + int(summary["stopped_by"]) if summary["stopped_by"] else 0
     # Under torchrun always: the process group is destroyed and every file is closed, but gloo's worker threads
     # can still abort the process ("terminate called without an active exception") while C++ objects are

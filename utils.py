@@ -192,10 +192,11 @@ def utf8_text(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-# the first bytes of compressed files, which no UTF-8 text starts with (0x8b, 0xfd and 0xb5 cannot start a character;
-# 'BZh' and 'PK' can, so those signatures are longer)
-COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
-                    (b"PK\x03\x04", "zip"))
+# the first bytes of compressed files: those of gzip, xz and zstd hold a byte that cannot start a UTF-8 character;
+# bzip2's and zip's are letters, so more of them is matched (bzip2: the block size, then a block's magic number)
+COMPRESSED_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2"),
+                    (re.compile(rb"\xfd7zXZ\x00"), "xz"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
+                    (re.compile(rb"PK\x03\x04"), "zip"))
 
 
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None) -> str:
@@ -208,7 +209,7 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
         # a piece cut out of a file ends where the cut is, so a lead byte before the cut reads as an
         # "unexpected end of data" even when the file goes on with a byte that cannot continue it
         reason = "starts a character that is not completed" if e.reason == "unexpected end of data" else e.reason
-        packed = next((kind for magic, kind in COMPRESSED_MAGIC if bytes(data[:len(magic)]) == magic), None)
+        packed = next((kind for magic, kind in COMPRESSED_MAGIC if magic.match(bytes(data[:16]))), None)
         if offset == 0 and packed:
             how = f"it is compressed ({packed}): decompress it first"
         elif offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark

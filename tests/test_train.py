@@ -2535,8 +2535,7 @@ def test_data_prepared_again_during_a_run_stops_it_with_its_last_step_saved(char
     monkeypatch.setattr(train_module, "optimizer_step", step_then_touch)
     config = tiny(data, tmp_path / "run", max_iters=10, eval_interval=5)
     with pytest.raises(DataError, match=r"train.bin was replaced or changed since the run started \(prepared again\?\): "
-                                        r"finish preparing, then run the same command again; it goes on from the "
-                                        r"checkpoint just saved"):
+                                        r"finish preparing, then run the same command again; it checks the data anew"):
         main(cli_flags(config))
     assert load_checkpoint(tmp_path / "run" / "ckpt" / "checkpoint.pt")["iter_num"] == 3
     # the same bytes: the resumed run ends where a run that was never stopped ends
@@ -2545,6 +2544,38 @@ def test_data_prepared_again_during_a_run_stops_it_with_its_last_step_saved(char
     assert resumed["resumed_from"] == 3 and resumed["iter_num"] == 10
     assert {i: resumed["losses"][i] for i in range(4, 11)} == {i: straight["losses"][i] for i in range(4, 11)}
     assert resumed["evals"][10] == straight["evals"][10]
+
+
+def test_data_prepared_again_during_an_evaluation_stops_the_run_with_that_evaluation_owed(char_data, tmp_path,
+                                                                                          monkeypatch, capsys):
+    import train as train_module
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    evaluate, calls = train_module.estimate_loss, []
+
+    def touch_then_evaluate(*args, **kwargs):  # at the evaluation of iteration 5, before its first batch
+        calls.append(1)
+        if len(calls) == 2:  # the first is the initial evaluation
+            st = (data / "val.bin").stat()
+            os.utime(data / "val.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train_module, "estimate_loss", touch_then_evaluate)
+    config = tiny(data, tmp_path / "run", max_iters=10, eval_interval=5)
+    with pytest.raises(DataError, match=r"val.bin was replaced or changed since the run started"):
+        main(cli_flags(config))
+    assert "iter 5: evaluation cut short by the stop request" in capsys.readouterr().out
+    saved = load_checkpoint(tmp_path / "run" / "ckpt" / "checkpoint.pt")
+    assert saved["iter_num"] == 5 and saved["progress"]["eval_owed"]
+    monkeypatch.undo()
+    # run again with a max_iters it has passed: nothing to do, and no TensorBoard file for its changed setting
+    events = sorted((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
+    train(tiny(data, tmp_path / "run", max_iters=4, eval_interval=5))
+    assert "already trained for 5 iterations (max_iters=4)" in capsys.readouterr().out
+    assert sorted((tmp_path / "run" / "runs").rglob("events.out.tfevents.*")) == events
+    resumed = train(config)  # makes the evaluation up first, then goes on as a run that was never stopped
+    straight = train(tiny(char_data, tmp_path / "straight", max_iters=10, eval_interval=5))
+    assert [resumed["evals"][i] for i in (5, 10)] == [straight["evals"][i] for i in (5, 10)]
+    assert resumed["losses"][10] == straight["losses"][10]
 
 
 def test_sample_without_end_of_text_or_newline(tmp_path, char_data):
