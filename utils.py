@@ -194,7 +194,7 @@ def utf8_text(text: str) -> str:
 
 # the first bytes of compressed files: those of gzip, xz and zstd hold a byte that cannot start a UTF-8 character;
 # bzip2's and zip's are letters, so more of them is matched (bzip2: the block size, then a block's magic number)
-COMPRESSED_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"BZh"), "bzip2"),
+COMPRESSED_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2"),
                     (re.compile(rb"\xfd7zXZ\x00"), "xz"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
                     (re.compile(rb"PK\x03\x04"), "zip"))
 
