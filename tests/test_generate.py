@@ -15,6 +15,7 @@ import string
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -734,22 +735,31 @@ def test_interactive_names_an_unknown_character_and_goes_on(char_checkpoint):
     assert "error: " in text and "'é'" in text and text.index("error: ") < text.index(f"> {expected}\n")
 
 
-def test_a_generation_that_overflowed_leaves_nothing_behind_for_the_next():
-    # inf at position 12 stands for an activation that overflows in float16; the compiled step attends over
-    # every cache slot, so a non-finite value left in a slot past the next prompt would spoil it too
+def overflowed_then_next(generators: Callable[[GPT], list[Generator]]) -> None:
+    # inf at position 12 stands for an activation that overflows in float16; the compiled or graphed step attends
+    # over every cache slot, so a non-finite value left in a slot past the next prompt would spoil it too
     tok = char_tokenizer()
     model = tiny_model(tok.vocab_size, block_size=16)
     with torch.no_grad():
         model.transformer.wpe.weight[12] = float("inf")
     expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=3))[0]
-    for gen in (Generator(model), Generator(model, compile=True)):
+    for gen in generators(model):
         out = io.StringIO()
         lines = ":max_new_tokens 12\nabcdef\n:max_new_tokens 3\nab\n"
         generate.interactive(gen, tok, SamplingSettings(temperature=0), stdin=io.StringIO(lines), stdout=out)
         text = out.getvalue()
         # the error on a line of its own after the text streamed so far, then the next prompt as if alone
         assert re.search(r"\n> [^\n]{7}\nerror: the model's output became NaN or infinite at new token 8", text), text
-        assert text.endswith(f"> {expected}\n> \n"), (gen.compiled, text)
+        assert text.endswith(f"> {expected}\n> \n"), (gen.compiled, gen._graph is not None, text)
+
+
+def test_a_generation_that_overflowed_leaves_nothing_behind_for_the_next():
+    overflowed_then_next(lambda model: [Generator(model), Generator(model, compile=True)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_a_generation_that_overflowed_leaves_nothing_behind_for_the_next_in_a_cuda_graph():
+    overflowed_then_next(lambda model: [Generator(model, device="cuda", dtype=torch.float32, cuda_graph=True)])
 
 
 def test_interactive_ctrl_c_stops_only_that_generation(char_checkpoint, monkeypatch):
