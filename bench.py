@@ -96,7 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--loss_chunk_rows); 0: all at once")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
-    p.add_argument("--gen_tokens", type=int, default=None, help="new tokens per generation run (default 500 on CUDA, 50 on CPU)")
+    p.add_argument("--gen_tokens", type=int, default=None,
+                   help=f"new tokens per generation run (default 500 on CUDA, 50 on CPU, fewer where the "
+                        f"{PROMPT_TOKENS}-token prompt and they would pass block_size)")
     p.add_argument("--gen_batch_sizes", default="1,8", help="comma-separated batch sizes to time generation at")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the timed steps, run N more under torch.profiler and print where a step's time goes")
@@ -133,6 +135,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"flags after `--` ({shlex.join(train_flags)}) are train.py's, for --whole_run")
     if args.warm_cache and not args.whole_run:
         p.error("--warm_cache is for --whole_run")
+    # a flag of the other benchmark would be ignored in silence (--whole_run refuses bench.py's own flags itself)
+    def listing(names):
+        return f"{', '.join('--' + n for n in names)} {'is' if len(names) == 1 else 'are'}"
+    if args.tokenize and not args.whole_run and sorted(args.given - TOKENIZE_FLAGS):
+        p.error(f"--tokenize times GPT-2 tokenisation only: {listing(sorted(args.given - TOKENIZE_FLAGS))} for the "
+                f"model benchmark")
+    if not args.tokenize and not args.whole_run and args.given & (TOKENIZE_FLAGS - {"tokenize", "json"}):
+        p.error(f"{listing(sorted(args.given & TOKENIZE_FLAGS))} for --tokenize")
+    if args.hf_reference and args.no_generate:
+        p.error("--hf_reference times transformers' generation next to ours, which --no_generate leaves out")
     return args
 
 
@@ -546,6 +558,7 @@ def tokenize_report(args, between: Callable[[], None] = lambda: None) -> dict:
 WHOLE_RUN_TARGETS = {"shakespeare-char": (60.0, 1.47, "one H100 or H200 in bfloat16"),
                      "shakespeare-char-cpu": (140.0, 1.90, "a laptop CPU")}
 WHOLE_RUN_FLAGS = {"whole_run", "preset", "warm_cache", "json"}
+TOKENIZE_FLAGS = {"tokenize", "tokenize_mb", "input", "num_proc", "json"}
 DEVICE_LINE = re.compile(r"device: (\S+), dtype (\w+)")  # "device: cuda, dtype bfloat16, compile True, ..."
 # train.py's done_line: "done: 5000 iterations in 1m09s (setup 8.7 s, first step (compilation) 17.7 s, other
 # steps 32.0 s, evaluations 4.3 s, checkpoints 0.9 s), best val loss 1.4625; checkpoints in ..."
@@ -705,9 +718,21 @@ def model_report(args) -> dict:
     cuda = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
     args.steps = args.steps if args.steps is not None else (30 if cuda else 10)
-    args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else (500 if cuda else 50)
+    # the prompt and the new tokens within block_size: past it, decoding slides its window and rebuilds the KV cache,
+    # and the figure would no longer be the cached step's speed
+    room = config.block_size - PROMPT_TOKENS
+    if not args.no_generate and room < 1:
+        raise UserError(f"the generation benchmark's {PROMPT_TOKENS}-token prompt fills block_size "
+                        f"{config.block_size}: give --block_size {PROMPT_TOKENS + 1} or more, or --no_generate")
+    given_tokens = args.gen_tokens is not None
+    args.gen_tokens = args.gen_tokens if given_tokens else min(500 if cuda else 50, max(room, 1))
     if args.warmup < 1 or args.steps < 1 or args.gen_tokens < 1:
         raise UserError("--warmup, --steps and --gen_tokens must be at least 1")
+    if not args.no_generate and args.gen_tokens > room:
+        raise UserError(f"the {PROMPT_TOKENS}-token prompt and {args.gen_tokens} new tokens exceed block_size "
+                        f"{config.block_size}, where decoding would slide its window and rebuild the cache: use "
+                        f"--gen_tokens {room} or less, or --block_size {PROMPT_TOKENS + args.gen_tokens} or more "
+                        f"(or a larger --preset)")
     if args.cuda_graph:  # first whether it can run here at all, then how many steps it needs
         from train import cuda_graph_problem
         config.compile_mode = args.compile_mode
@@ -730,19 +755,13 @@ def model_report(args) -> dict:
             import transformers  # noqa: F401
         except ImportError:
             raise UserError("--hf_reference needs transformers: pip install transformers") from None
-        if PROMPT_TOKENS + args.gen_tokens > config.block_size:
-            fewer = config.block_size - PROMPT_TOKENS
-            raise UserError(f"--hf_reference: the {PROMPT_TOKENS}-token prompt and {args.gen_tokens} new tokens exceed "
-                            f"block_size {config.block_size}, which transformers cannot go past; use "
-                            + (f"--gen_tokens {fewer} or less, or " if fewer >= 1 else "")
-                            + f"--block_size {PROMPT_TOKENS + args.gen_tokens} or more (or a larger --preset)")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     attention = attention_kernel(config, config.batch_size, device, dtype)
-    report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype),
+    report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype).removeprefix("torch."),
                   compile=use_compile, compile_mode=args.compile_mode if use_compile else None,
                   compile_regional=use_compile and args.compile_regional, cuda_graph=args.cuda_graph, fp8=args.fp8,
                   loss_chunk_rows=config.loss_chunk_rows,
@@ -751,7 +770,8 @@ def model_report(args) -> dict:
                   batch_size=config.batch_size, block_size=config.block_size,
                   n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
                   data=args.data_dir or "random tokens", date=time.strftime("%Y-%m-%d"),
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), warmup_steps=args.warmup, timed_steps=args.steps,
+                  prompt_tokens=PROMPT_TOKENS, gen_tokens=args.gen_tokens)
     print(f"device {name} ({device}), torch {torch.__version__}, {report['dtype']}, compile={use_compile}"
           + (f" ({args.compile_mode}{', regional' * args.compile_regional})" if use_compile
              else ", so --compile_regional does nothing" if args.compile_regional else "")

@@ -119,19 +119,30 @@ def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture
     (["--batch_size", "0"], "batch_size must be an integer > 0, got 0"),
     (["--block_size", "0"], "block_size must be an integer > 0, got 0"),
     (["--vocab_size", "0"], "vocab_size must be an integer > 0, got 0"),
-    (["--no_train", "--hf_reference", "--gen_tokens", "50"], "exceed block_size 64, which transformers cannot go "
-                                                              "past; use --gen_tokens 48 or less, or --block_size 66"),
-    (["--no_train", "--hf_reference", "--block_size", "16"], "exceed block_size 16, which transformers cannot go "
-                                                             "past; use --block_size 66 or more (or a larger --preset)"),
+    (["--no_train", "--gen_tokens", "50"], "the 16-token prompt and 50 new tokens exceed block_size 64, where decoding "
+                                           "would slide its window and rebuild the cache: use --gen_tokens 48 or less, "
+                                           "or --block_size 66 or more (or a larger --preset)"),
+    (["--no_train", "--hf_reference", "--block_size", "16"], "the generation benchmark's 16-token prompt fills "
+                                                             "block_size 16: give --block_size 17 or more, or "
+                                                             "--no_generate"),
     (["--no_train", "--hf_reference", "--gen_batch_sizes", "8"],
      "--hf_reference times transformers' generate at batch 1, which --gen_batch_sizes 8 leaves out; add 1"),
     (["--stpes", "3"], "unrecognized arguments: --stpes 3; see"),
     (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
     (["--profile", "-1"], "--profile profiles training steps: give a number of steps, at least 1"),
     (["--profile", "2", "--no_train"], "and leave out --no_train (got --profile 2 --no_train)"),
+    (["--no_generate", "--hf_reference"], "--hf_reference times transformers' generation next to ours, which "
+                                          "--no_generate leaves out"),
+    (["--no_train", "--num_proc", "2", "--tokenize_mb", "1"], "--num_proc, --tokenize_mb are for --tokenize"),
 ])
 def test_bad_model_arguments_are_one_line_errors(argv, message, capsys):
     assert message in one_line_error(["--device", "cpu", *argv], capsys)
+
+
+def test_tokenize_refuses_the_model_benchmarks_flags(capsys):
+    err = one_line_error(["--tokenize", "--tokenize_mb", "0.1", "--steps", "3", "--preset", "gpt2"], capsys)
+    assert err.startswith("error: --tokenize times GPT-2 tokenisation only: --preset, --steps are for the model "
+                          "benchmark")
 
 
 def test_profile_accounts_for_the_step(capsys):
@@ -178,6 +189,22 @@ def test_json_into_a_directory_fails_before_running(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     assert "cannot be written: its folder is a file" in one_line_error(
         ["--device", "cpu", "--json", str(tmp_path / "f" / "b.json")], capsys)
+
+
+def test_generation_is_timed_within_block_size_and_its_settings_are_kept(monkeypatch, tmp_path):
+    # past block_size decoding slides its window and rebuilds the cache: the default stays within it
+    import bench
+    import generate
+    seen = []
+    monkeypatch.setattr(generate, "benchmark_generation",
+                        lambda *a, **k: seen.append((k["prompt_len"], k["new_tokens"])) or dict(tokens_per_sec=1.0))
+    report = bench.main(["--device", "cpu", "--no_train", "--gen_batch_sizes", "1", "--json", str(tmp_path / "b.json")])
+    assert seen == [(16, 48)]  # the CPU preset's block_size is 64: 50 would not fit
+    kept = json.loads((tmp_path / "b.json").read_text())
+    assert (kept["prompt_tokens"], kept["gen_tokens"], kept["dtype"]) == (16, 48, "float32") == (
+        report["prompt_tokens"], report["gen_tokens"], report["dtype"])
+    bench.main(["--device", "cpu", "--no_train", "--gen_batch_sizes", "1", "--block_size", "128"])
+    assert seen[-1] == (16, 50)
 
 
 def test_generation_is_timed_with_the_compile_setting(monkeypatch, capsys):
@@ -259,7 +286,7 @@ def test_cpu_bfloat16_trains_under_autocast_with_train_py_step(monkeypatch):
     monkeypatch.setattr(train, "forward_backward", counting_forward_backward)
     report = bench.main(["--device", "cpu", "--dtype", "bfloat16", "--warmup", "1", "--steps", "2", "--no_generate",
                          "--batch_size", "2", "--block_size", "8"])
-    assert report["dtype"] == "torch.bfloat16" and math.isfinite(report["train"]["final_loss"])
+    assert report["dtype"] == "bfloat16" and math.isfinite(report["train"]["final_loss"])
     assert seen["steps"] == 3  # every step, warm-up and timed, is train.py's forward_backward
     assert seen["autocast"] == [(True, torch.bfloat16)] * 3
 
