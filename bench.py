@@ -141,8 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tokenize and not args.whole_run and sorted(args.given - TOKENIZE_FLAGS):
         p.error(f"--tokenize times GPT-2 tokenisation only: {listing(sorted(args.given - TOKENIZE_FLAGS))} for the "
                 f"model benchmark")
-    if not args.tokenize and not args.whole_run and args.given & (TOKENIZE_FLAGS - {"tokenize", "json"}):
-        p.error(f"{listing(sorted(args.given & TOKENIZE_FLAGS))} for --tokenize")
+    loose = sorted(args.given & (TOKENIZE_FLAGS - {"tokenize", "json"}))
+    if loose and not args.tokenize and not args.whole_run:
+        p.error(f"{listing(loose)} for --tokenize")
     if args.hf_reference and args.no_generate:
         p.error("--hf_reference times transformers' generation next to ours, which --no_generate leaves out")
     return args

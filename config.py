@@ -423,7 +423,10 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[GPT2Config, set[str]]:
     for arg in unknown:
         if arg.startswith("-"):
             name = arg.lstrip("-").split("=", 1)[0]
-            problems.append(f"unknown config key {name!r}{suggest(name, field_names())}")
+            if name in field_names():  # -n_layer=4, ---n_layer=4
+                problems.append(f"{arg!r} needs two dashes: --{arg.lstrip('-')}")
+            else:
+                problems.append(f"unknown config key {name!r}{suggest(name, field_names())}")
         else:
             problems.append(f"unexpected argument {arg!r}: give at most one config file, and flags as --key=value")
     if problems:

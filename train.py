@@ -288,8 +288,9 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     conflicts = [f"{k}={getattr(config, k)!r} (checkpoint: {getattr(run, k)!r})" for k in MODEL_SHAPE_KEYS
                  if k in explicit and getattr(config, k) != getattr(run, k)]
     if conflicts:
-        raise CheckpointError(f"{ckpt_path} holds a model that this command contradicts: {', '.join(conflicts)}. "
-                              f"Drop those overrides to continue that run, or {start_over(config)}")
+        raise CheckpointError(f"{ckpt_path} holds a model that this command contradicts: {', '.join(conflicts)} "
+                              f"(set by a flag, a config file or a --preset). Drop those to continue that run, or "
+                              f"{start_over(config)}")
     for k in explicit | {"checkpoint_dir", "init_from"}:
         if k not in MODEL_SHAPE_KEYS:
             setattr(run, k, getattr(config, k))

@@ -237,6 +237,8 @@ def test_unknown_preset():
 @pytest.mark.parametrize("argv, problem", [
     (["--n_lay=4"], "unknown config key 'n_lay'; did you mean 'n_layer'?"),  # no abbreviations: a typo is no flag
     (["--learning=1e-3"], "unknown config key 'learning'"),
+    (["-n_layer=4"], "'-n_layer=4' needs two dashes: --n_layer=4"),  # not "unknown key 'n_layer'; did you mean 'n_layer'"
+    (["---max_iters", "4"], "'---max_iters' needs two dashes: --max_iters"),
     (["a.py", "b.py"], "unexpected argument 'b.py': give at most one config file"),
     ([""], "config file '' is empty; pass a Python file"),  # "$CFG" with CFG unset
     (["missing.py"], "config file 'missing.py' does not exist; pass a Python file"),
@@ -272,8 +274,9 @@ def test_every_script_expands_home_in_its_paths(tmp_path, monkeypatch):
     assert (d.input, d.output_dir) == (f"{home}/in.txt", f"{home}/data")
     t = tokenizer.build_parser().parse_args(["--train=~/a.txt", "--bench=~/b.txt", "--out=~/tok.json"])
     assert (t.train, t.bench, t.out) == (f"{home}/a.txt", f"{home}/b.txt", f"{home}/tok.json")
-    b = bench.parse_args(["--data_dir=~/d", "--json=~/b.json", "--input=~/w.txt"])
-    assert (b.data_dir, b.json, b.input) == (f"{home}/d", f"{home}/b.json", f"{home}/w.txt")
+    b = bench.parse_args(["--data_dir=~/d", "--json=~/b.json"])
+    assert (b.data_dir, b.json) == (f"{home}/d", f"{home}/b.json")
+    assert bench.parse_args(["--tokenize", "--input=~/w.txt"]).input == f"{home}/w.txt"
 
 
 def test_a_config_file_may_define_classes_but_must_run(tmp_path):

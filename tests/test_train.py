@@ -2144,6 +2144,11 @@ def test_a_resume_that_drops_the_biases_is_named_as_a_contradiction(char_data, t
     train(tiny(char_data, tmp_path, max_iters=1))
     with pytest.raises(CheckpointError, match=r"this command contradicts: bias=False \(checkpoint: True\)"):
         train(tiny(char_data, tmp_path, max_iters=2, bias=False))
+    # values a preset gave are named as such: the user typed none of them
+    with pytest.raises(CheckpointError, match=r"contradicts: block_size=64 \(checkpoint: 16\), .* \(set by a flag, a "
+                                              r"config file or a --preset\)\. Drop those to continue that run"):
+        main(["--preset=shakespeare-char-cpu", f"--data_dir={char_data}", f"--checkpoint_dir={tmp_path / 'ckpt'}",
+              f"--log_dir={tmp_path / 'runs'}", "--max_iters=2"])
 
 
 def test_resuming_weights_that_do_not_fit_is_one_line(char_data, tmp_path):
