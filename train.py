@@ -1283,7 +1283,6 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             iter_num += 1
             untrained = False
             writer.check()
-            look_at_data()
 
             if log_step:
                 if ddp:  # the mean over all ranks (gloo has no AVG)
@@ -1323,6 +1322,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 save([f"checkpoint_iter_{iter_num}.pt"])
             eval_time += time.perf_counter() - t0
 
+            look_at_data()  # last before the processes agree to go on: the next step's reads come right after it
             # eval_cut is the same on every rank (estimate_loss agreed on it), so all skip the collective
             if eval_cut or (stop_requested(stop, stop_group if ddp else None) and iter_num < config.max_iters):
                 if iter_num % config.eval_interval and iter_num != config.max_iters:  # else evaluate() saved it
@@ -1582,7 +1582,7 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
         # another rank was signalled; this one's own copy of the signal may still come, and must count as
         # the same request, not as a second one that aborts without saving
         stop.signum, stop._first = signal.SIGTERM, time.monotonic()
-        if stop.verbose:  # rank 0 says why the run stops; the signalled rank said it for itself
+        if stop.verbose:  # rank 0 says why the run stops (a signalled rank 0 said it already)
             print("another process is stopping (a signal, or its data changed): stopping with it", file=sys.stderr,
                   flush=True)
     return bool(flag.item())

@@ -380,7 +380,13 @@ def run_cli(main: Callable[[], object], output_on_stdout: bool = False) -> None:
         # process's own work is said by that process
         if os.environ.get("LOCAL_RANK", "0") == "0" or per_process:
             rank = os.environ.get("RANK", "0")
-            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr)
+            # one write, line end included: processes writing to one stderr at once do not run their lines together
+            sys.stderr.write(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}\n")
+            sys.stderr.flush()
+        else:
+            # torchrun ends the other processes as soon as one fails: this one waits, so that the first process of
+            # its machine, which meets the same error, has the time to say it before torchrun ends it
+            time.sleep(2)
         sys.exit(2)
 
     # a stream closed by the shell (`2>&-`, `<&-`, `>&-`) is None in Python, and print(file=None) writes to

@@ -2435,7 +2435,19 @@ def test_pickle_with_an_arbitrary_object_is_refused(tmp_path, write):
     assert "GLOBAL argparse.Namespace" in msg and "\n" not in msg
 
 
-def test_under_torchrun_an_input_error_is_printed_once_a_machine():
+def test_under_torchrun_an_input_error_is_printed_once_a_machine(monkeypatch):
+    # a silent process waits before it exits, so that torchrun, which then ends the others, leaves the first process
+    # of the machine the time to say the error
+    import utils
+    slept = []
+    monkeypatch.setattr(utils.time, "sleep", slept.append)
+    for local_rank, waits in (("1", [2]), ("0", [])):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        slept.clear()
+        with pytest.raises(SystemExit) as e:
+            run_cli(lambda: (_ for _ in ()).throw(UserError("bad flag")))
+        assert e.value.code == 2 and slept == waits
+    monkeypatch.undo()
     code = "from utils import run_cli, UserError\ndef main():\n    raise UserError('bad flag')\nrun_cli(main)\n"
     for rank, local_rank, printed in (("0", "0", "error: bad flag\n"), ("1", "1", ""),
                                       ("8", "0", "error (rank 8): bad flag\n")):  # the second machine's first
