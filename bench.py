@@ -524,7 +524,13 @@ def main(argv=None) -> dict:
         start_process_helpers()
         # SIGTERM, SIGHUP: the temporary folder (hundreds of MB of text and .bin files) goes, as after Ctrl-C
         with stop_signals_raise(lambda signum: SystemExit(128 + signum)) as stopped:
-            report = tokenize_report(args, between=stopped)
+            try:
+                report = tokenize_report(args, between=stopped)
+            except UserError:
+                # the signal sent to the whole group also ends a worker that is still starting (before it ignores
+                # it), and the pool breaks: that is the signal's stop, not "a tokenising process died"
+                stopped()
+                raise
     else:
         report = model_report(args)
     if args.json:

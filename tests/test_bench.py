@@ -478,6 +478,25 @@ def test_a_tiktoken_worker_that_dies_is_one_line_of_error_not_a_wait_forever(mon
 
 
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="signals to a process group")
+def test_a_pool_broken_by_the_stop_signal_itself_ends_tokenize_as_the_signal_asks(monkeypatch):
+    import signal
+    import time
+    import bench
+    from utils import UserError
+
+    def broken(args, between):  # the worker the signal ended broke the pool; the parent's exception was swallowed
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except SystemExit:
+            pass
+        raise UserError("a tokenising process died (killed by the system: out of memory?)")
+    monkeypatch.setattr(bench, "tokenize_report", broken)
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tokenize"])
+    assert e.value.code == 128 + signal.SIGTERM
+
+
 def test_sigterm_during_tokenize_removes_its_temporary_folder(tmp_path):
     """The folder holds the text and the data sets made from it, hundreds of MB at the default size."""
     import signal

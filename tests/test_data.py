@@ -788,6 +788,17 @@ def test_a_finished_data_set_is_no_failure_when_stdout_cannot_take_the_last_line
     assert sum(np.fromfile(tmp_path / "o" / f"{s}.bin", np.uint16).size for s in ("train", "val")) == 5000
 
 
+def test_a_pool_broken_by_the_stop_signal_itself_stops_as_the_signal_asks():
+    # SIGTERM to the group also ends a worker still starting (before it ignores the signal), and the pool breaks;
+    # the parent's own exception can be swallowed where it lands (in a fork's callbacks): the stop still wins
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_data.sigterm_as_interrupt():
+            with contextlib.suppress(KeyboardInterrupt):  # swallowed, as in a fork's callbacks
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+            raise DataError("a tokenising process died (killed by the system: out of memory?); nothing was written")
+
+
 def test_interrupted_run_leaves_no_valid_looking_data(shakespeare_text, tmp_path, monkeypatch):
     src = tmp_path / "t.txt"
     src.write_text(shakespeare_text[:50_000])
