@@ -319,7 +319,6 @@ def test_tokenize_small_sizes(capsys):
     """A tenth of a MB makes a handful of documents: val still gets one; a thousandth makes one, which
     cannot fill both splits: a one-line error."""
     import bench
-    from utils import run_cli
     r = bench.main(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", "1"])["tokenize"]
     assert r["mb"] == 0.1 and r["documents"] >= 2
     capsys.readouterr()
