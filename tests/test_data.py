@@ -2181,6 +2181,14 @@ def test_get_batch_shapes_dtypes_shift(counting_dir):
         assert x.min() >= lo and y.max() < hi
 
 
+def test_every_window_of_a_split_can_be_drawn_the_first_and_the_last(tmp_path):
+    # 20 tokens, windows of 16 and their next tokens: starts 0 to 3, all of them drawn over a few batches
+    d = write_data_dir(tmp_path / "d", np.arange(20), np.arange(100, 120), vocab_size=120)
+    loader = BatchLoader(d, block_size=16, batch_size=8)
+    starts = {int(s) for i in range(10) for s in loader.get_batch("train", i)[0][:, 0]}
+    assert starts == {0, 1, 2, 3}
+
+
 def test_each_row_is_a_window_of_the_data_and_its_next_tokens(tmp_path):
     """On random ids (where counting data would hide an x computed from y): x is data[s:s+T], y data[s+1:s+T+1]."""
     rng = np.random.default_rng(0)

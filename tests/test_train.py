@@ -778,6 +778,9 @@ def test_training_stays_compiled_when_evaluations_are_not(char_data, tmp_path, m
     train(tiny(char_data, tmp_path, **kw))
     per_pass = 4 if regional else 1  # embedding, the tiny model's 2 blocks and head, or the whole model
     assert calls == [True] * 4 * per_pass  # every training step compiled, no evaluation
+    # the compiled wrapper's names (_orig_mod.) stay out of the checkpoint: it loads into a plain model
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=True)["model"]
+    assert set(saved) == set(GPT(tiny(char_data, tmp_path)).state_dict())
     calls.clear()
     r = train(tiny(char_data, tmp_path, **{**kw, "max_iters": 8}))  # steps 5 to 8 come before its evaluation
     assert r["resumed_from"] == 4 and calls == [True] * 4 * per_pass
@@ -1367,7 +1370,6 @@ def test_checkpoint_contents(resume_runs):
     ckpt = torch.load(ckpt_dir / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "scaler", "iter_num", "best_val_loss", "config", "meta", "tokenizer", "rng",
             "run_dir", "version"} <= ckpt.keys()
-    assert not any(k.startswith("_orig_mod.") or k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["n_layer"] == 2 and ckpt["config"]["vocab_size"] == ckpt["meta"]["vocab_size"]
     assert ckpt["tokenizer"]["kind"] == "char" and ckpt["scaler"] is None
     assert set(ckpt["rng"][0]) == {"python", "numpy", "torch", "cuda"}
@@ -1389,6 +1391,7 @@ def test_rng_state_round_trip_repeats_every_stream():
     import random
 
     from utils import get_rng_state, set_rng_state
+    np.random.randn()  # numpy keeps the second of each pair of normal draws: a state with one waiting
     state = get_rng_state()
     draws = (random.random(), np.random.rand(), np.random.randn(), torch.rand(1).item())
     set_rng_state(state)
