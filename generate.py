@@ -35,6 +35,7 @@ import argparse
 import codecs
 import contextlib
 import dataclasses
+import io
 import math
 import re
 import shlex
@@ -394,6 +395,14 @@ def _warn(message: str) -> None:
 # ---------------------------------------------------------------------------- text
 
 
+def _encodes(tokenizer, text: str) -> bool:
+    try:
+        encode_prompt(tokenizer, text)
+    except UserError:
+        return False
+    return True
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The prompt's token ids; an empty prompt starts from end-of-text, or a newline where there is none."""
     if prompt:
@@ -510,9 +519,10 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
         with contextlib.closing(gen.decode(ids, settings.max_new_tokens, sample)) as steps:
             for n, step in enumerate(steps, 1):
                 if min(step) < 0:
-                    raise GenerationError(f"the model's output became NaN or infinite at new token {n}: its weights "
-                                          f"are damaged, or float16 overflowed (then try --dtype float32 or "
-                                          f"bfloat16)")
+                    raise GenerationError(f"the model's output became NaN or infinite at new token {n}: "
+                                          + ("its weights are damaged, or float16 overflowed (then try --dtype "
+                                             "float32 or bfloat16)" if gen.dtype == torch.float16 else
+                                             "its weights are damaged"))
                 for stream, token in zip(streams, step):
                     stream.add(token)  # a finished row keeps being decoded, and ignored
                 if on_step is not None:
@@ -654,7 +664,9 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     output_file (None: not written) receives each prompt and its text, written atomically.
     """
     given = prompts
-    if not isinstance(prompts, str):  # any iterable of strings (a generator, lines of a file) is read once
+    if isinstance(prompts, io.TextIOBase):  # the lines of an open file, each without its line end
+        prompts = [line.removesuffix("\n").removesuffix("\r") for line in prompts]
+    elif not isinstance(prompts, str):  # any iterable of strings (a generator, a tuple) is read once
         with contextlib.suppress(TypeError):
             prompts = list(prompts)
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -673,6 +685,7 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
         check_utf8(p, f"prompt {i} of {n}")
     check_utf8(settings.stop, "stop")
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)  # a typo is said before a model of gigabytes loads
     model, tokenizer, _ = load_model(checkpoint, init_from, checkpoint_dir)
     for i, p in enumerate(prompts, 1):  # a prompt the tokenizer cannot encode fails before any generation
         try:
@@ -680,7 +693,7 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
         except UserError as e:
             raise GenerationError(f"prompt {i} of {n}: {e}") from None
     check_stop(tokenizer, settings.stop, "stop")
-    gen = Generator(model, device, resolve_dtype(dtype, device), compile=compile)
+    gen = Generator(model, device, dtype, compile=compile)
     rng = settings.make_rng(gen.device)
     texts = complete_in_batches(gen, tokenizer, prompts, settings, batch_size, rng)
     if output_file is not None:
@@ -978,11 +991,31 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.interactive:
         interactive(gen, tokenizer, settings)
         return
-    encode_prompt(tokenizer, prompt)  # an unknown character fails before anything is printed
+    try:
+        encode_prompt(tokenizer, prompt)  # an unknown character fails before anything is printed
+    except UserError:
+        text = prompt.rstrip("\n")  # the line break an editor ends a file with, where the text has no other
+        if args.prompt_file and text != prompt and "\n" not in text and _encodes(tokenizer, text):
+            raise GenerationError(f"--prompt_file {args.prompt_file} ends with a line break, which this tokenizer "
+                                  f"has never seen (its training text had none); remove it, e.g. "
+                                  f"printf '%s' \"$(cat FILE)\" > FILE") from None
+        raise
     out = sys.stdout
     if args.num_samples == 1:  # stream it
         out.write(prompt)
-        complete(gen, tokenizer, [prompt], settings, on_text=lambda piece: (out.write(piece), out.flush()))
+        streamed = [prompt]
+
+        def stream(piece):
+            streamed.append(piece)
+            out.write(piece)
+            out.flush()
+        try:
+            complete(gen, tokenizer, [prompt], settings, on_text=stream)
+        except (UserError, KeyboardInterrupt):  # its line on a line of its own, not after the text streamed so far
+            if any(streamed):
+                out.write("\n")
+                out.flush()
+            raise
         out.write("\n")
         return
     rng = settings.make_rng(gen.device)

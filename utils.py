@@ -249,6 +249,13 @@ def remove_empty_folders(folders: list[Path]) -> None:
             pass
 
 
+def temp_stem(name: str) -> str:
+    """name, cut to 200 bytes where it is longer: the temporary file beside it (.NAME.<random>.tmp) must stay within
+    the 255 bytes a file name may have, as the name itself does."""
+    data = os.fsencode(name)
+    return name if len(data) <= 200 else data[:200].decode("utf-8", "ignore")  # not half a character
+
+
 def remove_unfinished_writes(folder: Path, names: str) -> None:
     """Delete the temporary files that atomic_open and save_checkpoint_as left in folder when a kill cut
     them short (.NAME.<random>.tmp), for the final names that the regular expression `names` matches:
@@ -511,7 +518,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         return
     path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(path.name)}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file private (0600); give it the permissions open() would have given it: those of
         # the file it replaces (a checkpoint made private with chmod 600 stays private), else 0666 less the umask

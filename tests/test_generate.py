@@ -837,6 +837,39 @@ def test_a_stop_string_the_tokenizer_cannot_write_is_refused(char_checkpoint, tm
     assert out.getvalue().endswith(f"> {expected}\n> \n")
 
 
+def test_batch_generate_takes_an_open_files_lines_a_long_name_and_checks_dtype_first(char_checkpoint, tmp_path):
+    path, model, tok = char_checkpoint
+    (tmp_path / "prompts.txt").write_text("ROMEO:\nab\nJULIET:", encoding="utf-8")
+    name = tmp_path / ("样本" * 41 + ".txt")  # 250 bytes: a name a file may have, and its temporary file too
+    kw = dict(checkpoint=str(path), device="cpu", temperature=0, max_new_tokens=5)
+    with open(tmp_path / "prompts.txt", encoding="utf-8") as f:
+        texts = batch_generate(f, output_file=name, **kw)
+    assert texts == batch_generate(["ROMEO:", "ab", "JULIET:"], output_file=None, **kw)  # no line ends kept
+    assert name.read_text(encoding="utf-8").count("= prompt ") == 3
+    with pytest.raises(UserError, match="fp16"):  # before loading a model: not one that is not there
+        batch_generate(["ab"], output_file=None, checkpoint=str(tmp_path / "missing.pt"), dtype="fp16")
+
+
+def test_a_prompt_file_ending_with_a_line_break_the_tokenizer_lacks_is_said_so(tmp_path):
+    tok = CharTokenizer(string.ascii_letters + " .,;:!?'")  # trained on text without line breaks
+    path = write_checkpoint(tmp_path / "ck" / "checkpoint.pt", tiny_model(tok.vocab_size), tok)
+    (tmp_path / "p.txt").write_text("ROMEO:\n", encoding="utf-8")  # as editors save it
+    r = cli(["--checkpoint", str(path), "--prompt_file", "p.txt", "--max_new_tokens", "3"], tmp_path)
+    assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(
+        "error: --prompt_file p.txt ends with a line break, which this tokenizer has never seen"), r.stderr
+
+
+def test_a_failure_after_streamed_text_is_said_on_a_line_of_its_own(tmp_path):
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=16)
+    with torch.no_grad():
+        model.transformer.wpe.weight[10] = float("nan")  # the output turns NaN at the 5th new token
+    path = write_checkpoint(tmp_path / "ck" / "checkpoint.pt", model, tok)
+    r = cli(["--checkpoint", str(path), "--prompt", "ROMEO:", "--max_new_tokens", "9", "--temperature", "0"], tmp_path)
+    assert r.returncode == 2 and r.stderr.endswith("became NaN or infinite at new token 6: its weights are damaged\n")
+    assert re.fullmatch(r"ROMEO:[^\n]{5}\n", r.stdout), r.stdout  # the 5 tokens before it, then the line's end
+
+
 def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
     path, model, tok = char_checkpoint
     prompts = ["ROMEO:", "a", "To be, or not", "xyz", "hello"]
