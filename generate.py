@@ -35,7 +35,6 @@ import argparse
 import codecs
 import contextlib
 import dataclasses
-import io
 import math
 import re
 import shlex
@@ -664,8 +663,10 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     output_file (None: not written) receives each prompt and its text, written atomically.
     """
     given = prompts
-    if isinstance(prompts, io.TextIOBase):  # the lines of an open file, each without its line end
-        prompts = [line.removesuffix("\n").removesuffix("\r") for line in prompts]
+    if hasattr(prompts, "readline") and not isinstance(prompts, (str, list)):
+        # an open text file of any kind (open, tempfile, codecs.open): its lines, each without its line end;
+        # the lines of a file opened in binary mode are bytes, which the check below refuses
+        prompts = [line.removesuffix("\n").removesuffix("\r") if isinstance(line, str) else line for line in prompts]
     elif not isinstance(prompts, str):  # any iterable of strings (a generator, a tuple) is read once
         with contextlib.suppress(TypeError):
             prompts = list(prompts)
@@ -1011,10 +1012,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             out.flush()
         try:
             complete(gen, tokenizer, [prompt], settings, on_text=stream)
-        except (UserError, KeyboardInterrupt):  # its line on a line of its own, not after the text streamed so far
+        except (UserError, KeyboardInterrupt, MemoryError, RuntimeError):  # out of memory too
+            # run_cli's line on a line of its own, not after the text streamed so far
             if any(streamed):
-                out.write("\n")
-                out.flush()
+                with contextlib.suppress(OSError, ValueError):  # a stdout that failed itself takes no line end
+                    out.write("\n")
+                    out.flush()
             raise
         out.write("\n")
         return

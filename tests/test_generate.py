@@ -14,6 +14,7 @@ import shutil
 import string
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -845,6 +846,10 @@ def test_batch_generate_takes_an_open_files_lines_a_long_name_and_checks_dtype_f
     with open(tmp_path / "prompts.txt", encoding="utf-8") as f:
         texts = batch_generate(f, output_file=name, **kw)
     assert texts == batch_generate(["ROMEO:", "ab", "JULIET:"], output_file=None, **kw)  # no line ends kept
+    with tempfile.NamedTemporaryFile("w+", encoding="utf-8") as f:  # a file object of another class
+        f.write("ROMEO:\r\nab\n")
+        f.seek(0)
+        assert batch_generate(f, output_file=None, **kw) == texts[:2]
     assert name.read_text(encoding="utf-8").count("= prompt ") == 3
     with pytest.raises(UserError, match="fp16"):  # before loading a model: not one that is not there
         batch_generate(["ab"], output_file=None, checkpoint=str(tmp_path / "missing.pt"), dtype="fp16")
@@ -868,6 +873,25 @@ def test_a_failure_after_streamed_text_is_said_on_a_line_of_its_own(tmp_path):
     r = cli(["--checkpoint", str(path), "--prompt", "ROMEO:", "--max_new_tokens", "9", "--temperature", "0"], tmp_path)
     assert r.returncode == 2 and r.stderr.endswith("became NaN or infinite at new token 6: its weights are damaged\n")
     assert re.fullmatch(r"ROMEO:[^\n]{5}\n", r.stdout), r.stdout  # the 5 tokens before it, then the line's end
+
+
+def test_running_out_of_memory_while_streaming_is_said_on_a_line_of_its_own(char_checkpoint, monkeypatch, capsys):
+    from utils import run_cli
+    path, _, _ = char_checkpoint
+    decode = Generator.decode
+
+    def out_of_memory_at_the_third(self, *args):
+        for i, step in enumerate(decode(self, *args)):
+            if i == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            yield step
+    monkeypatch.setattr(Generator, "decode", out_of_memory_at_the_third)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: generate.main(["--checkpoint", str(path), "--prompt", "ROMEO:", "--temperature", "0"]),
+                output_on_stdout=True)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and re.fullmatch(r"ROMEO:[^\n]{2}\n", out), out
+    assert err.splitlines()[-1].startswith("error: out of memory: tried to allocate 2.00 GiB")
 
 
 def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
