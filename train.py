@@ -556,6 +556,19 @@ def move_back(moved: Path, checkpoint_dir: Path) -> None:
     moved.rmdir()
 
 
+def copied_checkpoints(ckpt: dict, checkpoint_dir: Path) -> bool:
+    """Whether checkpoint_dir is a copy of the folder that wrote ckpt, which still exists: the copy resumed (one
+    branch of a sweep, say) must not write into the TensorBoard run of the original, whose later steps it would
+    hide. A folder that was moved or renamed is no copy: the original is gone."""
+    written_in = ckpt.get("checkpoint_folder")  # checkpoints before this key: taken as the same folder
+    if not written_in or not Path(written_in).is_dir():
+        return False
+    try:
+        return not os.path.samefile(written_in, checkpoint_dir)
+    except OSError:
+        return False
+
+
 def new_run_dir(log_dir: str, data_dir: str, checkpoint_dir: str) -> Path:
     """Make log_dir/<time>_<data>[_<checkpoint folder>][-N] and return it. Making it claims the name: runs
     started in the same second (a sweep started from a script, say) each get their own TensorBoard run."""
@@ -933,6 +946,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             # a resume continues the same TensorBoard run where --log_dir holds it, however the folder is
             # written (runs, ./runs, a path from another working folder), or where --log_dir is unchanged
             continued = Path(config.log_dir) / Path(ckpt["run_dir"]).name if ckpt and ckpt.get("run_dir") else None
+            if continued and copied_checkpoints(ckpt, checkpoint_dir):
+                continued = None  # a copy of another run's folder (a branch of a sweep): a run of its own
             if continued and (continued.is_dir() or config.log_dir == ckpt["config"].get("log_dir")):
                 run_dir, new_run = continued, not continued.is_dir()  # a deleted run folder starts again
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -1042,6 +1057,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iter_num": iter_num,
                 "best_val_loss": best_val_loss, "config": config.to_dict(), "meta": meta,
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
+                "checkpoint_folder": str(checkpoint_dir.resolve()),  # a copy of the folder can tell itself from it
                 "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s,
                              "eval_owed": eval_owed, "evaluated_at": evaluated_at},
                 "started_from": run_origin, "started_from_fingerprint": run_fingerprint, "version": CHECKPOINT_VERSION}

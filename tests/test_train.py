@@ -1933,6 +1933,24 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
     assert len(list((tmp_path / "runs").iterdir())) == 1 and list((tmp_path / "sub").iterdir()) == []
 
 
+def test_a_copied_checkpoint_folder_resumes_into_a_tensorboard_run_of_its_own(char_data, tmp_path):
+    """Two branches of one run (the folder copied, each resumed with other settings) must not share a TensorBoard
+    run: the second would purge the first one's later steps. A moved folder goes on with its run."""
+    first = train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "branch")
+    branch = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2, learning_rate=5e-3,
+                        checkpoint_dir=str(tmp_path / "branch")))
+    assert branch["resumed_from"] == 4 and branch["run_dir"] != first["run_dir"]
+    assert Path(branch["run_dir"]).name.endswith("_branch")
+    assert sorted(event_steps(branch["run_dir"])[0]["train/loss"]) == [5, 6]
+    original = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2))
+    assert original["run_dir"] == first["run_dir"]
+    assert sorted(event_steps(first["run_dir"])[0]["train/loss"]) == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "ckpt").rename(tmp_path / "moved")
+    moved = train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, checkpoint_dir=str(tmp_path / "moved")))
+    assert moved["run_dir"] == first["run_dir"]
+
+
 def test_a_resume_run_again_after_a_crash_lists_its_changed_settings_once(char_data, tmp_path, monkeypatch):
     """A resumed run with changed settings that crashes before its first checkpoint, run again: one entry on
     the TEXT page, not one per try."""
