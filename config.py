@@ -264,7 +264,7 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
         # gains nothing more here, and by regions compiling was no faster (BENCHMARKS.md)
         compile_mode="reduce-overhead",
     ),
-    # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.75 in about 100 s on
+    # Shakespeare at character level on a laptop CPU: ~0.8M parameters, val loss ~1.75 in about 75 s on
     # 2 cores; small models take a higher learning rate (1e-3 gives ~1.89 in the same 2000 steps)
     "shakespeare-char-cpu": dict(
         n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,

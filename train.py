@@ -1,7 +1,7 @@
 """Train a GPT-2 model: one process, or many under torchrun (DDP), with checkpoints, exact resume and TensorBoard.
 
     python train.py                                          # config.py's defaults (GPT-2 124M, data/shakespeare)
-    python train.py --preset=shakespeare-char-cpu            # ~0.8M parameters: ~100 s on 2 CPU cores, val loss ~1.75
+    python train.py --preset=shakespeare-char-cpu            # ~0.8M parameters: ~75 s on 2 CPU cores, val loss ~1.75
     python train.py my_config.py --batch_size=32             # a config file, then --key=value flags
     python train.py --init_from=gpt2 --data_dir=data/shakespeare --learning_rate=3e-5 --min_lr=3e-6  # fine-tune GPT-2
     torchrun --standalone --nproc_per_node=8 train.py --preset=gpt2 --gradient_accumulation_steps=40
