@@ -731,8 +731,7 @@ def model_report(args) -> dict:
     if not args.no_generate and room < 1:
         raise UserError(f"the generation benchmark's {PROMPT_TOKENS}-token prompt fills block_size "
                         f"{config.block_size}: give --block_size {PROMPT_TOKENS + 1} or more, or --no_generate")
-    given_tokens = args.gen_tokens is not None
-    args.gen_tokens = args.gen_tokens if given_tokens else min(500 if cuda else 50, max(room, 1))
+    args.gen_tokens = args.gen_tokens if args.gen_tokens is not None else min(500 if cuda else 50, max(room, 1))
     if args.warmup < 1 or args.steps < 1 or args.gen_tokens < 1:
         raise UserError("--warmup, --steps and --gen_tokens must be at least 1")
     if not args.no_generate and args.gen_tokens > room:
@@ -768,8 +767,9 @@ def model_report(args) -> dict:
 
     name = torch.cuda.get_device_name(device) if cuda else cpu_name()
     attention = attention_kernel(config, config.batch_size, device, dtype)
-    report = dict(device=str(device), device_name=name, torch=torch.__version__, dtype=str(dtype).removeprefix("torch."),
-                  compile=use_compile, compile_mode=args.compile_mode if use_compile else None,
+    report = dict(device=str(device), device_name=name, torch=torch.__version__,
+                  dtype=str(dtype).removeprefix("torch."), compile=use_compile,
+                  compile_mode=args.compile_mode if use_compile else None,
                   compile_regional=use_compile and args.compile_regional, cuda_graph=args.cuda_graph, fp8=args.fp8,
                   loss_chunk_rows=config.loss_chunk_rows,
                   attention=attention,

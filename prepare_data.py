@@ -368,8 +368,9 @@ def split_ranges(texts: list[TextFile], val_fraction: float) -> list[tuple[str, 
     cut = int(total * (1 - val_fraction))
     if cut == 0 or cut == total:
         empty = "train" if cut == 0 else "val"
-        raise DataError(f"the input has {total} character{'s' if total != 1 else ''}, so --val_fraction {val_fraction} leaves the {empty} "
-                        f"split empty; give more text or a val_fraction that leaves both splits non-empty")
+        raise DataError(f"the input has {total} character{'s' if total != 1 else ''}, so --val_fraction {val_fraction} "
+                        f"leaves the {empty} split empty; give more text or a val_fraction that leaves both splits "
+                        f"non-empty")
     ranges, start = [], 0
     for j, ((i, t), n) in enumerate(zip(files, lengths)):
         eot = j < len(files) - 1

@@ -237,7 +237,7 @@ def test_unknown_preset():
 @pytest.mark.parametrize("argv, problem", [
     (["--n_lay=4"], "unknown config key 'n_lay'; did you mean 'n_layer'?"),  # no abbreviations: a typo is no flag
     (["--learning=1e-3"], "unknown config key 'learning'"),
-    (["-n_layer=4"], "'-n_layer=4' needs two dashes: --n_layer=4"),  # not "unknown key 'n_layer'; did you mean 'n_layer'"
+    (["-n_layer=4"], "'-n_layer=4' needs two dashes: --n_layer=4"),  # not "unknown ...; did you mean 'n_layer'"
     (["---max_iters", "4"], "'---max_iters' needs two dashes: --max_iters"),
     (["a.py", "b.py"], "unexpected argument 'b.py': give at most one config file"),
     ([""], "config file '' is empty; pass a Python file"),  # "$CFG" with CFG unset
