@@ -1031,7 +1031,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     evaluated_at = progress.get("evaluated_at", iter_num) if ckpt is not None else None
     if ckpt is not None and iter_num == config.max_iters and evaluated_at != iter_num:
         eval_owed = True
-    if config_changes and (iter_num < config.max_iters or (iter_num == config.max_iters and eval_owed)):  # it works
+    # only where this run trains, or makes up an owed evaluation: a finished run leaves no event file
+    if config_changes and (iter_num < config.max_iters or (iter_num == config.max_iters and eval_owed)):
         # at the first step this run trains, which a rerun after a crash before its first checkpoint purges
         # (purge_step): listed once, not once per try
         log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(config_changes),
@@ -1185,7 +1186,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
     def look_at_data() -> None:
         """The data prepared again (a .bin replaced, changed or removed): stop, saving the state of the last step,
-        before a batch meets the change. After each step and before each evaluation batch; a stat per split."""
+        before a batch meets the change. Before each evaluation batch, and at the end of each iteration, before
+        the processes agree to go on; a stat per split."""
         changed = loader.changed_file()
         if changed and not summary.get("data_changed"):
             summary["data_changed"] = changed
@@ -1338,7 +1340,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 save([f"checkpoint_iter_{iter_num}.pt"])
             eval_time += time.perf_counter() - t0
 
-            look_at_data()  # last before the processes agree to go on: the next step's reads come right after it
+            if iter_num < config.max_iters:  # (the last evaluation, which looked before its batches, is done)
+                look_at_data()  # last before the processes agree to go on: the next step's reads come right after
             # eval_cut is the same on every rank (estimate_loss agreed on it), so all skip the collective
             if eval_cut or (stop_requested(stop, stop_group if ddp else None) and iter_num < config.max_iters):
                 if iter_num % config.eval_interval and iter_num != config.max_iters:  # else evaluate() saved it

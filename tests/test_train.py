@@ -2577,6 +2577,19 @@ def test_data_prepared_again_during_a_run_stops_it_with_its_last_step_saved(char
                                         r"finish preparing, then run the same command again; it checks the data anew"):
         main(cli_flags(config))
     assert load_checkpoint(tmp_path / "run" / "ckpt" / "checkpoint.pt")["iter_num"] == 3
+    evaluate, evaluations = train_module.estimate_loss, []
+
+    def evaluate_then_touch(*args, **kwargs):  # after the last evaluation: the run is complete, and no error
+        losses = evaluate(*args, **kwargs)
+        evaluations.append(1)
+        if len(evaluations) == 2:  # the initial one, then the one at max_iters
+            st = (data / "train.bin").stat()
+            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        return losses
+    monkeypatch.setattr(train_module, "estimate_loss", evaluate_then_touch)
+    main(cli_flags(tiny(data, tmp_path / "done", max_iters=2, eval_interval=5)))
+    assert load_checkpoint(tmp_path / "done" / "ckpt" / "final_checkpoint.pt")["iter_num"] == 2
+    monkeypatch.setattr(train_module, "estimate_loss", evaluate)
     # the same bytes: the resumed run ends where a run that was never stopped ends
     resumed = train(config)
     straight = train(tiny(char_data, tmp_path / "straight", max_iters=10, eval_interval=5))
