@@ -136,8 +136,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warm_cache and not args.whole_run:
         p.error("--warm_cache is for --whole_run")
     # a flag of the other benchmark would be ignored in silence (--whole_run refuses bench.py's own flags itself)
-    def listing(names):
-        return f"{', '.join('--' + n for n in names)} {'is' if len(names) == 1 else 'are'}"
     if args.tokenize and not args.whole_run and sorted(args.given - TOKENIZE_FLAGS):
         p.error(f"--tokenize times GPT-2 tokenisation only: {listing(sorted(args.given - TOKENIZE_FLAGS))} for the "
                 f"model benchmark")
@@ -147,6 +145,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.hf_reference and args.no_generate:
         p.error("--hf_reference times transformers' generation next to ours, which --no_generate leaves out")
     return args
+
+
+def listing(names: list[str]) -> str:
+    """['steps', 'preset'] -> '--steps, --preset are' (a refusal's subject)."""
+    return f"{', '.join('--' + n for n in names)} {'is' if len(names) == 1 else 'are'}"
 
 
 def cpu_name() -> str:
@@ -524,13 +527,7 @@ def main(argv=None) -> dict:
         start_process_helpers()
         # SIGTERM, SIGHUP: the temporary folder (hundreds of MB of text and .bin files) goes, as after Ctrl-C
         with stop_signals_raise(lambda signum: SystemExit(128 + signum)) as stopped:
-            try:
-                report = tokenize_report(args, between=stopped)
-            except UserError:
-                # the signal sent to the whole group also ends a worker that is still starting (before it ignores
-                # it), and the pool breaks: that is the signal's stop, not "a tokenising process died"
-                stopped()
-                raise
+            report = tokenize_report(args, between=stopped)
     else:
         report = model_report(args)
     if args.json:
@@ -599,9 +596,8 @@ def whole_run_report(args) -> dict:
     """--whole_run: train.py in a new process, timed from its start to its exit, its output passed through."""
     others = sorted(args.given - WHOLE_RUN_FLAGS)
     if others:
-        raise UserError(f"--whole_run times train.py as it runs: {', '.join('--' + o for o in others)} "
-                        f"{'is' if len(others) == 1 else 'are'} bench.py's own; give train.py's flags after `--`, "
-                        f"e.g. --whole_run -- --batch_size=32 --compile=False")
+        raise UserError(f"--whole_run times train.py as it runs: {listing(others)} bench.py's own; give train.py's "
+                        f"flags after `--`, e.g. --whole_run -- --batch_size=32 --compile=False")
     flags = args.train_flags
     if "-h" in flags or "--help" in flags:
         subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), "--help"])

@@ -1085,14 +1085,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
     """Inside the block SIGTERM (kill, a job scheduler's stop) and SIGHUP (the terminal closed, SSH dropped)
     raise KeyboardInterrupt, so they end the worker pool and remove the partial files the way Ctrl-C does;
     a SIGHUP that is ignored already (nohup) stays ignored. The old handlers are restored after."""
-    with stop_signals_raise(lambda signum: KeyboardInterrupt()) as stopped:  # run_cli: "interrupted", exit code 130
-        try:
-            yield
-        except DataError:
-            # the signal sent to the whole group also ends a worker that is still starting (before it ignores it),
-            # and the pool breaks: that is the signal's stop, not "a tokenising process died"
-            stopped()
-            raise
+    with stop_signals_raise(lambda signum: KeyboardInterrupt()):  # run_cli: "interrupted", exit code 130
+        yield
 
 
 def check_output_dir(out_dir: Path) -> None:

@@ -126,7 +126,9 @@ def stop_signals_raise(exception: Callable[[int], BaseException]) -> Iterator[Ca
     are given back after (a handler installed inside the block in turn gives this one back).
 
     Yields check(), which raises the exception again if a signal came: Python drops an exception raised where it
-    cannot go on (in a fork's own callbacks, a __del__), so a long job calls it between its stages."""
+    cannot go on (in a fork's own callbacks, a __del__), so a long job calls it between its stages. An error that
+    leaves the block after a signal came gives way to the signal's stop: the signal may be its cause (sent to the
+    whole group, it also ends a pool worker still starting, before the worker ignores it, and the pool breaks)."""
     import signal
     received: list[int] = []
 
@@ -143,6 +145,9 @@ def stop_signals_raise(exception: Callable[[int], BaseException]) -> Iterator[Ca
     previous = {sig: signal.signal(sig, handle) for sig in stop_signals()}
     try:
         yield check
+    except Exception:
+        check()
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
