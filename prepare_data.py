@@ -1180,6 +1180,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
                      else input_files(Path(args.input), (".txt",)))
+            if dataset == "custom" and files[0].suffix.lower() in (".jsonl", ".json"):
+                print(f"note: {files[0]} is read as plain text, its JSON syntax included; --dataset openwebtext "
+                      f"--input {shlex.quote(str(files[0]))} reads the \"text\" field of each line (GPT-2 tokenizer)",
+                      file=sys.stderr)
             vocab_size = DEFAULT_BPE_VOCAB if args.vocab_size is None else args.vocab_size
             meta = prepare_text(out_dir, files, dataset=dataset, tokenizer=given or kind, val_fraction=val_fraction,
                                 vocab_size=vocab_size if kind == "bpe" else None, num_proc=args.num_proc,

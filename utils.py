@@ -202,6 +202,8 @@ def utf8_text(text: str) -> str:
 COMPRESSED_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2"),
                     (re.compile(rb"\xfd7zXZ\x00"), "xz"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
                     (re.compile(rb"PK\x03\x04"), "zip"))
+# a Parquet file (OpenWebText's shards on the Hub) begins with these four bytes
+PARQUET_MAGIC = b"PAR1"
 
 
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None) -> str:
@@ -217,6 +219,8 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
         packed = next((kind for magic, kind in COMPRESSED_MAGIC if magic.match(bytes(data[:16]))), None)
         if offset == 0 and packed:
             how = f"it is compressed ({packed}): decompress it first"
+        elif offset == 0 and bytes(data[:4]) == PARQUET_MAGIC:
+            how = "it is a Parquet file, not text: write its text column out as a .txt file first"
         elif offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
             how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
                    "`iconv -f utf-16 -t utf-8 IN > OUT`")

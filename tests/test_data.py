@@ -776,6 +776,21 @@ def test_a_compressed_file_is_named_so_not_taken_for_another_encoding(shakespear
         decode_utf8("BZh is text, in GBK: 你好".encode("gbk"), "in.txt", error=DataError)
 
 
+def test_a_parquet_or_json_lines_file_given_as_custom_text_is_named(tmp_path, capsys):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1\x15\x04\x15\xc8\x01" + b"\x00" * 64 + b"PAR1")
+    with pytest.raises(DataError, match=r"d.parquet is not valid UTF-8: .*it is a Parquet file, not text: write its "
+                                        r"text column out as a .txt file first$"):
+        prepare("--dataset", "custom", "--input", str(tmp_path / "d.parquet"), "--output_dir", str(tmp_path / "p"))
+    assert not (tmp_path / "p").exists()
+    lines = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(200))
+    (tmp_path / "d.jsonl").write_text(lines, encoding="utf-8")
+    meta = prepare("--dataset", "custom", "--input", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "j"),
+                   "--tokenizer", "char")
+    assert meta["train_tokens"] + meta["val_tokens"] == len(lines)  # read as text, as it says
+    assert (f"note: {tmp_path / 'd.jsonl'} is read as plain text, its JSON syntax included; --dataset openwebtext "
+            f"--input {tmp_path / 'd.jsonl'} reads the \"text\" field of each line") in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to stand for a full disk")
 def test_a_finished_data_set_is_no_failure_when_stdout_cannot_take_the_last_line(shakespeare_text, tmp_path):
     (tmp_path / "in.txt").write_text(shakespeare_text[:5000], encoding="utf-8")
