@@ -181,6 +181,7 @@ class GracefulStop:
 
     def __init__(self, verbose: bool = True):
         self.signum: Optional[int] = None
+        self.signalled = False  # signum came from a signal, not from request()
         self.verbose = verbose
         self.then = self.SAVING
         self._first = 0.0
@@ -204,7 +205,7 @@ class GracefulStop:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
-            self.signum, self._first = signum, time.monotonic()
+            self.signum, self._first, self.signalled = signum, time.monotonic(), True
             if self.verbose:
                 self._say(f"\n{signal.Signals(signum).name} received: finishing this step (or evaluation batch), "
                           f"then {self.then} (press Ctrl-C again to abort at once){torchrun_deadline()}")
@@ -1595,16 +1596,18 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
     """
     if not torch.distributed.is_initialized():
         return stop.signum is not None
-    flag = torch.tensor([1 if stop.signum is not None else 0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
-    if flag.item() and stop.signum is None:
+    # [the signal a process received, whether one stopped for a reason of its own (request(): its data changed)]
+    flags = torch.tensor([stop.signum if stop.signalled else 0, 1 if stop.signum is not None else 0])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+    signum, stopping = flags.tolist()
+    if stopping and stop.signum is None:
         # another rank was signalled; this one's own copy of the signal may still come, and must count as
         # the same request, not as a second one that aborts without saving
         stop.signum, stop._first = signal.SIGTERM, time.monotonic()
         if stop.verbose:  # rank 0 says why the run stops (a signalled rank 0 said it already)
-            print("another process is stopping (a signal, or its data changed): stopping with it", file=sys.stderr,
-                  flush=True)
-    return bool(flag.item())
+            why = f"received {signal.Signals(signum).name}" if signum else "found its data changed"
+            print(f"another process {why}: stopping with it", file=sys.stderr, flush=True)
+    return bool(stopping)
 
 
 # a checkpoint up to this size is copied into CPU memory and written by a background thread (GPT-2 124M with AdamW's

@@ -2488,11 +2488,36 @@ def test_a_signal_to_this_process_just_after_anothers_is_the_same_request(monkey
     process first must not take its own copy for a second Ctrl-C, which aborts without saving."""
     from train import stop_requested
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda flag, **kwargs: flag.fill_(1))  # another rank's flag
+    monkeypatch.setattr(torch.distributed, "all_reduce",  # another rank received SIGTERM
+                        lambda flags, **kwargs: flags.copy_(torch.tensor([signal.SIGTERM, 1])))
     stop = GracefulStop(verbose=False)
     assert stop_requested(stop) and stop.signum == signal.SIGTERM
     stop._handle(signal.SIGTERM, None)  # its own copy, 0 s later: no SystemExit
     assert stop.signum == signal.SIGTERM
+
+
+@pytest.mark.parametrize("others, said", [([0, 0], None), ([signal.SIGINT, 1], "received SIGINT"),
+                                          ([signal.SIGHUP, 1], "received SIGHUP"), ([0, 1], "found its data changed")])
+def test_rank_0_names_why_another_process_stops(monkeypatch, capsys, others, said):
+    from train import stop_requested
+    sent = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+
+    def all_reduce(flags, **kwargs):
+        sent.append(flags.tolist())
+        flags.copy_(torch.maximum(flags, torch.tensor(others)))
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    stop = GracefulStop(verbose=True)
+    assert stop_requested(stop) == (said is not None) and sent == [[0, 0]]
+    err = capsys.readouterr().err
+    assert err == (f"another process {said}: stopping with it\n" if said else "")
+    stop = GracefulStop(verbose=True)  # what a process sends: the signal it received, or only that it stops
+    stop._handle(signal.SIGHUP, None)
+    stop_requested(stop)
+    other = GracefulStop(verbose=True)
+    other.request(signal.SIGTERM, "its data changed", between_steps=True)
+    stop_requested(other)
+    assert sent[1:] == [[signal.SIGHUP, 1], [0, 1]]
 
 
 @pytest.mark.parametrize("env, warned", [({}, False), ({"TORCHELASTIC_RUN_ID": "x"}, True),
