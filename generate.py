@@ -141,12 +141,13 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
     # and -inf / inf would make NaN; past it, sampling is as greedy or as flat as float32 can tell apart
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / min(max(temperature, 1e-30), 1e30)
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token once the tokens ranked above it hold top_p of the probability; the most likely
-        # token has nothing above it, so it always survives
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[:, 0] = False  # also where top_p is below float32's smallest number (0 >= 0 would drop it)
+        sorted_logits, order = torch.sort(logits, dim=-1)  # least likely first
+        # drop a token once the tokens ranked above it hold top_p of the probability, that is once it and
+        # those below it hold at most 1 - top_p. Summed from the least likely up: summed from the top, the
+        # sum near 1 carries the head's rounding (float32's steps there are 6e-8), larger than the tail's
+        # probabilities, and cut up to hundreds of tail tokens too many at top_p 0.9999
+        drop = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+        drop[:, -1] = False  # the most likely token always survives (top_p below float32's smallest number)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -188,6 +188,20 @@ def test_top_p_keeps_no_token_past_the_mass_it_asks_for():
     assert draws.unique().tolist() == [0]
 
 
+@pytest.mark.parametrize("top_p", [0.9, 0.99, 0.9999])
+def test_top_p_keeps_the_tail_that_exact_sums_keep(monkeypatch, top_p):
+    """GPT-2-sized rows: the kept tokens are those the float64 sums keep. Summed in float32 from the most
+    likely down, the sum's rounding near 1 exceeded the tail's probabilities and dropped tail tokens."""
+    logits = torch.randn(16, 50257, generator=torch.Generator().manual_seed(0)) * 3
+    drawn_from = []
+    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples, generator=None:
+                        drawn_from.append(probs) or probs.argmax(-1, keepdim=True))
+    sample_logits(logits, 1.0, top_p=top_p)
+    p = torch.softmax(logits.double(), dim=-1).sort(dim=-1, descending=True).values
+    exact = (p.cumsum(dim=-1) - p < top_p).sum(dim=-1)  # the tokens with less than top_p above them
+    assert (drawn_from[0] > 0).sum(dim=-1).tolist() == exact.tolist()
+
+
 @pytest.mark.parametrize("top_p", [1e-46, 5e-324, 1e-9])
 def test_a_top_p_below_float32s_smallest_number_keeps_the_most_likely_token(top_p):
     """Such a top_p passes the check (it is > 0) and is 0 in float32, where 0 >= 0 dropped every token."""
