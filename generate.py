@@ -62,6 +62,14 @@ class GenerationError(UserError, ValueError):
     """A sampling setting, prompt or generation option that cannot work."""
 
 
+class EmptyPromptError(GenerationError):
+    """An empty prompt that the tokenizer has nothing to start from for; example: a prompt it can encode."""
+
+    def __init__(self, message: str, example: str):
+        super().__init__(message)
+        self.example = example
+
+
 # ---------------------------------------------------------------------------- settings
 
 
@@ -414,9 +422,9 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     except UserError:
         # the example is made of characters it knows: a Chinese text's tokenizer may know no Latin letter
         known = tokenizer.decode(list(range(min(3, tokenizer.vocab_size))))
-        raise GenerationError(f"the prompt is empty and this tokenizer has neither an end-of-text token nor a "
-                              f"newline to start from; give a prompt of characters it knows, e.g. "
-                              f"--prompt {shlex.quote(known)}") from None
+        raise EmptyPromptError(f"the prompt is empty and this tokenizer has neither an end-of-text token nor a "
+                               f"newline to start from; give a prompt of characters it knows, e.g. "
+                               f"--prompt {shlex.quote(known)}", known) from None
 
 
 def check_stop(tokenizer, stop: Optional[str], where: str) -> None:
@@ -668,6 +676,8 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
         # an open text file of any kind (open, tempfile, codecs.open): its lines, each without its line end;
         # the lines of a file opened in binary mode are bytes, which the check below refuses
         prompts = [line.removesuffix("\n").removesuffix("\r") if isinstance(line, str) else line for line in prompts]
+        if prompts and isinstance(prompts[0], str):  # the byte-order mark Windows Notepad writes is no text
+            prompts[0] = prompts[0].removeprefix("\ufeff")
     elif not isinstance(prompts, str):  # any iterable of strings (a generator, a tuple) is read once
         with contextlib.suppress(TypeError):
             prompts = list(prompts)
@@ -895,6 +905,9 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
             write("\n")
         except KeyboardInterrupt:
             write("\n[stopped]\n")
+        except EmptyPromptError as e:  # its --prompt example is an option of the command line, refused here
+            write(f"error: an empty line has nothing to start from: this tokenizer has neither an end-of-text "
+                  f"token nor a newline; type characters it knows, e.g. {e.example}\n")
         except UserError as e:  # e.g. characters a character-level tokenizer does not know
             # on a line of its own, not glued to the text streamed before a failure (a non-finite output)
             write(f"{chr(10) if any(streamed) else ''}error: {e}\n")

@@ -655,6 +655,12 @@ def test_an_empty_prompt_hint_the_tokenizer_can_encode(tmp_path):
         encode_prompt(tok, "")
     example = shlex.split(str(e.value).rpartition("--prompt ")[2])[0]  # as a shell passes it on
     assert example == tok.decode([0, 1, 2]) and tok.encode(example) == [0, 1, 2]
+    out = io.StringIO()  # interactive mode refuses --prompt: its hint is a line to type
+    generate.interactive(Generator(tiny_model(tok.vocab_size)), tok, SamplingSettings(max_new_tokens=2),
+                         stdin=io.StringIO("\n"), stdout=out)
+    assert ("error: an empty line has nothing to start from: this tokenizer has neither an end-of-text token nor a "
+            f"newline; type characters it knows, e.g. {example}\n") in out.getvalue()
+    assert "--prompt" not in out.getvalue()
 
 
 def test_interactive_commands_typed_with_a_chinese_input_method(char_checkpoint):
@@ -854,7 +860,8 @@ def test_a_stop_string_the_tokenizer_cannot_write_is_refused(char_checkpoint, tm
 
 def test_batch_generate_takes_an_open_files_lines_a_long_name_and_checks_dtype_first(char_checkpoint, tmp_path):
     path, model, tok = char_checkpoint
-    (tmp_path / "prompts.txt").write_text("ROMEO:\nab\nJULIET:", encoding="utf-8")
+    # with the byte-order mark Windows Notepad writes, which the character-level tokenizer has never seen
+    (tmp_path / "prompts.txt").write_text("\ufeffROMEO:\nab\nJULIET:", encoding="utf-8")
     name = tmp_path / ("样本" * 41 + ".txt")  # 250 bytes: a name a file may have, and its temporary file too
     kw = dict(checkpoint=str(path), device="cpu", temperature=0, max_new_tokens=5)
     with open(tmp_path / "prompts.txt", encoding="utf-8") as f:
