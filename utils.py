@@ -206,6 +206,11 @@ COMPRESSED_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"BZh[1-9]1
 PARQUET_MAGIC = b"PAR1"
 
 
+# this many characters beyond ASCII, read as UTF-8 before a byte that is not, say that the text is UTF-8 with damaged
+# bytes: text in GBK, say, fails within a character or two (about one pair of its bytes in 12 reads as UTF-8)
+UTF8_EVIDENCE = 8
+
+
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None) -> str:
     """data as str; invalid UTF-8 raises `error` (UserError by default) naming `where`, the byte offset
     (offset: where data starts in its file) and how to convert the text: GBK and UTF-16 are what Chinese
@@ -224,6 +229,9 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
         elif offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
             how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
                    "`iconv -f utf-16 -t utf-8 IN > OUT`")
+        elif len(re.findall(rb"[\xc0-\xff]", bytes(data[: e.start]))) >= UTF8_EVIDENCE:  # lead bytes: characters
+            how = ("the text before it is UTF-8, so the file has damaged bytes: drop them with "
+                   "`iconv -f utf-8 -t utf-8 -c IN > OUT`")
         else:
             how = ("convert the file to UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT` for Chinese text in "
                    "GBK, `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text")

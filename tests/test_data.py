@@ -776,6 +776,20 @@ def test_a_compressed_file_is_named_so_not_taken_for_another_encoding(shakespear
         decode_utf8("BZh is text, in GBK: 你好".encode("gbk"), "in.txt", error=DataError)
 
 
+def test_utf8_text_with_damaged_bytes_is_not_sent_to_iconv_from_gbk(tmp_path):
+    """Following the GBK hint for a UTF-8 file with a damaged byte garbles the whole text."""
+    text = "床前明月光，疑是地上霜。"
+    (tmp_path / "in.txt").write_bytes(text.encode() + b"\xe5\x80" + "举头望明月".encode())
+    r = run_cli("--dataset", "custom", "--input", tmp_path / "in.txt", "--output_dir", tmp_path / "o",
+                "--tokenizer", "char")
+    assert r.returncode == 2 and r.stderr.endswith(
+        f"byte 0xe5 at byte offset {len(text.encode())} (invalid continuation byte); the text before it is UTF-8, so "
+        f"the file has damaged bytes: drop them with `iconv -f utf-8 -t utf-8 -c IN > OUT`\n"), r.stderr
+    from utils import decode_utf8  # GBK whose first bytes happen to read as UTF-8 still gets the GBK hint
+    with pytest.raises(DataError, match=r"byte offset 4 .*iconv -f gbk -t utf-8"):
+        decode_utf8("ab\u0121".encode() + "你好".encode("gbk"), "in.txt", error=DataError)
+
+
 def test_a_parquet_or_json_lines_file_given_as_custom_text_is_named(tmp_path, capsys):
     (tmp_path / "d.parquet").write_bytes(b"PAR1\x15\x04\x15\xc8\x01" + b"\x00" * 64 + b"PAR1")
     with pytest.raises(DataError, match=r"d.parquet is not valid UTF-8: .*it is a Parquet file, not text: write its "
