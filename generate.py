@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -446,9 +447,10 @@ class TextStream:
     can be shown so far, holding back a possible beginning of the stop string.
     """
 
-    def __init__(self, tokenizer, stop: Optional[str] = None, prompt: str = ""):
+    def __init__(self, tokenizer, stop: Optional[str] = None, prompt: str = "", healed: bytes = b""):
         self.tokenizer = tokenizer
         self.stop = stop
+        self._healed = healed  # the prompt's last bytes, which the first token repeats (heal_prompt)
         # the end of the prompt that a stop string could begin in: all of it but its last character
         self._before = prompt[max(0, len(prompt) - len(stop) + 1):] if stop and len(stop) > 1 else ""
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -462,7 +464,10 @@ class TextStream:
         if token == self.tokenizer.eot_token:
             self.finish()
             return
-        self._append(self.decoder.decode(self.tokenizer.decode_bytes([token])))
+        data = self.tokenizer.decode_bytes([token])
+        if self._healed:  # already part of the prompt
+            data, self._healed = data.removeprefix(self._healed), b""
+        self._append(self.decoder.decode(data))
 
     def finish(self) -> None:
         if not self.done:
@@ -498,6 +503,33 @@ class TextStream:
         return piece
 
 
+def heal_prompt(tokenizer, ids: list[int]) -> tuple[list[int], bytes]:
+    """(ids, b"") or, where the last token begins inside a character, (ids without it, its bytes).
+
+    A byte-level BPE learns tokens across character boundaries: trained on Chinese, it may only ever have
+    seen 床前 as [e5][ba][8a e5]..., the last byte of 床 merged with the first of 前. The prompt 床 alone
+    ends in the token [8a], which the model never saw there, and it goes on with bytes that make no
+    character. So that token is taken back and the first new token must begin with its bytes, as
+    "token healing" does. A token that begins a character is left alone: English text and GPT-2 are
+    continued as transformers continues them.
+    """
+    if len(ids) < 2:
+        return ids, b""
+    last = tokenizer.decode_bytes([ids[-1]])
+    return (ids[:-1], last) if last and 0x80 <= last[0] < 0xC0 else (ids, b"")
+
+
+def tokens_beginning_with(tokenizer, prefix: bytes) -> list[int]:
+    """The ids whose bytes begin with prefix (prefix itself included)."""
+    table = _token_bytes.get(tokenizer)
+    if table is None:
+        table = _token_bytes[tokenizer] = [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)]
+    return [i for i, b in enumerate(table) if b.startswith(prefix)]
+
+
+_token_bytes = weakref.WeakKeyDictionary()  # each tokenizer's bytes by id, made at its first healed prompt
+
+
 def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
              rng: Optional[torch.Generator] = None, on_text: Optional[Callable[[str], None]] = None,
              on_step: Optional[Callable[[], object]] = None) -> list[str]:
@@ -506,10 +538,11 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     on_text(piece) receives the first row's text as it is produced; on_step() is called after each
     decoding step (a token for every row). rng defaults to settings.make_rng().
     """
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    ids, healed = zip(*(heal_prompt(tokenizer, encode_prompt(tokenizer, p)) for p in prompts))
     check_stop(tokenizer, settings.stop, "the stop string")  # interactive's :stop, set after the model loaded
     rng = settings.make_rng(gen.device) if rng is None else rng
-    streams = [TextStream(tokenizer, settings.stop, p) for p in prompts]
+    streams = [TextStream(tokenizer, settings.stop, p, h) for p, h in zip(prompts, healed)]
+    first = [any(healed)]  # the first step of a healed batch: only tokens that begin with the healed bytes
 
     def sample(logits):
         # a model may have more outputs than its tokenizer has tokens (data.check_vocab allows it); ids
@@ -520,11 +553,19 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
         finite = torch.isfinite(logits).all(dim=-1)
         if settings.temperature > 0:  # torch.multinomial refuses them (on a GPU with a device-side assert)
             logits = torch.where(finite[:, None], logits, 0.0)
+        if first[0]:
+            first[0] = False
+            allowed = torch.ones(logits.shape, dtype=torch.bool)
+            for row, h in enumerate(healed):
+                if h:
+                    allowed[row] = False
+                    allowed[row, tokens_beginning_with(tokenizer, h)] = True
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         ids = sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
         return torch.where(finite, ids, -1)
 
     try:
-        with contextlib.closing(gen.decode(ids, settings.max_new_tokens, sample)) as steps:
+        with contextlib.closing(gen.decode(list(ids), settings.max_new_tokens, sample)) as steps:
             for n, step in enumerate(steps, 1):
                 if min(step) < 0:
                     raise GenerationError(f"the model's output became NaN or infinite at new token {n}: "

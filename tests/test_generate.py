@@ -584,6 +584,52 @@ def test_streaming_keeps_multibyte_characters_whole():
     assert stream.text == "a\ufffdb"
 
 
+@pytest.fixture(scope="module")
+def poem_bpe():
+    """A BPE trained on Chinese: it merges the last byte of 床 with the first of 前 ([8a e5]), so the prompt
+    床 alone ends in the token [8a], which its text never has there."""
+    from tokenizer import BPETokenizer
+    tok = BPETokenizer().train("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 300, 300)
+    return tok
+
+
+def test_a_prompt_ending_inside_a_merged_character_is_healed(poem_bpe):
+    from generate import heal_prompt
+    tok = poem_bpe
+    assert [tok.decode_bytes([i]) for i in tok.encode("床")] == [b"\xe5", b"\xba", b"\x8a"]
+    assert b"\x8a\xe5" in {tok.decode_bytes([i]) for i in range(tok.vocab_size)}
+    assert heal_prompt(tok, tok.encode("床")) == (tok.encode("床")[:2], b"\x8a")
+    for text in ("举头望明月", "ab"):  # a last token that begins a character is kept
+        assert heal_prompt(tok, tok.encode(text)) == (tok.encode(text), b"")
+    assert heal_prompt(tok, tok.encode("明")) == (tok.encode("明")[:1], b"\x8e")  # [e6 98][8e]
+    gpt2 = GPT2Tokenizer()
+    assert heal_prompt(gpt2, gpt2.encode("Hello world")) == (gpt2.encode("Hello world"), b"")
+    ids = gpt2.encode("你好")  # GPT-2 spells each in two tokens, the second beginning inside the character
+    assert heal_prompt(gpt2, ids) == (ids[:-1], b"\xbd") and len(ids) == 4
+
+
+def test_generation_after_a_healed_prompt_begins_with_the_bytes_taken_back(poem_bpe, monkeypatch):
+    tok, firsts = poem_bpe, []
+    decode = Generator.decode
+
+    def recorded(self, prompts, max_new_tokens, sample):
+        assert prompts == [tok.encode("床")[:2], tok.encode("明月")]  # 床's last token taken back
+        for n, step in enumerate(decode(self, prompts, max_new_tokens, sample)):
+            if n == 0:
+                firsts.append(step)
+            yield step
+    monkeypatch.setattr(Generator, "decode", recorded)
+    model = tiny_model(tok.vocab_size)
+    for seed in range(5):
+        settings = SamplingSettings(temperature=1.0, max_new_tokens=1, seed=seed)
+        texts = complete(Generator(model), tok, ["床", "明月"], settings)
+        first = tok.decode_bytes(firsts[-1][:1])
+        assert first.startswith(b"\x8a")  # drawn among the tokens that begin with the byte taken back
+        # the text goes on from the prompt: the byte taken back is not repeated
+        assert "床" + texts[0] == (b"\xe5\xba" + first).decode("utf-8", "ignore")
+    assert len({tuple(f) for f in firsts}) > 1  # the second row drew freely
+
+
 # ---------------------------------------------------------------------------- files and command line
 
 
