@@ -901,6 +901,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        # the last step's learning rate, which an unbroken run's groups still hold when a copy is saved before the
+        # next step: the evaluation a stop left owed, the iteration copy a kill came before
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(max(iter_num - 1, 0), config)
         rng = ckpt.get("rng")
         exact = restore_rng(rng, rank, world_size, device, config.seed + rank + iter_num)
         if not exact and master and config.dropout > 0:  # without dropout nothing random is drawn: nothing to say
@@ -1267,6 +1271,14 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             last_eval_s = timed_eval(time.perf_counter() - t0)
             if owed and config.save_interval and iter_num % config.save_interval == 0:
                 save([f"checkpoint_iter_{iter_num}.pt"])  # the copy kept at the stop still owed this evaluation
+        elif config.save_interval and iter_num % config.save_interval == 0 and iter_num <= config.max_iters:
+            # a run killed after its evaluation wrote checkpoint.pt and before the copy that follows it: the state
+            # resumed from is that copy's. Rank 0 looks (it writes the files) and the others save with it
+            missing = torch.tensor([0 if (checkpoint_dir / f"checkpoint_iter_{iter_num}.pt").is_file() else 1])
+            if ddp:
+                torch.distributed.broadcast(missing, 0, group=stop_group)
+            if missing.item():
+                save([f"checkpoint_iter_{iter_num}.pt"])
         if iter_num < config.max_iters:
             log.open_writer()  # a resumed run's, here, where it counts as setup and not in the first rate
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0

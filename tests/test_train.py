@@ -640,6 +640,33 @@ def test_after_a_crash_between_evaluations_the_newest_kept_copy_is_resumed(char_
         assert {i: v for i, v in resumed["losses"].items()} == {i: straight["losses"][i] for i in range(11, 21)}
 
 
+def test_a_copy_lost_to_a_kill_after_its_evaluation_is_written_on_resume(char_data, tmp_path, monkeypatch):
+    """kill -9 after the evaluation at 5 wrote checkpoint.pt and before checkpoint_iter_5.pt: the resumed run,
+    which starts from that state, writes the copy an unbroken run has."""
+    kw = dict(max_iters=10, eval_interval=5, save_interval=5)
+    train(tiny(char_data, tmp_path / "straight", **kw))
+    steps, real = [], __import__("train").optimizer_step
+
+    def crash_at_6(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 6:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+    monkeypatch.setattr("train.optimizer_step", crash_at_6)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tiny(char_data, tmp_path / "split", **kw))
+    monkeypatch.undo()
+    (tmp_path / "split" / "ckpt" / "checkpoint_iter_5.pt").unlink()  # the copy the kill came before
+    resumed = train(tiny(char_data, tmp_path / "split", **kw))
+    assert resumed["resumed_from"] == 5
+    a, b = (load_checkpoint(d / "ckpt" / "checkpoint_iter_5.pt") for d in (tmp_path / "straight", tmp_path / "split"))
+    assert a["iter_num"] == b["iter_num"] == 5 and b["best_val_loss"] == a["best_val_loss"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in st.items())
+
+
 def test_the_copy_kept_at_a_cut_evaluation_is_made_good_with_it(char_data, tmp_path, monkeypatch):
     """save_interval keeps checkpoint_iter_5.pt, written when the evaluation at 5 was cut short: the
     resumed run makes up that evaluation, and the kept copy then says what an unbroken run's says."""
@@ -3333,7 +3360,7 @@ def test_a_second_ctrl_c_aborts_at_once():
 
 def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
     kw = dict(gradient_accumulation_steps=2, max_iters=12, log_interval=4, eval_interval=6, lr_decay_iters=12,
-              backend="gloo")
+              save_interval=6, backend="gloo")
 
     def torchrun(out, **overrides):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -3345,8 +3372,10 @@ def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
     straight = torchrun(tmp_path / "a")
     torchrun(tmp_path / "b", max_iters=6)  # stops between log steps 4 and 8
     shutil.copytree(tmp_path / "b", tmp_path / "c")
+    (tmp_path / "b" / "ckpt" / "checkpoint_iter_6.pt").unlink()  # as a kill between it and checkpoint.pt leaves it
     resumed = torchrun(tmp_path / "b")
     assert resumed == {k: straight[k] for k in ("8", "12")}
+    assert (tmp_path / "b" / "ckpt" / "checkpoint_iter_6.pt").is_file()  # rank 0 saw it missing, both saved it
     # one process continues the two processes' run: the same means, to the rounding of another order
     alone = train(tiny(char_data, tmp_path / "c", **{**kw, "backend": "nccl"}))  # nccl: never used alone
     assert alone["resumed_from"] == 6
