@@ -257,6 +257,26 @@ def default_explicit(config: GPT2Config) -> set[str]:
     return {k for k, v in config.to_dict().items() if v != getattr(GPT2Config, k)}
 
 
+def load_resumable(path: Path, others: list[Path]) -> dict:
+    """The checkpoint to resume from; one that cannot be read (truncated by a full disk, say) names what else
+    the folder holds, newest last among others, and how to resume from it instead."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        others = [p for p in others if p != path and p.is_file()]
+        best = path.parent / "best_checkpoint.pt"
+        if others:
+            names = ", ".join(p.name for p in others[-3:])
+            how = (f"; move it aside (mv {shlex.quote(str(path))} {shlex.quote(str(path))}.damaged) and run again to "
+                   f"resume from the newest of the others ({'..., ' if len(others) > 3 else ''}{names})")
+        elif best.is_file():
+            how = (f"; to resume from best_checkpoint.pt instead, copy it over the damaged file: "
+                   f"cp {shlex.quote(str(best))} {shlex.quote(str(path))}")
+        else:
+            how = "; no other checkpoint to resume from is left: start over with --init_from=scratch"
+        raise CheckpointError(f"{e}{how}") from None
+
+
 def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Optional[dict], Optional[Path]]:
     """Decide between resuming and starting afresh; returns (run config, checkpoint or None, its path).
 
@@ -273,10 +293,10 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
                               f"...), point --checkpoint_dir at a run, or use --init_from=scratch")
     if config.init_from == "scratch" or not (ckpt_path.is_file() or kept):
         return check_folders(config.validate()), None, None
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+    ckpt = load_resumable(ckpt_path, kept) if ckpt_path.is_file() else None
     newest = int(ITER_CHECKPOINT.fullmatch(kept[-1].name).group(1)) if kept else -1
     if ckpt is None or newest > ckpt.get("iter_num", newest):
-        ckpt_path, ckpt = kept[-1], load_checkpoint(kept[-1])
+        ckpt_path, ckpt = kept[-1], load_resumable(kept[-1], kept[:-1] + ([ckpt_path] if ckpt is not None else []))
     # fine-tuning (--init_from=gpt2 or a folder) continues a run that started from the same weights; a
     # checkpoint of another start is moved aside like --init_from=scratch does
     if config.init_from not in ("auto", "resume") and not same_start(ckpt, config.init_from):

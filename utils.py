@@ -760,7 +760,9 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint", map_loc
         first = first.split(". ")[0]  # the first sentence: torch's follow-up advice does not fit one line
         reason = ("the file is empty" if path.stat().st_size == 0
                   else f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__)
-        hint = "" if isinstance(e, OSError) else " (truncated or not a PyTorch file?)"  # e.g. permission denied
+        # an OSError naming the file is the system's (permission denied); torch's reader of a truncated file raises
+        # OSError too ("[Errno 22] Invalid argument"), without a name
+        hint = "" if isinstance(e, OSError) and e.filename is not None else " (truncated or not a PyTorch file?)"
         raise CheckpointError(f"cannot read {what} {path}: {reason}{hint}") from None
 
 

@@ -2453,12 +2453,40 @@ def write_pickle_protocol_2(path: Path) -> None:
         pickle.dump({"model": {}, "config": {}, "payload": argparse_namespace()}, f, protocol=2)
 
 
+def test_a_damaged_checkpoint_names_the_others_to_resume_from(char_data, tmp_path):
+    kw = dict(max_iters=10, eval_interval=5, save_interval=5)
+    train(tiny(char_data, tmp_path, **kw))
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "checkpoint.pt").write_bytes((ckpt / "checkpoint.pt").read_bytes()[:5000])  # a disk that filled up
+    with pytest.raises(CheckpointError) as e:
+        train(tiny(char_data, tmp_path, **{**kw, "max_iters": 15}))
+    q = shlex.quote(str(ckpt / "checkpoint.pt"))
+    assert str(e.value).endswith(f"(truncated or not a PyTorch file?); move it aside (mv {q} {q}.damaged) and run "
+                                 f"again to resume from the newest of the others (checkpoint_iter_5.pt, "
+                                 f"checkpoint_iter_10.pt)"), str(e.value)
+    (ckpt / "checkpoint.pt").rename(ckpt / "checkpoint.pt.damaged")
+    assert train(tiny(char_data, tmp_path, **{**kw, "max_iters": 15}))["resumed_from"] == 10
+    for p in ckpt.glob("checkpoint_iter_*.pt"):
+        p.unlink()
+    (ckpt / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty \(truncated or not a PyTorch file\?\); to resume from "
+                                              r"best_checkpoint.pt instead, copy it over the damaged file: cp "):
+        train(tiny(char_data, tmp_path, **{**kw, "max_iters": 20}))
+    (ckpt / "best_checkpoint.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"file\?\); no other checkpoint to resume from is left: start over with "
+                                              r"--init_from=scratch$"):
+        train(tiny(char_data, tmp_path, **{**kw, "max_iters": 20}))
+
+
 @pytest.mark.parametrize("name, write, message", [
     ("empty", lambda p: p.write_bytes(b""), "the file is empty"),
     ("text", lambda p: p.write_text("hello, this is not a checkpoint\n"), "KeyError"),
     # seeded bytes whose first is not pickle's GLOBAL opcode 'c' (which would read as a class name)
     ("random", lambda p: p.write_bytes(b"\x80" + random.Random(0).randbytes(4095)), "UnpicklingError"),
     ("truncated", lambda p: p.write_bytes(b"PK\x03\x04 half a checkpoint"), "RuntimeError"),
+    # torch's reader raises an OSError without a file name for a checkpoint cut after its first kilobytes
+    ("cut", lambda p: torch.save({"model": {"w": torch.zeros(20000)}, "config": {}}, p) or os.truncate(p, 5000),
+     "OSError"),
 ])
 def test_unreadable_checkpoint_is_reported_as_such(tmp_path, name, write, message):
     path = tmp_path / f"{name}.pt"
