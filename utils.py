@@ -394,6 +394,11 @@ def _out_of_memory(e: RuntimeError) -> Optional[str]:
     return f": tried to allocate {size}"
 
 
+# what torch and Python say of a number past 64 bits where a size or an index is needed
+_TOO_LARGE = re.compile(r"Overflow when unpacking long(?: long)?|int too big to convert|"
+                        r"cannot fit 'int' into an index-sized integer|Python int too large to convert to C \w+")
+
+
 def run_cli(main: Callable[[], object], output_on_stdout: bool = False) -> None:
     """Run a script's main(); turn UserError into one line on stderr and exit code 2, and Ctrl-C into
     "interrupted" and exit code 130 (128 + SIGINT, as the shell reports it), without a traceback.
@@ -440,6 +445,12 @@ def run_cli(main: Callable[[], object], output_on_stdout: bool = False) -> None:
              f"above it")
     except MemoryError:
         fail(OUT_OF_MEMORY.format(""), per_process=True)
+    except (TypeError, OverflowError) as e:
+        # a size past 64 bits (--block_size=99999999999999999999) reaches torch or Python's indexing as these
+        if not _TOO_LARGE.search(str(e)):
+            raise
+        fail(f"a size or count given is too large to work with ({_TOO_LARGE.search(str(e)).group(0)}); give "
+             f"smaller values")
     except RuntimeError as e:  # PyTorch's allocators raise these (torch.OutOfMemoryError is one), not MemoryError
         asked = _out_of_memory(e)
         if asked is None:

@@ -2606,6 +2606,21 @@ def test_run_cli_turns_ctrl_c_into_exit_130():
     assert (r.returncode, r.stderr) == (130, "interrupted\n")  # no traceback
 
 
+@pytest.mark.parametrize("body, said", [
+    ("import torch; torch.empty(2**64)", "Overflow when unpacking long long"),  # --block_size=99999999999999999999
+    ("[0] * 2**70", "cannot fit 'int' into an index-sized integer"),  # generate.py --num_samples=...
+    ("raise TypeError('a bug of ours')", None),  # any other TypeError is a traceback, as it should be
+])
+def test_run_cli_says_a_size_past_64_bits_is_too_large(body, said):
+    code = f"from utils import run_cli\ndef main():\n    {body}\nrun_cli(main)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    if said is None:
+        assert r.returncode == 1 and "Traceback" in r.stderr and "a bug of ours" in r.stderr
+    else:
+        assert (r.returncode, r.stderr) == (2, f"error: a size or count given is too large to work with ({said}); "
+                                               f"give smaller values\n")
+
+
 @pytest.mark.parametrize("script", ["train.py", "generate.py", "bench.py"])
 def test_ctrl_c_while_torch_imports_ends_the_script_without_a_traceback(script):
     # a Ctrl-C that arrives while the script imports torch, made certain by an import hook that sends it then;
