@@ -543,11 +543,10 @@ def main(argv=None) -> dict:
 
 def tokenize_report(args, between: Callable[[], None] = lambda: None) -> dict:
     """The --tokenize run: tokenisation figures only, no model."""
-    from prepare_data import default_num_proc
+    from prepare_data import check_num_proc, default_num_proc
     num_proc = default_num_proc() if args.num_proc is None else args.num_proc
     words_file = args.input or os.environ.get("SHAKESPEARE")
-    if num_proc < 1:
-        raise UserError(f"--num_proc must be at least 1, got {num_proc}")
+    check_num_proc(num_proc, UserError)
     if not 0.05 <= args.tokenize_mb < float("inf"):  # less makes too few documents for both splits
         raise UserError(f"--tokenize_mb must be a number of megabytes, at least 0.05, got {args.tokenize_mb:g}; "
                         "e.g. --tokenize_mb 100")

@@ -1101,6 +1101,15 @@ def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def check_num_proc(num_proc: int, error: type = DataError) -> None:
+    """1 to 4 processes a core: tokenising is bound by the cores, so more only take memory (and a typo of a
+    huge number would start thousands)."""
+    most = 4 * default_num_proc()
+    if not 1 <= num_proc <= most:
+        raise error(f"--num_proc must be between 1 and {most} (4 a core on this machine's {most // 4}), got "
+                    f"{num_proc}; the default is one a core")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=["shakespeare", "custom", "openwebtext"], help="what to prepare")
@@ -1134,8 +1143,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     start_process_helpers()
-    if args.num_proc < 1:
-        raise DataError(f"--num_proc must be at least 1, got {args.num_proc}")
+    check_num_proc(args.num_proc)
     if args.dataset is None:
         raise DataError("say what to prepare: --dataset shakespeare, --dataset custom --input FILE, or "
                         "--dataset openwebtext (python prepare_data.py --help lists the options)")

@@ -143,6 +143,9 @@ def test_tokenize_refuses_the_model_benchmarks_flags(capsys):
     err = one_line_error(["--tokenize", "--tokenize_mb", "0.1", "--steps", "3", "--preset", "gpt2"], capsys)
     assert err.startswith("error: --tokenize times GPT-2 tokenisation only: --preset, --steps are for the model "
                           "benchmark")
+    for n in ("0", "99999999999999999999"):  # a huge one used to start a process per share of the text
+        err = one_line_error(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", n], capsys)
+        assert err.startswith("error: --num_proc must be between 1 and ") and f"got {n};" in err
 
 
 def test_profile_accounts_for_the_step(capsys):
