@@ -1036,6 +1036,12 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
               f"{compiled}, attention {attention}, data {config.data_dir} ({meta['tokenizer']}), "
               f"checkpoints {checkpoint_dir}, tensorboard {run_dir}")
+    if config.warmup_iters >= config.max_iters > iter_num and config.learning_rate > 0:
+        # config.py's default warmup (2000 steps) under a short --max_iters: a run that never really trains
+        last = get_lr(config.max_iters - 1, config)
+        log.print(f"warning: warmup_iters={config.warmup_iters} is not below max_iters={config.max_iters}: the run ends "
+                  f"while the learning rate still warms up, at {last:.2e} ({last / config.learning_rate:.0%} of "
+                  f"learning_rate); give fewer, e.g. --warmup_iters={max(1, config.max_iters // 10)}")
     if ckpt is not None:
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
         changed = [k for k in ("source_sha256", "train_tokens", "val_tokens")

@@ -613,6 +613,15 @@ def test_a_run_stopped_between_evaluations_and_finished_there_evaluates_that_ite
     assert again["evals"] == {}  # done: nothing owed any more
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_of(char_data, tmp_path, capsys):
+    train(tiny(char_data, tmp_path / "a", warmup_iters=20, max_iters=4, eval_interval=4))
+    out = capsys.readouterr().out
+    assert ("warning: warmup_iters=20 is not below max_iters=4: the run ends while the learning rate still warms up, "
+            "at 1.90e-03 (19% of learning_rate); give fewer, e.g. --warmup_iters=1\n") in out  # 4 / 21 of it
+    train(tiny(char_data, tmp_path / "b", warmup_iters=3, max_iters=4, eval_interval=4))
+    assert "warning: warmup_iters" not in capsys.readouterr().out
+
+
 def test_after_a_crash_between_evaluations_the_newest_kept_copy_is_resumed(char_data, tmp_path, monkeypatch, capsys):
     """--save_interval's copies are whole checkpoints: a crash at step 13, with evaluations every 100 and copies
     every 5, resumes from checkpoint_iter_10.pt and goes on exactly, where it used to start over. With a
