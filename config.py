@@ -349,7 +349,8 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[str]]:
     what is wrong in it (unknown keys, values of the wrong type), every problem named."""
     p = Path(path)
     if not p.is_file():
-        what = "is empty" if not path.strip() else "is a directory" if p.is_dir() else "does not exist"
+        what = ("is empty" if not path.strip() else "is a directory" if p.is_dir()
+                else "is not a regular file (a device or a pipe)" if p.exists() else "does not exist")
         raise ConfigError(f"config file {path!r} {what}; pass a Python file that assigns config fields, "
                           f"e.g. `n_layer = 4`, or use --key=value flags")
     # as a script: __file__ is set, for paths next to the config file. Its folder is not put on sys.path: a

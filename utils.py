@@ -241,8 +241,13 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
 
 def read_utf8_file(path: str | os.PathLike, where: str, error: Optional[type] = None) -> str:
     """A UTF-8 text file's text as it is (line ends included), without a byte-order mark, which Windows
-    Notepad writes and which is no text; decode_utf8's error where it is not UTF-8. OSError as open raises it."""
-    data = Path(path).read_bytes()
+    Notepad writes and which is no text; decode_utf8's error where it is not UTF-8. OSError as open raises it.
+    A device other than a terminal (/dev/zero, a disk) is refused: it would be read until memory runs out."""
+    with open(path, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and not f.isatty():
+            raise (error or UserError)(f"{where} is a device, not a file; pass a file or a pipe")
+        data = f.read()
     bom = data.startswith(b"\xef\xbb\xbf")
     return decode_utf8(memoryview(data)[3:] if bom else data, where, 3 if bom else 0, error)
 
@@ -748,7 +753,8 @@ def load_weights_only(path: str | os.PathLike, what: str = "checkpoint", map_loc
     import torch
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{what} {path} does not exist")
+        raise CheckpointError(f"{what} {path} " + ("is a directory" if path.is_dir() else "is not a regular file (a "
+                              "device or a pipe)" if path.exists() else "does not exist"))
     try:
         with warnings.catch_warnings():
             # a damaged file can look like an unusual pickle protocol; the error below says it better

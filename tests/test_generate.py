@@ -1114,6 +1114,7 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--top_p", "1.5"], "got 1.5"),
     (["--prompt", "héllo wörld"], "'é', 'ö'"),
     (["--checkpoint", "missing.pt"], "missing.pt does not exist"),
+    (["--checkpoint", os.devnull], f"checkpoint {os.devnull} is not a regular file (a device or a pipe)"),
     (["--checkpoint_dir", "nowhere"], "no checkpoint found"),
     (["--checkpoint_dir", "notes.txt"], "--checkpoint_dir notes.txt is a file, not a folder; to read that file as a "
                                         "checkpoint, pass --checkpoint notes.txt"),

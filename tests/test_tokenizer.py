@@ -695,6 +695,11 @@ def test_cli_help_and_train(tmp_path):
     assert load_tokenizer(tmp_path / f"{2 ** 31 - 1}.json").merges == load_tokenizer(tmp_path / "4096.json").merges
     out = cli("--train", "missing.txt")
     assert out.returncode == 2 and "cannot read the text file 'missing.txt'" in out.stderr
+    if os.path.exists("/dev/zero"):  # read until memory ran out, before
+        for flag in ("--train", "--bench"):
+            out = cli(flag, "/dev/zero", "--vocab_size", "300")
+            assert (out.returncode, out.stderr) == (2, "error: /dev/zero is a device, not a file; pass a file or a "
+                                                       "pipe\n")
     (tmp_path / "outdir").mkdir()
     out = cli("--train", "in.txt", "--out", "outdir")
     assert out.returncode == 2 and out.stderr.splitlines() == [

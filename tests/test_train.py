@@ -2977,6 +2977,7 @@ def test_flags_file_and_preset_apply_in_order(tmp_path):
     (["--n_embd=100", "--n_head=3"], "n_embd (100) must be divisible by n_head (3)"),
     (["--preset=gpt3"], "unknown preset 'gpt3'; did you mean 'gpt2'?"),
     (["missing_config.py"], "config file 'missing_config.py' does not exist"),
+    ([os.devnull], f"config file '{os.devnull}' is not a regular file (a device or a pipe)"),
     (["."], "config file '.' is a directory"),
     (["--n_layer"], "expected one argument"),
 ])
