@@ -1133,9 +1133,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of the text held out for validation (default 0.1; openwebtext 0.0005 of the documents)")
     p.add_argument("--num_proc", type=int, default=default_num_proc(),
                    help="tokenising processes (default: every core, %(default)s)")
-    p.add_argument("--hf_dataset", default="openwebtext",
+    p.add_argument("--hf_dataset", default=None,
                    help="openwebtext without --input: the Hugging Face data set to load, with a \"text\" column "
-                        "(default %(default)s)")
+                        "(default openwebtext)")
     return p.parse_args(argv)
 
 
@@ -1165,6 +1165,10 @@ def main(argv: list[str] | None = None) -> dict:
         given_as = f"--tokenizer_file {args.tokenizer_file}" if given is not None else f"--tokenizer {kind}"
         raise DataError(f"--dataset openwebtext is tokenised with GPT-2 only, got {given_as}; for another "
                         f"tokenizer use --dataset custom --input TEXT {given_as}")
+    if args.hf_dataset is not None and (dataset != "openwebtext" or args.input):
+        beside = "--input" if dataset == "openwebtext" else f"--dataset {dataset}"
+        raise DataError(f"--hf_dataset names the Hugging Face data set that --dataset openwebtext downloads without "
+                        f"--input; it does nothing with {beside}: leave it out")
     if dataset == "custom" and not args.input:
         raise DataError("--dataset custom needs --input: a UTF-8 text file, or a folder of .txt files")
     if args.output_dir:
@@ -1183,8 +1187,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     with sigterm_as_interrupt(), claim_output_dir(out_dir):
         if dataset == "openwebtext":
-            meta = prepare_documents(out_dir, args.input, hf_name=args.hf_dataset, val_fraction=val_fraction,
-                                     num_proc=args.num_proc, command=command)
+            meta = prepare_documents(out_dir, args.input, hf_name=args.hf_dataset or "openwebtext",
+                                     val_fraction=val_fraction, num_proc=args.num_proc, command=command)
         else:
             files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
                      else input_files(Path(args.input), (".txt",)))

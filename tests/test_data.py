@@ -2112,6 +2112,8 @@ def test_parquet_that_cannot_be_read_as_text(tmp_path, write, message):
     (["--dataset", "openwebtext", "--tokenizer", "char"], "openwebtext is tokenised with GPT-2 only"),
     (["--dataset", "shakespeare", "--val_fraction", "0"], "--val_fraction must be between 0 and 1"),
     (["--dataset", "custom", "--input", "no/such/file.txt"], "does not exist"),
+    (["--dataset", "custom", "--input", "a.txt", "--hf_dataset", "x"], "it does nothing with --dataset custom: leave"),
+    (["--dataset", "openwebtext", "--input", "docs/", "--hf_dataset", "x"], "it does nothing with --input: leave it"),
     (["--dataset", "shakespeare", "--num_proc", "0"], "--num_proc must be between 1 and "),
     (["--dataset", "shakespeare", "--num_proc", "99999999999999999999"], "got 99999999999999999999; the default is one"),
 ])
