@@ -42,7 +42,6 @@ import sys
 import tempfile
 import time
 import warnings
-import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -510,8 +509,8 @@ def heal_prompt(tokenizer, ids: list[int]) -> tuple[list[int], bytes]:
     seen 床前 as [e5][ba][8a e5]..., the last byte of 床 merged with the first of 前. The prompt 床 alone
     ends in the token [8a], which the model never saw there, and it goes on with bytes that make no
     character. So that token is taken back and the first new token must begin with its bytes, as
-    "token healing" does. A token that begins a character is left alone: English text and GPT-2 are
-    continued as transformers continues them.
+    "token healing" does (see complete). A last token that begins a character is left alone: text in ASCII
+    is continued as transformers continues it.
     """
     if len(ids) < 2:
         return ids, b""
@@ -519,15 +518,22 @@ def heal_prompt(tokenizer, ids: list[int]) -> tuple[list[int], bytes]:
     return (ids[:-1], last) if last and 0x80 <= last[0] < 0xC0 else (ids, b"")
 
 
-def tokens_beginning_with(tokenizer, prefix: bytes) -> list[int]:
-    """The ids whose bytes begin with prefix (prefix itself included)."""
-    table = _token_bytes.get(tokenizer)
-    if table is None:
-        table = _token_bytes[tokenizer] = [tokenizer.decode_bytes([i]) for i in range(tokenizer.vocab_size)]
-    return [i for i, b in enumerate(table) if b.startswith(prefix)]
-
-
-_token_bytes = weakref.WeakKeyDictionary()  # each tokenizer's bytes by id, made at its first healed prompt
+def healing_tokens(tokenizer, before: bytes, healed: bytes) -> list[int]:
+    """The ids a healed prompt may go on with: those whose bytes begin with the bytes taken back and, after
+    the prompt's bytes `before` them, are UTF-8 as far as they go (GPT-2's [99 82] also begins with the
+    [99] that ends ’, and would leave a byte that belongs to no character)."""
+    tail = before[-3:]  # the last character's bytes, where it is still incomplete, lie among the last 3
+    while tail and 0x80 <= tail[0] < 0xC0:
+        tail = tail[1:]
+    allowed = []
+    for i, b in enumerate(tokenizer.token_bytes()):
+        if b.startswith(healed):
+            try:
+                codecs.getincrementaldecoder("utf-8")().decode(tail + b, final=False)
+            except UnicodeDecodeError:
+                continue
+            allowed.append(i)
+    return allowed
 
 
 def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
@@ -538,11 +544,19 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     on_text(piece) receives the first row's text as it is produced; on_step() is called after each
     decoding step (a token for every row). rng defaults to settings.make_rng().
     """
-    ids, healed = zip(*(heal_prompt(tokenizer, encode_prompt(tokenizer, p)) for p in prompts))
+    ids, healed = [], []
+    for p in prompts:
+        row, h = heal_prompt(tokenizer, encode_prompt(tokenizer, p))
+        ids.append(row)
+        healed.append(h)
     check_stop(tokenizer, settings.stop, "the stop string")  # interactive's :stop, set after the model loaded
     rng = settings.make_rng(gen.device) if rng is None else rng
     streams = [TextStream(tokenizer, settings.stop, p, h) for p, h in zip(prompts, healed)]
-    first = [any(healed)]  # the first step of a healed batch: only tokens that begin with the healed bytes
+    # a healed row's first token gives back the bytes taken from the prompt: it takes one step more, so that
+    # max_new_tokens counts the tokens after the prompt (then a model that goes on with the token taken back
+    # writes what transformers writes), and the other rows leave out that step's token
+    extra = 1 if any(healed) else 0
+    first = [bool(extra)]  # the first step of a healed batch: only tokens that begin with the healed bytes
 
     def sample(logits):
         # a model may have more outputs than its tokenizer has tokens (data.check_vocab allows it); ids
@@ -559,22 +573,23 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
             for row, h in enumerate(healed):
                 if h:
                     allowed[row] = False
-                    allowed[row, tokens_beginning_with(tokenizer, h)] = True
+                    allowed[row, healing_tokens(tokenizer, tokenizer.decode_bytes(ids[row][-3:]), h)] = True
             logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
-        ids = sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
-        return torch.where(finite, ids, -1)
+        drawn = sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
+        return torch.where(finite, drawn, -1)
 
     try:
-        with contextlib.closing(gen.decode(list(ids), settings.max_new_tokens, sample)) as steps:
-            for n, step in enumerate(steps, 1):
+        with contextlib.closing(gen.decode(ids, settings.max_new_tokens + extra, sample)) as steps:
+            for n, step in enumerate(steps, 1 - extra):  # n: the tokens after the prompt so far
                 if min(step) < 0:
-                    raise GenerationError(f"the model's output became NaN or infinite at new token {n}: "
+                    raise GenerationError(f"the model's output became NaN or infinite at new token {max(n, 1)}: "
                                           + ("its weights are damaged, or float16 overflowed (then try --dtype "
                                              "float32 or bfloat16)" if gen.dtype == torch.float16 else
                                              "its weights are damaged"))
-                for stream, token in zip(streams, step):
-                    stream.add(token)  # a finished row keeps being decoded, and ignored
-                if on_step is not None:
+                for stream, token, h in zip(streams, step, healed):
+                    if h or not (extra and n == settings.max_new_tokens):  # the step more is the healed rows'
+                        stream.add(token)  # a finished row keeps being decoded, and ignored
+                if on_step is not None and n > 0:
                     on_step()
                 if on_text is not None and (piece := streams[0].new_text()):
                     on_text(piece)

@@ -124,6 +124,10 @@ class Tokenizer:
         so streaming output should decode the bytes incrementally (codecs.getincrementaldecoder)."""
         raise NotImplementedError
 
+    def token_bytes(self) -> list[bytes]:
+        """Each id's bytes, in id order (a special token's are its string's)."""
+        return [self.decode_bytes([i]) for i in range(self.vocab_size)]
+
     def to_dict(self) -> dict:
         """Everything needed to rebuild this tokenizer, as plain JSON types; includes "kind"."""
         raise NotImplementedError
@@ -887,6 +891,9 @@ class BPETokenizer(Tokenizer):
         table = self._id_bytes
         return b"".join([table[i] for i in self._check_ids(ids)])
 
+    def token_bytes(self) -> list[bytes]:
+        return self._id_bytes  # made anew by each train() or load, never changed in place
+
     def to_dict(self) -> dict:
         d = {"kind": "bpe", "pattern": self.pattern, "merge_rule": self.merge_rule,
              "special_tokens": self.special_tokens}
@@ -1069,6 +1076,11 @@ class GPT2Tokenizer(Tokenizer):
 
     def decode_bytes(self, ids) -> bytes:
         return self.enc.decode_bytes(self._check_ids(ids))
+
+    def token_bytes(self) -> list[bytes]:
+        if getattr(self, "_token_bytes", None) is None:  # GPT-2's vocabulary never changes: made once
+            self._token_bytes = [self.enc.decode_single_token_bytes(i) for i in range(self.vocab_size)]
+        return self._token_bytes
 
     def to_dict(self) -> dict:
         return {"kind": "gpt2"}

@@ -6,6 +6,7 @@ batches, streaming, the command line (single, interactive, errors) and checkpoin
 Models are tiny (2 layers, width 32) with weights drawn wider than GPT-2's init, so greedy text is
 varied instead of one repeated character and a wrong token shows up.
 """
+import codecs
 import io
 import os
 import re
@@ -604,30 +605,56 @@ def test_a_prompt_ending_inside_a_merged_character_is_healed(poem_bpe):
     assert heal_prompt(tok, tok.encode("明")) == (tok.encode("明")[:1], b"\x8e")  # [e6 98][8e]
     gpt2 = GPT2Tokenizer()
     assert heal_prompt(gpt2, gpt2.encode("Hello world")) == (gpt2.encode("Hello world"), b"")
+    for t in (tok, gpt2, char_tokenizer()):  # the table the first token is chosen from
+        assert t.token_bytes() == [t.decode_bytes([i]) for i in range(t.vocab_size)]
     ids = gpt2.encode("你好")  # GPT-2 spells each in two tokens, the second beginning inside the character
     assert heal_prompt(gpt2, ids) == (ids[:-1], b"\xbd") and len(ids) == 4
 
 
 def test_generation_after_a_healed_prompt_begins_with_the_bytes_taken_back(poem_bpe, monkeypatch):
-    tok, firsts = poem_bpe, []
+    tok, runs = poem_bpe, []
     decode = Generator.decode
 
     def recorded(self, prompts, max_new_tokens, sample):
         assert prompts == [tok.encode("床")[:2], tok.encode("明月")]  # 床's last token taken back
-        for n, step in enumerate(decode(self, prompts, max_new_tokens, sample)):
-            if n == 0:
-                firsts.append(step)
-            yield step
+        assert max_new_tokens == 3  # one step more: the healed row's first token gives back what was taken
+        runs.append(list(decode(self, prompts, max_new_tokens, sample)))
+        yield from runs[-1]
     monkeypatch.setattr(Generator, "decode", recorded)
     model = tiny_model(tok.vocab_size)
     for seed in range(5):
-        settings = SamplingSettings(temperature=1.0, max_new_tokens=1, seed=seed)
+        settings = SamplingSettings(temperature=1.0, max_new_tokens=2, seed=seed)
         texts = complete(Generator(model), tok, ["床", "明月"], settings)
-        first = tok.decode_bytes(firsts[-1][:1])
-        assert first.startswith(b"\x8a")  # drawn among the tokens that begin with the byte taken back
-        # the text goes on from the prompt: the byte taken back is not repeated
-        assert "床" + texts[0] == (b"\xe5\xba" + first).decode("utf-8", "ignore")
-    assert len({tuple(f) for f in firsts}) > 1  # the second row drew freely
+        healed, other = ([tok.decode_bytes([step[row]]) for step in runs[-1]] for row in (0, 1))
+        assert healed[0].startswith(b"\x8a")  # drawn among the tokens that begin with the byte taken back
+        # the text goes on from the prompt, the byte taken back not repeated, and takes two tokens after it;
+        # the other row takes two tokens, not three
+        as_streamed = codecs.getincrementaldecoder("utf-8")("replace")
+        assert "床" + texts[0] == as_streamed.decode(b"\xe5\xba" + b"".join(healed))
+        assert texts[1] == codecs.getincrementaldecoder("utf-8")("replace").decode(b"".join(other[:2]))
+    assert len({tuple(run[0]) for run in runs}) > 1  # not the same draw each time
+    monkeypatch.undo()
+    with pytest.raises(GenerationError, match="every prompt needs at least one token"):  # no prompt at all
+        complete(Generator(model), tok, [], SamplingSettings())
+
+
+def test_a_prompt_ending_in_a_curly_quote_is_continued_as_transformers_continues_it(tmp_path):
+    """GPT-2 spells ’ as [e2 80][99]: healed, the first token may be [99] only ([99 82] would leave a byte of
+    no character after ’), so a greedy model writes what transformers writes, as many tokens after the prompt."""
+    transformers = pytest.importorskip("transformers")
+    from generate import healing_tokens
+    tok = GPT2Tokenizer()
+    ids = tok.encode("the students’")
+    assert tok.decode_bytes(ids[-1:]) == b"\x99" and {b"\x99\x82", b"\x99\xbd"} <= set(tok.token_bytes())
+    assert healing_tokens(tok, tok.decode_bytes(ids[-4:-1]), b"\x99") == ids[-1:]
+    model = tiny_model(tok.vocab_size, seed=2)
+    model.save_pretrained(tmp_path / "hf", tok)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    text = complete(Generator(model), tok, ["the students’"], SamplingSettings(temperature=0, max_new_tokens=8))[0]
+    assert text == tok.decode(out[0, len(ids):].tolist())
 
 
 # ---------------------------------------------------------------------------- files and command line
