@@ -105,9 +105,9 @@ Item = tuple[str, bytes, bool, int, str, int]
 # reading text
 
 
-def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0) -> str:
+def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, seen: int = 0) -> str:
     """data as str; invalid UTF-8 is a DataError naming `where` and the byte offset (utils.decode_utf8)."""
-    return utils.decode_utf8(data, where, offset, DataError)
+    return utils.decode_utf8(data, where, offset, DataError, seen)
 
 
 def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str, ...] | None = None) -> list[Path]:
@@ -202,6 +202,7 @@ class TextFile:
         order, is updated too). decode: decode the text as well, so that bad UTF-8 is an error now, before a
         long training, and gather the character set. progress(bytes) is called after each block."""
         head, carry, offset, crc = b"", b"", 0, 0
+        seen = 0  # characters beyond ASCII in the blocks before, which say the text is UTF-8 (utils.decode_utf8)
         with reading(self.path), self.open() as f:
             while block := f.read(READ_BYTES):
                 crc = zlib.crc32(block, crc)  # twice as fast as a second sha256
@@ -214,15 +215,16 @@ class TextFile:
                 if decode:  # whole characters only; the rest goes with the next block
                     data = carry + block
                     end = complete_utf8(data)
-                    text = decode_utf8(data[:end], self.name, offset - len(carry))
+                    text = decode_utf8(data[:end], self.name, offset - len(carry), seen)
                     if offset - len(carry) == 0 and self.skip:
                         text = text[1:]  # the mark is no text
                     self.charset.update(text)
+                    seen += utils.non_ascii_chars(memoryview(data)[:end], utils.UTF8_EVIDENCE - seen)
                     carry = data[end:]
                 offset += len(block)
                 progress(len(block))
         if carry:
-            decode_utf8(carry, self.name, offset - len(carry))  # the file ends inside a character: the error
+            decode_utf8(carry, self.name, offset - len(carry), seen)  # the file ends inside a character: the error
         self.size, self.crc = offset, crc
 
     def char_offset(self, k: int) -> int:

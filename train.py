@@ -1039,9 +1039,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if config.warmup_iters >= config.max_iters > iter_num and config.learning_rate > 0:
         # config.py's default warmup (2000 steps) under a short --max_iters: a run that never really trains
         last = get_lr(config.max_iters - 1, config)
-        log.print(f"warning: warmup_iters={config.warmup_iters} is not below max_iters={config.max_iters}: the run ends "
-                  f"while the learning rate still warms up, at {last:.2e} ({last / config.learning_rate:.0%} of "
-                  f"learning_rate); give fewer, e.g. --warmup_iters={max(1, config.max_iters // 10)}")
+        fewer = min(config.max_iters - 1, max(1, config.max_iters // 10))
+        log.print(f"warning: warmup_iters={config.warmup_iters} is not below max_iters={config.max_iters}: the run "
+                  f"ends while the learning rate still warms up, at {last:.2e} ({last / config.learning_rate:.0%} of "
+                  f"learning_rate); give fewer, e.g. --warmup_iters={fewer}")
     if ckpt is not None:
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
         changed = [k for k in ("source_sha256", "train_tokens", "val_tokens")
@@ -1641,7 +1642,7 @@ def stop_requested(stop: GracefulStop, group=None) -> bool:
     if stopping and stop.signum is None:
         # another rank was signalled; this one's own copy of the signal may still come, and must count as
         # the same request, not as a second one that aborts without saving
-        stop.signum, stop._first = signal.SIGTERM, time.monotonic()
+        stop.signum, stop._first = signum or signal.SIGTERM, time.monotonic()  # its exit code says the same
         if stop.verbose:  # rank 0 says why the run stops (a signalled rank 0 said it already)
             why = f"received {signal.Signals(signum).name}" if signum else "found its data changed"
             print(f"another process {why}: stopping with it", file=sys.stderr, flush=True)

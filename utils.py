@@ -8,6 +8,7 @@ of a traceback.
 import argparse
 import contextlib
 import errno
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -209,12 +210,19 @@ PARQUET_MAGIC = b"PAR1"
 # this many characters beyond ASCII, read as UTF-8 before a byte that is not, say that the text is UTF-8 with damaged
 # bytes: text in GBK, say, fails within a character or two (about one pair of its bytes in 12 reads as UTF-8)
 UTF8_EVIDENCE = 8
+_LEAD_BYTE = re.compile(rb"[\xc0-\xff]")  # the first byte of a character beyond ASCII
 
 
-def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None) -> str:
+def non_ascii_chars(data: bytes | memoryview, at_most: int = UTF8_EVIDENCE) -> int:
+    """The characters beyond ASCII in UTF-8 data, counted up to at_most: the count stops there."""
+    return sum(1 for _ in itertools.islice(_LEAD_BYTE.finditer(data), max(at_most, 0)))
+
+
+def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None,
+                seen: int = 0) -> str:
     """data as str; invalid UTF-8 raises `error` (UserError by default) naming `where`, the byte offset
     (offset: where data starts in its file) and how to convert the text: GBK and UTF-16 are what Chinese
-    Windows and Notepad write."""
+    Windows and Notepad write. seen: the characters beyond ASCII that earlier pieces of the file held."""
     try:
         return str(data, "utf-8")
     except UnicodeDecodeError as e:
@@ -229,7 +237,7 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
         elif offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
             how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
                    "`iconv -f utf-16 -t utf-8 IN > OUT`")
-        elif len(re.findall(rb"[\xc0-\xff]", bytes(data[: e.start]))) >= UTF8_EVIDENCE:  # lead bytes: characters
+        elif seen + non_ascii_chars(memoryview(data)[: e.start], UTF8_EVIDENCE - seen) >= UTF8_EVIDENCE:
             how = ("the text before it is UTF-8, so the file has damaged bytes: drop them with "
                    "`iconv -f utf-8 -t utf-8 -c IN > OUT`")
         else:
@@ -244,8 +252,9 @@ def read_utf8_file(path: str | os.PathLike, where: str, error: Optional[type] = 
     Notepad writes and which is no text; decode_utf8's error where it is not UTF-8. OSError as open raises it.
     A device other than a terminal (/dev/zero, a disk) is refused: it would be read until memory runs out."""
     with open(path, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) and not f.isatty():
+        st = os.fstat(f.fileno())
+        if ((stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) and not f.isatty()
+                and st.st_rdev != os.stat(os.devnull).st_rdev):  # /dev/null, empty as under cron, is read
             raise (error or UserError)(f"{where} is a device, not a file; pass a file or a pipe")
         data = f.read()
     bom = data.startswith(b"\xef\xbb\xbf")

@@ -785,6 +785,13 @@ def test_utf8_text_with_damaged_bytes_is_not_sent_to_iconv_from_gbk(tmp_path):
     assert r.returncode == 2 and r.stderr.endswith(
         f"byte 0xe5 at byte offset {len(text.encode())} (invalid continuation byte); the text before it is UTF-8, so "
         f"the file has damaged bytes: drop them with `iconv -f utf-8 -t utf-8 -c IN > OUT`\n"), r.stderr
+    # a file cut inside its last character: the bytes left over after the last whole block are few, and the
+    # characters of the blocks before count too
+    (tmp_path / "cut.txt").write_bytes((text * 100).encode() + b"\xe5\xba")
+    r = run_cli("--dataset", "custom", "--input", tmp_path / "cut.txt", "--output_dir", tmp_path / "o",
+                "--tokenizer", "char")
+    assert r.returncode == 2 and r.stderr.endswith("the file has damaged bytes: drop them with `iconv -f utf-8 -t "
+                                                   "utf-8 -c IN > OUT`\n"), r.stderr
     from utils import decode_utf8  # GBK whose first bytes happen to read as UTF-8 still gets the GBK hint
     with pytest.raises(DataError, match=r"byte offset 4 .*iconv -f gbk -t utf-8"):
         decode_utf8("ab\u0121".encode() + "你好".encode("gbk"), "in.txt", error=DataError)
@@ -2115,7 +2122,7 @@ def test_parquet_that_cannot_be_read_as_text(tmp_path, write, message):
     (["--dataset", "custom", "--input", "a.txt", "--hf_dataset", "x"], "it does nothing with --dataset custom: leave"),
     (["--dataset", "openwebtext", "--input", "docs/", "--hf_dataset", "x"], "it does nothing with --input: leave it"),
     (["--dataset", "shakespeare", "--num_proc", "0"], "--num_proc must be between 1 and "),
-    (["--dataset", "shakespeare", "--num_proc", "99999999999999999999"], "got 99999999999999999999; the default is one"),
+    (["--dataset", "shakespeare", "--num_proc", "99999999999999999999"], "got 99999999999999999999; the default"),
 ])
 def test_bad_arguments(args, message):
     with pytest.raises(DataError, match=message):

@@ -694,6 +694,11 @@ def test_cli_prompt_file_with_a_byte_order_mark(char_checkpoint, tmp_path):
     for prompt in ("JULIET:", ""):  # one of the two, even an empty --prompt
         r = cli(["--prompt_file", "p.txt", "--prompt", prompt, "--device", "cpu"], tmp_path)
         assert (r.returncode, r.stdout, r.stderr) == (2, "", "error: give --prompt or --prompt_file, not both\n")
+    if os.path.exists("/dev/null"):  # an empty prompt (cron's stdin is /dev/null), though /dev/null is a device
+        empty = complete(Generator(model), tok, [""], SamplingSettings(temperature=0, max_new_tokens=10))[0]
+        r = cli(["--prompt_file", "/dev/null", "--max_new_tokens", "10", "--temperature", "0", "--device", "cpu"],
+                tmp_path)
+        assert (r.returncode, r.stdout) == (0, empty + "\n"), r.stderr
 
 
 def test_a_prompt_file_in_another_encoding_is_named_as_prepare_data_names_it(char_checkpoint, tmp_path):

@@ -620,6 +620,8 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(char_data, tmp_path, capsys):
             "at 1.90e-03 (19% of learning_rate); give fewer, e.g. --warmup_iters=1\n") in out  # 4 / 21 of it
     train(tiny(char_data, tmp_path / "b", warmup_iters=3, max_iters=4, eval_interval=4))
     assert "warning: warmup_iters" not in capsys.readouterr().out
+    train(tiny(char_data, tmp_path / "c", warmup_iters=1, max_iters=1, eval_interval=1))
+    assert "e.g. --warmup_iters=0\n" in capsys.readouterr().out  # a value that does not warn again
 
 
 def test_after_a_crash_between_evaluations_the_newest_kept_copy_is_resumed(char_data, tmp_path, monkeypatch, capsys):
@@ -2575,6 +2577,7 @@ def test_rank_0_names_why_another_process_stops(monkeypatch, capsys, others, sai
     assert stop_requested(stop) == (said is not None) and sent == [[0, 0]]
     err = capsys.readouterr().err
     assert err == (f"another process {said}: stopping with it\n" if said else "")
+    assert stop.signum == (None if said is None else others[0] or signal.SIGTERM)  # the exit code says it too
     stop = GracefulStop(verbose=True)  # what a process sends: the signal it received, or only that it stops
     stop._handle(signal.SIGHUP, None)
     stop_requested(stop)
