@@ -41,15 +41,37 @@ def test_gpt2_presets(name, shape):
     # evaluation every 250 over 50 batches) and the 2-core CPU run
     ("shakespeare-char", dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
                               learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000,
-                              lr_decay_iters=5000, eval_interval=250, eval_iters=50, compile_eval=False)),
+                              lr_decay_iters=5000, eval_interval=250, eval_iters=50, compile_eval=False,
+                              log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
+                              compile_mode="reduce-overhead")),
     ("shakespeare-char-cpu", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
                                   learning_rate=3e-3, min_lr=3e-4, beta2=0.99, warmup_iters=100, max_iters=2000,
                                   lr_decay_iters=2000, eval_interval=500, eval_iters=50, device="cpu",
-                                  compile=False)),
+                                  compile=False, log_interval=50, data_dir="./data/shakespeare_char")),
 ])
 def test_the_character_presets_are_the_measured_setups(name, setup):
+    assert GPT2_CONFIGS[name] == setup  # every key: each one was part of what was measured
     c = preset_config(name)
     assert {k: getattr(c, k) for k in setup} == setup
+
+
+COUNT_FIELDS = [k for k in field_names() if type(getattr(GPT2Config, k)) is int and k != "seed"]
+
+
+@pytest.mark.parametrize("field", COUNT_FIELDS)
+def test_every_count_is_checked(field):
+    """--keep_last_n=-1 deleted a kept checkpoint at every save; --eval_interval=0 divided by zero mid-run."""
+    with pytest.raises(ConfigError, match=rf"{field} must be an integer >"):
+        GPT2Config(**{field: -1}).validate()
+    with pytest.raises(ConfigError, match=rf"{field} must be an integer >"):
+        GPT2Config(**{field: 2.0}).validate()
+
+
+@pytest.mark.parametrize("field", ["data_dir", "checkpoint_dir", "log_dir"])
+def test_an_empty_path_is_refused(field):
+    """--checkpoint_dir=$UNSET would put the checkpoints in the current folder."""
+    with pytest.raises(ConfigError, match=f"{field} must be a non-empty string, got ''"):
+        parse_args([f"--{field}="])[0].validate()
 
 
 @pytest.mark.parametrize("overrides, problem", [

@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 import prepare_data
 from conftest import gpt2_encoding
-from data import BatchLoader, DataError, check_vocab, custom_data_dir, load_data_tokenizer, load_meta, prepare_command
+from data import (CHANGED, DEFAULT_DATA_DIRS, BatchLoader, DataError, check_vocab, custom_data_dir, load_data_tokenizer,
+                  load_meta, prepare_command)
 from prepare_data import (TextFile, cut_text, piece_units, prepare_documents, prepare_text, split_ranges, token_dtype,
                           write_dataset)
 from tokenizer import EOT, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, TokenizerError, load_tokenizer
@@ -1162,6 +1163,40 @@ def test_a_data_set_prepared_again_during_the_run_stops_it_at_the_next_batch(tmp
         loader.get_batch("val", 1)  # the other split is untouched
 
 
+def test_a_file_put_in_place_with_the_old_time_or_changed_in_size_is_seen(tmp_path):
+    """The identity is more than the modification time: another file given the old time (cp -p, rsync -t),
+    or the file cut and written again within the clock's resolution; a removed file is said too."""
+    d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
+    with BatchLoader(d, block_size=8, batch_size=2) as loader:
+        old = (d / "train.bin").stat().st_mtime_ns
+        new = tmp_path / "new.bin"
+        (np.arange(100) % 50).astype(np.uint16).tofile(new)
+        os.utime(new, ns=(old, old))
+        os.replace(new, d / "train.bin")  # only the inode differs
+        assert loader.changed_file() == f"{d / 'train.bin'} {CHANGED}"
+    with BatchLoader(d, block_size=8, batch_size=2) as loader:
+        old = (d / "val.bin").stat().st_mtime_ns
+        with open(d / "val.bin", "ab") as f:
+            f.write(b"\0\0")
+        os.utime(d / "val.bin", ns=(old, old))  # only the size differs
+        assert loader.changed_file() == f"{d / 'val.bin'} {CHANGED}"
+    d = write_data_dir(tmp_path / "d2", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
+    with BatchLoader(d, block_size=8, batch_size=2) as loader:
+        os.remove(d / "train.bin")
+        assert loader.changed_file() == f"{d / 'train.bin'} cannot be read any more (No such file or directory)"
+
+
+def test_each_tokenizer_has_a_default_folder_of_its_own(tmp_path, monkeypatch, shakespeare_path):
+    """prepare_data.py --dataset shakespeare --tokenizer char (or bpe) without --output_dir must not replace
+    the GPT-2 data set, nor one the other."""
+    assert len(set(DEFAULT_DATA_DIRS.values())) == len(DEFAULT_DATA_DIRS)
+    assert prepare_command("data/shakespeare_bpe") == "python prepare_data.py --dataset shakespeare --tokenizer bpe"
+    monkeypatch.chdir(tmp_path)
+    prepare("--dataset", "shakespeare", "--tokenizer", "char", "--input", shakespeare_path, "--num_proc", 1)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["shakespeare_char"]
+    assert (tmp_path / "data" / "shakespeare_char" / "meta.json").is_file()
+
+
 def test_an_unreadable_meta_json_asks_for_permissions_not_a_new_data_set(tmp_path, monkeypatch):
     d = write_data_dir(tmp_path / "d", np.arange(100) % 50, np.arange(50) % 50, vocab_size=50)
     real = Path.read_text
@@ -2118,6 +2153,9 @@ def test_parquet_that_cannot_be_read_as_text(tmp_path, write, message):
     (["--dataset", "shakespeare", "--tokenizer", "char", "--vocab_size", "100"], "--vocab_size applies to"),
     (["--dataset", "openwebtext", "--tokenizer", "char"], "openwebtext is tokenised with GPT-2 only"),
     (["--dataset", "shakespeare", "--val_fraction", "0"], "--val_fraction must be between 0 and 1"),
+    (["--dataset", "shakespeare", "--val_fraction", "1"], "--val_fraction must be between 0 and 1"),
+    (["--dataset", "shakespeare", "--val_fraction", "-0.1"], "--val_fraction must be between 0 and 1"),
+    (["--dataset", "shakespeare", "--val_fraction", "nan"], "--val_fraction must be between 0 and 1"),
     (["--dataset", "custom", "--input", "no/such/file.txt"], "does not exist"),
     (["--dataset", "custom", "--input", "a.txt", "--hf_dataset", "x"], "it does nothing with --dataset custom: leave"),
     (["--dataset", "openwebtext", "--input", "docs/", "--hf_dataset", "x"], "it does nothing with --input: leave it"),

@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -1561,11 +1562,13 @@ def test_checkpoints_are_written_whole_and_readable_as_the_umask_allows(char_dat
     gets the permissions of any other file the user makes (0o666 less the umask), not a temporary file's 0o600."""
     import utils
     events, fsync, replace = [], os.fsync, os.replace
-    monkeypatch.setattr(utils.os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    # fsync of a file, then of the folder that holds its new name, so that a power loss keeps the rename too
+    monkeypatch.setattr(utils.os, "fsync", lambda fd: events.append(
+        "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync") or fsync(fd))
     monkeypatch.setattr(utils.os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or replace(a, b))
     with utils.atomic_open(tmp_path / "a.txt", "w") as f:
         f.write("x")
-    assert events[:2] == ["fsync", ("replace", "a.txt")]
+    assert events[:3] == ["fsync", ("replace", "a.txt"), "fsync folder"]
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
