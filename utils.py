@@ -461,10 +461,10 @@ def run_cli(main: Callable[[], object], output_on_stdout: bool = False) -> None:
         fail(OUT_OF_MEMORY.format(""), per_process=True)
     except (TypeError, OverflowError) as e:
         # a size past 64 bits (--block_size=99999999999999999999) reaches torch or Python's indexing as these
-        if not _TOO_LARGE.search(str(e)):
+        too_large = _TOO_LARGE.search(str(e))
+        if too_large is None:
             raise
-        fail(f"a size or count given is too large to work with ({_TOO_LARGE.search(str(e)).group(0)}); give "
-             f"smaller values")
+        fail(f"a size or count given is too large to work with ({too_large.group(0)}); give smaller values")
     except RuntimeError as e:  # PyTorch's allocators raise these (torch.OutOfMemoryError is one), not MemoryError
         asked = _out_of_memory(e)
         if asked is None:
