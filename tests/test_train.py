@@ -547,23 +547,29 @@ def test_a_full_disk_under_tensorboard_is_one_line(char_data, tmp_path, monkeypa
     assert len(warnings) == (writes_that_work > 0)
 
 
+def fail_at_step(monkeypatch, n: int, error: BaseException, name: str = "optimizer_step") -> None:
+    """train.<name> raises `error` at its n-th call (a crash, or running out of memory, at that step)."""
+    import train as train_module
+    calls, real = [], getattr(train_module, name)
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, name, failing)
+
+
 @pytest.mark.parametrize("failing_step, trace_left", [(1, False), (2, True)])
 def test_a_new_run_whose_first_step_fails_leaves_no_trace(char_data, tmp_path, monkeypatch, capsys, failing_step,
                                                           trace_left):
     """Out of memory or a compile error in the first step: nothing was trained, so the checkpoints moved
     aside come back and the new TensorBoard run goes. A failure later keeps the run's record."""
-    import train as train_module
     train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
     runs_before = sorted((tmp_path / "runs").iterdir())
-    steps, real = [], train_module.forward_backward
-
-    def out_of_memory(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == failing_step:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(train_module, "forward_backward", out_of_memory)
+    fail_at_step(monkeypatch, failing_step, RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                 "forward_backward")
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="out of memory"):
         train(tiny(char_data, tmp_path, max_iters=4, init_from="scratch"))
@@ -632,14 +638,7 @@ def test_after_a_crash_between_evaluations_the_newest_kept_copy_is_resumed(char_
     settings = dict(max_iters=20, eval_interval=100, save_interval=5, log_interval=1)
     straight = train(tiny(char_data, tmp_path / "straight", **settings))
     for eval_interval in (100, 8):
-        steps, real = [], __import__("train").optimizer_step
-
-        def crash_at_13(*args, **kwargs):
-            steps.append(1)
-            if len(steps) == 13:
-                raise RuntimeError("the machine went down")
-            return real(*args, **kwargs)
-        monkeypatch.setattr("train.optimizer_step", crash_at_13)
+        fail_at_step(monkeypatch, 13, RuntimeError("the machine went down"))
         out = tmp_path / f"crashed_{eval_interval}"
         with pytest.raises(RuntimeError, match="went down"):
             train(tiny(char_data, out, **{**settings, "eval_interval": eval_interval}))
@@ -657,14 +656,7 @@ def test_a_copy_lost_to_a_kill_after_its_evaluation_is_written_on_resume(char_da
     which starts from that state, writes the copy an unbroken run has."""
     kw = dict(max_iters=10, eval_interval=5, save_interval=5)
     train(tiny(char_data, tmp_path / "straight", **kw))
-    steps, real = [], __import__("train").optimizer_step
-
-    def crash_at_6(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 6:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-    monkeypatch.setattr("train.optimizer_step", crash_at_6)
+    fail_at_step(monkeypatch, 6, RuntimeError("killed"))
     with pytest.raises(RuntimeError, match="killed"):
         train(tiny(char_data, tmp_path / "split", **kw))
     monkeypatch.undo()
