@@ -53,7 +53,8 @@ DEFAULT_DATA_DIRS = {
 
 
 def custom_data_dir(input_path: str | Path) -> Path:
-    """Where `prepare_data.py --dataset custom --input PATH` writes by default: data/<PATH's name>."""
+    """Where `prepare_data.py --dataset custom --input PATH` writes by default: data/<PATH's name without its
+    extension>, as data/my for my.txt."""
     return Path("data") / (Path(input_path).resolve().stem or "custom")
 
 
@@ -62,8 +63,8 @@ class DataError(UserError):
 
 
 class DamagedBatchError(DataError):
-    """A batch with an id beyond the vocabulary: the file changed since the loader checked it whole.
-    Under torchrun only the process that drew the batch knows."""
+    """A batch that can no longer be trusted: its .bin file was replaced or changed since the loader checked
+    it whole, or it holds an id beyond the vocabulary. Under torchrun only the process that drew it knows."""
     per_process = True
 
 

@@ -1128,7 +1128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "file of JSON Lines) or a folder of them")
     p.add_argument("--output_dir", type=path_arg, default=None,
                    help="where the data set goes (default: ./data/shakespeare[_char|_bpe], ./data/openwebtext, "
-                        "./data/<input name> for custom)")
+                        "./data/<input name without its extension> for custom)")
     p.add_argument("--vocab_size", type=int, default=None,
                    help=f"bpe only: vocabulary size, <|endoftext|> included (default {DEFAULT_BPE_VOCAB})")
     p.add_argument("--val_fraction", type=float, default=None,

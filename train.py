@@ -171,7 +171,7 @@ SIGPIPE = getattr(signal, "SIGPIPE", 13)  # a run stopped because stdout closed 
 
 class GracefulStop:
     """SIGINT/SIGTERM/SIGHUP set a flag that the loop checks after each step and estimate_loss before each
-    batch; a second Ctrl-C aborts at once. request() sets it from inside (stdout closed).
+    round of evaluation batches; a second Ctrl-C aborts at once. request() sets it from inside (stdout closed).
 
     A repeat within REPEAT_S seconds counts as the same request: Ctrl-C reaches torchrun and its workers
     together, and torchrun then forwards the signal to the workers a second time.
@@ -756,7 +756,9 @@ def train(config: GPT2Config, explicit: Optional[set[str]] = None) -> dict:
     explicit: the fields the user set (default: those that differ from config.py's defaults); when
     resuming they override the checkpoint's config. Returns a summary: iter_num, best_val_loss,
     losses {iter: train loss at each log step}, evals {iter: {'train', 'val'}}, run_dir,
-    stopped_by (the signal number, or None), resumed_from (the iteration, or None).
+    stopped_by (the signal number, or None), resumed_from (the iteration, or None), timing (seconds of
+    setup, first_step, evaluation and checkpoints), and data_changed (what changed) when the data was
+    prepared again during the run.
     Under torchrun (RANK set) every rank calls it; only rank 0 prints and writes files.
     """
     t_start = time.perf_counter()  # the last line's setup includes reading the checkpoint, which can take seconds
@@ -1176,7 +1178,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 last_report = time.perf_counter()
                 log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s]")
 
-        def should_stop() -> bool:  # before each evaluation batch
+        def should_stop() -> bool:  # before each round of evaluation batches
             look_at_data()
             return stop_requested(stop, stop_group if ddp else None)
         with eval_stance():
@@ -1218,8 +1220,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
 
     def look_at_data() -> None:
         """The data prepared again (a .bin replaced, changed or removed): stop, saving the state of the last step,
-        before a batch meets the change. Before each evaluation batch, and at the end of each iteration, before
-        the processes agree to go on; a stat per split."""
+        before a batch meets the change. Before each round of evaluation batches, and at the end of each
+        iteration, before the processes agree to go on; a stat per split."""
         changed = loader.changed_file()
         if changed and not summary.get("data_changed"):
             summary["data_changed"] = changed
@@ -1325,7 +1327,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     group["lr"] = lr
                 step_loss = forward_backward(model, lambda m: loader.get_batch("train", batch_index(iter_num, m)),
                                              micro_steps, ctx, scaler)
-                # the norm is always measured on log steps, which are the only ones that read it
+                # clipping measures the norm at every step; without it, only log steps (which print it) do
                 grad_norm = optimizer_step(params, optimizer, scaler, config.grad_clip, measure_norm=log_step)
             if "first_step" not in timing:  # compiling and running it: wait for the GPU, or the step's
                 synchronize(device)         # queued kernels would count in the rate of the steps after it

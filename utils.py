@@ -618,7 +618,8 @@ def synchronize(device: "torch.device") -> None:
 
 def device_name_problem(name) -> Optional[str]:
     """Why `name` is no --device value, or None. train.py and generate.py take the same names: torch.device
-    would also take 'cpu:0' or 'cuda:0 ' and train.py's config file would not."""
+    would also take 'cpu:0', 'meta' or 'cuda:1234567890' (which it wraps to cuda:-46), and train.py's config
+    file would not."""
     # ASCII digits without a leading zero, at most nine: torch.device refuses 'cuda:01', 'cuda:١' and 20 digits
     if isinstance(name, str) and re.fullmatch(r"auto|cpu|mps|cuda(:(0|[1-9][0-9]{0,8}))?", name):
         return None
@@ -690,10 +691,12 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 #   config      GPT2Config.to_dict()              meta       the data set's meta.json
 #   tokenizer   tokenizer.to_dict()               version    CHECKPOINT_VERSION
 #   run_dir     the TensorBoard run directory
+#   checkpoint_folder  the absolute folder that wrote it: a copy of the folder resumes into a run of its own
 #   rng         a list, by rank: each process's python/numpy/torch/cuda(/mps) RNG states
 #   progress    {"loss_sums": each process's train-loss sum since the last log step, "steps": steps in
 #               it, "eval_s": seconds the last evaluation took, "eval_owed": whether a signal cut short
-#               the evaluation at iter_num}: a resumed run logs, estimates and evaluates as before
+#               the evaluation at iter_num, "evaluated_at": the iteration of the last whole evaluation}:
+#               a resumed run logs, estimates and evaluates as before
 #   started_from  'scratch', a GPT-2 name or a Hugging Face folder's absolute path: what the run's first
 #               weights were, so that repeating a fine-tuning command continues its run
 #   started_from_fingerprint  for a folder, "slices64:" and a digest of its config and weight files (None
