@@ -247,7 +247,7 @@ def suggest(name: str, candidates: list[str]) -> str:
 GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     # OpenAI's four GPT-2 sizes (vocab 50257, context 1024); parameter counts without padding rows
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M (usually called 350M)
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
     # Shakespeare at character level on one GPU: ~10.8M parameters; best val loss ~1.46 around step 2000,

@@ -28,8 +28,8 @@ dominated by the launch overhead of its ~190 operators (194 non-view aten ops pe
 is bound by memory bandwidth, the Linear layers are set up to stream their weights on every core
 (SplitKLinear).
 
-Sampling: temperature, then top-k, then nucleus (top-p, Holtzman et al. 2019) filtering; temperature 0
-is greedy argmax decoding and matches transformers' GPT2LMHeadModel.generate(do_sample=False).
+Sampling: top-k (on the raw logits), then temperature, then nucleus (top-p, Holtzman et al. 2019) filtering;
+temperature 0 is greedy argmax decoding and matches transformers' GPT2LMHeadModel.generate(do_sample=False).
 """
 import argparse
 import codecs
@@ -134,8 +134,8 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,), drawn with `generator`.
 
-    temperature 0 returns the argmax. Otherwise the logits are divided by the temperature, all but the
-    top_k largest are masked, then all but the most likely tokens whose probabilities sum to top_p.
+    temperature 0 returns the argmax. Otherwise all but the top_k largest logits are masked, the rest are
+    divided by the temperature, then all but the most likely tokens whose probabilities sum to top_p.
     probabilities [0.5, 0.3, 0.2] with top_p=0.6 -> only the first two can be drawn.
     """
     if temperature == 0:
@@ -348,7 +348,8 @@ class SplitKLinear(torch.nn.Linear):
     and the BLAS runs it on a single core, which on a 2-core x86 machine streams the weights at
     13-23 GB/s. Cutting the inner dimension into `chunks` slices turns it into one batched product of
     `chunks` independent slices, which torch spreads over the cores, and the partial results are summed:
-    25-40 GB/s on the same machine, GPT-2 124M batch-1 decoding from 33 to 52 tokens/s (BENCHMARKS.md).
+    25-32 GB/s for the blocks and 41-47 GB/s for lm_head on the same machine, GPT-2 124M batch-1 decoding
+    from 34.6 to 45-52 tokens/s (BENCHMARKS.md).
     It needs the weight stored column-major, so that every slice of the (in, out) matrix is contiguous;
     _cpu_decoding_layout sets that up. More than `max_rows` rows (a long prompt) and other dtypes than
     float32 go to nn.Linear.

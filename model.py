@@ -10,7 +10,8 @@
 References: OpenAI's GPT-2 (tf code and paper) for the architecture and the parameter names, and the
 Hugging Face GPT2LMHeadModel for the checkpoint format. Module names follow GPT-2 one to one
 (transformer.wte/wpe/h/ln_f, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, lm_head),
-so importing OpenAI weights is a transpose of the four Conv1D matrices and nothing else.
+so importing OpenAI weights needs no renaming: the four Conv1D matrices are transposed, and wte fills
+the first vocab_size rows of the padded embedding.
 """
 import json
 import math
@@ -385,8 +386,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy if targets given.
 
-        Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut
-        off before anything sees them, so they are never sampled and never enter the softmax.
+        Targets equal to -1 are ignored by the loss. The padding columns of the output matmul are cut from
+        the logits returned, so they are never sampled; the loss runs over the padded row with them at -inf
+        (their exp is 0), which gives the same loss and gradients as the vocab_size columns alone.
         With config.loss_chunk_rows > 0 and targets given, the logits are None: the loss is computed a
         chunk of rows at a time (chunked_loss) and the whole logits are never made.
         """
@@ -702,7 +704,7 @@ def _read_hf_config(path: Path) -> dict:
     eps = hf.get("layer_norm_epsilon", 1e-5)
     if not isinstance(eps, (int, float)) or abs(eps - 1e-5) > 1e-12:
         raise CheckpointFormatError(f"{cfg_file}: layer_norm_epsilon {eps!r} differs from 1e-5")
-    # variants of the attention that transformers' GPT2Config can switch on and this model does not have
+    # settings of transformers' GPT2Config that this model does not have: an untied output layer, attention variants
     for key, gpt2 in (("tie_word_embeddings", True), ("scale_attn_weights", True),
                       ("scale_attn_by_inverse_layer_idx", False)):
         if hf.get(key, gpt2) != gpt2:
