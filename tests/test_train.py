@@ -3199,7 +3199,8 @@ def test_a_run_inside_something_else_keeps_the_normal_exit(char_data, tmp_path, 
          "python -i": lambda: run_with_exit_handler(tmp_path, ["-i", *train_py]),
          "program around it": lambda: run_with_exit_handler(
              tmp_path, ["-c", RUNS_TRAIN_PY + "print('the program goes on')", *train_py]),
-         "pdb": lambda: run_with_exit_handler(tmp_path, ["-m", "pdb", *train_py], stdin="c\nq\n"),
+         # '--': Python 3.13.0's pdb takes train.py's flags for its own without it
+         "pdb": lambda: run_with_exit_handler(tmp_path, ["-m", "pdb", "--", *train_py], stdin="c\nq\n"),
          "TORCH_LOGS": lambda: run_with_exit_handler(tmp_path, train_py, env={"TORCH_LOGS": "graph_breaks"})}[how]()
     assert r.returncode == 0, r.stdout + r.stderr
     assert "done: 2 iterations" in r.stdout and r.stdout.rstrip().endswith("teardown ran"), r.stdout
