@@ -1297,3 +1297,102 @@ def test_a_closed_standard_stream_is_no_traceback_and_no_mixed_output(char_check
         _, model, tok = char_checkpoint
         expected = complete(Generator(model), tok, ["ab"], SamplingSettings(temperature=0, max_new_tokens=5))[0]
         assert r.returncode == 0 and r.stdout == "ab" + expected + "\n"
+
+
+# ---------------------------------------------------------------------------- healing, prompt files and errors: more cases
+
+
+def test_healing_covers_a_last_token_of_0x80_and_four_byte_characters():
+    """GPT-2 spells 😀 [f0 9f 98][80] and 🤗 [f0 9f][a4][97]: the last token begins inside the character, so it
+    is taken back, and the only first token allowed is the one that completes the character."""
+    from generate import heal_prompt, healing_tokens
+    tok = GPT2Tokenizer()
+    ids = tok.encode("😀")
+    assert heal_prompt(tok, ids) == (ids[:-1], b"\x80")
+    ids = tok.encode("hi 🤗")
+    assert heal_prompt(tok, ids) == (ids[:-1], b"\x97")
+    assert healing_tokens(tok, tok.decode_bytes(ids[-4:-1]), b"\x97") == ids[-1:]
+    model = tiny_model(tok.vocab_size, seed=2)
+    greedy = complete(Generator(model), tok, ["hi 🤗"], SamplingSettings(temperature=0, max_new_tokens=3))[0]
+    assert greedy == tok.decode(uncached_greedy(model, ids, 3, window=32))  # as if nothing had been taken back
+    sampled = complete(Generator(model), tok, ["hi 🤗"], SamplingSettings(temperature=1.0, max_new_tokens=3, seed=0))
+    assert len(sampled) == 1  # some first token was allowed: all -inf would make multinomial fail
+
+
+def test_a_prompt_ending_in_a_whole_two_byte_character_is_not_healed():
+    from generate import heal_prompt
+    tok = GPT2Tokenizer()
+    for text in ("café", "мир"):  # é is the token [c3 a9], р is [d1 80]: each begins its character
+        assert heal_prompt(tok, tok.encode(text)) == (tok.encode(text), b"")
+
+
+def test_the_first_token_after_healing_is_any_that_begins_with_all_the_bytes_taken_back(poem_bpe):
+    from generate import heal_prompt, healing_tokens
+    tok = poem_bpe
+    table = tok.token_bytes()
+    # 床 = [e5][ba] + [8a]: the merged [8a e5] the poem goes on with (床前) is allowed, though it ends in a lead byte
+    assert sorted(table[i] for i in healing_tokens(tok, b"\xe5\xba", b"\x8a")) == [b"\x8a", b"\x8a\xe5", b"\x8a\xe9"]
+    # 床前 = [e5 ba 8a e5][89 8d]: two bytes taken back, and the last 3 bytes before them begin with two of 床's
+    ids, healed = heal_prompt(tok, tok.encode("床前"))
+    assert healed == b"\x89\x8d"
+    allowed = healing_tokens(tok, tok.decode_bytes(ids[-3:]), healed)
+    assert sorted(table[i] for i in allowed) == [b"\x89\x8d", b"\x89\x8d\xe6\x98\x8e\xe6\x9c\x88\xe5\x85\x89"]
+    texts = complete(Generator(tiny_model(tok.vocab_size)), tok, ["床前"],
+                     SamplingSettings(temperature=1.0, max_new_tokens=2, seed=0))
+    assert len(texts) == 1  # some first token was allowed: all -inf would make multinomial fail
+
+
+def test_a_healed_prompt_counts_steps_and_new_tokens_after_the_prompt(poem_bpe):
+    tok = poem_bpe
+    model = tiny_model(tok.vocab_size)
+    steps = []
+    complete(Generator(model), tok, ["床", "明月"], SamplingSettings(temperature=0, max_new_tokens=4),
+             on_step=lambda: steps.append(1))
+    assert len(steps) == 4  # the step that gives back the byte taken is no new token
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    with pytest.raises(GenerationError, match=r"^the model's output became NaN or infinite at new token 1: "):
+        complete(Generator(model), tok, ["床"], SamplingSettings(temperature=0, max_new_tokens=4))
+
+
+def test_only_the_first_token_after_a_healed_prompt_gives_back_the_bytes_taken():
+    tok = GPT2Tokenizer()
+    ids = tok.encode("你")  # [e4 bd][a0]
+    stream = TextStream(tok, prompt="你", healed=tok.decode_bytes(ids[-1:]))
+    for i in ids[-1:] + ids:  # the byte taken back, then 你 again, whose last token is that byte once more
+        stream.add(i)
+    stream.finish()
+    assert stream.text == "你"
+
+
+def test_batch_generate_takes_a_crlf_codecs_file_and_refuses_an_empty_file(char_checkpoint, tmp_path):
+    path, _, _ = char_checkpoint
+    kw = dict(checkpoint=str(path), device="cpu", temperature=0, max_new_tokens=5, output_file=None)
+    (tmp_path / "crlf.txt").write_bytes(b"ROMEO:\r\nab\r\n")
+    with codecs.open(tmp_path / "crlf.txt", encoding="utf-8") as f:  # no newline translation: lines end in \r\n
+        assert batch_generate(f, **kw) == batch_generate(["ROMEO:", "ab"], **kw)
+    (tmp_path / "empty.txt").write_text("")
+    with open(tmp_path / "empty.txt", encoding="utf-8") as f:
+        with pytest.raises(GenerationError, match="prompts must be a non-empty list of strings"):
+            batch_generate(f, **kw)
+
+
+def test_a_prompt_ending_with_a_line_break_the_tokenizer_lacks_is_not_said_to_be_a_file(tmp_path):
+    tok = CharTokenizer(string.ascii_letters + " .,;:!?'")  # trained on text without line breaks
+    path = write_checkpoint(tmp_path / "ck" / "checkpoint.pt", tiny_model(tok.vocab_size), tok)
+    with pytest.raises(UserError) as e:
+        main(["--checkpoint", str(path), "--prompt", "ROMEO:\n", "--max_new_tokens", "3", "--device", "cpu"])
+    assert "prompt_file" not in str(e.value) and "never seen" in str(e.value)
+
+
+def test_a_failure_before_any_text_after_an_empty_prompt_writes_nothing_to_stdout(tmp_path, capsys):
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    path = write_checkpoint(tmp_path / "ck" / "checkpoint.pt", model, tok)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(["--checkpoint", str(path), "--prompt", "", "--temperature", "0", "--device", "cpu"]),
+                output_on_stdout=True)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and "new token 1" in err, (out, err)
