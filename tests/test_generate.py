@@ -1299,7 +1299,7 @@ def test_a_closed_standard_stream_is_no_traceback_and_no_mixed_output(char_check
         assert r.returncode == 0 and r.stdout == "ab" + expected + "\n"
 
 
-# ---------------------------------------------------------------------------- healing, prompt files and errors: more cases
+# ---------------------------------------------------------------------------- healing and prompts: more cases
 
 
 def test_healing_covers_a_last_token_of_0x80_and_four_byte_characters():
