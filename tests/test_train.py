@@ -3461,3 +3461,194 @@ def test_ddp_two_processes_match_one(char_data, tmp_path):
             wa, wb = torch.cat([wa[:32], wa[64:]]), torch.cat([wb[:32], wb[64:]])
         torch.testing.assert_close(wa, wb, atol=1e-6, rtol=1e-5, msg=k)
     assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+
+
+# ---------------------------------------------------------------------------- stops, resumes and warnings: more cases
+
+
+# stop_requested must reduce with MAX, not SUM
+def test_two_other_processes_signalled_name_their_signal(monkeypatch, capsys):
+    from train import stop_requested
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    ops = {torch.distributed.ReduceOp.MAX: torch.maximum, torch.distributed.ReduceOp.SUM: torch.add}
+
+    def all_reduce(flags, op, **kwargs):  # three processes: this one, and two that received SIGTERM
+        others = torch.tensor([signal.SIGTERM, 1])
+        flags.copy_(ops[op](ops[op](flags, others), others))
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    stop = GracefulStop(verbose=True)
+    assert stop_requested(stop) and stop.signum == signal.SIGTERM
+    assert capsys.readouterr().err == "another process received SIGTERM: stopping with it\n"
+
+
+# a process that received a signal itself keeps it and says nothing of another process
+def test_a_signalled_process_keeps_its_own_signal_at_the_check(monkeypatch, capsys):
+    from train import stop_requested
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce",
+                        lambda flags, **kw: flags.copy_(torch.maximum(flags, torch.tensor([signal.SIGTERM, 1]))))
+    stop = GracefulStop(verbose=True)
+    stop._handle(signal.SIGINT, None)
+    capsys.readouterr()
+    assert stop_requested(stop) and stop.signum == signal.SIGINT
+    assert capsys.readouterr().err == ""
+
+
+# the newest three others, "..., " only when there are more, a path with a space quoted
+def test_a_damaged_checkpoint_names_the_newest_three_others_and_quotes_its_path(char_data, tmp_path):
+    out = tmp_path / "my run"
+    kw = dict(max_iters=20, eval_interval=5, save_interval=5)
+    train(tiny(char_data, out, **kw))
+    ckpt = out / "ckpt"
+    (ckpt / "checkpoint.pt").write_bytes((ckpt / "checkpoint.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError) as e:
+        train(tiny(char_data, out, **{**kw, "max_iters": 25}))
+    assert str(e.value).endswith("(..., checkpoint_iter_10.pt, checkpoint_iter_15.pt, checkpoint_iter_20.pt)")
+    mv = str(e.value).split("(mv ")[1].split(") and run")[0]
+    assert shlex.split(mv) == ["mv", str(ckpt / "checkpoint.pt"), f"{ckpt / 'checkpoint.pt'}.damaged"][1:]
+    (ckpt / "checkpoint_iter_5.pt").unlink()
+    with pytest.raises(CheckpointError) as e:
+        train(tiny(char_data, out, **{**kw, "max_iters": 25}))
+    assert str(e.value).endswith("others (checkpoint_iter_10.pt, checkpoint_iter_15.pt, checkpoint_iter_20.pt)")
+
+
+# a damaged newest copy names an older checkpoint.pt among the others
+def test_a_damaged_newest_copy_names_checkpoint_pt_among_the_others(char_data, tmp_path, monkeypatch):
+    kw = dict(max_iters=20, eval_interval=8, save_interval=5)
+    fail_at_step(monkeypatch, 13, RuntimeError("the machine went down"))
+    with pytest.raises(RuntimeError):
+        train(tiny(char_data, tmp_path, **kw))
+    monkeypatch.undo()
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "checkpoint_iter_10.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        train(tiny(char_data, tmp_path, **kw))
+    assert str(e.value).endswith("resume from the newest of the others (checkpoint_iter_5.pt, checkpoint.pt)")
+
+
+# checkpoint_folder is absolute, so a copy is told from the original from another working folder
+def test_a_copy_of_a_folder_given_relative_is_a_copy_from_another_working_folder(char_data, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    first = train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2, checkpoint_dir="ckpt"))
+    shutil.copytree(tmp_path / "a" / "ckpt", tmp_path / "branch")
+    monkeypatch.chdir(tmp_path)
+    branch = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2, checkpoint_dir=str(tmp_path / "branch")))
+    assert branch["resumed_from"] == 4 and branch["run_dir"] != first["run_dir"]
+
+
+# a kill between checkpoint.pt and the copy at max_iters: running again writes the copy too
+def test_a_copy_lost_at_the_last_iteration_is_written_when_run_again(char_data, tmp_path):
+    kw = dict(max_iters=10, eval_interval=5, save_interval=5)
+    train(tiny(char_data, tmp_path, **kw))
+    for name in ("checkpoint_iter_10.pt", "final_checkpoint.pt"):  # what a kill after checkpoint.pt left out
+        (tmp_path / "ckpt" / name).unlink()
+    train(tiny(char_data, tmp_path, **kw))
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint_iter_10.pt")["iter_num"] == 10
+
+
+# a resume between save_interval multiples writes no copy of its own
+def test_a_resume_between_copies_keeps_the_copies_an_unbroken_run_keeps(char_data, tmp_path, monkeypatch):
+    kw = dict(max_iters=10, eval_interval=100, save_interval=5)
+    train(tiny(char_data, tmp_path / "straight", **kw))
+    steps, real = [], __import__("train").optimizer_step
+
+    def stop_at_3(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr("train.optimizer_step", stop_at_3)
+    assert train(tiny(char_data, tmp_path / "split", **kw))["iter_num"] == 3
+    monkeypatch.undo()
+    assert train(tiny(char_data, tmp_path / "split", **kw))["resumed_from"] == 3
+    names = lambda d: sorted(p.name for p in (d / "ckpt").glob("checkpoint_iter_*.pt"))  # noqa: E731
+    assert names(tmp_path / "split") == names(tmp_path / "straight")
+
+
+# no warmup warning for a run that has nothing left to train
+def test_a_finished_run_run_again_is_not_warned_of_its_warmup(char_data, tmp_path, capsys):
+    kw = dict(warmup_iters=20, max_iters=4, eval_interval=4)
+    train(tiny(char_data, tmp_path, **kw))
+    assert "warning: warmup_iters" in capsys.readouterr().out
+    train(tiny(char_data, tmp_path, **kw))
+    out = capsys.readouterr().out
+    assert "already trained for 4 iterations" in out and "warning: warmup_iters" not in out
+
+
+# the suggested warmup is a tenth of the run
+def test_the_suggested_warmup_is_a_tenth_of_the_run(char_data, tmp_path, capsys):
+    train(tiny(char_data, tmp_path, warmup_iters=60, max_iters=50, lr_decay_iters=100, eval_interval=50))
+    assert "give fewer, e.g. --warmup_iters=5\n" in capsys.readouterr().out
+
+
+# a resume that only makes up the last evaluation still lists its changed settings
+def test_a_resume_that_makes_up_the_last_evaluation_lists_its_changed_settings(char_data, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    kw = dict(max_iters=10, eval_interval=5, eval_iters=20)
+    steps = []
+    monkeypatch.setattr("train.optimizer_step",
+                        lambda *a, _real=__import__("train").optimizer_step, **k: steps.append(1) or _real(*a, **k))
+    signal_at_batch(monkeypatch, "val", 3, lambda: len(steps), 10)
+    assert train(tiny(char_data, tmp_path, **kw))["iter_num"] == 10
+    monkeypatch.undo()
+    summary = train(tiny(char_data, tmp_path, **kw, learning_rate=5e-3))
+    assert summary["evals"].keys() == {10}
+    acc = EventAccumulator(summary["run_dir"])
+    acc.Reload()
+    changes = acc.Tensors("config_changes/text_summary")
+    assert [e.step for e in changes] == [11]
+    assert "learning_rate: 0.01 -> 0.005" in changes[0].tensor_proto.string_val[0].decode()
+
+
+# data found changed between steps: the message does not promise to finish a step
+def test_data_prepared_again_says_it_saves_without_a_step_to_finish(char_data, tmp_path, monkeypatch, capsys):
+    import train as train_module
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    step, calls = train_module.optimizer_step, []
+
+    def step_then_touch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            st = (data / "train.bin").stat()
+            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "optimizer_step", step_then_touch)
+    train(tiny(data, tmp_path / "run", max_iters=10, eval_interval=5))
+    err = capsys.readouterr().err
+    assert (f"{data / 'train.bin'} was replaced or changed since the run started (prepared again?): "
+            f"{GracefulStop.SAVING}\n") in err and "finishing this step" not in err
+
+
+# a process told by another that the data changed (its own look came just before the change) says so too
+def test_a_process_stopped_by_anothers_data_change_names_it(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data)
+    real_step, real_check, steps = train_module.optimizer_step, train_module.stop_requested, []
+    monkeypatch.setattr(train_module, "optimizer_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+
+    def check(stop, group=None):  # what stop_requested gives under torchrun when another rank found the change
+        if len(steps) == 3 and stop.signum is None:
+            st = (data / "train.bin").stat()
+            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+            stop.signum = signal.SIGTERM
+        return real_check(stop, group)
+    monkeypatch.setattr(train_module, "stop_requested", check)
+    with pytest.raises(DataError, match=r"train.bin was replaced or changed since the run started"):
+        main(cli_flags(tiny(data, tmp_path / "run", max_iters=10, eval_interval=5)))
+
+
+# under torchrun every process that saw the data change says it
+def test_under_torchrun_each_process_says_its_data_changed(monkeypatch, capsys):
+    import train as train_module
+    monkeypatch.setattr(train_module, "train", lambda config, explicit: {"data_changed": "train.bin changed",
+                                                                         "stopped_by": signal.SIGTERM})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr("utils.time.sleep", lambda s: None)
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main([]))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("error (rank 1): train.bin changed: finish preparing")
