@@ -1031,7 +1031,8 @@ def learn_one_batch_on_the_gpu(model, data, steps: int, step_model=None) -> torc
     out = []
     for _ in range(steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = (step_model or model)(data[:, :-1], data[:, 1:])
+            # not `step_model or model`: truth asks a compiled module its len(), which raises TypeError
+            _, loss = (model if step_model is None else step_model)(data[:, :-1], data[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
