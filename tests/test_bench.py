@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 
 import pytest
 import torch
@@ -777,3 +778,223 @@ def test_whole_run_errors_are_one_line_and_write_nothing(args, message, tmp_path
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+# ---------------------------------------------------------------------------- the figures: clocks, peaks, stages
+
+
+class AsyncClock(FakeClock):
+    """A GPU-like queue: work queued adds to `pending`; only a host synchronisation (loss.item(), synchronize)
+    moves the clock past it."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending = 0.0
+
+    def queue(self, seconds):
+        self.pending += seconds
+
+    def drain(self, *args, **kwargs):
+        self.now += self.pending
+        self.pending = 0.0
+
+
+class QueuedLoss:
+    def __init__(self, loss, clock):
+        self.loss, self.clock = loss, clock
+
+    def item(self):
+        self.clock.drain()
+        return self.loss.item()
+
+
+def test_training_clock_is_read_after_the_host_synchronisation(monkeypatch):
+    """Each step queues 10 ms that only a synchronisation waits for: the windows must end after one."""
+    import bench
+    import train
+    clock, forward_backward = AsyncClock(), train.forward_backward
+
+    def queued_forward_backward(*args, **kwargs):
+        clock.queue(0.010)
+        return QueuedLoss(forward_backward(*args, **kwargs), clock)
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(bench, "synchronize", clock.drain)
+    monkeypatch.setattr(train, "forward_backward", queued_forward_backward)
+    r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "2", "--steps", "3", "--batch_size", "2",
+                    "--block_size", "8"])
+    t = r["train"]
+    assert t["ms_per_iter"] == pytest.approx(10.0) and t["tokens_per_sec"] == pytest.approx(16 / 0.010)
+    assert t["warmup_s"] == pytest.approx(0.020)
+    assert (r["warmup_steps"], r["timed_steps"]) == (2, 3)  # the JSON says which steps the figures are of
+
+
+def test_mfu_is_none_for_float32_even_on_a_listed_gpu(monkeypatch):
+    """The peak is bf16/fp16's: a float32 run gets FLOP/s, not a percentage of a peak it cannot reach."""
+    import bench
+    import model as model_module
+    real = model_module.peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(model_module, "peak_flops", lambda device, dtype=None: real("cuda", dtype))  # as on an H100
+    args = ["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "1", "--batch_size", "2",
+            "--block_size", "8"]
+    assert bench.main(args)["train"]["mfu"] is None
+    assert bench.main(args + ["--dtype", "bfloat16"])["train"]["mfu"] > 0
+
+
+def test_each_generation_batch_size_is_timed_at_that_size(monkeypatch, capsys):
+    import bench
+    import generate
+    seen = []
+    monkeypatch.setattr(generate, "benchmark_generation", lambda *a, **k: seen.append(k["batch_size"]) or dict(
+        tokens_per_sec=100.0 * k["batch_size"], hf_tokens_per_sec=None))
+    r = bench.main(["--device", "cpu", "--no_train", "--gen_batch_sizes", "1,8"])
+    assert seen == [1, 8]
+    assert [(g["batch_size"], g["tokens_per_sec"]) for g in r["generate"]] == [(1, 100.0), (8, 800.0)]
+    out = capsys.readouterr().out
+    assert "  batch 1: 100.0 tokens/s\n" in out and "  batch 8: 800.0 tokens/s\n" in out
+
+
+def test_whole_run_split_from_a_scripted_train_py(monkeypatch, capsys):
+    """train.py scripted: spawned at 0.25 s, its last line at 5 s with 4 s of its own split, its exit at 7 s.
+    Wall 7 s (from before the spawn) = start-up 1 s + split 4 s + exit 2 s."""
+    import subprocess
+    from pathlib import Path
+
+    import bench
+    from train import done_line
+    clock = FakeClock()
+    start = clock.now
+    timing = {"setup": 1.0, "first_step": 1.0, "evaluation": 0.5, "checkpoints": 0.5}  # other steps 1.0
+    last = done_line(6, None, 4.0, timing, False, 1.5, Path("ck")) + "\n"
+
+    def lines():
+        clock.now = start + 1.0
+        yield "device: cpu, dtype float32, compile False\n"
+        clock.now = start + 5.0
+        yield last
+
+    class FakeProc:
+        def __init__(self, *args, **kwargs):
+            clock.now += 0.25  # starting a process takes time too
+            self.stdout = lines()
+
+        def wait(self):
+            clock.now = start + 7.0
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(subprocess, "Popen", FakeProc)
+    r = bench.main(["--whole_run", "--preset", "shakespeare-char-cpu"])["whole_run"]
+    assert sum(r["split_s"].values()) == pytest.approx(4.0)
+    assert (r["wall_s"], r["startup_s"], r["exit_s"]) == pytest.approx((7.0, 1.0, 2.0))
+    assert r["target"]["met"] and r["best_val_loss"] == 1.5
+
+
+def test_tokenize_figures_each_time_their_own_stage(monkeypatch):
+    """Stages scripted to take 0.01 s (encode_ordinary, two calls), 0.02 s (encode_to_numpy), 0.04 s (text file
+    pipeline) and 0.08 s (documents pipeline); writing the input file 1 s, outside every window."""
+    import pathlib
+
+    import tiktoken
+
+    import bench
+    import prepare_data
+    from tokenizer import GPT2Tokenizer
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    inside = []  # the pipelines' own calls move no clock
+
+    def costing(real, seconds, min_len=0):
+        def wrapper(self_or_first, *args, **kwargs):
+            if not inside and len(str(self_or_first if not args else args[0])) >= min_len:
+                clock.now += seconds
+            return real(self_or_first, *args, **kwargs)
+        return wrapper
+
+    def pipeline(real, seconds):
+        def wrapper(*args, **kwargs):
+            inside.append(1)
+            try:
+                return real(*args, **kwargs)
+            finally:
+                inside.pop()
+                clock.now += seconds
+        return wrapper
+
+    monkeypatch.setattr(GPT2Tokenizer, "encode_ordinary", costing(GPT2Tokenizer.encode_ordinary, 0.005, 1000))
+    monkeypatch.setattr(tiktoken.Encoding, "encode_to_numpy", costing(tiktoken.Encoding.encode_to_numpy, 0.02, 1000))
+    monkeypatch.setattr(pathlib.Path, "write_text", costing(pathlib.Path.write_text, 1.0))
+    monkeypatch.setattr(prepare_data, "prepare_text", pipeline(prepare_data.prepare_text, 0.04))
+    monkeypatch.setattr(prepare_data, "prepare_documents", pipeline(prepare_data.prepare_documents, 0.08))
+    r = bench.main(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", "1"])["tokenize"]
+    size = r["mb"]
+    assert r["single_thread_mb_s"] == pytest.approx(size / 0.01, abs=0.01)
+    assert r["single_thread_numpy_mb_s"] == pytest.approx(size / 0.02, abs=0.01)
+    assert r["tiktoken_parallel_mb_s"] == r["single_thread_numpy_mb_s"]  # one process: the numpy call's speed
+    assert r["text_file_mb_s"] == pytest.approx(size / 0.04, abs=0.01)
+    assert r["documents_mb_s"] == pytest.approx(size / 0.08, abs=0.01)
+    assert r["target_mb_s"] == pytest.approx(0.7 * size / 0.01, abs=0.01)  # 0.7 x encode_ordinary's speed
+
+
+class QueuedGenerator:
+    """generate.Generator's stand-in: each decoded token queues 1 s for the batch; the first call compiles (100 s)."""
+    clock = None
+
+    def __init__(self, *args, **kwargs):
+        self.compiled = False
+
+    def decode(self, rows, n, pick):
+        if not self.compiled:
+            self.clock.queue(100.0)
+            self.compiled = True
+        for _ in range(n):
+            self.clock.queue(1.0)
+            yield [0] * len(rows)
+
+
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_generation_timer_waits_for_the_device_and_skips_the_warm_up(monkeypatch, repeats):
+    import generate
+    clock = AsyncClock()
+    QueuedGenerator.clock = clock
+    monkeypatch.setattr(generate, "time", clock)
+    monkeypatch.setattr(generate, "synchronize", clock.drain)
+    monkeypatch.setattr(generate, "Generator", QueuedGenerator)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=10))
+    r = generate.benchmark_generation(model, batch_size=8, prompt_len=3, new_tokens=5, device="cpu",
+                                      dtype="float32", repeats=repeats)
+    assert r["tokens_per_sec"] == pytest.approx(8.0)  # 8 rows x 5 tokens in 5 s
+
+
+@pytest.mark.parametrize("name, dtype, peak", [
+    ("NVIDIA H100 NVL", torch.bfloat16, 835e12), ("NVIDIA H200 NVL", torch.bfloat16, 835e12),
+    ("NVIDIA L40", torch.bfloat16, 181e12), ("NVIDIA L4", torch.bfloat16, 121e12),
+    ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165e12), ("NVIDIA H100 80GB HBM3", torch.float16, 989e12),
+    ("NVIDIA A800-SXM4-80GB", torch.bfloat16, 312e12), ("NVIDIA GeForce RTX 3090 Ti", torch.bfloat16, 80e12),
+    ("NVIDIA GeForce RTX 3090", torch.bfloat16, 71e12), ("Tesla V100-SXM2-32GB", torch.float16, 125e12),
+    ("Tesla V100-PCIE-16GB", torch.float16, 112e12), ("Tesla V100S-PCIE-32GB", torch.float16, 130e12),
+])
+def test_every_listed_gpu_gets_its_datasheet_peak(monkeypatch, name, dtype, peak):
+    from model import peak_flops
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops("cuda", dtype) == peak
+
+
+def test_the_profile_s_wall_time_is_per_step(monkeypatch):
+    """Two profiled steps of 5 ms each: wall_ms_per_step (in --json) is 5, not the 10 of both."""
+    import torch.profiler
+
+    import bench
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+
+    def step(i):
+        clock.now += 0.005
+        return torch.zeros(())
+
+    assert bench.profile_steps(step, 10, 2, torch.device("cpu"))["wall_ms_per_step"] == pytest.approx(5.0)
