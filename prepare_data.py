@@ -348,9 +348,9 @@ def shakespeare_file(input_arg: str | None, out_dir: Path) -> Path:
 # -----------------------------------------------------------------------------
 # work units: what the main process hands a worker process
 #
-#   ("pieces", [(split_id, data, eot_after, name, offset), ...])   UTF-8 text whose split is known
+#   ("pieces", [(split_id, data, eot_after, name, offset, seen), ...])   UTF-8 text whose split is known
 #   ("docs", [text, ...])                  documents: split by hash, end-of-text after each
-#   ("jsonl", name, lineno, offset, data)  whole lines of a JSON Lines file, parsed by the worker
+#   ("jsonl", name, lineno, offset, data, seen)  whole lines of a JSON Lines file, parsed by the worker
 #
 # The main process only reads and slices bytes; decoding, parsing, hashing and tokenising happen in
 # the workers, so one main process keeps many of them busy. name and offset locate bad UTF-8.
@@ -466,12 +466,15 @@ def text_items(texts: list[TextFile], ranges: list[tuple], cuts: str | None) -> 
 
 
 def piece_units(items: Iterable[Item], unit_bytes: int, cuttable: bool, sha=None) -> Iterator[tuple[tuple, int]]:
-    """Group items into ("pieces", [(split_id, data, eot_after, name, offset), ...]) units of about unit_bytes.
+    """Group items into ("pieces", [(split_id, data, eot_after, name, offset, seen), ...]) units of about
+    unit_bytes. seen: the characters beyond ASCII in the file's earlier pieces (up to utils.UTF8_EVIDENCE),
+    which tell a worker that meets a byte that is not UTF-8 whether the file is UTF-8 with damaged bytes.
 
     Pieces are cut lazily, so the first unit goes out before a long text has been sliced; sha, if
     given, is updated with the pieces in order (for one file, or files in order: their bytes).
     """
     unit, size, progress = [], 0, 0
+    seen = {}  # by file name
     for split, data, eot, prog, name, offset in items:
         pieces = cut_text(data, unit_bytes) if cuttable else iter([bytes(data)])
         n, cum = max(len(data), 1), 0
@@ -481,7 +484,9 @@ def piece_units(items: Iterable[Item], unit_bytes: int, cuttable: bool, sha=None
             last = following is None
             if sha is not None:
                 sha.update(piece)
-            unit.append((SPLIT_IDS[split], piece, eot and last, name, offset + cum))
+            before_piece = seen.get(name, 0)
+            unit.append((SPLIT_IDS[split], piece, eot and last, name, offset + cum, before_piece))
+            seen[name] = before_piece + utils.utf8_evidence(piece, utils.UTF8_EVIDENCE - before_piece)
             # each piece stands for its share of the item's progress
             before = prog * cum // n
             cum += len(piece)
@@ -510,15 +515,17 @@ def doc_units(docs: Iterable[tuple[str, int]], unit_size: int) -> Iterator[tuple
 
 
 def jsonl_units(path: Path, unit_bytes: int, sha) -> Iterator[tuple[tuple, int]]:
-    """("jsonl", ...) units of about unit_bytes of whole lines; sha is updated with the file's bytes."""
-    lineno, offset = 1, 0
+    """("jsonl", ...) units of about unit_bytes of whole lines; sha is updated with the file's bytes. Each
+    unit carries the characters beyond ASCII of the units before (piece_units says why)."""
+    lineno, offset, seen = 1, 0, 0
     with reading(path), open(path, "rb") as f:
         while chunk := f.read(unit_bytes):
             chunk += f.readline()  # finish the line the block ends in
             sha.update(chunk)
-            yield ("jsonl", str(path), lineno, offset, chunk), len(chunk)
+            yield ("jsonl", str(path), lineno, offset, chunk, seen), len(chunk)
             lineno += chunk.count(b"\n")
             offset += len(chunk)
+            seen += utils.utf8_evidence(chunk, utils.UTF8_EVIDENCE - seen)
 
 
 def txt_documents(files: list[Path], val_fraction: float, counts: dict, sha=None) -> Iterator[Item]:
@@ -618,12 +625,14 @@ def doc_split(text: str | bytes, val_fraction: float) -> tuple[int, bytes]:
     return int(int.from_bytes(digest, "little") < val_fraction * 2**64), digest
 
 
-def parse_jsonl(where: str, lineno: int, offset: int, chunk: bytes) -> list[str]:
-    """The "text" of each non-blank line of a JSON Lines chunk that starts at line lineno, byte offset."""
+def parse_jsonl(where: str, lineno: int, offset: int, chunk: bytes, seen: int = 0) -> list[str]:
+    """The "text" of each non-blank line of a JSON Lines chunk that starts at line lineno, byte offset.
+    seen: the characters beyond ASCII before the chunk (utils.decode_utf8)."""
     texts = []
     for i, line in enumerate(chunk.split(b"\n")):
         here = f"{where} line {lineno + i}"
-        text = decode_utf8(line, here, offset)
+        text = decode_utf8(line, here, offset, seen)
+        seen += utils.non_ascii_chars(line, utils.UTF8_EVIDENCE - seen)
         offset += len(line) + 1
         if lineno + i == 1:
             text = text.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors write
@@ -680,8 +689,8 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
     kind, *payload = unit
     counts, digests = [0, 0, 0], []
     if kind == "pieces":
-        items = [(split_id, decode_utf8(data, name, offset), eot, (name, offset))
-                 for split_id, data, eot, name, offset in payload[0]]
+        items = [(split_id, decode_utf8(data, name, offset, seen=seen), eot, (name, offset))
+                 for split_id, data, eot, name, offset, seen in payload[0]]
     elif kind in ("jsonl", "docs"):
         items = []
         for text in parse_jsonl(*payload) if kind == "jsonl" else payload[0]:

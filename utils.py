@@ -218,6 +218,18 @@ def non_ascii_chars(data: bytes | memoryview, at_most: int = UTF8_EVIDENCE) -> i
     return sum(1 for _ in itertools.islice(_LEAD_BYTE.finditer(data), max(at_most, 0)))
 
 
+def utf8_evidence(data: bytes | memoryview, at_most: int = UTF8_EVIDENCE) -> int:
+    """non_ascii_chars of data's longest prefix that is UTF-8: what a piece tells of the file it comes from."""
+    if at_most <= 0:
+        return 0
+    try:
+        str(data, "utf-8")
+        end = len(data)
+    except UnicodeDecodeError as e:
+        end = e.start
+    return non_ascii_chars(memoryview(data)[:end], at_most)
+
+
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None,
                 seen: int = 0) -> str:
     """data as str; invalid UTF-8 raises `error` (UserError by default) naming `where`, the byte offset

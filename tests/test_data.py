@@ -582,8 +582,9 @@ def test_piece_units_size_order_and_progress():
     # end-of-text only after the last piece of the first item, which is train (split id 0)
     assert [(split_id, data) for split_id, data, eot, *_ in flat if eot] == [(0, b" six seven")]
     # each piece knows where it came from, for error messages
-    assert [(name, offset) for *_, name, offset in flat] == [("x.txt", 0), ("x.txt", 13), ("x.txt", 23),
-                                                             ("x.txt", 33), ("x.txt", 43)]
+    assert [(name, offset) for *_, name, offset, _ in flat] == [("x.txt", 0), ("x.txt", 13), ("x.txt", 23),
+                                                                ("x.txt", 33), ("x.txt", 43)]
+    assert [seen for *_, seen in flat] == [0] * 5  # ASCII only: no evidence that the file is UTF-8
     assert sum(progress for _, progress in units) == 133
     assert all(sum(len(p[1]) for p in pieces) < 20 for (_, pieces), _ in units)
 
@@ -2396,3 +2397,92 @@ if __name__ == "__main__":
             "--output_dir", tmp_path / "forked")
     for a, b in zip(bins(tmp_path / "spawned"), bins(tmp_path / "forked")):
         np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------- file types and damaged UTF-8: more cases
+
+
+def test_utf8_evidence_is_eight_characters_before_the_bad_byte():
+    from utils import decode_utf8
+    gbk = "你好，世界".encode("gbk")  # c4 e3 ...: 0xc4 starts a character that 0xe3 cannot continue
+    # 7 characters beyond ASCII (14 bytes: continuation bytes are no characters) are no evidence yet, and the
+    # GBK bytes after the bad one do not count
+    with pytest.raises(DataError, match=r"byte offset 14 .*iconv -f gbk -t utf-8"):
+        decode_utf8("é".encode() * 7 + gbk, "in.txt", error=DataError)
+    with pytest.raises(DataError, match=r"byte offset 16 .*the file has damaged bytes: drop them with `iconv -f utf-8"):
+        decode_utf8("é".encode() * 8 + gbk, "in.txt", error=DataError)
+
+
+def test_utf8_evidence_carries_over_every_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 64)
+    # block 1: 12 characters beyond ASCII; block 2: ASCII only; block 3 begins with the damaged byte
+    data = "床前明月光，疑是地上霜。".encode() + b"x" * 28 + b"y" * 64 + b"\xe5\x80" + "举头望明月".encode()
+    (tmp_path / "t.txt").write_bytes(data)
+    with pytest.raises(DataError, match=r"byte 0xe5 at byte offset 128 .*the text before it is UTF-8, so the file has "
+                                        r"damaged bytes"):
+        prepare_text(tmp_path / "o", [tmp_path / "t.txt"], dataset="custom", tokenizer="char", vocab_size=None,
+                     val_fraction=0.1, num_proc=1, command="t")
+
+
+def test_xz_zstd_and_utf16_be_are_named_and_bzip2_letters_are_text():
+    import lzma
+    from utils import decode_utf8
+    for kind, data in (("xz", lzma.compress(b"some text " * 50)), ("zstd", b"\x28\xb5\x2f\xfd" + bytes(range(256)))):
+        with pytest.raises(DataError, match=rf"it is compressed \({kind}\): decompress it first$"):
+            decode_utf8(data, "in.txt", error=DataError)
+    with pytest.raises(DataError, match=r"it is UTF-16 \(what Windows Notepad calls 'Unicode'\)"):
+        decode_utf8("\ufeffab\n".encode("utf-16-be"), "in.txt", error=DataError)
+    # bzip2's 'BZh' and block size, without the block's magic number, is text
+    with pytest.raises(DataError, match=r"iconv -f gbk -t utf-8"):
+        decode_utf8("BZh9 is text, in GBK: 你好".encode("gbk"), "in.txt", error=DataError)
+
+
+def test_a_magic_number_past_the_start_of_the_file_is_no_file_type():
+    from utils import decode_utf8
+    for data in (b"PK\x03\x04\xff", b"\x1f\x8b\x08\x00", b"PAR1\xff"):  # a piece that starts at byte 100
+        with pytest.raises(DataError, match=r"at byte offset 10\d .*iconv -f gbk -t utf-8") as e:
+            decode_utf8(data, "in.txt", offset=100, error=DataError)
+        assert "compressed" not in str(e.value) and "Parquet" not in str(e.value)
+
+
+def test_num_proc_may_be_up_to_four_a_core(monkeypatch):
+    monkeypatch.setattr(prepare_data, "default_num_proc", lambda: 3)
+    prepare_data.check_num_proc(12)
+    with pytest.raises(DataError, match=r"^--num_proc must be between 1 and 12 \(4 a core on this machine's 3\), got "
+                                        r"13; the default is one a core$"):
+        prepare_data.check_num_proc(13)
+
+
+def test_hf_dataset_is_refused_with_shakespeare():
+    with pytest.raises(DataError, match="it does nothing with --dataset shakespeare: leave it out"):
+        prepare("--dataset", "shakespeare", "--hf_dataset", "x")
+
+
+def test_a_json_file_of_any_case_gets_the_note_with_its_name_quoted(tmp_path, capsys):
+    src = tmp_path / "my docs.JSON"
+    src.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(200)), encoding="utf-8")
+    prepare("--dataset", "custom", "--input", src, "--output_dir", tmp_path / "j", "--tokenizer", "char")
+    assert (f"note: {src} is read as plain text, its JSON syntax included; --dataset openwebtext "
+            f"--input {shlex.quote(str(src))} reads the \"text\" field of each line") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_damaged_utf8_in_a_later_block_gets_the_same_hint_with_gpt2(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setattr(prepare_data, "READ_BYTES", 64)
+    (tmp_path / "t.txt").write_bytes(("床前明月光，疑是地上霜。\n" * 20).encode() + b"\xe5\x80" + "举头望明月".encode())
+    with pytest.raises(DataError, match=r"the text before it is UTF-8, so the file has damaged bytes"):
+        prepare_text(tmp_path / "o", [tmp_path / "t.txt"], dataset="custom", tokenizer=tokenizer, vocab_size=None,
+                     val_fraction=0.1, num_proc=1, command="t")
+
+
+def test_damaged_utf8_in_a_later_json_lines_unit_gets_the_damaged_bytes_hint(tmp_path):
+    """The characters beyond ASCII of the lines before, in this unit and in the units before it, say the file is
+    UTF-8: a worker that meets a damaged byte says so, as a text file's reader does."""
+    lines = [json.dumps({"text": f"{i}: 床前明月光，疑是地上霜。"}, ensure_ascii=False).encode() for i in range(30)]
+    lines.append(b'{"text": "\xe5\x80 damaged"}')
+    (tmp_path / "docs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    for unit_bytes in (1 << 20, 64):  # one unit, then a unit of about two lines each
+        with pytest.raises(DataError, match=r"docs.jsonl line 31 is not valid UTF-8: .*the text before it is "
+                                            r"UTF-8, so the file has damaged bytes"):
+            prepare_documents(tmp_path / f"o{unit_bytes}", str(tmp_path / "docs.jsonl"), hf_name="",
+                              val_fraction=0.25, num_proc=1, command="t", unit_bytes=unit_bytes)
