@@ -1396,3 +1396,25 @@ def test_a_failure_before_any_text_after_an_empty_prompt_writes_nothing_to_stdou
                 output_on_stdout=True)
     out, err = capsys.readouterr()
     assert e.value.code == 2 and out == "" and "new token 1" in err, (out, err)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_terminal_is_read_as_a_prompt_file():
+    from utils import read_utf8_file
+    master, slave = os.openpty()
+    try:
+        os.write(master, b"ROMEO:\n\x04")  # a line, then Ctrl-D at a line's start: the end of the input
+        assert read_utf8_file(os.ttyname(slave), "--prompt_file") == "ROMEO:\n"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_block_device_is_refused_as_a_prompt_file(tmp_path, monkeypatch):
+    import stat
+    from utils import UserError, read_utf8_file
+    (tmp_path / "disk").write_bytes(b"ROMEO:")
+    # a disk (/dev/sda) as os.fstat reports it: read whole, it would fill memory
+    monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((stat.S_IFBLK | 0o660, 0, 0, 1, 0, 0, 0, 0, 0, 0)))
+    with pytest.raises(UserError, match=r"^--prompt_file /dev/sda is a device, not a file; pass a file or a pipe$"):
+        read_utf8_file(tmp_path / "disk", "--prompt_file /dev/sda")

@@ -3652,3 +3652,20 @@ def test_under_torchrun_each_process_says_its_data_changed(monkeypatch, capsys):
         run_cli(lambda: main([]))
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error (rank 1): train.bin changed: finish preparing")
+
+
+@pytest.mark.parametrize("body, said", [
+    ("import os; os.lseek(0, 2**70, 0)", "Python int too large to convert to C long"),
+    ("(2**70).to_bytes(2, 'big')", "int too big to convert"),
+])
+def test_run_cli_names_pythons_other_overflow_messages(body, said):
+    code = f"from utils import run_cli\ndef main():\n    {body}\nrun_cli(main)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (2, f"error: a size or count given is too large to work with ({said}); "
+                                           f"give smaller values\n")
+
+
+def test_a_checkpoint_path_that_is_a_folder_is_named_so(tmp_path):
+    from utils import load_weights_only
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(tmp_path))} is a directory$"):
+        load_weights_only(tmp_path)
