@@ -937,6 +937,8 @@ def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path)
     differently there and its curve drifts from the whole model's a little (on an H200: 3.9e-4 at most, a
     relative 1.6e-4, over these 20 steps); lost or mixed-up gradients would move it by far more. CUDA graphs of
     regions evaluate eagerly (compile_eval=False; evaluating through them is refused)."""
+    torch._dynamo.reset()  # earlier tests' compilations count against torch's limit of 8 per function
+
     def curve(mode, regional=False, compile_eval=True):
         r = train(tiny(char_data, tmp_path / f"{mode}{regional}", device="cuda", dtype="float32", compile=True,
                        compile_mode=mode, compile_regional=regional, compile_eval=compile_eval, max_iters=20,
@@ -963,6 +965,9 @@ def test_graphed_steps_follow_plain_steps_and_resume(char_data, tmp_path, compil
     relative 1.3e-4 at most by regions, and some weights differed far more: the key projection's bias gets a
     gradient that is rounding noise (attention does not depend on it), which AdamW scales up to full-size steps
     of either sign. So the two checkpoints are compared by what their models compute."""
+    # earlier tests' compilations count against torch's limit of 8 per function: past it, the resumed run would
+    # fall back to eager, whose dropout draws other random numbers
+    torch._dynamo.reset()
     kw = dict(device="cuda", dtype="float32", compile=compile_model, compile_regional=regional, dropout=0.1,
               max_iters=20, eval_interval=10)
 
