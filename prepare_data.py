@@ -352,8 +352,10 @@ def shakespeare_file(input_arg: str | None, out_dir: Path) -> Path:
 #   ("docs", [text, ...])                  documents: split by hash, end-of-text after each
 #   ("jsonl", name, lineno, offset, data, seen)  whole lines of a JSON Lines file, parsed by the worker
 #
-# The main process only reads and slices bytes; decoding, parsing, hashing and tokenising happen in
-# the workers, so one main process keeps many of them busy. name and offset locate bad UTF-8.
+# The main process only reads and slices bytes, and counts the characters beyond ASCII of each file's first
+# pieces (seen: utils.UTF8_EVIDENCE at most, which tell damaged UTF-8 from another encoding); decoding,
+# parsing, hashing and tokenising happen in the workers, so one main process keeps many of them busy. name
+# and offset locate bad UTF-8.
 
 
 def split_ranges(texts: list[TextFile], val_fraction: float) -> list[tuple[str, int, int, int, bool]]:
