@@ -1400,12 +1400,20 @@ def test_a_failure_before_any_text_after_an_empty_prompt_writes_nothing_to_stdou
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_terminal_is_read_as_a_prompt_file():
+    import signal
     from utils import read_utf8_file
+
+    def no_end(signum, frame):
+        raise TimeoutError("the terminal's Ctrl-D did not end the read")
     master, slave = os.openpty()
+    previous = signal.signal(signal.SIGALRM, no_end)  # a failure, not a hang, where Ctrl-D ends nothing
+    signal.alarm(20)
     try:
         os.write(master, b"ROMEO:\n\x04")  # a line, then Ctrl-D at a line's start: the end of the input
         assert read_utf8_file(os.ttyname(slave), "--prompt_file") == "ROMEO:\n"
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
         os.close(master)
         os.close(slave)
 
