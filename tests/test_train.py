@@ -547,17 +547,29 @@ def test_a_full_disk_under_tensorboard_is_one_line(char_data, tmp_path, monkeypa
     assert len(warnings) == (writes_that_work > 0)
 
 
-def fail_at_step(monkeypatch, n: int, error: BaseException, name: str = "optimizer_step") -> None:
-    """train.<name> raises `error` at its n-th call (a crash, or running out of memory, at that step)."""
+def at_step(monkeypatch, n: int, action, name: str = "optimizer_step") -> None:
+    """action() runs at train.<name>'s n-th call, before the call itself."""
     import train as train_module
     calls, real = [], getattr(train_module, name)
 
-    def failing(*args, **kwargs):
+    def step(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
-            raise error
+            action()
         return real(*args, **kwargs)
-    monkeypatch.setattr(train_module, name, failing)
+    monkeypatch.setattr(train_module, name, step)
+
+
+def fail_at_step(monkeypatch, n: int, error: BaseException, name: str = "optimizer_step") -> None:
+    """train.<name> raises `error` at its n-th call (a crash, or running out of memory, at that step)."""
+    def fail():
+        raise error
+    at_step(monkeypatch, n, fail, name)
+
+
+def sigterm_at_step(monkeypatch, n: int) -> None:
+    """SIGTERM to this process at the n-th optimizer step, which still runs: the run stops after it."""
+    at_step(monkeypatch, n, lambda: os.kill(os.getpid(), signal.SIGTERM))
 
 
 @pytest.mark.parametrize("failing_step, trace_left", [(1, False), (2, True)])
@@ -601,14 +613,7 @@ def test_a_run_stopped_between_evaluations_and_finished_there_evaluates_that_ite
     """Stopped at iteration 6 of 20 (evaluations every 100), then given --max_iters=6: the run ends at 6 as one
     that was never stopped does, with the evaluation at its last iteration and best_checkpoint.pt."""
     straight = train(tiny(char_data, tmp_path / "straight", max_iters=6, eval_interval=100))
-    steps, real = [], __import__("train").optimizer_step
-
-    def stop_at_6(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-    monkeypatch.setattr("train.optimizer_step", stop_at_6)
+    sigterm_at_step(monkeypatch, 6)
     stopped = train(tiny(char_data, tmp_path / "split", max_iters=20, eval_interval=100))
     assert stopped["stopped_by"] == signal.SIGTERM and stopped["iter_num"] == 6 and list(stopped["evals"]) == [0]
     monkeypatch.undo()
@@ -3556,14 +3561,7 @@ def test_a_copy_lost_at_the_last_iteration_is_written_when_run_again(char_data, 
 def test_a_resume_between_copies_keeps_the_copies_an_unbroken_run_keeps(char_data, tmp_path, monkeypatch):
     kw = dict(max_iters=10, eval_interval=100, save_interval=5)
     train(tiny(char_data, tmp_path / "straight", **kw))
-    steps, real = [], __import__("train").optimizer_step
-
-    def stop_at_3(*args, **kwargs):
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-    monkeypatch.setattr("train.optimizer_step", stop_at_3)
+    sigterm_at_step(monkeypatch, 3)
     assert train(tiny(char_data, tmp_path / "split", **kw))["iter_num"] == 3
     monkeypatch.undo()
     assert train(tiny(char_data, tmp_path / "split", **kw))["resumed_from"] == 3
