@@ -567,6 +567,12 @@ def fail_at_step(monkeypatch, n: int, error: BaseException, name: str = "optimiz
     at_step(monkeypatch, n, fail, name)
 
 
+def prepared_again(path: Path) -> None:
+    """path's modification time a second later, as prepare_data.py writing the same data again leaves it."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+
+
 def sigterm_at_step(monkeypatch, n: int) -> None:
     """SIGTERM to this process at the n-th optimizer step, which still runs: the run stops after it."""
     at_step(monkeypatch, n, lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -2675,15 +2681,7 @@ def test_data_prepared_again_during_a_run_stops_it_with_its_last_step_saved(char
     import train as train_module
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
-    step, calls = train_module.optimizer_step, []
-
-    def step_then_touch(*args, **kwargs):  # after the third step, as prepare_data.py rewriting the same data would
-        calls.append(1)
-        if len(calls) == 3:
-            st = (data / "train.bin").stat()
-            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-        return step(*args, **kwargs)
-    monkeypatch.setattr(train_module, "optimizer_step", step_then_touch)
+    at_step(monkeypatch, 3, lambda: prepared_again(data / "train.bin"))  # found at the end of that iteration
     config = tiny(data, tmp_path / "run", max_iters=10, eval_interval=5)
     with pytest.raises(DataError, match=r"train.bin was replaced or changed since the run started \(prepared again\?\): "
                                         r"finish preparing, then run the same command again; it checks the data anew"):
@@ -2695,8 +2693,7 @@ def test_data_prepared_again_during_a_run_stops_it_with_its_last_step_saved(char
         losses = evaluate(*args, **kwargs)
         evaluations.append(1)
         if len(evaluations) == 2:  # the initial one, then the one at max_iters
-            st = (data / "train.bin").stat()
-            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+            prepared_again(data / "train.bin")
         return losses
     monkeypatch.setattr(train_module, "estimate_loss", evaluate_then_touch)
     main(cli_flags(tiny(data, tmp_path / "done", max_iters=2, eval_interval=5)))
@@ -2720,8 +2717,7 @@ def test_data_prepared_again_during_an_evaluation_stops_the_run_with_that_evalua
     def touch_then_evaluate(*args, **kwargs):  # at the evaluation of iteration 5, before its first batch
         calls.append(1)
         if len(calls) == 2:  # the first is the initial evaluation
-            st = (data / "val.bin").stat()
-            os.utime(data / "val.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+            prepared_again(data / "val.bin")
         return evaluate(*args, **kwargs)
     monkeypatch.setattr(train_module, "estimate_loss", touch_then_evaluate)
     config = tiny(data, tmp_path / "run", max_iters=10, eval_interval=5)
@@ -3606,18 +3602,9 @@ def test_a_resume_that_makes_up_the_last_evaluation_lists_its_changed_settings(c
 
 # data found changed between steps: the message does not promise to finish a step
 def test_data_prepared_again_says_it_saves_without_a_step_to_finish(char_data, tmp_path, monkeypatch, capsys):
-    import train as train_module
     data = tmp_path / "data"
     shutil.copytree(char_data, data)
-    step, calls = train_module.optimizer_step, []
-
-    def step_then_touch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            st = (data / "train.bin").stat()
-            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
-        return step(*args, **kwargs)
-    monkeypatch.setattr(train_module, "optimizer_step", step_then_touch)
+    at_step(monkeypatch, 3, lambda: prepared_again(data / "train.bin"))
     train(tiny(data, tmp_path / "run", max_iters=10, eval_interval=5))
     err = capsys.readouterr().err
     assert (f"{data / 'train.bin'} was replaced or changed since the run started (prepared again?): "
@@ -3634,8 +3621,7 @@ def test_a_process_stopped_by_anothers_data_change_names_it(char_data, tmp_path,
 
     def check(stop, group=None):  # what stop_requested gives under torchrun when another rank found the change
         if len(steps) == 3 and stop.signum is None:
-            st = (data / "train.bin").stat()
-            os.utime(data / "train.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+            prepared_again(data / "train.bin")
             stop.signum = signal.SIGTERM
         return real_check(stop, group)
     monkeypatch.setattr(train_module, "stop_requested", check)
