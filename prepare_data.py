@@ -219,7 +219,7 @@ class TextFile:
                     if offset - len(carry) == 0 and self.skip:
                         text = text[1:]  # the mark is no text
                     self.charset.update(text)
-                    seen += utils.non_ascii_chars(memoryview(data)[:end], utils.UTF8_EVIDENCE - seen)
+                    seen += utils.utf8_evidence(data[:end], utils.UTF8_EVIDENCE - seen)
                     carry = data[end:]
                 offset += len(block)
                 progress(len(block))
@@ -634,7 +634,7 @@ def parse_jsonl(where: str, lineno: int, offset: int, chunk: bytes, seen: int = 
     for i, line in enumerate(chunk.split(b"\n")):
         here = f"{where} line {lineno + i}"
         text = decode_utf8(line, here, offset, seen)
-        seen += utils.non_ascii_chars(line, utils.UTF8_EVIDENCE - seen)
+        seen += utils.utf8_evidence(line, utils.UTF8_EVIDENCE - seen)
         offset += len(line) + 1
         if lineno + i == 1:
             text = text.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors write

@@ -8,7 +8,6 @@ of a traceback.
 import argparse
 import contextlib
 import errno
-import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -210,18 +209,10 @@ PARQUET_MAGIC = b"PAR1"
 # this many characters beyond ASCII, read as UTF-8 before a byte that is not, say that the text is UTF-8 with damaged
 # bytes: text in GBK, say, fails within a character or two (about one pair of its bytes in 12 reads as UTF-8)
 UTF8_EVIDENCE = 8
-_LEAD_BYTE = re.compile(rb"[\xc0-\xff]")  # the first byte of a character beyond ASCII
-
-
-def non_ascii_chars(data: bytes | memoryview, at_most: int = UTF8_EVIDENCE) -> int:
-    """The characters beyond ASCII in UTF-8 data, counted up to at_most: the count stops there."""
-    return sum(1 for _ in itertools.islice(_LEAD_BYTE.finditer(data), max(at_most, 0)))
-
-
 def utf8_evidence(data: bytes | memoryview, at_most: int = UTF8_EVIDENCE) -> int:
     """The characters beyond ASCII in data's longest prefix that is UTF-8, counted up to at_most: what a
-    piece tells of the file it comes from. The main process calls it on each piece until a file has given
-    at_most, so ASCII costs one isascii() and other text one decode (not non_ascii_chars' slower regex)."""
+    piece tells of the file it comes from. Readers call it on each piece until a file has given at_most,
+    so ASCII costs one isascii() and other text one decode."""
     data = bytes(data)  # the same object for bytes
     if at_most <= 0 or data.isascii():
         return 0
@@ -251,7 +242,7 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
         elif offset == 0 and bytes(data[:2]) in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16's byte-order mark
             how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
                    "`iconv -f utf-16 -t utf-8 IN > OUT`")
-        elif seen + non_ascii_chars(memoryview(data)[: e.start], UTF8_EVIDENCE - seen) >= UTF8_EVIDENCE:
+        elif seen + utf8_evidence(data[: e.start], UTF8_EVIDENCE - seen) >= UTF8_EVIDENCE:
             how = ("the text before it is UTF-8, so the file has damaged bytes: drop them with "
                    "`iconv -f utf-8 -t utf-8 -c IN > OUT`")
         else:
