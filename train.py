@@ -436,7 +436,9 @@ def saved_tokenizer(d: Optional[dict]) -> Optional[dict]:
 
 def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
     from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
-    if meta.get("vocab_size") != GPT2_VOCAB_SIZE or meta.get("eot_token") != GPT2_EOT_TOKEN:
+    # the kind too: a BPE trained with --vocab_size 50257 has GPT-2's size and end-of-text id, other text per id
+    if (meta.get("tokenizer") != "gpt2" or meta.get("vocab_size") != GPT2_VOCAB_SIZE
+            or meta.get("eot_token") != GPT2_EOT_TOKEN):
         raise TrainingError(
             f"--init_from={init_from} fine-tunes OpenAI's GPT-2, which reads GPT-2 tokens (vocab 50257, "
             f"end-of-text 50256), but {data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer "

@@ -2935,6 +2935,11 @@ def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
     (data / "meta.json").write_text(json.dumps({**meta, "eot_token": None}))
     with pytest.raises(TrainingError, match="end-of-text 50256"):
         train(tiny(data, tmp_path, init_from="gpt2"))
+    # nor is a BPE trained to GPT-2's size, end-of-text id included: its ids stand for other text
+    (data / "meta.json").write_text(json.dumps({**meta, "tokenizer": "bpe"}))
+    for init_from in ("gpt2", str(tmp_path / "hf")):
+        with pytest.raises(TrainingError, match="GPT-2 tokens .* 'bpe' tokenizer"):
+            train(tiny(data, tmp_path, init_from=init_from))
     assert not tmp_path.joinpath("ckpt").exists()
 
 
