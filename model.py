@@ -603,11 +603,20 @@ class GPT(nn.Module):
         # (model.safetensors where this one writes pytorch_model.bin) would be loaded instead of these, and
         # its tokenizer and generation files would be taken for this model's (tokenizer.json: where earlier
         # versions wrote ours)
-        stale = ["config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json", TOOLKIT_TOKENIZER, "tokenizer.json", "vocab.json", "merges.txt",
-                 "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
-        shards = [p.name for p in out.iterdir()
-                  if re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", p.name)]
+        model_files = ["config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json", TOOLKIT_TOKENIZER]
+        other_files = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                       "special_tokens_map.json", "added_tokens.json", "generation_config.json"]
+        stale = model_files + other_files
+        names = {p.name for p in out.iterdir()}
+        shards = [n for n in names if re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)", n)]
+        unfinished = re.compile(rf"\.(?:{'|'.join(map(re.escape, model_files))})\..+\.tmp")  # a killed export's
+        earlier_export = shards or names & set(model_files) or any(map(unfinished.fullmatch, names))
+        found = [n for n in other_files if n in names]
+        if found and not earlier_export:  # e.g. a tokenizer trained into this folder: not ours to delete
+            raise CheckpointFormatError(f"{out} holds {', '.join(found)} but no exported model (config.json, "
+                                        f"weights), and the export would replace them: export into a folder of "
+                                        f"its own, e.g. {out / 'export'}, or move them away first")
         for name in stale + shards:
             (out / name).unlink(missing_ok=True)
         remove_unfinished_writes(out, "|".join(map(re.escape, stale)))  # what a killed export left, gigabytes maybe

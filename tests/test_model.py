@@ -703,6 +703,16 @@ def test_an_export_leaves_no_file_of_the_folders_earlier_model(tmp_path, monkeyp
     with pytest.raises(CheckpointFormatError, match="holds a prepared data set .*export the model into a folder"):
         new.save_pretrained(data)
     assert sorted(p.name for p in data.iterdir()) == ["meta.json", "tokenizer.json"]
+    mine = tmp_path / "mine"  # a tokenizer trained into a folder, no export there yet: refused, nothing deleted
+    mine.mkdir()
+    for name in ("tokenizer.json", "merges.txt", "notes.txt"):
+        (mine / name).write_text("mine")
+    with pytest.raises(CheckpointFormatError, match=r"holds tokenizer.json, merges.txt but no exported model"):
+        new.save_pretrained(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["merges.txt", "notes.txt", "tokenizer.json"]
+    (mine / ".pytorch_model.bin.x1.tmp").write_bytes(b"a killed export's weights")  # then it was an export
+    new.save_pretrained(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
 
 
 def test_an_export_with_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
