@@ -666,10 +666,25 @@ class GPT(nn.Module):
             json.dump(hf_config, f, indent=2)
 
 
+def train_checkpoint_hint(name: str) -> str:
+    """What to do instead where --init_from names train.py's own checkpoint, a .pt file or a folder of them
+    (it reads Hugging Face folders only), else ""."""
+    p = Path(name)
+    if p.suffix == ".pt" and p.is_file():
+        what = "it is a train.py checkpoint"
+    elif p.is_dir() and any(p.glob("*checkpoint*.pt")):
+        what = "it holds train.py's checkpoints"
+    else:
+        return ""
+    return (f"; {what}: sample with generate.py --checkpoint_dir (or --checkpoint FILE), go on training with "
+            "train.py --checkpoint_dir, or export it with save_pretrained (README, Checkpoint 管理) and fine-tune "
+            "the export with --init_from")
+
+
 def _download_gpt2(name: str) -> Path:
     if name not in GPT2_NAMES:
         raise CheckpointFormatError(f"{name!r} is neither a directory nor one of the GPT-2 names "
-                                    f"{', '.join(GPT2_NAMES)}")
+                                    f"{', '.join(GPT2_NAMES)}{train_checkpoint_hint(name)}")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -688,7 +703,7 @@ def _read_hf_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointFormatError(f"{path} is not a GPT-2 checkpoint directory: expected config.json "
-                                    "and model.safetensors (or pytorch_model.bin) in it")
+                                    f"and model.safetensors (or pytorch_model.bin) in it{train_checkpoint_hint(path)}")
     try:
         hf = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deeply, an integer too long

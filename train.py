@@ -46,7 +46,7 @@ import torch
 
 # the command line is parsed in config.py
 from config import CUDA_GRAPH_MODES, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
-from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder
+from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder, train_checkpoint_hint
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
                    folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints, load_checkpoint,
                    load_weights, lock_holder, missing_folders, remove_empty_folders, remove_unfinished_writes,
@@ -498,7 +498,8 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
         folder = is_model_folder(config.init_from)  # as from_pretrained decides
         if not folder and config.init_from not in GPT2_NAMES:
             raise ConfigError(f"init_from must be 'auto', 'scratch', 'resume', one of {', '.join(GPT2_NAMES)} or "
-                              f"a Hugging Face GPT-2 directory, got {config.init_from!r}")
+                              f"a Hugging Face GPT-2 directory, got {config.init_from!r}"
+                              f"{train_checkpoint_hint(config.init_from)}")
         if not folder:  # before the download
             check_gpt2_data(config.init_from, meta, config.data_dir)
         model = GPT.from_pretrained(config.init_from, dropout=config.dropout)

@@ -583,6 +583,21 @@ def test_directory_that_is_not_gpt2(tmp_path):
         GPT.from_pretrained(str(tmp_path / "missing"))
 
 
+def test_a_train_checkpoint_given_as_a_pretrained_model_gets_the_ways_to_use_it(tmp_path):
+    (tmp_path / "best_checkpoint.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(CheckpointFormatError, match=r"expected config.json .*; it holds train.py's checkpoints: "
+                                                    r"sample with generate.py --checkpoint_dir .*export it"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(CheckpointFormatError, match=r"neither a directory .*; it is a train.py checkpoint: sample"):
+        GPT.from_pretrained(str(tmp_path / "best_checkpoint.pt"))
+    (tmp_path / "best_checkpoint.pt").unlink()  # other folders and files get no such hint
+    (tmp_path / "weights.pt").mkdir()
+    for name in (tmp_path, tmp_path / "weights.pt", tmp_path / "missing.pt"):
+        with pytest.raises(CheckpointFormatError) as e:
+            GPT.from_pretrained(str(name))
+        assert "train.py" not in str(e.value)
+
+
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:ab12\nsize 548105171\n"
 
 

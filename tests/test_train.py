@@ -2943,6 +2943,14 @@ def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
     assert not tmp_path.joinpath("ckpt").exists()
 
 
+def test_a_train_checkpoint_as_init_from_is_named_so(char_data, tmp_path):
+    train(tiny(char_data, tmp_path / "a", max_iters=1))
+    for init_from in (tmp_path / "a" / "ckpt", tmp_path / "a" / "ckpt" / "final_checkpoint.pt"):
+        with pytest.raises(UserError, match=r"train.py('s)? checkpoints?: sample with generate.py --checkpoint_dir"):
+            train(tiny(char_data, tmp_path / "b", init_from=str(init_from)))
+    assert not tmp_path.joinpath("b", "ckpt").exists()
+
+
 def test_a_pretrained_folder_sets_the_context_unless_asked_for_less(char_data, tmp_path):
     from tokenizer import load_tokenizer
     model = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=20))
