@@ -19,7 +19,8 @@ than block_size is cut to its last block_size tokens. When the text outgrows blo
 is cut to its last `window` tokens (--window, default block_size // 2) and the cache is rebuilt with
 one prefill: the model always sees between `window` and block_size tokens of context, and a rebuild
 costs one prompt pass per block_size - window new tokens. In a batch each row is cut when it outgrows
-the block, as it would be alone.
+the block, as it would be alone; only the rows cut are computed again, and the others' cached keys and
+values move down to make room.
 
 On CUDA the model is cast to the generation dtype (bfloat16 by default) and one decoding step is
 captured in a CUDA graph and replayed for every token: at batch 1 a step of GPT-2 124M is otherwise
@@ -238,10 +239,7 @@ class Generator:
             for row, t in zip(rows, ids):
                 row.append(t)
             if self.pos == self.capacity:
-                # the cache is full: a row that has outgrown the block keeps its last `window` tokens,
-                # as it would alone, the others keep all of theirs, and the cache is rebuilt
-                rows = [row[-self.window:] if len(row) > self.block_size else row for row in rows]
-                logits = self._prefill(rows)
+                rows, logits = self._rebuild(rows, tok)
             else:
                 logits = self._step(tok)
 
@@ -324,6 +322,52 @@ class Generator:
         if self._graph is not None:
             self._graph[1]["pad"].copy_(self.pad)
         return logits[:, -1]
+
+    def _rebuild(self, rows: list[list[int]], tok: torch.Tensor) -> tuple[list[list[int]], torch.Tensor]:
+        """The cache is full, and every row's newest token, tok (B,), still has to be fed. A row that has
+        outgrown the block keeps its last `window` tokens, as it would alone; the others keep all of theirs.
+        Returns the rows and the logits (B, vocab_size) after the newest tokens.
+
+        Rows of different lengths outgrow the block at different steps. Prefilling every row at each of
+        those steps would cost up to B full prefills per block_size - window new tokens. Instead only the
+        rows cut are computed again; the others keep their keys and values, moved to lower slots (a row's
+        position ids count from its first token, not from its slot, so the move changes no value).
+        """
+        cut = [b for b, row in enumerate(rows) if len(row) > self.block_size]
+        rows = [row[-self.window:] if b in cut else row for b, row in enumerate(rows)]
+        if len(cut) == len(rows):  # the common case, one row or rows of one length: a plain prefill
+            return rows, self._prefill(rows)
+        pos = max(len(row) for row in rows) - 1  # slots needed for all but the newest tokens
+        shift = self.pos - pos  # >= 1: a row that is not cut fits the block with its newest token
+        for block in self.model.transformer.h:
+            for buf in (block.attn.kv_cache.k, block.attn.kv_cache.v):
+                buf[:, :, :pos] = buf[:, :, shift:self.pos].clone()
+                buf[:, :, pos:].zero_()  # the slots to come, masked but read by a static step: finite
+        self.pad = torch.tensor([pos - len(row) + 1 for row in rows], dtype=torch.long, device=self.device)
+        if self.window > 1:  # the cut rows' kept tokens, all but the newest, computed alone in a cache of their own
+            self._fill(cut, [rows[b][:-1] for b in cut], end=pos)
+        self.pos = pos
+        if self._graph is not None:
+            self._graph[1]["pad"].copy_(self.pad)
+        return rows, self._step(tok)
+
+    def _fill(self, at: list[int], tokens: list[list[int]], end: int) -> None:
+        """Compute the keys and values of `tokens` (rows of one length T, from position 0) and write them
+        into rows `at` of the cache, at slots end - T to end."""
+        model, T = self.model, len(tokens[0])
+        caches, shape = [block.attn.kv_cache for block in model.transformer.h], model.kv_cache_shape
+        try:
+            model.setup_kv_cache(len(tokens), T)
+            model.forward_cached(torch.tensor(tokens, dtype=torch.long, device=self.device),
+                                 torch.arange(T, device=self.device), kv_len=T, last_only=True)
+            rows = torch.tensor(at, dtype=torch.long, device=self.device)
+            for block, cache in zip(model.transformer.h, caches):
+                cache.k[rows, :, end - T:end] = block.attn.kv_cache.k
+                cache.v[rows, :, end - T:end] = block.attn.kv_cache.v
+        finally:
+            for block, cache in zip(model.transformer.h, caches):
+                block.attn.kv_cache = cache
+            model.kv_cache_shape = shape
 
     def _step(self, tok: torch.Tensor) -> torch.Tensor:
         """Feed tok (B,) at the next slot; logits (B, vocab_size)."""

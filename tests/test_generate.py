@@ -377,6 +377,25 @@ def test_batch_equals_each_prompt_alone_when_the_text_outgrows_the_block(window)
     assert greedy_ids(gen, prompts, 40) == [greedy_ids(gen, [p], 40)[0] for p in prompts]
 
 
+def test_rows_of_different_lengths_outgrowing_the_block_are_not_all_computed_again(monkeypatch):
+    """Each row is cut at its own step; only it is computed again, not the whole batch each time."""
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=16)
+    prompts = [tok.encode("the quick brown fox"[:n]) for n in (1, 3, 4, 6, 9, 10)]
+    fed = []
+    forward_cached = model.forward_cached
+    monkeypatch.setattr(model, "forward_cached", lambda idx, *a, **k: fed.append(idx.numel()) or
+                        forward_cached(idx, *a, **k))
+    gen = Generator(model, window=5)
+    fed.clear()
+    batch = greedy_ids(gen, prompts, 60)
+    in_batch = sum(fed)
+    fed.clear()
+    assert batch == [greedy_ids(gen, [p], 60)[0] for p in prompts]
+    padding = len(prompts) * 10 - sum(map(len, prompts))  # of the first prefill, the one place rows pay for others
+    assert in_batch <= sum(fed) + padding  # (each prefilled again at every cut: 1,400 more)
+
+
 def test_zero_new_tokens_yield_nothing():
     model = tiny_model(char_tokenizer().vocab_size, block_size=16)
     assert list(Generator(model).decode([[1, 2, 3, 4, 5]], 0, lambda logits: logits.argmax(-1))) == []
