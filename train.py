@@ -843,6 +843,47 @@ def check_same_start(starts: list, checkpoint_dir: str) -> None:
                           f"system), since only rank 0 writes checkpoints")
 
 
+# what may differ between machines: paths (a shared folder mounted elsewhere) and devices. The model
+# comes from rank 0 whatever init_from says (DDP copies its weights to the others)
+LOCAL_SETTINGS = ("data_dir", "checkpoint_dir", "log_dir", "device", "init_from")
+
+
+def settings_of(config: GPT2Config, meta: dict) -> dict:
+    """What must be the same in every process of a run: the settings and the data set's identity."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in LOCAL_SETTINGS}
+    return {**settings, **{f"the data's {k}": meta.get(k) for k in
+                           ("tokenizer", "vocab_size", "train_tokens", "val_tokens", "source_sha256")}}
+
+
+def check_same_settings(settings: list[dict]) -> None:
+    """settings[rank]: settings_of() in each process. A command typed differently on one machine would
+    otherwise step each copy of the model with its own learning rate under one averaged gradient, or
+    leave the processes waiting on each other forever (another max_iters, eval_interval, ...)."""
+    differ = [k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings[1:])]
+    if not differ:
+        return
+    def ranks(values: list) -> str:  # "0.0006 (ranks 0-7), 0.03 (ranks 8-15)"
+        groups = {}
+        for r, v in enumerate(values):
+            groups.setdefault(repr(v), []).append(r)
+        return ", ".join(f"{v} (rank{'s' if len(rs) > 1 else ''} {rank_ranges(rs)})" for v, rs in groups.items())
+    found = "; ".join(f"{k}: {ranks([s.get(k) for s in settings])}" for k in differ[:4])
+    raise ConfigError(f"the processes were started with different settings ({found}"
+                      f"{'; ...' if len(differ) > 4 else ''}): give every machine the same flags, config file "
+                      f"and prepared data")
+
+
+def rank_ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_rank: Optional[int],
            cleanup: ExitStack, t_start: float, lock: Optional[ExitStack] = None) -> dict:
     from data import BatchLoader, DataError, load_data_tokenizer, load_meta, remake_command
@@ -889,6 +930,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                         f"checkpoint), is not there. If it moved, give --data_dir=NEW_FOLDER; else prepare it again "
                         f"with: {remake_command(Path(config.data_dir), ckpt.get('meta') or {})}")
     meta = load_meta(config.data_dir)
+    if world_size > 1:  # each machine's command was typed, and its data prepared, on its own
+        settings = [None] * world_size
+        torch.distributed.all_gather_object(settings, settings_of(config, meta))
+        check_same_settings(settings)
     tokenizer = load_data_tokenizer(config.data_dir, meta)
     if ckpt is not None:
         check_same_tokens(ckpt, ckpt_path, meta, tokenizer, config)

@@ -2622,6 +2622,39 @@ def test_processes_that_found_different_checkpoints_stop_with_a_reason():
         check_same_start([40, None], "ck")
 
 
+def test_processes_started_with_other_settings_stop_with_the_differences():
+    from train import check_same_settings, rank_ranges, settings_of
+    meta = {"tokenizer": "char", "vocab_size": 65, "train_tokens": 900, "val_tokens": 100, "source_sha256": "ab"}
+    same = settings_of(GPT2Config(data_dir="/mnt/a", checkpoint_dir="/mnt/ck", device="cuda:0"), meta)
+    check_same_settings([same, settings_of(GPT2Config(data_dir="/nfs/a", checkpoint_dir="/nfs/ck", device="cuda:1"),
+                                           meta)])  # paths and devices may differ from machine to machine
+    other = settings_of(GPT2Config(learning_rate=3e-2, max_iters=10), {**meta, "train_tokens": 800})
+    with pytest.raises(ConfigError, match=r"different settings \(learning_rate: 0.0006 \(ranks 0-2, 4\), 0.03 "
+                                          r"\(rank 3\); max_iters: 100000 \(ranks 0-2, 4\), 10 \(rank 3\); "
+                                          r"the data's train_tokens: 900 \(ranks 0-2, 4\), 800 \(rank 3\)\): give"):
+        check_same_settings([same, same, same, other, same])
+    assert rank_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+
+
+def test_two_machines_given_other_flags_stop_before_training(char_data, tmp_path):
+    """Two torchrun launches, as on two machines, the second with another learning rate."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = cli_flags(tiny(char_data, tmp_path, gradient_accumulation_steps=2, backend="gloo"))
+    runs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                              "--master_addr=127.0.0.1", f"--master_port={port}", "--nproc_per_node=1",
+                              str(ROOT / "train.py"), *flags, *extra], cwd=tmp_path, env=subprocess_env(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for node, extra in ((0, []), (1, ["--learning_rate=0.03"]))]
+    outputs = [run.communicate(timeout=180) for run in runs]
+    assert all(run.returncode != 0 for run in runs)
+    assert ("error: the processes were started with different settings (learning_rate: 0.01 (rank 0), 0.03 "
+            "(rank 1)): give every machine") in outputs[0][1]
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+
+
 def test_run_cli_turns_ctrl_c_into_exit_130():
     # in a subprocess: a KeyboardInterrupt that escaped run_cli would stop pytest itself
     code = "from utils import run_cli\ndef main():\n    raise KeyboardInterrupt\nrun_cli(main)\n"
