@@ -196,12 +196,13 @@ class GracefulStop:
 
     def request(self, signum: int, why: str, between_steps: bool = False) -> None:
         """Stop as a signal would, for a reason found inside the process; a repeat does nothing. between_steps: the
-        reason was found where no step or evaluation batch is under way, and no signal reached torchrun."""
+        reason was found where no step or evaluation batch is under way. No signal reached torchrun, so no
+        deadline of its applies."""
         if self.signum is None:
             self.signum, self._first = signum, time.monotonic()
             if self.verbose:
                 self._say(f"{why}: {self.then}" if between_steps else
-                          f"{why}: finishing this step (or evaluation batch), then {self.then}{torchrun_deadline()}")
+                          f"{why}: finishing this step (or evaluation batch), then {self.then}")
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:

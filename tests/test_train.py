@@ -2611,6 +2611,9 @@ def test_under_torchrun_the_stop_message_says_when_torchrun_kills(monkeypatch, c
     assert "SIGINT received: finishing this step" in err
     assert ("unless torchrun was started with a longer --shutdown-timeout, it kills the processes 30 s after" in err
             and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 torchrun" in err) == warned
+    GracefulStop(verbose=True).request(13, "stdout was closed")  # no signal reached torchrun: no deadline runs
+    assert capsys.readouterr().err == ("stdout was closed: finishing this step (or evaluation batch), then "
+                                       "saving checkpoint.pt\n")
 
 
 def test_processes_that_found_different_checkpoints_stop_with_a_reason():
