@@ -215,9 +215,14 @@ class GracefulStop:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        # under torchrun a peer that the same signal stopped in its setup, before it could agree on stopping,
+        # closes its connections, and this process's wait on it fails: the signal is the cause, not an error
+        if (self.signalled and isinstance(exc, RuntimeError) and torch.distributed.is_available()
+                and torch.distributed.is_initialized()):
+            raise SystemExit(128 + self.signum) from None
 
     @staticmethod
     def _say(message: str) -> None:

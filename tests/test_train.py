@@ -3438,6 +3438,26 @@ def test_a_stop_requested_after_a_signal_keeps_the_signal(capsys):
     assert capsys.readouterr().err.count("finishing this step") == 1
 
 
+def test_a_peer_gone_after_the_same_signal_ends_the_process_as_the_signal(monkeypatch):
+    """Under torchrun, Ctrl-C while rank 0 still sets up: it leaves at once, and rank 1, waiting on it
+    inside GracefulStop, sees the connection closed. That ends rank 1 as the signal does, without a traceback."""
+    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(SystemExit) as e:
+        with GracefulStop(verbose=False) as stop:
+            stop._handle(signal.SIGINT, None)
+            raise gone
+    assert e.value.code == 130
+    with pytest.raises(RuntimeError):  # without a signal it is an error, as it is outside torchrun
+        with GracefulStop(verbose=False) as stop:
+            raise gone
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError):
+        with GracefulStop(verbose=False) as stop:
+            stop._handle(signal.SIGINT, None)
+            raise gone
+
+
 def test_graceful_stop_gives_back_every_handler_it_took():
     """train() in a notebook or a sweep: after it returns, SIGHUP, SIGTERM and SIGINT do what they did before."""
     handler = lambda signum, frame: None  # noqa: E731
