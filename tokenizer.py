@@ -46,6 +46,8 @@ from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, output
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
 GPT2_VOCAB_SIZE, GPT2_EOT_TOKEN = 50257, 50256  # what OpenAI's GPT-2 reads: its ids and end-of-text's
+# sha256 of GPT-2's token_bytes() (each as a 4-byte little-endian length, then the bytes), known without tiktoken
+GPT2_TOKEN_BYTES_SHA256 = "a5623714bcf19049eb0fd78df19b6daa1e61ac435b86a5deae767768e7fcdc3d"
 # merged chunks are cached by encode_ordinary; the cache is emptied when it reaches this size
 CHUNK_CACHE_SIZE = 1 << 18
 # chunks of more bytes than this are merged with a heap (n log n) instead of repeated scans (n^2); the
@@ -71,6 +73,18 @@ class _ChunkReport:
         if time.time() - self.last >= REPORT_S:
             self.last = time.time()
             print(f"counting chunks: {pos / self.total:.0%} of the text, {self.last - self.t0:.1f}s", file=sys.stderr)
+
+
+def has_gpt2_ids(tokenizer: "Tokenizer") -> bool:
+    """Whether every id stands for the bytes it stands for in GPT-2, as it does in BPETokenizer.from_gpt2's
+    (kind 'bpe'): data in its ids can fine-tune OpenAI's GPT-2."""
+    import hashlib
+    if tokenizer.vocab_size != GPT2_VOCAB_SIZE:
+        return False
+    digest = hashlib.sha256()
+    for b in tokenizer.token_bytes():
+        digest.update(len(b).to_bytes(4, "little") + b)
+    return digest.hexdigest() == GPT2_TOKEN_BYTES_SHA256
 
 
 class TokenizerError(UserError, ValueError):
@@ -895,10 +909,11 @@ class BPETokenizer(Tokenizer):
         return self._id_bytes  # made anew by each train() or load, never changed in place
 
     def to_dict(self) -> dict:
+        # copies: a caller that edits the dict (to build a variant) must not change this tokenizer
         d = {"kind": "bpe", "pattern": self.pattern, "merge_rule": self.merge_rule,
-             "special_tokens": self.special_tokens}
+             "special_tokens": dict(self.special_tokens)}
         if not self._byte_identity:
-            d["byte_ids"] = self.byte_ids  # byte_ids[b] is the id of the single byte b (GPT-2 reorders them)
+            d["byte_ids"] = list(self.byte_ids)  # byte_ids[b] is the id of the single byte b (GPT-2 reorders them)
         d["merges"] = [list(pair) for pair in self.merges]  # merges[i] makes token 256 + i
         return d
 

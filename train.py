@@ -441,10 +441,13 @@ def saved_tokenizer(d: Optional[dict]) -> Optional[dict]:
 
 
 def check_gpt2_data(init_from: str, meta: dict, data_dir: str) -> None:
-    from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
-    # the kind too: a BPE trained with --vocab_size 50257 has GPT-2's size and end-of-text id, other text per id
-    if (meta.get("tokenizer") != "gpt2" or meta.get("vocab_size") != GPT2_VOCAB_SIZE
-            or meta.get("eot_token") != GPT2_EOT_TOKEN):
+    from data import load_data_tokenizer
+    from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE, has_gpt2_ids
+    # the ids' meaning too: a BPE trained with --vocab_size 50257 has GPT-2's size and end-of-text id, and
+    # other text per id; one made by BPETokenizer.from_gpt2 (without tiktoken) has GPT-2's
+    if (meta.get("vocab_size") != GPT2_VOCAB_SIZE or meta.get("eot_token") != GPT2_EOT_TOKEN
+            or meta.get("tokenizer") != "gpt2" and not (meta.get("tokenizer") == "bpe"
+                                                        and has_gpt2_ids(load_data_tokenizer(data_dir, meta)))):
         raise TrainingError(
             f"--init_from={init_from} fine-tunes OpenAI's GPT-2, which reads GPT-2 tokens (vocab 50257, "
             f"end-of-text 50256), but {data_dir} was prepared with the {meta.get('tokenizer')!r} tokenizer "

@@ -906,3 +906,14 @@ def test_gpt2_files_python_cannot_read_are_one_clear_error(tmp_path):
         (tmp_path / "encoder.json").write_text(bad, encoding="utf-8")
         with pytest.raises(TokenizerError, match="cannot read GPT-2's encoder.json / vocab.bpe"):
             BPETokenizer.from_gpt2(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_gpt2s_ids_are_known_by_their_bytes(gpt2_files):
+    from tokenizer import has_gpt2_ids
+    ours = BPETokenizer.from_gpt2(*gpt2_files)
+    assert has_gpt2_ids(GPT2Tokenizer()) and has_gpt2_ids(ours)
+    d = ours.to_dict()
+    d["byte_ids"][ord("a")], d["byte_ids"][ord("b")] = d["byte_ids"][ord("b")], d["byte_ids"][ord("a")]
+    assert not has_gpt2_ids(tokenizer_from_dict(d))  # "a" and "b" swapped, and every token made of them
+    assert has_gpt2_ids(ours)  # the dict was a copy
+    assert not has_gpt2_ids(CharTokenizer(list("ab")))

@@ -2971,12 +2971,29 @@ def test_fine_tuning_gpt2_needs_gpt2_tokens(char_data, tmp_path):
     (data / "meta.json").write_text(json.dumps({**meta, "eot_token": None}))
     with pytest.raises(TrainingError, match="end-of-text 50256"):
         train(tiny(data, tmp_path, init_from="gpt2"))
-    # nor is a BPE trained to GPT-2's size, end-of-text id included: its ids stand for other text
-    (data / "meta.json").write_text(json.dumps({**meta, "tokenizer": "bpe"}))
+    assert not tmp_path.joinpath("ckpt").exists()
+
+
+def test_fine_tuning_gpt2_takes_a_bpe_of_gpt2s_ids_only(gpt2_files, tmp_path):
+    """A BPE of GPT-2's size and end-of-text id whose ids stand for other bytes is refused; the one that
+    BPETokenizer.from_gpt2 makes of OpenAI's files (no tiktoken needed) has GPT-2's ids and is taken."""
+    from tokenizer import BPETokenizer, tokenizer_from_dict
+    ours = BPETokenizer.from_gpt2(*gpt2_files)
+    d = ours.to_dict()
+    d["byte_ids"][ord("a")], d["byte_ids"][ord("b")] = d["byte_ids"][ord("b")], d["byte_ids"][ord("a")]
+    other = tokenizer_from_dict(d)
+    assert (other.vocab_size, other.eot_token) == (50257, 50256)
+    GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50257)).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "toolkit_tokenizer.json").unlink(missing_ok=True)
+    text = " ".join(WORDS * 40)
+    data = write_data(tmp_path / "other", other, text)
     for init_from in ("gpt2", str(tmp_path / "hf")):
         with pytest.raises(TrainingError, match="GPT-2 tokens .* 'bpe' tokenizer"):
-            train(tiny(data, tmp_path, init_from=init_from))
-    assert not tmp_path.joinpath("ckpt").exists()
+            train(tiny(data, tmp_path / "a", init_from=init_from))
+    assert not tmp_path.joinpath("a", "ckpt").exists()
+    data = write_data(tmp_path / "gpt2ids", ours, text)
+    train(tiny(data, tmp_path / "b", init_from=str(tmp_path / "hf"), max_iters=1))
+    assert (tmp_path / "b" / "ckpt" / "final_checkpoint.pt").is_file()
 
 
 def test_a_train_checkpoint_as_init_from_is_named_so(char_data, tmp_path):
