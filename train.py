@@ -852,9 +852,11 @@ def check_same_start(starts: list, checkpoint_dir: str) -> None:
                           f"system), since only rank 0 writes checkpoints")
 
 
-# what may differ between machines: paths (a shared folder mounted elsewhere) and devices. The model
-# comes from rank 0 whatever init_from says (DDP copies its weights to the others)
-LOCAL_SETTINGS = ("data_dir", "checkpoint_dir", "log_dir", "device", "init_from")
+# what may differ between machines: paths (a shared folder mounted elsewhere), devices, and the settings that
+# only save memory, for GPUs with less of it. The model comes from rank 0 whatever init_from says (DDP
+# copies its weights to the others)
+LOCAL_SETTINGS = ("data_dir", "checkpoint_dir", "log_dir", "device", "init_from", "gradient_checkpointing",
+                  "loss_chunk_rows")
 
 
 def settings_of(config: GPT2Config, meta: dict) -> dict:
