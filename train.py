@@ -219,9 +219,11 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         # under torchrun a peer that the same signal stopped in its setup, before it could agree on stopping,
-        # closes its connections, and this process's wait on it fails: the signal is the cause, not an error
+        # closes its connections, and this process's wait on it fails: the signal is the cause, so one line
+        # says what failed instead of a traceback
         if (self.signalled and isinstance(exc, RuntimeError) and torch.distributed.is_available()
                 and torch.distributed.is_initialized()):
+            self._say(f"stopping after {signal.Signals(self.signum).name}: {str(exc).splitlines()[0][:200]}")
             raise SystemExit(128 + self.signum) from None
 
     @staticmethod
@@ -873,6 +875,7 @@ def check_same_settings(settings: list[dict]) -> None:
     differ = [k for k in settings[0] if any(s.get(k) != settings[0][k] for s in settings[1:])]
     if not differ:
         return
+
     def ranks(values: list) -> str:  # "0.0006 (ranks 0-7), 0.03 (ranks 8-15)"
         groups = {}
         for r, v in enumerate(values):

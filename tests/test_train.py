@@ -3456,7 +3456,7 @@ def test_a_stop_requested_after_a_signal_keeps_the_signal(capsys):
     assert capsys.readouterr().err.count("finishing this step") == 1
 
 
-def test_a_peer_gone_after_the_same_signal_ends_the_process_as_the_signal(monkeypatch):
+def test_a_peer_gone_after_the_same_signal_ends_the_process_as_the_signal(monkeypatch, capsys):
     """Under torchrun, Ctrl-C while rank 0 still sets up: it leaves at once, and rank 1, waiting on it
     inside GracefulStop, sees the connection closed. That ends rank 1 as the signal does, without a traceback."""
     gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
@@ -3466,6 +3466,7 @@ def test_a_peer_gone_after_the_same_signal_ends_the_process_as_the_signal(monkey
             stop._handle(signal.SIGINT, None)
             raise gone
     assert e.value.code == 130
+    assert capsys.readouterr().err == "stopping after SIGINT: " + str(gone) + "\n"  # one line, no traceback
     with pytest.raises(RuntimeError):  # without a signal it is an error, as it is outside torchrun
         with GracefulStop(verbose=False) as stop:
             raise gone
