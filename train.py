@@ -861,9 +861,13 @@ LOCAL_SETTINGS = ("data_dir", "checkpoint_dir", "log_dir", "device", "init_from"
                   "loss_chunk_rows")
 
 
-def settings_of(config: GPT2Config, meta: dict) -> dict:
-    """What must be the same in every process of a run: the settings and the data set's identity."""
+def settings_of(config: GPT2Config, meta: dict, dtype: Optional[torch.dtype] = None) -> dict:
+    """What must be the same in every process of a run: the settings and the data set's identity. dtype: the
+    one this process resolved (--dtype=auto picks float16 on GPUs without bfloat16, with a GradScaler that
+    would scale only their gradients)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in LOCAL_SETTINGS}
+    if dtype is not None:
+        settings["dtype in use"] = str(dtype).removeprefix("torch.")
     return {**settings, **{f"the data's {k}": meta.get(k) for k in
                            ("tokenizer", "vocab_size", "train_tokens", "val_tokens", "source_sha256")}}
 
@@ -882,9 +886,12 @@ def check_same_settings(settings: list[dict]) -> None:
             groups.setdefault(repr(v), []).append(r)
         return ", ".join(f"{v} (rank{'s' if len(rs) > 1 else ''} {rank_ranges(rs)})" for v, rs in groups.items())
     found = "; ".join(f"{k}: {ranks([s.get(k) for s in settings])}" for k in differ[:4])
+    how = "give every machine the same flags, config file and prepared data"
+    if "dtype in use" in differ and "dtype" not in differ:  # the same --dtype, resolved on other GPUs
+        how = ("--dtype=auto chose by GPU, and the GPUs differ: give --dtype=float16 (or float32) on every "
+               "machine, since only some of the GPUs compute in bfloat16")
     raise ConfigError(f"the processes were started with different settings ({found}"
-                      f"{'; ...' if len(differ) > 4 else ''}): give every machine the same flags, config file "
-                      f"and prepared data")
+                      f"{'; ...' if len(differ) > 4 else ''}): {how}")
 
 
 def rank_ranges(ranks: list[int]) -> str:
@@ -946,7 +953,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     meta = load_meta(config.data_dir)
     if world_size > 1:  # each machine's command was typed, and its data prepared, on its own
         settings = [None] * world_size
-        torch.distributed.all_gather_object(settings, settings_of(config, meta))
+        torch.distributed.all_gather_object(settings, settings_of(config, meta, dtype))
         check_same_settings(settings)
     tokenizer = load_data_tokenizer(config.data_dir, meta)
     if ckpt is not None:

@@ -2638,6 +2638,15 @@ def test_processes_started_with_other_settings_stop_with_the_differences():
                                           r"the data's train_tokens: 900 \(ranks 0-2, 4\), 800 \(rank 3\)\): give"):
         check_same_settings([same, same, same, other, same])
     assert rank_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    # --dtype=auto on an H100 and on a V100: bfloat16 against float16 with a GradScaler scaling half the gradients
+    with pytest.raises(ConfigError, match=r"dtype in use: 'bfloat16' \(rank 0\), 'float16' \(rank 1\)\): "
+                                          r"--dtype=auto chose by GPU, and the GPUs differ: give --dtype=float16"):
+        check_same_settings([settings_of(GPT2Config(), meta, torch.bfloat16),
+                             settings_of(GPT2Config(), meta, torch.float16)])
+    with pytest.raises(ConfigError, match=r"dtype: 'bfloat16' \(rank 0\), 'float16' \(rank 1\); dtype in use: .*: give "
+                                          r"every machine the same flags"):  # typed so
+        check_same_settings([settings_of(GPT2Config(dtype="bfloat16"), meta, torch.bfloat16),
+                             settings_of(GPT2Config(dtype="float16"), meta, torch.float16)])
 
 
 def test_two_machines_given_other_flags_stop_before_training(char_data, tmp_path):
