@@ -68,9 +68,9 @@ import utils
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
                        Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
-from utils import (ArgumentParser, Progress, UserError, atomic_open, become_pool_worker, folder_lock, folder_problem,
-                   lock_holder, missing_folders, path_arg, remove_empty_folders, remove_unfinished_writes, run_cli,
-                   start_process_helpers, stop_signals_raise)
+from utils import (ArgumentParser, HeldSignals, Progress, UserError, atomic_open, become_pool_worker, folder_lock,
+                   folder_problem, lock_holder, missing_folders, path_arg, remove_empty_folders,
+                   remove_unfinished_writes, run_cli, start_process_helpers, stop_signals_raise)
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -867,6 +867,9 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
+            # entered first, so left last: from the first rename below until every file is in place and settled
+            held = stack.enter_context(HeldSignals("the signal came while the finished data set was put in "
+                                                   "place; it is complete and kept"))
             if claimed is None and not stack.enter_context(folder_lock(out_dir)):
                 made = []  # the other run's folders, not this one's
                 raise busy(out_dir)
@@ -919,6 +922,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                 os.fsync(f.fileno())
             # until the new meta.json lands the folder holds no complete data set: the old meta.json
             # steps aside, and comes back if no .bin file was replaced after all
+            held.hold()  # a signal now would leave neither data set whole
             bins_before = _identities(out_dir)
             if (out_dir / "meta.json").exists():
                 os.replace(out_dir / "meta.json", retired)

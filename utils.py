@@ -163,6 +163,34 @@ def become_pool_worker() -> None:
     exit_with_parent()
 
 
+class HeldSignals:
+    """From hold() to the end of the with block, Ctrl-C, SIGTERM and SIGHUP wait: files renamed into place
+    together are not cut between two renames. A signal that came is raised again as the block ends, to the
+    handlers that were there; `note` is printed then if the block itself succeeded."""
+
+    def __init__(self, note: str = ""):
+        self.note, self.held, self._previous = note, [], {}
+
+    def __enter__(self) -> "HeldSignals":
+        return self
+
+    def hold(self) -> None:
+        import signal
+        if threading.current_thread() is threading.main_thread():  # handlers are the main thread's to set
+            self._previous = {sig: signal.signal(sig, lambda signum, frame: self.held.append(signum))
+                              for sig in (signal.SIGINT, *stop_signals())}
+
+    def __exit__(self, exc_type, *exc) -> None:
+        import signal
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        if self.held:
+            if exc_type is None and self.note:
+                print(f"note: {self.note}", file=sys.stderr)
+            signal.raise_signal(self.held[0])
+
+
 def stop_signals() -> list[int]:
     """The signals besides Ctrl-C that a long run turns into a clean stop: SIGTERM (kill, a scheduler) and
     SIGHUP (the terminal closed, the SSH connection dropped), which otherwise kill at once. SIGHUP only where

@@ -2486,3 +2486,31 @@ def test_damaged_utf8_in_a_later_json_lines_unit_gets_the_damaged_bytes_hint(tmp
                                             r"UTF-8, so the file has damaged bytes"):
             prepare_documents(tmp_path / f"o{unit_bytes}", str(tmp_path / "docs.jsonl"), hf_name="",
                               val_fraction=0.25, num_proc=1, command="t", unit_bytes=unit_bytes)
+
+
+@pytest.mark.parametrize("after", ["val.bin", "train.bin", "tokenizer.json"])
+def test_a_signal_while_the_files_are_put_in_place_leaves_the_new_data_set_whole(shakespeare_text, tmp_path, monkeypatch,
+                                                                                 capsys, after):
+    """The renames of the finished files land together: SIGTERM between two of them is raised after the last."""
+    import utils
+    src = tmp_path / "t.txt"
+    src.write_text(shakespeare_text[:20_000])
+    out = tmp_path / "out"
+    prepare_text(out, [src], dataset="custom", tokenizer="char", vocab_size=None, val_fraction=0.1,
+                 num_proc=1, command="first run")
+    real = utils._rename_over
+
+    def rename_then_signal(tmp, path):
+        real(tmp, path)
+        if Path(path).name == after:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(utils, "_rename_over", rename_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_data.sigterm_as_interrupt():
+            prepare_text(out, [src], dataset="custom", tokenizer="char", vocab_size=None, val_fraction=0.2,
+                         num_proc=1, command="second run")
+    meta = load_meta(out)  # the second run's, whole: its meta.json landed too
+    assert (meta["command"], meta["val_tokens"]) == ("second run", 4000)
+    assert np.fromfile(out / "val.bin", np.uint16).size == 4000 and not (out / ".meta.json.replaced").exists()
+    assert "note: the signal came while the finished data set was put in place; it is complete and kept" in \
+        capsys.readouterr().err
