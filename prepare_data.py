@@ -83,6 +83,8 @@ DOC_SUFFIXES = (".jsonl", ".txt", ".parquet")  # local files --dataset openwebte
 # set's meta.json, a Hugging Face download's dataset_info.json)
 DOC_FILE_SUFFIXES = (*DOC_SUFFIXES, ".json")
 DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")  # what write_dataset puts in out_dir
+# .json files a folder of documents holds that are no documents: a data set's own, a Hugging Face download's
+NOT_DOCUMENTS = ("tokenizer.json", "meta.json", "dataset_info.json", "dataset_dict.json", "state.json")
 # A safe cut is a point in UTF-8 text just before a space or newline that follows a character that is
 # not whitespace: no pre-token of GPT-2's pattern crosses it (words, numbers and symbols stop at
 # whitespace, and a whitespace run starting there is matched the same way with or without the text
@@ -130,23 +132,38 @@ def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str,
                                else "; a pipe is read by --dataset custom only, so save it as a .jsonl file"
                                if not path.is_file() else ""))
         return [path]
-    files, compressed, broken = [], [], []
+    files, compressed, broken, json_files, others = [], [], [], [], {}
     for p in _walk(path):
         suffix = p.suffix.lower()  # .TXT as well as .txt: Windows names files in either case
         if suffix in suffixes and p.is_file():
             files.append(p)
         elif suffix in suffixes and p.is_symlink() and not p.exists():
             broken.append(p)
-        elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in suffixes:  # shard.jsonl.gz
+        elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in (*suffixes, ".json"):  # shard.jsonl.gz
             compressed.append(p)
-    hint = (f"; it holds {len(compressed)} compressed file(s) such as {compressed[0].name}, which must be "
-            f"decompressed first" if compressed else "")
+        elif p.name in NOT_DOCUMENTS:
+            continue
+        elif suffix == ".json" and ".jsonl" in suffixes:
+            json_files.append(p)  # C4's shards, decompressed, are JSON Lines named .json
+        else:
+            others[suffix or "suffix-less"] = others.get(suffix or "suffix-less", 0) + 1
+    json_why = ("a folder's .json files are not read (Hugging Face downloads keep their metadata in them); "
+                "rename those that hold JSON Lines documents to .jsonl")
     if not files:
-        raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files{hint}; pass a file or "
-                        f"another folder")
+        held = [f"{len(compressed)} compressed file(s) such as {compressed[0].name}, which must be decompressed "
+                f"first"] if compressed else []
+        held += [f"{len(json_files)} .json file(s) such as {json_files[0].name}: {json_why}"] if json_files else []
+        held += [f"{n} {s} file(s)" + (" (compressed or archived: extract them first)"
+                                       if s in (*COMPRESSED, ".tar", ".tgz") else "")
+                 for s, n in sorted(others.items(), key=lambda item: -item[1])[:3]]
+        raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files"
+                        f"{'; it holds ' + '; '.join(held) if held else ''}; pass a file or another folder")
     if compressed:
         print(f"note: {len(compressed)} compressed file(s) under {path} are left out, such as {compressed[0].name}: "
               f"decompress them to read them", file=sys.stderr)
+    if json_files:
+        print(f"note: {len(json_files)} .json file(s) under {path} are left out, such as {json_files[0].name}: "
+              f"{json_why}", file=sys.stderr)
     if broken:
         print(f"note: {len(broken)} link(s) under {path} point to nothing and are left out, such as {broken[0]}",
               file=sys.stderr)

@@ -1694,8 +1694,34 @@ def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp
         f"note: 1 link(s) under {docs} point to nothing and are left out, such as {docs / 'c.txt'}"]
     (docs / "a.jsonl").unlink()
     with pytest.raises(DataError, match=r"holds no .jsonl/.txt/.parquet files; it holds 1 compressed file\(s\) such "
-                                        r"as b.jsonl.gz, which must be decompressed first; pass a file"):
+                                        r"as b.jsonl.gz, which must be decompressed first; 1 .gz file\(s\) \(compressed "
+                                        r"or archived: extract them first\); pass a file"):
         prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
+
+
+def test_a_folders_json_files_are_named_when_left_out(tmp_path, capsys):
+    """C4's shards, decompressed, are JSON Lines named .json; a Hugging Face download's metadata is .json too."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "c4-train.00000-of-01024.json").write_text('{"text": "x"}\n')
+    for name in ("dataset_info.json", "state.json", "meta.json", "tokenizer.json"):  # no documents: no word of them
+        (docs / name).write_text("{}")
+    with pytest.raises(DataError, match=r"holds no .jsonl/.txt/.parquet files; it holds 1 .json file\(s\) such as "
+                                        r"c4-train.00000-of-01024.json: a folder's .json files are not read .*rename "
+                                        r"those that hold JSON Lines documents to .jsonl; pass a file"):
+        prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
+    (docs / "a.jsonl").write_text('{"text": "x"}\n')
+    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES) == [docs / "a.jsonl"]
+    assert capsys.readouterr().err == (f"note: 1 .json file(s) under {docs} are left out, such as "
+                                       f"c4-train.00000-of-01024.json: a folder's .json files are not read (Hugging "
+                                       f"Face downloads keep their metadata in them); rename those that hold JSON "
+                                       f"Lines documents to .jsonl\n")
+    for i in range(3):
+        (tmp_path / "owt" / f"urlsf_subset0{i}-1_data.xz").parent.mkdir(exist_ok=True)
+        (tmp_path / "owt" / f"urlsf_subset0{i}-1_data.xz").write_bytes(b"\xfd7zXZ")
+    with pytest.raises(DataError, match=r"holds no .jsonl/.txt/.parquet files; it holds 3 .xz file\(s\) \(compressed "
+                                        r"or archived: extract them first\); pass a file"):
+        prepare_data.input_files(tmp_path / "owt", prepare_data.DOC_SUFFIXES)
 
 
 @pytest.mark.parametrize("dataset, name", [("custom", "a.txt"), ("openwebtext", "a.txt"), ("openwebtext", "a.jsonl")])
