@@ -368,7 +368,7 @@ def test_batch_equals_each_prompt_alone():
     assert len(set(batch)) == len(batch) and all(len(t) == GREEDY.max_new_tokens for t in batch)
 
 
-@pytest.mark.parametrize("window", [None, 5, 16])
+@pytest.mark.parametrize("window", [None, 1, 2, 5, 16])
 def test_batch_equals_each_prompt_alone_when_the_text_outgrows_the_block(window):
     tok = char_tokenizer()
     model = tiny_model(tok.vocab_size, block_size=16)
@@ -394,6 +394,26 @@ def test_rows_of_different_lengths_outgrowing_the_block_are_not_all_computed_aga
     assert batch == [greedy_ids(gen, [p], 60)[0] for p in prompts]
     padding = len(prompts) * 10 - sum(map(len, prompts))  # of the first prefill, the one place rows pay for others
     assert in_batch <= sum(fed) + padding  # (each prefilled again at every cut: 1,400 more)
+
+
+def test_a_partial_rebuild_leaves_the_cache_as_decode_made_it_and_zeroes_the_slots_to_come(monkeypatch):
+    tok = char_tokenizer()
+    model = tiny_model(tok.vocab_size, block_size=16)
+    gen = Generator(model, window=5)
+    prompts = [tok.encode("the quick brow"), tok.encode("a")]  # cut at different steps: partial rebuilds
+    zeroed, fill = [], gen._fill
+
+    def checked_fill(at, tokens, end):  # the slots past the moved rows are zero (a static step reads them)
+        zeroed.append(all(bool((buf[:, :, end:] == 0).all()) for block in model.transformer.h
+                          for buf in (block.attn.kv_cache.k, block.attn.kv_cache.v)))
+        return fill(at, tokens, end)
+    monkeypatch.setattr(gen, "_fill", checked_fill)
+    greedy_ids(gen, prompts, 40)
+    assert zeroed and all(zeroed)
+    cache = model.transformer.h[0].attn.kv_cache
+    assert model.kv_cache_shape == (2, 16) and cache is gen._cache  # the temporary cache is gone
+    greedy_ids(gen, prompts, 40)
+    assert model.transformer.h[0].attn.kv_cache is cache  # reused, not made again (nor a CUDA graph captured)
 
 
 def test_zero_new_tokens_yield_nothing():

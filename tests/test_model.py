@@ -728,6 +728,17 @@ def test_an_export_leaves_no_file_of_the_folders_earlier_model(tmp_path, monkeyp
     (mine / ".pytorch_model.bin.x1.tmp").write_bytes(b"a killed export's weights")  # then it was an export
     new.save_pretrained(mine)
     assert sorted(p.name for p in mine.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    for i, earlier in enumerate(("model-00001-of-00002.safetensors", "toolkit_tokenizer.json")):  # an export's too
+        folder = tmp_path / f"earlier{i}"
+        folder.mkdir()
+        (folder / earlier).write_text("old")
+        (folder / "tokenizer.json").write_text("old")
+        new.save_pretrained(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "generation_config.json").write_text("{}")
+    with pytest.raises(CheckpointFormatError, match="holds generation_config.json but no exported model"):
+        new.save_pretrained(tmp_path / "gen")
 
 
 def test_an_export_with_a_tokenizer_larger_than_the_model_is_refused(tmp_path):

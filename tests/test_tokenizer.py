@@ -915,5 +915,6 @@ def test_gpt2s_ids_are_known_by_their_bytes(gpt2_files):
     d = ours.to_dict()
     d["byte_ids"][ord("a")], d["byte_ids"][ord("b")] = d["byte_ids"][ord("b")], d["byte_ids"][ord("a")]
     assert not has_gpt2_ids(tokenizer_from_dict(d))  # "a" and "b" swapped, and every token made of them
-    assert has_gpt2_ids(ours)  # the dict was a copy
+    d["special_tokens"]["<|pad|>"] = 50257
+    assert has_gpt2_ids(ours) and ours.special_tokens == {EOT: 50256}  # the dict was a copy
     assert not has_gpt2_ids(CharTokenizer(list("ab")))

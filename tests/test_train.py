@@ -2638,6 +2638,16 @@ def test_processes_started_with_other_settings_stop_with_the_differences():
                                           r"the data's train_tokens: 900 \(ranks 0-2, 4\), 800 \(rank 3\)\): give"):
         check_same_settings([same, same, same, other, same])
     assert rank_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    check_same_settings([settings_of(GPT2Config(log_dir="/mnt/runs", init_from="/mnt/hf"), meta),
+                         settings_of(GPT2Config(log_dir="/nfs/runs", init_from="/nfs/hf"), meta)])
+    with pytest.raises(ConfigError, match=r"the data's source_sha256: 'ab' \(rank 0\), 'cd' \(rank 1\)\)"):
+        check_same_settings([same, settings_of(GPT2Config(), {**meta, "source_sha256": "cd"})])
+    four = settings_of(GPT2Config(learning_rate=1.0, max_iters=1, batch_size=1, n_layer=1), meta)
+    five = settings_of(GPT2Config(learning_rate=1.0, max_iters=1, batch_size=1, n_layer=1, n_head=1), meta)
+    for other, more in ((four, False), (five, True)):  # at most four named, then "..."
+        with pytest.raises(ConfigError) as e:
+            check_same_settings([settings_of(GPT2Config(), meta), other])
+        assert str(e.value).count("(rank 1)") == 4 and ("; ...)" in str(e.value)) == more
     # --dtype=auto on an H100 and on a V100: bfloat16 against float16 with a GradScaler scaling half the gradients
     with pytest.raises(ConfigError, match=r"dtype in use: 'bfloat16' \(rank 0\), 'float16' \(rank 1\)\): "
                                           r"--dtype=auto chose by GPU, and the GPUs differ: give --dtype=float16"):
@@ -3468,14 +3478,24 @@ def test_a_stop_requested_after_a_signal_keeps_the_signal(capsys):
 def test_a_peer_gone_after_the_same_signal_ends_the_process_as_the_signal(monkeypatch, capsys):
     """Under torchrun, Ctrl-C while rank 0 still sets up: it leaves at once, and rank 1, waiting on it
     inside GracefulStop, sees the connection closed. That ends rank 1 as the signal does, without a traceback."""
-    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer")
+    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer\nmore")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    with pytest.raises(SystemExit) as e:
+    mine = lambda signum, frame: None  # noqa: E731
+    before = signal.signal(signal.SIGINT, mine)
+    try:
+        with pytest.raises(SystemExit) as e:
+            with GracefulStop(verbose=False) as stop:
+                stop._handle(signal.SIGINT, None)
+                raise gone
+        assert signal.getsignal(signal.SIGINT) is mine  # given back on this way out too
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "stopping after SIGINT: " + str(gone).splitlines()[0] + "\n"  # one line
+    with pytest.raises(ValueError):  # a bug after the signal is no peer gone
         with GracefulStop(verbose=False) as stop:
             stop._handle(signal.SIGINT, None)
-            raise gone
-    assert e.value.code == 130
-    assert capsys.readouterr().err == "stopping after SIGINT: " + str(gone) + "\n"  # one line, no traceback
+            raise ValueError("a bug")
     with pytest.raises(RuntimeError):  # without a signal it is an error, as it is outside torchrun
         with GracefulStop(verbose=False) as stop:
             raise gone
