@@ -133,25 +133,28 @@ def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str,
                                if not path.is_file() else ""))
         return [path]
     files, compressed, broken, json_files, others = [], [], [], [], {}
+    # JSON Lines named .json (C4's shards) may lie in a folder read for .jsonl documents: named when left out
+    as_json = (".json",) if ".jsonl" in suffixes else ()
     for p in _walk(path):
         suffix = p.suffix.lower()  # .TXT as well as .txt: Windows names files in either case
         if suffix in suffixes and p.is_file():
             files.append(p)
         elif suffix in suffixes and p.is_symlink() and not p.exists():
             broken.append(p)
-        elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in (*suffixes, ".json"):  # shard.jsonl.gz
-            compressed.append(p)
+        elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in (*suffixes, *as_json):
+            compressed.append(p)  # shard.jsonl.gz
         elif p.name in NOT_DOCUMENTS:
             continue
-        elif suffix == ".json" and ".jsonl" in suffixes:
+        elif suffix in as_json:
             json_files.append(p)  # C4's shards, decompressed, are JSON Lines named .json
         else:
             others[suffix or "suffix-less"] = others.get(suffix or "suffix-less", 0) + 1
+    unpack = "decompress them" + (" and name them .jsonl" if any(
+        Path(p.stem).suffix.lower() == ".json" for p in compressed) else "")  # C4's shards: .json.gz
     json_why = ("a folder's .json files are not read (Hugging Face downloads keep their metadata in them); "
                 "rename those that hold JSON Lines documents to .jsonl")
     if not files:
-        held = [f"{len(compressed)} compressed file(s) such as {compressed[0].name}, which must be decompressed "
-                f"first"] if compressed else []
+        held = [f"{len(compressed)} compressed file(s) such as {compressed[0].name}: {unpack} first"] if compressed else []
         held += [f"{len(json_files)} .json file(s) such as {json_files[0].name}: {json_why}"] if json_files else []
         held += [f"{n} {s} file(s)" + (" (compressed or archived: extract them first)"
                                        if s in (*COMPRESSED, ".tar", ".tgz") else "")
@@ -160,7 +163,7 @@ def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str,
                         f"{'; it holds ' + '; '.join(held) if held else ''}; pass a file or another folder")
     if compressed:
         print(f"note: {len(compressed)} compressed file(s) under {path} are left out, such as {compressed[0].name}: "
-              f"decompress them to read them", file=sys.stderr)
+              f"{unpack} to read them", file=sys.stderr)
     if json_files:
         print(f"note: {len(json_files)} .json file(s) under {path} are left out, such as {json_files[0].name}: "
               f"{json_why}", file=sys.stderr)

@@ -176,9 +176,13 @@ class HeldSignals:
 
     def hold(self) -> None:
         import signal
-        if threading.current_thread() is threading.main_thread():  # handlers are the main thread's to set
-            self._previous = {sig: signal.signal(sig, lambda signum, frame: self.held.append(signum))
-                              for sig in (signal.SIGINT, *stop_signals())}
+        if self._previous or threading.current_thread() is not threading.main_thread():  # the main thread's to set
+            return
+        for sig in (signal.SIGINT, *stop_signals()):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job's Ctrl-C stays ignored
+                # recorded one by one: a signal between two of these still finds each handler given back
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, lambda signum, frame: self.held.append(signum))
 
     def __exit__(self, exc_type, *exc) -> None:
         import signal

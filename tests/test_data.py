@@ -1694,7 +1694,7 @@ def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp
         f"note: 1 link(s) under {docs} point to nothing and are left out, such as {docs / 'c.txt'}"]
     (docs / "a.jsonl").unlink()
     with pytest.raises(DataError, match=r"holds no .jsonl/.txt/.parquet files; it holds 1 compressed file\(s\) such "
-                                        r"as b.jsonl.gz, which must be decompressed first; 1 .gz file\(s\) \(compressed "
+                                        r"as b.jsonl.gz: decompress them first; 1 .gz file\(s\) \(compressed "
                                         r"or archived: extract them first\); pass a file"):
         prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
 
@@ -1716,6 +1716,13 @@ def test_a_folders_json_files_are_named_when_left_out(tmp_path, capsys):
                                        f"c4-train.00000-of-01024.json: a folder's .json files are not read (Hugging "
                                        f"Face downloads keep their metadata in them); rename those that hold JSON "
                                        f"Lines documents to .jsonl\n")
+    (docs / "c4-train.00001-of-01024.json.gz").write_bytes(b"\x1f\x8b")  # as C4 comes: decompressed, still .json
+    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES) == [docs / "a.jsonl"]
+    assert "such as c4-train.00001-of-01024.json.gz: decompress them and name them .jsonl to read them" in \
+        capsys.readouterr().err
+    with pytest.raises(DataError) as e:  # --dataset custom reads .txt alone: no shard advice
+        prepare_data.input_files(docs, (".txt",))
+    assert "compressed file(s) such as" not in str(e.value) and ".json file(s) such as" not in str(e.value)
     for i in range(3):
         (tmp_path / "owt" / f"urlsf_subset0{i}-1_data.xz").parent.mkdir(exist_ok=True)
         (tmp_path / "owt" / f"urlsf_subset0{i}-1_data.xz").write_bytes(b"\xfd7zXZ")
@@ -2540,3 +2547,23 @@ def test_a_signal_while_the_files_are_put_in_place_leaves_the_new_data_set_whole
     assert np.fromfile(out / "val.bin", np.uint16).size == 4000 and not (out / ".meta.json.replaced").exists()
     assert "note: the signal came while the finished data set was put in place; it is complete and kept" in \
         capsys.readouterr().err
+
+
+def test_held_signals_leave_an_ignored_signal_ignored_and_give_back_the_first_handlers(capsys):
+    import utils
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job (`cmd &`) in a script
+    try:
+        with prepare_data.sigterm_as_interrupt():
+            term = signal.getsignal(signal.SIGTERM)
+            with pytest.raises(KeyboardInterrupt):
+                with utils.HeldSignals("kept") as held:
+                    held.hold()
+                    held.hold()  # twice: what is given back is still what was there before the first
+                    os.kill(os.getpid(), signal.SIGINT)  # ignored: not held, no note of it
+                    os.kill(os.getpid(), signal.SIGTERM)  # held, then raised: the run still stops
+                    time.sleep(0.01)
+            assert held.held == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is term
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert capsys.readouterr().err == "note: kept\n"
+    finally:
+        signal.signal(signal.SIGINT, before)
