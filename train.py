@@ -223,7 +223,8 @@ class GracefulStop:
         # says what failed instead of a traceback
         if (self.signalled and isinstance(exc, RuntimeError) and torch.distributed.is_available()
                 and torch.distributed.is_initialized()):
-            self._say(f"stopping after {signal.Signals(self.signum).name}: {str(exc).splitlines()[0][:200]}")
+            what = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            self._say(f"stopping after {signal.Signals(self.signum).name}: {what}")
             raise SystemExit(128 + self.signum) from None
 
     @staticmethod

@@ -3496,6 +3496,11 @@ def test_a_peer_gone_after_the_same_signal_ends_the_process_as_the_signal(monkey
         with GracefulStop(verbose=False) as stop:
             stop._handle(signal.SIGINT, None)
             raise ValueError("a bug")
+    with pytest.raises(SystemExit):
+        with GracefulStop(verbose=False) as stop:
+            stop._handle(signal.SIGTERM, None)
+            raise RuntimeError()  # without a message
+    assert capsys.readouterr().err == "stopping after SIGTERM: RuntimeError\n"
     with pytest.raises(RuntimeError):  # without a signal it is an error, as it is outside torchrun
         with GracefulStop(verbose=False) as stop:
             raise gone
