@@ -31,11 +31,13 @@ is bound by memory bandwidth, the Linear layers are set up to stream their weigh
 
 Sampling: top-k (on the raw logits), then temperature, then nucleus (top-p, Holtzman et al. 2019) filtering;
 temperature 0 is greedy argmax decoding and matches transformers' GPT2LMHeadModel.generate(do_sample=False).
+With utf8_only, tokens that would leave the text invalid UTF-8 are masked first (utf8_after).
 """
 import argparse
 import codecs
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import shlex
@@ -82,6 +84,7 @@ class SamplingSettings:
     top_p: float = 1.0  # sample among the fewest tokens holding this much probability; 1 disables
     seed: Optional[int] = None  # the same seed gives the same text; None draws a fresh one each time
     stop: Optional[str] = None  # end the text where this string appears (the string is not kept)
+    utf8_only: bool = False  # draw only tokens after which the text can still be valid UTF-8 (see utf8_after)
 
     def validate(self) -> "SamplingSettings":
         """Raise one GenerationError listing every bad value, or return self."""
@@ -107,6 +110,8 @@ class SamplingSettings:
             problems.append(f"seed must be an integer from -2**63 to 2**64 - 1, or None, got {self.seed!r}")
         if self.stop is not None and (not isinstance(self.stop, str) or not self.stop):
             problems.append(f"stop must be a non-empty string or None, got {self.stop!r}")
+        if not isinstance(self.utf8_only, bool):
+            problems.append(f"utf8_only must be True or False, got {self.utf8_only!r}")
         if problems:
             raise GenerationError("invalid sampling settings: " + "; ".join(problems))
         return self
@@ -160,6 +165,63 @@ def sample_logits(logits: torch.Tensor, temperature: float, top_k: Optional[int]
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------- valid UTF-8
+
+
+# UTF-8's validating automaton over bytes. State 0 lies between characters; 1, 2, 3: that many continuation
+# bytes are still due; 4-7: the second byte of a character led by E0, ED, F0 or F4, whose range is narrower
+# (no overlong forms, no surrogates, nothing past U+10FFFF); UTF8_INVALID: the bytes cannot be UTF-8
+UTF8_INVALID = 8
+
+
+@functools.lru_cache(maxsize=1)
+def utf8_automaton() -> torch.Tensor:
+    """(9, 256): the state after each byte, from each state."""
+    t = torch.full((9, 256), UTF8_INVALID, dtype=torch.long)
+    t[0, :0x80] = 0
+    t[0, 0xC2:0xE0] = 1
+    t[0, 0xE0], t[0, 0xE1:0xED], t[0, 0xED], t[0, 0xEE:0xF0] = 4, 2, 5, 2
+    t[0, 0xF0], t[0, 0xF1:0xF4], t[0, 0xF4] = 6, 3, 7
+    t[1, 0x80:0xC0], t[2, 0x80:0xC0], t[3, 0x80:0xC0] = 0, 1, 2
+    t[4, 0xA0:0xC0], t[5, 0x80:0xA0], t[6, 0x90:0xC0], t[7, 0x80:0x90] = 1, 1, 2, 2
+    return t
+
+
+@functools.lru_cache(maxsize=4)
+def utf8_after(tokenizer) -> torch.Tensor:
+    """(8, vocab_size): the automaton's state after each token's bytes, from each of the states 0-7.
+
+    A byte-level model can begin a character with one token and go on with a token that does not finish
+    it: the text then shows U+FFFD. Sampling with utf8_only draws only tokens whose state here is not
+    UTF8_INVALID, so every character the model begins can still be finished."""
+    token_bytes = tokenizer.token_bytes()
+    lengths = torch.tensor([len(b) for b in token_bytes], dtype=torch.long)
+    states = torch.arange(8).repeat(len(token_bytes), 1).T.contiguous()  # (8, V): each token from each state
+    if not token_bytes or int(lengths.max()) == 0:
+        return states
+    flat = torch.frombuffer(bytearray(b"".join(token_bytes)), dtype=torch.uint8).long()
+    rows = torch.repeat_interleave(torch.arange(len(token_bytes)), lengths)
+    cols = torch.arange(len(flat)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    data = torch.zeros(len(token_bytes), int(lengths.max()), dtype=torch.long)
+    data[rows, cols] = flat  # (V, longest token): each token's bytes, from the left
+    automaton = utf8_automaton()
+    for j in range(data.shape[1]):  # all tokens at once, byte by byte
+        live = lengths > j
+        states[:, live] = automaton[states[:, live], data[live, j]]
+    return states
+
+
+def utf8_state(data: bytes) -> int:
+    """The automaton's state after data; after bytes that are not UTF-8 it starts again, as a decoder does."""
+    table, state = utf8_automaton().tolist(), 0
+    for b in data:
+        state = table[state][b]
+        if state == UTF8_INVALID:
+            state = table[0][b]
+            state = 0 if state == UTF8_INVALID else state
+    return state
 
 
 # ---------------------------------------------------------------------------- token-level decoding
@@ -602,6 +664,9 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     # writes what transformers writes), and the other rows leave out that step's token
     extra = 1 if any(healed) else 0
     first = [bool(extra)]  # the first step of a healed batch: only tokens that begin with the healed bytes
+    if settings.utf8_only:  # each row's state in UTF-8's automaton after its prompt (healed: maybe mid-character)
+        after = utf8_after(tokenizer).to(gen.device)
+        utf8 = [torch.tensor([utf8_state(tokenizer.decode_bytes(row)) for row in ids], device=gen.device)]
 
     def sample(logits):
         # a model may have more outputs than its tokenizer has tokens (data.check_vocab allows it); ids
@@ -620,7 +685,15 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
                     allowed[row] = False
                     allowed[row, healing_tokens(tokenizer, tokenizer.decode_bytes(ids[row][-3:]), h)] = True
             logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        if settings.utf8_only:
+            masked = logits.masked_fill(after[utf8[0]] == UTF8_INVALID, float("-inf"))
+            # a row left without a finite logit (a tokenizer lacking the bytes that finish a character) goes on
+            # unmasked: sampling from nothing would fail
+            logits = torch.where(torch.isfinite(masked).any(dim=-1, keepdim=True), masked, logits)
         drawn = sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
+        if settings.utf8_only:
+            utf8[0] = after[utf8[0], drawn]
+            utf8[0] = torch.where(utf8[0] == UTF8_INVALID, 0, utf8[0])  # (from an unmasked row) starts again
         return torch.where(finite, drawn, -1)
 
     try:
@@ -769,7 +842,7 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
                    checkpoint_dir: str = "checkpoints", compile: bool = False, **sampling) -> list[str]:
     """Generate for every prompt, batch_size prompts at a time; return prompt + continuation for each.
 
-    sampling: the SamplingSettings fields (max_new_tokens, temperature, top_k, top_p, seed, stop).
+    sampling: the SamplingSettings fields (max_new_tokens, temperature, top_k, top_p, seed, stop, utf8_only).
     output_file (None: not written) receives each prompt and its text, written atomically.
     """
     given = prompts
@@ -893,6 +966,7 @@ Type a prompt and press Enter to continue it. Commands, between prompts:
   :max_new_tokens N  length of each continuation
   :seed N            fixed seed: the same prompt gives the same text; 'none' draws fresh ones
   :stop STRING       end the text where STRING appears, spaces included (\\n is a newline); 'none' disables
+  :utf8_only on|off  draw only tokens that keep the text valid UTF-8 (no U+FFFD from half characters)
   :settings          show the current settings
   :help              this list
   :quit              exit ({EOF_KEYS} does too)
@@ -909,8 +983,14 @@ def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def _on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off"):
+        raise ValueError("give on or off")
+    return text.lower() == "on"
+
+
 SETTING_PARSERS = {"max_new_tokens": int, "temperature": float, "top_k": _optional(int), "top_p": float,
-                   "seed": _optional(int), "stop": _optional(_unescape)}
+                   "seed": _optional(int), "stop": _optional(_unescape), "utf8_only": _on_off}
 
 
 def _run_command(line: str, settings: SamplingSettings, out) -> bool:
@@ -1042,6 +1122,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="the same seed gives the same text (with the same --num_samples and --batch_size); unset "
                         "draws a random one")
     s.add_argument("--stop", default=None, help="end each text where this string appears (\\n is a newline)")
+    s.add_argument("--utf8_only", action="store_true",
+                   help="draw only tokens that keep the text valid UTF-8: a byte-level model (bpe, gpt2) can begin "
+                        "a character and not finish it, shown as U+FFFD")
     s.add_argument("--interactive", action="store_true", help="prompt loop with streaming output; :help inside")
     sys_ = p.add_argument_group("system")
     sys_.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -1071,7 +1154,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = get_parser().parse_args(argv)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, seed=args.seed,
-                                stop=None if args.stop is None else _unescape(args.stop)).validate()
+                                stop=None if args.stop is None else _unescape(args.stop),
+                                utf8_only=args.utf8_only).validate()
     for name in ("num_samples", "batch_size", "window"):  # before the model loads (its block_size bounds --window)
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GenerationError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -1126,7 +1210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             out.write(piece)
             out.flush()
         try:
-            complete(gen, tokenizer, [prompt], settings, on_text=stream)
+            texts = complete(gen, tokenizer, [prompt], settings, on_text=stream)
         except (UserError, KeyboardInterrupt, MemoryError, RuntimeError):  # out of memory too
             # run_cli's line on a line of its own, not after the text streamed so far
             if any(streamed):
@@ -1135,11 +1219,19 @@ def main(argv: Optional[list[str]] = None) -> None:
                     out.flush()
             raise
         out.write("\n")
+        _hint_utf8_only(texts, settings)
         return
     rng = settings.make_rng(gen.device)
-    complete_in_batches(gen, tokenizer, [prompt] * args.num_samples, settings, batch_size, rng,
-                        on_batch=lambda texts, bar: bar.print_above("".join(f"{t}\n---------------\n" for t in texts),
-                                                                    out))
+    texts = complete_in_batches(gen, tokenizer, [prompt] * args.num_samples, settings, batch_size, rng,
+                                on_batch=lambda texts, bar: bar.print_above(
+                                    "".join(f"{t}\n---------------\n" for t in texts), out))
+    _hint_utf8_only([t[len(prompt):] for t in texts], settings)
+
+
+def _hint_utf8_only(continuations: list[str], settings: SamplingSettings) -> None:
+    if not settings.utf8_only and any("\ufffd" in t for t in continuations):
+        print("note: the model wrote bytes that are no UTF-8 (shown as \ufffd): it began a character and did not "
+              "finish it; --utf8_only draws only tokens that keep the text valid", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -650,6 +650,79 @@ def test_a_prompt_ending_inside_a_merged_character_is_healed(poem_bpe):
     assert heal_prompt(gpt2, ids) == (ids[:-1], b"\xbd") and len(ids) == 4
 
 
+def test_utf8s_automaton_accepts_what_python_decodes():
+    from generate import UTF8_INVALID, utf8_automaton
+    table, rng = utf8_automaton().tolist(), __import__("random").Random(0)
+    pieces = [lambda: rng.randint(0, 255), lambda: rng.randint(0x80, 0xBF),
+              lambda: rng.choice([0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1, 0xED, 0xEF, 0xF0, 0xF1, 0xF4, 0xF5])]
+    valid = 0
+    for _ in range(50_000):
+        data, state = bytes(rng.choice(pieces)() for _ in range(rng.randint(1, 8))), 0
+        for b in data:
+            state = table[state][b] if state != UTF8_INVALID else state
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            assert state != 0, data  # (a prefix that can still be finished is no error yet)
+        else:
+            valid += 1
+            assert state == 0, data
+    assert valid > 1000
+    for first, second in ((0xE0, 0x9F), (0xED, 0xA0), (0xF0, 0x8F), (0xF4, 0x90)):  # overlong, surrogate, too large
+        assert table[table[0][first]][second] == UTF8_INVALID
+
+
+def test_utf8_after_follows_each_tokens_bytes(poem_bpe):
+    from generate import UTF8_INVALID, utf8_after, utf8_automaton
+    table = utf8_automaton().tolist()
+    for tok in (poem_bpe, GPT2Tokenizer()):
+        after = utf8_after(tok).tolist()
+        for i in list(range(0, tok.vocab_size, 97)) + [tok.vocab_size - 1]:
+            for start in range(8):
+                state = start
+                for b in tok.decode_bytes([i]):
+                    state = table[state][b] if state != UTF8_INVALID else state
+                assert after[start][i] == state, (i, start)
+
+
+def test_utf8_only_keeps_a_byte_level_model_to_valid_text(poem_bpe):
+    tok = poem_bpe
+    gen = Generator(tiny_model(tok.vocab_size, block_size=32, seed=3), window=8)  # random weights: any bytes
+    loose = SamplingSettings(max_new_tokens=60, temperature=1.0, top_k=None, seed=1)
+    strict = SamplingSettings(max_new_tokens=60, temperature=1.0, top_k=None, seed=1, utf8_only=True)
+    prompts = ["床", "明月", "低头思故乡。"]  # 床 and 明 are healed: the first token gives back half a character
+    assert any("\ufffd" in t for t in complete(gen, tok, prompts, loose))  # so the constraint has work to do
+    texts = complete(gen, tok, prompts, strict)
+    assert not any("\ufffd" in t for t in texts) and all(len(tok.encode(t)) >= 40 for t in texts)
+    greedy = dict(max_new_tokens=30, temperature=0.0)
+    chars = char_tokenizer()  # whole characters only: nothing to constrain
+    gen = Generator(tiny_model(chars.vocab_size))
+    assert complete(gen, chars, ["ab"], SamplingSettings(**greedy, utf8_only=True)) == \
+        complete(gen, chars, ["ab"], SamplingSettings(**greedy))
+    with pytest.raises(GenerationError, match="utf8_only must be True or False, got 'yes'"):
+        SamplingSettings(utf8_only="yes").validate()
+
+
+def test_utf8_only_from_the_command_line_and_the_note_that_points_to_it(poem_bpe, tmp_path, monkeypatch, capsys):
+    model = tiny_model(poem_bpe.vocab_size, block_size=32, seed=3)
+    path = write_checkpoint(tmp_path / "ck.pt", model, poem_bpe)
+    flags = ["--checkpoint", str(path), "--device", "cpu", "--prompt", "明月", "--max_new_tokens", "60",
+             "--temperature", "1.0", "--top_k", "0", "--num_samples", "3", "--seed", "1"]
+    generate.main(flags)
+    out, err = capsys.readouterr()
+    assert "\ufffd" in out and err.endswith("note: the model wrote bytes that are no UTF-8 (shown as \ufffd): it "
+                                           "began a character and did not finish it; --utf8_only draws only "
+                                           "tokens that keep the text valid\n")
+    generate.main(flags + ["--utf8_only"])
+    out, err = capsys.readouterr()
+    assert "\ufffd" not in out and "note: the model wrote" not in err and out.count("明月") >= 3
+    settings, sink = SamplingSettings(), io.StringIO()
+    generate._run_command(":utf8_only on", settings, sink)
+    generate._run_command(":utf8_only maybe", settings, sink)
+    assert settings.utf8_only is True and sink.getvalue().splitlines() == [
+        "utf8_only = True", "error: cannot set utf8_only to 'maybe': give on or off"]
+
+
 def test_generation_after_a_healed_prompt_begins_with_the_bytes_taken_back(poem_bpe, monkeypatch):
     tok, runs = poem_bpe, []
     decode = Generator.decode
