@@ -43,6 +43,7 @@ import re
 import shlex
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -189,14 +190,22 @@ def utf8_automaton() -> torch.Tensor:
     return t
 
 
-@functools.lru_cache(maxsize=4)
 def utf8_after(tokenizer) -> torch.Tensor:
     """(8, vocab_size): the automaton's state after each token's bytes, from each of the states 0-7.
 
     A byte-level model can begin a character with one token and go on with a token that does not finish
     it: the text then shows U+FFFD. Sampling with utf8_only draws only tokens whose state here is not
-    UTF8_INVALID, so every character the model begins can still be finished."""
+    UTF8_INVALID, so every character the model begins can still be finished. Kept on the tokenizer for
+    as long as its token_bytes() list is the same one (training a BPE again makes a new list)."""
     token_bytes = tokenizer.token_bytes()
+    kept = getattr(tokenizer, "_utf8_after", None)
+    if kept is not None and kept[0] is token_bytes:
+        return kept[1]
+    tokenizer._utf8_after = (token_bytes, _utf8_after(token_bytes))
+    return tokenizer._utf8_after[1]
+
+
+def _utf8_after(token_bytes: list[bytes]) -> torch.Tensor:
     lengths = torch.tensor([len(b) for b in token_bytes], dtype=torch.long)
     states = torch.arange(8).repeat(len(token_bytes), 1).T.contiguous()  # (8, V): each token from each state
     if not token_bytes or int(lengths.max()) == 0:
@@ -544,6 +553,21 @@ def check_stop(tokenizer, stop: Optional[str], where: str) -> None:
             raise GenerationError(f"{where} {stop!r} could never end a text: {e}") from None
 
 
+_decoding = threading.local()  # the TextStream whose bytes are being decoded, for the error handler below
+
+
+def _replace_and_note(error: UnicodeDecodeError) -> tuple[str, int]:
+    """What errors="replace" does (one U+FFFD per bad sequence), noting that bytes were not UTF-8: a U+FFFD
+    the model wrote as a character (GPT-2 has 8 such tokens) is no such sign."""
+    stream = getattr(_decoding, "stream", None)
+    if stream is not None:
+        stream.invalid_bytes = True
+    return "\ufffd", error.end
+
+
+codecs.register_error("textstream_replace", _replace_and_note)
+
+
 class TextStream:
     """One row's generated text, built token by token.
 
@@ -559,7 +583,8 @@ class TextStream:
         self._healed = healed  # the prompt's last bytes, which the first token repeats (heal_prompt)
         # the end of the prompt that a stop string could begin in: all of it but its last character
         self._before = prompt[max(0, len(prompt) - len(stop) + 1):] if stop and len(stop) > 1 else ""
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="textstream_replace")
+        self.invalid_bytes = False  # whether bytes that are no UTF-8 were shown as U+FFFD
         self.text = ""
         self.done = False
         self._shown = 0
@@ -573,7 +598,11 @@ class TextStream:
         data = self.tokenizer.decode_bytes([token])
         if self._healed:  # already part of the prompt
             data, self._healed = data.removeprefix(self._healed), b""
-        self._append(self.decoder.decode(data))
+        _decoding.stream = self
+        try:
+            self._append(self.decoder.decode(data))
+        finally:
+            _decoding.stream = None
 
     def finish(self) -> None:
         if not self.done:
@@ -645,11 +674,13 @@ def healing_tokens(tokenizer, before: bytes, healed: bytes) -> list[int]:
 
 def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
              rng: Optional[torch.Generator] = None, on_text: Optional[Callable[[str], None]] = None,
-             on_step: Optional[Callable[[], object]] = None) -> list[str]:
+             on_step: Optional[Callable[[], object]] = None,
+             on_invalid: Optional[Callable[[], object]] = None) -> list[str]:
     """The continuation of each prompt (the prompt itself not included), generated as one batch.
 
     on_text(piece) receives the first row's text as it is produced; on_step() is called after each
-    decoding step (a token for every row). rng defaults to settings.make_rng().
+    decoding step (a token for every row). rng defaults to settings.make_rng(). on_invalid() is called
+    at the end if a text shows bytes that are no UTF-8 as U+FFFD (utf8_only would have kept them out).
     """
     ids, healed = [], []
     for p in prompts:
@@ -666,6 +697,7 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
     first = [bool(extra)]  # the first step of a healed batch: only tokens that begin with the healed bytes
     if settings.utf8_only:  # each row's state in UTF-8's automaton after its prompt (healed: maybe mid-character)
         after = utf8_after(tokenizer).to(gen.device)
+        invalid = after == UTF8_INVALID  # (8, V): the tokens each state cannot take
         utf8 = [torch.tensor([utf8_state(tokenizer.decode_bytes(row)) for row in ids], device=gen.device)]
 
     def sample(logits):
@@ -686,10 +718,10 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
                     allowed[row, healing_tokens(tokenizer, tokenizer.decode_bytes(ids[row][-3:]), h)] = True
             logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
         if settings.utf8_only:
-            masked = logits.masked_fill(after[utf8[0]] == UTF8_INVALID, float("-inf"))
-            # a row left without a finite logit (a tokenizer lacking the bytes that finish a character) goes on
-            # unmasked: sampling from nothing would fail
-            logits = torch.where(torch.isfinite(masked).any(dim=-1, keepdim=True), masked, logits)
+            cannot = invalid[utf8[0]]  # (B, V)
+            # a row left with no token (a tokenizer without the bytes that finish a character) goes on
+            # unmasked: sampling from nothing would fail. Byte-level BPEs have every single byte
+            logits = logits.masked_fill(cannot & ~cannot.all(dim=-1, keepdim=True), float("-inf"))
         drawn = sample_logits(logits, settings.temperature, settings.top_k, settings.top_p, rng)
         if settings.utf8_only:
             utf8[0] = after[utf8[0], drawn]
@@ -722,21 +754,31 @@ def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSe
         stream.finish()
     if on_text is not None and (piece := streams[0].new_text()):
         on_text(piece)
+    if on_invalid is not None and any(s.invalid_bytes for s in streams):
+        on_invalid()
     return [s.text for s in streams]
+
+
+def utf8_note(how: str) -> str:
+    """The line that says, after a text that showed bytes that are no UTF-8, how to turn utf8_only on."""
+    return (f"note: the model wrote bytes that are no UTF-8 (shown as \ufffd): it began a character and did not "
+            f"finish it; {how} draws only tokens that keep the text valid")
 
 
 def complete_in_batches(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
                         batch_size: int, rng: torch.Generator,
-                        on_batch: Optional[Callable[[list[str], Progress], None]] = None) -> list[str]:
+                        on_batch: Optional[Callable[[list[str], Progress], None]] = None,
+                        on_invalid: Optional[Callable[[], object]] = None) -> list[str]:
     """The continuation of each prompt, batch_size prompts at a time, with a progress bar of the decoding
     steps on stderr: on a terminal after 2 s, elsewhere a line every 30 s (utils.Progress).
-    on_batch(prompts + continuations, bar) is called after each batch."""
+    on_batch(prompts + continuations, bar) is called after each batch; on_invalid: as complete's."""
     texts, steps = [], settings.max_new_tokens
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     with Progress(total=len(batches) * steps, unit="step", desc=f"generating {len(prompts)} samples", delay=2.0,
                   file=sys.stderr) as bar:
         for n, chunk in enumerate(batches, 1):
-            done = [p + c for p, c in zip(chunk, complete(gen, tokenizer, chunk, settings, rng, on_step=bar.update))]
+            done = [p + c for p, c in zip(chunk, complete(gen, tokenizer, chunk, settings, rng, on_step=bar.update,
+                                                          on_invalid=on_invalid))]
             bar.update(n * steps - bar.n)  # the steps that a stop string made unnecessary
             if on_batch is not None:
                 on_batch(done, bar)
@@ -1042,6 +1084,7 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
         out.write(piece)
         out.flush()
 
+    noted = False  # utf8_note, said once a session
     while True:
         try:
             if stdin is None:
@@ -1076,14 +1119,17 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
             if not _run_command(line, settings, out):
                 return
             continue
-        streamed = []
+        streamed, invalid = [], []
 
         def stream(piece):
             streamed.append(piece)
             write(piece)
         try:
-            complete(gen, tokenizer, [line], settings, on_text=stream)
+            complete(gen, tokenizer, [line], settings, on_text=stream, on_invalid=lambda: invalid.append(True))
             write("\n")
+            if invalid and not noted:
+                noted = True
+                write(utf8_note(":utf8_only on") + "\n")
         except KeyboardInterrupt:
             write("\n[stopped]\n")
         except EmptyPromptError as e:  # its --prompt example is an option of the command line, refused here
@@ -1209,8 +1255,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             streamed.append(piece)
             out.write(piece)
             out.flush()
+        invalid = []
         try:
-            texts = complete(gen, tokenizer, [prompt], settings, on_text=stream)
+            complete(gen, tokenizer, [prompt], settings, on_text=stream, on_invalid=lambda: invalid.append(True))
         except (UserError, KeyboardInterrupt, MemoryError, RuntimeError):  # out of memory too
             # run_cli's line on a line of its own, not after the text streamed so far
             if any(streamed):
@@ -1219,19 +1266,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                     out.flush()
             raise
         out.write("\n")
-        _hint_utf8_only(texts, settings)
-        return
-    rng = settings.make_rng(gen.device)
-    texts = complete_in_batches(gen, tokenizer, [prompt] * args.num_samples, settings, batch_size, rng,
-                                on_batch=lambda texts, bar: bar.print_above(
-                                    "".join(f"{t}\n---------------\n" for t in texts), out))
-    _hint_utf8_only([t[len(prompt):] for t in texts], settings)
-
-
-def _hint_utf8_only(continuations: list[str], settings: SamplingSettings) -> None:
-    if not settings.utf8_only and any("\ufffd" in t for t in continuations):
-        print("note: the model wrote bytes that are no UTF-8 (shown as \ufffd): it began a character and did not "
-              "finish it; --utf8_only draws only tokens that keep the text valid", file=sys.stderr)
+    else:
+        rng, invalid = settings.make_rng(gen.device), []
+        complete_in_batches(gen, tokenizer, [prompt] * args.num_samples, settings, batch_size, rng,
+                            on_batch=lambda texts, bar: bar.print_above(
+                                "".join(f"{t}\n---------------\n" for t in texts), out),
+                            on_invalid=lambda: invalid.append(True))
+    if invalid:  # after the text's last line
+        print(utf8_note("--utf8_only"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -716,6 +716,24 @@ def test_utf8_only_from_the_command_line_and_the_note_that_points_to_it(poem_bpe
     generate.main(flags + ["--utf8_only"])
     out, err = capsys.readouterr()
     assert "\ufffd" not in out and "note: the model wrote" not in err and out.count("明月") >= 3
+    generate.main(flags[:-4])  # one streamed sample: the note after its line
+    out, err = capsys.readouterr()
+    assert "\ufffd" in out and out.endswith("\n") and err.count("note: the model wrote") == 1
+    chars = CharTokenizer(list("caf\ufffd au"))  # a U+FFFD the model writes as a character is no such sign
+    assert not TextStream(chars).invalid_bytes
+    stream = TextStream(chars)
+    for i in chars.encode("caf\ufffd"):
+        stream.add(i)
+    assert stream.text == "caf\ufffd" and not stream.invalid_bytes
+    stream = TextStream(poem_bpe)
+    for i in poem_bpe.encode("床")[1:]:  # the bytes after 床's first: no character
+        stream.add(i)
+    assert stream.text.startswith("\ufffd") and stream.invalid_bytes
+    replies = io.StringIO()
+    generate.interactive(Generator(model), poem_bpe, SamplingSettings(max_new_tokens=60, temperature=1.0, top_k=None,
+                                                                      seed=1),
+                         stdin=io.StringIO("明月\n明月\n:utf8_only on\n明月\n"), stdout=replies)
+    assert replies.getvalue().count("note: the model wrote") == 1 and ":utf8_only on draws only" in replies.getvalue()
     settings, sink = SamplingSettings(), io.StringIO()
     generate._run_command(":utf8_only on", settings, sink)
     generate._run_command(":utf8_only maybe", settings, sink)
