@@ -154,7 +154,8 @@ def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str,
     json_why = ("a folder's .json files are not read (Hugging Face downloads keep their metadata in them); "
                 "rename those that hold JSON Lines documents to .jsonl")
     if not files:
-        held = [f"{len(compressed)} compressed file(s) such as {compressed[0].name}: {unpack} first"] if compressed else []
+        held = ([f"{len(compressed)} compressed file(s) such as {compressed[0].name}: {unpack} first"]
+                if compressed else [])
         held += [f"{len(json_files)} .json file(s) such as {json_files[0].name}: {json_why}"] if json_files else []
         held += [f"{n} {s} file(s)" + (" (compressed or archived: extract them first)"
                                        if s in (*COMPRESSED, ".tar", ".tgz") else "")
