@@ -658,18 +658,10 @@ def healing_tokens(tokenizer, before: bytes, healed: bytes) -> list[int]:
     """The ids a healed prompt may go on with: those whose bytes begin with the bytes taken back and, after
     the prompt's bytes `before` them, are UTF-8 as far as they go (GPT-2's [99 82] also begins with the
     [99] that ends ’, and would leave a byte that belongs to no character)."""
-    tail = before[-3:]  # the last character's bytes, where it is still incomplete, lie among the last 3
-    while tail and 0x80 <= tail[0] < 0xC0:
-        tail = tail[1:]
-    allowed = []
-    for i, b in enumerate(tokenizer.token_bytes()):
-        if b.startswith(healed):
-            try:
-                codecs.getincrementaldecoder("utf-8")().decode(tail + b, final=False)
-            except UnicodeDecodeError:
-                continue
-            allowed.append(i)
-    return allowed
+    # the last character's bytes, where it is still incomplete, lie among the last 3; utf8_after knows which
+    # tokens can follow them (the automaton utf8_only samples with)
+    valid = (utf8_after(tokenizer)[utf8_state(before[-3:])] != UTF8_INVALID).tolist()
+    return [i for i, b in enumerate(tokenizer.token_bytes()) if valid[i] and b.startswith(healed)]
 
 
 def complete(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
