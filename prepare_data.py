@@ -43,6 +43,7 @@ whole text at once (tests/test_data.py checks this).
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import io
 import itertools
@@ -52,6 +53,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import sys
 import urllib.error
 import urllib.request
@@ -112,9 +114,10 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, seen: int
     return utils.decode_utf8(data, where, offset, DataError, seen)
 
 
-def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str, ...] | None = None) -> list[Path]:
-    """path itself, or every file under the folder path with one of the suffixes, in sorted order;
-    file_suffixes, where given, are those a file named itself may have (any, where not given).
+def input_files(path: Path, suffixes: tuple[str, ...],
+                file_suffixes: tuple[str, ...] | None = None) -> tuple[list[Path], int]:
+    """path itself, or every file under the folder path with one of the suffixes, in sorted order, and
+    their size in bytes; file_suffixes, where given, are those a file named itself may have (any, where not given).
 
     Folders linked into the input folder are followed. --output_dir may lie inside the input folder:
     the data set's own files (DATASET_FILES: .bin and .json) never have one of the suffixes read here,
@@ -131,24 +134,37 @@ def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str,
                             + (" (decompress it first)" if path.suffix.lower() in COMPRESSED
                                else "; a pipe is read by --dataset custom only, so save it as a .jsonl file"
                                if not path.is_file() else ""))
-        return [path]
-    files, compressed, broken, json_files, others = [], [], [], [], {}
+        with reading(path):
+            return [path], path.stat().st_size
+    files, size, compressed, broken, json_files, others = [], 0, [], [], [], {}
     # JSON Lines named .json (C4's shards) may lie in a folder read for .jsonl documents: named when left out
     as_json = (".json",) if ".jsonl" in suffixes else ()
-    for p in _walk(path):
-        suffix = p.suffix.lower()  # .TXT as well as .txt: Windows names files in either case
-        if suffix in suffixes and p.is_file():
-            files.append(p)
-        elif suffix in suffixes and p.is_symlink() and not p.exists():
-            broken.append(p)
-        elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in (*suffixes, *as_json):
-            compressed.append(p)  # shard.jsonl.gz
-        elif p.name in NOT_DOCUMENTS:
-            continue
-        elif suffix in as_json:
-            json_files.append(p)  # C4's shards, decompressed, are JSON Lines named .json
-        else:
-            others[suffix or "suffix-less"] = others.get(suffix or "suffix-less", 0) + 1
+    # OpenWebText extracted is 8 million files: listing them takes minutes, which the bar shows; the size of
+    # each comes from the one stat() that tells a file from a folder or a broken link
+    with Progress(file=sys.stderr, desc=f"listing {path}", bar_format="{desc}: {n:,} files [{elapsed}]",
+                  mininterval=1.0, delay=2.0) as bar:
+        for p in _walk(path, bar.update):
+            suffix = p.suffix.lower()  # .TXT as well as .txt: Windows names files in either case
+            if suffix in suffixes:
+                try:
+                    st = p.stat()
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.ELOOP):  # a link that points to nothing, or to itself
+                        broken.append(p)
+                        continue
+                    raise DataError(f"cannot read {p}: {e.strerror or e}; make it readable, or move it out of "
+                                    f"--input") from None
+                if stat.S_ISREG(st.st_mode):
+                    files.append(p)
+                    size += st.st_size
+            elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in (*suffixes, *as_json):
+                compressed.append(p)  # shard.jsonl.gz
+            elif p.name in NOT_DOCUMENTS:
+                continue
+            elif suffix in as_json:
+                json_files.append(p)  # C4's shards, decompressed, are JSON Lines named .json
+            else:
+                others[suffix or "suffix-less"] = others.get(suffix or "suffix-less", 0) + 1
     unpack = "decompress them" + (" and name them .jsonl" if any(
         Path(p.stem).suffix.lower() == ".json" for p in compressed) else "")  # C4's shards: .json.gz
     json_why = ("a folder's .json files are not read (Hugging Face downloads keep their metadata in them); "
@@ -171,11 +187,12 @@ def input_files(path: Path, suffixes: tuple[str, ...], file_suffixes: tuple[str,
     if broken:
         print(f"note: {len(broken)} link(s) under {path} point to nothing and are left out, such as {broken[0]}",
               file=sys.stderr)
-    return sorted(files)
+    return sorted(files), size
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    """Every file under folder, through linked folders too (Path.rglob skips them), each folder once."""
+def _walk(folder: Path, listed=lambda n: None) -> Iterator[Path]:
+    """Every file under folder, through linked folders too (Path.rglob skips them), each folder once;
+    listed(n) hears of the n files of each folder as it is read."""
     def unreadable(error: OSError):  # os.walk would skip such a folder without a word
         raise DataError(f"cannot read the folder {error.filename!r} under --input ({error.strerror}); make it "
                         f"readable, or move it out of the input folder")
@@ -187,6 +204,7 @@ def _walk(folder: Path) -> Iterator[Path]:
             dirs.clear()
             continue
         seen.add(real)
+        listed(len(names))
         yield from (Path(root) / name for name in names)
 
 
@@ -1080,13 +1098,13 @@ def prepare_documents(out_dir: Path, input_path: str | None, *, hf_name: str, va
     txt_counts = {"train": 0, "val": 0, "empty": 0}  # .txt documents are split in this process
     sha = hashlib.sha256()
     if input_path:
-        files = input_files(Path(input_path), DOC_SUFFIXES, file_suffixes=DOC_FILE_SUFFIXES)
+        files, size = input_files(Path(input_path), DOC_SUFFIXES, file_suffixes=DOC_FILE_SUFFIXES)
         # before any tokenising, not when the first Parquet file comes up, maybe hours into the run
         parquet = next((f for f in files if f.suffix.lower() == ".parquet"), None)
         if parquet is not None:
             import_parquet(parquet)
         units = local_units(files, unit_bytes, val_fraction, sha, txt_counts, can_cut(tok))
-        progress = ("bytes", sum(f.stat().st_size for f in files))
+        progress = ("bytes", size)
         source = str(files[0]) if len(files) == 1 else f"{len(files)} files under {input_path}"
     else:
         units, n_docs = hf_units(hf_name, num_proc, unit_bytes)
@@ -1229,7 +1247,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      val_fraction=val_fraction, num_proc=args.num_proc, command=command)
         else:
             files = ([shakespeare_file(args.input, out_dir)] if dataset == "shakespeare"
-                     else input_files(Path(args.input), (".txt",)))
+                     else input_files(Path(args.input), (".txt",))[0])
             if dataset == "custom" and files[0].suffix.lower() in (".jsonl", ".json"):
                 print(f"note: {files[0]} is read as plain text, its JSON syntax included; --dataset openwebtext "
                       f"--input {shlex.quote(str(files[0]))} reads the \"text\" field of each line (GPT-2 tokenizer)",

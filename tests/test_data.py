@@ -1688,7 +1688,7 @@ def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp
     (docs / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n'))
     (docs / "c.txt").symlink_to(tmp_path / "gone.txt")
     (docs / "notes.gz").write_bytes(gzip.compress(b"not a shard"))  # not a kind of file read here: no word
-    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES) == [docs / "a.jsonl"]
+    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)[0] == [docs / "a.jsonl"]
     assert capsys.readouterr().err.splitlines() == [
         f"note: 1 compressed file(s) under {docs} are left out, such as b.jsonl.gz: decompress them to read them",
         f"note: 1 link(s) under {docs} point to nothing and are left out, such as {docs / 'c.txt'}"]
@@ -1697,6 +1697,27 @@ def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp
                                         r"as b.jsonl.gz: decompress them first; 1 .gz file\(s\) \(compressed "
                                         r"or archived: extract them first\); pass a file"):
         prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
+
+
+def test_a_folder_is_listed_with_a_count_and_the_size_of_its_files(tmp_path, capsys, monkeypatch):
+    """OpenWebText extracted is millions of .txt files, minutes of listing: the count of files read so far shows
+    (a line at a time where stderr is no terminal); their size, the bar's total when tokenising, comes along."""
+    docs = tmp_path / "docs"
+    for i in range(3):
+        (docs / f"d{i}").mkdir(parents=True)
+        for j in range(4):
+            (docs / f"d{i}" / f"{j}.txt").write_text("x" * (10 * i + j + 1))
+    (docs / "d0" / "loop.txt").symlink_to(docs / "d0" / "loop.txt")  # a link to itself is a broken one
+    (docs / "d1" / "fifo.txt").mkdir()  # a folder named like a file is walked into, not read
+    monkeypatch.setattr(prepare_data.Progress, "LINE_INTERVAL", 0.0)
+    files, size = prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
+    assert files == sorted(docs / f"d{i}" / f"{j}.txt" for i in range(3) for j in range(4))
+    assert size == sum(f.stat().st_size for f in files) == sum(10 * i + j + 1 for i in range(3) for j in range(4))
+    err = capsys.readouterr().err
+    assert re.search(rf"^listing {re.escape(str(docs))}: 13 files ", err, re.M), err
+    assert f"note: 1 link(s) under {docs} point to nothing and are left out, such as {docs / 'd0' / 'loop.txt'}" \
+        in err
+    assert prepare_data.input_files(docs / "d2" / "3.txt", (".txt",)) == ([docs / "d2" / "3.txt"], 24)
 
 
 def test_a_folders_json_files_are_named_when_left_out(tmp_path, capsys):
@@ -1711,13 +1732,13 @@ def test_a_folders_json_files_are_named_when_left_out(tmp_path, capsys):
                                         r"those that hold JSON Lines documents to .jsonl; pass a file"):
         prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
     (docs / "a.jsonl").write_text('{"text": "x"}\n')
-    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES) == [docs / "a.jsonl"]
+    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)[0] == [docs / "a.jsonl"]
     assert capsys.readouterr().err == (f"note: 1 .json file(s) under {docs} are left out, such as "
                                        f"c4-train.00000-of-01024.json: a folder's .json files are not read (Hugging "
                                        f"Face downloads keep their metadata in them); rename those that hold JSON "
                                        f"Lines documents to .jsonl\n")
     (docs / "c4-train.00001-of-01024.json.gz").write_bytes(b"\x1f\x8b")  # as C4 comes: decompressed, still .json
-    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES) == [docs / "a.jsonl"]
+    assert prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)[0] == [docs / "a.jsonl"]
     assert "such as c4-train.00001-of-01024.json.gz: decompress them and name them .jsonl to read them" in \
         capsys.readouterr().err
     with pytest.raises(DataError) as e:  # --dataset custom reads .txt alone: no shard advice
