@@ -230,7 +230,9 @@ class TextFile:
                 self.data = self.path.read_bytes()
         self.size = self.skip = self.chars = 0  # bytes; a byte-order mark's bytes; characters, the mark included
         self.block_chars: list[tuple[int, int]] = []  # (byte offset, characters) of each block scan() read
-        self.charset: set[str] = set()  # its characters, the mark left out, where scan() decoded the text
+        # its characters, the mark left out, each once, where scan() decoded the text: a str, since a set of 20
+        # characters takes 2 kB, and a folder may hold hundreds of thousands of files
+        self.charset = ""
         self.crc = 0  # CRC-32 of its bytes: whether the second reading reads what the first one did
 
     def open(self):
@@ -240,7 +242,7 @@ class TextFile:
         """Read the file once: size, byte-order mark, characters and sha256 (sha, the hash of all the files in
         order, is updated too). decode: decode the text as well, so that bad UTF-8 is an error now, before a
         long training, and gather the character set. progress(bytes) is called after each block."""
-        head, carry, offset, crc = b"", b"", 0, 0
+        head, carry, offset, crc, charset = b"", b"", 0, 0, set()
         seen = 0  # characters beyond ASCII in the blocks before, which say the text is UTF-8 (utils.decode_utf8)
         with reading(self.path), self.open() as f:
             while block := f.read(READ_BYTES):
@@ -257,14 +259,14 @@ class TextFile:
                     text = decode_utf8(data[:end], self.name, offset - len(carry), seen)
                     if offset - len(carry) == 0 and self.skip:
                         text = text[1:]  # the mark is no text
-                    self.charset.update(text)
+                    charset.update(text)
                     seen += utils.utf8_evidence(data[:end], utils.UTF8_EVIDENCE - seen)
                     carry = data[end:]
                 offset += len(block)
                 progress(len(block))
         if carry:
             decode_utf8(carry, self.name, offset - len(carry), seen)  # the file ends inside a character: the error
-        self.size, self.crc = offset, crc
+        self.size, self.crc, self.charset = offset, crc, "".join(sorted(charset))
 
     def char_offset(self, k: int) -> int:
         """Byte offset of character k (the byte-order mark is character 0 where there is one)."""
@@ -471,10 +473,10 @@ def text_items(texts: list[TextFile], ranges: list[tuple], cuts: str | None) -> 
     (cuts, from cut_kind), so the ids are those of the whole range: at a SAFE_CUT point ('safe'), or after
     any character ('chars'); where it allows none (None), a range is one item. Each file must read back exactly
     as scanned."""
-    for i, t in enumerate(texts):
-        mine = [r for r in ranges if r[1] == i]
-        if not mine:  # empty, or nothing but a byte-order mark
-            continue
+    # ranges come in file order, and files that are empty (or nothing but a byte-order mark) have none; grouped
+    # in one pass, since a folder may hold hundreds of thousands of files
+    for i, mine in itertools.groupby(ranges, key=lambda r: r[1]):
+        t, mine = texts[i], list(mine)
         with reading(t.path), t.open() as f:
             if t.data is None and os.fstat(f.fileno()).st_size != t.size:  # a log being written, say: say so now
                 raise t.changed()
@@ -1031,7 +1033,7 @@ def check_known_characters(tok: CharTokenizer, texts: list[TextFile]) -> None:
     """With a given character set, text with a character outside it cannot be encoded: say so before the work."""
     known = set(tok.chars)
     for t in texts:
-        unknown = t.charset - known
+        unknown = set(t.charset) - known
         if unknown:
             shown = ", ".join(repr(c) for c in sorted(unknown)[:5])
             raise DataError(f"{t.name} has {len(unknown)} character(s) that the given character-level tokenizer "

@@ -326,6 +326,25 @@ def split_pieces(datas: list[bytes], val_fraction: float) -> list[tuple]:
             for split, i, start, end, eot in split_ranges(texts, val_fraction)]
 
 
+def test_text_items_read_the_ranges_once_and_skip_empty_files():
+    """A folder of 200,000 small files: looking up each file's ranges among all of them took 8 minutes."""
+    datas = [b"", b"abcd", b"\xef\xbb\xbf", b"efgh", b"ij"]  # an empty file, and one of a byte-order mark alone
+    texts = scanned(*datas)
+
+    class Once(list):  # the ranges, walked at most once
+        walks = 0
+
+        def __iter__(self):
+            Once.walks += 1
+            return super().__iter__()
+    ranges = Once(split_ranges(texts, 0.3))
+    items = list(prepare_data.text_items(texts, ranges, "chars"))
+    assert Once.walks == 1
+    assert [(split, data, eot, name) for split, data, eot, _, name, _ in items] == [
+        ("train", b"abcd", True, "b.txt"), ("train", b"efg", False, "d.txt"), ("val", b"h", True, "d.txt"),
+        ("val", b"ij", False, "e.txt")]
+
+
 def test_split_ranges():
     # the cut is int(characters * (1 - val_fraction)), as nanoGPT's data[:int(n * 0.9)]
     assert split_pieces([b"abcd", b"efgh"], 0.25) == [
@@ -490,8 +509,8 @@ def test_scanning_in_any_block_size_finds_exactly_the_characters(read_bytes, bom
     for text in ("Zabcde สวัสดี ภาษาไทย 床前明月光。 é 😀, Z and the last one: 。",
                  "a U+FEFF inside the text is text: \ufeff"):
         (t,) = scanned(bom + text.encode())
-        assert (t.charset, t.chars, t.skip, t.size) == (set(text), len(text) + bool(bom), len(bom),
-                                                        len(bom + text.encode()))
+        assert (t.charset, t.chars, t.skip, t.size) == ("".join(sorted(set(text))), len(text) + bool(bom),
+                                                        len(bom), len(bom + text.encode()))
 
 
 @pytest.mark.parametrize("how", ["ends inside a character", "shrinks before the cut is found",
