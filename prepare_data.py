@@ -246,6 +246,9 @@ class TextFile:
         seen = 0  # characters beyond ASCII in the blocks before, which say the text is UTF-8 (utils.decode_utf8)
         with reading(self.path), self.open() as f:
             while block := f.read(READ_BYTES):
+                problem = utils.binary_problem(block) if offset == 0 else None
+                if problem:  # before the tokenizer is built: a character set of bytes, a BPE of NULs
+                    raise DataError(f"{self.name} is not text: {problem}")
                 crc = zlib.crc32(block, crc)  # twice as fast as a second sha256
                 sha.update(block)
                 head += block[: len(BOM) - len(head)]
@@ -585,6 +588,9 @@ def txt_documents(files: list[Path], val_fraction: float, counts: dict, sha=None
             counts["empty"] += 1
             continue
         text = data[skip:] if skip else data
+        problem = utils.binary_problem(data)
+        if problem:
+            raise DataError(f"{f} is not text: {problem}")
         split = SPLITS[doc_split(text, val_fraction)[0]]  # the hash of UTF-8 text is the hash of its bytes
         counts[split] += 1
         yield split, text, True, len(data), str(f), skip

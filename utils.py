@@ -237,6 +237,35 @@ COMPRESSED_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"BZh[1-9]1
 # a Parquet file (OpenWebText's shards on the Hub) begins with these four bytes
 PARQUET_MAGIC = b"PAR1"
 
+# how much of a file's start binary_problem looks at
+BINARY_HEAD = 1 << 16
+
+
+def binary_problem(head: bytes | memoryview) -> Optional[str]:
+    """Why a file that begins with head is no text, though it may be valid UTF-8 (a NUL byte is): UTF-16
+    without a byte-order mark (English in it: a NUL beside each letter), a tar archive, a data set's train.bin.
+    None for text, a few stray NULs included. The answer says what to do, after "FILE is not text: "."""
+    head = bytes(head[:BINARY_HEAD])
+    if head[257:262] == b"ustar":  # the magic of a tar archive's first header
+        return "it is a tar archive: extract it first (tar -xf FILE)"
+    if head.startswith(b"PK\x03\x04") and b"data.pkl" in head[:128]:  # torch.save writes a zip, data.pkl first
+        return "it is a PyTorch file (what torch.save writes, such as a checkpoint)"
+    # UTF-16 with its byte-order mark, compressed files and Parquet are never UTF-8: decode_utf8 names them
+    if (head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.startswith(PARQUET_MAGIC)
+            or any(magic.match(head) for magic, _ in COMPRESSED_MAGIC)):
+        return None
+    nuls = head.count(0)
+    if nuls < 16 or nuls * 100 < len(head):  # under 1%: stray NULs in a text, which tokenise as any character
+        return None
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if max(even, odd) >= 0.2 * len(head) / 2 and max(even, odd) > 10 * min(even, odd):  # every other byte
+        order = "le" if odd > even else "be"
+        return (f"{nuls:,} of its first {len(head):,} bytes are NULs, every other byte: it looks like UTF-16 "
+                f"without a byte-order mark (what Windows Notepad calls 'Unicode'), so convert it with "
+                f"`iconv -f utf-16{order} -t utf-8 IN > OUT`; or it is a binary file, such as a data set's train.bin")
+    return (f"{nuls:,} of its first {len(head):,} bytes are NULs: it is a binary file (a data set's .bin, a "
+            f"model, an archive)")
+
 
 # this many characters beyond ASCII, read as UTF-8 before a byte that is not, say that the text is UTF-8 with damaged
 # bytes: text in GBK, say, fails within a character or two (about one pair of its bytes in 12 reads as UTF-8)
@@ -294,6 +323,9 @@ def read_utf8_file(path: str | os.PathLike, where: str, error: Optional[type] = 
                 and st.st_rdev != os.stat(os.devnull).st_rdev):  # /dev/null, empty as under cron, is read
             raise (error or UserError)(f"{where} is a device, not a file; pass a file or a pipe")
         data = f.read()
+    problem = binary_problem(data)
+    if problem:
+        raise (error or UserError)(f"{where} is not text: {problem}")
     bom = data.startswith(b"\xef\xbb\xbf")
     return decode_utf8(memoryview(data)[3:] if bom else data, where, 3 if bom else 0, error)
 

@@ -1543,6 +1543,43 @@ def test_a_utf16_file_is_named_as_such(tmp_path):
     assert "it is UTF-16" in r.stderr and "iconv -f utf-16 -t utf-8" in r.stderr
 
 
+@pytest.mark.parametrize("dataset", ["custom", "openwebtext"])
+def test_a_file_of_nul_bytes_is_no_text(tmp_path, dataset):
+    """A NUL is valid UTF-8: UTF-16 without a byte-order mark, a tar archive, a train.bin or a checkpoint given
+    as --input were tokenised as they were, into a data set of NULs; a few stray NULs in a text are text."""
+    import tarfile
+    text = "to be or not to be, that is the question\n" * 40
+    (tmp_path / "u16le.txt").write_bytes(text.encode("utf-16-le"))
+    (tmp_path / "u16be.txt").write_bytes(text.encode("utf-16-be"))
+    np.arange(2, 60, dtype=np.uint16).repeat(30).tofile(tmp_path / "train.bin.txt")  # a char data set's ids
+    (tmp_path / "plain.txt").write_text(text)
+    with tarfile.open(tmp_path / "texts.txt", "w") as tar:
+        tar.add(tmp_path / "plain.txt", "plain.txt")
+    torch.save({"model": torch.ones(4)}, tmp_path / "ckpt.txt")
+    (tmp_path / "zeros.txt").write_bytes(b"\0" * 4096 + text.encode())
+    expect = {"u16le.txt": r"1,640 of its first 3,280 bytes are NULs, every other byte: it looks like UTF-16 without "
+                           r"a byte-order mark .*`iconv -f utf-16le -t utf-8 IN > OUT`; or it is a binary file",
+              "u16be.txt": r".*, every other byte: .*`iconv -f utf-16be -t utf-8 IN > OUT`",
+              "train.bin.txt": r".*, every other byte: .*or it is a binary file, such as a data set's train.bin$",
+              "texts.txt": r"it is a tar archive: extract it first \(tar -xf FILE\)$",
+              "ckpt.txt": r"it is a PyTorch file \(what torch.save writes, such as a checkpoint\)$",
+              "zeros.txt": r"4,096 of its first 5,736 bytes are NULs: it is a binary file \(a data set's .bin, a model, "
+                           r"an archive\)$"}
+    for name, message in expect.items():
+        args = ["--tokenizer", "char"] if dataset == "custom" else ["--num_proc", 1]
+        with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))} is not text: {message}"):
+            prepare("--dataset", dataset, "--input", tmp_path / name, "--output_dir", tmp_path / "o", *args)
+        assert not (tmp_path / "o").exists()
+    stray = "".join(line + ("\0" if i % 7 == 0 else "") for i, line in enumerate(text.splitlines(True)))
+    (tmp_path / "stray.txt").write_text(stray)  # 6 NULs in 1,646 bytes
+    (tmp_path / "more").mkdir()  # documents enough for both splits
+    for i in range(20):
+        (tmp_path / "more" / f"{i}.txt").write_text(f"{i}: {stray}")
+    meta = prepare("--dataset", dataset, "--input", tmp_path / "more", "--output_dir", tmp_path / "o", *args,
+                   "--val_fraction", 0.2)
+    assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+
+
 def test_a_bad_lead_byte_before_a_cut_gets_the_true_reason(tmp_path):
     src = tmp_path / "l.txt"
     src.write_bytes(b"caf\xe9\n")  # the cut between train and val falls right after 0xe9

@@ -836,6 +836,15 @@ def test_cli_names_text_in_another_encoding_as_prepare_data_does(tmp_path):
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
         assert out.stderr.startswith(f"error: {name} is not valid UTF-8: {message}"), out.stderr
     assert not (tmp_path / "t.json").exists()
+    # UTF-16 without a byte-order mark is valid UTF-8, a NUL beside each letter: it trained a BPE of 259 tokens
+    (tmp_path / "u16le.txt").write_bytes(("to be or not to be\n" * 20).encode("utf-16-le"))
+    out = subprocess.run([sys.executable, tokenizer.__file__, "--train", "u16le.txt", "--out", "t.json"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert (out.returncode, out.stderr.splitlines()[:1]) == (2, [
+        "error: u16le.txt is not text: 380 of its first 760 bytes are NULs, every other byte: it looks like UTF-16 "
+        "without a byte-order mark (what Windows Notepad calls 'Unicode'), so convert it with `iconv -f utf-16le -t "
+        "utf-8 IN > OUT`; or it is a binary file, such as a data set's train.bin"]), out.stderr
+    assert not (tmp_path / "t.json").exists()
 
 
 def test_cli_expands_a_tilde_in_paths(tmp_path):
