@@ -69,7 +69,7 @@ import numpy as np
 import utils
 from data import DEFAULT_DATA_DIRS, SPLIT_IDS, SPLITS, DataError, custom_data_dir
 from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, PatternGapError,
-                       Tokenizer, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
+                       Tokenizer, TokenizerError, check_bpe_vocab_size, load_tokenizer, tokenizer_from_dict)
 from utils import (ArgumentParser, HeldSignals, Progress, UserError, atomic_open, become_pool_worker, folder_lock,
                    folder_problem, lock_holder, missing_folders, path_arg, remove_empty_folders,
                    remove_unfinished_writes, run_cli, start_process_helpers, stop_signals_raise)
@@ -293,8 +293,12 @@ class TextFile:
         return data
 
     def changed(self) -> DataError:
-        return DataError(f"{self.name} changed while it was being read; run again once nothing writes to it (a "
-                         f"file that keeps growing, such as a log: prepare a copy of it)")
+        return changed_error(self.name)
+
+
+def changed_error(name: str) -> DataError:
+    return DataError(f"{name} changed while it was being read; run again once nothing writes to it (a file that "
+                     f"keeps growing, such as a log: prepare a copy of it)")
 
 
 def complete_utf8(data: bytes) -> int:
@@ -762,6 +766,12 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
                 if where is None:  # documents are GPT-2's, whose pattern misses nothing
                     raise
                 raise pattern_gap(tokenizer, text, e.position, where) from None
+            except TokenizerError:
+                # a character-level tokenizer knows every character the files held when scanned, as it was made
+                # from them or checked against them (check_known_characters): a new one was written since
+                if where is None or tokenizer.kind != "char":
+                    raise
+                raise changed_error(where[0]) from None
         if eot_after and eot is not None:
             parts[split_id].append(eot)
     out = []
