@@ -230,7 +230,11 @@ class Tokenizer:
         """ids as a list of ints, each in range(vocab_size); TokenizerError naming the first bad one."""
         if hasattr(ids, "tolist"):  # numpy array or torch tensor
             ids = ids.tolist()
-        ids = [ids] if isinstance(ids, int) else list(ids)
+        try:
+            ids = [ids] if isinstance(ids, int) else list(ids)
+        except TypeError:
+            raise TokenizerError(f"token ids must be an integer or a sequence of them, got "
+                                 f"{type(ids).__name__}") from None
         if not all(type(i) is int for i in ids):
             try:  # numpy integers and the like become ints; floats and strings are refused
                 ids = [operator.index(i) for i in ids]
@@ -291,7 +295,7 @@ def tokenizer_from_dict(d: dict) -> "Tokenizer":
 def load_tokenizer(path: str | os.PathLike) -> "Tokenizer":
     """Restore a tokenizer from the file Tokenizer.save(path) wrote."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as Windows Notepad saves, is no JSON
             d = json.load(f)
     except OSError as e:
         raise TokenizerError(f"cannot read the tokenizer file {str(path)!r} ({e.strerror or e}); "
@@ -335,6 +339,8 @@ class CharTokenizer(Tokenizer):
         return len(self.chars)
 
     def encode_ordinary(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # bytes would be taken for ids: "never seen: 101, 104, ..."
+            self._allowed_special(text, "none")  # raises the type error
         stoi = self.stoi
         try:
             return [stoi[c] for c in text]
@@ -716,7 +722,7 @@ class BPETokenizer(Tokenizer):
         names = list(self.special_tokens) if special_tokens is None else list(special_tokens)
         _check_special_tokens(names)
         _check_training_text(text, "a BPE tokenizer")
-        check_bpe_vocab_size(vocab_size, len(names))
+        vocab_size = check_bpe_vocab_size(vocab_size, len(names))
         num_merges = vocab_size - 256 - len(names)
         t0 = time.time()
 
@@ -1117,10 +1123,13 @@ def _check_training_text(text, what: str) -> None:
 MAX_BPE_VOCAB_SIZE = 2 ** 31 - 1  # ids of 31 bits: two of them, a << 31 | b, fit numpy's int64 (train's pair keys)
 
 
-def check_bpe_vocab_size(vocab_size, specials: int) -> None:
-    """A byte-level BPE's vocabulary holds the 256 byte tokens and the special tokens at least."""
-    if not isinstance(vocab_size, int):
-        raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}, e.g. vocab_size=4096")
+def check_bpe_vocab_size(vocab_size, specials: int) -> int:
+    """vocab_size as an int (numpy's integers are integers too); a byte-level BPE's vocabulary holds the 256 byte
+    tokens and the special tokens at least."""
+    try:
+        vocab_size = operator.index(vocab_size)  # 4096.0 or "4096" is refused, as int() would take them
+    except TypeError:
+        raise TokenizerError(f"vocab_size must be an integer, got {vocab_size!r}, e.g. vocab_size=4096") from None
     if vocab_size < 256 + specials:
         raise TokenizerError(
             f"vocab_size {vocab_size} is too small: a byte-level BPE needs the 256 byte tokens plus "
@@ -1130,6 +1139,7 @@ def check_bpe_vocab_size(vocab_size, specials: int) -> None:
         raise TokenizerError(f"vocab_size {vocab_size} is too large: training keeps a pair of ids in one 64-bit "
                              f"integer, so at most {MAX_BPE_VOCAB_SIZE:,}; typical values are 512 to 50257, "
                              f"e.g. vocab_size=4096")
+    return vocab_size
 
 
 def _check_special_tokens(names: list) -> None:

@@ -542,8 +542,10 @@ def test_bad_training_input():
         BPETokenizer().train("hello", 256, special_tokens=[EOT])
     with pytest.raises(TokenizerError, match="too small"):
         BPETokenizer().train("hello", 100)
-    with pytest.raises(TokenizerError, match="must be an integer"):
-        BPETokenizer().train("hello", "4096")
+    for bad in ("4096", 4096.0):
+        with pytest.raises(TokenizerError, match="must be an integer"):
+            BPETokenizer().train("hello", bad)
+    assert BPETokenizer().train("hello", np.int64(258)).vocab_size == 258  # numpy's integers are integers
     with pytest.raises(TokenizerError, match=r"special_tokens must be a list of strings, got the string '<eos>'; "
                                              r"e.g. special_tokens=\['<eos>'\]"):
         BPETokenizer().train("hello", 300, special_tokens="<eos>")
@@ -616,6 +618,10 @@ def test_decode_rejects_ids_out_of_range(make):
     for bad in ([0, "1"], [0, 1.0], "ab", [[0, 1]]):
         with pytest.raises(TokenizerError, match="integers"):
             tok.decode(bad)
+    for bad in (None, 1.5):
+        with pytest.raises(TokenizerError, match=rf"^token ids must be an integer or a sequence of them, got "
+                                                 rf"{type(bad).__name__}$"):
+            tok.decode(bad)
     assert tok.decode([np.int64(0), True]) == tok.decode([0, 1])
     assert tok.decode(torch.tensor([0, 1])) == tok.decode(np.array([0, 1])) == tok.decode([0, 1])
     assert tok.decode([]) == ""
@@ -646,6 +652,9 @@ def test_bad_allowed_special():
     with pytest.raises(TokenizerError, match="takes a str"):
         tok.encode(b"bytes")
     assert tok.encode("x<|endoftext|>", allowed_special="all") == [120, 256]
+    for encode in (CharTokenizer("abc").encode_ordinary, CharTokenizer("abc").encode):  # not ids "never seen"
+        with pytest.raises(TokenizerError, match="^encode\\(\\) takes a str, got bytes"):
+            encode(b"abc")
 
 
 def test_load_rejects_bad_files(tmp_path):
@@ -657,6 +666,9 @@ def test_load_rejects_bad_files(tmp_path):
             load_tokenizer(tmp_path / "bad.json")
     with pytest.raises(TokenizerError, match="kind"):
         tokenizer_from_dict({"kind": "sentencepiece"})
+    # saved again by Windows Notepad, with a byte-order mark first
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + CharTokenizer("bca").to_json().encode())
+    assert load_tokenizer(tmp_path / "bom.json").chars == ["a", "b", "c"]
     assert tokenizer_from_dict(CharTokenizer("bca").to_dict()).chars == ["a", "b", "c"]
     for chars in (["b", "a"], ["a", "a", "b"], "ba", {"a": 0}, ["a", 1]):  # a hand-edited file: ids would shift
         with pytest.raises(TokenizerError, match="the saved char tokenizer is damaged or incomplete"):
