@@ -1318,8 +1318,12 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # one starts from the average of the saved sums
         sums = progress["loss_sums"]
         own = sums[rank] if len(sums) == world_size else sum(sums) / max(1, len(sums))
-        interval_loss = torch.tensor(own, device=device)
         interval_steps = progress["steps"]
+        if interval_steps > iter_num % config.log_interval:
+            # summed since a log step of another --log_interval, before this interval began: those steps cannot
+            # be taken out of the sum, so the interval starts here and its first mean covers the steps after it
+            own, interval_steps = 0.0, 0
+        interval_loss = torch.tensor(own, device=device)
         last_eval_s = progress["eval_s"]  # the last evaluation's duration, for the ETA
         if progress.get("eval_iters"):  # a resumed run may evaluate on more or fewer batches than the saved one
             last_eval_s *= config.eval_iters / progress["eval_iters"]

@@ -2068,6 +2068,12 @@ def test_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
     resumed = train(tiny(char_data, tmp_path / "b", **kw))
     assert resumed["resumed_from"] == 6 and list(resumed["losses"]) == [8, 12]
     assert resumed["losses"] == {k: straight["losses"][k] for k in (8, 12)}  # iteration 8 averages 5..8
+    # resumed at 6 with log_interval 2: 5 and 6 were summed for a log step at 8, and the interval now due
+    # began after 6. The sum cannot be split, so it is left out: the means are those of a run logged every 2
+    every2 = train(tiny(char_data, tmp_path / "c", **{**kw, "log_interval": 2}))
+    train(tiny(char_data, tmp_path / "d", **{**kw, "max_iters": 6}))
+    resumed = train(tiny(char_data, tmp_path / "d", **{**kw, "log_interval": 2}))
+    assert resumed["losses"] == {k: every2["losses"][k] for k in (8, 10, 12)}
 
 
 def test_resume_takes_the_checkpoint_settings_the_command_leaves_out(char_data, tmp_path):
