@@ -778,19 +778,32 @@ def complete_in_batches(gen: Generator, tokenizer, prompts: list[str], settings:
     return texts
 
 
-def sample_text(model, tokenizer, prompt: str = "", **sampling) -> str:
+class _SampleAbandoned(Exception):
+    """sample_text's should_stop said to stop."""
+
+
+def sample_text(model, tokenizer, prompt: str = "", should_stop: Optional[Callable[[], bool]] = None,
+                **sampling) -> Optional[str]:
     """prompt + a sampled continuation, from `model` as it is (its device and dtype, eager decoding);
     sampling: SamplingSettings' fields, their defaults where not given.
 
     For samples during training: the global RNG is not touched (a seeded torch.Generator draws), and the
-    model's train/eval mode is restored and its KV cache removed afterwards.
+    model's train/eval mode is restored and its KV cache removed afterwards. should_stop() is asked after
+    each token: True abandons the sample (None is returned), so that a Ctrl-C need not wait for hundreds of
+    tokens on a CPU.
     """
     settings = SamplingSettings(**sampling).validate()
     raw = getattr(model, "_orig_mod", model)
     was_training = raw.training
+
+    def step() -> None:
+        if should_stop is not None and should_stop():
+            raise _SampleAbandoned
     try:
         gen = Generator(raw, cuda_graph=False, cpu_layout=False)  # the training step keeps its layout
-        return prompt + complete(gen, tokenizer, [prompt], settings)[0]
+        return prompt + complete(gen, tokenizer, [prompt], settings, on_step=step)[0]
+    except _SampleAbandoned:
+        return None
     finally:
         raw.remove_kv_cache()
         raw.train(was_training)

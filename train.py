@@ -1167,9 +1167,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                              "eval_owed": eval_owed, "evaluated_at": evaluated_at},
                 "started_from": run_origin, "started_from_fingerprint": run_fingerprint, "version": CHECKPOINT_VERSION}
 
-    # where the run's time goes, for the last line: evaluations and checkpoint writes are summed as they
-    # happen, setup and the first step (torch.compile's compilation) are timed once, steps are the rest
-    timing = {"evaluation": 0.0, "checkpoints": 0.0}
+    # where the run's time goes, for the last line: evaluations, text samples and checkpoint writes are summed
+    # as they happen, setup and the first step (torch.compile's compilation) are timed once, steps are the rest
+    timing = {"evaluation": 0.0, "samples": 0.0, "checkpoints": 0.0}
 
     writer = CheckpointWriter()
     # on an error elsewhere the write under way is finished (a whole file), and its own error, if any, stays behind
@@ -1270,12 +1270,17 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   f"{' (best)' if improved else ''} [{time.perf_counter() - t0:.1f}s]")
         log.scalars(iter_num, **{"train/eval_loss": losses["train"], "val/loss": losses["val"]})
+        timing["evaluation"] += time.perf_counter() - t0
         if master and config.sample_tokens:
             from generate import sample_text
-            # the raw model, seeded generator: the training RNG streams are not touched
-            text = sample_text(raw_model, tokenizer, prompt, max_new_tokens=config.sample_tokens, seed=config.seed)
-            log.text("sample", text, iter_num)
-        timing["evaluation"] += time.perf_counter() - t0
+            t_sample = time.perf_counter()
+            # the raw model, seeded generator: the training RNG streams are not touched. A stop request
+            # abandons the sample: its hundreds of tokens take seconds on a CPU
+            text = sample_text(raw_model, tokenizer, prompt, max_new_tokens=config.sample_tokens, seed=config.seed,
+                               should_stop=lambda: stop.signum is not None)
+            if text is not None:
+                log.text("sample", text, iter_num)
+            timing["samples"] += time.perf_counter() - t_sample
         if not initial:
             save(["best_checkpoint.pt", "checkpoint.pt"] if improved else ["checkpoint.pt"])
         return losses
@@ -1385,7 +1390,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if iter_num < config.max_iters:
             log.open_writer()  # a resumed run's, here, where it counts as setup and not in the first rate
         timed_steps, t_mark, eval_time = 0, time.perf_counter(), 0.0
-        timing["setup"] = t_mark - t_start - timing["evaluation"] - timing["checkpoints"]
+        timing["setup"] = t_mark - t_start - timing["evaluation"] - timing["samples"] - timing["checkpoints"]
         first_in_interval = True  # the first step compiles: its time stays out of the first rate and ETA
         # clipped in the model's order, listed once: model.parameters() walks the module tree, about 0.1 ms of host
         # time a step for 6 layers, which a GPU bound by its host waits for
@@ -1494,7 +1499,7 @@ def format_timing(timing: dict, total: float, compiled: bool) -> str:
     first = "first step" + (" (compilation)" if compiled else "")
     parts = [("setup", timing["setup"]), (first, timing.get("first_step")),
              ("other steps", total - sum(timing.values())), ("evaluations", timing["evaluation"]),
-             ("checkpoints", timing["checkpoints"])]
+             ("text samples", timing.get("samples") or None), ("checkpoints", timing["checkpoints"])]
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts if seconds is not None)
 
 

@@ -106,6 +106,11 @@ def test_same_seed_same_text_and_global_rng_untouched():
     assert torch.equal(torch.get_rng_state(), state)
     assert a == b and a != c and a.startswith("ab") and len(a) == 32
     assert model.training and model.transformer.h[0].attn.kv_cache is None  # left as it was
+    asked = []  # a stop request abandons the sample after the token under way, the model left as it was
+    assert sample_text(model, tok, "ab", max_new_tokens=30, seed=3, should_stop=lambda: asked.append(1) or
+                       len(asked) == 4) is None
+    assert len(asked) == 4 and model.training and model.transformer.h[0].attn.kv_cache is None
+    assert sample_text(model, tok, "ab", max_new_tokens=30, temperature=1.0, seed=3, should_stop=lambda: False) == a
 
 
 def test_samples_during_training_run_without_dropout():

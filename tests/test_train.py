@@ -614,6 +614,31 @@ def test_a_signal_during_a_later_evaluation_saves_and_resumes(char_data, tmp_pat
     assert {**stopped["evals"], **resumed["evals"]} == straight["evals"]  # the cut evaluation is made up
 
 
+def test_a_signal_during_the_text_sample_abandons_it(char_data, tmp_path, monkeypatch):
+    """The TensorBoard sample after an evaluation is hundreds of tokens, seconds on a CPU: a Ctrl-C no longer
+    waits for it. The sample is left out, the state after the evaluation is saved, and the resumed run's
+    losses are those of a run never stopped."""
+    import generate
+    kw = dict(max_iters=10, eval_interval=5, sample_tokens=40)
+    straight = train(tiny(char_data, tmp_path / "straight", **kw))
+    steps, real_step = [], generate.Generator._step
+
+    def step(self, tok):  # the sample at 0 takes 39 steps; the signal comes at the 10th of the one at 5
+        steps.append(1)
+        if len(steps) == 39 + 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, tok)
+    monkeypatch.setattr(generate.Generator, "_step", step)
+    stopped = train(tiny(char_data, tmp_path / "split", **kw))
+    assert stopped["stopped_by"] == signal.SIGTERM and stopped["iter_num"] == 5 and len(steps) == 49
+    assert stopped["evals"] == {k: straight["evals"][k] for k in (0, 5)}
+    _, acc = event_steps(stopped["run_dir"])
+    assert [e.step for e in acc.Tensors("sample/text_summary")] == [0]
+    monkeypatch.undo()
+    resumed = train(tiny(char_data, tmp_path / "split", **kw))
+    assert resumed["resumed_from"] == 5 and {**stopped["losses"], **resumed["losses"]} == straight["losses"]
+
+
 def test_a_run_stopped_between_evaluations_and_finished_there_evaluates_that_iteration(char_data, tmp_path,
                                                                                       monkeypatch):
     """Stopped at iteration 6 of 20 (evaluations every 100), then given --max_iters=6: the run ends at 6 as one
@@ -1209,7 +1234,7 @@ def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch
     monkeypatch.setattr(train_module, "save_checkpoint", slow_save)
     summary = train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5))
     t = summary["timing"]
-    assert set(t) == {"setup", "first_step", "steps", "evaluation", "checkpoints", "total"}
+    assert set(t) == {"setup", "first_step", "steps", "evaluation", "samples", "checkpoints", "total"}
     assert all(v >= 0 for v in t.values())
     # evaluations at 0, 5 and 10; at 5 and 10 checkpoint.pt (+ best), then final_checkpoint.pt. A background thread
     # writes them, and the training thread waits for the last one: the final checkpoint is whole when it says done
@@ -1378,6 +1403,9 @@ def test_the_time_split_of_the_last_line():
     timing = {"setup": 1.0, "first_step": 2.0, "evaluation": 3.0, "checkpoints": 4.0}
     assert format_timing(timing, 20.0, compiled=True) == ("setup 1.0 s, first step (compilation) 2.0 s, other steps "
                                                           "10.0 s, evaluations 3.0 s, checkpoints 4.0 s")
+    timing["samples"] = 1.5  # sample_tokens > 0: TensorBoard's text samples, taken after each evaluation
+    assert format_timing(timing, 20.0, compiled=False) == ("setup 1.0 s, first step 2.0 s, other steps 8.5 s, "
+                                                           "evaluations 3.0 s, text samples 1.5 s, checkpoints 4.0 s")
 
 
 def test_the_stop_message_says_how_to_continue(char_data, tmp_path, monkeypatch, capsys):
