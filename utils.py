@@ -7,6 +7,7 @@ of a traceback.
 """
 import argparse
 import contextlib
+import difflib
 import errno
 import multiprocessing
 import multiprocessing.connection
@@ -891,12 +892,34 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
     if (d / "config.json").is_file():
         raise CheckpointError(f"{d} holds no checkpoint of train.py (searched {searched}) but a Hugging Face model "
                               f"folder; read it with --init_from {shlex.quote(str(d))}")
+    # the README's runs each have a folder of their own (checkpoints/char): a command that leaves out
+    # --checkpoint_dir, or misspells it, has a trained model nearby, which says more than how to train one
+    trained = _trained_folders(d) if d.is_dir() else []
+    if trained:
+        shown = ", ".join(str(p) for p in trained[:5]) + (", ..." if len(trained) > 5 else "")
+        raise CheckpointError(f"no checkpoint found in {d} itself (searched {searched}), but folders in it hold "
+                              f"trained models: {shown}; pass one, e.g. --checkpoint_dir "
+                              f"{shlex.quote(str(trained[0]))}")
+    siblings = _trained_folders(d.parent) if not d.exists() and d.parent.is_dir() else []
+    close = difflib.get_close_matches(d.name, [p.name for p in siblings], n=1, cutoff=0.6)
+    if close:
+        raise CheckpointError(f"{d} does not exist; did you mean --checkpoint_dir "
+                              f"{shlex.quote(str(d.parent / close[0]))}, which holds a trained model?")
     # train.py writes into ./checkpoints unless told otherwise: the command must name this folder
     into = "" if d.absolute() == Path("checkpoints").absolute() else f" --checkpoint_dir={shlex.quote(str(d))}"
     raise CheckpointError(f"no checkpoint found (searched {searched}); train one first, e.g. "
                           "`python prepare_data.py --dataset shakespeare --tokenizer char && "
                           f"python train.py --preset=shakespeare-char-cpu{into}`, or pass --checkpoint PATH "
                           "or --init_from gpt2")
+
+
+def _trained_folders(folder: Path) -> list[Path]:
+    """The folders right under folder that hold one of CHECKPOINT_FALLBACK, sorted; none where it cannot be read."""
+    try:
+        subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return []
+    return [p for p in subfolders if any((p / name).is_file() for name in CHECKPOINT_FALLBACK)]
 
 
 def model_from_checkpoint(ckpt: dict, source: str | os.PathLike = "the checkpoint"):

@@ -1203,6 +1203,23 @@ def test_a_folder_without_train_pys_checkpoints_says_what_it_holds(tmp_path):
         with pytest.raises(CheckpointError, match=r"export holds no checkpoint of train.py .* but a Hugging Face "
                                                   r"model folder; read it with --init_from .*export$"):
             load_model(**kw)
+    # the README's runs have folders of their own: a command without --checkpoint_dir, or with a typo in it,
+    # is pointed at the trained models, not told to train one
+    runs = tmp_path / "checkpoints"
+    for name in ("char", "char_full"):
+        write_checkpoint(runs / name / "best_checkpoint.pt", tiny_model(tok.vocab_size), tok)
+    (runs / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=rf"^no checkpoint found in {re.escape(str(runs))} itself \(searched "
+                                              rf".*\), but folders in it hold trained models: {re.escape(str(runs))}/"
+                                              rf"char, {re.escape(str(runs))}/char_full; pass one, e.g. "
+                                              rf"--checkpoint_dir {re.escape(str(runs))}/char$"):
+        load_model(checkpoint_dir=runs)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(runs))}/char_ful does not exist; did you mean "
+                                              rf"--checkpoint_dir {re.escape(str(runs))}/char_full, which holds a "
+                                              rf"trained model\?$"):
+        load_model(checkpoint_dir=runs / "char_ful")
+    with pytest.raises(CheckpointError, match=r"train one first"):  # nothing like it: how to train
+        load_model(checkpoint_dir=runs / "shakespeare_gpt2")
 
 
 @pytest.mark.parametrize("present,expected", [
