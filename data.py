@@ -20,6 +20,7 @@ memory grow over a long run, as nanoGPT notes in its get_batch.
 from __future__ import annotations  # torch's types in signatures stay names: this module imports torch late
 
 import contextlib
+import difflib
 import json
 import shlex
 import sys
@@ -102,6 +103,15 @@ def load_meta(data_dir: str | Path) -> dict:
                         f"text, prepare it with: python prepare_data.py --dataset custom --input "
                         f"{shlex.quote(str(data_dir))} --tokenizer gpt2 --output_dir {out}, then give --data_dir={out}")
     if not path.is_file():
+        if not data_dir.exists():  # a typo beside a prepared data set (data/shakespear_char) is its name misspelled
+            try:
+                prepared = [p.name for p in data_dir.parent.iterdir() if (p / "meta.json").is_file()]
+            except OSError:
+                prepared = []
+            close = difflib.get_close_matches(data_dir.name, prepared, n=1, cutoff=0.6)
+            if close:
+                raise DataError(f"data directory {str(data_dir)!r} does not exist; did you mean "
+                                f"--data_dir={shlex.quote(str(data_dir.parent / close[0]))}, a prepared data set?")
         what = ("does not exist" if not data_dir.exists()
                 else "has no meta.json (not prepared, or preparation did not finish)")
         raise DataError(f"data directory {str(data_dir)!r} {what}. Prepare it with: {prepare_command(data_dir)}")

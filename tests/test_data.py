@@ -2326,6 +2326,14 @@ def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
         with pytest.raises(DataError, match=r"is a file of a data set; give the folder that holds it: "
                                             r"--data_dir=data/verse$"):
             load_meta(f"data/verse/{name}")
+    (tmp_path / "data" / "shakespeare_char").mkdir()
+    (tmp_path / "data" / "shakespeare_char" / "meta.json").write_text("{}")
+    with pytest.raises(DataError, match=r"^data directory 'data/shakespear_char' does not exist; did you mean "
+                                        r"--data_dir=data/shakespeare_char, a prepared data set\?$"):
+        load_meta("data/shakespear_char")  # a typo beside it: not told to prepare a custom GPT-2 data set
+    with pytest.raises(DataError, match=r"^data directory 'data/openwebtext' does not exist. Prepare it with: python "
+                                        r"prepare_data.py --dataset openwebtext$"):
+        load_meta("data/openwebtext")  # nothing like it
     assert prepare_command("runs/mine") == ("python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
                                             "--tokenizer gpt2 --output_dir runs/mine")
 
