@@ -1246,7 +1246,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             nonlocal last_report
             if time.perf_counter() - last_report > 30:
                 last_report = time.perf_counter()
-                log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s]")
+                # the time left says at once what a preset sized for a GPU costs on a CPU: minutes per evaluation
+                left = (last_report - t0) / done * (total - done)
+                log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s, about "
+                          f"{format_duration(left)} left]")
 
         def should_stop() -> bool:  # before each round of evaluation batches
             look_at_data()

@@ -1320,6 +1320,28 @@ def test_no_rate_from_the_first_step_alone(char_data, tmp_path, fake_clock, caps
     assert [e.step for e in acc.Scalars("tokens_per_sec")] == [2, 3] and [e.step for e in acc.Scalars("lr")] == [1, 2, 3]
 
 
+def test_a_long_evaluation_reports_its_progress_and_time_left(char_data, tmp_path, fake_clock, monkeypatch, capsys):
+    """An evaluation of 12 batches, 20 s each on this clock: a line once more than 30 s passed since the last,
+    with the batches done and the time left at that rate (a preset sized for a GPU, run on a CPU, says so)."""
+    import train as train_module
+    real = train_module.estimate_loss  # fake_clock's
+
+    def slow(*args, progress=None, **kwargs):
+        def timed(done, total):
+            fake_clock.now += 20.0 * (done - timed.done)
+            timed.done = done
+            progress(done, total)
+        timed.done = 0
+        return real(*args, progress=timed, **kwargs)
+    monkeypatch.setattr(train_module, "estimate_loss", slow)
+    train(tiny(char_data, tmp_path, max_iters=1, eval_interval=1, eval_iters=6))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "evaluating" in line]
+    assert lines[:4] == ["iter 0: evaluating, 2/12 batches [40s, about 3m20s left]",
+                         "iter 0: evaluating, 4/12 batches [80s, about 2m40s left]",
+                         "iter 0: evaluating, 6/12 batches [120s, about 2m00s left]",
+                         "iter 0: evaluating, 8/12 batches [160s, about 1m20s left]"], lines
+
+
 def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, tmp_path, fake_clock):
     """The same fake clock, and evaluations that take time: 0.5 s the first, 0.2 s each later one. The
     rate leaves them out; the ETA adds the evaluations still to come at the last one's duration.
