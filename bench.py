@@ -55,9 +55,9 @@ import torch
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, output_file_problem,
-                   path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers, stop_signals_raise,
-                   synchronize)
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, dtype_warning,
+                   output_file_problem, path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers,
+                   stop_signals_raise, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -691,6 +691,8 @@ def model_report(args) -> dict:
     """The default run: training and generation figures, printed as they come."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if dtype_warning(device, dtype):
+        print(dtype_warning(device, dtype), file=sys.stderr)
     use_compile = device.type == "cuda" if args.compile == "auto" else args.compile == "true"
     preset = args.preset or ("gpt2" if device.type == "cuda" else "shakespeare-char-cpu")
     if args.vocab_size is not None:

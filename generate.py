@@ -58,8 +58,8 @@ import torch
 
 from config import DTYPES, suggest
 from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, Progress, UserError,
-                   atomic_open, find_checkpoint, load_checkpoint, model_from_checkpoint, output_file_problem,
-                   path_arg, read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize)
+                   atomic_open, dtype_warning, find_checkpoint, load_checkpoint, model_from_checkpoint,
+                   output_file_problem, path_arg, read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize)
 
 
 class GenerationError(UserError, ValueError):
@@ -919,6 +919,8 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     check_utf8(settings.stop, "stop")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)  # a typo is said before a model of gigabytes loads
+    if dtype_warning(device, dtype):
+        print(dtype_warning(device, dtype), file=sys.stderr)
     model, tokenizer, _ = load_model(checkpoint, init_from, checkpoint_dir)
     for i, p in enumerate(prompts, 1):  # a prompt the tokenizer cannot encode fails before any generation
         try:
@@ -1235,6 +1237,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout.reconfigure(errors="replace")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if dtype_warning(device, dtype):
+        print(dtype_warning(device, dtype), file=sys.stderr)
     model, tokenizer, _ = load_model(args.checkpoint, args.init_from, args.checkpoint_dir)
     gen = Generator(model, device, dtype, compile=args.compile, cuda_graph=not args.no_cuda_graph,
                     window=args.window)

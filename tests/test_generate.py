@@ -1089,6 +1089,18 @@ def test_batch_generate_takes_an_open_files_lines_a_long_name_and_checks_dtype_f
         batch_generate(["ab"], output_file=None, checkpoint=str(tmp_path / "missing.pt"), dtype="fp16")
 
 
+def test_float16_on_a_cpu_is_warned_of(char_checkpoint, tmp_path, capsys):
+    """Emulated on most CPUs: many times slower than float32, which a user picking it for speed should hear."""
+    path, model, tok = char_checkpoint
+    warning = "warning: float16 on a CPU is emulated by most processors and runs many times slower than float32"
+    batch_generate(["ab"], output_file=None, checkpoint=str(path), device="cpu", dtype="float16", max_new_tokens=2)
+    assert warning in capsys.readouterr().err
+    r = cli(["--checkpoint", str(path), "--prompt", "ab", "--max_new_tokens", "2", "--dtype", "float16"], tmp_path)
+    assert r.returncode == 0 and warning in r.stderr
+    r = cli(["--checkpoint", str(path), "--prompt", "ab", "--max_new_tokens", "2", "--dtype", "bfloat16"], tmp_path)
+    assert r.returncode == 0 and "warning" not in r.stderr
+
+
 def test_a_prompt_file_ending_with_a_line_break_the_tokenizer_lacks_is_said_so(tmp_path):
     tok = CharTokenizer(string.ascii_letters + " .,;:!?'")  # trained on text without line breaks
     path = write_checkpoint(tmp_path / "ck" / "checkpoint.pt", tiny_model(tok.vocab_size), tok)

@@ -2456,12 +2456,16 @@ class FastGrowingScaler(torch.amp.GradScaler):
         super().__init__(device, growth_interval=1, **kwargs)
 
 
-def test_float16_scales_its_loss_skips_overflows_and_resumes_exactly(char_data, tmp_path, monkeypatch):
+def test_float16_scales_its_loss_skips_overflows_and_resumes_exactly(char_data, tmp_path, monkeypatch, capsys):
     """The GradScaler path: its state in the checkpoint and back, overflowing steps skipped (not an error),
     and the logged gradient norm unscaled (float32's at the first step, before the runs diverge)."""
     monkeypatch.setattr(torch.amp, "GradScaler", FastGrowingScaler)
     kw = dict(dtype="float16", max_iters=12, eval_interval=6)
     straight = train(tiny(char_data, tmp_path / "straight", **kw))
+    # emulated on most CPUs: a run 12x slower than float32 says so (this one is on the CPU)
+    assert ("warning: float16 on a CPU is emulated by most processors and runs many times slower than float32 (12x "
+            "in training on a 2-core EPYC); use --dtype=float32, or bfloat16 where the CPU has it\n"
+            in capsys.readouterr().out)
     train(tiny(char_data, tmp_path / "split", **{**kw, "max_iters": 6}))
     split = train(tiny(char_data, tmp_path / "split", **kw))
     assert list(split["losses"]) == list(range(7, 13))
