@@ -22,7 +22,7 @@ x processes.
 --whole_run times `python train.py --preset=PRESET` in a new process from its start to its exit, with
 empty compile caches (as a first run) unless --warm_cache, split into its start-up (the interpreter,
 imports, the command line), train.py's own split of the run (setup, first step with compilation, other
-steps, evaluations, checkpoints) and the exit after its last line; and the best val loss. It needs the
+steps, evaluations, TensorBoard's text samples, checkpoints) and the exit after its last line; and the best val loss. It needs the
 preset's prepared data.
 """
 import argparse

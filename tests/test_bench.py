@@ -135,6 +135,8 @@ def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture
     (["--no_generate", "--hf_reference"], "--hf_reference times transformers' generation next to ours, which "
                                           "--no_generate leaves out"),
     (["--no_train", "--num_proc", "2", "--tokenize_mb", "1"], "--num_proc, --tokenize_mb are for --tokenize"),
+    (["--warmup", "0"], "--warmup, --steps and --gen_tokens must be at least 1"),  # else a traceback
+    (["--no_train", "--gen_tokens", "0"], "--warmup, --steps and --gen_tokens must be at least 1"),  # else 0 tok/s
 ])
 def test_bad_model_arguments_are_one_line_errors(argv, message, capsys):
     assert message in one_line_error(["--device", "cpu", *argv], capsys)
@@ -144,9 +146,67 @@ def test_tokenize_refuses_the_model_benchmarks_flags(capsys):
     err = one_line_error(["--tokenize", "--tokenize_mb", "0.1", "--steps", "3", "--preset", "gpt2"], capsys)
     assert err.startswith("error: --tokenize times GPT-2 tokenisation only: --preset, --steps are for the model "
                           "benchmark")
+    err = one_line_error(["--tokenize", "--tokenize_mb", "0.1", "--preset", "gpt2"], capsys)  # alone too
+    assert err.startswith("error: --tokenize times GPT-2 tokenisation only: --preset is for the model benchmark")
     for n in ("0", "99999999999999999999"):  # a huge one used to start a process per share of the text
         err = one_line_error(["--tokenize", "--tokenize_mb", "0.1", "--num_proc", n], capsys)
         assert err.startswith("error: --num_proc must be between 1 and ") and f"got {n};" in err
+
+
+def test_the_timed_steps_train_on_whole_blocks_and_compile_by_itself_on_cuda_only(monkeypatch):
+    """tokens/s counts batch x block_size tokens a step: the random batches must be that long. --compile auto
+    means CUDA only (--help), not every device but the CPU."""
+    import bench
+    import model
+    import train
+    shapes, real = [], train.forward_backward
+
+    def spy(step_model, get_batch, *args, **kwargs):
+        x, y = get_batch(0)
+        shapes.append((tuple(x.shape), tuple(y.shape)))
+        return real(step_model, get_batch, *args, **kwargs)
+    monkeypatch.setattr(train, "forward_backward", spy)
+    bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "1", "--batch_size", "2",
+                "--block_size", "8"])
+    assert shapes == [((2, 8), (2, 8))] * 2
+    monkeypatch.setattr(bench, "resolve_device", lambda name: torch.device("mps"))  # an Apple GPU
+    monkeypatch.setattr(bench, "resolve_dtype", lambda name, device: torch.float32)
+    monkeypatch.setattr(model, "attention_kernel", lambda *args, **kwargs: "math")
+    assert bench.main(["--no_train", "--no_generate"])["compile"] is False
+
+
+def test_generation_reports_the_best_run_and_transformers_makes_every_token_counted(monkeypatch):
+    """benchmark_generation reports the faster of its runs (a busy machine slows one, not the model); the
+    transformers reference may not stop early at an end-of-text, since its tokens/s counts all it was asked for."""
+    import transformers
+    import generate
+    from config import GPT2Config
+    from model import GPT
+    now, durations = [0.0], iter([1.0, 4.0])
+
+    class Gen:  # decoding that takes 1 s, then 4 s (after an untimed warm-up)
+        def __init__(self, *args, **kwargs):
+            self.warm = False
+
+        def decode(self, rows, n, pick):
+            if self.warm:
+                now[0] += next(durations)
+            self.warm = True
+            yield from ([0] * len(rows) for _ in range(n))
+    with monkeypatch.context() as m:
+        m.setattr(generate, "Generator", Gen)
+        m.setattr(generate, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+        tiny = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=10))
+        r = generate.benchmark_generation(tiny, batch_size=2, prompt_len=3, new_tokens=5, device="cpu",
+                                          dtype="float32", repeats=2)
+    assert r["tokens_per_sec"] == pytest.approx(2 * 5 / 1.0)
+    asked = []
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "generate",
+                        lambda self, x, **kwargs: asked.append((kwargs.get("min_new_tokens"), kwargs["max_new_tokens"])))
+    small = GPT(GPT2Config(vocab_size=70, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0))
+    generate.benchmark_generation(small, batch_size=1, prompt_len=3, new_tokens=5, device="cpu", dtype="float32",
+                                  reference_hf=True, repeats=1)
+    assert asked and all(low == high == 5 for low, high in asked)
 
 
 def test_profile_accounts_for_the_step(capsys):
@@ -657,7 +717,8 @@ def test_whole_run_splits_train_py_s_wall_time_and_leaves_nothing(tiny_char_data
     assert report["device"] == "cpu" and report["dtype"] == "float32" and r["iterations"] == 6
     # train.py's own split, as its last line printed it, and the best val loss it printed
     [done] = [line for line in out.splitlines() if line.startswith("  done: 6 iterations")]
-    assert list(r["split_s"]) == ["setup", "first step", "other steps", "evaluations", "checkpoints"]
+    # (the CPU preset's TensorBoard samples of 200 tokens after each evaluation: timed apart)
+    assert list(r["split_s"]) == ["setup", "first step", "other steps", "evaluations", "text samples", "checkpoints"]
     assert ", ".join(f"{k} {v:.1f} s" for k, v in r["split_s"].items()) in done
     assert f"best val loss {r['best_val_loss']:.4f};" in done
     # wall time = start-up + train.py's clock + exit; start-up is the interpreter and its imports, most of a second
@@ -769,6 +830,8 @@ def test_whole_run_passes_help_on_to_train_py():
     (["--", "--max_iters=4"], "flags after `--` (--max_iters=4) are train.py's, for --whole_run"),
     (["--whole_run", "--", "--max_iters=4", "--preset=shakespeare-char", "--checkpoint_dir=ck"],
      "--preset=shakespeare-char --checkpoint_dir=ck after `--` would change what --whole_run sets itself"),
+    (["--whole_run", "--", "--log_dir=logs"],  # TensorBoard's files outside the temporary folder it removes
+     "--log_dir=logs after `--` would change what --whole_run sets itself"),
     (["--whole_run", "--json", "W.json", "--", "--max_iters=x"],
      "train.py exited with code 2: max_iters must be an integer, got 'x'"),
 ])

@@ -110,6 +110,9 @@ def test_an_export_without_a_tokenizer_names_gpt2s_end_of_text(tmp_path):
     GPT(tiny_config()).save_pretrained(tmp_path / "b")
     assert json.loads((tmp_path / "a" / "config.json").read_text())["eos_token_id"] == 50256
     assert json.loads((tmp_path / "b" / "config.json").read_text())["eos_token_id"] is None
+    for vocab_size in (50304, 60000):  # larger vocabularies: 50256 is some other token of theirs
+        GPT(tiny_config(vocab_size=vocab_size)).save_pretrained(tmp_path / str(vocab_size))
+        assert json.loads((tmp_path / str(vocab_size) / "config.json").read_text())["eos_token_id"] is None
 
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
@@ -219,6 +222,8 @@ def test_the_chunked_loss_has_the_loss_and_gradients_of_transformers(hf_dir, row
     assert logits is None  # no logits were made for the whole batch
     loss.backward()
     torch.testing.assert_close(loss, ref.loss, atol=1e-5, rtol=0)
+    with torch.no_grad():  # an evaluation's path, which makes no gradients: the same mean over the targets kept
+        torch.testing.assert_close(model(idx[:, :-1], targets)[1], ref.loss, atol=1e-5, rtol=0)
     theirs = dict(hf.named_parameters())
     for name, p in model.named_parameters():
         grad = theirs[name].grad  # the same names; the tied lm_head.weight is listed once, as wte
@@ -903,6 +908,18 @@ def test_mfu_is_a_fraction_of_the_gpus_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     mfu = model.estimate_mfu(1000, 0.5, "cuda", torch.bfloat16)
     assert mfu == pytest.approx(model.flops_per_token() * 1000 / 0.5 / 989e12)
+
+
+def test_a_checkpoint_with_torchs_name_for_the_tanh_gelu_loads(tmp_path):
+    """transformers writes activation_function 'gelu_pytorch_tanh' for the same tanh GELU as 'gelu_new'."""
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2, activation_function="gelu_pytorch_tanh")).eval()
+    hf.save_pretrained(tmp_path)
+    idx = torch.randint(0, 50, (1, 10))
+    with torch.no_grad():
+        ours = GPT.from_pretrained(str(tmp_path)).eval()(idx)[0]
+        torch.testing.assert_close(ours[..., :50], hf(idx).logits, atol=1e-5, rtol=0)
 
 
 def test_gelu_is_gpt2s_tanh_form():
