@@ -1243,15 +1243,20 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         except for the initial evaluation, before anything was trained)."""
         nonlocal best_val_loss, eval_owed, evaluated_at
         t0 = last_report = time.perf_counter()
+        first_round = None  # (time, batches) at the end of the first round, which may have compiled the graph
 
         def progress(done: int, total: int) -> None:  # a line every 30 s when an evaluation takes long
-            nonlocal last_report
-            if time.perf_counter() - last_report > 30:
-                last_report = time.perf_counter()
-                # the time left says at once what a preset sized for a GPU costs on a CPU: minutes per evaluation
-                left = (last_report - t0) / done * (total - done)
-                log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{last_report - t0:.0f}s, about "
-                          f"{format_duration(left)} left]")
+            nonlocal last_report, first_round
+            now = time.perf_counter()
+            first_round = first_round or (now, done)
+            if now - last_report > 30:
+                last_report = now
+                # the time left says at once what a preset sized for a GPU costs on a CPU: minutes per evaluation.
+                # Its rate leaves out the first round, whose compiling would make it many times too long
+                since, before = first_round
+                left = f", about {format_duration((now - since) / (done - before) * (total - done))} left" \
+                    if done > before else ""
+                log.print(f"iter {iter_num}: evaluating, {done}/{total} batches [{now - t0:.0f}s{left}]")
 
         def should_stop() -> bool:  # before each round of evaluation batches
             look_at_data()

@@ -1322,13 +1322,14 @@ def test_no_rate_from_the_first_step_alone(char_data, tmp_path, fake_clock, caps
 
 def test_a_long_evaluation_reports_its_progress_and_time_left(char_data, tmp_path, fake_clock, monkeypatch, capsys):
     """An evaluation of 12 batches, 20 s each on this clock: a line once more than 30 s passed since the last,
-    with the batches done and the time left at that rate (a preset sized for a GPU, run on a CPU, says so)."""
+    with the batches done and the time left at that rate (a preset sized for a GPU, run on a CPU, says so).
+    The first batch also compiles (45 s here): the rate leaves it out, else the time left would be 2.25x."""
     import train as train_module
     real = train_module.estimate_loss  # fake_clock's
 
     def slow(*args, progress=None, **kwargs):
         def timed(done, total):
-            fake_clock.now += 20.0 * (done - timed.done)
+            fake_clock.now += 20.0 * (done - timed.done) + (25.0 if timed.done == 0 else 0.0)
             timed.done = done
             progress(done, total)
         timed.done = 0
@@ -1336,10 +1337,13 @@ def test_a_long_evaluation_reports_its_progress_and_time_left(char_data, tmp_pat
     monkeypatch.setattr(train_module, "estimate_loss", slow)
     train(tiny(char_data, tmp_path, max_iters=1, eval_interval=1, eval_iters=6))
     lines = [line for line in capsys.readouterr().out.splitlines() if "evaluating" in line]
-    assert lines[:4] == ["iter 0: evaluating, 2/12 batches [40s, about 3m20s left]",
-                         "iter 0: evaluating, 4/12 batches [80s, about 2m40s left]",
-                         "iter 0: evaluating, 6/12 batches [120s, about 2m00s left]",
-                         "iter 0: evaluating, 8/12 batches [160s, about 1m20s left]"], lines
+    assert len(lines) == 12 and lines[6] == "iter 1: evaluating, 1/12 batches [45s]"  # the evaluation at 1 too
+    assert lines[:6] == ["iter 0: evaluating, 1/12 batches [45s]",  # no rate yet: one round, which compiled
+                     "iter 0: evaluating, 3/12 batches [85s, about 3m00s left]",
+                     "iter 0: evaluating, 5/12 batches [125s, about 2m20s left]",
+                     "iter 0: evaluating, 7/12 batches [165s, about 1m40s left]",
+                     "iter 0: evaluating, 9/12 batches [205s, about 1m00s left]",
+                     "iter 0: evaluating, 11/12 batches [245s, about 20s left]"], lines
 
 
 def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, tmp_path, fake_clock):
