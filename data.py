@@ -22,6 +22,7 @@ from __future__ import annotations  # torch's types in signatures stay names: th
 import contextlib
 import difflib
 import json
+import os
 import shlex
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -103,9 +104,12 @@ def load_meta(data_dir: str | Path) -> dict:
                         f"text, prepare it with: python prepare_data.py --dataset custom --input "
                         f"{shlex.quote(str(data_dir))} --tokenizer gpt2 --output_dir {out}, then give --data_dir={out}")
     if not path.is_file():
-        if not data_dir.exists():  # a typo beside a prepared data set (data/shakespear_char) is its name misspelled
+        # a typo beside a prepared data set (data/shakespear_char) is its name misspelled; a default folder
+        # (data/shakespeare beside data/shakespeare_char) is another data set, which prepare_command names
+        defaults = {Path(d).name for d in DEFAULT_DATA_DIRS.values()}
+        if not data_dir.exists() and data_dir.name not in defaults:
             try:
-                prepared = [p.name for p in data_dir.parent.iterdir() if (p / "meta.json").is_file()]
+                prepared = [p.name for p in data_dir.parent.iterdir() if os.path.isfile(p / "meta.json")]
             except OSError:
                 prepared = []
             close = difflib.get_close_matches(data_dir.name, prepared, n=1, cutoff=0.6)

@@ -149,7 +149,8 @@ def input_files(path: Path, suffixes: tuple[str, ...],
                 try:
                     st = p.stat()
                 except OSError as e:
-                    if e.errno in (errno.ENOENT, errno.ELOOP):  # a link that points to nothing, or to itself
+                    # a link that points to nothing, to itself, or into a file (a.txt/x)
+                    if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                         broken.append(p)
                         continue
                     raise DataError(f"cannot read {p}: {e.strerror or e}; make it readable, or move it out of "

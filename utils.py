@@ -242,12 +242,25 @@ PARQUET_MAGIC = b"PAR1"
 BINARY_HEAD = 1 << 16
 
 
+def _tar_header(head: bytes) -> bool:
+    """Whether head starts with a tar header: its magic at byte 257 (POSIX 'ustar\\0', GNU 'ustar  \\0') and
+    its checksum, the sum of the header's 512 bytes with the checksum's own 8 read as spaces. Text with
+    "mustard" at byte 256 is no archive."""
+    if len(head) < 512 or head[257:263] not in (b"ustar\x00", b"ustar "):
+        return False
+    try:
+        checksum = int(head[148:156].strip(b" \x00") or b"x", 8)
+    except ValueError:
+        return False
+    return checksum == sum(head[:148]) + 8 * 32 + sum(head[156:512])
+
+
 def binary_problem(head: bytes | memoryview) -> Optional[str]:
     """Why a file that begins with head is no text, though it may be valid UTF-8 (a NUL byte is): UTF-16
     without a byte-order mark (English in it: a NUL beside each letter), a tar archive, a data set's train.bin.
     None for text, a few stray NULs included. The answer says what to do, after "FILE is not text: "."""
     head = bytes(head[:BINARY_HEAD])
-    if head[257:262] == b"ustar":  # the magic of a tar archive's first header
+    if _tar_header(head):
         return "it is a tar archive: extract it first (tar -xf FILE)"
     if head.startswith(b"PK\x03\x04") and b"data.pkl" in head[:128]:  # torch.save writes a zip, data.pkl first
         return "it is a PyTorch file (what torch.save writes, such as a checkpoint)"
@@ -255,6 +268,11 @@ def binary_problem(head: bytes | memoryview) -> Optional[str]:
     if (head[:2] in (b"\xff\xfe", b"\xfe\xff") or head.startswith(PARQUET_MAGIC)
             or any(magic.match(head) for magic, _ in COMPRESSED_MAGIC)):
         return None
+    try:  # nor is what is not UTF-8 at all (Chinese in UTF-16, UTF-32): decode_utf8 says how to convert it
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not (e.reason == "unexpected end of data" and e.end == len(head)):  # not a character cut at the end
+            return None
     nuls = head.count(0)
     if nuls < 16 or nuls * 100 < len(head):  # under 1%: stray NULs in a text, which tokenise as any character
         return None
@@ -930,7 +948,8 @@ def _trained_folders(folder: Path) -> list[Path]:
         subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
     except OSError:
         return []
-    return [p for p in subfolders if any((p / name).is_file() for name in CHECKPOINT_FALLBACK)]
+    # os.path.isfile is False for a folder this user may not enter (lost+found), where Path.is_file raises
+    return [p for p in subfolders if any(os.path.isfile(p / name) for name in CHECKPOINT_FALLBACK)]
 
 
 def model_from_checkpoint(ckpt: dict, source: str | os.PathLike = "the checkpoint"):

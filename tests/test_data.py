@@ -1574,11 +1574,23 @@ def test_a_file_of_nul_bytes_is_no_text(tmp_path, dataset):
         with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))} is not text: {message}"):
             prepare("--dataset", dataset, "--input", tmp_path / name, "--output_dir", tmp_path / "o", *args)
         assert not (tmp_path / "o").exists()
+    # not archives: "mustard" at byte 256 (a tar's magic, "ustar", at 257), and GNU tar's own format is one
+    (tmp_path / "mustard.txt").write_text("x" * 256 + "mustard and cress\n" * 40)
+    with tarfile.open(tmp_path / "gnu.txt", "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.add(tmp_path / "plain.txt", "plain.txt")
+    with pytest.raises(DataError, match=r"gnu.txt is not text: it is a tar archive"):
+        prepare("--dataset", dataset, "--input", tmp_path / "gnu.txt", "--output_dir", tmp_path / "o", *args)
+    # Chinese in UTF-16 has too few NULs to alternate, and is no UTF-8 at all: told to convert, not "binary"
+    (tmp_path / "zh16.txt").write_bytes(("床前明月光，疑是地上霜。举头望明月，低头思故乡。\n" * 40).encode("utf-16-le")
+                                        + "ab\n".encode("utf-16-le") * 100)
+    with pytest.raises(DataError, match=r"zh16.txt is not valid UTF-8: .*convert the file to UTF-8 first"):
+        prepare("--dataset", dataset, "--input", tmp_path / "zh16.txt", "--output_dir", tmp_path / "o", *args)
     stray = "".join(line + ("\0" if i % 7 == 0 else "") for i, line in enumerate(text.splitlines(True)))
     (tmp_path / "stray.txt").write_text(stray)  # 6 NULs in 1,646 bytes
     (tmp_path / "more").mkdir()  # documents enough for both splits
     for i in range(20):
         (tmp_path / "more" / f"{i}.txt").write_text(f"{i}: {stray}")
+    (tmp_path / "more" / "mustard.txt").write_bytes((tmp_path / "mustard.txt").read_bytes())
     meta = prepare("--dataset", dataset, "--input", tmp_path / "more", "--output_dir", tmp_path / "o", *args,
                    "--val_fraction", 0.2)
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
@@ -1768,15 +1780,16 @@ def test_a_folder_is_listed_with_a_count_and_the_size_of_its_files(tmp_path, cap
         for j in range(4):
             (docs / f"d{i}" / f"{j}.txt").write_text("x" * (10 * i + j + 1))
     (docs / "d0" / "loop.txt").symlink_to(docs / "d0" / "loop.txt")  # a link to itself is a broken one
+    (docs / "d2" / "into.txt").symlink_to(docs / "d2" / "0.txt" / "x")  # so is a link into a file
     (docs / "d1" / "fifo.txt").mkdir()  # a folder named like a file is walked into, not read
     monkeypatch.setattr(prepare_data.Progress, "LINE_INTERVAL", 0.0)
     files, size = prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
     assert files == sorted(docs / f"d{i}" / f"{j}.txt" for i in range(3) for j in range(4))
     assert size == sum(f.stat().st_size for f in files) == sum(10 * i + j + 1 for i in range(3) for j in range(4))
     err = capsys.readouterr().err
-    assert re.search(rf"^listing {re.escape(str(docs))}: 13 files ", err, re.M), err
-    assert f"note: 1 link(s) under {docs} point to nothing and are left out, such as {docs / 'd0' / 'loop.txt'}" \
-        in err
+    assert re.search(rf"^listing {re.escape(str(docs))}: 14 files ", err, re.M), err
+    assert re.search(rf"^note: 2 link\(s\) under {re.escape(str(docs))} point to nothing and are left out, such as "
+                     rf".*/(loop|into).txt$", err, re.M), err
     assert prepare_data.input_files(docs / "d2" / "3.txt", (".txt",)) == ([docs / "d2" / "3.txt"], 24)
 
 
@@ -2331,6 +2344,10 @@ def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"^data directory 'data/shakespear_char' does not exist; did you mean "
                                         r"--data_dir=data/shakespeare_char, a prepared data set\?$"):
         load_meta("data/shakespear_char")  # a typo beside it: not told to prepare a custom GPT-2 data set
+    for name, kind in (("shakespeare", ""), ("shakespeare_bpe", " --tokenizer bpe")):  # other data sets, not typos
+        with pytest.raises(DataError, match=rf"^data directory 'data/{name}' does not exist. Prepare it with: python "
+                                            rf"prepare_data.py --dataset shakespeare{kind}$"):
+            load_meta(f"data/{name}")
     with pytest.raises(DataError, match=r"^data directory 'data/openwebtext' does not exist. Prepare it with: python "
                                         r"prepare_data.py --dataset openwebtext$"):
         load_meta("data/openwebtext")  # nothing like it

@@ -1202,7 +1202,7 @@ def test_an_export_whose_tokenizer_outgrows_its_model_is_one_line(tmp_path):
         load_model(init_from=str(tmp_path / "small"))
 
 
-def test_a_folder_without_train_pys_checkpoints_says_what_it_holds(tmp_path):
+def test_a_folder_without_train_pys_checkpoints_says_what_it_holds(tmp_path, monkeypatch):
     tok = char_tokenizer()
     for step in (5, 20):  # kept steps only (--save_interval): the newest, by number
         write_checkpoint(tmp_path / "steps" / f"checkpoint_iter_{step}.pt", tiny_model(tok.vocab_size), tok)
@@ -1232,6 +1232,17 @@ def test_a_folder_without_train_pys_checkpoints_says_what_it_holds(tmp_path):
         load_model(checkpoint_dir=runs / "char_ful")
     with pytest.raises(CheckpointError, match=r"train one first"):  # nothing like it: how to train
         load_model(checkpoint_dir=runs / "shakespeare_gpt2")
+    # a folder this user may not enter (lost+found, another user's run) is passed over, not an error of its own
+    (runs / "private").mkdir()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if Path(path).parent.name == "private":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(CheckpointError, match=r"did you mean --checkpoint_dir .*/char_full, which holds"):
+        load_model(checkpoint_dir=runs / "char_ful")
 
 
 @pytest.mark.parametrize("present,expected", [
