@@ -1596,6 +1596,20 @@ def test_a_file_of_nul_bytes_is_no_text(tmp_path, dataset):
     assert meta["train_tokens"] > 0 and meta["val_tokens"] > 0
 
 
+def test_the_lines_between_text_with_nuls_and_a_binary_file():
+    from utils import binary_problem
+    text = "to be or not to be, that is the question\n" * 250
+    lines = text.splitlines(True)
+    stray = "".join(line + ("\0" if i % 12 == 0 else "") for i, line in enumerate(lines)).encode()
+    assert stray.count(0) == 21 and binary_problem(stray) is None  # 0.2% of the bytes: stray NULs in a text
+    assert binary_problem(b"hello\0world\n") is None  # a short document with one
+    assert binary_problem(text[:1900].encode() + b"\0" * 100).startswith("100 of its first 2,000 bytes are NULs")
+    # Russian in UTF-16 without a byte-order mark: a NUL only after each space and ASCII sign (17% of them)
+    ru = ("Все счастливые семьи похожи друг на друга, каждая несчастливая семья несчастлива по-своему. "
+          "Все смешалось в доме Облонских.\n") * 40
+    assert "every other byte: it looks like UTF-16" in binary_problem(ru.encode("utf-16-le"))
+
+
 def test_a_bad_lead_byte_before_a_cut_gets_the_true_reason(tmp_path):
     src = tmp_path / "l.txt"
     src.write_bytes(b"caf\xe9\n")  # the cut between train and val falls right after 0xe9
@@ -1781,13 +1795,14 @@ def test_a_folder_is_listed_with_a_count_and_the_size_of_its_files(tmp_path, cap
             (docs / f"d{i}" / f"{j}.txt").write_text("x" * (10 * i + j + 1))
     (docs / "d0" / "loop.txt").symlink_to(docs / "d0" / "loop.txt")  # a link to itself is a broken one
     (docs / "d2" / "into.txt").symlink_to(docs / "d2" / "0.txt" / "x")  # so is a link into a file
-    (docs / "d1" / "fifo.txt").mkdir()  # a folder named like a file is walked into, not read
+    (docs / "d1" / "folder.txt").mkdir()  # a folder named like a file is walked into, not read
+    os.mkfifo(docs / "d1" / "pipe.txt")  # a pipe in the folder is no document: reading it would wait forever
     monkeypatch.setattr(prepare_data.Progress, "LINE_INTERVAL", 0.0)
     files, size = prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
     assert files == sorted(docs / f"d{i}" / f"{j}.txt" for i in range(3) for j in range(4))
     assert size == sum(f.stat().st_size for f in files) == sum(10 * i + j + 1 for i in range(3) for j in range(4))
     err = capsys.readouterr().err
-    assert re.search(rf"^listing {re.escape(str(docs))}: 14 files ", err, re.M), err
+    assert re.search(rf"^listing {re.escape(str(docs))}: 15 files ", err, re.M), err
     assert re.search(rf"^note: 2 link\(s\) under {re.escape(str(docs))} point to nothing and are left out, such as "
                      rf".*/(loop|into).txt$", err, re.M), err
     assert prepare_data.input_files(docs / "d2" / "3.txt", (".txt",)) == ([docs / "d2" / "3.txt"], 24)
