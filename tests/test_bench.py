@@ -209,6 +209,12 @@ def test_generation_reports_the_best_run_and_transformers_makes_every_token_coun
     assert asked and all(low == high == 5 for low, high in asked)
 
 
+def test_float16_on_a_cpu_is_warned_of(capsys):
+    import bench
+    bench.main(["--device", "cpu", "--dtype", "float16", "--no_train", "--gen_tokens", "2", "--gen_batch_sizes", "1"])
+    assert "warning: float16 on a CPU is emulated by most processors" in capsys.readouterr().err
+
+
 def test_profile_accounts_for_the_step(capsys):
     import bench
     r = bench.main(["--device", "cpu", "--no_generate", "--warmup", "1", "--steps", "2", "--profile", "2"])

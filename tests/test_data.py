@@ -2359,6 +2359,12 @@ def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"^data directory 'data/shakespear_char' does not exist; did you mean "
                                         r"--data_dir=data/shakespeare_char, a prepared data set\?$"):
         load_meta("data/shakespear_char")  # a typo beside it: not told to prepare a custom GPT-2 data set
+    (tmp_path / "data" / "shakespeare_char2").mkdir()  # there, unprepared: not said to be missing
+    with pytest.raises(DataError, match=r"^data directory 'data/shakespeare_char2' has no meta.json"):
+        load_meta("data/shakespeare_char2")
+    (tmp_path / "data" / "shakespeare_chr").mkdir()  # a folder is no suggestion before it is prepared
+    with pytest.raises(DataError, match=r"did you mean --data_dir=data/shakespeare_char, a prepared"):
+        load_meta("data/shakespeare_chrr")  # nearer to the unprepared shakespeare_chr
     for name, kind in (("shakespeare", ""), ("shakespeare_bpe", " --tokenizer bpe")):  # other data sets, not typos
         with pytest.raises(DataError, match=rf"^data directory 'data/{name}' does not exist. Prepare it with: python "
                                             rf"prepare_data.py --dataset shakespeare{kind}$"):

@@ -1231,7 +1231,15 @@ def test_a_folder_without_train_pys_checkpoints_says_what_it_holds(tmp_path, mon
                                               rf"trained model\?$"):
         load_model(checkpoint_dir=runs / "char_ful")
     with pytest.raises(CheckpointError, match=r"train one first"):  # nothing like it: how to train
-        load_model(checkpoint_dir=runs / "shakespeare_gpt2")
+        load_model(checkpoint_dir=runs / "char_full" / "empty")
+    (runs / "char_fulll").mkdir()  # there, untrained: no typo, whatever its name is like
+    with pytest.raises(CheckpointError, match=r"^no checkpoint found \(searched .*/char_fulll/best"):
+        load_model(checkpoint_dir=runs / "char_fulll")
+    five = tmp_path / "five"
+    for i in range(5):  # five are all shown, with no "..." after them
+        write_checkpoint(five / f"r{i}" / "checkpoint.pt", tiny_model(tok.vocab_size), tok)
+    with pytest.raises(CheckpointError, match=r"five/r3, .*five/r4; pass one"):
+        load_model(checkpoint_dir=five)
     # a folder this user may not enter (lost+found, another user's run) is passed over, not an error of its own
     (runs / "private").mkdir()
     real_stat = os.stat

@@ -1346,6 +1346,21 @@ def test_a_long_evaluation_reports_its_progress_and_time_left(char_data, tmp_pat
                      "iter 0: evaluating, 11/12 batches [245s, about 20s left]"], lines
 
 
+def test_the_time_split_keeps_evaluations_and_text_samples_apart(char_data, tmp_path, fake_clock, monkeypatch):
+    """Evaluations of 0.5 s and text samples of 4 tokens at 0.1 s a token, at 0, 5 and 10: each in its own part."""
+    import generate
+    fake_clock.eval_s = (0.5, 0.5)
+    real_step = generate.Generator._step
+
+    def step(self, tok):
+        fake_clock.now += 0.1
+        return real_step(self, tok)
+    monkeypatch.setattr(generate.Generator, "_step", step)
+    timing = train(tiny(char_data, tmp_path, max_iters=10, eval_interval=5, sample_tokens=4))["timing"]
+    assert timing["evaluation"] == pytest.approx(3 * 0.5) and timing["samples"] == pytest.approx(3 * 3 * 0.1)
+    assert timing["setup"] == pytest.approx(0.0, abs=1e-9)  # the first evaluation and sample are not setup
+
+
 def test_rates_and_eta_leave_out_evaluations_and_count_those_to_come(char_data, tmp_path, fake_clock):
     """The same fake clock, and evaluations that take time: 0.5 s the first, 0.2 s each later one. The
     rate leaves them out; the ETA adds the evaluations still to come at the last one's duration.
@@ -2124,6 +2139,8 @@ def test_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
     assert resumed["losses"] == {k: straight["losses"][k] for k in (8, 12)}  # iteration 8 averages 5..8
     # resumed at 6 with log_interval 2: 5 and 6 were summed for a log step at 8, and the interval now due
     # began after 6. The sum cannot be split, so it is left out: the means are those of a run logged every 2
+    train(tiny(char_data, tmp_path / "b7", **{**kw, "max_iters": 7}))  # one step before a log step: 5..7 kept
+    assert train(tiny(char_data, tmp_path / "b7", **kw))["losses"][8] == straight["losses"][8]
     every2 = train(tiny(char_data, tmp_path / "c", **{**kw, "log_interval": 2}))
     train(tiny(char_data, tmp_path / "d", **{**kw, "max_iters": 6}))
     resumed = train(tiny(char_data, tmp_path / "d", **{**kw, "log_interval": 2}))
