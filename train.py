@@ -1285,7 +1285,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             from generate import sample_text
             t_sample = time.perf_counter()
             # the raw model, seeded generator: the training RNG streams are not touched. A stop request
-            # abandons the sample: its hundreds of tokens take seconds on a CPU
+            # abandons the sample: a larger model's hundreds of tokens take seconds on a CPU
             text = sample_text(raw_model, tokenizer, prompt, max_new_tokens=config.sample_tokens, seed=config.seed,
                                should_stop=lambda: stop.signum is not None)
             if text is not None:
