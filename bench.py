@@ -22,8 +22,8 @@ x processes.
 --whole_run times `python train.py --preset=PRESET` in a new process from its start to its exit, with
 empty compile caches (as a first run) unless --warm_cache, split into its start-up (the interpreter,
 imports, the command line), train.py's own split of the run (setup, first step with compilation, other
-steps, evaluations, TensorBoard's text samples, checkpoints) and the exit after its last line; and the best val loss. It needs the
-preset's prepared data.
+steps, evaluations, TensorBoard's text samples, checkpoints) and the exit after its last line; and the best
+val loss. It needs the preset's prepared data.
 """
 import argparse
 import json
@@ -691,8 +691,8 @@ def model_report(args) -> dict:
     """The default run: training and generation figures, printed as they come."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if dtype_warning(device, dtype):
-        print(dtype_warning(device, dtype), file=sys.stderr)
+    if warning := dtype_warning(device, dtype):
+        print(warning, file=sys.stderr)
     use_compile = device.type == "cuda" if args.compile == "auto" else args.compile == "true"
     preset = args.preset or ("gpt2" if device.type == "cuda" else "shakespeare-char-cpu")
     if args.vocab_size is not None:

@@ -919,8 +919,8 @@ def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt
     check_utf8(settings.stop, "stop")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)  # a typo is said before a model of gigabytes loads
-    if dtype_warning(device, dtype):
-        print(dtype_warning(device, dtype), file=sys.stderr)
+    if warning := dtype_warning(device, dtype):
+        print(warning, file=sys.stderr)
     model, tokenizer, _ = load_model(checkpoint, init_from, checkpoint_dir)
     for i, p in enumerate(prompts, 1):  # a prompt the tokenizer cannot encode fails before any generation
         try:
@@ -1237,8 +1237,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout.reconfigure(errors="replace")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if dtype_warning(device, dtype):
-        print(dtype_warning(device, dtype), file=sys.stderr)
+    if warning := dtype_warning(device, dtype):
+        print(warning, file=sys.stderr)
     model, tokenizer, _ = load_model(args.checkpoint, args.init_from, args.checkpoint_dir)
     gen = Generator(model, device, dtype, compile=args.compile, cuda_graph=not args.no_cuda_graph,
                     window=args.window)

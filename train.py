@@ -50,8 +50,8 @@ from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folde
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
                    dtype_warning, folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints,
                    load_checkpoint, load_weights, lock_holder, missing_folders, remove_empty_folders,
-                   remove_unfinished_writes, resolve_device, resolve_dtype, run_cli, save_checkpoint, save_checkpoint_as,
-                   set_rng_state, silence, stop_signals, stop_signals_raise, synchronize, utf8_text)
+                   remove_unfinished_writes, resolve_device, resolve_dtype, run_cli, save_checkpoint,
+                   save_checkpoint_as, set_rng_state, silence, stop_signals, stop_signals_raise, synchronize, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -1108,8 +1108,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     log.print(f"device: {device}{f' x {world_size}' if ddp else ''}, dtype {str(dtype).removeprefix('torch.')}, "
               f"{compiled}, attention {attention}, data {config.data_dir} ({meta['tokenizer']}), "
               f"checkpoints {checkpoint_dir}, tensorboard {run_dir}")
-    if dtype_warning(device, dtype):
-        log.print(dtype_warning(device, dtype))
+    if warning := dtype_warning(device, dtype):
+        log.print(warning)
     if config.warmup_iters >= config.max_iters > iter_num and config.learning_rate > 0:
         # config.py's default warmup (2000 steps) under a short --max_iters: a run that never really trains
         last = get_lr(config.max_iters - 1, config)

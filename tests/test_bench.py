@@ -202,7 +202,7 @@ def test_generation_reports_the_best_run_and_transformers_makes_every_token_coun
     assert r["tokens_per_sec"] == pytest.approx(2 * 5 / 1.0)
     asked = []
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "generate",
-                        lambda self, x, **kwargs: asked.append((kwargs.get("min_new_tokens"), kwargs["max_new_tokens"])))
+                        lambda self, x, **kw: asked.append((kw.get("min_new_tokens"), kw["max_new_tokens"])))
     small = GPT(GPT2Config(vocab_size=70, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0))
     generate.benchmark_generation(small, batch_size=1, prompt_len=3, new_tokens=5, device="cpu", dtype="float32",
                                   reference_hf=True, repeats=1)

@@ -1567,8 +1567,8 @@ def test_a_file_of_nul_bytes_is_no_text(tmp_path, dataset):
               "train.bin.txt": r".*, every other byte: .*or it is a binary file, such as a data set's train.bin$",
               "texts.txt": r"it is a tar archive: extract it first \(tar -xf FILE\)$",
               "ckpt.txt": r"it is a PyTorch file \(what torch.save writes, such as a checkpoint\)$",
-              "zeros.txt": r"4,096 of its first 5,736 bytes are NULs: it is a binary file \(a data set's .bin, a model, "
-                           r"an archive\)$"}
+              "zeros.txt": r"4,096 of its first 5,736 bytes are NULs: it is a binary file \(a data set's .bin, a "
+                           r"model, an archive\)$"}
     for name, message in expect.items():
         args = ["--tokenizer", "char"] if dataset == "custom" else ["--num_proc", 1]
         with pytest.raises(DataError, match=rf"^{re.escape(str(tmp_path / name))} is not text: {message}"):
