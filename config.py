@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-from utils import ArgumentParser, UserError, device_name_problem
+from utils import ArgumentParser, UserError, device_name_problem, near_miss
 
 
 class ConfigError(UserError, ValueError):
@@ -239,9 +239,8 @@ def preset_config(name: str, **overrides: Any) -> "GPT2Config":
 
 def suggest(name: str, candidates: list[str]) -> str:
     """'; did you mean 'n_layer'?' for a near miss, else ''."""
-    import difflib
-    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    meant = near_miss(name, candidates)
+    return f"; did you mean {meant!r}?" if meant else ""
 
 
 GPT2_CONFIGS: dict[str, dict[str, Any]] = {

@@ -20,9 +20,7 @@ memory grow over a long run, as nanoGPT notes in its get_batch.
 from __future__ import annotations  # torch's types in signatures stay names: this module imports torch late
 
 import contextlib
-import difflib
 import json
-import os
 import shlex
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from utils import Progress, UserError
+from utils import Progress, UserError, folders_holding, near_miss
 
 if TYPE_CHECKING:  # for the annotations only: torch itself is imported where batches are made
     import torch
@@ -108,14 +106,10 @@ def load_meta(data_dir: str | Path) -> dict:
         # (data/shakespeare beside data/shakespeare_char) is another data set, which prepare_command names
         defaults = {Path(d).name for d in DEFAULT_DATA_DIRS.values()}
         if not data_dir.exists() and data_dir.name not in defaults:
-            try:
-                prepared = [p.name for p in data_dir.parent.iterdir() if os.path.isfile(p / "meta.json")]
-            except OSError:
-                prepared = []
-            close = difflib.get_close_matches(data_dir.name, prepared, n=1, cutoff=0.6)
-            if close:
+            meant = near_miss(data_dir.name, [p.name for p in folders_holding(data_dir.parent, ("meta.json",))])
+            if meant:
                 raise DataError(f"data directory {str(data_dir)!r} does not exist; did you mean "
-                                f"--data_dir={shlex.quote(str(data_dir.parent / close[0]))}, a prepared data set?")
+                                f"--data_dir={shlex.quote(str(data_dir.parent / meant))}, a prepared data set?")
         what = ("does not exist" if not data_dir.exists()
                 else "has no meta.json (not prepared, or preparation did not finish)")
         raise DataError(f"data directory {str(data_dir)!r} {what}. Prepare it with: {prepare_command(data_dir)}")

@@ -925,17 +925,17 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
                               f"folder; read it with --init_from {shlex.quote(str(d))}")
     # the README's runs each have a folder of their own (checkpoints/char): a command that leaves out
     # --checkpoint_dir, or misspells it, has a trained model nearby, which says more than how to train one
-    trained = _trained_folders(d) if d.is_dir() else []
+    trained = folders_holding(d, CHECKPOINT_FALLBACK) if d.is_dir() else []
     if trained:
         shown = ", ".join(str(p) for p in trained[:5]) + (", ..." if len(trained) > 5 else "")
         raise CheckpointError(f"no checkpoint found in {d} itself (searched {searched}), but folders in it hold "
                               f"trained models: {shown}; pass one, e.g. --checkpoint_dir "
                               f"{shlex.quote(str(trained[0]))}")
-    siblings = _trained_folders(d.parent) if not d.exists() and d.parent.is_dir() else []
-    close = difflib.get_close_matches(d.name, [p.name for p in siblings], n=1, cutoff=0.6)
-    if close:
+    siblings = folders_holding(d.parent, CHECKPOINT_FALLBACK) if not d.exists() and d.parent.is_dir() else []
+    meant = near_miss(d.name, [p.name for p in siblings])
+    if meant:
         raise CheckpointError(f"{d} does not exist; did you mean --checkpoint_dir "
-                              f"{shlex.quote(str(d.parent / close[0]))}, which holds a trained model?")
+                              f"{shlex.quote(str(d.parent / meant))}, which holds a trained model?")
     # train.py writes into ./checkpoints unless told otherwise: the command must name this folder
     into = "" if d.absolute() == Path("checkpoints").absolute() else f" --checkpoint_dir={shlex.quote(str(d))}"
     raise CheckpointError(f"no checkpoint found (searched {searched}); train one first, e.g. "
@@ -944,14 +944,21 @@ def find_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
                           "or --init_from gpt2")
 
 
-def _trained_folders(folder: Path) -> list[Path]:
-    """The folders right under folder that hold one of CHECKPOINT_FALLBACK, sorted; none where it cannot be read."""
+def folders_holding(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """The folders right under folder that hold a file of one of names (a trained run, a prepared data set),
+    sorted; none where folder cannot be read."""
     try:
         subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
     except OSError:
         return []
     # os.path.isfile is False for a folder this user may not enter (lost+found), where Path.is_file raises
-    return [p for p in subfolders if any(os.path.isfile(p / name) for name in CHECKPOINT_FALLBACK)]
+    return [p for p in subfolders if any(os.path.isfile(p / name) for name in names)]
+
+
+def near_miss(name: str, candidates: list[str]) -> Optional[str]:
+    """The candidate that name, mistyped, most likely meant; None where none is near."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def model_from_checkpoint(ckpt: dict, source: str | os.PathLike = "the checkpoint"):
