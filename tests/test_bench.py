@@ -1067,3 +1067,25 @@ def test_the_profile_s_wall_time_is_per_step(monkeypatch):
         return torch.zeros(())
 
     assert bench.profile_steps(step, 10, 2, torch.device("cpu"))["wall_ms_per_step"] == pytest.approx(5.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is CUDA's allocator figure")
+def test_peak_memory_is_the_timed_steps_own_in_gigabytes(monkeypatch):
+    """The figure counts the timed steps only (the warm-up's compilation may hold more for a while), in units of
+    10^9 bytes as printed: a step that holds 300 MB more must show at least 0.3 GB, a warm-up that held 2 GB must
+    not show at all."""
+    import bench
+    import train
+    real, calls = train.forward_backward, []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        extra = torch.empty(2_000_000_000 if len(calls) == 1 else 300_000_000, dtype=torch.uint8, device="cuda")
+        loss = real(*args, **kwargs)
+        del extra
+        return loss
+    monkeypatch.setattr(train, "forward_backward", spy)
+    r = bench.main(["--device", "cuda", "--preset", "shakespeare-char-cpu", "--no_generate", "--warmup", "1",
+                    "--steps", "1", "--compile", "false"])
+    assert len(calls) == 2
+    assert 0.3 <= r["train"]["peak_memory_gb"] < 1.0
