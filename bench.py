@@ -563,7 +563,7 @@ WHOLE_RUN_TARGETS = {"shakespeare-char": (60.0, 1.47, "one H100 or H200 in bfloa
 WHOLE_RUN_FLAGS = {"whole_run", "preset", "warm_cache", "json"}
 TOKENIZE_FLAGS = {"tokenize", "tokenize_mb", "input", "num_proc", "json"}
 DEVICE_LINE = re.compile(r"device: (\S+), dtype (\w+)")  # "device: cuda, dtype bfloat16, compile True, ..."
-# train.py's done_line: "done: 5000 iterations in 1m09s (setup 8.7 s, first step (compilation) 17.7 s, other
+# train.py's done_line: "done: 5000 iterations in 1m04s (setup 8.7 s, first step (compilation) 17.7 s, other
 # steps 32.0 s, evaluations 4.3 s, checkpoints 0.9 s), best val loss 1.4625; checkpoints in ..."
 DONE_LINE = re.compile(r"done: (\d+) iterations(?: \((\d+) of them in this run\))? in \S+ \((.*)\), "
                        r"best val loss (\S+);")

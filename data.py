@@ -227,7 +227,7 @@ class BatchLoader:
         # (macOS, Windows) instead of forked
         import torch
         self.device = torch.device(device)
-        self.seed, self.rank, self.world_size, self.verbose = seed, rank, world_size, verbose
+        self.seed, self.rank, self.verbose = seed, rank, verbose
         self.num_tokens = {split: self._check_bin(split) for split in SPLITS}
         # which files were checked: prepare_data.py replaces them by renaming new ones over them
         self._files = {split: _identity(self.data_dir / f"{split}.bin") for split in SPLITS}

@@ -253,7 +253,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if cache_pos is None:
-            # training and plain evaluation: flash attention kernels on GPU, causal mask built in
+            # training and plain evaluation: torch's fused causal attention, which picks its kernel (cuDNN or flash
+            # on recent GPUs; attention_kernel() says which), causal mask built in
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
         else:
@@ -476,7 +477,7 @@ class GPT(nn.Module):
         if getattr(self, "kv_cache_shape", None) is None:
             raise RuntimeError("call setup_kv_cache(batch_size, max_seq_len) before forward_cached()")
         self._check_input(idx)  # no host sync while compiling or capturing a CUDA graph
-        B, T = idx.shape
+        B = idx.size(0)
         n_slots = self.kv_cache_shape[1] if kv_len is None else kv_len
         if kv_len is not None and not torch.compiler.is_compiling() and int(cache_pos.max()) >= kv_len:
             raise ValueError(f"kv_len {kv_len} does not cover the cache slots {cache_pos.tolist()} being written")

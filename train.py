@@ -709,8 +709,8 @@ class Logger:
                 # markdown: indent by four spaces so line breaks and spacing survive
                 self.writer.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
 
-    def hparams(self, config: dict, layout: bool = False) -> None:
-        """config's plain values on the HPARAMS page; layout: also a chart with the train and val losses together
+    def hparams(self, config: dict) -> None:
+        """config's plain values on the HPARAMS page, and a chart with the train and val losses together
         (CUSTOM SCALARS page), where overfitting shows as the two curves part."""
         if self.open_writer() is not None:
             from torch.utils.tensorboard.summary import hparams
@@ -721,9 +721,8 @@ class Logger:
             # end, which says "success" before the run has even begun
             experiment, session_start, _ = hparams(hp, {"val/loss": 0.0, "train/loss": 0.0})
             with self.writing():
-                if layout:
-                    self.writer.add_custom_scalars(
-                        {"loss": {"train and val": ["Multiline", ["train/loss", "train/eval_loss", "val/loss"]]}})
+                self.writer.add_custom_scalars(
+                    {"loss": {"train and val": ["Multiline", ["train/loss", "train/eval_loss", "val/loss"]]}})
                 for summary in (experiment, session_start):
                     self.writer.file_writer.add_summary(summary)
 
@@ -1087,7 +1086,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log.print(f"starting a new run: the previous checkpoints in {checkpoint_dir} were moved to {moved}")
     if new_run:  # TensorBoard keeps the first hyperparameters a run folder gets, so only a new one gets them
         log.hparams({**config.to_dict(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                     "compile": compile_model}, layout=True)
+                     "compile": compile_model})
     config_changes = []  # a resumed run whose command changed settings says so on its TEXT page (below)
     if ckpt is not None and not new_run:
         before = ckpt["config"]
@@ -1436,7 +1435,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             if log_step:
                 if ddp:  # the mean over all ranks (gloo has no AVG)
                     torch.distributed.all_reduce(interval_loss)
-                loss_value = interval_loss.item() / interval_steps / world_size  # the only host sync
+                loss_value = interval_loss.item() / interval_steps / world_size  # the host waits for the GPU here, once a log step
                 check_finite([loss_value])
                 elapsed, steps = time.perf_counter() - t_mark - eval_time, timed_steps
                 if first_in_interval:
