@@ -1087,8 +1087,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if new_run:  # TensorBoard keeps the first hyperparameters a run folder gets, so only a new one gets them
         log.hparams({**config.to_dict(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                      "compile": compile_model})
-    config_changes = []  # a resumed run whose command changed settings says so on its TEXT page (below)
-    if ckpt is not None and not new_run:
+    # a resumed run whose command changed settings says so, and on its TEXT page (below) where it continues a run
+    config_changes = []
+    if ckpt is not None:
         before = ckpt["config"]
         config_changes = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
                           if k in before and before[k] != v]
@@ -1118,6 +1119,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                   f"learning_rate); give fewer, e.g. --warmup_iters={fewer}")
     if ckpt is not None:
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+        if config_changes:  # --preset given again, say, puts its own values back over the first run's flags
+            log.print(f"settings this command changed: {', '.join(config_changes)}")
         changed = [k for k in ("source_sha256", "train_tokens", "val_tokens")
                    if k in (ckpt.get("meta") or {}) and ckpt["meta"][k] != meta.get(k)]
         if changed:
@@ -1137,7 +1140,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     if ckpt is not None and iter_num == config.max_iters and evaluated_at != iter_num:
         eval_owed = True
     # only where this run trains, or makes up an owed evaluation: a finished run leaves no event file
-    if config_changes and (iter_num < config.max_iters or (iter_num == config.max_iters and eval_owed)):
+    trains = iter_num < config.max_iters or (iter_num == config.max_iters and eval_owed)
+    if config_changes and not new_run and trains:
         # at the first step this run trains, which a rerun after a crash before its first checkpoint purges
         # (purge_step): listed once, not once per try
         log.text("config_changes", f"resumed at iteration {iter_num} with:\n" + "\n".join(config_changes),
@@ -1368,6 +1372,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if iter_num > config.max_iters or (iter_num == config.max_iters and not owed and not final_due()):
             log.print(f"already trained for {iter_num} iterations (max_iters={config.max_iters}); "
                       f"raise --max_iters to continue")
+            if new_run:  # its TensorBoard run would hold the hyperparameters alone, one more at every such command
+                log.close()
+                remove_run_folders(run_dir, made_folders)
         elif resumed_from is None or owed:
             losses = evaluate(initial=resumed_from is None)  # at the start, e.g. a pretrained model's loss
             stop.then = GracefulStop.SAVING
@@ -1435,7 +1442,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             if log_step:
                 if ddp:  # the mean over all ranks (gloo has no AVG)
                     torch.distributed.all_reduce(interval_loss)
-                loss_value = interval_loss.item() / interval_steps / world_size  # the host waits for the GPU here, once a log step
+                # the host waits for the GPU here, once a log step (the checks that follow find it done)
+                loss_value = interval_loss.item() / interval_steps / world_size
                 check_finite([loss_value])
                 elapsed, steps = time.perf_counter() - t_mark - eval_time, timed_steps
                 if first_in_interval:

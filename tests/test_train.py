@@ -2051,6 +2051,33 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
     assert len(list((tmp_path / "runs").iterdir())) == 1 and list((tmp_path / "sub").iterdir()) == []
 
 
+def test_a_resume_says_what_its_command_changed_and_a_finished_one_leaves_no_tensorboard_run(char_data, tmp_path,
+                                                                                             capsys):
+    """Settings a resumed command changes are said on the console too (--preset given again puts its own
+    learning rate back over the first run's flag, with nothing but the TEXT page to show it). A finished run
+    resumed into another --log_dir trains nothing: no TensorBoard run of the hyperparameters alone, however
+    often the command is run."""
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))
+    train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2))
+    out = capsys.readouterr().out
+    assert "settings this command changed: max_iters: 4 -> 6\n" in out
+    train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, learning_rate=5e-3))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings this command changed"))
+    assert "learning_rate: 0.01 -> 0.005" in line and "max_iters: 6 -> 8" in line
+    train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, learning_rate=5e-3))
+    assert "settings this command changed" not in capsys.readouterr().out
+    for _ in range(2):
+        train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, learning_rate=5e-3,
+                   log_dir=str(tmp_path / "other_runs")))
+        assert "already trained for 8 iterations" in capsys.readouterr().out
+    assert not (tmp_path / "other_runs").exists()
+    (tmp_path / "other_runs").mkdir()  # a folder the user made stays, empty
+    train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, learning_rate=5e-3,
+               log_dir=str(tmp_path / "other_runs")))
+    assert list((tmp_path / "other_runs").iterdir()) == []
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
 def test_a_copied_checkpoint_folder_resumes_into_a_tensorboard_run_of_its_own(char_data, tmp_path):
     """Two branches of one run (the folder copied, each resumed with other settings) must not share a TensorBoard
     run: the second would purge the first one's later steps. A moved folder goes on with its run."""
