@@ -1123,11 +1123,16 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log.print(f"settings this command changed: {', '.join(config_changes)}")
         changed = [k for k in ("source_sha256", "train_tokens", "val_tokens")
                    if k in (ckpt.get("meta") or {}) and ckpt["meta"][k] != meta.get(k)]
+        not_comparable = (f"the val loss is not comparable with the best so far ({best_val_loss:.4f}), which "
+                          f"best_checkpoint.pt keeps until a lower one")
         if changed:
             log.print(f"note: {config.data_dir} is not the data set the checkpoint was trained on "
-                      f"({', '.join(changed)} differ): training goes on with this one, and its val loss is not "
-                      f"comparable with the best so far ({best_val_loss:.4f}), which best_checkpoint.pt keeps until "
-                      f"a lower one")
+                      f"({', '.join(changed)} differ): training goes on with this one, and {not_comparable}")
+        elif sampled := [f"--{k}" for k in ("eval_iters", "batch_size", "seed")
+                         if k in ckpt["config"] and ckpt["config"][k] != getattr(config, k)]:
+            # the val batches are drawn by seed, batch number and batch size: other ones, or more or fewer
+            log.print(f"note: {' and '.join(sampled)} changed, so the evaluations draw other val batches, and "
+                      f"{not_comparable}")
     elif config.init_from not in ("auto", "scratch", "resume"):
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None

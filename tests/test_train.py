@@ -2271,6 +2271,23 @@ def test_a_resume_on_a_data_set_prepared_again_says_so(char_data, tmp_path, caps
     assert "(source_sha256 differ): training goes on" in capsys.readouterr().out
 
 
+def test_a_resume_that_draws_other_val_batches_says_its_val_loss_is_not_comparable(char_data, tmp_path, capsys):
+    """--eval_iters, --batch_size or --seed changed on resume: the evaluations measure other val batches, so a
+    better model may score above the best so far and best_checkpoint.pt stay on the worse one. Said once."""
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))
+    for iters, changes, said in ((6, dict(eval_iters=3), "--eval_iters"), (8, dict(eval_iters=3), None),
+                                 (10, dict(eval_iters=3, batch_size=2, seed=7), "--batch_size and --seed")):
+        capsys.readouterr()
+        train(tiny(char_data, tmp_path, max_iters=iters, eval_interval=2, **changes))
+        out = capsys.readouterr().out
+        if said is None:
+            assert "note:" not in out
+        else:
+            assert re.search(rf"\nnote: {said} changed, so the evaluations draw other val batches, and the val loss "
+                             r"is not comparable with the best so far \(\d\.\d{4}\), which best_checkpoint.pt keeps "
+                             r"until a lower one\n", out)
+
+
 def test_a_data_set_prepared_again_with_other_characters_points_to_the_checkpoints_tokenizer(char_data, tmp_path):
     """Its tokenizer.json is now the other one: the advice is the tokenizer the checkpoint holds."""
     data = tmp_path / "data"
