@@ -47,7 +47,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 from utils import quiet_ctrl_c_while_starting
 
@@ -757,24 +757,45 @@ def utf8_note(how: str) -> str:
             f"finish it; {how} draws only tokens that keep the text valid")
 
 
-def complete_in_batches(gen: Generator, tokenizer, prompts: list[str], settings: SamplingSettings,
+class Copies(Sequence):
+    """`text` n times over, as --num_samples asks: its slices are lists, the whole is never one (1e9 copies
+    would be 8 GB of references before the first sample)."""
+
+    def __init__(self, text: str, n: int):
+        self.text, self.n = text, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.text] * len(range(*i.indices(self.n)))
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.text
+
+
+def complete_in_batches(gen: Generator, tokenizer, prompts: Sequence[str], settings: SamplingSettings,
                         batch_size: int, rng: torch.Generator,
                         on_batch: Optional[Callable[[list[str], Progress], None]] = None,
                         on_invalid: Optional[Callable[[], object]] = None) -> list[str]:
     """The continuation of each prompt, batch_size prompts at a time, with a progress bar of the decoding
     steps on stderr: on a terminal after 2 s, elsewhere a line every 30 s (utils.Progress).
-    on_batch(prompts + continuations, bar) is called after each batch; on_invalid: as complete's."""
+    on_batch(prompts + continuations, bar) is called after each batch, and then the texts are not kept
+    (the list returned is empty): the caller has them; on_invalid: as complete's."""
     texts, steps = [], settings.max_new_tokens
-    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    with Progress(total=len(batches) * steps, unit="step", desc=f"generating {len(prompts)} samples", delay=2.0,
+    n_batches = -(-len(prompts) // batch_size)
+    with Progress(total=n_batches * steps, unit="step", desc=f"generating {len(prompts)} samples", delay=2.0,
                   file=sys.stderr) as bar:
-        for n, chunk in enumerate(batches, 1):
+        for n in range(1, n_batches + 1):
+            chunk = list(prompts[(n - 1) * batch_size:n * batch_size])
             done = [p + c for p, c in zip(chunk, complete(gen, tokenizer, chunk, settings, rng, on_step=bar.update,
                                                           on_invalid=on_invalid))]
             bar.update(n * steps - bar.n)  # the steps that a stop string made unnecessary
             if on_batch is not None:
                 on_batch(done, bar)
-            texts += done
+            else:
+                texts += done
     return texts
 
 
@@ -1277,7 +1298,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         out.write("\n")
     else:
         rng, invalid = settings.make_rng(gen.device), []
-        complete_in_batches(gen, tokenizer, [prompt] * args.num_samples, settings, batch_size, rng,
+        complete_in_batches(gen, tokenizer, Copies(prompt, args.num_samples), settings, batch_size, rng,
                             on_batch=lambda texts, bar: bar.print_above(
                                 "".join(f"{t}\n---------------\n" for t in texts), out),
                             on_invalid=lambda: invalid.append(True))

@@ -804,6 +804,29 @@ def char_checkpoint(tmp_path):
     return path, model, tok
 
 
+def test_many_samples_are_generated_a_batch_at_a_time_without_a_copy_of_the_prompt_each(char_checkpoint, monkeypatch,
+                                                                                        capsys):
+    """--num_samples 10^12 streams its batches until stopped: a list of that many prompts (8 TB of references)
+    was a MemoryError, which ended in advice about batches and models that did not apply."""
+    path, _, _ = char_checkpoint
+    batches, real = [], generate.complete
+
+    def counted(gen, tokenizer, prompts, *args, **kwargs):
+        if len(batches) == 3:
+            raise KeyboardInterrupt  # Ctrl-C after three batches
+        batches.append(len(prompts))
+        return real(gen, tokenizer, prompts, *args, **kwargs)
+    monkeypatch.setattr(generate, "complete", counted)
+    with pytest.raises(KeyboardInterrupt):
+        generate.main(["--checkpoint", str(path), "--device", "cpu", "--prompt", "ab", "--max_new_tokens", "3",
+                       "--num_samples", str(10**12), "--batch_size", "2"])
+    assert batches == [2, 2, 2] and capsys.readouterr().out.count("---------------\n") == 6
+    copies = generate.Copies("ab", 5)
+    assert len(copies) == 5 and copies[3:] == ["ab"] * 2 and copies[-5] == "ab" and list(copies) == ["ab"] * 5
+    with pytest.raises(IndexError):
+        copies[5]
+
+
 def cli(args, cwd, stdin=None):
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], cwd=cwd, input=stdin,
