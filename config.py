@@ -175,6 +175,13 @@ class GPT2Config:
         if not partial and isinstance(self.min_lr, (int, float)) and isinstance(self.learning_rate, (int, float)):
             if self.min_lr > self.learning_rate > 0:  # a learning_rate <= 0 is named above
                 problems.append(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        wd, lr = self.weight_decay, self.learning_rate
+        if (not partial and all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in (wd, lr))
+                and wd * lr >= 1):
+            # AdamW's decay is decoupled: each step multiplies the weights by (1 - learning_rate x weight_decay)
+            problems.append(f"weight_decay x learning_rate ({wd:g} x {lr:g}) must be below 1: AdamW multiplies the "
+                            f"weights by 1 minus that each step, which at 1 or more zeroes them or flips their sign; "
+                            f"weight_decay is usually about 0.1")
         if (not partial and self.decay_lr is True and ok["lr_decay_iters"] and ok["warmup_iters"] and ok["max_iters"]
                 and self.lr_decay_iters <= self.warmup_iters):
             problems.append(f"lr_decay_iters ({self.lr_decay_iters}) must exceed warmup_iters ({self.warmup_iters}) "

@@ -1243,8 +1243,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                     else "no checkpoint was written")
             raise TrainingError(
                 f"the loss, the gradient norm or the weights became NaN or infinite by iteration {iter_num}; "
-                f"training stopped and {kept}. Lower --learning_rate (now {config.learning_rate}), keep "
-                f"--grad_clip on, or use --dtype=bfloat16 instead of float16")
+                f"training stopped and {kept}. Lower --learning_rate (now {config.learning_rate}) or keep "
+                f"--grad_clip on" + (", or use --dtype=bfloat16 instead of float16" if dtype == torch.float16 else ""))
 
     def evaluate(initial: bool = False) -> Optional[dict[str, float]]:
         """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same,

@@ -83,6 +83,9 @@ def test_an_empty_path_is_refused(field):
     (dict(fp8=True, n_embd=24, n_head=2), "fp8 needs n_embd (24) and batch_size x block_size"),
     (dict(fp8=True, batch_size=3, block_size=5), "batch_size x block_size (15) divisible by 16"),
     (dict(min_lr=1e-3, learning_rate=6e-4), "min_lr (0.001) must not exceed learning_rate"),
+    # AdamW's decoupled decay multiplies the weights by 1 - lr x wd: at 1 they are zeroed
+    (dict(weight_decay=1000, learning_rate=1e-3, min_lr=0), "weight_decay x learning_rate (1000 x 0.001) must be "
+                                                            "below 1"),
 ])
 def test_values_just_past_a_limit_are_refused(overrides, problem):
     with pytest.raises(ConfigError, match=re.escape(problem)):
@@ -90,7 +93,8 @@ def test_values_just_past_a_limit_are_refused(overrides, problem):
 
 
 @pytest.mark.parametrize("overrides", [dict(min_lr=6e-4, learning_rate=6e-4), dict(seed=2**63 - 1), dict(seed=0),
-                                       dict(beta2=0.0, dropout=0.999), dict(fp8=True, n_embd=32, n_head=2)])
+                                       dict(beta2=0.0, dropout=0.999), dict(fp8=True, n_embd=32, n_head=2),
+                                       dict(weight_decay=999, learning_rate=1e-3, min_lr=0)])
 def test_values_at_a_limit_are_taken(overrides):
     GPT2Config(**overrides).validate()
 

@@ -2438,6 +2438,19 @@ def test_infinite_gradients_with_a_finite_loss_stop_training(char_data, tmp_path
     monkeypatch.setattr(train_module, "optimizer_step", poisoned)
     with pytest.raises(TrainingError, match="the gradient norm or the weights became NaN or infinite by iteration 1;"):
         train(tiny(char_data, tmp_path, max_iters=5))
+    # the advice against float16 only where the run is in float16 (whose scaler skips infinite gradients: NaN
+    # weights instead)
+    def damaging(params, *args, **kwargs):
+        norm = real(params, *args, **kwargs)
+        params[0].data.fill_(math.nan)
+        return norm
+    monkeypatch.setattr(train_module, "optimizer_step", damaging)
+    with pytest.raises(TrainingError) as e:
+        train(tiny(char_data, tmp_path, max_iters=5, init_from="scratch"))
+    assert str(e.value).endswith("Lower --learning_rate (now 0.01) or keep --grad_clip on")
+    with pytest.raises(TrainingError) as e:
+        train(tiny(char_data, tmp_path, max_iters=5, init_from="scratch", dtype="float16"))
+    assert str(e.value).endswith("--grad_clip on, or use --dtype=bfloat16 instead of float16")
 
 
 def test_no_checkpoint_is_written_with_non_finite_weights(char_data, tmp_path, monkeypatch):
