@@ -54,10 +54,10 @@ import torch
 
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
-from train import GRAPH_WARMUP_STEPS
+from train import GRAPH_WARMUP_STEPS, memory_problem
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, dtype_warning,
-                   output_file_problem, path_arg, resolve_device, resolve_dtype, run_cli, start_process_helpers,
-                   stop_signals_raise, synchronize)
+                   format_bytes, machine_memory, output_file_problem, path_arg, resolve_device, resolve_dtype, run_cli,
+                   start_process_helpers, stop_signals_raise, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -550,6 +550,15 @@ def tokenize_report(args, between: Callable[[], None] = lambda: None) -> dict:
     if not 0.05 <= args.tokenize_mb < float("inf"):  # less makes too few documents for both splits
         raise UserError(f"--tokenize_mb must be a number of megabytes, at least 0.05, got {args.tokenize_mb:g}; "
                         "e.g. --tokenize_mb 100")
+    # the text, its ids as lists and arrays, and the pipeline's own: 23-26 bytes for each byte of text measured
+    # (BENCHMARKS.md), counted as 20, so that only what surely cannot fit is refused
+    available = machine_memory()
+    if available is not None and args.tokenize_mb * 1e6 * 20 > available:
+        most = available / 20e6
+        raise UserError(f"--tokenize_mb {args.tokenize_mb:g} needs at least {format_bytes(args.tokenize_mb * 2e7)} "
+                        f"of memory (about 20 bytes for each byte of text), and this machine has "
+                        f"{format_bytes(available)} (RAM and swap); give at most --tokenize_mb "
+                        f"{f'{most:.0f}' if most >= 1 else f'{most:.2g}'}")
     if words_file and not Path(words_file).is_file():
         raise UserError(f"the word source {words_file!r} (--input, else $SHAKESPEARE) is not a file; give a UTF-8 "
                         "text file, or neither to use made-up words")
@@ -719,6 +728,9 @@ def model_report(args) -> dict:
     problem = fp8_problem(device) if args.fp8 else None
     if problem:
         raise UserError(problem)
+    if not args.no_train:  # a size that cannot fit is refused before minutes of building it
+        if problem := memory_problem(config, device, dtype):
+            raise UserError(problem)
     cuda = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)
     args.steps = args.steps if args.steps is not None else (30 if cuda else 10)

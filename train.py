@@ -48,10 +48,11 @@ import torch
 from config import CUDA_GRAPH_MODES, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
 from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder, train_checkpoint_hint
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
-                   dtype_warning, folder_lock, folder_problem, format_duration, get_rng_state, iter_checkpoints,
-                   load_checkpoint, load_weights, lock_holder, missing_folders, remove_empty_folders,
-                   remove_unfinished_writes, resolve_device, resolve_dtype, run_cli, save_checkpoint,
-                   save_checkpoint_as, set_rng_state, silence, stop_signals, stop_signals_raise, synchronize, utf8_text)
+                   dtype_warning, folder_lock, folder_problem, format_bytes, format_duration, get_rng_state,
+                   iter_checkpoints, load_checkpoint, load_weights, lock_holder, machine_memory, missing_folders,
+                   remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype, run_cli,
+                   save_checkpoint, save_checkpoint_as, set_rng_state, silence, stop_signals, stop_signals_raise,
+                   synchronize, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -494,17 +495,53 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
                             f"would stand for other text; {how}")
 
 
+def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why this run cannot fit in the machine's memory (RAM and swap), by a lower bound, or None. A size typed
+    with a few zeros too many is otherwise built for minutes and then killed by the kernel with a bare "Killed",
+    or fills the swap. A GPU needs no such check: CUDA refuses what does not fit at once, in one line."""
+    available = machine_memory()
+    if available is None:
+        return None
+    L, d, B, T = config.n_layer, config.n_embd, config.batch_size, config.block_size
+    params = 12 * L * d * d + (config.vocab_size + T) * d  # GPT-2's weights, biases aside
+    count = f"{params / 1e9:,.2f}B" if params >= 1e9 else f"{params / 1e6:,.1f}M" if params >= 1e6 else f"{params:,}"
+    if device.type == "cpu":
+        # float32 weights, gradients and AdamW's two moments: 16 bytes a parameter. The activations kept for the
+        # backward pass: 80-110 bytes per token, layer and channel measured in float32 (BENCHMARKS.md), counted
+        # here as 40, and half that under autocast; with gradient checkpointing each layer's input alone
+        per = (4 if dtype == torch.float32 else 2) * (1 if config.gradient_checkpointing else 10)
+        weights, activations = 16 * params, B * T * L * d * per
+        what = (f"{format_bytes(weights)} for the weights, gradients and AdamW state of {count} parameters and "
+                f"{format_bytes(activations)} for the activations of one micro-batch of {B} x {T} tokens")
+    else:
+        weights, activations = 4 * params, 0
+        what = f"{format_bytes(weights)} for the {count} weights, built on the CPU before they move to the GPU"
+    if weights + activations <= available:
+        return None
+    return (f"this run needs at least {format_bytes(weights + activations)} of memory: {what}; this machine has "
+            f"{format_bytes(available)} (RAM and swap). Give a smaller --n_layer, --n_embd, --batch_size or "
+            f"--block_size" + (" (with --gradient_accumulation_steps for the same tokens per step), or "
+                               "--gradient_checkpointing=True" if activations and not config.gradient_checkpointing
+                               else ""))
+
+
 def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict],
-                ckpt_path: Optional[Path] = None):
+                ckpt_path: Optional[Path], device: torch.device, dtype: torch.dtype):
     """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
     from data import check_vocab
+
+    def check_memory():
+        if problem := memory_problem(config, device, dtype):
+            raise ConfigError(problem)
     if ckpt is not None:
+        check_memory()  # a resumed run may ask for a larger batch
         model = GPT(config)
         load_weights(model, ckpt["model"], ckpt_path)
     elif config.init_from in ("scratch", "auto", "resume"):
         if "vocab_size" not in explicit:
             config.vocab_size = int(meta["vocab_size"])  # never guessed: the data set says it
         check_vocab(int(meta["vocab_size"]), config.vocab_size)
+        check_memory()
         model = GPT(config)
     else:
         folder = is_model_folder(config.init_from)  # as from_pretrained decides
@@ -538,6 +575,7 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
             wpe.num_embeddings = block_size
             config.block_size = block_size
         model.config = config.validate()  # the folder's shape may not suit fp8
+        check_memory()  # the batch for GPT-2's shape
         model.set_fp8(config.fp8)  # from_pretrained built plain Linear layers
     return model
 
@@ -960,7 +998,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         check_same_tokens(ckpt, ckpt_path, meta, tokenizer, config)
     prompt = sample_prompt(tokenizer, config.data_dir, meta) if config.sample_tokens else ""
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    raw_model = build_model(config, explicit, meta, ckpt, ckpt_path)
+    raw_model = build_model(config, explicit, meta, ckpt, ckpt_path, device, dtype)
     # what the weights came from, settled before any folder is made (a --checkpoint_dir named gpt2 would
     # otherwise be taken for the model's folder)
     run_origin = started_from(ckpt) if ckpt is not None else origin(config.init_from)

@@ -493,9 +493,7 @@ def _out_of_memory(e: RuntimeError) -> Optional[str]:
         return ""
     if asked[2]:
         return f": tried to allocate {asked[2]}"
-    n = int(asked[1])
-    size = f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n:,} bytes"
-    return f": tried to allocate {size}"
+    return f": tried to allocate {format_bytes(int(asked[1]))}"
 
 
 # what torch and Python say of a number past 64 bits where a size or an index is needed
@@ -782,6 +780,30 @@ def dtype_warning(device: "torch.device", dtype: "torch.dtype") -> Optional[str]
         return ("warning: float16 on a CPU is emulated by most processors and runs many times slower than float32 "
                 "(12x in training on a 2-core EPYC); use --dtype=float32, or bfloat16 where the CPU has it")
     return None
+
+
+def machine_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """Bytes of memory this machine can give a process at most, RAM and swap, or None where unknown: for
+    refusing a size that cannot fit before the kernel kills the process for it (Linux) or it fills the swap."""
+    try:
+        with open(meminfo, encoding="ascii") as f:  # Linux: "MemTotal:  24684092 kB", swap likewise
+            kb = dict((name, int(value.split()[0])) for name, _, value in (line.partition(":") for line in f)
+                      if name in ("MemTotal", "SwapTotal"))
+        return (kb["MemTotal"] + kb.get("SwapTotal", 0)) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:  # macOS and other Unixes: RAM alone
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # Windows
+        return None
+
+
+def format_bytes(n: float) -> str:
+    """1234567 -> '1 MB': in units of 10^3, as disks and the figures here count."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}" if unit == "GB" else f"{n / size:,.0f} {unit}"
+    return f"{n:.0f} B"
 
 
 # ---------------------------------------------------------------------------- checkpoints

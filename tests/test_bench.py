@@ -1089,3 +1089,21 @@ def test_peak_memory_is_the_timed_steps_own_in_gigabytes(monkeypatch):
                     "--steps", "1", "--compile", "false"])
     assert len(calls) == 2
     assert 0.3 <= r["train"]["peak_memory_gb"] < 1.0
+
+
+def test_sizes_that_cannot_fit_in_memory_are_refused_before_the_work(monkeypatch, capsys, tmp_path):
+    """A batch or a text a few zeros too large: one line, instead of the kernel killing the benchmark (and
+    whatever else the machine ran) once the memory is gone."""
+    import bench
+    import train
+    # a machine of 1 MB: without the checks, these would run (and pass)
+    monkeypatch.setattr(train, "machine_memory", lambda: 10**6)
+    err = one_line_error(["--device", "cpu", "--steps", "1", "--warmup", "1", "--no_generate"], capsys)
+    assert err.startswith("error: this run needs at least 29 MB of memory: ") and "1 MB (RAM and swap)" in err
+    assert bench.main(["--device", "cpu", "--no_train", "--gen_tokens", "2",
+                       "--gen_batch_sizes", "1"])["generate"]  # no training, no optimizer: not refused
+    capsys.readouterr()
+    monkeypatch.setattr(bench, "machine_memory", lambda: 10**7)
+    err = one_line_error(["--tokenize", "--tokenize_mb", "0.6", "--num_proc", "1"], capsys)
+    assert err == ("error: --tokenize_mb 0.6 needs at least 12 MB of memory (about 20 bytes for each byte of "
+                   "text), and this machine has 10 MB (RAM and swap); give at most --tokenize_mb 0.5\n")

@@ -1692,7 +1692,7 @@ def test_a_permission_error_anywhere_is_one_line(capsys, monkeypatch):
                   "tried to allocate 128000000000 bytes. Error code 12 (Cannot allocate memory)"),
      "error: out of memory: tried to allocate 128.0 GB; "),
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000 bytes."),
-     "error: out of memory: tried to allocate 40.0 MB; "),
+     "error: out of memory: tried to allocate 40 MB; "),
     (RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"), "error: out of memory; ")])
 def test_out_of_memory_is_one_line(capsys, error, said):
     """A text read whole by prepare_data.py, or a model or batch too large for the machine (PyTorch's
@@ -3918,3 +3918,52 @@ def test_a_checkpoint_path_that_is_a_folder_is_named_so(tmp_path):
     from utils import load_weights_only
     with pytest.raises(CheckpointError, match=rf"^checkpoint {re.escape(str(tmp_path))} is a directory$"):
         load_weights_only(tmp_path)
+
+
+# sizes that cannot fit in the machine's memory: one line before the model is built, not the kernel's "Killed"
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_is_built(char_data, tmp_path, monkeypatch):
+    import train as train_module
+    from train import memory_problem
+    config = tiny(char_data, tmp_path, vocab_size=65)
+    # 12 x 2 layers x 32^2 + (65 + 16) x 32 parameters at 16 bytes; 4 x 16 tokens x 2 layers x 32 wide at 40 bytes
+    weights, activations = 16 * 27168, 163840
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(train_module, "machine_memory", lambda: weights + activations)
+    assert memory_problem(config, cpu, torch.float32) is None
+    monkeypatch.setattr(train_module, "machine_memory", lambda: weights + activations - 1)
+    assert memory_problem(config, cpu, torch.float32) == (
+        "this run needs at least 599 kB of memory: 435 kB for the weights, gradients and AdamW state of 27,168 "
+        "parameters and 164 kB for the activations of one micro-batch of 4 x 16 tokens; this machine has 599 kB "
+        "(RAM and swap). Give a smaller --n_layer, --n_embd, --batch_size or --block_size (with "
+        "--gradient_accumulation_steps for the same tokens per step), or --gradient_checkpointing=True")
+    assert memory_problem(config, cpu, torch.bfloat16) is None  # half the activations under autocast
+    config.gradient_checkpointing = True  # each layer's input alone
+    monkeypatch.setattr(train_module, "machine_memory", lambda: weights + activations // 10 - 1)
+    assert memory_problem(config, cpu, torch.float32).endswith("--batch_size or --block_size")
+    monkeypatch.setattr(train_module, "machine_memory", lambda: weights // 4)  # a GPU's run: the weights built
+    assert memory_problem(config, cuda, torch.bfloat16) is None
+    monkeypatch.setattr(train_module, "machine_memory", lambda: weights // 4 - 1)
+    assert "for the 27,168 weights, built on the CPU before they move to the GPU" in memory_problem(config, cuda,
+                                                                                                  torch.bfloat16)
+    monkeypatch.setattr(train_module, "machine_memory", lambda: None)  # unknown (Windows): not refused
+    assert memory_problem(config, cpu, torch.float32) is None
+    # train.py: one line, exit 2, no folder left (a machine of 100 kB: without the check, the run would train)
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 10**5)
+    with pytest.raises(ConfigError, match=r"^this run needs at least \d+ kB of memory: .* one micro-batch of "
+                                          r"4 x 16 tokens; this machine has 100 kB"):
+        train(tiny(char_data, tmp_path, max_iters=2))
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+    monkeypatch.setattr(train_module, "machine_memory", lambda: None)
+    train(tiny(char_data, tmp_path, max_iters=2))
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 10**6)  # a resume with a larger batch
+    with pytest.raises(ConfigError, match=r"micro-batch of 400 x 16 tokens; this machine has 1 MB"):
+        train(tiny(char_data, tmp_path, max_iters=4, batch_size=400))
+
+
+def test_machine_memory_is_ram_and_swap(tmp_path):
+    from utils import machine_memory
+    (tmp_path / "meminfo").write_text("MemTotal:       24684092 kB\nMemFree:        22997260 kB\n"
+                                      "SwapTotal:       2097148 kB\nSwapFree:        2097148 kB\n")
+    assert machine_memory(str(tmp_path / "meminfo")) == (24684092 + 2097148) * 1024
+    (tmp_path / "meminfo").write_text("MemTotal:       24684092 kB\n")
+    assert machine_memory(str(tmp_path / "meminfo")) == 24684092 * 1024
