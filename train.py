@@ -1126,11 +1126,18 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.hparams({**config.to_dict(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                      "compile": compile_model})
     # a resumed run whose command changed settings says so, and on its TEXT page (below) where it continues a run
-    config_changes = []
+    config_changes, data_changed = [], []
     if ckpt is not None:
         before = ckpt["config"]
+        data_changed = [k for k in ("source_sha256", "train_tokens", "val_tokens")
+                        if k in (ckpt.get("meta") or {}) and ckpt["meta"][k] != meta.get(k)]
+        # a place written otherwise (../w1/runs, an absolute path) is no change where it is the same place: a
+        # resume comes only from the same start (init_from), the same data set (data_dir, unless said below)
+        # and the same TensorBoard run; checkpoint_dir only where it is a copy of the folder that wrote ckpt
+        same = {"init_from"} | ({"data_dir"} if not data_changed else set()) | (set() if new_run else {"log_dir"})
+        same |= set() if copied_checkpoints(ckpt, checkpoint_dir) else {"checkpoint_dir"}
         config_changes = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
-                          if k in before and before[k] != v]
+                          if k in before and before[k] != v and k not in same]
 
     n_params = raw_model.get_num_params()
     log.print(f"model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, {config.n_head} heads, "
@@ -1159,13 +1166,11 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
         if config_changes:  # --preset given again, say, puts its own values back over the first run's flags
             log.print(f"settings this command changed: {', '.join(config_changes)}")
-        changed = [k for k in ("source_sha256", "train_tokens", "val_tokens")
-                   if k in (ckpt.get("meta") or {}) and ckpt["meta"][k] != meta.get(k)]
         not_comparable = (f"the val loss is not comparable with the best so far ({best_val_loss:.4f}), which "
                           f"best_checkpoint.pt keeps until a lower one")
-        if changed:
+        if data_changed:
             log.print(f"note: {config.data_dir} is not the data set the checkpoint was trained on "
-                      f"({', '.join(changed)} differ): training goes on with this one, and {not_comparable}")
+                      f"({', '.join(data_changed)} differ): training goes on with this one, and {not_comparable}")
         elif sampled := [f"--{k}" for k in ("eval_iters", "batch_size", "seed")
                          if k in ckpt["config"] and ckpt["config"][k] != getattr(config, k)]:
             # the val batches are drawn by seed, batch number and batch size: other ones, or more or fewer

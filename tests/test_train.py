@@ -2039,7 +2039,7 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
     assert [e.step for e in changes] == [5]  # the first step of the resumed run
     text = changes[0].tensor_proto.string_val[0].decode()
     assert "resumed at iteration 4 with:" in text and "learning_rate: 0.01 -> 0.005" in text
-    assert "max_iters: 4 -> 6" in text and "log_dir: './runs' -> 'runs'" in text
+    assert "max_iters: 4 -> 6" in text and "log_dir" not in text  # the same folder, written otherwise
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")  # the same folder named from another working folder
     again = train(tiny(char_data, tmp_path, max_iters=7, eval_interval=2, log_dir="../runs"))
@@ -2052,7 +2052,7 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
 
 
 def test_a_resume_says_what_its_command_changed_and_a_finished_one_leaves_no_tensorboard_run(char_data, tmp_path,
-                                                                                             capsys):
+                                                                                             capsys, monkeypatch):
     """Settings a resumed command changes are said on the console too (--preset given again puts its own
     learning rate back over the first run's flag, with nothing but the TEXT page to show it). A finished run
     resumed into another --log_dir trains nothing: no TensorBoard run of the hyperparameters alone, however
@@ -2066,13 +2066,23 @@ def test_a_resume_says_what_its_command_changed_and_a_finished_one_leaves_no_ten
     assert "learning_rate: 0.01 -> 0.005" in line and "max_iters: 6 -> 8" in line
     train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, learning_rate=5e-3))
     assert "settings this command changed" not in capsys.readouterr().out
+    (tmp_path / "sub").mkdir()  # the same folders and data set, written from another working folder
+    monkeypatch.chdir(tmp_path / "sub")
+    train(tiny(os.path.relpath(char_data), tmp_path, max_iters=9, eval_interval=2, learning_rate=5e-3,
+               checkpoint_dir="../ckpt", log_dir="../runs"))
+    assert "\nsettings this command changed: max_iters: 8 -> 9\n" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "branch")  # a copy is another folder: said
+    train(tiny(char_data, tmp_path, max_iters=9, eval_interval=2, learning_rate=5e-3,
+               checkpoint_dir=str(tmp_path / "branch")))
+    assert f"checkpoint_dir: '../ckpt' -> {str(tmp_path / 'branch')!r}" in capsys.readouterr().out
     for _ in range(2):
-        train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, learning_rate=5e-3,
+        train(tiny(char_data, tmp_path, max_iters=9, eval_interval=2, learning_rate=5e-3,
                    log_dir=str(tmp_path / "other_runs")))
-        assert "already trained for 8 iterations" in capsys.readouterr().out
+        assert "already trained for 9 iterations" in capsys.readouterr().out
     assert not (tmp_path / "other_runs").exists()
     (tmp_path / "other_runs").mkdir()  # a folder the user made stays, empty
-    train(tiny(char_data, tmp_path, max_iters=8, eval_interval=2, learning_rate=5e-3,
+    train(tiny(char_data, tmp_path, max_iters=9, eval_interval=2, learning_rate=5e-3,
                log_dir=str(tmp_path / "other_runs")))
     assert list((tmp_path / "other_runs").iterdir()) == []
     assert len(list((tmp_path / "runs").iterdir())) == 1
