@@ -550,15 +550,16 @@ def tokenize_report(args, between: Callable[[], None] = lambda: None) -> dict:
     if not 0.05 <= args.tokenize_mb < float("inf"):  # less makes too few documents for both splits
         raise UserError(f"--tokenize_mb must be a number of megabytes, at least 0.05, got {args.tokenize_mb:g}; "
                         "e.g. --tokenize_mb 100")
-    # the text, its ids as lists and arrays, and the pipeline's own: 23-26 bytes for each byte of text measured
-    # (BENCHMARKS.md), counted as 20, so that only what surely cannot fit is refused
+    # the text, its ids as lists and arrays, and the pipeline's own: 13 bytes for each byte of text measured
+    # with real words, 23-26 with made-up ones (BENCHMARKS.md), counted as 12 so that only what surely cannot
+    # fit is refused
     available = machine_memory()
-    if available is not None and args.tokenize_mb * 1e6 * 20 > available:
-        most = available / 20e6
-        raise UserError(f"--tokenize_mb {args.tokenize_mb:g} needs at least {format_bytes(args.tokenize_mb * 2e7)} "
-                        f"of memory (about 20 bytes for each byte of text), and this machine has "
-                        f"{format_bytes(available)} (RAM and swap); give at most --tokenize_mb "
-                        f"{f'{most:.0f}' if most >= 1 else f'{most:.2g}'}")
+    if available is not None and args.tokenize_mb * 12e6 > available:
+        most = available / 12e6  # rounded down: the figure suggested must itself be taken
+        most = f"{math.floor(most)}" if most >= 1 else f"{math.floor(most * 100) / 100:g}"
+        raise UserError(f"--tokenize_mb {args.tokenize_mb:g} needs at least {format_bytes(args.tokenize_mb * 12e6)} "
+                        f"of memory (about 12 bytes for each byte of text), and this machine has "
+                        f"{format_bytes(available)} (RAM and swap); give at most --tokenize_mb {most}")
     if words_file and not Path(words_file).is_file():
         raise UserError(f"the word source {words_file!r} (--input, else $SHAKESPEARE) is not a file; give a UTF-8 "
                         "text file, or neither to use made-up words")

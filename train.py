@@ -495,10 +495,12 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
                             f"would stand for other text; {how}")
 
 
-def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype, shape_given: bool = True
+                   ) -> Optional[str]:
     """Why this run cannot fit in the machine's memory (RAM and swap), by a lower bound, or None. A size typed
     with a few zeros too many is otherwise built for minutes and then killed by the kernel with a bare "Killed",
-    or fills the swap. A GPU needs no such check: CUDA refuses what does not fit at once, in one line."""
+    or fills the swap. A GPU needs no such check: CUDA refuses what does not fit at once, in one line.
+    shape_given: whether the command may choose the model's shape (not a resumed or pretrained model's)."""
     available = machine_memory()
     if available is None:
         return None
@@ -518,11 +520,14 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype)
         what = f"{format_bytes(weights)} for the {count} weights, built on the CPU before they move to the GPU"
     if weights + activations <= available:
         return None
+    if weights > available:  # no batch makes the model itself fit
+        fix = "give a smaller --n_layer or --n_embd" if shape_given else "use a smaller model or a larger machine"
+    else:  # a resumed model keeps its block_size (its position embeddings)
+        fix = ("give a smaller --batch_size" + (" or --block_size" if shape_given else "")
+               + " (with --gradient_accumulation_steps for the same tokens per step)"
+               + ("" if config.gradient_checkpointing else ", or --gradient_checkpointing=True"))
     return (f"this run needs at least {format_bytes(weights + activations)} of memory: {what}; this machine has "
-            f"{format_bytes(available)} (RAM and swap). Give a smaller --n_layer, --n_embd, --batch_size or "
-            f"--block_size" + (" (with --gradient_accumulation_steps for the same tokens per step), or "
-                               "--gradient_checkpointing=True" if activations and not config.gradient_checkpointing
-                               else ""))
+            f"{format_bytes(available)} (RAM and swap); {fix}")
 
 
 def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict],
@@ -530,18 +535,18 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
     """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
     from data import check_vocab
 
-    def check_memory():
-        if problem := memory_problem(config, device, dtype):
+    def check_memory(shape_given: bool):
+        if problem := memory_problem(config, device, dtype, shape_given):
             raise ConfigError(problem)
     if ckpt is not None:
-        check_memory()  # a resumed run may ask for a larger batch
+        check_memory(False)  # a resumed run may ask for a larger batch
         model = GPT(config)
         load_weights(model, ckpt["model"], ckpt_path)
     elif config.init_from in ("scratch", "auto", "resume"):
         if "vocab_size" not in explicit:
             config.vocab_size = int(meta["vocab_size"])  # never guessed: the data set says it
         check_vocab(int(meta["vocab_size"]), config.vocab_size)
-        check_memory()
+        check_memory(True)
         model = GPT(config)
     else:
         folder = is_model_folder(config.init_from)  # as from_pretrained decides
@@ -575,7 +580,7 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
             wpe.num_embeddings = block_size
             config.block_size = block_size
         model.config = config.validate()  # the folder's shape may not suit fp8
-        check_memory()  # the batch for GPT-2's shape
+        check_memory(False)  # the batch, for the shape just loaded
         model.set_fp8(config.fp8)  # from_pretrained built plain Linear layers
     return model
 

@@ -1103,7 +1103,12 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_the_work(monkeypatch
     assert bench.main(["--device", "cpu", "--no_train", "--gen_tokens", "2",
                        "--gen_batch_sizes", "1"])["generate"]  # no training, no optimizer: not refused
     capsys.readouterr()
-    monkeypatch.setattr(bench, "machine_memory", lambda: 10**7)
+    monkeypatch.setattr(bench, "machine_memory", lambda: 7 * 10**6)
     err = one_line_error(["--tokenize", "--tokenize_mb", "0.6", "--num_proc", "1"], capsys)
-    assert err == ("error: --tokenize_mb 0.6 needs at least 12 MB of memory (about 20 bytes for each byte of "
-                   "text), and this machine has 10 MB (RAM and swap); give at most --tokenize_mb 0.5\n")
+    assert err == ("error: --tokenize_mb 0.6 needs at least 7 MB of memory (about 12 bytes for each byte of "
+                   "text), and this machine has 7 MB (RAM and swap); give at most --tokenize_mb 0.58\n")
+    monkeypatch.setattr(bench, "machine_memory", lambda: 25_276_510_208)  # this machine: 2106.4 MB at most
+    err = one_line_error(["--tokenize", "--tokenize_mb", "5000", "--num_proc", "1"], capsys)
+    assert err.endswith("; give at most --tokenize_mb 2106\n")
+    monkeypatch.setattr(bench, "bench_tokenize", lambda mb, *args: {"mb": mb})  # and that is taken
+    assert bench.main(["--tokenize", "--tokenize_mb", "2106", "--num_proc", "1"])["tokenize"] == {"mb": 2106}

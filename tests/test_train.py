@@ -3944,12 +3944,22 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_is_built(char_data
     assert memory_problem(config, cpu, torch.float32) == (
         "this run needs at least 599 kB of memory: 435 kB for the weights, gradients and AdamW state of 27,168 "
         "parameters and 164 kB for the activations of one micro-batch of 4 x 16 tokens; this machine has 599 kB "
-        "(RAM and swap). Give a smaller --n_layer, --n_embd, --batch_size or --block_size (with "
-        "--gradient_accumulation_steps for the same tokens per step), or --gradient_checkpointing=True")
+        "(RAM and swap); give a smaller --batch_size or --block_size (with --gradient_accumulation_steps for the "
+        "same tokens per step), or --gradient_checkpointing=True")
+    # a resumed model keeps its block_size
+    assert memory_problem(config, cpu, torch.float32, shape_given=False).endswith(
+        "; give a smaller --batch_size (with --gradient_accumulation_steps for the same tokens per step), or "
+        "--gradient_checkpointing=True")
     assert memory_problem(config, cpu, torch.bfloat16) is None  # half the activations under autocast
+    monkeypatch.setattr(train_module, "machine_memory", lambda: weights - 1)  # no batch makes the model fit
+    assert memory_problem(config, cpu, torch.bfloat16).endswith("; give a smaller --n_layer or --n_embd")
+    assert memory_problem(config, cpu, torch.bfloat16, False).endswith("; use a smaller model or a larger machine")
     config.gradient_checkpointing = True  # each layer's input alone
+    monkeypatch.setattr(train_module, "machine_memory", lambda: weights + activations // 10)
+    assert memory_problem(config, cpu, torch.float32) is None
     monkeypatch.setattr(train_module, "machine_memory", lambda: weights + activations // 10 - 1)
-    assert memory_problem(config, cpu, torch.float32).endswith("--batch_size or --block_size")
+    assert memory_problem(config, cpu, torch.float32).endswith(
+        "(with --gradient_accumulation_steps for the same tokens per step)")
     monkeypatch.setattr(train_module, "machine_memory", lambda: weights // 4)  # a GPU's run: the weights built
     assert memory_problem(config, cuda, torch.bfloat16) is None
     monkeypatch.setattr(train_module, "machine_memory", lambda: weights // 4 - 1)
