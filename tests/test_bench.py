@@ -1112,3 +1112,9 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_the_work(monkeypatch
     assert err.endswith("; give at most --tokenize_mb 2106\n")
     monkeypatch.setattr(bench, "bench_tokenize", lambda mb, *args: {"mb": mb})  # and that is taken
     assert bench.main(["--tokenize", "--tokenize_mb", "2106", "--num_proc", "1"])["tokenize"] == {"mb": 2106}
+    for memory, most in ((25_283_000_000, "2106"), (7_070_000, "0.58")):  # 2106.9 and 0.589: rounded down
+        monkeypatch.setattr(bench, "machine_memory", lambda m=memory: m)
+        assert one_line_error(["--tokenize", "--tokenize_mb", "5000", "--num_proc", "1"], capsys).endswith(
+            f"give at most --tokenize_mb {most}\n")
+    monkeypatch.setattr(bench, "machine_memory", lambda: None)  # unknown (Windows): not refused
+    assert bench.main(["--tokenize", "--tokenize_mb", "5000", "--num_proc", "1"])["tokenize"] == {"mb": 5000}

@@ -99,6 +99,11 @@ def test_values_at_a_limit_are_taken(overrides):
     GPT2Config(**overrides).validate()
 
 
+def test_a_weight_decay_alone_waits_for_the_learning_rate():
+    """A resumed run's flags are checked alone (partial): its learning rate may come from the checkpoint."""
+    parse_args(["--weight_decay", "2000"])
+
+
 def test_a_boolean_is_no_number_for_a_float_field():
     with pytest.raises(ConfigError, match="learning_rate"):
         parse_args(["--learning_rate=True"])[0].validate()

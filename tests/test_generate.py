@@ -821,6 +821,12 @@ def test_many_samples_are_generated_a_batch_at_a_time_without_a_copy_of_the_prom
         generate.main(["--checkpoint", str(path), "--device", "cpu", "--prompt", "ab", "--max_new_tokens", "3",
                        "--num_samples", str(10**12), "--batch_size", "2"])
     assert batches == [2, 2, 2] and capsys.readouterr().out.count("---------------\n") == 6
+    monkeypatch.undo()
+    seen = []  # texts handed to on_batch are the caller's: not kept as well, or 10^12 of them would pile up
+    texts = generate.complete_in_batches(Generator(char_checkpoint[1]), char_checkpoint[2], generate.Copies("ab", 3),
+                                         SamplingSettings(temperature=0, max_new_tokens=2), 2,
+                                         torch.Generator().manual_seed(0), on_batch=lambda t, bar: seen.extend(t))
+    assert texts == [] and len(seen) == 3
     copies = generate.Copies("ab", 5)
     assert len(copies) == 5 and copies[3:] == ["ab"] * 2 and copies[-5] == "ab" and list(copies) == ["ab"] * 5
     with pytest.raises(IndexError):

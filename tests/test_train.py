@@ -3969,15 +3969,30 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_is_built(char_data
     assert memory_problem(config, cpu, torch.float32) is None
     # train.py: one line, exit 2, no folder left (a machine of 100 kB: without the check, the run would train)
     monkeypatch.setattr(train_module, "machine_memory", lambda: 10**5)
+    dtypes = []
+    monkeypatch.setattr(train_module, "memory_problem",
+                        lambda config, device, dtype, *args: dtypes.append(dtype) or memory_problem(config, device,
+                                                                                                    dtype, *args))
     with pytest.raises(ConfigError, match=r"^this run needs at least \d+ kB of memory: .* one micro-batch of "
-                                          r"4 x 16 tokens; this machine has 100 kB"):
-        train(tiny(char_data, tmp_path, max_iters=2))
+                                          r"4 x 16 tokens; this machine has 100 kB \(RAM and swap\); give a smaller "
+                                          r"--n_layer or --n_embd$"):
+        train(tiny(char_data, tmp_path, max_iters=2, dtype="bfloat16"))
+    assert dtypes == [torch.bfloat16]
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
     monkeypatch.setattr(train_module, "machine_memory", lambda: None)
     train(tiny(char_data, tmp_path, max_iters=2))
     monkeypatch.setattr(train_module, "machine_memory", lambda: 10**6)  # a resume with a larger batch
-    with pytest.raises(ConfigError, match=r"micro-batch of 400 x 16 tokens; this machine has 1 MB"):
+    with pytest.raises(ConfigError, match=r"micro-batch of 400 x 16 tokens; this machine has 1 MB \(RAM and "
+                                          r"swap\); give a smaller --batch_size \(with --gradient_accumulation_steps "
+                                          r"for the same tokens per step\), or --gradient_checkpointing=True$"):
         train(tiny(char_data, tmp_path, max_iters=4, batch_size=400))
+    # fine-tuning a model folder: checked once its shape is read
+    export = tmp_path / "export"
+    model_from_checkpoint(load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")).save_pretrained(
+        str(export), tokenizer=load_tokenizer(char_data / "tokenizer.json"))
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 10**5)
+    with pytest.raises(ConfigError, match=r"^this run needs at least .*; use a smaller model or a larger machine$"):
+        train(tiny(char_data, tmp_path / "tuned", init_from=str(export), max_iters=2))
 
 
 def test_machine_memory_is_ram_and_swap(tmp_path):
@@ -3987,3 +4002,8 @@ def test_machine_memory_is_ram_and_swap(tmp_path):
     assert machine_memory(str(tmp_path / "meminfo")) == (24684092 + 2097148) * 1024
     (tmp_path / "meminfo").write_text("MemTotal:       24684092 kB\n")
     assert machine_memory(str(tmp_path / "meminfo")) == 24684092 * 1024
+    if hasattr(os, "sysconf"):  # no /proc/meminfo, or no MemTotal in it (macOS, say): RAM from sysconf
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert machine_memory(str(tmp_path / "missing")) == ram
+        (tmp_path / "meminfo").write_text("MemFree:  1 kB\n")
+        assert machine_memory(str(tmp_path / "meminfo")) == ram
