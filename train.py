@@ -499,7 +499,8 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
                    ) -> Optional[str]:
     """Why this run cannot fit in the machine's memory (RAM and swap), by a lower bound, or None. A size typed
     with a few zeros too many is otherwise built for minutes and then killed by the kernel with a bare "Killed",
-    or fills the swap. A GPU needs no such check: CUDA refuses what does not fit at once, in one line.
+    or fills the swap. A GPU's own memory needs no such check: CUDA refuses what does not fit at once, in one
+    line; only the float32 weights, built on the CPU first, are counted for it.
     shape_given: whether the command may choose the model's shape (not a resumed or pretrained model's)."""
     available = machine_memory()
     if available is None:
