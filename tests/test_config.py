@@ -102,6 +102,9 @@ def test_values_at_a_limit_are_taken(overrides):
 def test_a_weight_decay_alone_waits_for_the_learning_rate():
     """A resumed run's flags are checked alone (partial): its learning rate may come from the checkpoint."""
     parse_args(["--weight_decay", "2000"])
+    with pytest.raises(ConfigError) as e:  # an infinite one is named once, not again in the product
+        GPT2Config(weight_decay=float("inf")).validate()
+    assert "weight_decay must be a number" in str(e.value) and "weight_decay x learning_rate" not in str(e.value)
 
 
 def test_a_boolean_is_no_number_for_a_float_field():

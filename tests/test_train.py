@@ -4007,3 +4007,40 @@ def test_machine_memory_is_ram_and_swap(tmp_path):
         assert machine_memory(str(tmp_path / "missing")) == ram
         (tmp_path / "meminfo").write_text("MemFree:  1 kB\n")
         assert machine_memory(str(tmp_path / "meminfo")) == ram
+
+
+# from the mutation audit of the resume lines: each part of what a resume lists and writes
+def test_a_resume_lists_a_new_log_folder_and_another_data_set_but_never_the_start(char_data, tmp_path, capsys):
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2, init_from="resume", log_dir=str(tmp_path / "other")))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("settings this command changed"))
+    assert "log_dir: " in line and "init_from" not in line  # a new TensorBoard run; a resume is from the same start
+    write_data(tmp_path / "data2", load_tokenizer(char_data / "tokenizer.json"),
+               "to be or not to be that is the question\n" * 100)
+    train(tiny(tmp_path / "data2", tmp_path, max_iters=6, eval_interval=2, eval_iters=3))
+    out = capsys.readouterr().out
+    assert "data_dir: " in out and out.count("note: ") == 1  # the data set's note says it all
+
+
+def test_the_text_page_of_changes_only_where_a_run_continues_and_trains(char_data, tmp_path):
+    first = train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))
+    before = sorted(os.listdir(first["run_dir"]))
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2, learning_rate=5e-3))  # finished: trains nothing
+    assert sorted(os.listdir(first["run_dir"])) == before
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "branch")  # a run of its own: its HPARAMS say its settings
+    branch = train(tiny(char_data, tmp_path, max_iters=6, eval_interval=2, learning_rate=5e-3,
+                        checkpoint_dir=str(tmp_path / "branch")))
+    assert "config_changes/text_summary" not in event_steps(branch["run_dir"])[1].Tags()["tensors"]
+
+
+def test_a_checkpoint_whose_config_lacks_a_key_still_resumes(char_data, tmp_path):
+    """Older checkpoints hold fewer settings; the val-batches note must not need every one."""
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2))
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["seed"]
+    save_checkpoint(path, ckpt)
+    for p in (tmp_path / "ckpt").glob("*checkpoint*.pt"):
+        if p != path:
+            p.unlink()
+    assert train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))["resumed_from"] == 2
