@@ -1140,8 +1140,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # a place written otherwise (../w1/runs, an absolute path) is no change where it is the same place: a
         # resume comes only from the same start (init_from), the same data set (data_dir, unless said below)
         # and the same TensorBoard run; checkpoint_dir only where it is a copy of the folder that wrote ckpt
-        same = {"init_from"} | ({"data_dir"} if not data_changed else set()) | (set() if new_run else {"log_dir"})
-        same |= set() if copied_checkpoints(ckpt, checkpoint_dir) else {"checkpoint_dir"}
+        same = {"init_from"}
+        if not data_changed:
+            same.add("data_dir")
+        if not new_run:
+            same.add("log_dir")
+        if not copied_checkpoints(ckpt, checkpoint_dir):
+            same.add("checkpoint_dir")
         config_changes = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
                           if k in before and before[k] != v and k not in same]
 
