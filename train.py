@@ -1616,31 +1616,11 @@ def start_compile_workers(device: torch.device, compile_model: bool) -> None:
         warm()
 
 
-def dropout_through_aten(raw_model, compile_model: bool) -> None:
-    """Has torch.compile run the model's dropouts as aten's own CUDA kernel, not inside inductor's fused kernels,
-    where the inductor has no rand4x (torch 2.11 has none; 2.13 has it).
-
-    Without rand4x inductor draws each element's number with tl.rand, a whole Philox computation (ten rounds) for
-    one number of the four it makes. aten's kernel keeps all four and writes the output and a one-byte mask. A
-    process-wide setting of inductor's; it changes nothing without dropout, on a CPU or uncompiled. The dropout
-    of the attention weights is the attention kernel's own either way. Not with gradient checkpointing: its
-    recomputation draws the same numbers again through a graph-safe generator that fallback_random turns off."""
-    config = raw_model.config
-    if not (compile_model and config.dropout > 0 and not config.gradient_checkpointing
-            and next(raw_model.parameters()).is_cuda):
-        return
-    import torch._inductor.config as inductor_config
-    from torch._inductor.runtime import triton_helpers
-    if not hasattr(triton_helpers, "rand4x"):
-        inductor_config.fallback_random = True
-
-
 def training_model(raw_model, compile_model: bool, mode: str, regional: bool):
     """What the training steps call: raw_model, compiled whole or by regions (then raw_model.forward runs
     the compiled regions), without the model's id check, since the loader checked the data's ids on the
     CPU and the check would wait for the GPU at every forward pass."""
     raw_model.check_ids = False
-    dropout_through_aten(raw_model, compile_model)
     if compile_model and regional:
         raw_model.compile_regions(mode)
     elif compile_model:

@@ -4044,30 +4044,3 @@ def test_a_checkpoint_whose_config_lacks_a_key_still_resumes(char_data, tmp_path
         if p != path:
             p.unlink()
     assert train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))["resumed_from"] == 2
-
-
-@pytest.mark.parametrize("on_cuda, compiled, dropout, checkpointing, has_rand4x, aten", [
-    (True, True, 0.2, False, False, True),
-    (False, True, 0.2, False, False, False),  # a CPU compiles C++, with its own random numbers
-    (True, False, 0.2, False, False, False),
-    (True, True, 0.0, False, False, False),
-    (True, True, 0.2, True, False, False),
-    (True, True, 0.2, False, True, False),  # an inductor with rand4x keeps its own
-])
-def test_compiled_dropout_on_cuda_runs_as_aten_kernel_only_where_inductor_lacks_rand4x(
-        monkeypatch, on_cuda, compiled, dropout, checkpointing, has_rand4x, aten):
-    import types
-
-    import torch._inductor.config as inductor_config
-    from torch._inductor.runtime import triton_helpers
-
-    import train as train_module
-    if has_rand4x:
-        monkeypatch.setattr(triton_helpers, "rand4x", lambda *a: None, raising=False)
-    elif hasattr(triton_helpers, "rand4x"):
-        monkeypatch.delattr(triton_helpers, "rand4x")
-    model = types.SimpleNamespace(config=types.SimpleNamespace(dropout=dropout, gradient_checkpointing=checkpointing),
-                                  parameters=lambda: iter([types.SimpleNamespace(is_cuda=on_cuda)]))
-    with inductor_config.patch(fallback_random=False):  # restored afterwards, whatever the function set
-        train_module.dropout_through_aten(model, compiled)
-        assert inductor_config.fallback_random is aten
