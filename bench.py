@@ -91,9 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0,
                    help="dropout while training (default 0; train.py's shakespeare-char preset trains with 0.2, which "
                         "adds random numbers and masks to the step's kernels)")
-    p.add_argument("--loss_chunk_rows", type=int, default=0, metavar="R",
+    p.add_argument("--loss_chunk_rows", type=int, default=None, metavar="R",
                    help="compute the output layer and loss R tokens at a time, gradients included (train.py's "
-                        "--loss_chunk_rows); 0: all at once")
+                        "--loss_chunk_rows); 0: all at once; default: the preset's (16384 for the GPT-2 presets, "
+                        "0 for the others)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 3 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 30 on CUDA, 10 on CPU)")
     p.add_argument("--gen_tokens", type=int, default=None,
@@ -723,7 +724,8 @@ def model_report(args) -> dict:
     if args.block_size is not None:
         config.block_size = args.block_size
     config.fp8 = args.fp8
-    config.loss_chunk_rows = args.loss_chunk_rows
+    if args.loss_chunk_rows is not None:
+        config.loss_chunk_rows = args.loss_chunk_rows
     config.validate()
     from model import attention_kernel, fp8_problem
     problem = fp8_problem(device) if args.fp8 else None

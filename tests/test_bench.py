@@ -104,6 +104,18 @@ def test_the_loss_in_chunks_is_timed_when_asked_for(monkeypatch, capsys):
         ["--device", "cpu", "--loss_chunk_rows", "-1"], capsys)
 
 
+def test_the_gpt2_presets_loss_in_one_chunk_is_the_default_and_0_turns_it_off(monkeypatch):
+    import bench
+    import model
+    calls = []
+    real = model.chunked_loss
+    monkeypatch.setattr(model, "chunked_loss", lambda *a: calls.append(a[-1]) or real(*a))
+    small = ["--preset", "gpt2", "--device", "cpu", "--batch_size", "1", "--block_size", "8", "--no_generate",
+             "--warmup", "1", "--steps", "1"]
+    assert bench.main(small)["loss_chunk_rows"] == 16384 and calls == [16384, 16384]
+    assert bench.main(small + ["--loss_chunk_rows", "0"])["loss_chunk_rows"] == 0 and calls == [16384, 16384]
+
+
 def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture(capsys, monkeypatch):
     for warmup in ("5", "3"):  # the device first: a larger --warmup would not help on a CPU
         err = one_line_error(["--device", "cpu", "--cuda_graph", "--no_generate", "--warmup", warmup], capsys)
