@@ -501,7 +501,8 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
     with a few zeros too many is otherwise built for minutes and then killed by the kernel with a bare "Killed",
     or fills the swap. A GPU's own memory needs no such check: CUDA refuses what does not fit at once, in one
     line; only the float32 weights, built on the CPU first, are counted for it.
-    shape_given: whether the command may choose the model's shape (not a resumed or pretrained model's)."""
+    shape_given: whether the command may choose the model's shape (not a resumed or pretrained model's). Under
+    torchrun each process on this machine holds all of it."""
     available = machine_memory()
     if available is None:
         return None
@@ -519,16 +520,22 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
     else:
         weights, activations = 4 * params, 0
         what = f"{format_bytes(weights)} for the {count} weights, built on the CPU before they move to the GPU"
-    if weights + activations <= available:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)  # torchrun's processes on this machine
+    if local * (weights + activations) <= available:
         return None
+    fewer = f"run fewer processes on this machine than {local} (torchrun --nproc_per_node)"
     if weights > available:  # no batch makes the model itself fit
         fix = "give a smaller --n_layer or --n_embd" if shape_given else "use a smaller model or a larger machine"
+    elif local * weights > available:  # no batch makes as many copies of the model fit
+        fix = fewer + (", or give a smaller --n_layer or --n_embd" if shape_given else "")
     else:  # a resumed model keeps its block_size (its position embeddings)
         fix = ("give a smaller --batch_size" + (" or --block_size" if shape_given else "")
                + " (with --gradient_accumulation_steps for the same tokens per step)"
-               + ("" if config.gradient_checkpointing else ", or --gradient_checkpointing=True"))
-    return (f"this run needs at least {format_bytes(weights + activations)} of memory: {what}; this machine has "
-            f"{format_bytes(available)} (RAM and swap); {fix}")
+               + ("" if config.gradient_checkpointing else ", or --gradient_checkpointing=True")
+               + (f", or {fewer}" if local > 1 else ""))
+    each = f"{local} processes on this machine, each with " if local > 1 else ""
+    return (f"this run needs at least {format_bytes(local * (weights + activations))} of memory: {each}{what}; "
+            f"this machine has {format_bytes(available)} (RAM and swap); {fix}")
 
 
 def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict],

@@ -3967,6 +3967,27 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_is_built(char_data
                                                                                                   torch.bfloat16)
     monkeypatch.setattr(train_module, "machine_memory", lambda: None)  # unknown (Windows): not refused
     assert memory_problem(config, cpu, torch.float32) is None
+    # under torchrun each process on the machine holds a copy of all of it
+    config.gradient_checkpointing = False
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 3 * (weights + activations))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert memory_problem(config, cpu, torch.float32) is None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert memory_problem(config, cpu, torch.float32) == (
+        "this run needs at least 2 MB of memory: 4 processes on this machine, each with 435 kB for the weights, "
+        "gradients and AdamW state of 27,168 parameters and 164 kB for the activations of one micro-batch of 4 x 16 "
+        "tokens; this machine has 2 MB (RAM and swap); give a smaller --batch_size or --block_size (with "
+        "--gradient_accumulation_steps for the same tokens per step), or --gradient_checkpointing=True, or run fewer "
+        "processes on this machine than 4 (torchrun --nproc_per_node)")
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 3 * weights)  # four models alone do not fit
+    assert memory_problem(config, cpu, torch.float32).endswith(
+        "; run fewer processes on this machine than 4 (torchrun --nproc_per_node), or give a smaller --n_layer or "
+        "--n_embd")
+    assert memory_problem(config, cpu, torch.float32, shape_given=False).endswith("(torchrun --nproc_per_node)")
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 3 * weights // 4)  # nor four GPU runs' weights
+    assert "4 processes on this machine, each with 109 kB for the 27,168 weights" in memory_problem(
+        config, cuda, torch.bfloat16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     # train.py: one line, exit 2, no folder left (a machine of 100 kB: without the check, the run would train)
     monkeypatch.setattr(train_module, "machine_memory", lambda: 10**5)
     dtypes = []
