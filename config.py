@@ -252,16 +252,16 @@ def suggest(name: str, candidates: list[str]) -> str:
 
 GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     # OpenAI's four GPT-2 sizes (vocab 50257, context 1024); parameter counts without padding rows. Their output
-    # layer and loss run up to 16,384 tokens at a time (a 16 x 1024 micro-batch in one chunk): the gradients come
-    # out of the forward pass, and the 50,304-wide logits' float32 copies are never made. For the 124M model on an
-    # H100, compiled: 458,601 tokens/s against 438,337, and 10.6 GB against 12.4 (BENCHMARKS.md)
+    # layer and loss run up to 16,384 tokens at a time (a 16 x 1024 micro-batch in one chunk), with the gradients
+    # made in the forward pass (model.py's chunked_loss). For the 124M model on an H100, compiled: 458,601 tokens/s
+    # against the plain loss's 438,337, and 10.6 GB against 12.4 (BENCHMARKS.md)
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, loss_chunk_rows=16384),  # 124M
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, loss_chunk_rows=16384),  # 355M (usually called 350M)
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, loss_chunk_rows=16384),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, loss_chunk_rows=16384),  # 1558M
     # Shakespeare at character level on one GPU: ~10.8M parameters; best val loss ~1.46 around step 2000,
     # after which the model overfits (best_checkpoint.pt keeps the best); 63 s on an H100, start to exit, with
-    # compilation's 15-19 s (BENCHMARKS.md)
+    # 15.5 s of compilation (BENCHMARKS.md)
     "shakespeare-char": dict(
         n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
         learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000, lr_decay_iters=5000,

@@ -119,7 +119,7 @@ def fp8_problem(device: torch.device) -> Optional[str]:
     return None if device.type == "cpu" else f"fp8 runs on CUDA GPUs and CPUs, not on {device.type}"
 
 
-# ----------------------------------------------------------------------------- the loss in chunks (opt-in)
+# ------------------------------------------------------------- the loss in chunks (the GPT-2 presets' default)
 # With config.loss_chunk_rows = R > 0 the output matmul and the cross-entropy run R rows (tokens) at a time,
 # and the forward pass computes their gradients too, chunk by chunk. The plain loss keeps all B*T rows of
 # logits for the backward pass, B*T x padded vocab, plus float32 copies while it runs: for GPT-2 at 16 x 1024
