@@ -61,7 +61,7 @@ class GPT2Config:
     dropout = 0.0  # 0 for pretraining; 0.1+ helps fine-tuning and small data sets
     bias = True  # biases in Linear and LayerNorm, as GPT-2 has them
     gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
-    loss_chunk_rows = 0  # > 0: output layer and loss this many tokens at a time, never all logits at once (memory)
+    loss_chunk_rows = 0  # > 0: output layer and loss this many tokens at a time or fewer, gradients in forward pass
     fp8 = False  # train the blocks' matmuls in float8 (GPUs of compute capability 8.9+, e.g. H100); eval unchanged
 
     # data and batches
