@@ -1233,6 +1233,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in ("num_samples", "batch_size", "window"):  # before the model loads (its block_size bounds --window)
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GenerationError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_samples > sys.maxsize:  # a count Python's len() can give, for the batches' sequence
+        raise GenerationError(f"--num_samples must be at most {sys.maxsize:,}, got {args.num_samples:,}")
     if args.prompt is not None and args.prompt_file:
         raise GenerationError("give --prompt or --prompt_file, not both")
     prompt = args.prompt or ""

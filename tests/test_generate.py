@@ -1369,6 +1369,8 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--interactive", "--batch_size", "4"], "do not apply to --interactive"),
     (["--batch_size", "0", "--num_samples", "2"], "--batch_size must be >= 1, got 0"),
     (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+    (["--num_samples", str(2**63)],
+     "--num_samples must be at most 9,223,372,036,854,775,807, got 9,223,372,036,854,775,808"),
     (["--window", "0", "--checkpoint", "missing.pt"], "--window must be >= 1, got 0"),  # before the model loads
     (["--top_k", "-5"], "top_k must be a positive integer, or 0 / None to disable it, got -5"),
     (["--stop", ""], "stop must be a non-empty string or None"),
