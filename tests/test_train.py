@@ -1000,7 +1000,9 @@ def test_graphed_steps_follow_plain_steps_and_resume(char_data, tmp_path, compil
     agree closely but not bit for bit. On an H200 the resumed run's losses differed from the straight one's by a
     relative 1.3e-4 at most by regions, and some weights differed far more: the key projection's bias gets a
     gradient that is rounding noise (attention does not depend on it), which AdamW scales up to full-size steps
-    of either sign. So the two checkpoints are compared by what their models compute."""
+    of either sign. So the two checkpoints are compared by what their models compute: on an H100 (with aten's
+    dropout kernel then) their logits differed by up to 4.5e-3 after the 10 resumed steps, whose losses had
+    matched within a relative 1e-3."""
     # earlier tests' compilations count against torch's limit of 8 per function: past it, the resumed run would
     # fall back to eager, whose dropout draws other random numbers
     torch._dynamo.reset()
@@ -1026,7 +1028,7 @@ def test_graphed_steps_follow_plain_steps_and_resume(char_data, tmp_path, compil
     x = torch.randint(0, ckpts[0]["config"]["vocab_size"], (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = [model_from_checkpoint(c).eval()(x)[0] for c in ckpts]
-    torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-2, atol=1e-2)
     groups = ckpts[0]["optimizer"]["param_groups"]
     assert all(type(g["lr"]) is float and g["capturable"] is False for g in groups)
     assert groups[0]["lr"] == pytest.approx(get_lr(19, tiny(char_data, tmp_path, **kw)))  # the last step's
