@@ -203,6 +203,10 @@ class BatchLoader:
     draw what one process would). verbose=False leaves the note and progress bar of the start-up id
     check to another process (train.py: rank 0's).
 
+    get_sweep_batch(split, k) for k below sweep_batches(split) instead lays the windows side by side,
+    so that the batches together hold every target of the split once: train.py evaluates a split that
+    way where that takes no more batches than eval_iters.
+
     On CUDA the batch goes through pinned memory with a non-blocking copy, and a background
     thread prepares the next batch while the GPU works: the one for index + stride, where stride
     is the step between the last two indices of that split (a rank that takes every W-th index
@@ -304,11 +308,7 @@ class BatchLoader:
         if self._executor is not None:
             guess = index + self._stride[split]
             self._pending = (split, guess, self._executor.submit(self._cpu_batch, split, guess))
-        if self._pin:
-            # non_blocking returns at once; the pinned source stays valid because torch's pinned-memory
-            # allocator does not hand the block out again until the copy that reads it has finished
-            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        return self._to_device(x, y)
 
     def changed_file(self) -> str | None:
         """Why the batches to come may not be drawn from the data the run started with, or None: a .bin file
@@ -334,12 +334,33 @@ class BatchLoader:
         future.cancel()  # a different batch was asked for (an evaluation began, or a resume jumped)
         return None
 
-    def _cpu_batch(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (x, y) batch for (split, index) in CPU memory, pinned when the device is CUDA."""
-        rng = np.random.Generator(np.random.PCG64([self.seed, SPLIT_IDS[split], self.rank, index]))
+    def sweep_batches(self, split: str) -> int:
+        """How many batches get_sweep_batch makes of the split: its windows of block_size targets, side by side,
+        batch_size to a batch, the last batch filled up with rows that count nothing."""
+        windows = -(-(self.num_tokens[split] - 1) // self.block_size)  # every target but the first token's
+        return -(-windows // self.batch_size)
+
+    def get_sweep_batch(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: batch `index` of the sweep, in which every target of the split is counted exactly once; the
+        targets that count nothing are -1, which the loss ignores. Window k starts at token k * block_size;
+        the last one, where the split's targets do not fill a window, ends at the split's end instead, and
+        its targets that the window before it counted are -1. Does not touch get_batch's prefetching."""
+        if not 0 <= index < self.sweep_batches(split):
+            raise ValueError(f"sweep batch index must be in 0 .. {self.sweep_batches(split) - 1}, got {index}")
+        T, n = self.block_size, self.num_tokens[split]
+        k = index * self.batch_size + np.arange(self.batch_size)  # the rows' window numbers
+        last = n - 1 - T  # where the window that ends at the split's end starts
+        windows = self._windows(split, np.minimum(k * T, last))
+        # a target at position t of window k is the split's token start_k + t + 1; it counts when no earlier
+        # window counted it: t >= k * T - start_k, and the row is a real window, not filler (k * T < n - 1)
+        skip = np.where(k * T < n - 1, k * T - np.minimum(k * T, last), T)
+        y = np.where(np.arange(T) >= skip[:, None], windows[:, 1:], -1)
+        return self._to_device(*self._as_tensors(windows[:, :-1], y))
+
+    def _windows(self, split: str, starts: np.ndarray) -> np.ndarray:
+        """The (B, T + 1) int64 tokens from the given starts of the split, checked against the file the loader
+        checked and against the vocabulary."""
         T = self.block_size
-        # a window starting at s needs tokens s .. s + T, so s ranges over 0 .. n - T - 1
-        starts = rng.integers(0, self.num_tokens[split] - T, size=self.batch_size)
         path = self.data_dir / f"{split}.bin"
         if _identity(path) != self._files[split]:  # a stat a batch: microseconds
             raise DamagedBatchError(f"{path} {CHANGED}, so its batches may no longer be the ones this run draws. "
@@ -352,12 +373,30 @@ class BatchLoader:
         if windows.max() >= self.vocab_size:  # the file changed since it was checked; microseconds a batch
             raise DamagedBatchError(self._damaged(split, int(windows.max()),
                                                   " (it changed after the loader checked it)"))
+        return windows
+
+    def _as_tensors(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) arrays as CPU tensors, pinned when the device is CUDA."""
         import torch  # loaded by __init__ already
-        x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))  # (B, T)
-        y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))  # (B, T)
+        x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
         if self._pin:
             x, y = x.pin_memory(), y.pin_memory()
         return x, y
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pin:
+            # non_blocking returns at once; the pinned source stays valid because torch's pinned-memory
+            # allocator does not hand the block out again until the copy that reads it has finished
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def _cpu_batch(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (x, y) batch for (split, index) in CPU memory, pinned when the device is CUDA."""
+        rng = np.random.Generator(np.random.PCG64([self.seed, SPLIT_IDS[split], self.rank, index]))
+        # a window starting at s needs tokens s .. s + T, so s ranges over 0 .. n - T - 1
+        starts = rng.integers(0, self.num_tokens[split] - self.block_size, size=self.batch_size)
+        windows = self._windows(split, starts)
+        return self._as_tensors(windows[:, :-1], windows[:, 1:])
 
     def close(self) -> None:
         """Stop the background thread; get_batch keeps working, without prefetching."""

@@ -2497,6 +2497,46 @@ def test_prefetch_follows_the_stride(counting_dir):
         assert pre.prefetched == 11  # all but the first two, which set the stride
 
 
+@pytest.mark.parametrize("n, block_size, batch_size", [
+    (1000, 16, 5),  # 999 targets: 62 full windows and one of 7 new targets, 13 batches, the last with 3 rows
+    (1001, 16, 5),  # 1,000 targets: 62 windows and 8, the same batches
+    (97, 16, 3),  # 96 targets: 6 windows exactly, 2 full batches
+    (17, 16, 4),  # the shortest split a block of 16 allows: 1 window, 3 rows of filler
+    (20, 16, 1),  # 19 targets: a full window, then one that counts only its last 3
+])
+def test_the_sweep_counts_every_target_of_the_split_once(tmp_path, n, block_size, batch_size):
+    """On counting ids a target's value is its position: every position from 1 to n - 1 is counted once, each
+    row is a window of the data with its next tokens, and every row's targets that count nothing are -1."""
+    d = write_data_dir(tmp_path / "d", np.arange(n), np.arange(n), vocab_size=n)
+    loader = BatchLoader(d, block_size=block_size, batch_size=batch_size)
+    windows = -(-(n - 1) // block_size)
+    assert loader.sweep_batches("val") == -(-windows // batch_size)
+    counted, rows = [], 0
+    for k in range(loader.sweep_batches("val")):
+        x, y = loader.get_sweep_batch("val", k)
+        assert x.shape == y.shape == (batch_size, block_size) and x.dtype == y.dtype == torch.int64
+        for row_x, row_y in zip(x.tolist(), y.tolist()):
+            assert row_x == list(range(row_x[0], row_x[0] + block_size))  # a window of the split
+            kept = [t for t in row_y if t != -1]
+            assert row_y == [-1] * (block_size - len(kept)) + kept  # what counts nothing comes first
+            assert kept == [t + 1 for t in row_x][block_size - len(kept):]
+            counted += kept
+            rows += bool(kept)
+    assert sorted(counted) == list(range(1, n))
+    assert rows == windows  # every window counts something; the rest is filler
+
+
+def test_sweep_batches_are_the_splits_own_and_outside_them_an_error(counting_dir):
+    loader = BatchLoader(counting_dir, block_size=8, batch_size=4)
+    assert loader.sweep_batches("train") == 157 and loader.sweep_batches("val") == 32  # ceil(4999 / 32), 999 / 32
+    x, y = loader.get_sweep_batch("train", 1)
+    assert x[0, 0] == 32 and y[-1, -1] == 64  # batch 1 holds windows 4 to 7
+    assert loader.get_sweep_batch("val", 0)[0][0, 0] == 10_000
+    for bad in (-1, 32):
+        with pytest.raises(ValueError, match=r"sweep batch index must be in 0 \.\. 31"):
+            loader.get_sweep_batch("val", bad)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_match_cpu(counting_dir):
     cpu = BatchLoader(counting_dir, block_size=32, batch_size=8)
@@ -2508,6 +2548,10 @@ def test_cuda_batches_match_cpu(counting_dir):
             x.zero_()
             torch.testing.assert_close(gpu.get_batch("val", i)[1].cpu(), cpu.get_batch("val", i)[1])
             torch.testing.assert_close(y.cpu(), cpu.get_batch("train", i)[1])
+        for i in range(gpu.sweep_batches("val")):  # the sweep's -1 targets come through the pinned copy too
+            for got, want in zip(gpu.get_sweep_batch("val", i), cpu.get_sweep_batch("val", i)):
+                assert got.is_cuda
+                torch.testing.assert_close(got.cpu(), want)
 
 
 def test_cli_end_to_end(shakespeare_text, tmp_path):

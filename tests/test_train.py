@@ -225,6 +225,32 @@ def test_estimate_loss_is_the_mean_loss_of_the_fixed_batches(char_data):
                 assert got[split] == pytest.approx(sum(losses) / 3, rel=1e-6)
 
 
+@pytest.mark.parametrize("per_pass", [1, 3])
+def test_a_split_that_fits_in_eval_iters_batches_is_evaluated_whole(tmp_path, per_pass):
+    """100 val tokens, windows of 16, 2 to a batch: 99 targets in 7 windows, 4 batches, which eval_iters=5
+    allows; the loss is the mean over every target once, computed here window by window. The train split's
+    900 tokens would take 29 batches: it is evaluated on the 5 fixed random ones."""
+    rng = random.Random(1)
+    text = "".join(rng.choice("abcdefgh \n") for _ in range(1000))
+    data = write_data(tmp_path / "d", CharTokenizer.from_text(text), text)
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
+    plain = torch.autocast("cpu", enabled=False)
+    val = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64))
+    with BatchLoader(data, 16, 2) as loader, torch.no_grad():
+        reports = []
+        got = estimate_loss(model, loader, 5, plain, per_pass=per_pass, progress=lambda *a: reports.append(a))
+        assert reports[-1] == (9, 9)  # 5 train batches and 4 val batches
+        train = [model(*loader.get_batch("train", 2**62 + i))[1].item() for i in range(5)]
+    assert got["train"] == pytest.approx(sum(train) / 5, rel=1e-5)
+    losses = []
+    for start, new in [(s, 16) for s in range(0, 96, 16)] + [(83, 3)]:  # the last window ends at the split's end
+        logits, _ = model(val[None, start:start + 16], val[None, start + 1:start + 17])
+        losses += torch.nn.functional.cross_entropy(logits[0], val[start + 1:start + 17], reduction="none")[-new:]
+    assert len(losses) == 99
+    assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("per_pass", [2, 3])
 def test_an_evaluation_pass_can_take_several_batches(char_data, per_pass):
     """per_pass batches joined into one forward pass: the same mean (each batch has as many targets), fewer
@@ -245,8 +271,9 @@ def test_an_evaluation_pass_can_take_several_batches(char_data, per_pass):
 
 def test_ranks_take_their_own_runs_of_batches_for_a_pass(char_data, monkeypatch):
     """5 batches, 2 ranks, 2 batches a pass: rank 1 takes batches 2 and 3, then nothing; progress counts every
-    rank's batches."""
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: None)
+    rank's batches. What the ranks add up is each one's loss summed over its targets, and their number."""
+    reduced = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: reduced.append(tensor.clone()))
     torch.manual_seed(0)
     model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
     with BatchLoader(char_data, 16, 2) as loader:
@@ -258,7 +285,9 @@ def test_ranks_take_their_own_runs_of_batches_for_a_pass(char_data, monkeypatch)
         assert reports == [(4, 10), (5, 10), (9, 10), (10, 10)]
         with torch.no_grad():
             x, y = zip(get_batch("val", 2), get_batch("val", 3))
-            assert got["val"] == pytest.approx(2 * model(torch.cat(x), torch.cat(y))[1].item() / 5, rel=1e-6)
+            mean = model(torch.cat(x), torch.cat(y))[1].item()
+        torch.testing.assert_close(reduced[1], torch.tensor([mean * 2 * 32, 2 * 32]))  # 2 batches of 2 x 16
+        assert got["val"] == pytest.approx(mean, rel=1e-6)  # its own sum over its own count, all_reduce being a no-op
 
 
 def test_evaluation_passes_stay_under_their_size_and_join_only_eagerly_on_a_gpu():
@@ -349,8 +378,9 @@ def test_a_non_finite_val_loss_stops_training(char_data, tmp_path, monkeypatch):
 
 
 def test_a_rank_evaluates_its_share_of_batches_when_they_do_not_divide(char_data, monkeypatch):
-    """3 batches over 2 ranks: rank 1 takes batch 1 only; the sum over ranks is divided by 3."""
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: None)  # this rank's sum alone
+    """3 batches over 2 ranks: rank 1 takes batch 1 only; the sums over ranks divide the loss by the targets."""
+    other = torch.tensor([100.0, 64.0])  # what rank 0 adds: a loss summed over its 64 targets, and their number
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *a, **k: tensor.add_(other))
     torch.manual_seed(0)
     model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
     with BatchLoader(char_data, 16, 2) as loader:
@@ -360,7 +390,8 @@ def test_a_rank_evaluates_its_share_of_batches_when_they_do_not_divide(char_data
         assert drawn == [("train", 2**62 + 1), ("val", 1)]
         with torch.no_grad():
             for split, first in (("train", 2**62), ("val", 0)):
-                assert got[split] == pytest.approx(model(*get_batch(split, first + 1))[1].item() / 3, rel=1e-6)
+                mine = model(*get_batch(split, first + 1))[1].item() * 32  # 2 x 16 targets
+                assert got[split] == pytest.approx((mine + 100) / (32 + 64), rel=1e-6)
 
 
 def test_tokens_per_step_counts_every_micro_batch(char_data, tmp_path, capsys):
@@ -3714,7 +3745,9 @@ def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
 
 
 def test_ddp_two_processes_match_one(char_data, tmp_path):
-    kw = dict(gradient_accumulation_steps=4, batch_size=2, max_iters=6, eval_interval=3, backend="gloo")
+    # 200 evaluation batches: the val split's sweep (every target once) takes fewer, shared out over the ranks
+    kw = dict(gradient_accumulation_steps=4, batch_size=2, max_iters=6, eval_interval=3, backend="gloo",
+              eval_iters=200)
     single = train(tiny(char_data, tmp_path / "single", **kw))
     config = tiny(char_data, tmp_path / "ddp", **kw)
     noting = tmp_path / "train_noting.py"  # train.py, with a note for the id check of every .bin however small
@@ -3729,6 +3762,14 @@ def test_ddp_two_processes_match_one(char_data, tmp_path):
     ddp_losses = {int(line.split()[1].split("/")[0]): float(line.split("loss ")[1].split(",")[0])
                   for line in r.stdout.splitlines() if line.startswith("iter ") and "/6:" in line}
     assert ddp_losses == pytest.approx(single["losses"], abs=2e-4)  # printed with 4 decimals
+    with BatchLoader(char_data, 16, 2) as loader:
+        assert loader.sweep_batches("val") < 200 < loader.sweep_batches("train")
+    ddp_evals = {int(m[1]): (float(m[2]), float(m[3]))
+                 for m in re.finditer(r"^iter (\d+): train loss ([\d.]+), val loss ([\d.]+)", r.stdout, re.M)}
+    assert ddp_evals.keys() == single["evals"].keys() == {0, 3, 6}
+    for it, (train_loss, val_loss) in ddp_evals.items():
+        assert (train_loss, val_loss) == pytest.approx((single["evals"][it]["train"], single["evals"][it]["val"]),
+                                                       abs=2e-4)
     a = load_checkpoint(tmp_path / "single" / "ckpt" / "final_checkpoint.pt")
     b = load_checkpoint(tmp_path / "ddp" / "ckpt" / "final_checkpoint.pt")
     for k in a["model"]:
