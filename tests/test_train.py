@@ -1255,6 +1255,45 @@ def test_the_checkpoint_writer_copies_shared_memory_once_and_raises_later():
     assert threads == [False, False, True]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: page-locked copies are made of GPU tensors only"))])
+def test_a_pinned_copy_of_a_checkpoint_writes_the_same_file(device):
+    """A GPU model's checkpoint goes through page-locked memory, copied without a wait per tensor: the file is
+    the one the state itself gives, and the copy no longer follows the weights. On the CPU it is cpu_copy."""
+    from train import CheckpointWriter, pinned_copy
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=65, block_size=8)).to(device)
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), device)
+    x = torch.randint(0, 65, (4, 8), device=device)
+    model(x, x)[1].backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    direct = io.BytesIO()
+    torch.save(state, direct)
+    copy = pinned_copy(state)
+    with torch.no_grad():  # queued right after the copies: the copy must hold the weights from before
+        for p in model.parameters():
+            p.mul_(2)
+    copied = io.BytesIO()
+    torch.save(copy, copied)
+    assert copied.getvalue() == direct.getvalue()
+    tied = copy["model"]["transformer.wte.weight"], copy["model"]["lm_head.weight"]
+    assert tied[0].device.type == "cpu" and tied[0].data_ptr() == tied[1].data_ptr()
+    assert tied[0].is_pinned() == (device == "cuda") and not copy["rng"].is_pinned()
+    files = []
+
+    def write(ckpt):
+        files.append(io.BytesIO())
+        torch.save(ckpt, files[-1])
+    writer = CheckpointWriter()  # under PINNED_CHECKPOINT_BYTES: the writer's copy is made this way
+    writer.submit(write, state)
+    writer.close()
+    files[0].seek(0)
+    written = torch.load(files[0])["model"]
+    for k, v in model.state_dict().items():  # the doubled weights
+        torch.testing.assert_close(written[k], v.cpu(), rtol=0, atol=0, msg=k)
+
+
 def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch, capsys):
     import train as train_module
     writes = []
