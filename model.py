@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
-from config import GPT2Config
+from config import GPT2_CONFIGS, GPT2Config
 from tokenizer import GPT2_EOT_TOKEN, GPT2_VOCAB_SIZE
 from utils import UserError, load_weights_only, utf8_text
 
@@ -680,6 +680,19 @@ def train_checkpoint_hint(name: str) -> str:
     return (f"; {what}: sample with generate.py --checkpoint_dir (or --checkpoint FILE), go on training with "
             "train.py --checkpoint_dir, or export it with save_pretrained (README, Checkpoint 管理) and fine-tune "
             "the export with --init_from")
+
+
+def pretrained_shape(name_or_dir: str) -> dict:
+    """The shape from_pretrained would give (n_layer, n_head, n_embd, vocab_size, block_size), known before any
+    weights are downloaded or read: a GPT-2 name's from its preset, a folder's from its config.json (whose values
+    are not checked here: from_pretrained names what is wrong with them)."""
+    if is_model_folder(name_or_dir):
+        hf = _read_hf_config(Path(name_or_dir))
+        return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_size=hf["vocab_size"],
+                    block_size=hf["n_positions"])
+    preset = GPT2_CONFIGS[name_or_dir]
+    return dict(n_layer=preset["n_layer"], n_head=preset["n_head"], n_embd=preset["n_embd"],
+                vocab_size=GPT2_VOCAB_SIZE, block_size=GPT2Config.block_size)
 
 
 def _download_gpt2(name: str) -> Path:

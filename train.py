@@ -46,7 +46,8 @@ import torch
 
 # the command line is parsed in config.py
 from config import CUDA_GRAPH_MODES, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
-from model import GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder, train_checkpoint_hint
+from model import (GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder, pretrained_shape,
+                   train_checkpoint_hint)
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
                    dtype_warning, folder_lock, folder_problem, format_bytes, format_duration, get_rng_state,
                    iter_checkpoints, load_checkpoint, load_weights, lock_holder, machine_memory, missing_folders,
@@ -559,8 +560,8 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
     """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
     from data import check_vocab
 
-    def check_memory(shape_given: bool):
-        if problem := memory_problem(config, device, dtype, shape_given):
+    def check_memory(shape_given: bool, shape: Optional[GPT2Config] = None):
+        if problem := memory_problem(shape or config, device, dtype, shape_given):
             raise ConfigError(problem)
     if ckpt is not None:
         check_memory(False)  # a resumed run may ask for a larger batch
@@ -580,6 +581,13 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
                               f"{train_checkpoint_hint(config.init_from)}")
         if not folder:  # before the download
             check_gpt2_data(config.init_from, meta, config.data_dir)
+        shape = pretrained_shape(config.init_from)
+        if all(type(v) is int and v > 0 for v in shape.values()):  # else from_pretrained says what is wrong
+            # before gigabytes are downloaded and read: GPT-2 XL alone needs 25 GB to train on a CPU
+            planned = copy.copy(config)
+            for k, v in shape.items():
+                setattr(planned, k, min(v, config.block_size) if k == "block_size" and k in explicit else v)
+            check_memory(False, planned)
         model = GPT.from_pretrained(config.init_from, dropout=config.dropout)
         pretrained = model.config
         if folder:

@@ -4098,6 +4098,32 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_is_built(char_data
         train(tiny(char_data, tmp_path / "tuned", init_from=str(export), max_iters=2))
 
 
+def test_a_pretrained_model_too_large_is_refused_before_its_weights_are_read(char_data, tmp_path, monkeypatch):
+    """GPT-2 XL trains in 25 GB on a CPU: on a 24 GB machine the refusal comes before the download of 6 GB; a
+    folder's shape comes from its config.json, with the context the command asks for."""
+    import train as train_module
+    from tokenizer import GPT2Tokenizer
+    monkeypatch.setattr(GPT, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("weights read")))
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 24 * 10**9)
+    gpt2_data = write_data(tmp_path / "gpt2data", GPT2Tokenizer(), " ".join(WORDS * 40))
+    with pytest.raises(ConfigError, match=r"^this run needs at least 25\.\d GB of memory: 24\.9 GB for the weights, "
+                                          r"gradients and AdamW state of 1\.55B parameters and .* this machine has "
+                                          r"24\.0 GB \(RAM and swap\); use a smaller model or a larger machine$"):
+        train(tiny(gpt2_data, tmp_path / "xl", init_from="gpt2-xl", max_iters=2))  # 16 positions of 1,024
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=48, n_head=25, n_embd=1600,
+                                                        n_positions=1024, vocab_size=65)))
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 20 * 10**9)  # 23.8 GB with 65 tokens
+    with pytest.raises(ConfigError, match=r"micro-batch of 4 x 16 tokens; this machine has 20\.0 GB"):
+        train(tiny(char_data, tmp_path / "folder", init_from=str(folder), max_iters=2))
+    (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer="48", n_head=25, n_embd=1600,
+                                                        n_positions=1024, vocab_size=65)))
+    with pytest.raises(pytest.fail.Exception, match="weights read"):  # a shape to check first: the load says why
+        train(tiny(char_data, tmp_path / "folder", init_from=str(folder), max_iters=2))
+    assert not (tmp_path / "xl").exists() and not (tmp_path / "folder").exists()
+
+
 def test_machine_memory_is_ram_and_swap(tmp_path):
     from utils import machine_memory
     (tmp_path / "meminfo").write_text("MemTotal:       24684092 kB\nMemFree:        22997260 kB\n"
