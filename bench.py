@@ -56,7 +56,7 @@ from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS, memory_problem
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, dtype_warning,
-                   format_bytes, machine_memory, output_file_problem, path_arg, resolve_device, resolve_dtype, run_cli,
+                   format_bytes_apart, machine_memory, output_file_problem, path_arg, resolve_device, resolve_dtype, run_cli,
                    start_process_helpers, stop_signals_raise, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
@@ -558,9 +558,10 @@ def tokenize_report(args, between: Callable[[], None] = lambda: None) -> dict:
     if available is not None and args.tokenize_mb * 12e6 > available:
         most = available / 12e6  # rounded down: the figure suggested must itself be taken
         most = f"{math.floor(most)}" if most >= 1 else f"{math.floor(most * 100) / 100:g}"
-        raise UserError(f"--tokenize_mb {args.tokenize_mb:g} needs at least {format_bytes(args.tokenize_mb * 12e6)} "
-                        f"of memory (about 12 bytes for each byte of text), and this machine has "
-                        f"{format_bytes(available)} (RAM and swap); give at most --tokenize_mb {most}")
+        needed, has = format_bytes_apart(args.tokenize_mb * 12e6, available)
+        raise UserError(f"--tokenize_mb {args.tokenize_mb:g} needs at least {needed} of memory (about 12 bytes for "
+                        f"each byte of text), and this machine has {has} (RAM and swap); give at most --tokenize_mb "
+                        f"{most}")
     if words_file and not Path(words_file).is_file():
         raise UserError(f"the word source {words_file!r} (--input, else $SHAKESPEARE) is not a file; give a UTF-8 "
                         "text file, or neither to use made-up words")

@@ -49,11 +49,11 @@ from config import CUDA_GRAPH_MODES, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, Config
 from model import (GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder, pretrained_shape,
                    train_checkpoint_hint)
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
-                   dtype_warning, folder_lock, folder_problem, format_bytes, format_duration, get_rng_state,
-                   iter_checkpoints, load_checkpoint, load_weights, lock_holder, machine_memory, missing_folders,
-                   remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype, run_cli,
-                   save_checkpoint, save_checkpoint_as, set_rng_state, silence, stop_signals, stop_signals_raise,
-                   synchronize, utf8_text)
+                   dtype_warning, folder_lock, folder_problem, format_bytes, format_bytes_apart, format_duration,
+                   get_rng_state, iter_checkpoints, load_checkpoint, load_weights, lock_holder, machine_memory,
+                   missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype,
+                   run_cli, save_checkpoint, save_checkpoint_as, set_rng_state, silence, stop_signals,
+                   stop_signals_raise, synchronize, utf8_text)
 
 # every checkpoint name this file writes, for the temporary files of saves a kill cut short
 CHECKPOINT_NAMES = r"(?:best_|final_)?checkpoint(?:_iter_\d+)?\.pt"
@@ -551,8 +551,8 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
                + ("" if config.gradient_checkpointing else ", or --gradient_checkpointing=True")
                + (f", or {fewer}" if local > 1 else ""))
     each = f"{local} processes on this machine, each with " if local > 1 else ""
-    return (f"this run needs at least {format_bytes(local * (weights + activations))} of memory: {each}{what}; "
-            f"this machine has {format_bytes(available)} (RAM and swap); {fix}")
+    needed, has = format_bytes_apart(local * (weights + activations), available)
+    return f"this run needs at least {needed} of memory: {each}{what}; this machine has {has} (RAM and swap); {fix}"
 
 
 def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Optional[dict],

@@ -798,12 +798,23 @@ def machine_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:
         return None
 
 
-def format_bytes(n: float) -> str:
-    """1234567 -> '1 MB': in units of 10^3, as disks and the figures here count."""
+def format_bytes(n: float, decimals: int = 0) -> str:
+    """1234567 -> '1 MB': in units of 10^3, as disks and the figures here count; gigabytes with one decimal more
+    than the others."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
-            return f"{n / size:,.1f} {unit}" if unit == "GB" else f"{n / size:,.0f} {unit}"
-    return f"{n:.0f} B"
+            return f"{n / size:,.{decimals + (unit == 'GB')}f} {unit}"
+    return f"{n:.{decimals}f} B"
+
+
+def format_bytes_apart(needed: float, available: float) -> tuple[str, str]:
+    """format_bytes of both, with as many more decimals as it takes (up to 3) for two amounts that differ not to
+    read the same: 'needs at least 2 MB ... has 2 MB' says nothing."""
+    for decimals in range(4):
+        pair = format_bytes(needed, decimals), format_bytes(available, decimals)
+        if pair[0] != pair[1] or needed == available:
+            break
+    return pair
 
 
 # ---------------------------------------------------------------------------- checkpoints

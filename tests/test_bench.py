@@ -1117,8 +1117,9 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_the_work(monkeypatch
     capsys.readouterr()
     monkeypatch.setattr(bench, "machine_memory", lambda: 7 * 10**6)
     err = one_line_error(["--tokenize", "--tokenize_mb", "0.6", "--num_proc", "1"], capsys)
-    assert err == ("error: --tokenize_mb 0.6 needs at least 7 MB of memory (about 12 bytes for each byte of "
-                   "text), and this machine has 7 MB (RAM and swap); give at most --tokenize_mb 0.58\n")
+    # 7.2 MB and 7.0: one decimal more, where whole megabytes would read the same
+    assert err == ("error: --tokenize_mb 0.6 needs at least 7.2 MB of memory (about 12 bytes for each byte of "
+                   "text), and this machine has 7.0 MB (RAM and swap); give at most --tokenize_mb 0.58\n")
     monkeypatch.setattr(bench, "machine_memory", lambda: 25_276_510_208)  # this machine: 2106.4 MB at most
     err = one_line_error(["--tokenize", "--tokenize_mb", "5000", "--num_proc", "1"], capsys)
     assert err.endswith("; give at most --tokenize_mb 2106\n")

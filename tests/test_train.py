@@ -4024,8 +4024,8 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_is_built(char_data
     assert memory_problem(config, cpu, torch.float32) is None
     monkeypatch.setattr(train_module, "machine_memory", lambda: weights + activations - 1)
     assert memory_problem(config, cpu, torch.float32) == (
-        "this run needs at least 599 kB of memory: 435 kB for the weights, gradients and AdamW state of 27,168 "
-        "parameters and 164 kB for the activations of one micro-batch of 4 x 16 tokens; this machine has 599 kB "
+        "this run needs at least 598.528 kB of memory: 435 kB for the weights, gradients and AdamW state of 27,168 "
+        "parameters and 164 kB for the activations of one micro-batch of 4 x 16 tokens; this machine has 598.527 kB "
         "(RAM and swap); give a smaller --batch_size or --block_size (with --gradient_accumulation_steps for the "
         "same tokens per step), or --gradient_checkpointing=True")
     # a resumed model keeps its block_size
@@ -4056,9 +4056,9 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_is_built(char_data
     assert memory_problem(config, cpu, torch.float32) is None
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert memory_problem(config, cpu, torch.float32) == (
-        "this run needs at least 2 MB of memory: 4 processes on this machine, each with 435 kB for the weights, "
+        "this run needs at least 2.4 MB of memory: 4 processes on this machine, each with 435 kB for the weights, "
         "gradients and AdamW state of 27,168 parameters and 164 kB for the activations of one micro-batch of 4 x 16 "
-        "tokens; this machine has 2 MB (RAM and swap); give a smaller --batch_size or --block_size (with "
+        "tokens; this machine has 1.8 MB (RAM and swap); give a smaller --batch_size or --block_size (with "
         "--gradient_accumulation_steps for the same tokens per step), or --gradient_checkpointing=True, or run fewer "
         "processes on this machine than 4 (torchrun --nproc_per_node)")
     monkeypatch.setattr(train_module, "machine_memory", lambda: 3 * weights)  # four models alone do not fit
@@ -4122,6 +4122,17 @@ def test_a_pretrained_model_too_large_is_refused_before_its_weights_are_read(cha
     with pytest.raises(pytest.fail.Exception, match="weights read"):  # a shape to check first: the load says why
         train(tiny(char_data, tmp_path / "folder", init_from=str(folder), max_iters=2))
     assert not (tmp_path / "xl").exists() and not (tmp_path / "folder").exists()
+
+
+def test_amounts_of_memory_that_differ_do_not_read_the_same():
+    from utils import format_bytes, format_bytes_apart
+    assert (format_bytes(1_234_567), format_bytes(24_930_000_000), format_bytes(999)) == ("1 MB", "24.9 GB", "999 B")
+    assert format_bytes_apart(24_930_000_000, 24_910_000_000) == ("24.93 GB", "24.91 GB")
+    assert format_bytes_apart(7_200_000, 7_000_000) == ("7.2 MB", "7.0 MB")
+    assert format_bytes_apart(30_000_000, 7_000_000) == ("30 MB", "7 MB")  # apart already
+    assert format_bytes_apart(2_000_000, 2_000_000) == ("2 MB", "2 MB")  # the same amount
+    assert format_bytes_apart(2_000_000.4, 2_000_000) == ("2.000 MB", "2.000 MB")  # 3 decimals at most
+    assert format_bytes_apart(1_500, 999) == ("2 kB", "999 B")
 
 
 def test_machine_memory_is_ram_and_swap(tmp_path):
