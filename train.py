@@ -1046,6 +1046,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     micro_steps = A // world_size  # per rank, per optimizer step
     tokens_per_iter = A * config.batch_size * config.block_size
     eval_per_pass = eval_batches_per_pass(config, device, compile_model, dtype)
+    val_swept = eval_batches(loader, config.eval_iters)["val"] == loader.sweep_batches("val")  # its exact loss
 
     device_type = device.type
     if device_type == "cuda":
@@ -1210,12 +1211,21 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log.print(f"settings this command changed: {', '.join(config_changes)}")
         not_comparable = (f"the val loss is not comparable with the best so far ({best_val_loss:.4f}), which "
                           f"best_checkpoint.pt keeps until a lower one")
+        # a checkpoint from before the sweep existed evaluated on random batches
+        swept_before = bool((ckpt.get("progress") or {}).get("val_swept", False))
         if data_changed:
             log.print(f"note: {config.data_dir} is not the data set the checkpoint was trained on "
                       f"({', '.join(data_changed)} differ): training goes on with this one, and {not_comparable}")
-        elif sampled := [f"--{k}" for k in ("eval_iters", "batch_size", "seed")
-                         if k in ckpt["config"] and ckpt["config"][k] != getattr(config, k)]:
-            # the val batches are drawn by seed, batch number and batch size: other ones, or more or fewer
+        elif swept_before != val_swept:
+            def way(swept: bool, eval_iters: int) -> str:
+                return "every target of the val split once" if swept else f"{eval_iters} random val batches"
+            before = way(swept_before, ckpt["config"].get("eval_iters", config.eval_iters))
+            log.print(f"note: the evaluations now take {way(val_swept, config.eval_iters)} instead of {before}, "
+                      f"so {not_comparable}")
+        elif not val_swept and (sampled := [f"--{k}" for k in ("eval_iters", "batch_size", "seed")
+                                            if k in ckpt["config"] and ckpt["config"][k] != getattr(config, k)]):
+            # the val batches are drawn by seed, batch number and batch size: other ones, or more or fewer. A
+            # swept split's loss is its exact mean, whatever they are
             log.print(f"note: {' and '.join(sampled)} changed, so the evaluations draw other val batches, and "
                       f"{not_comparable}")
     elif config.init_from not in ("auto", "scratch", "resume"):
@@ -1259,7 +1269,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
                 "checkpoint_folder": str(checkpoint_dir.resolve()),  # a copy of the folder can tell itself from it
                 "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s,
-                             "eval_owed": eval_owed, "evaluated_at": evaluated_at},
+                             "eval_owed": eval_owed, "evaluated_at": evaluated_at, "val_swept": val_swept},
                 "started_from": run_origin, "started_from_fingerprint": run_fingerprint, "version": CHECKPOINT_VERSION}
 
     # where the run's time goes, for the last line: evaluations, text samples and checkpoint writes are summed

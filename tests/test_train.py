@@ -2370,6 +2370,31 @@ def test_a_resume_that_draws_other_val_batches_says_its_val_loss_is_not_comparab
                              r"until a lower one\n", out)
 
 
+def test_a_resume_says_when_the_val_split_is_swept_or_no_longer(char_data, tmp_path, capsys):
+    """The val split's 4,386 targets fit in 69 batches of 4 x 16: with --eval_iters=100 it is swept, and its loss
+    is its exact mean whatever the seed or batch size. Between a sweep and random batches, and from a checkpoint
+    made before sweeps (no val_swept), the loss is not comparable."""
+    with BatchLoader(char_data, 16, 4) as loader:
+        assert loader.sweep_batches("val") == 69
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2, eval_iters=100))
+    not_comparable = r", so the val loss is not comparable with the best so far \(\d\.\d{4}\)"
+    for iters, changes, said in (
+            (4, dict(eval_iters=150, seed=7, batch_size=2), None),  # swept both times (138 batches): comparable
+            (6, dict(eval_iters=50), "now take 50 random val batches instead of every target of the val split once"),
+            (8, dict(eval_iters=100), "now take every target of the val split once instead of 50 random val batches")):
+        capsys.readouterr()
+        train(tiny(char_data, tmp_path, max_iters=iters, eval_interval=2, **changes))
+        out = capsys.readouterr().out
+        assert "note:" not in out if said is None else re.search(rf"\nnote: the evaluations {said}{not_comparable}", out)
+    ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    assert ckpt["progress"]["val_swept"] is True
+    del ckpt["progress"]["val_swept"]  # as an earlier version wrote it, evaluating on random batches
+    save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", ckpt)
+    train(tiny(char_data, tmp_path, max_iters=10, eval_interval=2, eval_iters=100))
+    assert re.search(r"\nnote: the evaluations now take every target of the val split once instead of 100 random val "
+                     rf"batches{not_comparable}", capsys.readouterr().out)
+
+
 def test_a_data_set_prepared_again_with_other_characters_points_to_the_checkpoints_tokenizer(char_data, tmp_path):
     """Its tokenizer.json is now the other one: the advice is the tokenizer the checkpoint holds."""
     data = tmp_path / "data"
