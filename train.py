@@ -512,14 +512,15 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
                             f"would stand for other text; {how}")
 
 
-def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype, shape_given: bool = True
-                   ) -> Optional[str]:
+def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype, shape_given: bool = True,
+                   block_given: Optional[bool] = None) -> Optional[str]:
     """Why this run cannot fit in the machine's memory (RAM and swap), by a lower bound, or None. A size typed
     with a few zeros too many is otherwise built for minutes and then killed by the kernel with a bare "Killed",
     or fills the swap. A GPU's own memory needs no such check: CUDA refuses what does not fit at once, in one
     line; only the float32 weights, built on the CPU first, are counted for it.
-    shape_given: whether the command may choose the model's shape (not a resumed or pretrained model's). Under
-    torchrun each process on this machine holds all of it."""
+    shape_given: whether the command may choose the model's shape (not a resumed or pretrained model's);
+    block_given: its block_size (default: as shape_given; a pretrained model's may be shortened). Under torchrun
+    each process on this machine holds all of it."""
     available = machine_memory()
     if available is None:
         return None
@@ -546,7 +547,8 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
     elif local * weights > available:  # no batch makes as many copies of the model fit
         fix = fewer + (", or give a smaller --n_layer or --n_embd" if shape_given else "")
     else:  # a resumed model keeps its block_size (its position embeddings)
-        fix = ("give a smaller --batch_size" + (" or --block_size" if shape_given else "")
+        fix = ("give a smaller --batch_size" + (" or --block_size" if (shape_given if block_given is None
+                                                                        else block_given) else "")
                + " (with --gradient_accumulation_steps for the same tokens per step)"
                + ("" if config.gradient_checkpointing else ", or --gradient_checkpointing=True")
                + (f", or {fewer}" if local > 1 else ""))
@@ -560,8 +562,8 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
     """The raw model (float32, on the CPU) for a resumed, fresh or pretrained run; fills config's shape."""
     from data import check_vocab
 
-    def check_memory(shape_given: bool, shape: Optional[GPT2Config] = None):
-        if problem := memory_problem(shape or config, device, dtype, shape_given):
+    def check_memory(shape_given: bool, shape: Optional[GPT2Config] = None, block_given: Optional[bool] = None):
+        if problem := memory_problem(shape or config, device, dtype, shape_given, block_given):
             raise ConfigError(problem)
     if ckpt is not None:
         check_memory(False)  # a resumed run may ask for a larger batch
@@ -587,7 +589,7 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
             planned = copy.copy(config)
             for k, v in shape.items():
                 setattr(planned, k, min(v, config.block_size) if k == "block_size" and k in explicit else v)
-            check_memory(False, planned)
+            check_memory(False, planned, block_given=True)  # a shorter context keeps the first positions
         model = GPT.from_pretrained(config.init_from, dropout=config.dropout)
         pretrained = model.config
         if folder:
@@ -612,7 +614,7 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
             wpe.num_embeddings = block_size
             config.block_size = block_size
         model.config = config.validate()  # the folder's shape may not suit fp8
-        check_memory(False)  # the batch, for the shape just loaded
+        check_memory(False, block_given=True)  # the batch, for the shape just loaded
         model.set_fp8(config.fp8)  # from_pretrained built plain Linear layers
     return model
 

@@ -4142,6 +4142,9 @@ def test_a_pretrained_model_too_large_is_refused_before_its_weights_are_read(cha
     monkeypatch.setattr(train_module, "machine_memory", lambda: 20 * 10**9)  # 23.8 GB with 65 tokens
     with pytest.raises(ConfigError, match=r"micro-batch of 4 x 16 tokens; this machine has 20\.0 GB"):
         train(tiny(char_data, tmp_path / "folder", init_from=str(folder), max_iters=2))
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 23.7e9)  # the weights fit, not with the batch
+    with pytest.raises(ConfigError, match=r"; give a smaller --batch_size or --block_size \(with "):  # may shorten it
+        train(tiny(char_data, tmp_path / "folder", init_from=str(folder), max_iters=2))
     (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer="48", n_head=25, n_embd=1600,
                                                         n_positions=1024, vocab_size=65)))
     with pytest.raises(pytest.fail.Exception, match="weights read"):  # a shape to check first: the load says why
@@ -4156,8 +4159,11 @@ def test_amounts_of_memory_that_differ_do_not_read_the_same():
     assert format_bytes_apart(7_200_000, 7_000_000) == ("7.2 MB", "7.0 MB")
     assert format_bytes_apart(30_000_000, 7_000_000) == ("30 MB", "7 MB")  # apart already
     assert format_bytes_apart(2_000_000, 2_000_000) == ("2 MB", "2 MB")  # the same amount
-    assert format_bytes_apart(2_000_000.4, 2_000_000) == ("2.000 MB", "2.000 MB")  # 3 decimals at most
-    assert format_bytes_apart(1_500, 999) == ("2 kB", "999 B")
+    assert format_bytes_apart(1_000_000, 999_999) == ("1.000000 MB", "0.999999 MB")
+    # in the larger amount's unit: not '1.0 GB' against '1,000 MB'
+    assert format_bytes_apart(10**9, 999_500_000) == ("1.0000 GB", "0.9995 GB")
+    assert format_bytes_apart(999_700_000, 10**9) == ("0.9997 GB", "1.0000 GB")
+    assert format_bytes_apart(1_500, 999) == ("2 kB", "1 kB")
 
 
 def test_machine_memory_is_ram_and_swap(tmp_path):
