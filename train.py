@@ -1939,6 +1939,7 @@ class CheckpointWriter:
         self.max_copy_bytes = ASYNC_CHECKPOINT_BYTES if max_copy_bytes is None else max_copy_bytes
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Optional[Future] = None
+        self._pin = True  # until page-locked memory fails once
 
     def submit(self, write: Callable[[dict], None], ckpt: dict) -> None:
         """write(ckpt) on the writer's thread, from a copy in memory; here and now where that copy would be larger
@@ -1947,9 +1948,14 @@ class CheckpointWriter:
         size = tensor_bytes(ckpt)
         if size > self.max_copy_bytes:
             write(ckpt)
-        else:
-            self._pending = self._pool.submit(write, pinned_copy(ckpt) if size <= PINNED_CHECKPOINT_BYTES
-                                              else cpu_copy(ckpt))
+            return
+        copied = None
+        if size <= PINNED_CHECKPOINT_BYTES and self._pin:
+            try:
+                copied = pinned_copy(ckpt)
+            except RuntimeError:  # no page-locked memory to be had (a limit on locked memory, say): ordinary memory
+                self._pin = False
+        self._pending = self._pool.submit(write, copied if copied is not None else cpu_copy(ckpt))
 
     def check(self) -> None:
         """Raise the error of a write that has ended in one, at once, without waiting for one still going: the

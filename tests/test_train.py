@@ -1294,6 +1294,23 @@ def test_a_pinned_copy_of_a_checkpoint_writes_the_same_file(device):
         torch.testing.assert_close(written[k], v.cpu(), rtol=0, atol=0, msg=k)
 
 
+def test_a_checkpoint_copy_falls_back_to_ordinary_memory_once_page_locked_memory_fails(monkeypatch):
+    import train as train_module
+    tries = []
+
+    def no_pinned_memory(ckpt):
+        tries.append(1)
+        raise RuntimeError("CUDA error: out of memory (page-locked host memory)")
+    monkeypatch.setattr(train_module, "pinned_copy", no_pinned_memory)
+    state, written = {"w": torch.arange(4.0)}, []
+    writer = train_module.CheckpointWriter()
+    for _ in range(3):
+        writer.submit(written.append, state)
+    writer.close()
+    assert len(tries) == 1 and len(written) == 3  # tried once, then not again
+    assert all(torch.equal(w["w"], state["w"]) and w["w"].data_ptr() != state["w"].data_ptr() for w in written)
+
+
 def test_the_last_line_says_where_the_time_went(char_data, tmp_path, monkeypatch, capsys):
     import train as train_module
     writes = []
