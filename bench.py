@@ -56,8 +56,8 @@ from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS, memory_problem
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, dtype_warning,
-                   format_bytes_apart, machine_memory, output_file_problem, path_arg, resolve_device, resolve_dtype, run_cli,
-                   start_process_helpers, stop_signals_raise, synchronize)
+                   format_bytes_apart, machine_memory, output_file_problem, path_arg, resolve_device, resolve_dtype,
+                   run_cli, start_process_helpers, stop_signals_raise, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 

@@ -138,7 +138,7 @@ def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size
     done = 0
     try:
         for split, n in counts.items():
-            sweep = n == loader.sweep_batches(split)
+            sweep = loader.sweep_batches(split) <= eval_iters  # as eval_batches decided
             total = torch.zeros(2, device=loader.device)  # the loss summed over the counted targets, and those
             for first in range(0, n, per_round):
                 if should_stop is not None and should_stop():
@@ -524,6 +524,7 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
     available = machine_memory()
     if available is None:
         return None
+    block_given = shape_given if block_given is None else block_given
     L, d, B, T = config.n_layer, config.n_embd, config.batch_size, config.block_size
     params = 12 * L * d * d + (config.vocab_size + T) * d  # GPT-2's weights, biases aside
     count = f"{params / 1e9:,.2f}B" if params >= 1e9 else f"{params / 1e6:,.1f}M" if params >= 1e6 else f"{params:,}"
@@ -547,8 +548,7 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
     elif local * weights > available:  # no batch makes as many copies of the model fit
         fix = fewer + (", or give a smaller --n_layer or --n_embd" if shape_given else "")
     else:  # a resumed model keeps its block_size (its position embeddings)
-        fix = ("give a smaller --batch_size" + (" or --block_size" if (shape_given if block_given is None
-                                                                        else block_given) else "")
+        fix = ("give a smaller --batch_size" + (" or --block_size" if block_given else "")
                + " (with --gradient_accumulation_steps for the same tokens per step)"
                + ("" if config.gradient_checkpointing else ", or --gradient_checkpointing=True")
                + (f", or {fewer}" if local > 1 else ""))
@@ -1048,7 +1048,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     micro_steps = A // world_size  # per rank, per optimizer step
     tokens_per_iter = A * config.batch_size * config.block_size
     eval_per_pass = eval_batches_per_pass(config, device, compile_model, dtype)
-    val_swept = eval_batches(loader, config.eval_iters)["val"] == loader.sweep_batches("val")  # its exact loss
+    val_swept = loader.sweep_batches("val") <= config.eval_iters  # its exact loss, as estimate_loss decides
 
     device_type = device.type
     if device_type == "cuda":
