@@ -85,7 +85,7 @@ class GPT2Config:
 
     # evaluation, logging, checkpoints
     eval_interval = 1000  # evaluate train/val loss and write checkpoint.pt every N steps
-    eval_iters = 200  # batches per split in each evaluation; a split that fits in fewer is evaluated whole, once
+    eval_iters = 200  # batches per split in each evaluation; a split that fits in as many is evaluated whole, once
     log_interval = 10  # print and log a training line every N steps
     save_interval = 0  # write checkpoint_iter_N.pt every N steps; 0 disables
     keep_last_n = 0  # keep only the newest K checkpoint_iter_N.pt files; 0 keeps all

@@ -110,6 +110,12 @@ def eval_batches_per_pass(config: GPT2Config, device: torch.device, compile_mode
     return max(1, min(config.eval_iters, EVAL_PASS_BYTES // (config.batch_size * config.block_size * per_token)))
 
 
+def val_measure_of(config: dict, default: GPT2Config) -> dict:
+    """What decides the random val batches an evaluation draws (a swept split's loss depends on none of it); a
+    setting the dict lacks (an older checkpoint's config) is taken to be default's."""
+    return {k: config.get(k, getattr(default, k)) for k in ("eval_iters", "batch_size", "seed")}
+
+
 def eval_batches(loader, eval_iters: int) -> dict[str, int]:
     """How many batches an evaluation takes of each split: eval_iters fixed random batches, or the split's sweep
     (every target once) where that takes no more batches. The sweep gives the split's exact mean loss, and a
@@ -585,7 +591,8 @@ def build_model(config: GPT2Config, explicit: set[str], meta: dict, ckpt: Option
             check_gpt2_data(config.init_from, meta, config.data_dir)
         shape = pretrained_shape(config.init_from)
         if all(type(v) is int and v > 0 for v in shape.values()):  # else from_pretrained says what is wrong
-            # before gigabytes are downloaded and read: GPT-2 XL alone needs 25 GB to train on a CPU
+            # before gigabytes are downloaded and read: GPT-2 XL's weights, gradients and AdamW state alone take
+            # 24.9 GB on a CPU
             planned = copy.copy(config)
             for k, v in shape.items():
                 setattr(planned, k, min(v, config.block_size) if k == "block_size" and k in explicit else v)
@@ -1048,7 +1055,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     micro_steps = A // world_size  # per rank, per optimizer step
     tokens_per_iter = A * config.batch_size * config.block_size
     eval_per_pass = eval_batches_per_pass(config, device, compile_model, dtype)
-    val_swept = loader.sweep_batches("val") <= config.eval_iters  # its exact loss, as estimate_loss decides
+    # how this run measures the val loss: its exact mean where the split is swept (as estimate_loss decides),
+    # whatever the seed or the batches; else on the random batches these settings draw
+    val_measure = ({"swept": True} if loader.sweep_batches("val") <= config.eval_iters
+                   else val_measure_of(config.to_dict(), config))
 
     device_type = device.type
     if device_type == "cuda":
@@ -1058,7 +1068,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     raw_model.to(device)
     optimizer = raw_model.configure_optimizers(config.weight_decay, config.learning_rate,
                                                (config.beta1, config.beta2), device_type)
-    iter_num, best_val_loss = 0, float("inf")
+    iter_num, best_val_loss, best_measure = 0, float("inf"), val_measure
     if ckpt is not None:
         # the moments and step counts continue; the settings (weight_decay, betas, fused, ...) are this
         # run's, which a resumed command may have changed (the learning rate is set at every step). They
@@ -1070,6 +1080,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if ckpt.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val_loss = int(ckpt["iter_num"]), float(ckpt["best_val_loss"])
+        # how the best so far was measured; a checkpoint from before sweeps measured every val loss on the random
+        # batches of its settings
+        best_measure = (ckpt.get("progress") or {}).get("best_measure") or val_measure_of(ckpt["config"], config)
         # the last step's learning rate, which an unbroken run's groups still hold when a copy is saved before the
         # next step: the evaluation a stop left owed, the iteration copy a kill came before
         for group in optimizer.param_groups:
@@ -1213,23 +1226,21 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
             log.print(f"settings this command changed: {', '.join(config_changes)}")
         not_comparable = (f"the val loss is not comparable with the best so far ({best_val_loss:.4f}), which "
                           f"best_checkpoint.pt keeps until a lower one")
-        # a checkpoint from before the sweep existed evaluated on random batches
-        swept_before = bool((ckpt.get("progress") or {}).get("val_swept", False))
         if data_changed:
             log.print(f"note: {config.data_dir} is not the data set the checkpoint was trained on "
                       f"({', '.join(data_changed)} differ): training goes on with this one, and {not_comparable}")
-        elif swept_before != val_swept:
-            def way(swept: bool, eval_iters: int) -> str:
-                return "every target of the val split once" if swept else f"{eval_iters} random val batches"
-            before = way(swept_before, ckpt["config"].get("eval_iters", config.eval_iters))
-            log.print(f"note: the evaluations now take {way(val_swept, config.eval_iters)} instead of {before}, "
-                      f"so {not_comparable}")
-        elif not val_swept and (sampled := [f"--{k}" for k in ("eval_iters", "batch_size", "seed")
-                                            if k in ckpt["config"] and ckpt["config"][k] != getattr(config, k)]):
-            # the val batches are drawn by seed, batch number and batch size: other ones, or more or fewer. A
-            # swept split's loss is its exact mean, whatever they are
-            log.print(f"note: {' and '.join(sampled)} changed, so the evaluations draw other val batches, and "
-                      f"{not_comparable}")
+        elif not math.isfinite(best_val_loss):  # no best yet: nothing to compare with
+            pass
+        elif best_measure.get("swept") != val_measure.get("swept"):
+            def way(measure: dict) -> str:
+                return ("every target of the val split once" if measure.get("swept")
+                        else f"{measure['eval_iters']} random val batches")
+            log.print(f"note: the evaluations now take {way(val_measure)}, and the best so far was measured on "
+                      f"{way(best_measure)}, so {not_comparable}")
+        elif sampled := [f"--{k}" for k in best_measure if best_measure[k] != val_measure[k]]:
+            # the val batches are drawn by seed, batch number and batch size: other ones, or more or fewer
+            log.print(f"note: {' and '.join(sampled)} changed since the best so far, so the evaluations draw other "
+                      f"val batches, and {not_comparable}")
     elif config.init_from not in ("auto", "scratch", "resume"):
         log.print(f"fine-tuning from {config.init_from}")
     resumed_from = iter_num if ckpt is not None else None
@@ -1271,7 +1282,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                 "tokenizer": tokenizer.to_dict(), "rng": rng, "run_dir": str(run_dir) if run_dir else None,
                 "checkpoint_folder": str(checkpoint_dir.resolve()),  # a copy of the folder can tell itself from it
                 "progress": {"loss_sums": sums, "steps": interval_steps, "eval_s": last_eval_s,
-                             "eval_owed": eval_owed, "evaluated_at": evaluated_at, "val_swept": val_swept},
+                             "eval_owed": eval_owed, "evaluated_at": evaluated_at, "best_measure": best_measure},
                 "started_from": run_origin, "started_from_fingerprint": run_fingerprint, "version": CHECKPOINT_VERSION}
 
     # where the run's time goes, for the last line: evaluations, text samples and checkpoint writes are summed
@@ -1346,7 +1357,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     def evaluate(initial: bool = False) -> Optional[dict[str, float]]:
         """The evaluation at iter_num; None if a signal cut it short (then checkpoint.pt is saved all the same,
         except for the initial evaluation, before anything was trained)."""
-        nonlocal best_val_loss, eval_owed, evaluated_at
+        nonlocal best_val_loss, best_measure, eval_owed, evaluated_at
         t0 = last_report = time.perf_counter()
         first_round = None  # (time, batches) at the end of the first round, which may have compiled the graph
 
@@ -1381,7 +1392,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # the starting point is only reported: best_checkpoint.pt is the best the training produced
         improved = not initial and losses["val"] < best_val_loss
         if improved:
-            best_val_loss = losses["val"]
+            best_val_loss, best_measure = losses["val"], val_measure
         log.print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                   f"{' (best)' if improved else ''} [{time.perf_counter() - t0:.1f}s]")
         log.scalars(iter_num, **{"train/eval_loss": losses["train"], "val/loss": losses["val"]})

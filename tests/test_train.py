@@ -2383,33 +2383,40 @@ def test_a_resume_that_draws_other_val_batches_says_its_val_loss_is_not_comparab
         if said is None:
             assert "note:" not in out
         else:
-            assert re.search(rf"\nnote: {said} changed, so the evaluations draw other val batches, and the val loss "
+            assert re.search(rf"\nnote: {said} changed since the best so far, so the evaluations draw other val "
+                             r"batches, and the val loss "
                              r"is not comparable with the best so far \(\d\.\d{4}\), which best_checkpoint.pt keeps "
                              r"until a lower one\n", out)
 
 
-def test_a_resume_says_when_the_val_split_is_swept_or_no_longer(char_data, tmp_path, capsys):
+def test_a_resume_says_when_the_val_loss_is_measured_otherwise_than_the_best_so_far(char_data, tmp_path, capsys):
     """The val split's 4,386 targets fit in 69 batches of 4 x 16: with --eval_iters=100 it is swept, and its loss
-    is its exact mean whatever the seed or batch size. Between a sweep and random batches, and from a checkpoint
-    made before sweeps (no val_swept), the loss is not comparable."""
+    is its exact mean whatever the seed or batch size. A note says when the evaluations measure otherwise than the
+    best so far was measured: on random batches against a sweep, or the other way round, also for a checkpoint
+    made before sweeps (no best_measure: its settings' random batches)."""
     with BatchLoader(char_data, 16, 4) as loader:
         assert loader.sweep_batches("val") == 69
     train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2, eval_iters=100))
     not_comparable = r", so the val loss is not comparable with the best so far \(\d\.\d{4}\)"
+    swept, random_50 = "every target of the val split once", "50 random val batches"
     for iters, changes, said in (
             (4, dict(eval_iters=150, seed=7, batch_size=2), None),  # swept both times (138 batches): comparable
-            (6, dict(eval_iters=50), "now take 50 random val batches instead of every target of the val split once"),
-            (8, dict(eval_iters=100), "now take every target of the val split once instead of 50 random val batches")):
+            (6, dict(eval_iters=50), f"now take {random_50}, and the best so far was measured on {swept}"),
+            (8, dict(eval_iters=100), None),  # swept again, as the best still was
+    ):
+        if iters == 6:  # a best the random batches cannot beat: it stays the swept one, to compare with at 8
+            ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+            save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", {**ckpt, "best_val_loss": 0.001})
         capsys.readouterr()
         train(tiny(char_data, tmp_path, max_iters=iters, eval_interval=2, **changes))
         out = capsys.readouterr().out
         assert "note:" not in out if said is None else re.search(rf"\nnote: the evaluations {said}{not_comparable}", out)
+        assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["progress"]["best_measure"] == {"swept": True}
     ckpt = load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
-    assert ckpt["progress"]["val_swept"] is True
-    del ckpt["progress"]["val_swept"]  # as an earlier version wrote it, evaluating on random batches
+    del ckpt["progress"]["best_measure"]  # as an earlier version wrote it, evaluating on random batches
     save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", ckpt)
     train(tiny(char_data, tmp_path, max_iters=10, eval_interval=2, eval_iters=100))
-    assert re.search(r"\nnote: the evaluations now take every target of the val split once instead of 100 random val "
+    assert re.search(rf"\nnote: the evaluations now take {swept}, and the best so far was measured on 100 random val "
                      rf"batches{not_comparable}", capsys.readouterr().out)
 
 
