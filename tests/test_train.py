@@ -225,30 +225,51 @@ def test_estimate_loss_is_the_mean_loss_of_the_fixed_batches(char_data):
                 assert got[split] == pytest.approx(sum(losses) / 3, rel=1e-6)
 
 
-@pytest.mark.parametrize("per_pass", [1, 3])
-def test_a_split_that_fits_in_eval_iters_batches_is_evaluated_whole(tmp_path, per_pass):
-    """100 val tokens, windows of 16, 2 to a batch: 99 targets in 7 windows, 4 batches, which eval_iters=5
-    allows; the loss is the mean over every target once, computed here window by window. The train split's
-    900 tokens would take 29 batches: it is evaluated on the 5 fixed random ones."""
+def small_split(tmp_path: Path) -> tuple[Path, GPT, float]:
+    """1,000 characters: 100 val tokens, whose 99 targets lie in 7 windows of 16 (4 sweep batches of 2), and 900
+    train tokens (29 sweep batches); a 1-layer model, and its exact mean loss over the val targets, computed here
+    window by window (the last window ends at the split's end and counts its 3 new targets)."""
     rng = random.Random(1)
     text = "".join(rng.choice("abcdefgh \n") for _ in range(1000))
     data = write_data(tmp_path / "d", CharTokenizer.from_text(text), text)
     torch.manual_seed(0)
     model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20, dropout=0.0)).eval()
-    plain = torch.autocast("cpu", enabled=False)
     val = torch.from_numpy(np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64))
-    with BatchLoader(data, 16, 2) as loader, torch.no_grad():
-        reports = []
-        got = estimate_loss(model, loader, 5, plain, per_pass=per_pass, progress=lambda *a: reports.append(a))
-        assert reports[-1] == (9, 9)  # 5 train batches and 4 val batches
-        train = [model(*loader.get_batch("train", 2**62 + i))[1].item() for i in range(5)]
-    assert got["train"] == pytest.approx(sum(train) / 5, rel=1e-5)
     losses = []
-    for start, new in [(s, 16) for s in range(0, 96, 16)] + [(83, 3)]:  # the last window ends at the split's end
-        logits, _ = model(val[None, start:start + 16], val[None, start + 1:start + 17])
-        losses += torch.nn.functional.cross_entropy(logits[0], val[start + 1:start + 17], reduction="none")[-new:]
+    with torch.no_grad():
+        for start, new in [(s, 16) for s in range(0, 96, 16)] + [(83, 3)]:
+            logits, _ = model(val[None, start:start + 16], val[None, start + 1:start + 17])
+            losses += torch.nn.functional.cross_entropy(logits[0], val[start + 1:start + 17], reduction="none")[-new:]
     assert len(losses) == 99
-    assert got["val"] == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
+    return data, model, torch.stack(losses).mean().item()
+
+
+@pytest.mark.parametrize("per_pass", [1, 3])
+@pytest.mark.parametrize("eval_iters", [4, 5])
+def test_a_split_that_fits_in_eval_iters_batches_is_evaluated_whole(tmp_path, per_pass, eval_iters):
+    """The val split's 4 sweep batches fit in eval_iters of 4 (exactly) or 5: its loss is the mean over every
+    target once. The train split's 29 would not: it is evaluated on eval_iters fixed random batches."""
+    data, model, exact = small_split(tmp_path)
+    plain = torch.autocast("cpu", enabled=False)
+    with BatchLoader(data, 16, 2) as loader, torch.no_grad():
+        assert (loader.sweep_batches("val"), loader.sweep_batches("train")) == (4, 29)
+        reports = []
+        got = estimate_loss(model, loader, eval_iters, plain, per_pass=per_pass, progress=lambda *a: reports.append(a))
+        assert reports[-1] == (eval_iters + 4, eval_iters + 4)
+        train = [model(*loader.get_batch("train", 2**62 + i))[1].item() for i in range(eval_iters)]
+    assert got["train"] == pytest.approx(sum(train) / eval_iters, rel=1e-5)
+    assert got["val"] == pytest.approx(exact, rel=1e-5)
+
+
+def test_a_swept_split_takes_only_its_own_rounds(tmp_path):
+    """eval_iters=50: train swept in 29 batches, val in 4; a progress report and a stop request asked for each
+    batch, no more (under DDP each ask is a collective)."""
+    data, model, _ = small_split(tmp_path)
+    reports, stops = [], []
+    with BatchLoader(data, 16, 2) as loader:
+        estimate_loss(model, loader, 50, torch.autocast("cpu", enabled=False), progress=lambda *a: reports.append(a),
+                      should_stop=lambda: stops.append(1) and False)
+    assert reports == [(i, 33) for i in range(1, 34)] and len(stops) == 33
 
 
 @pytest.mark.parametrize("per_pass", [2, 3])
@@ -1295,6 +1316,19 @@ def test_a_pinned_copy_of_a_checkpoint_writes_the_same_file(device):
         torch.testing.assert_close(written[k], v.cpu(), rtol=0, atol=0, msg=k)
 
 
+def test_a_checkpoint_of_up_to_the_pinned_limit_is_copied_through_page_locked_memory(monkeypatch):
+    import train as train_module
+    tries = []
+    monkeypatch.setattr(train_module, "pinned_copy", lambda ckpt: tries.append(1) or train_module.cpu_copy(ckpt))
+    monkeypatch.setattr(train_module, "PINNED_CHECKPOINT_BYTES", 16)
+    written = []
+    writer = train_module.CheckpointWriter()
+    writer.submit(written.append, {"w": torch.arange(4.0)})  # 16 bytes: the limit itself
+    writer.submit(written.append, {"w": torch.arange(5.0)})  # 20 bytes: ordinary memory
+    writer.close()
+    assert tries == [1] and len(written) == 2
+
+
 def test_a_checkpoint_copy_falls_back_to_ordinary_memory_once_page_locked_memory_fails(monkeypatch):
     import train as train_module
     tries = []
@@ -1491,6 +1525,10 @@ def test_a_resume_with_more_evaluation_batches_plans_longer_evaluations(char_dat
     train(tiny(char_data, tmp_path, max_iters=10, log_interval=2, eval_interval=4, eval_iters=4))
     # at 6: 4 steps of 10 ms, and the evaluations at 8 and 10
     assert fake_clock.logged[6][1] == pytest.approx(4 * 0.01 + 2 * 0.4)
+    # by the batches they take: with eval_iters=100, 100 of train and the val split's sweep of 69, not 2 x 100
+    train(tiny(char_data, tmp_path / "swept", max_iters=4, eval_interval=4, eval_iters=2))
+    train(tiny(char_data, tmp_path / "swept", max_iters=10, log_interval=2, eval_interval=4, eval_iters=100))
+    assert fake_clock.logged[6][1] == pytest.approx(4 * 0.01 + 2 * 0.2 * 169 / 4)
 
 
 def taking(clock, seconds: float, fn):
@@ -2396,7 +2434,8 @@ def test_a_resume_says_when_the_val_loss_is_measured_otherwise_than_the_best_so_
     made before sweeps (no best_measure: its settings' random batches)."""
     with BatchLoader(char_data, 16, 4) as loader:
         assert loader.sweep_batches("val") == 69
-    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2, eval_iters=100))
+    train(tiny(char_data, tmp_path, max_iters=2, eval_interval=2, eval_iters=69))  # swept: exactly as many
+    assert load_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")["progress"]["best_measure"] == {"swept": True}
     not_comparable = r", so the val loss is not comparable with the best so far \(\d\.\d{4}\)"
     swept, random_50 = "every target of the val split once", "50 random val batches"
     for iters, changes, said in (
@@ -4175,11 +4214,24 @@ def test_a_pretrained_model_too_large_is_refused_before_its_weights_are_read(cha
     with pytest.raises(pytest.fail.Exception, match="weights read"):  # a shape to check first: the load says why
         train(tiny(char_data, tmp_path / "folder", init_from=str(folder), max_iters=2))
     assert not (tmp_path / "xl").exists() and not (tmp_path / "folder").exists()
+    # without --block_size (1,024 is config.py's default, so not given) the folder's 2,048 positions are counted
+    (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32,
+                                                        n_positions=2048, vocab_size=65)))
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 15 * 10**6)  # 4 x 1,024 tokens: 11 MB; 2,048: 22
+    with pytest.raises(ConfigError, match=r"micro-batch of 4 x 2048 tokens"):
+        train(tiny(char_data, tmp_path / "folder", init_from=str(folder), block_size=1024, max_iters=2))
+    # a layer count of 0 is no shape to check: from_pretrained names what is wrong with it
+    (folder / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=0, n_head=25, n_embd=1600,
+                                                        n_positions=1024, vocab_size=50257)))
+    monkeypatch.setattr(train_module, "machine_memory", lambda: 10**9)  # its embeddings alone take 1.3 GB
+    with pytest.raises(pytest.fail.Exception, match="weights read"):
+        train(tiny(char_data, tmp_path / "folder", init_from=str(folder), max_iters=2))
 
 
 def test_amounts_of_memory_that_differ_do_not_read_the_same():
     from utils import format_bytes, format_bytes_apart
     assert (format_bytes(1_234_567), format_bytes(24_930_000_000), format_bytes(999)) == ("1 MB", "24.9 GB", "999 B")
+    assert (format_bytes(0), format_bytes(0.4)) == ("0 B", "0 B")
     assert format_bytes_apart(24_930_000_000, 24_910_000_000) == ("24.93 GB", "24.91 GB")
     assert format_bytes_apart(7_200_000, 7_000_000) == ("7.2 MB", "7.0 MB")
     assert format_bytes_apart(30_000_000, 7_000_000) == ("30 MB", "7 MB")  # apart already
