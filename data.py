@@ -349,11 +349,11 @@ class BatchLoader:
             raise ValueError(f"sweep batch index must be in 0 .. {self.sweep_batches(split) - 1}, got {index}")
         T, n = self.block_size, self.num_tokens[split]
         k = index * self.batch_size + np.arange(self.batch_size)  # the rows' window numbers
-        last = n - 1 - T  # where the window that ends at the split's end starts
-        windows = self._windows(split, np.minimum(k * T, last))
+        starts = np.minimum(k * T, n - 1 - T)  # the last window, and the filler, end at the split's end
+        windows = self._windows(split, starts)
         # a target at position t of window k is the split's token start_k + t + 1; it counts when no earlier
         # window counted it: t >= k * T - start_k, and the row is a real window, not filler (k * T < n - 1)
-        skip = np.where(k * T < n - 1, k * T - np.minimum(k * T, last), T)
+        skip = np.where(k * T < n - 1, k * T - starts, T)
         y = np.where(np.arange(T) >= skip[:, None], windows[:, 1:], -1)
         return self._to_device(*self._as_tensors(windows[:, :-1], y))
 

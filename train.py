@@ -116,18 +116,22 @@ def val_measure_of(config: dict, default: GPT2Config) -> dict:
     return {k: config.get(k, getattr(default, k)) for k in ("eval_iters", "batch_size", "seed")}
 
 
-def eval_batches(loader, eval_iters: int) -> dict[str, int]:
-    """How many batches an evaluation takes of each split: eval_iters fixed random batches, or the split's sweep
+def eval_plan(loader, eval_iters: int) -> dict[str, tuple[int, bool]]:
+    """(batches, swept) for each split: an evaluation takes eval_iters fixed random batches of it, or its sweep
     (every target once) where that takes no more batches. The sweep gives the split's exact mean loss, and a
     small split's at a fraction of the cost: shakespeare-char's 111,539 val targets fit in 7 batches of
     64 x 256, where its 50 random batches would draw 819,200 targets from the same ones, with repeats."""
-    return {split: min(eval_iters, loader.sweep_batches(split)) for split in ("train", "val")}
+    plan = {}
+    for split in ("train", "val"):
+        swept = loader.sweep_batches(split) <= eval_iters
+        plan[split] = (loader.sweep_batches(split) if swept else eval_iters, swept)
+    return plan
 
 
 @torch.no_grad()
 def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size: int = 1,
                   should_stop=None, progress=None, per_pass: int = 1) -> Optional[dict[str, float]]:
-    """Mean loss per target of each split over its evaluation batches (eval_batches): the fixed batches
+    """Mean loss per target of each split over its evaluation batches (eval_plan): the fixed batches
     EVAL_BATCHES[split] + 0 .. eval_iters - 1, or the split's sweep. They are shared out over the ranks,
     per_pass batches to a forward pass.
 
@@ -140,11 +144,10 @@ def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size
     model.eval()
     out = {}
     per_round = world_size * per_pass
-    counts = eval_batches(loader, eval_iters)
-    done = 0
+    plan = eval_plan(loader, eval_iters)
+    done, all_batches = 0, sum(n for n, _ in plan.values())
     try:
-        for split, n in counts.items():
-            sweep = loader.sweep_batches(split) <= eval_iters  # as eval_batches decided
+        for split, (n, sweep) in plan.items():
             total = torch.zeros(2, device=loader.device)  # the loss summed over the counted targets, and those
             for first in range(0, n, per_round):
                 if should_stop is not None and should_stop():
@@ -161,7 +164,7 @@ def estimate_loss(model, loader, eval_iters: int, ctx, rank: int = 0, world_size
                     counted = (y >= 0).sum()  # on the device: no wait for the GPU here
                     total += torch.stack((loss.float() * counted, counted.float()))
                 if progress is not None:
-                    progress(done + min(first + per_round, n), sum(counts.values()))
+                    progress(done + min(first + per_round, n), all_batches)
             done += n
             if world_size > 1:
                 torch.distributed.all_reduce(total)
@@ -1055,9 +1058,9 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
     micro_steps = A // world_size  # per rank, per optimizer step
     tokens_per_iter = A * config.batch_size * config.block_size
     eval_per_pass = eval_batches_per_pass(config, device, compile_model, dtype)
-    # how this run measures the val loss: its exact mean where the split is swept (as estimate_loss decides),
+    # how this run measures the val loss: its exact mean where the split is swept (as estimate_loss does),
     # whatever the seed or the batches; else on the random batches these settings draw
-    val_measure = ({"swept": True} if loader.sweep_batches("val") <= config.eval_iters
+    val_measure = ({"swept": True} if eval_plan(loader, config.eval_iters)["val"][1]
                    else val_measure_of(config.to_dict(), config))
 
     device_type = device.type
@@ -1457,8 +1460,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         interval_loss = torch.tensor(own, device=device)
         last_eval_s = progress["eval_s"]  # the last evaluation's duration, for the ETA
         if progress.get("eval_iters"):  # a resumed run may evaluate on more or fewer batches than the saved one
-            last_eval_s *= (sum(eval_batches(loader, config.eval_iters).values())
-                            / sum(eval_batches(loader, progress["eval_iters"]).values()))
+            last_eval_s *= (sum(n for n, _ in eval_plan(loader, config.eval_iters).values())
+                            / sum(n for n, _ in eval_plan(loader, progress["eval_iters"]).values()))
         # the first evaluation in this process also compiles the evaluation graph, which the later ones do not
         eval_compiles = compile_model and config.compile_eval
 

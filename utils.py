@@ -801,18 +801,23 @@ def machine_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:
 BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1))
 
 
+def byte_unit(n: float) -> str:
+    """The largest unit of BYTE_UNITS that n reaches ('B' below a kilobyte)."""
+    return next((name for name, size in BYTE_UNITS if n >= size), "B")
+
+
 def format_bytes(n: float, decimals: int = 0, unit: Optional[str] = None) -> str:
-    """1234567 -> '1 MB': in units of 10^3, as disks and the figures here count (the largest that n reaches, or
-    the one given); gigabytes with one decimal more than the others."""
-    name, size = next((u for u in BYTE_UNITS if (u[0] == unit if unit else n >= u[1])), BYTE_UNITS[-1])
-    return f"{n / size:,.{decimals + (name == 'GB')}f} {name}"
+    """1234567 -> '1 MB': in units of 10^3, as disks and the figures here count (byte_unit's, or the one
+    given); gigabytes with one decimal more than the others."""
+    unit = unit or byte_unit(n)
+    return f"{n / dict(BYTE_UNITS)[unit]:,.{decimals + (unit == 'GB')}f} {unit}"
 
 
 def format_bytes_apart(needed: float, available: float) -> tuple[str, str]:
     """format_bytes of both in the larger one's unit, with as many more decimals as it takes for two amounts that
     differ not to read the same: 'needs at least 2 MB ... has 2 MB' says nothing, and neither does '1.0 GB ...
     1,000 MB'. Nine decimals tell bytes apart in gigabytes."""
-    unit = format_bytes(max(needed, available)).split()[-1]
+    unit = byte_unit(max(needed, available))
     for decimals in range(10):
         pair = format_bytes(needed, decimals, unit), format_bytes(available, decimals, unit)
         if pair[0] != pair[1] or needed == available:
