@@ -1281,7 +1281,8 @@ def test_the_checkpoint_writer_copies_shared_memory_once_and_raises_later():
     not torch.cuda.is_available(), reason="needs CUDA: page-locked copies are made of GPU tensors only"))])
 def test_a_pinned_copy_of_a_checkpoint_writes_the_same_file(device):
     """A GPU model's checkpoint goes through page-locked memory, copied without a wait per tensor: the file is
-    the one the state itself gives, and the copy no longer follows the weights. On the CPU it is cpu_copy."""
+    the one the state brought to the CPU gives, and the copy no longer follows the weights. On the CPU it is
+    cpu_copy."""
     from train import CheckpointWriter, pinned_copy
     torch.manual_seed(0)
     model = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=65, block_size=8)).to(device)
@@ -1290,8 +1291,10 @@ def test_a_pinned_copy_of_a_checkpoint_writes_the_same_file(device):
     model(x, x)[1].backward()
     optimizer.step()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}
+    saved = io.BytesIO()
+    torch.save(state, saved)  # the file names each tensor's device: compare with the state brought to the CPU
     direct = io.BytesIO()
-    torch.save(state, direct)
+    torch.save(torch.load(io.BytesIO(saved.getvalue()), map_location="cpu", weights_only=True), direct)
     copy = pinned_copy(state)
     with torch.no_grad():  # queued right after the copies: the copy must hold the weights from before
         for p in model.parameters():
