@@ -3,6 +3,7 @@
 Everything runs on the CPU with tiny models (2 layers, 32 wide) and data sets built in tmp_path.
 """
 import contextlib
+import copy
 import io
 import json
 import math
@@ -194,6 +195,39 @@ def test_the_first_rate_leaves_out_the_first_step(char_data, tmp_path, monkeypat
     summary = train(tiny(char_data, tmp_path, max_iters=8, log_interval=4, eval_interval=8))
     rates = [float(m) for m in re.findall(r"^iter \d+/8: .*?, ([\d.]+) ms/iter", capsys.readouterr().out, re.M)]
     assert len(rates) == 2 and rates[0] < 250 and summary["timing"]["first_step"] >= 1.0
+
+
+def test_a_fused_adamw_does_the_clipping_in_its_own_step(monkeypatch):
+    """bfloat16 and float32 runs leave clipping's multiplication to the fused AdamW (its grad_scale), one pass over
+    the gradients fewer; the weights and norms are clip_grad_norm_'s, and later steps see no leftover scale."""
+    from train import optimizer_step
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=65, block_size=16, dropout=0.0))
+    reference = copy.deepcopy(model)
+    opts = [m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu") for m in (model, reference)]
+    assert opts[0].defaults["fused"]
+    multiplied = []
+    real_mul = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a, **k: multiplied.append(1) or real_mul(*a, **k))
+    for step, grad_clip in enumerate((0.5, 0.5, 1e9, 0.0, 0.5)):  # clipped, not reached, off
+        x = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(step))
+        for m in (model, reference):
+            m(x, x)[1].backward()
+        norm = optimizer_step(list(model.parameters()), opts[0], scaler, grad_clip, measure_norm=True)
+        params = list(reference.parameters())
+        expected = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        opts[1].step()
+        opts[1].zero_grad(set_to_none=True)
+        torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+        assert opts[0].grad_scale is None
+    # by the logits: the keys' bias has a gradient of rounding noise, which AdamW turns into steps of its own size
+    x = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], reference(x)[0], rtol=0, atol=1e-5)
+    # clip_grad_norm_ multiplied the reference's gradients at every step (by 1 where not clipping), and the
+    # fused run's only where it did not clip
+    assert len(multiplied) == 5 + 1
 
 
 def test_optimizer_step_clips_the_gradient_norm():
