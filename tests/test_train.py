@@ -220,7 +220,7 @@ def test_a_fused_adamw_does_the_clipping_in_its_own_step(monkeypatch):
         opts[1].step()
         opts[1].zero_grad(set_to_none=True)
         torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
-        assert opts[0].grad_scale is None
+        assert "grad_scale" not in vars(opts[0])
     # by the logits: the keys' bias has a gradient of rounding noise, which AdamW turns into steps of its own size
     x = torch.randint(0, 65, (4, 16), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
@@ -228,6 +228,26 @@ def test_a_fused_adamw_does_the_clipping_in_its_own_step(monkeypatch):
     # clip_grad_norm_ multiplied the reference's gradients at every step (by 1 where not clipping), and the
     # fused run's only where it did not clip
     assert len(multiplied) == 5 + 1
+
+
+def test_float16_without_clipping_steps_between_log_steps(monkeypatch):
+    """float16's GradScaler unscales inside the fused AdamW's step where nothing unscaled before (no clipping, no
+    norm to log): it multiplies its scale by the optimizer's grad_scale where one is left, which must not be."""
+    from train import optimizer_step
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    torch.manual_seed(0)
+    model = GPT(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=65, block_size=16, dropout=0.0))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 65, (4, 16))
+    for step in range(4):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x, x)[1]
+        scaler.scale(loss).backward()
+        norm = optimizer_step(list(model.parameters()), optimizer, scaler, grad_clip=0.0,
+                              measure_norm=step == 1)  # a log step between steps that are not
+        assert (norm is None) == (step != 1)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_optimizer_step_clips_the_gradient_norm():
