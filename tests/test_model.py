@@ -339,7 +339,8 @@ def test_the_chunked_loss_compiles_without_graph_breaks_to_what_eager_computes()
 
 def test_the_compiled_chunked_loss_is_in_the_pattern_of_inductors_online_softmax():
     """On a GPU inductor finds a row's max and its sum of exponentials in one pass over the logits where the graph
-    has softmax's pattern (max, subtract, exp, sum); logsumexp's decomposition has not, and reads them twice more.
+    has softmax's pattern (max, subtract, exp, sum); logsumexp's decomposition has not, and its kernel reads the
+    logits once for the max and again for the sum.
     The pattern is looked for here in the whole model's post-grad graph on the CPU, where inductor itself does not
     use it (it has the fused kernel for Triton only)."""
     import copy

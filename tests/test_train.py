@@ -198,7 +198,7 @@ def test_the_first_rate_leaves_out_the_first_step(char_data, tmp_path, monkeypat
 
 
 def test_a_fused_adamw_does_the_clipping_in_its_own_step(monkeypatch):
-    """bfloat16 and float32 runs leave clipping's multiplication to the fused AdamW (its grad_scale), one pass over
+    """bfloat16 and float32 runs leave clipping's multiplication to the fused AdamW (its grad_scale), one read of
     the gradients fewer; the weights and norms are clip_grad_norm_'s, and later steps see no leftover scale."""
     from train import optimizer_step
     scaler = torch.amp.GradScaler("cpu", enabled=False)
