@@ -614,12 +614,14 @@ def whole_run_report(args) -> dict:
         subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), "--help"])
         raise SystemExit(0)
     # bench.py sets these itself: the preset it reports and compares with its target, and the temporary folder
-    # that is removed after the run (a checkpoint left elsewhere would be resumed by the next run)
+    # that is removed after the run (a checkpoint left elsewhere would be resumed by the next run), where the run
+    # starts from scratch
     owned = [f for f in flags if f.split("=", 1)[0] in ("--preset", "--checkpoint_dir", "--log_dir", "--init_from")]
     if owned:
         raise UserError(f"{' '.join(owned)} after `--` would change what --whole_run sets itself: the preset "
-                        f"(give --preset before `--`) and the temporary folders for checkpoints and logs, removed "
-                        f"after the run; leave {'it' if len(owned) == 1 else 'them'} out")
+                        f"(give --preset before `--`), the temporary folders for checkpoints and logs, removed "
+                        f"after the run, and the start: a new model, trained from scratch; leave "
+                        f"{'it' if len(owned) == 1 else 'them'} out")
     preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "shakespeare-char-cpu")
     # SIGTERM (timeout, docker stop, a scheduler) and SIGHUP end this like Ctrl-C: the child killed, the folder removed
     with stop_signals_raise(stopped_by):

@@ -1224,14 +1224,18 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                   f"ends while the learning rate still warms up, at {last:.2e} ({last / config.learning_rate:.0%} of "
                   f"learning_rate); give fewer, e.g. --warmup_iters={fewer}")
     if ckpt is not None:
-        log.print(f"resuming from {ckpt_path} at iteration {iter_num} (best val loss {best_val_loss:.4f})")
+        # inf until an evaluation after training steps: stopped or crashed before one, which is no failed run
+        best = (f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss)
+                else "no val loss measured since training began")
+        log.print(f"resuming from {ckpt_path} at iteration {iter_num} ({best})")
         if config_changes:  # --preset given again, say, puts its own values back over the first run's flags
             log.print(f"settings this command changed: {', '.join(config_changes)}")
         not_comparable = (f"the val loss is not comparable with the best so far ({best_val_loss:.4f}), which "
                           f"best_checkpoint.pt keeps until a lower one")
         if data_changed:
             log.print(f"note: {config.data_dir} is not the data set the checkpoint was trained on "
-                      f"({', '.join(data_changed)} differ): training goes on with this one, and {not_comparable}")
+                      f"({', '.join(data_changed)} differ): training goes on with this one"
+                      + (f", and {not_comparable}" if math.isfinite(best_val_loss) else ""))
         elif not math.isfinite(best_val_loss):  # no best yet: nothing to compare with
             pass
         elif best_measure.get("swept") != val_measure.get("swept"):

@@ -774,11 +774,11 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 def dtype_warning(device: "torch.device", dtype: "torch.dtype") -> Optional[str]:
     """A warning for a dtype this device runs far slower than float32, else None: float16 on a CPU, which most
     processors have no arithmetic for, so torch emulates it (a matrix product up to 40x slower than float32 on a
-    2-core AVX-512 EPYC, training 12x: BENCHMARKS.md). bfloat16 is native on CPUs with AVX512-BF16 or AMX."""
+    2-core AVX-512 EPYC, training 12x on one thread and 17-19x on two: BENCHMARKS.md). bfloat16 is native on CPUs with AVX512-BF16 or AMX."""
     import torch
     if device.type == "cpu" and dtype == torch.float16:
         return ("warning: float16 on a CPU is emulated by most processors and runs many times slower than float32 "
-                "(12x in training on a 2-core EPYC); use --dtype=float32, or bfloat16 where the CPU has it")
+                "(12-19x in training on a 2-core EPYC); use --dtype=float32, or bfloat16 where the CPU has it")
     return None
 
 

@@ -850,6 +850,8 @@ def test_whole_run_passes_help_on_to_train_py():
      "--preset=shakespeare-char --checkpoint_dir=ck after `--` would change what --whole_run sets itself"),
     (["--whole_run", "--", "--log_dir=logs"],  # TensorBoard's files outside the temporary folder it removes
      "--log_dir=logs after `--` would change what --whole_run sets itself"),
+    (["--whole_run", "--", "--init_from=gpt2"],  # the reason names the start, not only the preset and folders
+     "and the start: a new model, trained from scratch; leave it out"),
     (["--whole_run", "--json", "W.json", "--", "--max_iters=x"],
      "train.py exited with code 2: max_iters must be an integer, got 'x'"),
 ])
