@@ -75,6 +75,8 @@ def prepare_command(data_dir: str | Path) -> str:
     /tmp/shakespeare      -> python prepare_data.py --dataset shakespeare --output_dir /tmp/shakespeare
     /tmp/mine             -> python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer gpt2 \
                              --output_dir /tmp/mine
+    A custom folder that still holds its tokenizer.json (a preparation killed before meta.json) gets that
+    tokenizer's kind, char or bpe, and not gpt2: the command is to make the same data set again.
     """
     data_dir = Path(data_dir)
     for (dataset, tokenizer), default in DEFAULT_DATA_DIRS.items():
@@ -85,8 +87,12 @@ def prepare_command(data_dir: str | Path) -> str:
             if data_dir.resolve() != Path(default).resolve():
                 cmd += f" --output_dir {shlex.quote(str(data_dir))}"
             return cmd
-    return (f"python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer gpt2 "
-            f"--output_dir {shlex.quote(str(data_dir))}")
+    try:
+        kind = json.loads((data_dir / "tokenizer.json").read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):  # none, unreadable, or not a JSON object
+        kind = None
+    return (f"python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
+            f"--tokenizer {kind if kind in ('char', 'bpe') else 'gpt2'} --output_dir {shlex.quote(str(data_dir))}")
 
 
 def load_meta(data_dir: str | Path) -> dict:

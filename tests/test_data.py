@@ -2374,6 +2374,13 @@ def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
         load_meta("data/openwebtext")  # nothing like it
     assert prepare_command("runs/mine") == ("python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
                                             "--tokenizer gpt2 --output_dir runs/mine")
+    # a preparation killed before meta.json leaves its tokenizer: the command makes that kind of data set again
+    for kind, text in (("char", '{"kind": "char", "chars": ["a"]}'), ("bpe", '{"kind": "bpe"}'),
+                       ("gpt2", '["not", "an", "object"]'), ("gpt2", "{broken")):
+        (tmp_path / "runs" / "mine").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / "mine" / "tokenizer.json").write_text(text)
+        with pytest.raises(DataError, match=rf"--tokenizer {kind} --output_dir runs/mine$"):
+            load_meta("runs/mine")
 
 
 def test_check_vocab():
