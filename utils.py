@@ -305,6 +305,26 @@ def utf8_evidence(data: bytes | memoryview, at_most: int = UTF8_EVIDENCE) -> int
     return min(len(text) - len(text.encode("ascii", "ignore")), at_most)
 
 
+GBK_EVIDENCE = 8  # Chinese characters that GBK reads where UTF-8 fails, to say the encoding changes there
+
+
+def reads_as_gbk(data: bytes | memoryview, window: int = 4096) -> bool:
+    """Whether data's first `window` bytes read as Chinese text in GBK (a character cut by the window's end
+    aside), with GBK_EVIDENCE Chinese characters at least, and fail as UTF-8 as often: where a UTF-8 file stops
+    being UTF-8, that tells a GBK file joined to it from a few damaged bytes. (UTF-8 Chinese itself mostly reads
+    as GBK too, as mojibake: the UTF-8 failures tell them apart.)"""
+    chunk = bytes(data[:window])
+    if str(chunk, "utf-8", errors="replace").count("\ufffd") < GBK_EVIDENCE:
+        return False
+    try:
+        text = chunk.decode("gbk")
+    except UnicodeDecodeError as e:
+        if e.start < len(chunk) - 1:  # not only the last byte, a character the window cuts
+            return False
+        text = chunk[: e.start].decode("gbk")
+    return sum("\u4e00" <= c <= "\u9fff" for c in text) >= GBK_EVIDENCE
+
+
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None,
                 seen: int = 0) -> str:
     """data as str; invalid UTF-8 raises `error` (UserError by default) naming `where`, the byte offset
@@ -325,8 +345,14 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
             how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
                    "`iconv -f utf-16 -t utf-8 IN > OUT`")
         elif seen + utf8_evidence(data[: e.start], UTF8_EVIDENCE - seen) >= UTF8_EVIDENCE:
-            how = ("the text before it is UTF-8, so the file has damaged bytes: drop them with "
-                   "`iconv -f utf-8 -t utf-8 -c IN > OUT`")
+            at = offset + e.start
+            if reads_as_gbk(data[e.start:]):  # two files joined, one of them GBK: dropping its bytes wrecks it
+                how = (f"the text before it is UTF-8 and the text from there reads as GBK: the file changes encoding "
+                       f"there (files in two encodings joined, say); convert the part from there: "
+                       f"`(head -c {at} IN; tail -c +{at + 1} IN | iconv -f gbk -t utf-8) > OUT`")
+            else:
+                how = ("the text before it is UTF-8, so the file has damaged bytes: drop them with "
+                       "`iconv -f utf-8 -t utf-8 -c IN > OUT`")
         else:
             how = ("convert the file to UTF-8 first, e.g. `iconv -f gbk -t utf-8 IN > OUT` for Chinese text in "
                    "GBK, `iconv -f latin1 -t utf-8 IN > OUT` for Latin-1 text")
@@ -774,7 +800,8 @@ def resolve_dtype(name, device: "torch.device") -> "torch.dtype":
 def dtype_warning(device: "torch.device", dtype: "torch.dtype") -> Optional[str]:
     """A warning for a dtype this device runs far slower than float32, else None: float16 on a CPU, which most
     processors have no arithmetic for, so torch emulates it (a matrix product up to 40x slower than float32 on a
-    2-core AVX-512 EPYC, training 12x on one thread and 17-19x on two: BENCHMARKS.md). bfloat16 is native on CPUs with AVX512-BF16 or AMX."""
+    2-core AVX-512 EPYC, training 12x on one thread and 17-19x on two: BENCHMARKS.md). bfloat16 is native on CPUs
+    with AVX512-BF16 or AMX."""
     import torch
     if device.type == "cpu" and dtype == torch.float16:
         return ("warning: float16 on a CPU is emulated by most processors and runs many times slower than float32 "

@@ -2686,6 +2686,29 @@ def test_damaged_utf8_in_a_later_block_gets_the_same_hint_with_gpt2(tmp_path, mo
                      val_fraction=0.1, num_proc=1, command="t")
 
 
+@pytest.mark.parametrize("read_bytes", [1 << 20, 64])
+def test_a_utf8_file_that_goes_on_in_gbk_gets_a_split_conversion_not_the_damaged_bytes_hint(tmp_path, monkeypatch,
+                                                                                             read_bytes):
+    """Two files joined (cat a.txt b_gbk.txt): dropping the bytes that are not UTF-8 would drop the whole GBK
+    part, so the hint converts the part from where the encoding changes, and that gives the text back."""
+    monkeypatch.setattr(prepare_data, "READ_BYTES", read_bytes)
+    first, second = "床前明月光，疑是地上霜。\n" * 20, "举头望明月，低头思故乡。\n" * 20
+    data = first.encode() + second.encode("gbk")
+    (tmp_path / "t.txt").write_bytes(data)
+    with pytest.raises(DataError) as e:
+        prepare_text(tmp_path / "o", [tmp_path / "t.txt"], dataset="custom", tokenizer="char", vocab_size=None,
+                     val_fraction=0.1, num_proc=1, command="t")
+    at = len(first.encode())
+    assert f"byte offset {at} " in str(e.value) and "reads as GBK: the file changes encoding there" in str(e.value)
+    assert str(e.value).endswith(f"`(head -c {at} IN; tail -c +{at + 1} IN | iconv -f gbk -t utf-8) > OUT`")
+    assert data[:at].decode() + data[at:].decode("gbk") == first + second  # what the command does
+    # a few damaged bytes in UTF-8 Chinese, which itself reads as GBK (mojibake), keep the damaged-bytes hint
+    (tmp_path / "d.txt").write_bytes(first.encode() + b"\xe5\x80" + second.encode())
+    with pytest.raises(DataError, match=r"so the file has damaged bytes: drop them"):
+        prepare_text(tmp_path / "o", [tmp_path / "d.txt"], dataset="custom", tokenizer="char", vocab_size=None,
+                     val_fraction=0.1, num_proc=1, command="t")
+
+
 def test_damaged_utf8_in_a_later_json_lines_unit_gets_the_damaged_bytes_hint(tmp_path):
     """The characters beyond ASCII of the lines before, in this unit and in the units before it, say the file is
     UTF-8: a worker that meets a damaged byte says so, as a text file's reader does."""
