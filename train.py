@@ -916,8 +916,8 @@ def _train_locked(config: GPT2Config, explicit: set[str], t_start: float, lock: 
     try:
         if ddp:  # each process read checkpoint_dir on its own machine: they must start from the same place
             starts = [None] * world_size
-            dist.all_gather_object(starts, plan[1]["iter_num"] if plan[1] is not None else None)
-            check_same_start(starts, config.checkpoint_dir)
+            dist.all_gather_object(starts, (plan[1]["iter_num"] if plan[1] is not None else None, config.init_from))
+            check_same_start([s for s, _ in starts], config.checkpoint_dir, [i for _, i in starts])
         with ExitStack() as cleanup:
             summary = _train(plan, explicit, rank, world_size, local_rank, cleanup, t_start, lock)
         if ddp:
@@ -930,12 +930,17 @@ def _train_locked(config: GPT2Config, explicit: set[str], t_start: float, lock: 
             dist.destroy_process_group()
 
 
-def check_same_start(starts: list, checkpoint_dir: str) -> None:
+def check_same_start(starts: list, checkpoint_dir: str, init_froms: Optional[list] = None) -> None:
     """starts[rank]: the iteration each process would resume from (None: a new run). Processes on
-    machines that do not share checkpoint_dir would disagree, and then wait on each other forever."""
+    machines that do not share checkpoint_dir would disagree, and then wait on each other forever; so would
+    processes given different --init_from (init_froms[rank]), such as scratch on one, on one shared folder."""
     if len(set(starts)) > 1:
         found = ", ".join(f"rank {r}: {'iteration ' + str(s) if s is not None else 'no checkpoint'}"
                           for r, s in enumerate(starts))
+        if init_froms and len(set(init_froms)) > 1:
+            given = ", ".join(f"rank {r}: {i}" for r, i in enumerate(init_froms))
+            raise ConfigError(f"the processes were given different --init_from ({given}), so they start from "
+                              f"different places ({found}): give every process the same --init_from")
         raise ConfigError(f"the processes found different checkpoints in --checkpoint_dir={checkpoint_dir} ({found}); "
                           f"on several machines it must be a folder that all of them share (a network file "
                           f"system), since only rank 0 writes checkpoints")

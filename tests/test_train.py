@@ -3004,6 +3004,14 @@ def test_processes_that_found_different_checkpoints_stop_with_a_reason():
     with pytest.raises(ConfigError, match=r"rank 0: iteration 40, rank 1: no checkpoint\); on several machines "
                                           r"it must be a folder that all of them share"):
         check_same_start([40, None], "ck")
+    check_same_start([None, None], "ck", ["gpt2", "scratch"])  # the model comes from rank 0 anyway
+    # one shared folder, but --init_from=scratch given to one process: the folder is not what to fix
+    with pytest.raises(ConfigError, match=r"^the processes were given different --init_from \(rank 0: auto, rank 1: "
+                                          r"scratch\), so they start from different places \(rank 0: iteration 40, "
+                                          r"rank 1: no checkpoint\): give every process the same --init_from$"):
+        check_same_start([40, None], "ck", ["auto", "scratch"])
+    with pytest.raises(ConfigError, match="on several machines"):  # the same --init_from: the folder
+        check_same_start([40, None], "ck", ["auto", "auto"])
 
 
 def test_processes_started_with_other_settings_stop_with_the_differences():
