@@ -905,13 +905,15 @@ def _load_pretrained(name: str):
 # ---------------------------------------------------------------------------- batches, benchmark
 
 
-def batch_generate(prompts: list[str], output_file: Optional[str] = "samples.txt", checkpoint: Optional[str] = None,
+def batch_generate(prompts: list[str], output_file: Optional[str], checkpoint: Optional[str] = None,
                    init_from: Optional[str] = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
                    checkpoint_dir: str = "checkpoints", compile: bool = False, **sampling) -> list[str]:
     """Generate for every prompt, batch_size prompts at a time; return prompt + continuation for each.
 
     sampling: the SamplingSettings fields (max_new_tokens, temperature, top_k, top_p, seed, stop, utf8_only).
-    output_file (None: not written) receives each prompt and its text, written atomically.
+    output_file receives each prompt and its text, written atomically; None writes nothing. It has no default:
+    a default name would replace a file of that name in the working directory of a caller who only wanted the
+    returned texts.
     """
     given = prompts
     if hasattr(prompts, "readline") and not isinstance(prompts, (str, list)):
@@ -1185,7 +1187,9 @@ def get_parser() -> argparse.ArgumentParser:
                      help="gpt2, gpt2-medium, gpt2-large, gpt2-xl or a Hugging Face GPT-2 directory")
     s = p.add_argument_group("sampling")
     d = SamplingSettings()
-    s.add_argument("--prompt", help="text to continue; empty (the default) starts from end-of-text (or a newline)")
+    s.add_argument("--prompt", help="text to continue, as typed (\\n stays a backslash and an n: for a line end use "
+                                    "bash's $'...' or --prompt_file); empty (the default) starts from end-of-text (or "
+                                    "a newline)")
     s.add_argument("--prompt_file", type=path_arg, help="read the prompt from this UTF-8 file instead")
     s.add_argument("--num_samples", type=int, default=1, help="continuations of the prompt")
     s.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens, help="tokens per continuation")
@@ -1238,6 +1242,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.prompt is not None and args.prompt_file:
         raise GenerationError("give --prompt or --prompt_file, not both")
     prompt = args.prompt or ""
+    if "\\n" in prompt:  # --stop reads \n as a line end; a prompt is the text as typed, which may be code
+        print("note: --prompt is taken as typed, so its \\n is a backslash and an n, not a line end (--stop is the "
+              "option that reads \\n as one); for a line end use bash's $'...' quotes or --prompt_file",
+              file=sys.stderr)
     if args.prompt_file:
         try:  # without a byte-order mark; \r\n and \r become \n, which a model trained on any text knows
             prompt = read_utf8_file(args.prompt_file, f"--prompt_file {args.prompt_file}", GenerationError)

@@ -1169,7 +1169,22 @@ def test_running_out_of_memory_while_streaming_is_said_on_a_line_of_its_own(char
     assert err.splitlines()[-1].startswith("error: out of memory: tried to allocate 2.00 GiB")
 
 
-def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
+def test_a_backslash_n_in_the_prompt_is_text_and_a_note_says_so(char_checkpoint, capsys):
+    """--stop reads \\n as a line end; --prompt takes the text as typed (it may be code), and says so where a
+    user who wrote \\n for a line end would otherwise meet an unknown character, or the backslash in the text."""
+    path, _, _ = char_checkpoint
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: generate.main(["--checkpoint", str(path), "--prompt", "ROMEO:\\nO", "--temperature", "0"]),
+                output_on_stdout=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "note: --prompt is taken as typed, so its \\n is a backslash and an n" in err
+    assert "'\\\\'" in err.splitlines()[-1]  # the char tokenizer has never seen a backslash
+    run_cli(lambda: generate.main(["--checkpoint", str(path), "--prompt", "ROMEO:", "--temperature", "0",
+                                   "--max_new_tokens", "3", "--stop", "\\n"]), output_on_stdout=True)
+    assert "note:" not in capsys.readouterr().err  # no note without one
+
+
+def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path, monkeypatch):
     path, model, tok = char_checkpoint
     prompts = ["ROMEO:", "a", "To be, or not", "xyz", "hello"]
     out = tmp_path / "samples.txt"
@@ -1199,6 +1214,12 @@ def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path):
     for bad in ("ROMEO:", [], iter([]), ["ok", 3], 42):
         with pytest.raises(GenerationError, match="^prompts must be a non-empty list of strings, got "):
             batch_generate(bad, output_file=None, checkpoint=str(path))
+    # no default output file, which would replace a file of that name where the caller happens to be
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "samples.txt").write_text("my notes")
+    with pytest.raises(TypeError, match="output_file"):
+        batch_generate(["ok"], checkpoint=str(path), device="cpu", max_new_tokens=2)
+    assert (tmp_path / "samples.txt").read_text() == "my notes"
 
 
 def test_a_checkpoint_folder_given_as_checkpoint_is_searched(char_checkpoint, capsys):
