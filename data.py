@@ -76,7 +76,8 @@ def prepare_command(data_dir: str | Path) -> str:
     /tmp/mine             -> python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer gpt2 \
                              --output_dir /tmp/mine
     A custom folder that still holds its tokenizer.json (a preparation killed before meta.json) gets that
-    tokenizer's kind, char or bpe, and not gpt2: the command is to make the same data set again.
+    tokenizer's kind, char or bpe (with its vocab_size), and not gpt2: the command is to make the same data set
+    again.
     """
     data_dir = Path(data_dir)
     for (dataset, tokenizer), default in DEFAULT_DATA_DIRS.items():
@@ -87,12 +88,17 @@ def prepare_command(data_dir: str | Path) -> str:
             if data_dir.resolve() != Path(default).resolve():
                 cmd += f" --output_dir {shlex.quote(str(data_dir))}"
             return cmd
+    kind = "gpt2"
     try:
-        kind = json.loads((data_dir / "tokenizer.json").read_text(encoding="utf-8")).get("kind")
-    except (OSError, ValueError, AttributeError):  # none, unreadable, or not a JSON object
-        kind = None
-    return (f"python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
-            f"--tokenizer {kind if kind in ('char', 'bpe') else 'gpt2'} --output_dir {shlex.quote(str(data_dir))}")
+        saved = json.loads((data_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        if saved.get("kind") in ("char", "bpe"):
+            from tokenizer import tokenizer_from_dict
+            size = tokenizer_from_dict(saved).vocab_size  # a file that is no tokenizer raises
+            kind = saved["kind"] + (f" --vocab_size {size}" if saved["kind"] == "bpe" else "")  # trained to its size
+    except (OSError, ValueError, AttributeError):  # none, unreadable, not a JSON object or not a tokenizer
+        pass
+    return (f"python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer {kind} "
+            f"--output_dir {shlex.quote(str(data_dir))}")
 
 
 def load_meta(data_dir: str | Path) -> dict:

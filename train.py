@@ -937,7 +937,8 @@ def check_same_start(starts: list, checkpoint_dir: str, init_froms: Optional[lis
     if len(set(starts)) > 1:
         found = ", ".join(f"rank {r}: {'iteration ' + str(s) if s is not None else 'no checkpoint'}"
                           for r, s in enumerate(starts))
-        if init_froms and len(set(init_froms)) > 1:
+        # a pretrained model's path may differ between machines (LOCAL_SETTINGS): what counts is where a run starts
+        if init_froms and len({i if i in ("auto", "scratch", "resume") else "pretrained" for i in init_froms}) > 1:
             given = ", ".join(f"rank {r}: {i}" for r, i in enumerate(init_froms))
             raise ConfigError(f"the processes were given different --init_from ({given}), so they start from "
                               f"different places ({found}): give every process the same --init_from")

@@ -305,24 +305,35 @@ def utf8_evidence(data: bytes | memoryview, at_most: int = UTF8_EVIDENCE) -> int
     return min(len(text) - len(text.encode("ascii", "ignore")), at_most)
 
 
-GBK_EVIDENCE = 8  # Chinese characters that GBK reads where UTF-8 fails, to say the encoding changes there
+GBK_EVIDENCE = 8  # Chinese characters that GBK reads where UTF-8 fails, to say the encoding may change there
 
 
-def reads_as_gbk(data: bytes | memoryview, window: int = 4096) -> bool:
-    """Whether data's first `window` bytes read as Chinese text in GBK (a character cut by the window's end
-    aside), with GBK_EVIDENCE Chinese characters at least, and fail as UTF-8 as often: where a UTF-8 file stops
-    being UTF-8, that tells a GBK file joined to it from a few damaged bytes. (UTF-8 Chinese itself mostly reads
-    as GBK too, as mojibake: the UTF-8 failures tell them apart.)"""
+def gbk_reading(data: bytes | memoryview, window: int = 4096) -> Optional[str]:
+    """The text of data's first `window` bytes read as GBK, where it holds GBK_EVIDENCE Chinese characters at
+    least and fails as UTF-8 as often (a character cut by the window's end aside), else None: where a UTF-8 file
+    stops being UTF-8, a GBK file joined to it, and not a few damaged bytes. (UTF-8 Chinese itself mostly reads as
+    GBK too, as mojibake: the UTF-8 failures tell them apart.) Other double-byte encodings (Shift-JIS, EUC-KR) and
+    Latin-1 can read as GBK too, so the caller shows the reading rather than vouching for it."""
     chunk = bytes(data[:window])
     if str(chunk, "utf-8", errors="replace").count("\ufffd") < GBK_EVIDENCE:
-        return False
+        return None
     try:
         text = chunk.decode("gbk")
     except UnicodeDecodeError as e:
         if e.start < len(chunk) - 1:  # not only the last byte, a character the window cuts
-            return False
+            return None
         text = chunk[: e.start].decode("gbk")
-    return sum("\u4e00" <= c <= "\u9fff" for c in text) >= GBK_EVIDENCE
+    return text if sum("\u4e00" <= c <= "\u9fff" for c in text) >= GBK_EVIDENCE else None
+
+
+def gbk_start(data: bytes | memoryview, failed_at: int) -> int:
+    """Where GBK text that UTF-8 failed to read at failed_at begins: a GBK character whose two bytes are also a
+    two-byte UTF-8 character (说 is CB B5, UTF-8's U+02F5) reads as UTF-8, so the failure comes after it. Steps
+    back over such characters (a UTF-8 character of two bytes right before Chinese text in GBK is rare)."""
+    at = failed_at
+    while at >= 2 and failed_at - at < 32 and 0xC2 <= data[at - 2] <= 0xDF and 0x80 <= data[at - 1] <= 0xBF:
+        at -= 2
+    return at
 
 
 def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Optional[type] = None,
@@ -345,11 +356,14 @@ def decode_utf8(data: bytes | memoryview, where: str, offset: int = 0, error: Op
             how = ("it is UTF-16 (what Windows Notepad calls 'Unicode'): convert it with "
                    "`iconv -f utf-16 -t utf-8 IN > OUT`")
         elif seen + utf8_evidence(data[: e.start], UTF8_EVIDENCE - seen) >= UTF8_EVIDENCE:
-            at = offset + e.start
-            if reads_as_gbk(data[e.start:]):  # two files joined, one of them GBK: dropping its bytes wrecks it
-                how = (f"the text before it is UTF-8 and the text from there reads as GBK: the file changes encoding "
-                       f"there (files in two encodings joined, say); convert the part from there: "
-                       f"`(head -c {at} IN; tail -c +{at + 1} IN | iconv -f gbk -t utf-8) > OUT`")
+            start = gbk_start(data, e.start)
+            reading = gbk_reading(data[start:])
+            if reading is not None:  # two files joined, one of them GBK, say: dropping its bytes would wreck it
+                at, shown = offset + start, reading[:12].replace("\n", " ")
+                how = (f"the text before it is UTF-8, and from byte offset {at} on, read as GBK, it begins "
+                       f"{shown!r}. If that is the text, the file changes encoding there (files in two encodings "
+                       f"joined, say), and `(head -c {at} IN; tail -c +{at + 1} IN | iconv -f gbk -t utf-8) > OUT` "
+                       f"converts the part from there; if not, that part is in another encoding or damaged")
             else:
                 how = ("the text before it is UTF-8, so the file has damaged bytes: drop them with "
                        "`iconv -f utf-8 -t utf-8 -c IN > OUT`")

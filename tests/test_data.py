@@ -2374,9 +2374,12 @@ def test_missing_data_dir_prints_the_command(tmp_path, monkeypatch):
         load_meta("data/openwebtext")  # nothing like it
     assert prepare_command("runs/mine") == ("python prepare_data.py --dataset custom --input YOUR_TEXT.txt "
                                             "--tokenizer gpt2 --output_dir runs/mine")
-    # a preparation killed before meta.json leaves its tokenizer: the command makes that kind of data set again
-    for kind, text in (("char", '{"kind": "char", "chars": ["a"]}'), ("bpe", '{"kind": "bpe"}'),
-                       ("gpt2", '["not", "an", "object"]'), ("gpt2", "{broken")):
+    # a preparation killed before meta.json leaves its tokenizer: the command makes that data set again
+    from tokenizer import BPETokenizer
+    bpe = json.dumps(BPETokenizer().train("hello world, hello there " * 40, 262, special_tokens=["<|endoftext|>"])
+                     .to_dict())
+    for kind, text in (("char", '{"kind": "char", "chars": ["a"]}'), ("bpe --vocab_size 262", bpe),
+                       ("gpt2", '{"kind": "bpe"}'), ("gpt2", '["not", "an", "object"]'), ("gpt2", "{broken")):
         (tmp_path / "runs" / "mine").mkdir(parents=True, exist_ok=True)
         (tmp_path / "runs" / "mine" / "tokenizer.json").write_text(text)
         with pytest.raises(DataError, match=rf"--tokenizer {kind} --output_dir runs/mine$"):
@@ -2687,20 +2690,23 @@ def test_damaged_utf8_in_a_later_block_gets_the_same_hint_with_gpt2(tmp_path, mo
 
 
 @pytest.mark.parametrize("read_bytes", [1 << 20, 64])
+@pytest.mark.parametrize("second", ["举头望明月，低头思故乡。\n" * 20, "说话的人，一时也要去学。\n" * 20])
 def test_a_utf8_file_that_goes_on_in_gbk_gets_a_split_conversion_not_the_damaged_bytes_hint(tmp_path, monkeypatch,
-                                                                                             read_bytes):
+                                                                                             read_bytes, second):
     """Two files joined (cat a.txt b_gbk.txt): dropping the bytes that are not UTF-8 would drop the whole GBK
-    part, so the hint converts the part from where the encoding changes, and that gives the text back."""
+    part, so the hint shows how the rest reads as GBK and converts the part from where the encoding changes,
+    which gives the text back. 说 (CB B5) also reads as UTF-8 (U+02F5): the change is before it, not after."""
     monkeypatch.setattr(prepare_data, "READ_BYTES", read_bytes)
-    first, second = "床前明月光，疑是地上霜。\n" * 20, "举头望明月，低头思故乡。\n" * 20
+    first = "床前明月光，疑是地上霜。\n" * 20
     data = first.encode() + second.encode("gbk")
     (tmp_path / "t.txt").write_bytes(data)
     with pytest.raises(DataError) as e:
         prepare_text(tmp_path / "o", [tmp_path / "t.txt"], dataset="custom", tokenizer="char", vocab_size=None,
                      val_fraction=0.1, num_proc=1, command="t")
     at = len(first.encode())
-    assert f"byte offset {at} " in str(e.value) and "reads as GBK: the file changes encoding there" in str(e.value)
-    assert str(e.value).endswith(f"`(head -c {at} IN; tail -c +{at + 1} IN | iconv -f gbk -t utf-8) > OUT`")
+    assert f"from byte offset {at} on, read as GBK, it begins {second[:12]!r}. If that is the text" in str(e.value)
+    assert f"`(head -c {at} IN; tail -c +{at + 1} IN | iconv -f gbk -t utf-8) > OUT`" in str(e.value)
+    assert str(e.value).endswith("if not, that part is in another encoding or damaged")
     assert data[:at].decode() + data[at:].decode("gbk") == first + second  # what the command does
     # a few damaged bytes in UTF-8 Chinese, which itself reads as GBK (mojibake), keep the damaged-bytes hint
     (tmp_path / "d.txt").write_bytes(first.encode() + b"\xe5\x80" + second.encode())

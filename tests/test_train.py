@@ -3010,8 +3010,9 @@ def test_processes_that_found_different_checkpoints_stop_with_a_reason():
                                           r"scratch\), so they start from different places \(rank 0: iteration 40, "
                                           r"rank 1: no checkpoint\): give every process the same --init_from$"):
         check_same_start([40, None], "ck", ["auto", "scratch"])
-    with pytest.raises(ConfigError, match="on several machines"):  # the same --init_from: the folder
-        check_same_start([40, None], "ck", ["auto", "auto"])
+    for same in (["auto", "auto"], ["/mnt/hf", "/nfs/hf"]):  # the same start (a model's path may differ): the folder
+        with pytest.raises(ConfigError, match="on several machines"):
+            check_same_start([40, None], "ck", same)
 
 
 def test_processes_started_with_other_settings_stop_with_the_differences():
