@@ -89,14 +89,12 @@ def prepare_command(data_dir: str | Path) -> str:
                 cmd += f" --output_dir {shlex.quote(str(data_dir))}"
             return cmd
     kind = "gpt2"
-    try:
-        saved = json.loads((data_dir / "tokenizer.json").read_text(encoding="utf-8"))
-        if saved.get("kind") in ("char", "bpe"):
-            from tokenizer import tokenizer_from_dict
-            size = tokenizer_from_dict(saved).vocab_size  # a file that is no tokenizer raises
-            kind = saved["kind"] + (f" --vocab_size {size}" if saved["kind"] == "bpe" else "")  # trained to its size
-    except (OSError, ValueError, AttributeError):  # none, unreadable, not a JSON object or not a tokenizer
-        pass
+    if (data_dir / "tokenizer.json").is_file():
+        from tokenizer import TokenizerError, load_tokenizer
+        with contextlib.suppress(TokenizerError):  # unreadable or no tokenizer: the command for any custom text
+            tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+            if tokenizer.kind in ("char", "bpe"):  # a BPE trained again to the size it had
+                kind = tokenizer.kind + (f" --vocab_size {tokenizer.vocab_size}" if tokenizer.kind == "bpe" else "")
     return (f"python prepare_data.py --dataset custom --input YOUR_TEXT.txt --tokenizer {kind} "
             f"--output_dir {shlex.quote(str(data_dir))}")
 
