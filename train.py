@@ -1231,8 +1231,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
                   f"learning_rate); give fewer, e.g. --warmup_iters={fewer}")
     if ckpt is not None:
         # inf until an evaluation after training steps: stopped or crashed before one, which is no failed run
-        best = (f"best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss)
-                else "no val loss measured since training began")
+        has_best = math.isfinite(best_val_loss)
+        best = f"best val loss {best_val_loss:.4f}" if has_best else "no val loss measured since training began"
         log.print(f"resuming from {ckpt_path} at iteration {iter_num} ({best})")
         if config_changes:  # --preset given again, say, puts its own values back over the first run's flags
             log.print(f"settings this command changed: {', '.join(config_changes)}")
@@ -1241,8 +1241,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if data_changed:
             log.print(f"note: {config.data_dir} is not the data set the checkpoint was trained on "
                       f"({', '.join(data_changed)} differ): training goes on with this one"
-                      + (f", and {not_comparable}" if math.isfinite(best_val_loss) else ""))
-        elif not math.isfinite(best_val_loss):  # no best yet: nothing to compare with
+                      + (f", and {not_comparable}" if has_best else ""))
+        elif not has_best:  # no best yet: nothing to compare with
             pass
         elif best_measure.get("swept") != val_measure.get("swept"):
             def way(measure: dict) -> str:
