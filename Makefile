@@ -3,6 +3,8 @@
 #                cores, plus the installation: torch from PyPI brings several GB of CUDA libraries on Linux)
 #   make test    the whole test suite
 #   make bench   bench.py's default run (a small preset on a CPU, GPT-2 124M on a GPU)
+#   make gpu-check  on a CUDA GPU: the tests only a GPU runs, then the speed targets' benchmarks (GPT-2 124M
+#                training and generation, the shakespeare-char run from start to exit), kept as bench-*.json
 #   make clean   delete .venv and the demo's data set (data/shakespeare_char, except its input.txt); data sets
 #                prepared by hand, checkpoints/ and runs/ stay
 # Offline: make demo SHAKESPEARE=path/to/input.txt, and TIKTOKEN_CACHE_DIR=dir for the GPT-2 tokenizer files.
@@ -22,8 +24,10 @@ SHAKESPEARE ?=
 # the demo trains the GPU preset when CUDA is available, else the CPU preset
 DEMO_PRESET ?= $$($(PY) -c "import torch; print('shakespeare-char' if torch.cuda.is_available() else 'shakespeare-char-cpu')")
 DEMO_DIR ?= checkpoints/demo
+# where prepare_data.py puts the demo's data set
+DEMO_DATA = data/shakespeare_char
 
-.PHONY: demo test bench clean help FORCE
+.PHONY: demo test bench gpu-check clean help FORCE
 
 help:
 	@sed -n '1,/^$$/p' Makefile
@@ -61,7 +65,17 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(PY) bench.py
 
+# With PY=python3 (a machine whose Python already has torch, pytest and the requirements) nothing is installed.
+# The demo's data set is prepared first (from SHAKESPEARE, else its input.txt, else a download): the tests
+# train on its text, and the whole run on the data set.
+gpu-check: $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed-dev)
+	@$(PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('error: make gpu-check needs a CUDA GPU; ' \
+	  'torch ' + torch.__version__ + ' sees none (make test runs everything else)')"
+	$(PY) prepare_data.py --dataset shakespeare --tokenizer char $(if $(SHAKESPEARE),--input "$(SHAKESPEARE)")
+	SHAKESPEARE="$(or $(SHAKESPEARE),$(DEMO_DATA)/input.txt)" $(PY) -m pytest -q -rs -m cuda tests
+	$(PY) bench.py --preset gpt2 --batch_size 16 --block_size 1024 --json bench-gpt2.json
+	$(PY) bench.py --whole_run --preset shakespeare-char --json bench-whole-run.json
+
 # the demo's data set only: every other one under data/ (OpenWebText: hours of work) is the user's
-DEMO_DATA = data/shakespeare_char
 clean:
 	rm -rf $(VENV) $(addprefix $(DEMO_DATA)/,train.bin val.bin meta.json tokenizer.json)

@@ -35,6 +35,20 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one, run alone by `make gpu-check`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test skipped for want of CUDA must carry the cuda marker too: `make gpu-check` runs `pytest -m cuda` on a
+    GPU, and a test missing from that selection would never run anywhere."""
+    unmarked = [item.nodeid for item in items
+                if not item.get_closest_marker("cuda")
+                and any("CUDA" in mark.kwargs.get("reason", "") for mark in item.iter_markers("skipif"))]
+    if unmarked:
+        raise pytest.UsageError(f"skipped for want of CUDA but not marked @pytest.mark.cuda: {', '.join(unmarked)}")
+
+
 @functools.lru_cache(maxsize=None)
 def gpt2_load_error() -> str | None:
     """Why tiktoken cannot load its 'gpt2' encoding here (neither cached nor downloadable), or None."""

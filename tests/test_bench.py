@@ -1083,6 +1083,7 @@ def test_the_profile_s_wall_time_is_per_step(monkeypatch):
     assert bench.profile_steps(step, 10, 2, torch.device("cpu"))["wall_ms_per_step"] == pytest.approx(5.0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is CUDA's allocator figure")
 def test_peak_memory_is_the_timed_steps_own_in_gigabytes(monkeypatch):
     """The figure counts the timed steps only (the warm-up's compilation may hold more for a while), in units of

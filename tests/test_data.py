@@ -2547,6 +2547,7 @@ def test_sweep_batches_are_the_splits_own_and_outside_them_an_error(counting_dir
             loader.get_sweep_batch("val", bad)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_batches_match_cpu(counting_dir):
     cpu = BatchLoader(counting_dir, block_size=32, batch_size=8)

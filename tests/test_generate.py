@@ -467,6 +467,7 @@ def test_greedy_matches_transformers(tmp_path):
     assert load_model(init_from=str(tmp_path / "hf"))[1].chars == tok.chars
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_equals_eager_greedy(dtype):
@@ -1020,6 +1021,7 @@ def test_a_generation_that_overflowed_leaves_nothing_behind_for_the_next():
     overflowed_then_next(lambda model: [Generator(model), Generator(model, compile=True)])
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_a_generation_that_overflowed_leaves_nothing_behind_for_the_next_in_a_cuda_graph():
     overflowed_then_next(lambda model: [Generator(model, device="cuda", dtype=torch.float32, cuda_graph=True)])

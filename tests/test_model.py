@@ -1125,6 +1125,7 @@ def learn_one_batch_on_the_gpu(model, data, steps: int, step_model=None) -> torc
     return torch.tensor(out)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.cuda.is_bf16_supported(),
                     reason="compiled bfloat16 training as train.py runs it needs a CUDA GPU with bfloat16")
 def test_the_chunked_loss_compiled_in_bfloat16_on_the_gpu_follows_the_plain_loss():
@@ -1143,6 +1144,7 @@ def test_the_chunked_loss_compiled_in_bfloat16_on_the_gpu_follows_the_plain_loss
     torch.testing.assert_close(chunked[:10], plain[:10], rtol=0.02, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="float8 matmuls need a CUDA GPU of compute capability 8.9+")
 def test_float8_training_on_the_gpu_follows_bfloat16():

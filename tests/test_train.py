@@ -1077,6 +1077,7 @@ def test_cuda_graph_modes_refuse_gradient_accumulation(char_data, tmp_path, monk
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path):
     """compile_mode=reduce-overhead replays the same kernels as CUDA graphs: the same losses, step by step,
@@ -1101,6 +1102,7 @@ def test_cuda_graph_training_equals_plain_compiled_training(char_data, tmp_path)
     torch.testing.assert_close(regional, plain, rtol=2e-3, atol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 @pytest.mark.parametrize("compile_model, regional", [(True, False), (True, True), (False, False)])
 def test_graphed_steps_follow_plain_steps_and_resume(char_data, tmp_path, compile_model, regional):
@@ -1336,8 +1338,8 @@ def test_the_checkpoint_writer_copies_shared_memory_once_and_raises_later():
     assert threads == [False, False, True]
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs CUDA: page-locked copies are made of GPU tensors only"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: page-locked copies are made of GPU tensors only")])])
 def test_a_pinned_copy_of_a_checkpoint_writes_the_same_file(device):
     """A GPU model's checkpoint goes through page-locked memory, copied without a wait per tensor: the file is
     the one the state brought to the CPU gives, and the copy no longer follows the weights. On the CPU it is
@@ -3503,7 +3505,6 @@ def test_cli_error_in_a_subprocess(tmp_path):
 # ----------------------------------------------------------------------------- Makefile (make demo trains)
 
 def make_dry_run(*args: str) -> str:
-    import shutil
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     r = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), *args], cwd=ROOT, capture_output=True, text=True,
@@ -3518,8 +3519,8 @@ def test_make_clean_removes_the_demos_data_set_whole_and_nothing_of_the_users():
     demo = {f"data/shakespeare_char/{name}" for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json")}
     assert set(command.split()) == {"rm", "-rf", ".venv", *demo}  # not data/*: other data sets are the user's
     listed = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
-    targets = re.findall(r"^(\w+):", (ROOT / "Makefile").read_text(), re.M)
-    assert {"demo", "test", "bench", "clean"} <= set(targets)
+    targets = re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M)
+    assert {"demo", "test", "bench", "gpu-check", "clean"} <= set(targets)
     assert all(f"make {t}" in listed for t in targets if t != "help")  # make help lists every target
 
 
@@ -3548,6 +3549,48 @@ def test_make_torch_index_applies_to_torch_only(tmp_path):
                                 if "pip install" in line]
     assert '"torch' in torch_line and torch_line.endswith(f'--index-url "{index}"')
     assert "-r requirements.txt" in requirements and "--index-url" not in requirements
+
+
+def test_make_gpu_check_runs_the_cuda_tests_and_the_targets_benchmarks():
+    """With a Python that has everything (a GPU machine's own), nothing is installed; the tests find the text
+    prepared just before them; the benchmarks are the speed targets' own commands, as README gives them."""
+    lines = make_dry_run("PY=python3", "gpu-check").splitlines()
+    assert not any("pip install" in line for line in lines)
+    assert lines[-4:] == [
+        "python3 prepare_data.py --dataset shakespeare --tokenizer char ",
+        'SHAKESPEARE="data/shakespeare_char/input.txt" python3 -m pytest -q -rs -m cuda tests',
+        "python3 bench.py --preset gpt2 --batch_size 16 --block_size 1024 --json bench-gpt2.json",
+        "python3 bench.py --whole_run --preset shakespeare-char --json bench-whole-run.json"]
+    given = make_dry_run("PY=python3", "SHAKESPEARE=/data/input.txt", "gpu-check")
+    assert '--input "/data/input.txt"' in given and 'SHAKESPEARE="/data/input.txt" python3 -m pytest' in given
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert all(line.split(" --json")[0].removeprefix("python3 ") in readme for line in lines[-2:])
+    assert ".venv/.installed-dev" in make_dry_run("-W", "requirements-dev.txt", "gpu-check")  # the venv's Python
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine with no GPU")
+def test_make_gpu_check_without_a_gpu_stops_before_doing_anything(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    r = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), f"PY={sys.executable}", "gpu-check"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: make gpu-check needs a CUDA GPU; torch ")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_test_skipped_for_want_of_cuda_must_be_selected_by_make_gpu_check(tmp_path):
+    """`pytest -m cuda` selects the GPU's tests: one skipped without CUDA but not marked would run nowhere."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    skip = '@pytest.mark.skipif(True, reason="needs CUDA")\ndef test_gpu():\n    pass\n'
+    (tmp_path / "test_gpu.py").write_text(f"import pytest\n\n\n{skip}")
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", str(tmp_path)]
+    r = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stdout + r.stderr  # pytest's usage error
+    assert "skipped for want of CUDA but not marked @pytest.mark.cuda: test_gpu.py::test_gpu" in r.stderr
+    (tmp_path / "test_gpu.py").write_text(f"import pytest\n\n\n@pytest.mark.cuda\n{skip}")
+    r = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- signals and processes
