@@ -12,7 +12,8 @@
 Shakespeare is tinyshakespeare (input.txt of Karpathy's char-rnn repository), downloaded into the
 data directory and checked against its sha256; --input FILE or the SHAKESPEARE environment variable
 give a local copy instead. --dataset custom reads one text file, or every .txt file under a folder
-(in sorted path order, with end-of-text between files when the tokenizer has one).
+(in sorted path order, with end-of-text between files when the tokenizer has one). '<|endoftext|>'
+written in a text file is a document separator too: the end-of-text id, where the tokenizer has one.
 
 The output directory holds train.bin and val.bin (token ids, uint16, or uint32 when the vocabulary
 exceeds 65,535 ids), tokenizer.json (load_tokenizer restores it) and meta.json: tokenizer kind and
@@ -36,7 +37,7 @@ custom read each file twice in blocks of 16 MB, once to count its characters and
 tokenise it, so their memory stays flat too. Held whole in memory are only: the training text while a BPE
 is trained on it, each split's text for a --tokenizer_file BPE with a split pattern of its own (no cut
 point is known to be safe for it), and a pipe, which cannot be read twice. Long texts
-are cut only just before a space or newline that follows a non-space character; GPT-2's pre-split
+are cut only just before ASCII whitespace that follows a non-space character; GPT-2's pre-split
 pattern never joins characters across such a point, so the ids are exactly those of encoding the
 whole text at once (tests/test_data.py checks this).
 `python bench.py --tokenize` measures its speed in MB/s against single-thread tiktoken.
@@ -87,15 +88,17 @@ DOC_FILE_SUFFIXES = (*DOC_SUFFIXES, ".json")
 DATASET_FILES = ("train.bin", "val.bin", "tokenizer.json", "meta.json")  # what write_dataset puts in out_dir
 # .json files a folder of documents holds that are no documents: a data set's own, a Hugging Face download's
 NOT_DOCUMENTS = ("tokenizer.json", "meta.json", "dataset_info.json", "dataset_dict.json", "state.json")
-# A safe cut is a point in UTF-8 text just before a space or newline that follows a character that is
-# not whitespace: no pre-token of GPT-2's pattern crosses it (words, numbers and symbols stop at
-# whitespace, and a whitespace run starting there is matched the same way with or without the text
-# before it). The character before is checked by its UTF-8 bytes: none of the Unicode whitespace characters
-# (U+0009..000D, 001C..001F, 0020, 0085, 00A0, 1680, 180E, 2000..200A, 2028, 2029, 202F, 205F, 3000) may
-# end there. Matching their whole encodings, not just last bytes they share with others, keeps the cut
-# points after CJK punctuation such as 。！？ (E3 80 82, EF BC 81, EF BC 9F), where Chinese lines end.
-SAFE_CUT = re.compile(rb"(?=[ \n])(?<![\s\x1c-\x1f])(?<!\xc2\x85)(?<!\xc2\xa0)(?<!\xe1\x9a\x80)(?<!\xe1\xa0\x8e)"
-                      rb"(?<!\xe2\x80[\x80-\x8a\xa8\xa9\xaf])(?<!\xe2\x81\x9f)(?<!\xe3\x80\x80)")
+# A safe cut is a point in UTF-8 text just before ASCII whitespace (space, newline, carriage return, tab,
+# vertical tab, form feed) that follows a character that is not whitespace: no pre-token of GPT-2's pattern
+# crosses it (words, numbers and symbols stop at whitespace, and a whitespace run starting there is matched
+# the same way with or without the text before it). The carriage return matters: in Windows text, Chinese
+# lines end in "。\r\n", and with no spaces in the text a cut only before "\n" would never be found. The
+# character before is checked by its UTF-8 bytes: none of the Unicode whitespace characters (U+0009..000D,
+# 001C..001F, 0020, 0085, 00A0, 1680, 180E, 2000..200A, 2028, 2029, 202F, 205F, 3000) may end there.
+# Matching their whole encodings, not just last bytes they share with others, keeps the cut points after CJK
+# punctuation such as 。！？ (E3 80 82, EF BC 81, EF BC 9F), where Chinese lines end.
+SAFE_CUT = re.compile(rb"(?=[ \t\n\x0b\x0c\r])(?<![\s\x1c-\x1f])(?<!\xc2\x85)(?<!\xc2\xa0)(?<!\xe1\x9a\x80)"
+                      rb"(?<!\xe1\xa0\x8e)(?<!\xe2\x80[\x80-\x8a\xa8\xa9\xaf])(?<!\xe2\x81\x9f)(?<!\xe3\x80\x80)")
 PROGRESS_UNITS = {"bytes": "B", "docs": "doc"}
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark
 BLOCK = 1 << 24  # numpy scans of UTF-8 bytes go in blocks of this size, to bound the temporaries
@@ -411,7 +414,8 @@ def split_ranges(texts: list[TextFile], val_fraction: float) -> list[tuple[str, 
     """Cut the scanned files' text, taken in order, after the first (1 - val_fraction) of its characters.
 
     Returns (split, file index, start byte, end byte, end_of_text_after) in order; end-of-text goes between
-    files, not after the last. The cut counts characters, as nanoGPT's data[:int(n * 0.9)] does:
+    files, not after the last. The cut counts characters, as nanoGPT's data[:int(n * 0.9)] does (moved past an
+    '<|endoftext|>' written in the text that it would cut in two):
     files "abcd" and "efgh", 0.25 -> [("train", 0, 0, 4, True), ("train", 1, 0, 2, False), ("val", 1, 2, 4, False)]
     """
     # a byte-order mark (U+FEFF, as Windows Notepad writes) is no text: it is left out, never tokenised
@@ -428,13 +432,22 @@ def split_ranges(texts: list[TextFile], val_fraction: float) -> list[tuple[str, 
     for j, ((i, t), n) in enumerate(zip(files, lengths)):
         eot = j < len(files) - 1
         k = min(max(cut - start, 0), n)
-        b = t.char_offset(k + (t.skip > 0)) if 0 < k < n else t.skip if k == 0 else t.size
-        if k > 0:
-            ranges.append(("train", i, t.skip, b, eot and k == n))
-        if k < n:
+        b = past_marker(t, t.char_offset(k + (t.skip > 0))) if 0 < k < n else t.skip if k == 0 else t.size
+        if b > t.skip:
+            ranges.append(("train", i, t.skip, b, eot and b == t.size))
+        if b < t.size:
             ranges.append(("val", i, b, t.size, eot))
         start += n
     return ranges
+
+
+def past_marker(t: TextFile, b: int) -> int:
+    """The cut at byte b, or past an '<|endoftext|>' written in the text that b would cut in two: whole, it is
+    one end-of-text id (encode_unit), in train."""
+    marker = EOT.encode()
+    start = max(t.skip, b - len(marker) + 1)
+    i = t.read(start, min(t.size, b + len(marker) - 1)).find(marker)  # two cannot fit: at most one spans b
+    return start + i + len(marker) if i >= 0 and start + i < b else b
 
 
 def cut_kind(tokenizer: Tokenizer) -> str | None:
@@ -739,9 +752,15 @@ def pattern_gap(tokenizer: Tokenizer, text: str, pos: int, where: tuple[str, int
 
 
 def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction: float) -> tuple:
-    """One work unit -> (train ids, val ids, [train, val, empty] document counts, document digests)."""
+    """One work unit -> (train ids, val ids, [train, val, empty documents, end-of-text markers] counts, document
+    digests).
+
+    In text files (not in JSON Lines or Parquet documents, whose format separates them) '<|endoftext|>' written
+    out is a document separator: it becomes the end-of-text id where the tokenizer has one, as the BPE trainer
+    splits its text there. A read block never ends inside one, as it holds no cut point; only the cut between
+    the splits can, at most once per file."""
     kind, *payload = unit
-    counts, digests = [0, 0, 0], []
+    counts, digests = [0, 0, 0, 0], []
     if kind == "pieces":
         items = [(split_id, decode_utf8(data, name, offset, seen=seen), eot, (name, offset))
                  for split_id, data, eot, name, offset, seen in payload[0]]
@@ -760,19 +779,25 @@ def encode_unit(tokenizer: Tokenizer, unit: tuple, dtype: np.dtype, val_fraction
     parts = ([], [])
     eot = None if tokenizer.eot_token is None else np.array([tokenizer.eot_token])
     for split_id, text, eot_after, where in items:
-        if text:
+        at = 0  # where the text between markers starts
+        for i, between in enumerate(text.split(EOT) if eot is not None and kind == "pieces" else [text]):
+            if i:
+                parts[split_id].append(eot)
+                counts[3] += 1
             try:
-                parts[split_id].append(encode_ids(tokenizer, text))
+                if between:
+                    parts[split_id].append(encode_ids(tokenizer, between))
             except PatternGapError as e:
                 if where is None:  # documents are GPT-2's, whose pattern misses nothing
                     raise
-                raise pattern_gap(tokenizer, text, e.position, where) from None
+                raise pattern_gap(tokenizer, text, at + e.position, where) from None
             except TokenizerError:
                 # a character-level tokenizer knows every character the files held when scanned, as it was made
                 # from them or checked against them (check_known_characters): a new one was written since
                 if where is None or tokenizer.kind != "char":
                     raise
                 raise changed_error(where[0]) from None
+            at += len(between) + len(EOT)
         if eot_after and eot is not None:
             parts[split_id].append(eot)
     out = []
@@ -910,8 +935,8 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
     progress is (unit, total) for the progress bar: unit 'bytes' or 'docs', total None if unknown.
     meta holds the description fields (dataset, source, ...); the token counts are added here, and
     late_meta(documents, digests_sha256) is called once the units are exhausted for fields
-    gathered while streaming: documents is [train, val, empty], digests_sha256 the sha256 of the
-    documents' BLAKE2b digests in order.
+    gathered while streaming: documents is [train, val, empty, end-of-text markers], digests_sha256 the
+    sha256 of the documents' BLAKE2b digests in order.
 
     Every file is written and synced under a temporary name first; the old data set is touched only
     then, by renames, meta.json last. A run that fails before keeps the old data set whole, and takes
@@ -967,6 +992,7 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
                 "dtype": dtype.name,
                 "train_tokens": tokens[0],
                 "val_tokens": tokens[1],
+                **({"eot_markers_in_text": documents[3]} if documents[3] else {}),
                 **(late_meta(documents, digests.hexdigest()) if late_meta else {}),
             }
             text = json.dumps(meta, indent=2, ensure_ascii=False)
@@ -990,6 +1016,9 @@ def write_dataset(out_dir: Path, tokenizer: Tokenizer, units: Iterable[tuple[tup
             raise DataError(f"cannot write the data set into {out_dir}: {e.strerror or e}"
                             + (f" ({e.filename})" if e.filename else "")) from None
         raise
+    if documents[3]:
+        print(f"note: {documents[3]:,} {EOT!r} written in the text became the end-of-text id {tokenizer.eot_token}, "
+              f"a boundary between documents; remove them from the text if they were meant as text", file=sys.stderr)
     return meta
 
 
@@ -1008,8 +1037,8 @@ def _stat(path: Path):
 def _encode_into(bins: list, tokenizer: Tokenizer, dtype, units, num_proc: int, val_fraction: float,
                  progress: tuple[str, int | None]) -> tuple:
     """Encode units into the open train and val files; returns the token counts per split, the
-    document counts [train, val, empty] and the sha256 of the documents' digests."""
-    tokens, documents, digests = [0, 0], [0, 0, 0], hashlib.sha256()
+    counts [train, val, empty documents, end-of-text markers] and the sha256 of the documents' digests."""
+    tokens, documents, digests = [0, 0], [0, 0, 0, 0], hashlib.sha256()
     bar = Progress(total=progress[1], unit=PROGRESS_UNITS[progress[0]], unit_scale=True, file=sys.stderr,
                    desc=f"tokenising ({tokenizer.kind})", mininterval=1.0)
     with bar:

@@ -226,6 +226,35 @@ def test_custom_folder_puts_eot_between_files(tmp_path):
     assert meta["source"] == f"3 .txt files under {folder}"
 
 
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe"])
+def test_end_of_text_written_in_a_text_file_is_the_end_of_text_id(tmp_path, capsys, tokenizer):
+    """Stories joined by '<|endoftext|>' (as TinyStories' text files are): each marker is one end-of-text id, as
+    tiktoken's encode with the marker allowed gives, and as the BPE trainer cuts its text; the 0.9 cut falls
+    inside a marker here and moves past it. JSON Lines documents keep a marker inside their text as text."""
+    def cut_in_marker(text: str) -> bool:
+        cut = int(len(text) * 0.9)
+        return EOT in text[cut - len(EOT) + 1 : cut + len(EOT) - 1] and not text[cut:].startswith(EOT)
+    stories = [f"Story {i}: a cat sat {'very ' * (i % 7)}quietly.\n" for i in range(40)]
+    text = next(t for n in range(100) if cut_in_marker(t := EOT.join(stories) + "!" * n))  # the last story longer
+    (tmp_path / "stories.txt").write_text(text)
+    meta = prepare("--dataset", "custom", "--input", tmp_path / "stories.txt", "--tokenizer", tokenizer,
+                   "--output_dir", tmp_path / "o")
+    train, val = bins(tmp_path / "o")
+    tok = load_data_tokenizer(tmp_path / "o")
+    assert tok.eot_token == meta["eot_token"] and meta["eot_markers_in_text"] == 39
+    assert (train == tok.eot_token).sum() + (val == tok.eot_token).sum() == 39
+    assert val[0] != tok.eot_token and train[-1] == tok.eot_token  # the marker the cut fell in, whole, in train
+    if tokenizer == "gpt2":
+        assert train.tolist() + val.tolist() == gpt2_encoding().encode(text, allowed_special={EOT})
+    assert tok.decode(train.tolist() + val.tolist()) == text
+    assert f"note: 39 '<|endoftext|>' written in the text became the end-of-text id {tok.eot_token}" in capsys.readouterr().err
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a <|endoftext|> b", "c"] * 20))
+    meta = prepare("--dataset", "openwebtext", "--input", docs, "--val_fraction", "0.5", "--output_dir", tmp_path / "w")
+    train, val = bins(tmp_path / "w")
+    assert (train == 50256).sum() + (val == 50256).sum() == 40 and "eot_markers_in_text" not in meta
+
 def test_custom_folder_reads_upper_case_suffixes(tmp_path):
     folder = tmp_path / "books"
     folder.mkdir()
@@ -410,9 +439,10 @@ def test_text_read_in_small_blocks_gives_the_same_data_set(tmp_path, monkeypatch
         np.testing.assert_array_equal(a, b)
     assert blocks[1:] == whole[1:]
     b_train = MIXED[::-1][: int(2 * len(MIXED) * 0.7) - len(MIXED)]  # the cut counts the characters of both
-    # never a whole file at once; only BPE training reads its text whole: a.txt, and the train part of b.txt
-    assert [n for n in reads if not 0 <= n <= 7] == ([len(MIXED.encode()), len(b_train.encode())]
-                                                     if tokenizer == "bpe" else [])
+    # never a whole file at once; only BPE training reads its text whole: a.txt, and the train part of b.txt.
+    # Beside the blocks: the bytes around the cut, where an '<|endoftext|>' written in the text is looked for
+    assert [n for n in reads if not 0 <= n <= 7] == [2 * len(EOT) - 2] + ([len(MIXED.encode()), len(b_train.encode())]
+                                                                          if tokenizer == "bpe" else [])
     if tokenizer == "gpt2":  # the ids of the whole texts
         train, val = whole[0]
         assert train.tolist() == gpt2_encoding().encode_ordinary(MIXED) + [50256] + \
@@ -447,13 +477,13 @@ def test_a_file_that_changes_while_it_is_prepared_is_an_error(tmp_path, monkeypa
 
 
 def test_safe_cuts_follow_every_character_but_whitespace():
-    """A cut before a space or newline is safe after any character that is not whitespace to GPT-2's pattern
+    """A cut before ASCII whitespace is safe after any character that is not whitespace to GPT-2's pattern
     (U+180E was whitespace in older Unicode). CJK punctuation such as 。！？ ends lines in Chinese text: a cut
     point must follow it, or such text is never cut."""
     import regex
     blocked = set()
     for c in map(chr, itertools.chain(range(0xD800), range(0xE000, 0x110000))):
-        for after in (b" ", b"\n"):
+        for after in (b" ", b"\n", b"\r", b"\t", b"\x0b", b"\x0c"):
             data = b"x" + c.encode() + after
             m = prepare_data.SAFE_CUT.search(data, 1)
             if m is None or m.start() != len(data) - 1:
@@ -463,10 +493,11 @@ def test_safe_cuts_follow_every_character_but_whitespace():
 
 
 @pytest.mark.parametrize("cuts, text", [("safe", "床前明月光，疑是地上霜。\n举头望明月！低头思故乡？\n" * 40),
+                                        ("safe", "床前明月光，疑是地上霜。\r\n举头望明月！低头思故乡？\r\n" * 40),
                                         ("chars", "床前明月光疑是地上霜举头望明月低头思故乡" * 40)])
 def test_chinese_text_is_read_in_blocks(monkeypatch, cuts, text):
-    """Lines that end in 。！？, and for a char tokenizer text without any space or newline, are cut near
-    each block's end: memory holds a block, not the whole text."""
+    """Lines that end in 。！？ (before "\n", or Windows' "\r\n"), and for a char tokenizer text without any
+    space or newline, are cut near each block's end: memory holds a block, not the whole text."""
     monkeypatch.setattr(prepare_data, "READ_BYTES", 256)
     (t,) = scanned(text.encode())
     ranges = [("train", 0, 0, t.size, False)]
@@ -576,9 +607,9 @@ PIECES = ["a", "b", "Z", "é", "東", "😀", "1", "42", ".", ",", "!", "'", "'s
 def test_cut_text_keeps_gpt2_ids(text, max_bytes):
     pieces = [p.decode("utf-8") for p in cut_text(text.encode(), max_bytes)]  # cuts fall between characters
     assert "".join(pieces) == text and (all(pieces) or text == "")
-    # every cut follows a character that is not whitespace and precedes a space or newline
+    # every cut follows a character that is not whitespace and precedes ASCII whitespace
     assert all(not left[-1].isspace() and left[-1] != "\u180e" for left in pieces[:-1])
-    assert all(right[0] in " \n" for right in pieces[1:])
+    assert all(right[0] in " \t\n\x0b\x0c\r" for right in pieces[1:])
     ids = [i for p in pieces for i in gpt2_encoding().encode_ordinary(p)]
     assert ids == gpt2_encoding().encode_ordinary(text)
 
