@@ -558,6 +558,9 @@ class GPT(nn.Module):
         sd = _read_hf_weights(path)
         # Hub files name keys 'h.0.ln_1.weight'; transformers' own save adds 'transformer.'
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        if "wte.weight" not in sd and "lm_head.weight" in sd:
+            # one tied matrix saved under its other name (safetensors' save_model keeps the name that sorts first)
+            sd["wte.weight"] = sd["lm_head.weight"]
         ours = model.state_dict()
         expected = [k.removeprefix("transformer.") for k in ours if k != "lm_head.weight"]
         missing = [k for k in expected if k not in sd]
@@ -595,7 +598,8 @@ class GPT(nn.Module):
         If a tokenizer is given, it is written beside it as TOOLKIT_TOKENIZER (this project's format,
         which generate.py --init_from reads), and also in transformers' files, which AutoTokenizer reads:
         GPT-2's and a trained BPE (GPT-2's split pattern) as vocab.json and merges.txt, a character-level
-        one as tokenizer.json (tokenizer.hf_files). config.json is written last: a directory that has it
+        one as tokenizer.json (tokenizer.hf_files). Without a tokenizer, a folder that holds tokenizer files
+        is refused, since they would be deleted. config.json is written last: a directory that has it
         holds a complete export."""
         from utils import atomic_open, remove_unfinished_writes
         cfg = self.config
@@ -625,6 +629,13 @@ class GPT(nn.Module):
             raise CheckpointFormatError(f"{out} holds {', '.join(found)} but no exported model (config.json, "
                                         f"weights), and the export would replace them: export into a folder of "
                                         f"its own, e.g. {out / 'export'}, or move them away first")
+        # a Hub download saved back into its folder, or an export of ours made again: without a tokenizer the
+        # export would delete the tokenizer the folder has, leaving one that generate.py and AutoTokenizer miss
+        kept = [n for n in (TOOLKIT_TOKENIZER, *other_files) if n in names and n != "generation_config.json"]
+        if tokenizer is None and kept:
+            raise CheckpointFormatError(f"{out} holds {', '.join(kept)}, which an export without a tokenizer would "
+                                        f"delete: pass the model's tokenizer, save_pretrained({str(out)!r}, "
+                                        f"tokenizer), to write it anew, or export into a folder of its own")
         for name in stale + shards:
             (out / name).unlink(missing_ok=True)
         remove_unfinished_writes(out, "|".join(map(re.escape, stale)))  # what a killed export left, gigabytes maybe

@@ -99,6 +99,41 @@ def test_weights_this_user_may_not_read_are_not_called_missing(hf_dir, monkeypat
         GPT.from_pretrained(str(hf_dir))
 
 
+def test_a_hub_folder_saved_back_in_place_keeps_its_tokenizer(hf_dir, tmp_path):
+    """GPT.from_pretrained(d).save_pretrained(d), as transformers' users do: refused without the tokenizer (the
+    folder's files would be deleted and AutoTokenizer would find none), written anew with it."""
+    import shutil
+
+    from tokenizer import CharTokenizer, load_tokenizer
+    folder = tmp_path / "hub"
+    shutil.copytree(hf_dir, folder)
+    tokenizer_files = {"vocab.json": '{"a": 0}', "merges.txt": "#version: 0.2\n", "tokenizer_config.json": "{}"}
+    for name, text in tokenizer_files.items():
+        (folder / name).write_text(text)
+    model = GPT.from_pretrained(str(folder))
+    with pytest.raises(CheckpointFormatError, match="holds vocab.json, merges.txt, tokenizer_config.json, which an "
+                                                    "export without a tokenizer would delete"):
+        model.save_pretrained(folder)
+    assert {name: (folder / name).read_text() for name in tokenizer_files} == tokenizer_files
+    model.save_pretrained(folder, CharTokenizer("abc"))  # the old files go: they are no tokenizer of this model's
+    assert "vocab.json" not in {p.name for p in folder.iterdir()}
+    assert load_tokenizer(folder / "toolkit_tokenizer.json").chars == list("abc")
+
+
+def test_a_tied_matrix_saved_as_lm_head_weight_alone_loads(hf_dir, tmp_path):
+    """safetensors.torch.save_model(hf_model) keeps one name of the tied matrix, the first in sorted order."""
+    import safetensors.torch
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    folder = tmp_path / "lm_head_only"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((hf_dir / "config.json").read_bytes())
+    safetensors.torch.save_model(hf, folder / "model.safetensors")
+    keys = safetensors.torch.load_file(folder / "model.safetensors").keys()
+    assert "lm_head.weight" in keys and "transformer.wte.weight" not in keys
+    idx = torch.randint(0, hf.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(GPT.from_pretrained(str(folder)).eval()(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
 def test_from_pretrained_takes_the_dropout_asked_for(hf_dir):
     model = GPT.from_pretrained(str(hf_dir), dropout=0.1)
     assert model.config.dropout == 0.1 and model.transformer.drop.p == 0.1
@@ -763,15 +798,18 @@ def test_an_export_leaves_no_file_of_the_folders_earlier_model(tmp_path, monkeyp
         new.save_pretrained(mine)
     assert sorted(p.name for p in mine.iterdir()) == ["merges.txt", "notes.txt", "tokenizer.json"]
     (mine / ".pytorch_model.bin.x1.tmp").write_bytes(b"a killed export's weights")  # then it was an export
-    new.save_pretrained(mine)
-    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    from tokenizer import CharTokenizer
+    new.save_pretrained(mine, CharTokenizer("abc"))
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.json",
+                                                      "tokenizer_config.json", "toolkit_tokenizer.json"]
     for i, earlier in enumerate(("model-00001-of-00002.safetensors", "toolkit_tokenizer.json")):  # an export's too
         folder = tmp_path / f"earlier{i}"
         folder.mkdir()
         (folder / earlier).write_text("old")
-        (folder / "tokenizer.json").write_text("old")
-        new.save_pretrained(folder)
-        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        (folder / "merges.txt").write_text("old")  # a GPT-2 tokenizer's, which the char tokenizer does not write
+        new.save_pretrained(folder, CharTokenizer("abc"))
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                            "tokenizer_config.json", "toolkit_tokenizer.json"]
     (tmp_path / "gen").mkdir()
     (tmp_path / "gen" / "generation_config.json").write_text("{}")
     with pytest.raises(CheckpointFormatError, match="holds generation_config.json but no exported model"):
@@ -856,14 +894,21 @@ def test_an_export_with_a_character_tokenizer_loads_in_autotokenizer(tmp_path, s
 def test_save_pretrained_over_an_earlier_export(tmp_path, monkeypatch):
     from tokenizer import CharTokenizer
     GPT(tiny_config()).save_pretrained(tmp_path, tokenizer=CharTokenizer("abc"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     model = GPT(tiny_config(n_layer=3)).eval()
-    model.save_pretrained(tmp_path)  # no tokenizer this time
-    assert not (tmp_path / "toolkit_tokenizer.json").exists()  # the old one would be taken for this model's
+    # no tokenizer this time: the folder's would be deleted, and generate.py would take the model for GPT-2's
+    with pytest.raises(CheckpointFormatError, match=r"holds toolkit_tokenizer.json, tokenizer.json, "
+                                                    r"tokenizer_config.json, which an export without a tokenizer "
+                                                    r"would delete: pass the model's tokenizer"):
+        model.save_pretrained(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    model.save_pretrained(tmp_path, CharTokenizer("abc"))
     assert GPT.from_pretrained(str(tmp_path)).config.n_layer == 3
+    assert (tmp_path / "toolkit_tokenizer.json").read_bytes() == before["toolkit_tokenizer.json"]
     import safetensors.torch
     monkeypatch.setattr(safetensors.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
     with pytest.raises(OSError):
-        GPT(tiny_config(n_layer=4)).save_pretrained(tmp_path)
+        GPT(tiny_config(n_layer=4)).save_pretrained(tmp_path, CharTokenizer("abc"))
     assert not (tmp_path / "config.json").exists()  # the 3-layer config.json no longer vouches for the files
 
 
