@@ -122,7 +122,8 @@ def input_files(path: Path, suffixes: tuple[str, ...],
     """path itself, or every file under the folder path with one of the suffixes, in sorted order, and
     their size in bytes; file_suffixes, where given, are those a file named itself may have (any, where not given).
 
-    Folders linked into the input folder are followed. --output_dir may lie inside the input folder:
+    Folders linked into the input folder are followed; a file reached twice (links, hard links) is read once.
+    --output_dir may lie inside the input folder:
     the data set's own files (DATASET_FILES: .bin and .json) never have one of the suffixes read here,
     which is also why a folder's .json files are not read as JSON Lines.
     """
@@ -159,8 +160,7 @@ def input_files(path: Path, suffixes: tuple[str, ...],
                     raise DataError(f"cannot read {p}: {e.strerror or e}; make it readable, or move it out of "
                                     f"--input") from None
                 if stat.S_ISREG(st.st_mode):
-                    files.append(p)
-                    size += st.st_size
+                    files.append((p, st.st_dev, st.st_ino, st.st_size))
             elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in (*suffixes, *as_json):
                 compressed.append(p)  # shard.jsonl.gz
             elif p.name in NOT_DOCUMENTS:
@@ -178,7 +178,9 @@ def input_files(path: Path, suffixes: tuple[str, ...],
                 if compressed else [])
         held += [f"{len(json_files)} .json file(s) such as {json_files[0].name}: {json_why}"] if json_files else []
         held += [f"{n} {s} file(s)" + (" (compressed or archived: extract them first)"
-                                       if s in (*COMPRESSED, ".tar", ".tgz") else "")
+                                       if s in (*COMPRESSED, ".tar", ".tgz") else
+                                       " (documents: extract their text into .txt files first)"
+                                       if s in (".pdf", ".doc", ".docx", ".epub", ".mobi", ".azw3") else "")
                  for s, n in sorted(others.items(), key=lambda item: -item[1])[:3]]
         raise DataError(f"the folder {str(path)!r} holds no {'/'.join(suffixes)} files"
                         f"{'; it holds ' + '; '.join(held) if held else ''}; pass a file or another folder")
@@ -191,7 +193,19 @@ def input_files(path: Path, suffixes: tuple[str, ...],
     if broken:
         print(f"note: {len(broken)} link(s) under {path} point to nothing and are left out, such as {broken[0]}",
               file=sys.stderr)
-    return sorted(files), size
+    # a file linked in twice (a.txt and latest.txt -> a.txt) is read once, the first time in path order: read
+    # again, its text could stand in both splits and make the val loss a training loss
+    read, again = {}, []
+    for p, *identity, n in sorted(files):
+        if tuple(identity) in read:
+            again.append((p, read[tuple(identity)]))
+        else:
+            read[tuple(identity)] = p
+            size += n
+    if again:
+        print(f"note: {len(again)} file(s) under {path} are the same file as one read before and are read once, "
+              f"such as {again[0][0]} (the same as {again[0][1]})", file=sys.stderr)
+    return list(read.values()), size
 
 
 def _walk(folder: Path, listed=lambda n: None) -> Iterator[Path]:

@@ -262,6 +262,16 @@ def binary_problem(head: bytes | memoryview) -> Optional[str]:
     head = bytes(head[:BINARY_HEAD])
     if _tar_header(head):
         return "it is a tar archive: extract it first (tar -xf FILE)"
+    # documents whose text is inside a format (a PDF begins in ASCII, so it would be taken for GBK text)
+    if head.startswith(b"%PDF-"):
+        return "it is a PDF: extract its text first, e.g. `pdftotext -enc UTF-8 FILE OUT.txt` (poppler-utils)"
+    if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):  # OLE2, the container of Office 97-2003 files
+        return "it is an old Microsoft Office file (.doc, .xls, .ppt): save it as plain text (UTF-8) first"
+    if head.startswith(b"PK\x03\x04") and head[30:58] == b"mimetypeapplication/epub+zip":  # its first entry
+        return "it is an EPUB e-book: convert it to text first, e.g. `ebook-convert FILE OUT.txt` (calibre)"
+    if head.startswith(b"PK\x03\x04") and b"[Content_Types].xml" in head[:4096]:  # Office Open XML's zip
+        return ("it is a Microsoft Office file (.docx, .xlsx, .pptx): save it as plain text (UTF-8) first, e.g. "
+                "`pandoc FILE -t plain -o OUT.txt` for a .docx")
     if head.startswith(b"PK\x03\x04") and b"data.pkl" in head[:128]:  # torch.save writes a zip, data.pkl first
         return "it is a PyTorch file (what torch.save writes, such as a checkpoint)"
     # UTF-16 with its byte-order mark, compressed files and Parquet are never UTF-8: decode_utf8 names them

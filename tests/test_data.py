@@ -1816,6 +1816,54 @@ def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp
         prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
 
 
+def test_a_file_reached_twice_through_links_is_read_once(tmp_path, capsys):
+    """latest.txt -> a.txt beside a.txt, a hard link, a linked folder: read twice, a text stood in both splits."""
+    books = tmp_path / "books"
+    (books / "sub").mkdir(parents=True)
+    (books / "a.txt").write_text("the first book, whose text must not be read twice\n" * 40)
+    (books / "b.txt").write_text("the second book, a text of its own\n" * 40)
+    (books / "z_latest.txt").symlink_to("a.txt")
+    os.link(books / "b.txt", books / "sub" / "hard.txt")
+    (tmp_path / "elsewhere.txt").write_text("a book linked in from elsewhere\n" * 40)
+    (books / "sub" / "linked.txt").symlink_to(tmp_path / "elsewhere.txt")
+    files, size = prepare_data.input_files(books, (".txt",))
+    assert files == [books / "a.txt", books / "b.txt", books / "sub" / "linked.txt"]
+    assert size == sum(f.stat().st_size for f in files)
+    assert capsys.readouterr().err == (f"note: 2 file(s) under {books} are the same file as one read before and are "
+                                       f"read once, such as {books / 'sub' / 'hard.txt'} (the same as "
+                                       f"{books / 'b.txt'})\n")
+    meta = prepare("--dataset", "custom", "--input", books, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    assert meta["source"] == f"3 .txt files under {books}"
+
+
+@pytest.mark.parametrize("name, head, message", [
+    ("a.pdf", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", r"it is a PDF: extract its text first, e.g. `pdftotext"),
+    ("a.doc", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1\x00\x00", r"it is an old Microsoft Office file \(.doc, .xls, .ppt\)"),
+    ("a.epub", None, r"it is an EPUB e-book: convert it to text first"),
+    ("a.docx", None, r"it is a Microsoft Office file \(.docx, .xlsx, .pptx\): save it as plain text"),
+])
+def test_documents_in_a_format_are_named_not_taken_for_gbk_text(tmp_path, name, head, message):
+    """A PDF begins in ASCII and goes on in bytes that are no UTF-8: it was taken for GBK text."""
+    import zipfile
+    path = tmp_path / name
+    if head is not None:
+        path.write_bytes(head + bytes(range(128, 256)) * 8)
+    else:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+            if name.endswith(".epub"):  # stored first and uncompressed, as the format asks
+                z.writestr(zipfile.ZipInfo("mimetype"), "application/epub+zip", zipfile.ZIP_STORED)
+            z.writestr("[Content_Types].xml", "<Types/>" * 20)
+            z.writestr("word/document.xml", "<w:document/>" * 20)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))} is not text: {message}"):
+        prepare("--dataset", "custom", "--input", path, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    path.rename(folder / name)
+    with pytest.raises(DataError, match=r"holds no .txt files; it holds 1 \.\w+ file\(s\) \(documents: extract their "
+                                        r"text into .txt files first\)"):
+        prepare("--dataset", "custom", "--input", folder, "--tokenizer", "char", "--output_dir", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
 def test_a_folder_is_listed_with_a_count_and_the_size_of_its_files(tmp_path, capsys, monkeypatch):
     """OpenWebText extracted is millions of .txt files, minutes of listing: the count of files read so far shows
     (a line at a time where stderr is no terminal); their size, the bar's total when tokenising, comes along."""
