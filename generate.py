@@ -876,13 +876,20 @@ def _checkpoint_tokenizer(ckpt: dict, path: Path):
 
 def _load_pretrained(name: str):
     from model import GPT, TOOLKIT_TOKENIZER, exported_tokenizer_file, is_model_folder
-    from tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer, TokenizerError, load_tokenizer
+    from tokenizer import GPT2_VOCAB_SIZE, BPETokenizer, GPT2FilesError, GPT2Tokenizer, TokenizerError, load_tokenizer
     model = GPT.from_pretrained(name)
-    tok_file = exported_tokenizer_file(Path(name)) if is_model_folder(name) else None
+    folder = Path(name) if is_model_folder(name) else None
+    tok_file = exported_tokenizer_file(folder) if folder is not None else None
+    # offline without tiktoken's cache, a Hub folder (and our export of a GPT-2 model) holds GPT-2's BPE itself
+    vocab_files = [folder / n for n in ("vocab.json", "merges.txt")] if folder is not None else []
+    offline = all(f.is_file() for f in vocab_files) if vocab_files else False
     tokenizer = None
     if tok_file is not None:
         try:
             tokenizer = load_tokenizer(tok_file)
+        except GPT2FilesError:
+            if not offline:
+                raise
         except TokenizerError:
             if tok_file.name == TOOLKIT_TOKENIZER:  # ours, and damaged
                 raise
@@ -892,7 +899,14 @@ def _load_pretrained(name: str):
             raise CheckpointError(f"{name} has vocab_size {model.config.vocab_size}, not GPT-2's {GPT2_VOCAB_SIZE}, "
                                   f"and no {TOOLKIT_TOKENIZER} of this project beside it; export it with "
                                   "model.save_pretrained(directory, tokenizer) so its tokenizer travels along")
-        tokenizer = GPT2Tokenizer()
+        try:
+            tokenizer = GPT2Tokenizer()
+        except GPT2FilesError:
+            if not offline:
+                raise
+            tokenizer = BPETokenizer.from_gpt2(*vocab_files)
+            print(f"note: tiktoken's 'gpt2' files are not here; encoding with {name}'s vocab.json and merges.txt, "
+                  f"which give the same ids", file=sys.stderr)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{tok_file}: its tokenizer has {tokenizer.vocab_size} tokens but the model in {name} "
                               f"only {model.config.vocab_size}; the folder mixes two exports. Export the model again "

@@ -91,6 +91,10 @@ class TokenizerError(UserError, ValueError):
     """Bad tokenizer input: an unseen character, an id out of range, a bad training setup or file."""
 
 
+class GPT2FilesError(TokenizerError):
+    """tiktoken, or its 'gpt2' files, cannot be had here (not installed; offline without TIKTOKEN_CACHE_DIR)."""
+
+
 class PatternGapError(TokenizerError):
     """A BPE split pattern that matches nothing at some character of the text (.position, counted in
     characters of the text given to encode or train), so that text would be left out. Callers that know
@@ -1063,9 +1067,9 @@ class GPT2Tokenizer(Tokenizer):
 
             self.enc = tiktoken.get_encoding("gpt2")
         except ImportError as e:
-            raise TokenizerError("the 'gpt2' tokenizer needs tiktoken: pip install tiktoken") from e
+            raise GPT2FilesError("the 'gpt2' tokenizer needs tiktoken: pip install tiktoken") from e
         except Exception as e:  # tiktoken fetches its files over the network, errors vary by version
-            raise TokenizerError(
+            raise GPT2FilesError(
                 f"tiktoken could not load its 'gpt2' files ({type(e).__name__}: {e}). It downloads them on first "
                 f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them. With local copies "
                 f"of OpenAI's encoder.json and vocab.bpe, BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe')"

@@ -1351,6 +1351,30 @@ def test_a_hub_folder_with_its_own_tokenizer_and_another_vocabulary_is_named(tmp
         load_model(init_from=str(tmp_path))
 
 
+def test_a_gpt2_folder_offline_encodes_with_its_own_vocabulary_files(tmp_path, monkeypatch, capsys):
+    """Without tiktoken's cache and network, an export with GPT-2's tokenizer and a Hub download both hold
+    vocab.json and merges.txt: they give tiktoken's ids. Without them the error stays tiktoken's."""
+    import tokenizer
+    from conftest import gpt2_encoding
+    text = "Hello world, 你好世界! It's 2026."
+    expected = gpt2_encoding().encode_ordinary(text)
+    export, hub = tmp_path / "export", tmp_path / "hub"
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)).save_pretrained(export,
+                                                                                                   GPT2Tokenizer())
+    shutil.copytree(export, hub)
+    (hub / "toolkit_tokenizer.json").unlink()
+
+    def offline(self):
+        raise tokenizer.GPT2FilesError("tiktoken could not load its 'gpt2' files (ConnectionError: offline)")
+    monkeypatch.setattr(tokenizer.GPT2Tokenizer, "__init__", offline)
+    for folder in (export, hub):
+        _, tok, _ = load_model(init_from=str(folder))
+        assert tok.encode(text) == expected and tok.eot_token == 50256
+        assert f"note: tiktoken's 'gpt2' files are not here; encoding with {folder}'s vocab.json" in capsys.readouterr().err
+        (folder / "merges.txt").unlink()
+        with pytest.raises(tokenizer.GPT2FilesError, match="tiktoken could not load its 'gpt2' files"):
+            load_model(init_from=str(folder))
+
 def test_a_folder_gpt2_without_a_model_is_not_taken_for_one(tmp_path, monkeypatch):
     """--init_from gpt2 beside a folder ./gpt2 that holds no config.json (a data set, a run's checkpoints)
     means OpenAI's model, with GPT-2's tokenizer, not the folder's tokenizer.json."""
