@@ -217,7 +217,10 @@ class GracefulStop:
     def __enter__(self) -> "GracefulStop":
         import threading
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, *stop_signals()):
+            # an ignored Ctrl-C stays ignored: a job that a shell script started with `&` is not the one that a
+            # Ctrl-C at the terminal stops (SIGHUP under nohup likewise, in stop_signals)
+            keep = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            for sig in (*([] if keep else [signal.SIGINT]), *stop_signals()):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -324,9 +327,16 @@ def plan_run(config: GPT2Config, explicit: set[str]) -> tuple[GPT2Config, Option
     # them can be ahead of checkpoint.pt, or the only checkpoint there is
     folder = Path(config.checkpoint_dir)
     kept = iter_checkpoints(folder) if config.init_from != "scratch" and folder.is_dir() else []
+    if not ckpt_path.is_file() and not kept and (folder / "final_checkpoint.pt").is_file():
+        # a finished run's folder with checkpoint.pt deleted to save space, or the final file alone copied to
+        # another machine: it holds the whole training state, the last there is
+        ckpt_path = folder / "final_checkpoint.pt"
     if config.init_from == "resume" and not ckpt_path.is_file() and not kept:
+        best = folder / "best_checkpoint.pt"
+        how = (f"; {best} is there: to resume from it, cp {shlex.quote(str(best))} {shlex.quote(str(ckpt_path))}"
+               if best.is_file() else "")
         raise CheckpointError(f"--init_from=resume but {ckpt_path} does not exist; train first (python train.py "
-                              f"...), point --checkpoint_dir at a run, or use --init_from=scratch")
+                              f"...), point --checkpoint_dir at a run, or use --init_from=scratch{how}")
     if config.init_from == "scratch" or not (ckpt_path.is_file() or kept):
         return check_folders(config.validate()), None, None
     ckpt = load_resumable(ckpt_path, kept) if ckpt_path.is_file() else None

@@ -1751,9 +1751,30 @@ def test_a_resume_under_another_number_of_processes_reseeds_by_rank_and_step(cha
 
 
 def test_init_from_resume_without_a_checkpoint_is_refused(char_data, tmp_path):
-    with pytest.raises(CheckpointError, match=r"--init_from=resume but .*checkpoint.pt does not exist"):
+    with pytest.raises(CheckpointError, match=r"--init_from=resume but .*checkpoint.pt does not exist; .*scratch$"):
         train(tiny(char_data, tmp_path, init_from="resume"))
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()
+    train(tiny(char_data, tmp_path, max_iters=4, eval_interval=2))  # best_checkpoint.pt alone is left: named
+    for name in ("checkpoint.pt", "final_checkpoint.pt"):
+        (tmp_path / "ckpt" / name).unlink()
+    ckpt, best = tmp_path / "ckpt" / "checkpoint.pt", tmp_path / "ckpt" / "best_checkpoint.pt"
+    with pytest.raises(CheckpointError, match=re.escape(f"or use --init_from=scratch; {best} is there: to resume "
+                                                        f"from it, cp {best} {ckpt}")):
+        train(tiny(char_data, tmp_path, init_from="resume"))
+
+
+def test_a_finished_runs_final_checkpoint_alone_is_resumed(char_data, tmp_path, capsys):
+    """checkpoint.pt deleted to save space, or final_checkpoint.pt alone copied to another machine: it holds the
+    whole training state, and the run goes on exactly, where it used to start over and move it aside."""
+    straight = train(tiny(char_data, tmp_path / "straight", max_iters=12))
+    train(tiny(char_data, tmp_path / "first", max_iters=6))
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "first" / "ckpt" / "final_checkpoint.pt", tmp_path / "alone" / "final_checkpoint.pt")
+    capsys.readouterr()
+    resumed = train(tiny(char_data, tmp_path, max_iters=12, checkpoint_dir=str(tmp_path / "alone")))
+    assert f"resuming from {tmp_path / 'alone' / 'final_checkpoint.pt'} at iteration 6" in capsys.readouterr().out
+    assert resumed["resumed_from"] == 6
+    assert resumed["losses"] == {i: straight["losses"][i] for i in range(7, 13)}
 
 
 def test_a_vocab_size_flag_is_kept_and_checked_against_the_data(char_data, tmp_path):
@@ -3655,6 +3676,25 @@ def test_sigterm_finishes_the_step_saves_and_exits(char_data, tmp_path, sig):
     assert f"iter {stopped}/100000: loss" in out  # the last step completed before saving
     assert not (tmp_path / "ckpt" / "final_checkpoint.pt").exists()
 
+
+def test_an_ignored_ctrl_c_stays_ignored_while_training(char_data, tmp_path):
+    """`python train.py ... &` in a shell script starts with SIGINT ignored: a Ctrl-C at the terminal, meant
+    for whatever runs in the foreground, must not stop the training behind it. SIGTERM still stops it."""
+    config = tiny(char_data, tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=1000)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        lines = read_until(proc, "iter 3/")
+        proc.send_signal(signal.SIGINT)
+        lines += read_until(proc, "iter 8/")  # still training, five steps on
+        proc.send_signal(signal.SIGTERM)
+        out = "".join(lines) + proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "SIGINT received" not in out and "SIGTERM received: finishing this step" in out
 
 def run_with_exit_handler(cwd: Path, command: list[str], site: str = "", stdin: str = "",
                           env: dict | None = None) -> subprocess.CompletedProcess:
