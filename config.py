@@ -104,7 +104,7 @@ class GPT2Config:
     compile_regional = False  # compile embedding, one block (shared by all blocks) and head apart: faster compiling
     cuda_graph = False  # replay each step (forward, backward, clipping, AdamW) as one CUDA graph; 'auto': where it can
     seed = 1337  # seeds weights, batches and dropout; a resumed run continues the same streams
-    backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' for CPU
+    backend = "nccl"  # torch.distributed backend under torchrun: 'nccl' for GPUs, 'gloo' (CPUs' if not given)
 
     def __init__(self, **overrides: Any):
         unknown = [f"unknown config key {k!r}{suggest(k, field_names())}" for k in overrides if k not in field_names()]
@@ -255,10 +255,15 @@ GPT2_CONFIGS: dict[str, dict[str, Any]] = {
     # layer and loss run up to 16,384 tokens at a time (a 16 x 1024 micro-batch in one chunk), with the gradients
     # made in the forward pass (model.py's chunked_loss). For the 124M model on an H100, compiled: 458,601 tokens/s
     # against the plain loss's 438,337, and 10.6 GB against 12.4 (BENCHMARKS.md)
+    # The larger ones take the learning rates GPT-3's paper (Table 2.1) gives its models of about their sizes,
+    # 6e-4 at 125M down to 2e-4 at 1.3B, with min_lr a tenth of each
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, loss_chunk_rows=16384),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, loss_chunk_rows=16384),  # 355M (usually called 350M)
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, loss_chunk_rows=16384),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, loss_chunk_rows=16384),  # 1558M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, loss_chunk_rows=16384,  # 355M (usually called 350M)
+                        learning_rate=3e-4, min_lr=3e-5),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, loss_chunk_rows=16384,  # 774M
+                       learning_rate=2.5e-4, min_lr=2.5e-5),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, loss_chunk_rows=16384,  # 1558M
+                    learning_rate=2e-4, min_lr=2e-5),
     # Shakespeare at character level on one GPU: ~10.8M parameters; best val loss ~1.46 around step 2000,
     # after which the model overfits (best_checkpoint.pt keeps the best); 63 s on an H100, start to exit, with
     # 15.5 s of compilation (BENCHMARKS.md)

@@ -918,11 +918,16 @@ def _train_locked(config: GPT2Config, explicit: set[str], t_start: float, lock: 
     if ddp:
         import torch.distributed as dist
         device, _, _ = resolve_system(config, local_rank)
-        if device.type != "cuda" and config.backend == "nccl":
-            raise ConfigError(f"the nccl backend needs CUDA GPUs, but device is {device}; use --backend=gloo")
+        backend = config.backend
+        if device.type != "cuda" and backend == "nccl":
+            if "backend" in explicit:
+                raise ConfigError(f"the nccl backend needs CUDA GPUs, but device is {device}; use --backend=gloo")
+            # the default is the GPUs' one; on CPUs it is gloo's turn. The config keeps nccl, so a run resumed
+            # on GPUs uses it there
+            backend = "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=config.backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     try:
         if ddp:  # each process read checkpoint_dir on its own machine: they must start from the same place
             starts = [None] * world_size
@@ -1239,6 +1244,13 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.print(f"warning: warmup_iters={config.warmup_iters} is not below max_iters={config.max_iters}: the run "
                   f"ends while the learning rate still warms up, at {last:.2e} ({last / config.learning_rate:.0%} of "
                   f"learning_rate); give fewer, e.g. --warmup_iters={fewer}")
+    elif (config.decay_lr and "lr_decay_iters" not in explicit and config.max_iters < config.lr_decay_iters
+          and config.max_iters > iter_num and config.learning_rate > 0):
+        # the same trap at the other end: config.py's 100,000 steps of decay under a --max_iters of a few thousand
+        last = get_lr(config.max_iters - 1, config)
+        log.print(f"warning: lr_decay_iters={config.lr_decay_iters} (not given) is above max_iters={config.max_iters}: "
+                  f"the run ends with the learning rate at {last:.2e} ({last / config.learning_rate:.0%} of "
+                  f"learning_rate), before its cosine decay to min_lr; give --lr_decay_iters={config.max_iters}")
     if ckpt is not None:
         # inf until an evaluation after training steps: stopped or crashed before one, which is no failed run
         has_best = math.isfinite(best_val_loss)

@@ -28,11 +28,13 @@ def test_description_snippet_applies_a_preset():
     assert GPT2Config.n_layer == 12  # the class defaults are untouched
 
 
-@pytest.mark.parametrize("name,shape", [("gpt2", (12, 12, 768)), ("gpt2-medium", (24, 16, 1024)),
-                                        ("gpt2-large", (36, 20, 1280)), ("gpt2-xl", (48, 25, 1600))])
-def test_gpt2_presets(name, shape):
+@pytest.mark.parametrize("name, shape, lr", [("gpt2", (12, 12, 768), 6e-4), ("gpt2-medium", (24, 16, 1024), 3e-4),
+                                             ("gpt2-large", (36, 20, 1280), 2.5e-4), ("gpt2-xl", (48, 25, 1600), 2e-4)])
+def test_gpt2_presets(name, shape, lr):
     c = preset_config(name)
     assert (c.n_layer, c.n_head, c.n_embd) == shape
+    # GPT-3's learning rates for models of these sizes (its paper's Table 2.1), decaying to a tenth
+    assert (c.learning_rate, c.min_lr) == pytest.approx((lr, lr / 10), rel=1e-12)
     # the loss in one chunk for a 16 x 1024 micro-batch, as measured faster on a GPU; the class keeps the plain loss
     assert c.loss_chunk_rows == 16 * 1024 and GPT2Config.loss_chunk_rows == 0
     c.validate()

@@ -773,6 +773,17 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(char_data, tmp_path, capsys):
     assert "e.g. --warmup_iters=0\n" in capsys.readouterr().out  # a value that does not warn again
 
 
+def test_a_decay_left_at_its_default_far_beyond_the_run_is_warned_of(char_data, tmp_path, capsys):
+    """--max_iters=5000 alone keeps config.py's 100,000 steps of decay: the learning rate hardly falls."""
+    train(tiny(char_data, tmp_path / "a", lr_decay_iters=GPT2Config.lr_decay_iters, max_iters=4, eval_interval=4))
+    assert ("warning: lr_decay_iters=100000 (not given) is above max_iters=4: the run ends with the learning rate at "
+            "1.00e-02 (100% of learning_rate), before its cosine decay to min_lr; give --lr_decay_iters=4\n"
+            ) in capsys.readouterr().out
+    for given in (dict(lr_decay_iters=40), dict(lr_decay_iters=GPT2Config.lr_decay_iters, decay_lr=False)):
+        train(tiny(char_data, tmp_path / str(len(given)), max_iters=4, eval_interval=4, **given))
+        assert "warning: lr_decay_iters" not in capsys.readouterr().out  # given, or no decay to miss
+
+
 def test_after_a_crash_between_evaluations_the_newest_kept_copy_is_resumed(char_data, tmp_path, monkeypatch, capsys):
     """--save_interval's copies are whole checkpoints: a crash at step 13, with evaluations every 100 and copies
     every 5, resumes from checkpoint_iter_10.pt and goes on exactly, where it used to start over. With a
@@ -4011,9 +4022,10 @@ def test_a_second_ctrl_c_aborts_at_once():
     assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
-def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
+def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path, monkeypatch):
+    # no --backend: on CPUs gloo is taken where the default, nccl, needs GPUs
     kw = dict(gradient_accumulation_steps=2, max_iters=12, log_interval=4, eval_interval=6, lr_decay_iters=12,
-              save_interval=6, backend="gloo")
+              save_interval=6)
 
     def torchrun(out, **overrides):
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -4034,6 +4046,12 @@ def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path):
     assert alone["resumed_from"] == 6
     assert [alone["losses"][i] for i in (8, 12)] == pytest.approx([float(straight[k]) for k in ("8", "12")],
                                                                    abs=2e-4)
+    # nccl asked for by name on CPUs is refused, before any process group
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    config, explicit = parse_args(cli_flags(tiny(char_data, tmp_path / "d", **kw)) + ["--backend=nccl"])
+    with pytest.raises(ConfigError, match=r"^the nccl backend needs CUDA GPUs, but device is cpu; use --backend=gloo$"):
+        train(config, explicit)
 
 
 def test_ddp_two_processes_match_one(char_data, tmp_path):
