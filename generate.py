@@ -882,14 +882,20 @@ def _load_pretrained(name: str):
     tok_file = exported_tokenizer_file(folder) if folder is not None else None
     # offline without tiktoken's cache, a Hub folder (and our export of a GPT-2 model) holds GPT-2's BPE itself
     vocab_files = [folder / n for n in ("vocab.json", "merges.txt")] if folder is not None else []
-    offline = all(f.is_file() for f in vocab_files) if vocab_files else False
+
+    def folders_gpt2(error: GPT2FilesError):
+        if not vocab_files or not all(f.is_file() for f in vocab_files):
+            raise error
+        print(f"note: tiktoken's 'gpt2' files are not here; encoding with {name}'s vocab.json and merges.txt, "
+              f"which give the same ids", file=sys.stderr)
+        return BPETokenizer.from_gpt2(*vocab_files)
+
     tokenizer = None
     if tok_file is not None:
         try:
             tokenizer = load_tokenizer(tok_file)
-        except GPT2FilesError:
-            if not offline:
-                raise
+        except GPT2FilesError as e:  # the toolkit's file says gpt2: its model may be padded beyond 50257
+            tokenizer = folders_gpt2(e)
         except TokenizerError:
             if tok_file.name == TOOLKIT_TOKENIZER:  # ours, and damaged
                 raise
@@ -901,12 +907,8 @@ def _load_pretrained(name: str):
                                   "model.save_pretrained(directory, tokenizer) so its tokenizer travels along")
         try:
             tokenizer = GPT2Tokenizer()
-        except GPT2FilesError:
-            if not offline:
-                raise
-            tokenizer = BPETokenizer.from_gpt2(*vocab_files)
-            print(f"note: tiktoken's 'gpt2' files are not here; encoding with {name}'s vocab.json and merges.txt, "
-                  f"which give the same ids", file=sys.stderr)
+        except GPT2FilesError as e:
+            tokenizer = folders_gpt2(e)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{tok_file}: its tokenizer has {tokenizer.vocab_size} tokens but the model in {name} "
                               f"only {model.config.vocab_size}; the folder mixes two exports. Export the model again "

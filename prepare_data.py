@@ -160,7 +160,8 @@ def input_files(path: Path, suffixes: tuple[str, ...],
                     raise DataError(f"cannot read {p}: {e.strerror or e}; make it readable, or move it out of "
                                     f"--input") from None
                 if stat.S_ISREG(st.st_mode):
-                    files.append((p, st.st_dev, st.st_ino, st.st_size))
+                    # inode 0: no file identity (Windows' network and cloud drives), so every path counts
+                    files.append((p, (st.st_dev, st.st_ino) if st.st_ino else p, st.st_size))
             elif suffix in COMPRESSED and Path(p.stem).suffix.lower() in (*suffixes, *as_json):
                 compressed.append(p)  # shard.jsonl.gz
             elif p.name in NOT_DOCUMENTS:
@@ -196,11 +197,11 @@ def input_files(path: Path, suffixes: tuple[str, ...],
     # a file linked in twice (a.txt and latest.txt -> a.txt) is read once, the first time in path order: read
     # again, its text could stand in both splits and make the val loss a training loss
     read, again = {}, []
-    for p, *identity, n in sorted(files):
-        if tuple(identity) in read:
-            again.append((p, read[tuple(identity)]))
+    for p, identity, n in sorted(files, key=lambda f: f[0]):
+        if identity in read:
+            again.append((p, read[identity]))
         else:
-            read[tuple(identity)] = p
+            read[identity] = p
             size += n
     if again:
         print(f"note: {len(again)} file(s) under {path} are the same file as one read before and are read once, "

@@ -213,14 +213,15 @@ class GracefulStop:
         self.then = self.SAVING
         self._first = 0.0
         self._previous = {}
+        self._ctrl_c = True  # whether Ctrl-C reaches the handler (not where it was ignored before)
 
     def __enter__(self) -> "GracefulStop":
         import threading
         if threading.current_thread() is threading.main_thread():
             # an ignored Ctrl-C stays ignored: a job that a shell script started with `&` is not the one that a
             # Ctrl-C at the terminal stops (SIGHUP under nohup likewise, in stop_signals)
-            keep = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            for sig in (*([] if keep else [signal.SIGINT]), *stop_signals()):
+            self._ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+            for sig in (*([signal.SIGINT] if self._ctrl_c else []), *stop_signals()):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -238,8 +239,9 @@ class GracefulStop:
         if self.signum is None:
             self.signum, self._first, self.signalled = signum, time.monotonic(), True
             if self.verbose:
+                again = " (press Ctrl-C again to abort at once)" if self._ctrl_c else ""
                 self._say(f"\n{signal.Signals(signum).name} received: finishing this step (or evaluation batch), "
-                          f"then {self.then} (press Ctrl-C again to abort at once){torchrun_deadline()}")
+                          f"then {self.then}{again}{torchrun_deadline()}")
         elif time.monotonic() - self._first > self.REPEAT_S:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt

@@ -1816,7 +1816,7 @@ def test_compressed_shards_and_broken_links_are_named_not_skipped_in_silence(tmp
         prepare_data.input_files(docs, prepare_data.DOC_SUFFIXES)
 
 
-def test_a_file_reached_twice_through_links_is_read_once(tmp_path, capsys):
+def test_a_file_reached_twice_through_links_is_read_once(tmp_path, capsys, monkeypatch):
     """latest.txt -> a.txt beside a.txt, a hard link, a linked folder: read twice, a text stood in both splits."""
     books = tmp_path / "books"
     (books / "sub").mkdir(parents=True)
@@ -1834,6 +1834,11 @@ def test_a_file_reached_twice_through_links_is_read_once(tmp_path, capsys):
                                        f"{books / 'b.txt'})\n")
     meta = prepare("--dataset", "custom", "--input", books, "--tokenizer", "char", "--output_dir", tmp_path / "o")
     assert meta["source"] == f"3 .txt files under {books}"
+    # inode 0, as Windows reports for network and cloud drives: no identity to go by, every path is read
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, *a, **k: os.stat_result(
+        (lambda st: (st.st_mode, 0, *st[2:]))(real_stat(self, *a, **k))))
+    assert len(prepare_data.input_files(books, (".txt",))[0]) == 5
 
 
 @pytest.mark.parametrize("name, head, message", [

@@ -1358,16 +1358,19 @@ def test_a_gpt2_folder_offline_encodes_with_its_own_vocabulary_files(tmp_path, m
     from conftest import gpt2_encoding
     text = "Hello world, 你好世界! It's 2026."
     expected = gpt2_encoding().encode_ordinary(text)
-    export, hub = tmp_path / "export", tmp_path / "hub"
+    export, hub, padded = tmp_path / "export", tmp_path / "hub", tmp_path / "padded"
     GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50257)).save_pretrained(export,
                                                                                                    GPT2Tokenizer())
     shutil.copytree(export, hub)
     (hub / "toolkit_tokenizer.json").unlink()
+    # nanoGPT's padded vocabulary: its own toolkit_tokenizer.json says gpt2
+    GPT(GPT2Config(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=50304)).save_pretrained(padded,
+                                                                                                   GPT2Tokenizer())
 
     def offline(self):
         raise tokenizer.GPT2FilesError("tiktoken could not load its 'gpt2' files (ConnectionError: offline)")
     monkeypatch.setattr(tokenizer.GPT2Tokenizer, "__init__", offline)
-    for folder in (export, hub):
+    for folder in (export, hub, padded):
         _, tok, _ = load_model(init_from=str(folder))
         assert tok.encode(text) == expected and tok.eot_token == 50256
         assert f"note: tiktoken's 'gpt2' files are not here; encoding with {folder}'s vocab.json" in capsys.readouterr().err
