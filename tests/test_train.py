@@ -3628,9 +3628,11 @@ def test_a_test_skipped_for_want_of_cuda_must_be_selected_by_make_gpu_check(tmp_
 
 # ----------------------------------------------------------------------------- signals and processes
 
-def start(config: GPT2Config, cwd: Path) -> subprocess.Popen:
+def start(config: GPT2Config, cwd: Path, ignored: int | None = None) -> subprocess.Popen:
+    """train.py in a process of its own; ignored: a signal it starts with ignored (nohup's SIGHUP, say)."""
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_flags(config)], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
+                            preexec_fn=None if ignored is None else lambda: signal.signal(ignored, signal.SIG_IGN))
 
 
 def read_until(proc: subprocess.Popen, prefix: str) -> list[str]:
@@ -3693,9 +3695,7 @@ def test_an_ignored_ctrl_c_stays_ignored_while_training(char_data, tmp_path):
     """`python train.py ... &` in a shell script starts with SIGINT ignored: a Ctrl-C at the terminal, meant
     for whatever runs in the foreground, must not stop the training behind it. SIGTERM still stops it."""
     config = tiny(char_data, tmp_path, max_iters=100000, lr_decay_iters=100000, eval_interval=1000)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = start(config, tmp_path, ignored=signal.SIGINT)
     try:
         lines = read_until(proc, "iter 3/")
         proc.send_signal(signal.SIGINT)
@@ -3801,9 +3801,7 @@ def test_exit_at_once_keeps_the_run_s_code_when_stdout_cannot_be_flushed():
 def test_a_run_started_with_nohup_outlives_the_terminal(char_data, tmp_path):
     """nohup ignores SIGHUP so that the run goes on after the terminal closes; it must stay ignored."""
     config = tiny(char_data, tmp_path, max_iters=40, lr_decay_iters=40, eval_interval=20)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_flags(config)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    proc = start(config, tmp_path, ignored=signal.SIGHUP)
     try:
         lines = read_until(proc, "iter 3/")
         proc.send_signal(signal.SIGHUP)
