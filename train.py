@@ -1246,9 +1246,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.print(f"warning: warmup_iters={config.warmup_iters} is not below max_iters={config.max_iters}: the run "
                   f"ends while the learning rate still warms up, at {last:.2e} ({last / config.learning_rate:.0%} of "
                   f"learning_rate); give fewer, e.g. --warmup_iters={fewer}")
-    elif (config.decay_lr and "lr_decay_iters" not in explicit and config.max_iters < config.lr_decay_iters
-          and config.max_iters > iter_num and config.learning_rate > 0):
-        # the same trap at the other end: config.py's 100,000 steps of decay under a --max_iters of a few thousand
+    elif (ckpt is None and config.decay_lr and "lr_decay_iters" not in explicit and config.learning_rate > 0
+          and config.max_iters < config.lr_decay_iters):
+        # the same trap at the other end: config.py's 100,000 steps of decay under a --max_iters of a few thousand.
+        # Said as a run starts: a resumed one's lr_decay_iters may have been given to the command that began it
         last = get_lr(config.max_iters - 1, config)
         log.print(f"warning: lr_decay_iters={config.lr_decay_iters} (not given) is above max_iters={config.max_iters}: "
                   f"the run ends with the learning rate at {last:.2e} ({last / config.learning_rate:.0%} of "
