@@ -226,7 +226,6 @@ def test_custom_folder_puts_eot_between_files(tmp_path):
     assert meta["source"] == f"3 .txt files under {folder}"
 
 
-
 @pytest.mark.parametrize("tokenizer", ["gpt2", "bpe"])
 def test_end_of_text_written_in_a_text_file_is_the_end_of_text_id(tmp_path, capsys, tokenizer):
     """Stories joined by '<|endoftext|>' (as TinyStories' text files are): each marker is one end-of-text id, as
@@ -248,12 +247,14 @@ def test_end_of_text_written_in_a_text_file_is_the_end_of_text_id(tmp_path, caps
     if tokenizer == "gpt2":
         assert train.tolist() + val.tolist() == gpt2_encoding().encode(text, allowed_special={EOT})
     assert tok.decode(train.tolist() + val.tolist()) == text
-    assert f"note: 39 '<|endoftext|>' written in the text became the end-of-text id {tok.eot_token}" in capsys.readouterr().err
+    note = f"note: 39 '<|endoftext|>' written in the text became the end-of-text id {tok.eot_token}"
+    assert note in capsys.readouterr().err
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a <|endoftext|> b", "c"] * 20))
     meta = prepare("--dataset", "openwebtext", "--input", docs, "--val_fraction", "0.5", "--output_dir", tmp_path / "w")
     train, val = bins(tmp_path / "w")
     assert (train == 50256).sum() + (val == 50256).sum() == 40 and "eot_markers_in_text" not in meta
+
 
 def test_custom_folder_reads_upper_case_suffixes(tmp_path):
     folder = tmp_path / "books"
