@@ -1252,7 +1252,7 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         # Said as a run starts: a resumed one's lr_decay_iters may have been given to the command that began it
         last = get_lr(config.max_iters - 1, config)
         log.print(f"warning: lr_decay_iters={config.lr_decay_iters} (not given) is above max_iters={config.max_iters}: "
-                  f"the run ends with the learning rate at {last:.2e} ({last / config.learning_rate:.0%} of "
+                  f"the run ends with the learning rate at {last:.2e} ({last / config.learning_rate:.1%} of "
                   f"learning_rate), before its cosine decay to min_lr; give --lr_decay_iters={config.max_iters}")
     if ckpt is not None:
         # inf until an evaluation after training steps: stopped or crashed before one, which is no failed run
