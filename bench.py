@@ -55,9 +55,9 @@ import torch
 from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS, memory_problem
-from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, dtype_warning,
-                   format_bytes_apart, machine_memory, output_file_problem, path_arg, resolve_device, resolve_dtype,
-                   run_cli, start_process_helpers, stop_signals_raise, synchronize)
+from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, binary_problem,
+                   dtype_warning, format_bytes_apart, machine_memory, output_file_problem, path_arg, resolve_device,
+                   resolve_dtype, run_cli, start_process_helpers, stop_signals_raise, synchronize)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -145,6 +145,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"{listing(loose)} for --tokenize")
     if args.hf_reference and args.no_generate:
         p.error("--hf_reference times transformers' generation next to ours, which --no_generate leaves out")
+    # flags of a part left out would be ignored, and written into --json as if they had applied
+    for skip, part, flags in (("no_train", "training", {"steps", "warmup", "dropout", "loss_chunk_rows", "cuda_graph",
+                                                         "fp8"}),
+                              ("no_generate", "generation", {"gen_tokens", "gen_batch_sizes"})):
+        if getattr(args, skip) and args.given & flags and not args.whole_run:
+            p.error(f"{listing(sorted(args.given & flags))} for the {part} benchmark, which --{skip} leaves out")
     return args
 
 
@@ -325,7 +331,7 @@ def bench_generate(args, config, device, dtype, use_compile) -> list[dict]:
 def parse_batch_sizes(text: str) -> list[int]:
     """'1,8' -> [1, 8]; anything but a comma-separated list of positive integers is a UserError."""
     try:
-        sizes = [int(b) for b in text.split(",") if b.strip()]
+        sizes = [int(b) for b in text.split(",")]
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 1:
@@ -343,7 +349,10 @@ def bench_text(n_bytes: int, words_file: str | None = None, seed: int = 1337) ->
     from prepare_data import decode_utf8
     rng = np.random.default_rng(seed)
     if words_file:
-        words = sorted(set(decode_utf8(Path(words_file).read_bytes(), words_file).split()))
+        data = Path(words_file).read_bytes()
+        if problem := binary_problem(data):  # NULs are UTF-8: found here, not minutes later in a temporary file
+            raise UserError(f"{words_file} is not text: {problem}")
+        words = sorted(set(decode_utf8(data, words_file).split()))
         if not words:
             raise UserError(f"the word source {words_file!r} holds no words; give a text file, or no --input")
     else:
@@ -616,6 +625,13 @@ def whole_run_report(args) -> dict:
     # bench.py sets these itself: the preset it reports and compares with its target, and the temporary folder
     # that is removed after the run (a checkpoint left elsewhere would be resumed by the next run), where the run
     # starts from scratch
+    # a config file (train.py's one positional argument) could set them too
+    files = [f for i, f in enumerate(flags)
+             if not f.startswith("-") and (i == 0 or "=" in flags[i - 1] or not flags[i - 1].startswith("-"))]
+    if files:
+        raise UserError(f"{' '.join(files)} after `--`: a config file could set what --whole_run sets itself (the "
+                        f"preset, the folders for checkpoints and logs, the start from scratch); give its settings "
+                        f"as --key=value flags")
     owned = [f for f in flags if f.split("=", 1)[0] in ("--preset", "--checkpoint_dir", "--log_dir", "--init_from")]
     if owned:
         raise UserError(f"{' '.join(owned)} after `--` would change what --whole_run sets itself: the preset "
@@ -735,7 +751,8 @@ def model_report(args) -> dict:
     if problem:
         raise UserError(problem)
     if not args.no_train:  # a size that cannot fit is refused before minutes of building it
-        if problem := memory_problem(config, device, dtype):
+        if problem := memory_problem(config, device, dtype, advice="give a smaller --batch_size or --block_size, "
+                                                                   "or a smaller --preset or --vocab_size"):
             raise UserError(problem)
     cuda = device.type == "cuda"
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 3)

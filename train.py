@@ -534,14 +534,14 @@ def check_folder_data(folder: Path, vocab_size: int, meta: dict, data_dir: str) 
 
 
 def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype, shape_given: bool = True,
-                   block_given: Optional[bool] = None) -> Optional[str]:
+                   block_given: Optional[bool] = None, advice: Optional[str] = None) -> Optional[str]:
     """Why this run cannot fit in the machine's memory (RAM and swap), by a lower bound, or None. A size typed
     with a few zeros too many is otherwise built for minutes and then killed by the kernel with a bare "Killed",
     or fills the swap. A GPU's own memory needs no such check: CUDA refuses what does not fit at once, in one
     line; only the float32 weights, built on the CPU first, are counted for it.
     shape_given: whether the command may choose the model's shape (not a resumed or pretrained model's);
-    block_given: its block_size (default: as shape_given; a pretrained model's may be shortened). Under torchrun
-    each process on this machine holds all of it."""
+    block_given: its block_size (default: as shape_given; a pretrained model's may be shortened); advice: what to
+    do, in the caller's flags (default: train.py's). Under torchrun each process on this machine holds all of it."""
     available = machine_memory()
     if available is None:
         return None
@@ -573,6 +573,7 @@ def memory_problem(config: GPT2Config, device: torch.device, dtype: torch.dtype,
                + " (with --gradient_accumulation_steps for the same tokens per step)"
                + ("" if config.gradient_checkpointing else ", or --gradient_checkpointing=True")
                + (f", or {fewer}" if local > 1 else ""))
+    fix = advice or fix
     each = f"{local} processes on this machine, each with " if local > 1 else ""
     needed, has = format_bytes_apart(local * (weights + activations), available)
     return f"this run needs at least {needed} of memory: {each}{what}; this machine has {has} (RAM and swap); {fix}"

@@ -149,6 +149,11 @@ def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture
     (["--no_train", "--num_proc", "2", "--tokenize_mb", "1"], "--num_proc, --tokenize_mb are for --tokenize"),
     (["--warmup", "0"], "--warmup, --steps and --gen_tokens must be at least 1"),  # else a traceback
     (["--no_train", "--gen_tokens", "0"], "--warmup, --steps and --gen_tokens must be at least 1"),  # else 0 tok/s
+    # a part left out: its flags would be ignored, and written into --json as if they had applied
+    (["--no_train", "--steps", "500", "--dropout", "0.1"], "--dropout, --steps are for the training benchmark, which "
+                                                          "--no_train leaves out"),
+    (["--no_generate", "--gen_tokens", "100000"], "--gen_tokens is for the generation benchmark, which --no_generate "
+                                                  "leaves out"),
 ])
 def test_bad_model_arguments_are_one_line_errors(argv, message, capsys):
     assert message in one_line_error(["--device", "cpu", *argv], capsys)
@@ -335,9 +340,15 @@ def test_tokenize_from_a_file_without_words(tmp_path):
     out = run_bench("--tokenize", "--tokenize_mb", "0.05", "--num_proc", "1", "--input", str(tmp_path / "empty.txt"))
     assert out.returncode == 2 and out.stderr.splitlines()[-1].startswith("error: ")  # after a progress line
     assert "holds no words" in out.stderr and "Traceback" not in out.stderr
+    # NULs are UTF-8: a binary file is named as the --input, at once, not later as a temporary file of words
+    (tmp_path / "train.bin").write_bytes(bytes(range(2, 60)) * 30 + b"\0" * 2000)  # a data set's ids, say
+    out = run_bench("--tokenize", "--tokenize_mb", "0.05", "--num_proc", "1", "--input", str(tmp_path / "train.bin"))
+    lines = out.stderr.splitlines()  # the progress line, then the error: nothing timed before it
+    assert out.returncode == 2 and len(lines) == 2 and out.stdout == "", out.stderr
+    assert lines[1].startswith(f"error: {tmp_path / 'train.bin'} is not text: 2,000 of its first 3,740 bytes are NULs")
 
 
-@pytest.mark.parametrize("sizes", ["x", "0", "1,-8", ","])
+@pytest.mark.parametrize("sizes", ["x", "0", "1,-8", ",", "1,,2"])
 def test_bad_gen_batch_sizes_are_one_line_errors(sizes, capsys):
     import bench
     from utils import run_cli
@@ -852,6 +863,10 @@ def test_whole_run_passes_help_on_to_train_py():
      "--log_dir=logs after `--` would change what --whole_run sets itself"),
     (["--whole_run", "--", "--init_from=gpt2"],  # the reason names the start, not only the preset and folders
      "and the start: a new model, trained from scratch; leave it out"),
+    (["--whole_run", "--", "cf.py", "--max_iters=2"],  # a config file could set --init_from itself
+     "cf.py after `--`: a config file could set what --whole_run sets itself"),
+    (["--whole_run", "--json", "W.json", "--", "--max_iters", "x"],  # a flag's value, not a config file
+     "train.py exited with code 2: max_iters must be an integer, got 'x'"),
     (["--whole_run", "--json", "W.json", "--", "--max_iters=x"],
      "train.py exited with code 2: max_iters must be an integer, got 'x'"),
 ])
@@ -1115,6 +1130,8 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_before_the_work(monkeypatch
     monkeypatch.setattr(train, "machine_memory", lambda: 10**6)
     err = one_line_error(["--device", "cpu", "--steps", "1", "--warmup", "1", "--no_generate"], capsys)
     assert err.startswith("error: this run needs at least 29 MB of memory: ") and "1 MB (RAM and swap)" in err
+    # bench.py's own flags, not train.py's (--gradient_accumulation_steps, --n_layer)
+    assert err.endswith("; give a smaller --batch_size or --block_size, or a smaller --preset or --vocab_size\n")
     assert bench.main(["--device", "cpu", "--no_train", "--gen_tokens", "2",
                        "--gen_batch_sizes", "1"])["generate"]  # no training, no optimizer: not refused
     capsys.readouterr()
