@@ -11,9 +11,10 @@ Settings are applied in this order: --preset=NAME (a GPT2_CONFIGS entry), the co
 assigning field names), then --key=value flags (Python literals; bare strings are fine); config.py's
 parse_args reads them, and `--help` lists every field. If checkpoint_dir holds checkpoint.pt the run
 continues from it (--init_from=scratch starts over and moves the old files aside). Ctrl-C, SIGTERM or
-SIGHUP (unless nohup ignores it) finishes the current step (or evaluation batch), saves checkpoint.pt
-and exits (before the first step there is nothing to save); a second Ctrl-C, more than a second later,
-aborts at once.
+SIGHUP finishes the current step (or evaluation batch), saves checkpoint.pt and exits (before the first
+step there is nothing to save); a second Ctrl-C, more than a second later, aborts at once. A signal the
+process started with ignored stays ignored (nohup's SIGHUP; torchrun, though, forwards SIGHUP unless given
+--signals-to-handle=SIGTERM,SIGINT).
 `tensorboard --logdir runs` shows the curves and text samples.
 
 The loop follows nanoGPT's train.py: AdamW, linear warmup then cosine decay, gradient accumulation,
