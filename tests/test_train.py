@@ -3542,8 +3542,9 @@ def test_cli_error_in_a_subprocess(tmp_path):
 def make_dry_run(*args: str) -> str:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    r = subprocess.run(["make", "-n", "-f", str(ROOT / "Makefile"), *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    # --no-print-directory: under `make test` this make is a sub-make, which says where it enters and leaves
+    r = subprocess.run(["make", "-n", "--no-print-directory", "-f", str(ROOT / "Makefile"), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
