@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 # the command line is parsed in config.py
-from config import CUDA_GRAPH_MODES, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config, parse_args
+from config import (CUDA_GRAPH_MODES, GPT2_CONFIGS, MAX_SAMPLE_TOKENS, MODEL_SHAPE_KEYS, ConfigError, GPT2Config,
+                    parse_args)
 from model import (GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder, pretrained_shape,
                    train_checkpoint_hint)
 from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
@@ -195,6 +196,8 @@ def resolve_system(config: GPT2Config, local_rank: Optional[int]) -> tuple[torch
 
 
 SIGPIPE = getattr(signal, "SIGPIPE", 13)  # a run stopped because stdout closed exits with 128 + SIGPIPE, as if killed
+# the presets' lengths of decay: a --preset counts as setting it, though a --max_iters below it was what was typed
+PRESET_DECAYS = {p["lr_decay_iters"] for p in GPT2_CONFIGS.values() if "lr_decay_iters" in p}
 
 
 class GracefulStop:
@@ -1248,14 +1251,14 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         log.print(f"warning: warmup_iters={config.warmup_iters} is not below max_iters={config.max_iters}: the run "
                   f"ends while the learning rate still warms up, at {last:.2e} ({last / config.learning_rate:.0%} of "
                   f"learning_rate); give fewer, e.g. --warmup_iters={fewer}")
-    elif (ckpt is None and config.decay_lr and "lr_decay_iters" not in explicit and config.learning_rate > 0
-          and config.max_iters < config.lr_decay_iters):
-        # the same trap at the other end: config.py's 100,000 steps of decay under a --max_iters of a few thousand.
-        # Said as a run starts: a resumed one's lr_decay_iters may have been given to the command that began it
+    elif (ckpt is None and config.decay_lr and config.learning_rate > 0 and config.max_iters < config.lr_decay_iters
+          and ("lr_decay_iters" not in explicit or config.lr_decay_iters in PRESET_DECAYS)):
+        # the same trap at the other end: config.py's 100,000 steps of decay, or a preset's, under a shorter
+        # --max_iters. Said as a run starts: a resumed one's lr_decay_iters may have been given when it began
         last = get_lr(config.max_iters - 1, config)
-        log.print(f"warning: lr_decay_iters={config.lr_decay_iters} (not given) is above max_iters={config.max_iters}: "
-                  f"the run ends with the learning rate at {last:.2e} ({last / config.learning_rate:.1%} of "
-                  f"learning_rate), before its cosine decay to min_lr; give --lr_decay_iters={config.max_iters}")
+        log.print(f"warning: lr_decay_iters={config.lr_decay_iters} is above max_iters={config.max_iters}: the run "
+                  f"ends with the learning rate at {last:.2e} ({last / config.learning_rate:.1%} of learning_rate), "
+                  f"before its cosine decay to min_lr; give --lr_decay_iters={config.max_iters}")
     if ckpt is not None:
         # inf until an evaluation after training steps: stopped or crashed before one, which is no failed run
         has_best = math.isfinite(best_val_loss)

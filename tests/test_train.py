@@ -776,9 +776,13 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(char_data, tmp_path, capsys):
 def test_a_decay_left_at_its_default_far_beyond_the_run_is_warned_of(char_data, tmp_path, capsys):
     """--max_iters=5000 alone keeps config.py's 100,000 steps of decay: the learning rate hardly falls."""
     train(tiny(char_data, tmp_path / "a", lr_decay_iters=GPT2Config.lr_decay_iters, max_iters=4, eval_interval=4))
-    assert ("warning: lr_decay_iters=100000 (not given) is above max_iters=4: the run ends with the learning rate at "
+    assert ("warning: lr_decay_iters=100000 is above max_iters=4: the run ends with the learning rate at "
             "1.00e-02 (100.0% of learning_rate), before its cosine decay to min_lr; give --lr_decay_iters=4\n"
             ) in capsys.readouterr().out
+    # shakespeare-char-cpu's 2000 under a shorter --max_iters: the preset counts as setting it (explicit), yet it
+    # is the same trap
+    train(tiny(char_data, tmp_path / "preset", lr_decay_iters=2000, max_iters=4, eval_interval=4))
+    assert "warning: lr_decay_iters=2000 is above max_iters=4: " in capsys.readouterr().out
     # said as the run starts: a resumed one's lr_decay_iters may have been given to the command that began it
     train(tiny(char_data, tmp_path / "a", lr_decay_iters=GPT2Config.lr_decay_iters, max_iters=6, eval_interval=4))
     assert "warning: lr_decay_iters" not in capsys.readouterr().out
