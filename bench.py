@@ -622,16 +622,16 @@ def whole_run_report(args) -> dict:
     if "-h" in flags or "--help" in flags:
         subprocess.run([sys.executable, str(Path(__file__).with_name("train.py")), "--help"])
         raise SystemExit(0)
-    # bench.py sets these itself: the preset it reports and compares with its target, and the temporary folder
-    # that is removed after the run (a checkpoint left elsewhere would be resumed by the next run), where the run
-    # starts from scratch
-    # a config file (train.py's one positional argument) could set them too
+    # a config file (train.py's one positional argument, not a flag's value) could set what the flags below may not
     files = [f for i, f in enumerate(flags)
              if not f.startswith("-") and (i == 0 or "=" in flags[i - 1] or not flags[i - 1].startswith("-"))]
     if files:
         raise UserError(f"{' '.join(files)} after `--`: a config file could set what --whole_run sets itself (the "
                         f"preset, the folders for checkpoints and logs, the start from scratch); give its settings "
                         f"as --key=value flags")
+    # bench.py sets these itself: the preset it reports and compares with its target, and the temporary folder
+    # that is removed after the run (a checkpoint left elsewhere would be resumed by the next run), where the run
+    # starts from scratch
     owned = [f for f in flags if f.split("=", 1)[0] in ("--preset", "--checkpoint_dir", "--log_dir", "--init_from")]
     if owned:
         raise UserError(f"{' '.join(owned)} after `--` would change what --whole_run sets itself: the preset "
