@@ -372,38 +372,6 @@ def test_the_chunked_loss_compiles_without_graph_breaks_to_what_eager_computes()
         torch.testing.assert_close(grad, eager_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_the_compiled_chunked_loss_is_in_the_pattern_of_inductors_online_softmax():
-    """On a GPU inductor finds a row's max and its sum of exponentials in one pass over the logits where the graph
-    has softmax's pattern (max, subtract, exp, sum); logsumexp's decomposition has not, and its kernel reads the
-    logits once for the max and again for the sum.
-    The pattern is looked for here in the whole model's post-grad graph on the CPU, where inductor itself does not
-    use it (it has the fused kernel for Triton only)."""
-    import copy
-    post_grad = pytest.importorskip("torch._inductor.fx_passes.post_grad")
-    from torch._inductor import config as inductor_config
-    from torch._inductor.pattern_matcher import PatternMatcherPass, fwd_only, register_replacement
-    if not hasattr(post_grad, "prepare_softmax_pattern"):
-        pytest.skip("this torch's inductor has no online-softmax pattern")
-    softmax_pass = PatternMatcherPass()
-    register_replacement(post_grad.prepare_softmax_pattern, post_grad.prepare_softmax_replacement,
-                         [torch.empty(4, 8)], scalar_workaround=dict(dim=-1), trace_fn=fwd_only,
-                         pass_dicts=softmax_pass, extra_check=lambda match: True)
-    found = []
-
-    def count(graph):  # on a copy: the CPU has no kernel for what the match is replaced with
-        found.append(softmax_pass.apply(torch.fx.GraphModule(graph.owning_module, copy.deepcopy(graph)).graph))
-    torch.manual_seed(0)
-    model = GPT(tiny_config(vocab_size=70, loss_chunk_rows=32))
-    model.check_ids = False
-    idx = torch.randint(0, 70, (2, 32))
-    torch._dynamo.reset()
-    with inductor_config.patch(post_grad_custom_post_pass=count):
-        _, loss = torch.compile(model)(idx, idx)
-        loss.backward()
-    torch._dynamo.reset()
-    assert found and found[0] == 2  # the forward graph: the loss's 2 chunks, one match each
-
-
 def loss_and_grads_of(model, idx, targets, params=None):
     (params or model).zero_grad(set_to_none=True)
     logits, loss = model(idx, targets)
