@@ -45,7 +45,7 @@ def test_gpt2_presets(name, shape, lr):
     # evaluation every 250 over 50 batches) and the 2-core CPU run
     ("shakespeare-char", dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2,
                               learning_rate=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, max_iters=5000,
-                              lr_decay_iters=5000, eval_interval=250, eval_iters=50, compile_eval=False,
+                              lr_decay_iters=2500, eval_interval=250, eval_iters=50, compile_eval=False,
                               log_interval=50, sample_tokens=0, data_dir="./data/shakespeare_char",
                               compile_mode="reduce-overhead")),
     ("shakespeare-char-cpu", dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0,
