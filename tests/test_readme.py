@@ -146,7 +146,9 @@ def test_the_preset_table_is_the_presets():
         assert f"{count:.0f}" == params if count >= 100 else f"{count:.1f}" == params, (name, count)
         said = {key: float(v) for key, v in re.findall(r"(block|batch|dropout|lr) ([\d.e-]+)", note)}
         said |= {"steps": float(v) for v in re.findall(r"(\d+) 步", note)}
-        actual = dict(block=c.block_size, batch=c.batch_size, dropout=c.dropout, lr=c.learning_rate, steps=c.max_iters)
+        said |= {"decay": float(v) for v in re.findall(r"lr_decay_iters=(\d+)", note)}
+        actual = dict(block=c.block_size, batch=c.batch_size, dropout=c.dropout, lr=c.learning_rate, steps=c.max_iters,
+                      decay=c.lr_decay_iters)
         assert {k: actual[k] for k in said} == said, name
         assert ("compile_eval=False" in note) == (c.compile_eval is False), name
 
