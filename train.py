@@ -50,7 +50,7 @@ from config import (CUDA_GRAPH_MODES, GPT2_CONFIGS, MAX_SAMPLE_TOKENS, MODEL_SHA
                     parse_args)
 from model import (GPT, GPT2_NAMES, attention_kernel, fp8_problem, is_model_folder, pretrained_shape,
                    train_checkpoint_hint)
-from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError,
+from utils import (CHECKPOINT_FALLBACK, CHECKPOINT_VERSION, ITER_CHECKPOINT, CheckpointError, UserError, bytecode_note,
                    dtype_warning, folder_lock, folder_problem, format_bytes, format_bytes_apart, format_duration,
                    get_rng_state, iter_checkpoints, load_checkpoint, load_weights, lock_holder, machine_memory,
                    missing_folders, remove_empty_folders, remove_unfinished_writes, resolve_device, resolve_dtype,
@@ -1244,6 +1244,8 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
               f"checkpoints {checkpoint_dir}, tensorboard {run_dir}")
     if warning := dtype_warning(device, dtype):
         log.print(warning)
+    if note := bytecode_note():
+        log.print(note)
     if config.warmup_iters >= config.max_iters > iter_num and config.learning_rate > 0:
         # config.py's default warmup (2000 steps) under a short --max_iters: a run that never really trains
         last = get_lr(config.max_iters - 1, config)

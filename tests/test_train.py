@@ -791,6 +791,31 @@ def test_a_decay_left_at_its_default_far_beyond_the_run_is_warned_of(char_data, 
         assert "warning: lr_decay_iters" not in capsys.readouterr().out  # given, or no decay to miss
 
 
+def test_a_python_that_writes_no_byte_code_for_a_torch_without_any_is_told_how_to_keep_it(char_data, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """PYTHONDONTWRITEBYTECODE with no byte code installed: every start compiles torch from source again. The note
+    names both ways out; byte code where PYTHONPYCACHEPREFIX points, or Python free to write it, gives none."""
+    import importlib.util
+    import py_compile
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pyc"))  # empty: torch has no byte code there
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    train(tiny(char_data, tmp_path / "a", max_iters=1, eval_interval=1))
+    out = capsys.readouterr().out
+    site = Path(torch.__file__).parents[1]
+    assert (f"note: Python writes no byte code here (PYTHONDONTWRITEBYTECODE or -B) and torch has none, so each start "
+            f"compiles torch's modules from source again (12-21 s a run on the GPU machines measured); unset "
+            f"PYTHONDONTWRITEBYTECODE, or write the byte code once: {sys.executable} -m compileall -q -j 0 {site}\n"
+            ) in out
+    assert out.index("device: ") < out.index("note: Python writes no byte code")
+    py_compile.compile(torch.__file__, cfile=importlib.util.cache_from_source(torch.__file__), doraise=True)
+    train(tiny(char_data, tmp_path / "b", max_iters=1, eval_interval=1))
+    assert "byte code" not in capsys.readouterr().out
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "other"))
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    train(tiny(char_data, tmp_path / "c", max_iters=1, eval_interval=1))
+    assert "byte code" not in capsys.readouterr().out
+
+
 def test_after_a_crash_between_evaluations_the_newest_kept_copy_is_resumed(char_data, tmp_path, monkeypatch, capsys):
     """--save_interval's copies are whole checkpoints: a crash at step 13, with evaluations every 100 and copies
     every 5, resumes from checkpoint_iter_10.pt and goes on exactly, where it used to start over. With a
