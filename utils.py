@@ -837,21 +837,24 @@ def bytecode_note() -> Optional[str]:
     """A note when this Python writes no byte code (PYTHONDONTWRITEBYTECODE, -B) and torch has none: each start then
     compiles torch's modules from source again, about 2,700 of them once torch.compile's parts are imported. Some
     container images set the variable and install their packages without byte code; on such a GPU machine a
-    shakespeare-char run took 12-21 s longer (BENCHMARKS.md). torch's own __init__ stands for the rest."""
+    shakespeare-char run took 15-21 s longer (BENCHMARKS.md). torch's own __init__ stands for the rest; a torch
+    shipped as byte code alone (its __init__ a .pyc) needs none."""
     if not sys.dont_write_bytecode:
         return None
     import importlib.util
     import torch
     init = Path(torch.__file__)
+    if init.suffix != ".py":
+        return None
     try:
         if Path(importlib.util.cache_from_source(str(init))).exists():  # where PYTHONPYCACHEPREFIX puts it, if set
             return None
     except NotImplementedError:  # an interpreter without byte code at all
         return None
-    return (f"note: Python writes no byte code here (PYTHONDONTWRITEBYTECODE or -B) and torch has none, so each start "
-            f"compiles torch's modules from source again (12-21 s a run on the GPU machines measured); unset "
-            f"PYTHONDONTWRITEBYTECODE, or write the byte code once: {shlex.quote(sys.executable)} -m compileall -q "
-            f"-j 0 {shlex.quote(str(init.parents[1]))}")
+    return (f"note: Python writes no byte code here (PYTHONDONTWRITEBYTECODE or -B) and finds none for torch, so "
+            f"each start compiles torch's modules from source again (15-21 s a run on the GPU machines measured); "
+            f"unset PYTHONDONTWRITEBYTECODE, or write the byte code once: {shlex.quote(sys.executable)} -m compileall "
+            f"-qq -j 0 {shlex.quote(str(init.parents[1]))}")
 
 
 def machine_memory(meminfo: str = "/proc/meminfo") -> Optional[int]:

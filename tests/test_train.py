@@ -28,8 +28,8 @@ from data import BatchLoader, DataError
 from model import GPT
 from tokenizer import CharTokenizer, load_tokenizer
 from train import GracefulStop, TrainingError, estimate_loss, forward_backward, get_lr, main, parse_args, train
-from utils import (CheckpointError, UserError, load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint,
-                   save_checkpoint_as)
+from utils import (CheckpointError, UserError, bytecode_note, load_checkpoint, model_from_checkpoint, run_cli,
+                   save_checkpoint, save_checkpoint_as)
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "to be or not that is the question whether tis nobler in the mind to suffer slings and arrows".split()
@@ -801,12 +801,15 @@ def test_a_python_that_writes_no_byte_code_for_a_torch_without_any_is_told_how_t
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
     train(tiny(char_data, tmp_path / "a", max_iters=1, eval_interval=1))
     out = capsys.readouterr().out
-    site = Path(torch.__file__).parents[1]
-    assert (f"note: Python writes no byte code here (PYTHONDONTWRITEBYTECODE or -B) and torch has none, so each start "
-            f"compiles torch's modules from source again (12-21 s a run on the GPU machines measured); unset "
-            f"PYTHONDONTWRITEBYTECODE, or write the byte code once: {sys.executable} -m compileall -q -j 0 {site}\n"
-            ) in out
+    site = shlex.quote(str(Path(torch.__file__).parents[1]))
+    assert (f"note: Python writes no byte code here (PYTHONDONTWRITEBYTECODE or -B) and finds none for torch, so each "
+            f"start compiles torch's modules from source again (15-21 s a run on the GPU machines measured); unset "
+            f"PYTHONDONTWRITEBYTECODE, or write the byte code once: {shlex.quote(sys.executable)} -m compileall -qq "
+            f"-j 0 {site}\n") in out
     assert out.index("device: ") < out.index("note: Python writes no byte code")
+    with monkeypatch.context() as m:  # a torch shipped as byte code alone, its sources removed: nothing to compile
+        m.setattr(torch, "__file__", str(tmp_path / "slim" / "torch" / "__init__.pyc"))
+        assert bytecode_note() is None
     py_compile.compile(torch.__file__, cfile=importlib.util.cache_from_source(torch.__file__), doraise=True)
     train(tiny(char_data, tmp_path / "b", max_iters=1, eval_interval=1))
     assert "byte code" not in capsys.readouterr().out
