@@ -1207,8 +1207,10 @@ def _train(plan: list, explicit: set[str], rank: int, world_size: int, local_ran
         if moved:
             log.print(f"starting a new run: the previous checkpoints in {checkpoint_dir} were moved to {moved}")
     if new_run:  # TensorBoard keeps the first hyperparameters a run folder gets, so only a new one gets them
+        # the backend in use, not the config's (gloo stands in for nccl on CPUs), and how many processes
         log.hparams({**config.to_dict(), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                     "compile": compile_model})
+                     "compile": compile_model, "world_size": world_size,
+                     "backend": torch.distributed.get_backend() if ddp else "none"})
     # a resumed run whose command changed settings says so, and on its TEXT page (below) where it continues a run
     config_changes, data_changed = [], []
     if ckpt is not None:

@@ -2295,6 +2295,7 @@ def test_tensorboard_runs_of_resumes_into_the_same_or_another_log_folder(char_da
     hp = metadata.parse_session_start_info_plugin_data(
         acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).hparams
     assert (hp["device"].string_value, hp["dtype"].string_value, hp["compile"].bool_value) == ("cpu", "float32", False)
+    assert (hp["world_size"].number_value, hp["backend"].string_value) == (1, "none")
     assert hp["learning_rate"].number_value == 1e-2  # TensorBoard keeps a run's first hyperparameters
     assert "custom_scalars" in acc.ActivePlugins()  # the train and val losses on one chart
     changes = acc.Tensors("config_changes/text_summary")
@@ -4074,6 +4075,14 @@ def test_ddp_resume_between_log_steps_logs_the_same_losses(char_data, tmp_path, 
         return dict(re.findall(r"^iter (\d+)/12: loss ([\d.]+),", r.stdout, re.M))  # {'8': '3.1234', ...}
 
     straight = torchrun(tmp_path / "a")
+    # TensorBoard's HPARAMS name the backend in use, not the config's nccl, and the number of processes
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata
+    acc = EventAccumulator(str(next((tmp_path / "a" / "runs").iterdir())))
+    acc.Reload()
+    hp = metadata.parse_session_start_info_plugin_data(
+        acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).hparams
+    assert (hp["backend"].string_value, hp["world_size"].number_value) == ("gloo", 2)
     torchrun(tmp_path / "b", max_iters=6)  # stops between log steps 4 and 8
     shutil.copytree(tmp_path / "b", tmp_path / "c")
     (tmp_path / "b" / "ckpt" / "checkpoint_iter_6.pt").unlink()  # as a kill between it and checkpoint.pt leaves it
