@@ -204,8 +204,9 @@ class GracefulStop:
     """SIGINT/SIGTERM/SIGHUP set a flag that the loop checks after each step and estimate_loss before each
     round of evaluation batches; a second Ctrl-C aborts at once. request() sets it from inside (stdout closed).
 
-    A repeat within REPEAT_S seconds counts as the same request: Ctrl-C reaches torchrun and its workers
-    together, and torchrun then forwards the signal to the workers a second time.
+    A repeat within REPEAT_S seconds counts as the same request: Ctrl-C can reach torchrun and its workers
+    together (where the workers share the terminal's process group; torch 2.13 starts each in a session of its
+    own), and torchrun then forwards the signal to the workers a second time.
     """
     REPEAT_S = 1.0
     SAVING = "saving checkpoint.pt"  # what the loop does after a signal, as its message says
