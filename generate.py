@@ -59,7 +59,8 @@ import torch
 from config import DTYPES, suggest
 from utils import (CHECKPOINT_FALLBACK, ArgumentParser, CheckpointError, HelpFormatter, Progress, UserError,
                    atomic_open, dtype_warning, find_checkpoint, load_checkpoint, model_from_checkpoint,
-                   output_file_problem, path_arg, read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize)
+                   output_file_problem, path_arg, read_utf8_file, resolve_device, resolve_dtype, run_cli, synchronize,
+                   writes_directly)
 
 
 class GenerationError(UserError, ValueError):
@@ -927,9 +928,10 @@ def batch_generate(prompts: list[str], output_file: Optional[str], checkpoint: O
     """Generate for every prompt, batch_size prompts at a time; return prompt + continuation for each.
 
     sampling: the SamplingSettings fields (max_new_tokens, temperature, top_k, top_p, seed, stop, utf8_only).
-    output_file receives each prompt and its text, written atomically; None writes nothing. It has no default:
-    a default name would replace a file of that name in the working directory of a caller who only wanted the
-    returned texts.
+    output_file receives each prompt and its text, written atomically once all are done; None writes nothing. It
+    has no default: a default name would replace a file of that name in the working directory of a caller who
+    only wanted the returned texts. Stopped (Ctrl-C) or failed part-way, the batches already done go to
+    output_file + '.partial', and output_file, which may hold a finished earlier run's, is left as it was.
     """
     given = prompts
     if hasattr(prompts, "readline") and not isinstance(prompts, (str, list)):
@@ -969,19 +971,40 @@ def batch_generate(prompts: list[str], output_file: Optional[str], checkpoint: O
     check_stop(tokenizer, settings.stop, "stop")
     gen = Generator(model, device, dtype, compile=compile)
     rng = settings.make_rng(gen.device)
-    texts = complete_in_batches(gen, tokenizer, prompts, settings, batch_size, rng)
+    texts: list[str] = []
+    try:
+        complete_in_batches(gen, tokenizer, prompts, settings, batch_size, rng,
+                            on_batch=lambda done, bar: texts.extend(done))
+    except BaseException:
+        if output_file is not None and texts and not writes_directly(Path(output_file)):
+            partial = f"{output_file}.partial"
+            try:
+                write_samples(partial, prompts, texts)
+            except OSError as e:
+                print(f"the {len(texts)} samples done could not be kept in {partial}: {e.strerror or e}",
+                      file=sys.stderr)
+            else:
+                print(f"stopped after {len(texts)} of {n} samples: those are in {partial}; {output_file} was not "
+                      f"written", file=sys.stderr)
+        raise
     if output_file is not None:
         try:
-            with atomic_open(output_file, "w") as f:
-                for i, (prompt, text) in enumerate(zip(prompts, texts), 1):
-                    f.write(f"==================== prompt {i} of {len(prompts)} ====================\n")
-                    f.write(f"{prompt}\n")
-                    f.write("-------------------- sample --------------------\n")
-                    f.write(f"{text}\n\n")
+            write_samples(output_file, prompts, texts)
         except OSError as e:  # a full disk, or a path that passed the check above and still cannot be made
             raise GenerationError(f"cannot write output_file {str(output_file)!r}: {e.strerror or e}") from None
         print(f"wrote {len(texts)} samples to {output_file}", file=sys.stderr)
     return texts
+
+
+def write_samples(path: str | Path, prompts: list[str], texts: list[str]) -> None:
+    """batch_generate's file, atomically: for each text, a header that counts it among all the prompts, its
+    prompt, a separator, and prompt + continuation; fewer texts than prompts where it was stopped part-way."""
+    with atomic_open(path, "w") as f:
+        for i, (prompt, text) in enumerate(zip(prompts, texts), 1):
+            f.write(f"==================== prompt {i} of {len(prompts)} ====================\n")
+            f.write(f"{prompt}\n")
+            f.write("-------------------- sample --------------------\n")
+            f.write(f"{text}\n\n")
 
 
 def benchmark_generation(model, batch_size: int = 1, prompt_len: int = 16, new_tokens: int = 200, device="auto",
@@ -1081,8 +1104,9 @@ SETTING_PARSERS = {"max_new_tokens": int, "temperature": float, "top_k": _option
                    "seed": _optional(int), "stop": _optional(_unescape), "utf8_only": _on_off}
 
 
-def _run_command(line: str, settings: SamplingSettings, out) -> bool:
-    """Apply one ':name value' command to settings; False means quit."""
+def _run_command(line: str, settings: SamplingSettings, out, tokenizer=None) -> bool:
+    """Apply one ':name value' command to settings; False means quit. With the tokenizer, a stop string it
+    cannot write is refused here, as --stop is, rather than at every prompt after it."""
     # the name ends at a space or at U+3000, the full-width space that a Chinese input method types
     name, value = re.match(r"(\S*)\s?(.*)", line[1:].lstrip(), re.DOTALL).groups()
     # a stop string may begin or end with spaces (or U+3000); 'none' turns it off
@@ -1097,6 +1121,8 @@ def _run_command(line: str, settings: SamplingSettings, out) -> bool:
     elif name in SETTING_PARSERS:
         try:
             new = dataclasses.replace(settings, **{name: SETTING_PARSERS[name](value)}).validate()
+            if name == "stop" and tokenizer is not None:
+                check_stop(tokenizer, new.stop, "the stop string")
         except (ValueError, UserError) as e:  # GenerationError is a ValueError too
             out.write(f"error: cannot set {name} to {value!r}: {e}\n")
         else:
@@ -1162,7 +1188,7 @@ def interactive(gen: Generator, tokenizer, settings: SamplingSettings, stdin=Non
                   "'Unicode')? Convert it with iconv -f utf-16 -t utf-8\n")
             continue
         if line[:1] in (":", "\uff1a"):  # also the full-width colon of a Chinese input method
-            if not _run_command(line, settings, out):
+            if not _run_command(line, settings, out, tokenizer):
                 return
             continue
         streamed, invalid = [], []

@@ -518,6 +518,9 @@ def output_file_problem(path: str | os.PathLike) -> Optional[str]:
             return None
         if _special_file(path):  # a pipe or a device: written as it is
             return None if os.access(path, os.W_OK) else "cannot be written: permission denied"
+        if path.is_file() and not os.access(path, os.W_OK):
+            # a file made read-only to keep it: the atomic write, a rename in its folder, would replace it all the same
+            return "is write-protected"
         problem = folder_problem(Path(os.path.realpath(path)).parent)  # a link's file is written
     except OSError as e:  # a name too long for the file system, say
         return f"cannot be written: {e.strerror or e}"

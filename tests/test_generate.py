@@ -915,6 +915,14 @@ def test_interactive_commands_typed_with_a_chinese_input_method(char_checkpoint)
     assert settings.max_new_tokens == 5 and out.getvalue() == "max_new_tokens = 5\n"
     generate._run_command(":stop\u3000\u3002", settings, out)
     assert settings.stop == "\u3002"
+    # with the tokenizer, as the loop runs it: a stop string this character vocabulary cannot write is refused
+    # at once, not at every prompt after it
+    out = io.StringIO()
+    generate._run_command(":stop \u3002", settings, out, tok)
+    assert out.getvalue().startswith("error: cannot set stop to '\u3002': the stop string '\u3002' could never end "
+                                     "a text: ")
+    generate._run_command(":stop Ro", settings, out, tok)
+    assert settings.stop == "Ro"
     settings.stop = None
     out = io.StringIO()
     generate.interactive(Generator(model), tok, settings, stdin=io.StringIO("a\0b\0\nab\n\uff1aquit\nab\n"), stdout=out)
@@ -1063,6 +1071,52 @@ def test_batch_generate_into_a_directory_fails_before_generating(char_checkpoint
         batch_generate(["a"], output_file=str(tmp_path / "f" / "s.txt"), checkpoint=str(path))
     with pytest.raises(GenerationError, match=r"cannot be written: File name too long; give a path you can write"):
         batch_generate(["a"], output_file=str(tmp_path / ("a" * 300 + ".txt")), checkpoint=str(path))
+
+
+def test_batch_generate_leaves_a_write_protected_file_alone(char_checkpoint, tmp_path, monkeypatch):
+    """A results file made read-only to keep it: the atomic write renames over it, which the folder allows, so
+    it is refused before the model loads. os.access is asked (root may write anything, and CI runs as root)."""
+    path, _, _ = char_checkpoint
+    kept = tmp_path / "results.txt"
+    kept.write_text("PRECIOUS")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: not (Path(p) == kept and mode == os.W_OK)
+                        and real_access(p, mode, **kw))
+    monkeypatch.setattr(generate, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(GenerationError, match=r"^output_file '.*results.txt' is write-protected; give a path you "
+                                              r"can write to$"):
+        batch_generate(["a"], output_file=kept, checkpoint=str(path))
+    assert kept.read_text() == "PRECIOUS"
+
+
+def test_batch_generate_stopped_part_way_keeps_the_batches_done_beside_the_file(char_checkpoint, tmp_path,
+                                                                                monkeypatch, capsys):
+    """Ctrl-C in the third batch: the two batches done go to output_file + '.partial' and the Ctrl-C goes on to
+    the caller; output_file, a finished earlier run's here, is left as it was."""
+    path, model, tok = char_checkpoint
+    prompts = ["ROMEO:", "a", "To be", "xyz", "hello", "JULIET:"]
+    out = tmp_path / "samples.txt"
+    out.write_text("an earlier run's samples\n")
+    real_complete, calls = generate.complete, []
+
+    def stopped_in_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_complete(*args, **kwargs)
+    monkeypatch.setattr(generate, "complete", stopped_in_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        batch_generate(prompts, output_file=out, checkpoint=str(path), batch_size=2, device="cpu", temperature=0,
+                       max_new_tokens=10)
+    assert out.read_text() == "an earlier run's samples\n"
+    partial = (tmp_path / "samples.txt.partial").read_text(encoding="utf-8")
+    texts = [p + real_complete(Generator(model), tok, [p], SamplingSettings(temperature=0, max_new_tokens=10))[0]
+             for p in prompts[:4]]
+    assert partial == "".join(f"==================== prompt {i} of 6 ====================\n{p}\n"
+                              f"-------------------- sample --------------------\n{t}\n\n"
+                              for i, (p, t) in enumerate(zip(prompts, texts), 1))
+    assert (f"stopped after 4 of 6 samples: those are in {out}.partial; {out} was not written\n"
+            in capsys.readouterr().err)
 
 
 def test_batch_generate_names_the_prompt_it_cannot_take(char_checkpoint, tmp_path, monkeypatch):
