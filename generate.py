@@ -946,7 +946,7 @@ def batch_generate(prompts: list[str], output_file: Optional[str], checkpoint: O
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise GenerationError(f"prompts must be a non-empty list of strings, got {type(given).__name__} "
                               f"{str(given)[:60]!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # True is an int too
         raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     settings = SamplingSettings.from_kwargs(**sampling)
     problem = output_file_problem(output_file) if output_file is not None else None

@@ -1264,6 +1264,9 @@ def test_batch_generate_writes_every_prompt(char_checkpoint, tmp_path, monkeypat
     assert not (tmp_path / "bad.txt").exists()
     with pytest.raises(GenerationError, match="did you mean 'temperature'"):
         batch_generate(["ok"], output_file=None, checkpoint=str(path), temprature=0)
+    for bad in (0, True, 2.0):  # as the sampling settings refuse a bool where a number belongs
+        with pytest.raises(GenerationError, match=rf"^batch_size must be an integer >= 1, got {bad!r}$"):
+            batch_generate(["ok"], output_file=None, checkpoint=str(path), batch_size=bad)
     # any iterable of prompts, a generator too (read once); a string or no prompt at all is refused
     assert batch_generate((p for p in prompts[:2]), output_file=None, checkpoint=str(path), device="cpu",
                           temperature=0, max_new_tokens=20) == texts[:2]
