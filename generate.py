@@ -531,7 +531,19 @@ def _encodes(tokenizer, text: str) -> bool:
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """The prompt's token ids; an empty prompt starts from end-of-text, or a newline where there is none."""
     if prompt:
-        return tokenizer.encode(prompt)
+        try:
+            return tokenizer.encode(prompt)
+        except UserError:
+            unseen = sorted(set(prompt) - tokenizer.stoi.keys()) if tokenizer.kind == "char" else []
+            if not unseen:
+                raise
+            # the tokenizer's own advice (rebuild it from another text) is for whoever prepares the data; a
+            # model's user can only keep to its characters
+            shown = ", ".join(map(repr, unseen[:10])) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
+            raise GenerationError(f"the prompt has {len(unseen)} character(s) this character-level model has never "
+                                  f"seen: {shown}; it continues only text written in the {tokenizer.vocab_size} "
+                                  f"characters of its training text (a byte-level model, BPE or GPT-2, takes any "
+                                  f"text)") from None
     if tokenizer.eot_token is not None:
         return [tokenizer.eot_token]
     try:
