@@ -129,7 +129,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     # --whole_run: what follows `--` is train.py's
     argv, train_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        if args.whole_run:  # train.py's flags given before `--`
+            p.error(f"unrecognized arguments: {' '.join(unknown)}; train.py's flags go after `--`, e.g. "
+                    f"--whole_run -- {' '.join(unknown)}")
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.given = {name for name, value in vars(args).items() if value != p.get_default(name)}
     args.train_flags = train_flags
     if train_flags and not args.whole_run:

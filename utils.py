@@ -50,6 +50,14 @@ class ArgumentParser(argparse.ArgumentParser):
     error_type = UserError
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            # --max-new-tokens for --max_new_tokens: the flags are the config's field names, with underscores
+            flags = {o for a in self._actions for o in a.option_strings if o.startswith("--")}
+            listed = message.removeprefix("unrecognized arguments: ").split(";")[0]  # not a caller's own advice
+            typed = dict.fromkeys(a.split("=", 1)[0] for a in listed.split())
+            meant = ["--" + t.lstrip("-").replace("-", "_") for t in typed if t.startswith("--") and "-" in t[2:]]
+            if meant := [m for m in meant if m in flags]:
+                message += f" (did you mean {', '.join(meant)}?)"
         raise self.error_type(f"{message}; see {self.prog} --help")
 
 

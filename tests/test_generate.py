@@ -1477,6 +1477,8 @@ def test_no_checkpoint_message_names_paths_and_command(tmp_path):
     (["--device", "tpu"], "device must be"),
     (["--seed", str(2**64)], "seed must be an integer from -2**63 to 2**64 - 1"),
     (["--temprature", "1"], "unrecognized arguments: --temprature 1; see"),
+    (["--max-new-tokens=5", "--top-p", "1"],  # the flags are the settings' names, with underscores
+     "unrecognized arguments: --max-new-tokens=5 --top-p 1 (did you mean --max_new_tokens, --top_p?); see"),
     (["--interactive", "--prompt", "ab"], "do not apply to --interactive"),
     (["--interactive", "--batch_size", "4"], "do not apply to --interactive"),
     (["--batch_size", "0", "--num_samples", "2"], "--batch_size must be >= 1, got 0"),
