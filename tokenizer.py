@@ -1056,6 +1056,11 @@ def _gpt2_byte_to_unicode() -> dict[int, str]:
 # GPT-2 through tiktoken
 
 
+# the names tiktoken's cache gives OpenAI's two files: the SHA-1 of the URLs it downloads them from
+TIKTOKEN_GPT2_NAMES = {"vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+                       "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6"}
+
+
 class GPT2Tokenizer(Tokenizer):
     """tiktoken's 'gpt2' encoding: vocab 50257, '<|endoftext|>' = 50256. encode() is ordinary by default."""
 
@@ -1071,10 +1076,9 @@ class GPT2Tokenizer(Tokenizer):
         except Exception as e:  # tiktoken fetches its files over the network, errors vary by version
             raise GPT2FilesError(
                 f"tiktoken could not load its 'gpt2' files ({type(e).__name__}: {e}). It downloads them on first "
-                f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them. With local copies "
-                f"of OpenAI's encoder.json and vocab.bpe, BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe')"
-                f".save('gpt2.json') in Python writes a tokenizer with the same ids, which prepare_data.py "
-                f"--dataset custom takes as --tokenizer_file gpt2.json") from e
+                f"use; to work offline set TIKTOKEN_CACHE_DIR to a directory that holds them: tiktoken's cache "
+                f"from a machine online, or OpenAI's vocab.bpe and encoder.json copied in under tiktoken's names "
+                f"for them, {TIKTOKEN_GPT2_NAMES['vocab.bpe']} and {TIKTOKEN_GPT2_NAMES['encoder.json']}") from e
         self.eot_token = self.enc.eot_token
         self.special_tokens = {EOT: self.enc.eot_token}
 

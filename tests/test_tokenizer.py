@@ -10,9 +10,11 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +25,8 @@ from hypothesis import given, settings, strategies as st
 
 import tokenizer
 from conftest import gpt2_encoding
-from tokenizer import (EOT, GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, TokenizerError,
-                       load_tokenizer, tokenizer_from_dict)
+from tokenizer import (EOT, GPT2_SPLIT_PATTERN, TIKTOKEN_GPT2_NAMES, BPETokenizer, CharTokenizer, GPT2Tokenizer,
+                       TokenizerError, load_tokenizer, tokenizer_from_dict)
 
 # texts where GPT-2's split pattern and byte-level BPE are easy to get wrong
 EDGE_CASES = [
@@ -372,9 +374,20 @@ def test_gpt2_tokenizer_explains_how_to_work_offline(monkeypatch, tmp_path, gpt2
     with pytest.raises(TokenizerError) as e:
         GPT2Tokenizer()
     assert "TIKTOKEN_CACHE_DIR" in str(e.value) and "ConnectionError" in str(e.value)
-    # the way without tiktoken's files, as the message gives it, prepares text with GPT-2's ids
-    assert ("BPETokenizer.from_gpt2('encoder.json', 'vocab.bpe').save('gpt2.json') in Python" in str(e.value)
-            and "prepare_data.py --dataset custom takes as --tokenizer_file gpt2.json" in str(e.value))
+    # OpenAI's two files copied in under the names the message gives are tiktoken's cache (a new process: this
+    # one keeps the encoding it loaded)
+    encoder_json, vocab_bpe = gpt2_files
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    assert str(e.value).endswith(f"OpenAI's vocab.bpe and encoder.json copied in under tiktoken's names for them, "
+                                 f"{TIKTOKEN_GPT2_NAMES['vocab.bpe']} and {TIKTOKEN_GPT2_NAMES['encoder.json']}")
+    for name, path in (("encoder.json", encoder_json), ("vocab.bpe", vocab_bpe)):
+        shutil.copy(path, cache / TIKTOKEN_GPT2_NAMES[name])
+    r = subprocess.run([sys.executable, "-c", "from tokenizer import GPT2Tokenizer; print(GPT2Tokenizer().encode("
+                        "'hello world'))"], cwd=Path(tokenizer.__file__).parent, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TIKTOKEN_CACHE_DIR": str(cache)})
+    assert r.returncode == 0 and r.stdout == "[31373, 995]\n", r.stderr
+    # without tiktoken at all: BPETokenizer.from_gpt2 builds a tokenizer with GPT-2's ids from the same files
     BPETokenizer.from_gpt2(*gpt2_files).save(tmp_path / "gpt2.json")
     text = "Hello world, it's 2026! 東京 😀\n" * 40
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
