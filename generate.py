@@ -534,16 +534,11 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
         try:
             return tokenizer.encode(prompt)
         except UserError:
-            unseen = sorted(set(prompt) - tokenizer.stoi.keys()) if tokenizer.kind == "char" else []
-            if not unseen:
-                raise
-            # the tokenizer's own advice (rebuild it from another text) is for whoever prepares the data; a
-            # model's user can only keep to its characters
-            shown = ", ".join(map(repr, unseen[:10])) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
-            raise GenerationError(f"the prompt has {len(unseen)} character(s) this character-level model has never "
-                                  f"seen: {shown}; it continues only text written in the {tokenizer.vocab_size} "
-                                  f"characters of its training text (a byte-level model, BPE or GPT-2, takes any "
-                                  f"text)") from None
+            if unseen := unseen_characters(tokenizer, prompt):
+                raise GenerationError(f"the prompt has {unseen}; it continues only text written in the "
+                                      f"{tokenizer.vocab_size} characters of its training text (a byte-level model, "
+                                      f"BPE or GPT-2, takes any text)") from None
+            raise
     if tokenizer.eot_token is not None:
         return [tokenizer.eot_token]
     try:
@@ -556,6 +551,17 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
                                f"--prompt {shlex.quote(known)}", known) from None
 
 
+def unseen_characters(tokenizer, text: str) -> str:
+    """'2 character(s) this character-level model has never seen: 'é', 'ö'', or '' for a text it can encode
+    and for other tokenizers. The tokenizer's own advice (rebuild it from another text) is for whoever
+    prepares the data; a model's user can only keep to its characters."""
+    unseen = sorted(set(text) - tokenizer.stoi.keys()) if tokenizer.kind == "char" else []
+    if not unseen:
+        return ""
+    shown = ", ".join(map(repr, unseen[:10])) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
+    return f"{len(unseen)} character(s) this character-level model has never seen: {shown}"
+
+
 def check_stop(tokenizer, stop: Optional[str], where: str) -> None:
     """A stop string the model can write: a character-level tokenizer writes no character it does not know,
     so such a stop string would never end a text (nor begin in a prompt, which the tokenizer refuses too)."""
@@ -563,6 +569,10 @@ def check_stop(tokenizer, stop: Optional[str], where: str) -> None:
         try:
             tokenizer.encode(stop)
         except UserError as e:
+            if unseen := unseen_characters(tokenizer, stop):
+                raise GenerationError(f"{where} {stop!r} could never end a text: it has {unseen}, and the model "
+                                      f"writes only the {tokenizer.vocab_size} characters of its training "
+                                      f"text") from None
             raise GenerationError(f"{where} {stop!r} could never end a text: {e}") from None
 
 

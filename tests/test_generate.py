@@ -1142,14 +1142,17 @@ def test_batch_generate_names_the_prompt_it_cannot_take(char_checkpoint, tmp_pat
 
 def test_a_stop_string_the_tokenizer_cannot_write_is_refused(char_checkpoint, tmp_path):
     """A character-level model writes only the characters it knows: a stop string with another could never
-    end a text, and the run would go on to max_new_tokens without a word."""
+    end a text, and the run would go on to max_new_tokens without a word. It is told to keep to the model's
+    characters, not to rebuild the tokenizer."""
+    _, model, tok = char_checkpoint
     r = cli(["--stop", "\u4f60", "--prompt", "ab", "--device", "cpu"], tmp_path)
     using, error = r.stderr.splitlines()  # the checkpoint's line, then one line of error
     assert r.returncode == 2 and r.stdout == "" and using.startswith("using checkpoint"), r.stderr
-    assert error.startswith("error: --stop '\u4f60' could never end a text: the text contains 1 character(s)")
+    assert error == ("error: --stop '\u4f60' could never end a text: it has 1 character(s) this character-level model "
+                     f"has never seen: '\u4f60', and the model writes only the {tok.vocab_size} characters of its training "
+                     "text")
     r = cli(["--stop", "\u4f60", "--interactive", "--device", "cpu"], tmp_path, stdin="ab\n")  # before the loop
     assert r.returncode == 2 and r.stdout == "" and r.stderr.splitlines()[-1] == error, r.stderr
-    _, model, tok = char_checkpoint
     out = io.StringIO()
     settings = SamplingSettings(temperature=0, max_new_tokens=5)
     generate.interactive(Generator(model), tok, settings, stdin=io.StringIO(":stop \u4f60\nab\n:stop none\nab\n"),
