@@ -52,7 +52,7 @@ if __name__ == "__main__":  # before torch's import: a second or more in which C
 import numpy as np
 import torch
 
-from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, preset_config
+from config import COMPILE_MODES, DTYPES, GPT2_CONFIGS, field_names, preset_config
 from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS, memory_problem
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, binary_problem,
@@ -131,9 +131,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv, train_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args, unknown = p.parse_known_args(argv)
     if unknown:
-        if args.whole_run:  # train.py's flags given before `--`
+        # --max-iters=5 -> --max_iters=5: train.py's flag names are its config's fields
+        named = ["--" + a[2:].partition("=")[0].replace("-", "_") + "".join(a[2:].partition("=")[1:])
+                 if a.startswith("--") else a for a in unknown]
+        if args.whole_run and {a[2:].split("=")[0] for a in named} & set(field_names()):  # given before `--`
             p.error(f"unrecognized arguments: {' '.join(unknown)}; train.py's flags go after `--`, e.g. "
-                    f"--whole_run -- {' '.join(unknown)}")
+                    f"--whole_run -- {shlex.join(named)}")
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.given = {name for name, value in vars(args).items() if value != p.get_default(name)}
     args.train_flags = train_flags

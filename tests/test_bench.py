@@ -142,10 +142,13 @@ def test_cuda_graph_refuses_a_cpu_and_a_warm_up_that_would_not_reach_the_capture
      "--hf_reference times transformers' generate at batch 1, which --gen_batch_sizes 8 leaves out; add 1"),
     (["--stpes", "3"], "unrecognized arguments: --stpes 3; see"),
     (["--gen-tokens", "3"], "unrecognized arguments: --gen-tokens 3 (did you mean --gen_tokens?); see "),
-    # train.py's flags before --whole_run's `--`
+    # train.py's flags before --whole_run's `--`, shown after it as train.py names them
     (["--whole_run", "--max_iters=5", "--eval-iters", "2"],
      "error: unrecognized arguments: --max_iters=5 --eval-iters 2; train.py's flags go after `--`, e.g. --whole_run "
-     "-- --max_iters=5 --eval-iters 2; see "),
+     "-- --max_iters=5 --eval_iters 2; see "),
+    # bench.py's own flags mistyped with --whole_run are no train.py flags
+    (["--whole_run", "--warm-cache"], "error: unrecognized arguments: --warm-cache (did you mean --warm_cache?); see "),
+    (["--whole_run", "--stpes", "3"], "error: unrecognized arguments: --stpes 3; see "),
     (["--steps", "three"], "argument --steps: invalid int value: 'three'"),
     (["--profile", "-1"], "--profile profiles training steps: give a number of steps, at least 1"),
     (["--profile", "2", "--no_train"], "and leave out --no_train (got --profile 2 --no_train)"),
