@@ -56,8 +56,8 @@ class ArgumentParser(argparse.ArgumentParser):
             listed = message.removeprefix("unrecognized arguments: ").split(";")[0]  # not a caller's own advice
             typed = dict.fromkeys(a.split("=", 1)[0] for a in listed.split())
             meant = ["--" + t.lstrip("-").replace("-", "_") for t in typed if t.startswith("--") and "-" in t[2:]]
-            if meant := [m for m in meant if m in flags]:  # said beside the arguments, before any advice of the caller's
-                head, sep, advice = message.partition(";")
+            if meant := [m for m in meant if m in flags]:
+                head, sep, advice = message.partition(";")  # said beside the arguments, before a caller's advice
                 message = f"{head} (did you mean {', '.join(meant)}?){sep}{advice}"
         raise self.error_type(f"{message}; see {self.prog} --help")
 
