@@ -555,11 +555,9 @@ def unseen_characters(tokenizer, text: str) -> str:
     """'2 character(s) this character-level model has never seen: 'é', 'ö'', or '' for a text it can encode
     and for other tokenizers. The tokenizer's own advice (rebuild it from another text) is for whoever
     prepares the data; a model's user can only keep to its characters."""
-    unseen = sorted(set(text) - tokenizer.stoi.keys()) if tokenizer.kind == "char" else []
-    if not unseen:
-        return ""
-    shown = ", ".join(map(repr, unseen[:10])) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
-    return f"{len(unseen)} character(s) this character-level model has never seen: {shown}"
+    from tokenizer import listing
+    unseen = tokenizer.unseen(text) if tokenizer.kind == "char" else []
+    return f"{len(unseen)} character(s) this character-level model has never seen: {listing(unseen)}" if unseen else ""
 
 
 def check_stop(tokenizer, stop: Optional[str], where: str) -> None:

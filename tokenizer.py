@@ -111,7 +111,7 @@ def _utf8(text: str) -> bytes:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
 
 
-def _listing(items: list, at_most: int = 10) -> str:
+def listing(items: list, at_most: int = 10) -> str:
     """['a', 'b', ..., 'z'] -> "'a', 'b', ... and 16 more" (repr of each item)."""
     shown = ", ".join(repr(x) for x in items[:at_most])
     return shown + (f" and {len(items) - at_most} more" if len(items) > at_most else "")
@@ -215,7 +215,7 @@ class Tokenizer:
                 found = [s for s in self.special_tokens if s in text]
                 if found:
                     raise TokenizerError(
-                        f"the text contains the special token(s) {_listing(found)}, and "
+                        f"the text contains the special token(s) {listing(found)}, and "
                         f"allowed_special='none_raise' forbids them; pass allowed_special='all' to encode "
                         f"them as special tokens, or 'none' to encode them as ordinary text")
             return set()
@@ -226,8 +226,8 @@ class Tokenizer:
                                  f"{ALLOWED_SPECIAL_MODES} or a set of special-token strings") from None
         unknown = sorted(allowed - set(self.special_tokens), key=str)
         if unknown:
-            raise TokenizerError(f"allowed_special names {_listing(unknown)}, which this {self.kind} tokenizer "
-                                 f"does not have; its special tokens are {_listing(list(self.special_tokens))}")
+            raise TokenizerError(f"allowed_special names {listing(unknown)}, which this {self.kind} tokenizer "
+                                 f"does not have; its special tokens are {listing(list(self.special_tokens))}")
         return allowed
 
     def _check_ids(self, ids) -> list[int]:
@@ -243,7 +243,7 @@ class Tokenizer:
             try:  # numpy integers and the like become ints; floats and strings are refused
                 ids = [operator.index(i) for i in ids]
             except TypeError:
-                raise TokenizerError(f"token ids must be integers, got {_listing(ids[:3], 3)}...") from None
+                raise TokenizerError(f"token ids must be integers, got {listing(ids[:3], 3)}...") from None
         n = self.vocab_size
         if ids and (min(ids) < 0 or max(ids) >= n):
             bad = next(i for i in ids if not 0 <= i < n)
@@ -328,7 +328,7 @@ class CharTokenizer(Tokenizer):
         bad = [c for c in chars if not isinstance(c, str) or len(c) != 1]
         if not chars or bad:
             raise TokenizerError(f"CharTokenizer needs a non-empty collection of single characters, got "
-                                 f"{len(chars)} items{', e.g. ' + _listing(bad, 3) if bad else ''}; "
+                                 f"{len(chars)} items{', e.g. ' + listing(bad, 3) if bad else ''}; "
                                  f"build it with CharTokenizer.from_text(text)")
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
@@ -342,6 +342,10 @@ class CharTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self.chars)
 
+    def unseen(self, text: str) -> list[str]:
+        """The characters of text this tokenizer does not know, sorted."""
+        return sorted(set(text) - self.stoi.keys())
+
     def encode_ordinary(self, text: str) -> list[int]:
         if not isinstance(text, str):  # bytes would be taken for ids: "never seen: 101, 104, ..."
             self._allowed_special(text, "none")  # raises the type error
@@ -349,10 +353,10 @@ class CharTokenizer(Tokenizer):
         try:
             return [stoi[c] for c in text]
         except KeyError:
-            unseen = sorted(set(text) - stoi.keys())
+            unseen = self.unseen(text)
             raise TokenizerError(
                 f"the text contains {len(unseen)} character(s) this character-level tokenizer has never "
-                f"seen: {_listing(unseen)}. It knows only the {len(stoi)} characters of the text it was "
+                f"seen: {listing(unseen)}. It knows only the {len(stoi)} characters of the text it was "
                 f"built from; rebuild it from a text that contains these (CharTokenizer.from_text), or "
                 f"use a byte-level tokenizer ('bpe' or 'gpt2'), which encodes any text") from None
 
