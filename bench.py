@@ -57,7 +57,7 @@ from tokenizer import GPT2_VOCAB_SIZE
 from train import GRAPH_WARMUP_STEPS, memory_problem
 from utils import (ArgumentParser, HelpFormatter, UserError, atomic_open, become_pool_worker, binary_problem,
                    dtype_warning, format_bytes_apart, machine_memory, output_file_problem, path_arg, resolve_device,
-                   resolve_dtype, run_cli, start_process_helpers, stop_signals_raise, synchronize)
+                   resolve_dtype, run_cli, start_process_helpers, stop_signals_raise, synchronize, underscored)
 
 PROMPT_TOKENS = 16  # random prompt of the generation benchmark
 
@@ -131,9 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     argv, train_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     args, unknown = p.parse_known_args(argv)
     if unknown:
-        # --max-iters=5 -> --max_iters=5: train.py's flag names are its config's fields
-        named = ["--" + a[2:].partition("=")[0].replace("-", "_") + "".join(a[2:].partition("=")[1:])
-                 if a.startswith("--") else a for a in unknown]
+        named = [underscored(a) for a in unknown]  # --max-iters=5 -> --max_iters=5, as train.py names it
         if args.whole_run and {a[2:].split("=")[0] for a in named} & set(field_names()):  # given before `--`
             p.error(f"unrecognized arguments: {' '.join(unknown)}; train.py's flags go after `--`, e.g. "
                     f"--whole_run -- {shlex.join(named)}")

@@ -44,6 +44,15 @@ class UserError(Exception):
     per_process = False
 
 
+def underscored(arg: str) -> str:
+    """'--max-new-tokens=5' -> '--max_new_tokens=5': this project's flags are its fields' names, with underscores.
+    An argument that is no --flag, and the value after '=', stay as they are."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return f"--{name.replace('-', '_')}{sep}{value}"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError (error_type): one line on stderr and exit code 2 under
     run_cli, instead of the whole usage text."""
@@ -55,7 +64,7 @@ class ArgumentParser(argparse.ArgumentParser):
             flags = {o for a in self._actions for o in a.option_strings if o.startswith("--")}
             listed = message.removeprefix("unrecognized arguments: ").split(";")[0]  # not a caller's own advice
             typed = dict.fromkeys(a.split("=", 1)[0] for a in listed.split())
-            meant = ["--" + t.lstrip("-").replace("-", "_") for t in typed if t.startswith("--") and "-" in t[2:]]
+            meant = [underscored("--" + t.lstrip("-")) for t in typed if t.startswith("--") and "-" in t[2:]]
             if meant := [m for m in meant if m in flags]:
                 head, sep, advice = message.partition(";")  # said beside the arguments, before a caller's advice
                 message = f"{head} (did you mean {', '.join(meant)}?){sep}{advice}"
